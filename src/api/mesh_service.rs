@@ -1,0 +1,210 @@
+//! `MeshService`: a service in the mesh, wherever its instances run.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A service in the mesh: its ports, the instances registered by manifest, and what it calls.
+///
+/// Service names are mesh-wide, like Consul's: a Consul service and a MeshService of the same
+/// name are one service whose instances come from both.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "meshbridge.io",
+    version = "v1alpha1",
+    kind = "MeshService",
+    namespaced,
+    status = "MeshServiceStatus",
+    shortname = "msvc",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.serviceName"}"#,
+    printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshServiceSpec {
+    /// Mesh-wide service name; equals the Consul service name. Defaults to `metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+    )]
+    pub service_name: Option<String>,
+
+    /// Labels of the pods backing this service. Omit for a service with no pods (legacy hosts
+    /// only, from Consul or `endpoints`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+
+    /// Ports the service listens on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServicePort>,
+
+    /// Whether callers must use mutual TLS towards this service. `permissive` accepts plaintext
+    /// and TLS during a migration. Default `disabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+
+    /// Publication of the Kubernetes instances into Consul for legacy callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<ConsulRegistration>,
+
+    /// Hosts registered by manifest (VMs, Mesos tasks), like Istio's WorkloadEntry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<StaticEndpoint>,
+
+    /// The services and external domains this service calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<DependencySpec>,
+}
+
+/// A port of the service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// Port name, e.g. `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port callers use.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// The port the application listens on; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: Option<u32>,
+    /// Application protocol. Default `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PortProtocol>,
+}
+
+/// Application protocol of a port.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge).
+    Http,
+    /// HTTP/2.
+    Http2,
+    /// gRPC over HTTP/2.
+    Grpc,
+    /// Opaque TCP.
+    Tcp,
+}
+
+/// Mutual TLS requirement of a service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Plaintext only.
+    #[default]
+    Disabled,
+    /// Plaintext and mutual TLS are both accepted.
+    Permissive,
+    /// Only mutual TLS callers are accepted.
+    Strict,
+}
+
+/// Registration of Kubernetes instances into Consul.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsulRegistration {
+    /// Register ready pod instances into Consul.
+    #[serde(default)]
+    pub register: bool,
+    /// Tags added to every registration (`k8s` is always added).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// A host registered by manifest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticEndpoint {
+    /// IP address (v4 or v6) or DNS name of the host.
+    #[schemars(length(min = 1))]
+    pub address: String,
+    /// Port on which the host serves the service (its Envoy ingress port, if it has one).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// Tags, with the same meaning as Consul tags: `canary`, `weight:N`, `mtls`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Load-balancing weight, 1–128. Default 1 (or the `weight:N` tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub weight: Option<u32>,
+    /// Datacenter of the host; instances outside the local datacenter get a lower priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
+}
+
+/// Something the service calls: exactly one of `service` or `domain`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DependencySpec {
+    /// A mesh service name, or `"*"` for every service (only where the operator allows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// An external domain, `https://host[:port]` or `http://host[:port]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/:]+(:[0-9]{1,5})?/?$"))]
+    pub domain: Option<String>,
+    /// Request timeout, e.g. `2s` or `1500ms`. Default 15s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Retry policy. Default: one retry on connection failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetrySpec>,
+}
+
+/// Retry policy for calls to a dependency.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Number of retries (not counting the first attempt), 0–10.
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: u32,
+    /// Conditions that trigger a retry: `5xx`, `gateway-error`, `reset`, `connect-failure`,
+    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    /// Timeout of each attempt, e.g. `500ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+}
+
+/// Observed state of a MeshService.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshServiceStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, and `Degraded` when something is wrong.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Instance counts by origin (`kubernetes`, `consul`, `config`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub instances: BTreeMap<String, u32>,
+}
+
+/// A status condition, following the Kubernetes API conventions.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason in CamelCase.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}

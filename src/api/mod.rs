@@ -1,0 +1,33 @@
+//! Custom resource types (`meshbridge.io/v1alpha1`): the user-facing API.
+//!
+//! These types only describe the wire format; turning them into the domain model (and
+//! validating what the schema cannot express) happens in [`crate::index::convert`], the one
+//! validation path shared by every source.
+
+pub mod access_rule;
+pub mod mesh_service;
+
+pub use access_rule::{AccessRule, AccessRuleSpec};
+pub use mesh_service::{MeshService, MeshServiceSpec};
+
+use kube::CustomResourceExt;
+
+/// API group of every meshbridge resource.
+pub const GROUP: &str = "meshbridge.io";
+/// API version of every meshbridge resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// The CustomResourceDefinitions as `(file name, YAML)` pairs, in a fixed order.
+///
+/// `meshbridge crds` prints them and `crds/` holds exactly these bytes.
+pub fn crd_documents() -> Vec<(&'static str, String)> {
+    vec![
+        ("meshservices.yaml", to_yaml(&MeshService::crd())),
+        ("accessrules.yaml", to_yaml(&AccessRule::crd())),
+    ]
+}
+
+fn to_yaml<T: serde::Serialize>(value: &T) -> String {
+    // Serializing a CRD (plain maps, strings and numbers) cannot fail.
+    serde_norway::to_string(value).unwrap_or_else(|e| panic!("CRD serializes to YAML: {e}"))
+}

@@ -1,0 +1,157 @@
+//! `meshbridge bootstrap`: the Envoy bootstrap of a legacy host (VM, Mesos task).
+//!
+//! The bootstrap only tells Envoy who it is (node metadata) and where the control plane is
+//! (ADS over gRPC); everything else arrives over xDS. With TLS files, it also declares the
+//! static secrets `server_cert` and `validation_context` the host's certificates live in.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+/// Everything a bootstrap is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct BootstrapOptions {
+    /// Service this Envoy runs beside (node metadata `service_name`, node cluster).
+    #[arg(long)]
+    pub service: String,
+    /// Unique id of this Envoy (node id).
+    #[arg(long)]
+    pub node_id: String,
+    /// Control plane address, HOST:PORT.
+    #[arg(long)]
+    pub xds_addr: String,
+    /// Port of the ingress listener (callers of this service connect here).
+    #[arg(long)]
+    pub ingress_port: Option<u16>,
+    /// Port the local application listens on (127.0.0.1).
+    #[arg(long)]
+    pub app_port: Option<u16>,
+    /// Port of the egress listener on 127.0.0.1 (the application calls dependencies here).
+    #[arg(long)]
+    pub egress_port: Option<u16>,
+    /// Port of Envoy's admin interface on 127.0.0.1.
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// A dependency: service name, "*" (where allowed) or https://host[:port]; repeatable.
+    #[arg(long = "dependency")]
+    pub dependencies: Vec<String>,
+    /// Use incremental (delta) xDS instead of state-of-the-world.
+    #[arg(long)]
+    pub delta: bool,
+    /// Certificate chain of this host (PEM); declares the static secret `server_cert`.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of this host (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle that verifies peers (PEM); declares the static secret `validation_context`.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// A bootstrap option that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BootstrapError {
+    /// `--xds-addr` is not HOST:PORT.
+    #[error("--xds-addr {0:?} must be HOST:PORT")]
+    BadXdsAddr(String),
+    /// A dependency that does not parse.
+    #[error("--dependency {0:?}: {1}")]
+    BadDependency(String, String),
+    /// A service name that is not valid.
+    #[error("--service {0:?} is not a valid service name")]
+    BadService(String),
+    /// An empty node id.
+    #[error("--node-id must not be empty")]
+    EmptyNodeId,
+}
+
+/// Name of the static cluster pointing at the control plane.
+pub const XDS_CLUSTER: &str = "meshbridge_xds";
+
+/// Builds the bootstrap as a JSON value.
+pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
+    if !crate::model::valid_service_name(&o.service) {
+        return Err(BootstrapError::BadService(o.service.clone()));
+    }
+    if o.node_id.trim().is_empty() {
+        return Err(BootstrapError::EmptyNodeId);
+    }
+    let (host, port) = o
+        .xds_addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .filter(|(h, p)| !h.is_empty() && *p > 0)
+        .ok_or_else(|| BootstrapError::BadXdsAddr(o.xds_addr.clone()))?;
+    for d in &o.dependencies {
+        d.parse::<crate::model::DependencyTarget>()
+            .map_err(|e| BootstrapError::BadDependency(d.clone(), e.to_string()))?;
+    }
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("service_name".into(), json!(o.service));
+    for (key, value) in [
+        ("ingress_port", o.ingress_port),
+        ("app_port", o.app_port),
+        ("egress_port", o.egress_port),
+        ("admin_port", Some(o.admin_port)),
+    ] {
+        if let Some(v) = value {
+            metadata.insert(key.into(), json!(v));
+        }
+    }
+    metadata.insert("dependencies".into(), json!(o.dependencies));
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let mut bootstrap = json!({
+        "node": {"id": o.node_id, "cluster": o.service, "metadata": metadata},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": if o.delta { "DELTA_GRPC" } else { "GRPC" },
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {
+            "clusters": [{
+                "name": XDS_CLUSTER,
+                "type": if is_ip { "STATIC" } else { "STRICT_DNS" },
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {
+                            "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                        }}
+                    }
+                },
+                "load_assignment": {
+                    "cluster_name": XDS_CLUSTER,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                        "socket_address": {"address": host, "port_value": port}
+                    }}}]}]
+                }
+            }]
+        }
+    });
+    if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
+        bootstrap["static_resources"]["secrets"] = json!([
+            {"name": "server_cert", "tls_certificate": {
+                "certificate_chain": {"filename": cert.display().to_string()},
+                "private_key": {"filename": key.display().to_string()}
+            }},
+            {"name": "validation_context", "validation_context": {
+                "trusted_ca": {"filename": ca.display().to_string()}
+            }}
+        ]);
+    }
+    Ok(bootstrap)
+}
+
+/// The bootstrap as YAML.
+pub fn bootstrap_yaml(o: &BootstrapOptions) -> Result<String, BootstrapError> {
+    let value = bootstrap(o)?;
+    Ok(serde_norway::to_string(&value).unwrap_or_else(|e| format!("# cannot render: {e}\n")))
+}

@@ -1,0 +1,162 @@
+//! `meshbridge run` flags (each also an environment variable `MESHBRIDGE_<FLAG>`), validated
+//! into a [`RunConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::MeshSettings;
+
+/// Kubernetes source mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubeMode {
+    /// In-cluster config or `KUBECONFIG`, when either is present.
+    Auto,
+    /// No Kubernetes source.
+    Off,
+}
+
+/// Flags of `meshbridge run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kubernetes source: `auto` uses in-cluster config or KUBECONFIG; `off` disables it.
+    #[arg(long, env = "MESHBRIDGE_KUBE", value_enum, default_value = "auto")]
+    pub kube: KubeMode,
+    /// Directory of MeshService / AccessRule manifests (YAML, the CRD schema), re-read on
+    /// change: the standalone source, usable with or without Kubernetes.
+    #[arg(long, env = "MESHBRIDGE_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// How often the config directory is scanned for changes, in milliseconds.
+    #[arg(long, env = "MESHBRIDGE_CONFIG_POLL", default_value_t = 1000)]
+    pub config_poll: u64,
+    /// Consul HTTP API, e.g. http://127.0.0.1:8500.
+    #[arg(long, env = "MESHBRIDGE_CONSUL_ADDR")]
+    pub consul_addr: Option<String>,
+    /// Consul datacenter; repeatable; the first is the local one (priority 0), the others
+    /// get priority 1, 2, … in order. Also orders the `datacenter` of manifest endpoints.
+    #[arg(
+        long = "consul-datacenter",
+        env = "MESHBRIDGE_CONSUL_DATACENTER",
+        value_delimiter = ','
+    )]
+    pub consul_datacenters: Vec<String>,
+    /// File holding the Consul ACL token (sent as X-Consul-Token).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_TOKEN_FILE")]
+    pub consul_token_file: Option<PathBuf>,
+    /// gRPC ADS address (state-of-the-world and delta xDS).
+    #[arg(long, env = "MESHBRIDGE_XDS_ADDR", default_value = "0.0.0.0:18000")]
+    pub xds_addr: SocketAddr,
+    /// Admin API, /metrics, /healthz, /readyz.
+    #[arg(long, env = "MESHBRIDGE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+    /// Admission webhooks (HTTPS).
+    #[arg(long, env = "MESHBRIDGE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// Directory with tls.crt and tls.key for the webhook.
+    #[arg(long, env = "MESHBRIDGE_WEBHOOK_CERT_DIR")]
+    pub webhook_cert_dir: Option<PathBuf>,
+    /// Generate and manage the webhook's CA and serving certificate.
+    #[arg(long, env = "MESHBRIDGE_WEBHOOK_SELF_MANAGED")]
+    pub webhook_self_managed: bool,
+    /// SPIFFE trust domain of service identities.
+    #[arg(long, env = "MESHBRIDGE_TRUST_DOMAIN", default_value = "mesh.local")]
+    pub trust_domain: String,
+    /// Changes arriving within this many milliseconds of the first one of a batch are pushed
+    /// together, at most this long after that first change.
+    #[arg(long, env = "MESHBRIDGE_DEBOUNCE", default_value_t = 100)]
+    pub debounce: u64,
+    /// Services whose proxies may depend on "*" (every service); globs allowed, repeatable.
+    /// A "*" dependency of any other service is ignored and reported in /api/snapshot.
+    #[arg(
+        long = "allow-wildcard",
+        env = "MESHBRIDGE_ALLOW_WILDCARD",
+        value_delimiter = ','
+    )]
+    pub allow_wildcard: Vec<String>,
+}
+
+/// Validated run configuration.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The flags as given.
+    pub args: RunArgs,
+    /// Translation settings derived from them.
+    pub settings: MeshSettings,
+    /// Debounce window.
+    pub debounce: Duration,
+    /// Config directory scan interval.
+    pub config_poll: Duration,
+}
+
+/// A flag value that cannot work; the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag, without dashes.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl RunArgs {
+    /// Validates the flags.
+    pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        if let Some(dir) = &self.config_dir
+            && !dir.is_dir()
+        {
+            return Err(ConfigError {
+                flag: "config-dir",
+                message: format!("{} is not a directory", dir.display()),
+            });
+        }
+        if self.consul_addr.is_some() {
+            return Err(ConfigError {
+                flag: "consul-addr",
+                message: "the Consul source is not available in this version of meshbridge".into(),
+            });
+        }
+        if self.webhook_cert_dir.is_some() || self.webhook_self_managed {
+            return Err(ConfigError {
+                flag: "webhook-cert-dir",
+                message: "the admission webhook is not available in this version of meshbridge"
+                    .into(),
+            });
+        }
+        if self.debounce > 60_000 {
+            return Err(ConfigError {
+                flag: "debounce",
+                message: format!("{} ms is more than a minute", self.debounce),
+            });
+        }
+        if !(10..=600_000).contains(&self.config_poll) {
+            return Err(ConfigError {
+                flag: "config-poll",
+                message: format!("{} ms is outside 10..=600000", self.config_poll),
+            });
+        }
+        for g in &self.allow_wildcard {
+            if g.is_empty() || !crate::model::valid_service_name(&g.replace('*', "x")) {
+                return Err(ConfigError {
+                    flag: "allow-wildcard",
+                    message: format!("{g:?} is not a service name or glob"),
+                });
+            }
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
+            return Err(ConfigError {
+                flag: "trust-domain",
+                message: format!("{:?} is not a trust domain", self.trust_domain),
+            });
+        }
+        Ok(RunConfig {
+            settings: MeshSettings {
+                allow_wildcard: self.allow_wildcard.clone(),
+                datacenters: self.consul_datacenters.clone(),
+                trust_domain: self.trust_domain.clone(),
+            },
+            debounce: Duration::from_millis(self.debounce),
+            config_poll: Duration::from_millis(self.config_poll),
+            args: self,
+        })
+    }
+}

@@ -1,0 +1,29 @@
+//! meshbridge: one control plane for a service mesh spanning Kubernetes pods and legacy
+//! hosts whose services live in Consul.
+//!
+//! ```text
+//!  Consul catalog ──blocking queries──┐
+//!  Kubernetes: MeshService, AccessRule,├─► index ──debounced change──► translate ──► snapshot cache ──► ADS (SotW + Delta) ──► Envoys
+//!    Pods ──watchers───────────────────┤   (sync,     (one state per      (pure: model +    (per proxy group,     gRPC, tonic
+//!  --config-dir manifests ──file watch─┘    pure)      window)             group → Envoy)    versioned per
+//!                                                                                            resource)
+//!  index, cache, streams ──► admin API + /metrics
+//! ```
+//!
+//! Pure core ([`model`], [`index`], [`translate`], [`snapshot`]) and a thin IO shell
+//! ([`sources`], [`xds`], [`admin`], [`app`]). A module depends only on those before it:
+//! `model` ← `translate` ← `snapshot` ← `xds`; `api` ← `index` ← `sources`.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod bootstrap;
+pub mod config;
+pub mod demo;
+pub mod index;
+pub mod metrics;
+pub mod model;
+pub mod snapshot;
+pub mod sources;
+pub mod translate;
+pub mod xds;

@@ -1,0 +1,93 @@
+//! The `meshbridge` command line.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use meshbridge::{api, app, bootstrap, config, demo};
+
+/// meshbridge: one Envoy control plane for Kubernetes pods and Consul-registered legacy hosts.
+#[derive(Parser)]
+#[command(name = "meshbridge", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: sources → index → snapshots → xDS, and the admin API.
+    Run(config::RunArgs),
+    /// Print an Envoy bootstrap (YAML) for a legacy host (VM / Mesos task).
+    Bootstrap(bootstrap::BootstrapOptions),
+    /// Print the CustomResourceDefinitions (the same bytes as crds/*.yaml).
+    Crds,
+    /// Run a self-contained local mesh on this machine (no cluster needed).
+    Demo(demo::DemoArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHBRIDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            let docs: Vec<String> = api::crd_documents().into_iter().map(|(_, y)| y).collect();
+            print!("{}", docs.join("---\n"));
+            ExitCode::SUCCESS
+        }
+        Command::Bootstrap(opts) => match bootstrap::bootstrap_yaml(&opts) {
+            Ok(yaml) => {
+                let _ = std::io::stdout().write_all(yaml.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshbridge bootstrap: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run(args) => {
+            let config = match args.validate() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("meshbridge run: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing();
+            runtime(|| app::run(config, app::shutdown_signal(), None))
+        }
+        Command::Demo(args) => {
+            init_tracing();
+            runtime(|| demo::run(args))
+        }
+    }
+}
+
+fn runtime<F: std::future::Future<Output = anyhow::Result<()>>>(f: impl FnOnce() -> F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshbridge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshbridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

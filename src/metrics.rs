@@ -1,0 +1,150 @@
+//! Prometheus metrics, all prefixed `meshbridge_`, served on `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric meshbridge exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Connected xDS streams by mode (`sotw`, `delta`).
+    pub xds_streams: Family<Labels, Gauge>,
+    /// Streams refused (bad node metadata).
+    pub xds_refused: Counter,
+    /// Responses sent, by type and mode.
+    pub xds_responses: Family<Labels, Counter>,
+    /// Bytes of resources sent, by type.
+    pub xds_bytes: Family<Labels, Counter>,
+    /// ACKs received, by type.
+    pub xds_acks: Family<Labels, Counter>,
+    /// NACKs received, by type.
+    pub xds_nacks: Family<Labels, Counter>,
+    /// Proxy groups with a connected stream.
+    pub snapshot_groups: Gauge,
+    /// Snapshots that failed the consistency check and were not published.
+    pub snapshot_inconsistent: Counter,
+    /// Time to rebuild every connected group's snapshot after a change (seconds).
+    pub snapshot_build_seconds: Histogram,
+    /// Debounced batches applied (one new mesh state each).
+    pub debounce_batches: Counter,
+    /// Services in the mesh state.
+    pub services: Gauge,
+    /// Endpoints in the mesh state (healthy or not).
+    pub endpoints: Gauge,
+    /// Manifest files currently rejected (their last good state stays in force).
+    pub config_errors: Gauge,
+    /// Services that lost every instance in one change (applied, but worth a look).
+    pub services_emptied: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("meshbridge"),
+            xds_streams: Family::default(),
+            xds_refused: Counter::default(),
+            xds_responses: Family::default(),
+            xds_bytes: Family::default(),
+            xds_acks: Family::default(),
+            xds_nacks: Family::default(),
+            snapshot_groups: Gauge::default(),
+            snapshot_inconsistent: Counter::default(),
+            snapshot_build_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            debounce_batches: Counter::default(),
+            services: Gauge::default(),
+            endpoints: Gauge::default(),
+            config_errors: Gauge::default(),
+            services_emptied: Counter::default(),
+        };
+        m.registry.register(
+            "xds_streams",
+            "Connected xDS streams",
+            m.xds_streams.clone(),
+        );
+        m.registry.register(
+            "xds_refused_streams",
+            "xDS streams refused for bad node metadata",
+            m.xds_refused.clone(),
+        );
+        m.registry.register(
+            "xds_responses",
+            "xDS responses sent",
+            m.xds_responses.clone(),
+        );
+        m.registry.register(
+            "xds_sent_bytes",
+            "Bytes of xDS resources sent",
+            m.xds_bytes.clone(),
+        );
+        m.registry
+            .register("xds_acks", "xDS ACKs received", m.xds_acks.clone());
+        m.registry
+            .register("xds_nacks", "xDS NACKs received", m.xds_nacks.clone());
+        m.registry.register(
+            "snapshot_groups",
+            "Proxy groups with a connected stream",
+            m.snapshot_groups.clone(),
+        );
+        m.registry.register(
+            "snapshot_inconsistent",
+            "Snapshots refused by the consistency check",
+            m.snapshot_inconsistent.clone(),
+        );
+        m.registry.register(
+            "snapshot_build_seconds",
+            "Time to rebuild connected groups after a change",
+            m.snapshot_build_seconds.clone(),
+        );
+        m.registry.register(
+            "debounce_batches",
+            "Debounced change batches applied",
+            m.debounce_batches.clone(),
+        );
+        m.registry
+            .register("services", "Services in the mesh state", m.services.clone());
+        m.registry.register(
+            "endpoints",
+            "Endpoints in the mesh state",
+            m.endpoints.clone(),
+        );
+        m.registry.register(
+            "config_errors",
+            "Manifest files currently rejected",
+            m.config_errors.clone(),
+        );
+        m.registry.register(
+            "services_emptied",
+            "Changes that removed every instance of a service",
+            m.services_emptied.clone(),
+        );
+        m
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Labels from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -1,0 +1,269 @@
+//! The domain model: services, their endpoints and dependencies, access policies, and the
+//! proxy groups that share one snapshot.
+//!
+//! Every source (Consul, Kubernetes, `--config-dir`) produces these same types, so
+//! [`crate::translate`] never knows where an endpoint came from. Pure data, no IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+mod access;
+mod dependency;
+
+pub use access::{AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, PathMatch};
+pub use dependency::{
+    Dependency, DependencySettings, DependencyTarget, ExternalDomain, ParseDependencyError,
+    RetryPolicy, valid_service_name,
+};
+
+/// Where an endpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// An instance in the Consul catalog.
+    Consul,
+    /// A pod selected by a MeshService.
+    Kubernetes,
+    /// A static endpoint of a MeshService manifest (`--config-dir` or the CRD).
+    Config,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Consul => "consul",
+            Origin::Kubernetes => "kubernetes",
+            Origin::Config => "config",
+        })
+    }
+}
+
+/// Mutual TLS requirement of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Plaintext only.
+    #[default]
+    Disabled,
+    /// Plaintext and mutual TLS.
+    Permissive,
+    /// Mutual TLS only.
+    Strict,
+}
+
+/// One instance of a service, wherever it runs.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Endpoint {
+    /// IP address or DNS name.
+    pub address: String,
+    /// Port callers connect to.
+    pub port: u16,
+    /// Where the endpoint came from.
+    pub origin: Origin,
+    /// Datacenter; `None` means the local one.
+    pub datacenter: Option<String>,
+    /// Tags (`canary`, `weight:N`, `mtls`, and anything else the source carried).
+    pub tags: BTreeSet<String>,
+    /// Load-balancing weight, at least 1.
+    pub weight: u32,
+    /// Whether the instance may receive traffic.
+    pub healthy: bool,
+}
+
+/// Tag marking a canary instance.
+pub const CANARY_TAG: &str = "canary";
+/// Tag marking an instance that accepts only mutual TLS callers.
+pub const MTLS_TAG: &str = "mtls";
+/// Largest load-balancing weight (Envoy's limit is higher; this keeps sums safe).
+pub const MAX_WEIGHT: u32 = 128;
+
+impl Endpoint {
+    /// Whether the instance is a canary.
+    pub fn is_canary(&self) -> bool {
+        self.tags.contains(CANARY_TAG)
+    }
+
+    /// The weight given by a `weight:N` tag, if any tag parses (clamped to 1..=`MAX_WEIGHT`).
+    pub fn weight_from_tags<'a>(tags: impl IntoIterator<Item = &'a String>) -> Option<u32> {
+        tags.into_iter()
+            .filter_map(|t| t.strip_prefix("weight:"))
+            .find_map(|w| w.parse::<u32>().ok())
+            .map(|w| w.clamp(1, MAX_WEIGHT))
+    }
+}
+
+/// A service: its settings, dependencies and instances from every source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Mesh-wide name (equals the Consul name).
+    pub name: String,
+    /// Whether a MeshService declares it (otherwise it is known only from endpoints).
+    pub declared: bool,
+    /// Mutual TLS requirement.
+    pub mtls: MtlsMode,
+    /// Declared dependencies (from its MeshService).
+    pub dependencies: Vec<Dependency>,
+    /// Instances, sorted, healthy or not.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// Healthy instances.
+    pub fn healthy_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.healthy)
+    }
+
+    /// Whether some healthy instance is a canary.
+    pub fn has_canary(&self) -> bool {
+        self.healthy_endpoints().any(Endpoint::is_canary)
+    }
+}
+
+/// Everything the control plane knows, built by the index from all sources.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MeshState {
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Access policies by target service.
+    pub access: BTreeMap<String, AccessPolicy>,
+}
+
+/// Operator settings that shape translation (from `meshbridge run` flags).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Globs of services whose proxies may depend on `"*"`.
+    pub allow_wildcard: Vec<String>,
+    /// Datacenters in priority order; the first is local.
+    pub datacenters: Vec<String>,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+}
+
+impl MeshSettings {
+    /// Whether proxies of `service` may depend on every service.
+    pub fn wildcard_allowed(&self, service: &str) -> bool {
+        self.allow_wildcard.iter().any(|g| glob_match(g, service))
+    }
+
+    /// Priority of a datacenter: the local one (or none) is 0, the others follow their flag
+    /// order, and datacenters not named by a flag come last.
+    pub fn datacenter_priority(&self, datacenter: Option<&str>) -> u32 {
+        match datacenter {
+            None => 0,
+            Some(dc) => match self.datacenters.iter().position(|d| d == dc) {
+                Some(i) => i as u32,
+                None if self.datacenters.is_empty() => 0,
+                None => self.datacenters.len() as u32,
+            },
+        }
+    }
+}
+
+/// Matches `name` against a glob where `*` stands for any run of characters.
+pub fn glob_match(glob: &str, name: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    if !name.ends_with(last) {
+        return false;
+    }
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Proxies that get the same configuration: same service, ports and declared dependencies.
+///
+/// Built from a proxy's node metadata; the dependencies of the service's MeshService are
+/// merged in at translation time, so a manifest change never regroups connected proxies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ProxyGroup {
+    /// The service the proxy runs beside.
+    pub service: String,
+    /// Port of the ingress listener (none: no ingress).
+    pub ingress_port: Option<u16>,
+    /// Address the ingress listener binds to (default `0.0.0.0`).
+    pub ingress_host: Option<String>,
+    /// Port of the local application.
+    pub app_port: Option<u16>,
+    /// Port of the egress listener on 127.0.0.1 (none: no egress).
+    pub egress_port: Option<u16>,
+    /// Dependencies named in the node metadata.
+    pub dependencies: BTreeSet<DependencyTarget>,
+}
+
+impl ProxyGroup {
+    /// A short stable identifier of the group, for logs and the admin API.
+    pub fn id(&self) -> String {
+        let mut text = format!(
+            "{}|{:?}|{:?}|{:?}|{:?}",
+            self.service, self.ingress_port, self.ingress_host, self.app_port, self.egress_port
+        );
+        for d in &self.dependencies {
+            text.push('|');
+            text.push_str(&d.to_string());
+        }
+        format!(
+            "{}-{:08x}",
+            self.service,
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes()) as u32
+        )
+    }
+}
+
+/// Default request timeout towards a dependency.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("admin-*", "admin-panel"));
+        assert!(!glob_match("admin-*", "user-admin"));
+        assert!(glob_match("*-api", "orders-api"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("a*c*e", "abde"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn datacenter_priorities_follow_flag_order() {
+        let s = MeshSettings {
+            datacenters: vec!["dc1".into(), "dc2".into()],
+            ..Default::default()
+        };
+        assert_eq!(s.datacenter_priority(None), 0);
+        assert_eq!(s.datacenter_priority(Some("dc1")), 0);
+        assert_eq!(s.datacenter_priority(Some("dc2")), 1);
+        assert_eq!(s.datacenter_priority(Some("dc9")), 2);
+    }
+
+    #[test]
+    fn weight_tags() {
+        let tags = ["canary".to_string(), "weight:7".to_string()];
+        assert_eq!(Endpoint::weight_from_tags(&tags), Some(7));
+        assert_eq!(
+            Endpoint::weight_from_tags(&["weight:0".to_string()]),
+            Some(1)
+        );
+        assert_eq!(Endpoint::weight_from_tags(&["weight:x".to_string()]), None);
+    }
+}

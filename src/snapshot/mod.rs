@@ -1,0 +1,309 @@
+//! Snapshots: the encoded, versioned resources one proxy group gets.
+//!
+//! Every resource is encoded once into a shared [`Resource`] whose version is a hash of its
+//! bytes, so a version changes only when the resource does. The clusters and assignments of
+//! mesh services are encoded once per mesh state ([`EncodedMesh`]) and shared by every group
+//! snapshot that uses them. [`build`] checks consistency before anything is published.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+use envoy_types::pb::envoy::config::route::v3::{route::Action, route_action::ClusterSpecifier};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::translate::{GroupResources, MeshResources, clusters::empty_assignment};
+
+/// The four resource types meshbridge serves, in the order they are pushed (CDS, EDS, LDS,
+/// RDS), so that a listener never names a route or cluster Envoy does not have yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceType {
+    /// `envoy.config.cluster.v3.Cluster`
+    Cluster,
+    /// `envoy.config.endpoint.v3.ClusterLoadAssignment`
+    Endpoint,
+    /// `envoy.config.listener.v3.Listener`
+    Listener,
+    /// `envoy.config.route.v3.RouteConfiguration`
+    Route,
+}
+
+impl ResourceType {
+    /// Every type, in push order.
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+        ResourceType::Route,
+    ];
+
+    /// The xDS type URL.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            ResourceType::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+            ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        }
+    }
+
+    /// The type of a type URL, if meshbridge serves it.
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// Whether an empty subscription means "everything" (CDS and LDS).
+    pub fn wildcard_by_default(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResourceType::Cluster => "CDS",
+            ResourceType::Endpoint => "EDS",
+            ResourceType::Listener => "LDS",
+            ResourceType::Route => "RDS",
+        })
+    }
+}
+
+/// One encoded resource, shared by every snapshot that contains it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    /// Resource name.
+    pub name: String,
+    /// Hash of the encoded bytes (16 hex digits).
+    pub version: String,
+    /// The encoded message.
+    pub body: Any,
+}
+
+/// Encodes a message into a shared resource whose version derives from its bytes.
+pub fn encode<M: Message + Name>(name: &str, message: &M) -> Arc<Resource> {
+    let value = message.encode_to_vec();
+    Arc::new(Resource {
+        name: name.to_string(),
+        version: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&value)),
+        body: Any {
+            type_url: M::type_url(),
+            value,
+        },
+    })
+}
+
+/// The version of a set of resources: changes when any member or the membership changes.
+pub fn set_version<'a>(resources: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut hasher = Xxh3::new();
+    for (name, version) in resources {
+        hasher.update(name.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(version.as_bytes());
+        hasher.update(&[0]);
+    }
+    format!("{:016x}", hasher.digest())
+}
+
+/// Mesh clusters and assignments, encoded once per mesh state.
+#[derive(Clone, Debug, Default)]
+pub struct EncodedMesh {
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, Arc<Resource>>,
+    /// Assignments by cluster name.
+    pub assignments: BTreeMap<String, Arc<Resource>>,
+}
+
+/// Encodes the shared mesh resources, each once.
+pub fn encode_mesh(mesh: &MeshResources) -> EncodedMesh {
+    EncodedMesh {
+        clusters: mesh
+            .clusters
+            .iter()
+            .map(|(n, c)| (n.clone(), encode(n, c)))
+            .collect(),
+        assignments: mesh
+            .assignments
+            .iter()
+            .map(|(n, a)| (n.clone(), encode(n, a)))
+            .collect(),
+    }
+}
+
+/// The resources of one proxy group, by type, with a version per type.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    resources: [BTreeMap<String, Arc<Resource>>; 4],
+    versions: [String; 4],
+    /// Dependencies ignored while translating, with the reason.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// The resources of one type, by name.
+    pub fn resources(&self, t: ResourceType) -> &BTreeMap<String, Arc<Resource>> {
+        &self.resources[t.index()]
+    }
+
+    /// The version of one type (all its resources).
+    pub fn version(&self, t: ResourceType) -> &str {
+        &self.versions[t.index()]
+    }
+
+    /// Whether both snapshots carry the same resources (compared by version) and warnings.
+    pub fn same_versions(&self, other: &Snapshot) -> bool {
+        self.versions == other.versions && self.warnings == other.warnings
+    }
+
+    /// A version of the whole snapshot.
+    pub fn version_all(&self) -> String {
+        set_version(
+            ResourceType::ALL
+                .iter()
+                .map(|t| (t.type_url(), self.version(*t))),
+        )
+    }
+
+    /// Number of resources of every type.
+    pub fn len(&self) -> usize {
+        self.resources.iter().map(BTreeMap::len).sum()
+    }
+
+    /// Whether the snapshot holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A snapshot that would leave Envoy with a dangling reference; it is never published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inconsistent snapshot: {}", .problems.join("; "))]
+pub struct InconsistentSnapshot {
+    /// Each dangling reference.
+    pub problems: Vec<String>,
+}
+
+/// Checks a group's resources and assembles its snapshot from them and the shared mesh
+/// resources: every route names an existing cluster, every listener an existing route
+/// configuration, and every EDS cluster has an assignment.
+pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, InconsistentSnapshot> {
+    let mut problems = Vec::new();
+    let mut clusters: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+    let mut assignments: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+    for name in &group.mesh_clusters {
+        match (mesh.clusters.get(name), mesh.assignments.get(name)) {
+            (Some(c), Some(a)) => {
+                clusters.insert(name.clone(), c.clone());
+                assignments.insert(name.clone(), a.clone());
+            }
+            (Some(c), None) => {
+                clusters.insert(name.clone(), c.clone());
+                assignments.insert(name.clone(), encode(name, &empty_assignment(name)));
+                problems.push(format!("cluster {name} has no assignment"));
+            }
+            (None, _) => problems.push(format!("mesh cluster {name} does not exist")),
+        }
+    }
+    let mut eds_clusters = BTreeSet::new();
+    for c in &group.clusters {
+        if c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
+            eds_clusters.insert(c.name.clone());
+        }
+        if clusters
+            .insert(c.name.clone(), encode(&c.name, c))
+            .is_some()
+        {
+            problems.push(format!("cluster {} defined twice", c.name));
+        }
+    }
+    for name in eds_clusters {
+        if !assignments.contains_key(&name) {
+            problems.push(format!("EDS cluster {name} has no assignment"));
+        }
+    }
+    let route_names: BTreeSet<&str> = group.routes.iter().map(|r| r.name.as_str()).collect();
+    for r in &group.routes {
+        for vh in &r.virtual_hosts {
+            for route in &vh.routes {
+                if let Some(Action::Route(action)) = &route.action
+                    && let Some(ClusterSpecifier::Cluster(c)) = &action.cluster_specifier
+                    && !clusters.contains_key(c)
+                {
+                    problems.push(format!(
+                        "route {}/{}/{} names missing cluster {c}",
+                        r.name, vh.name, route.name
+                    ));
+                }
+            }
+        }
+    }
+    for l in &group.listeners {
+        for rds in listener_routes(l) {
+            if !route_names.contains(rds.as_str()) {
+                problems.push(format!("listener {} names missing route {rds}", l.name));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(InconsistentSnapshot { problems });
+    }
+    let listeners: BTreeMap<_, _> = group
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), encode(&l.name, l)))
+        .collect();
+    let routes: BTreeMap<_, _> = group
+        .routes
+        .iter()
+        .map(|r| (r.name.clone(), encode(&r.name, r)))
+        .collect();
+    let resources = [clusters, assignments, listeners, routes];
+    let versions = std::array::from_fn(|i| {
+        set_version(
+            resources[i]
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.version.as_str())),
+        )
+    });
+    Ok(Snapshot {
+        resources,
+        versions,
+        warnings: group.warnings.clone(),
+    })
+}
+
+/// Route configuration names a listener's HTTP connection managers load through RDS.
+fn listener_routes(
+    listener: &envoy_types::pb::envoy::config::listener::v3::Listener,
+) -> Vec<String> {
+    listener
+        .filter_chains
+        .iter()
+        .flat_map(|fc| fc.filters.iter())
+        .filter_map(|f| match &f.config_type {
+            Some(ConfigType::TypedConfig(any))
+                if any.type_url == HttpConnectionManager::type_url() =>
+            {
+                HttpConnectionManager::decode(any.value.as_slice()).ok()
+            }
+            _ => None,
+        })
+        .filter_map(|hcm| match hcm.route_specifier {
+            Some(RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,440 @@
+//! The `--config-dir` source: MeshService and AccessRule manifests in a directory.
+//!
+//! The directory is scanned every `poll` interval (bounded, no inotify limits to hit, works
+//! on ConfigMap mounts whose files are swapped through symlinks). A file is parsed only when
+//! its bytes changed. A file with any bad document is rejected as a whole: its last good
+//! objects stay in force and the error — file, document, line and field — is logged and
+//! shown in `/api/sources`. A removed file removes its objects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+
+use crate::api::{AccessRule, MeshService};
+use crate::index::{IndexObject, convert};
+
+use super::SourceStatuses;
+
+/// Index source name of manifests.
+pub const SOURCE: &str = "config";
+
+/// One problem in a manifest file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The file.
+    pub file: String,
+    /// 1-based document number within the file.
+    pub document: usize,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// `Kind name` of the document, when it got that far.
+    pub object: Option<String>,
+    /// The field, e.g. `spec.ports[0].port`.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": document {}", self.document)?;
+        if let Some(o) = &self.object {
+            write!(f, " ({o})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Splits a multi-document YAML text into `(first line number, text)` per document.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") || line == "..." {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    docs.push((start, current));
+    docs.into_iter()
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// Parses the manifests of one file into index objects.
+pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<IndexObject>, Vec<ManifestError>> {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (n, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
+        match parse_document(file, n + 1, first_line, &doc) {
+            Ok(o) => objects.push(o),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_document(
+    file: &str,
+    document: usize,
+    first_line: usize,
+    doc: &str,
+) -> Result<IndexObject, ManifestError> {
+    let error =
+        |line: Option<usize>, object: Option<String>, field: Option<String>, message: String| {
+            ManifestError {
+                file: file.to_string(),
+                document,
+                line,
+                object,
+                field,
+                message,
+            }
+        };
+    let value: serde_norway::Value = serde_norway::from_str(doc).map_err(|e| {
+        let line = e.location().map(|l| first_line + l.line() - 1);
+        error(line, None, None, format!("invalid YAML: {e}"))
+    })?;
+    let text_field = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    let api_version = text_field("apiVersion");
+    let kind = text_field("kind");
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let object = kind
+        .as_ref()
+        .map(|k| format!("{k} {}", name.as_deref().unwrap_or("<unnamed>")));
+    let expected = format!("{}/{}", crate::api::GROUP, crate::api::VERSION);
+    if api_version.as_deref() != Some(expected.as_str()) {
+        return Err(error(
+            Some(first_line),
+            object,
+            Some("apiVersion".into()),
+            format!(
+                "expected {expected:?}, found {:?}",
+                api_version.unwrap_or_default()
+            ),
+        ));
+    }
+    let precedence = format!("{file}#{document}");
+    match kind.as_deref() {
+        Some("MeshService") => {
+            let obj: MeshService = typed(doc, first_line)
+                .map_err(|(line, field, msg)| error(line, object.clone(), field, msg))?;
+            convert::mesh_service(&obj, precedence)
+                .map(IndexObject::Service)
+                .map_err(|errs| field_errors(&error, object.clone(), errs))
+        }
+        Some("AccessRule") => {
+            let obj: AccessRule = typed(doc, first_line)
+                .map_err(|(line, field, msg)| error(line, object.clone(), field, msg))?;
+            convert::access_rule(&obj, precedence)
+                .map(IndexObject::Access)
+                .map_err(|errs| field_errors(&error, object.clone(), errs))
+        }
+        other => Err(error(
+            Some(first_line),
+            object,
+            Some("kind".into()),
+            format!(
+                "expected MeshService or AccessRule, found {:?}",
+                other.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+fn field_errors(
+    error: &impl Fn(Option<usize>, Option<String>, Option<String>, String) -> ManifestError,
+    object: Option<String>,
+    errs: Vec<convert::FieldError>,
+) -> ManifestError {
+    let first = errs.first().map(|e| e.field.clone());
+    let message = errs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut e = error(None, object, None, message);
+    if errs.len() == 1 {
+        e.field = first;
+        e.message = errs[0].message.clone();
+    }
+    e
+}
+
+/// Deserializes a document, reporting the line and field path of the first problem.
+fn typed<T: DeserializeOwned>(
+    doc: &str,
+    first_line: usize,
+) -> Result<T, (Option<usize>, Option<String>, String)> {
+    let de = serde_norway::Deserializer::from_str(doc);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.location().map(|l| first_line + l.line() - 1);
+        let message = inner.to_string();
+        // serde_norway appends " at line X column Y"; the line is reported separately.
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_string();
+        (line, (path != ".").then_some(path), message)
+    })
+}
+
+/// Lists manifest files under `dir` (`.yaml`/`.yml`, hidden entries skipped, at most four
+/// levels deep), sorted.
+pub fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let meta = std::fs::metadata(&path)?;
+            if meta.is_dir() {
+                if depth < 4 {
+                    walk(&path, depth + 1, out)?;
+                }
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            ) {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, 0, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+struct FileState {
+    hash: u64,
+    errors: Vec<ManifestError>,
+}
+
+/// The `--config-dir` source.
+pub struct ConfigDirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    name: String,
+}
+
+/// What one scan changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Whether the index changed.
+    pub changed: bool,
+    /// Files currently rejected.
+    pub bad_files: usize,
+}
+
+impl ConfigDirSource {
+    /// A source reading `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        let name = format!("{SOURCE}:{}", dir.display());
+        ConfigDirSource {
+            dir,
+            files: BTreeMap::new(),
+            name,
+        }
+    }
+
+    /// The source's name in `/api/sources`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads the directory once and applies what changed to the index.
+    pub fn scan(
+        &mut self,
+        index: &Mutex<crate::index::Index>,
+        statuses: &SourceStatuses,
+    ) -> ScanReport {
+        let mut report = ScanReport::default();
+        let listed = match list_files(&self.dir) {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("{}: cannot read directory: {e}", self.dir.display());
+                tracing::warn!(error = %msg, "config-dir scan failed; last good manifests stay in force");
+                statuses.update(&self.name, |s| s.error = Some(msg));
+                return report;
+            }
+        };
+        let mut seen = Vec::new();
+        for path in listed {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest");
+                    continue;
+                }
+            };
+            seen.push(path.clone());
+            let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+                continue;
+            }
+            let key = path.display().to_string();
+            let errors = match parse_manifests(&key, &text) {
+                Ok(objects) => {
+                    let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
+                    report.changed |= idx.apply(SOURCE, &key, objects);
+                    Vec::new()
+                }
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!(error = %e, "manifest rejected; the file's last good state stays in force");
+                    }
+                    errors
+                }
+            };
+            self.files.insert(path, FileState { hash, errors });
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
+            report.changed |= idx.delete(SOURCE, &path.display().to_string());
+            tracing::info!(file = %path.display(), "manifest file removed");
+        }
+        let errors: Vec<String> = self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter().map(ToString::to_string))
+            .collect();
+        report.bad_files = self.files.values().filter(|f| !f.errors.is_empty()).count();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        statuses.update(&self.name, |s| {
+            s.synced = true;
+            s.last_sync = Some(now);
+            s.error = (!errors.is_empty()).then(|| errors.join("\n"));
+        });
+        report
+    }
+
+    /// Scans every `poll` forever, calling `on_change` when the index changed.
+    pub async fn run(
+        mut self,
+        poll: Duration,
+        index: Arc<Mutex<crate::index::Index>>,
+        statuses: Arc<SourceStatuses>,
+        on_change: impl Fn(&ScanReport) + Send + 'static,
+    ) {
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let (source, report) = {
+                let index = index.clone();
+                let statuses = statuses.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let r = self.scan(&index, &statuses);
+                    (self, r)
+                })
+                .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "config-dir scan panicked; source stopped");
+                        return;
+                    }
+                }
+            };
+            self = source;
+            on_change(&report);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_documents_with_line_numbers() {
+        let docs = split_documents("a: 1\n---\n# only a comment\n---\nb: 2\n");
+        assert_eq!(
+            docs,
+            vec![(1, "a: 1\n".to_string()), (5, "b: 2\n".to_string())]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_line_and_field() {
+        let text = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: a}\nspec: {}\n---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: orders\nspec:\n  ports:\n    - port: 70000\n";
+        let errs = parse_manifests("dir/x.yaml", text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let e = &errs[0];
+        assert_eq!(e.document, 2);
+        assert_eq!(e.line, Some(12));
+        assert_eq!(e.field.as_deref(), Some("spec.ports[0].port"));
+        let shown = e.to_string();
+        assert!(
+            shown
+                .starts_with("dir/x.yaml:12: document 2 (MeshService orders): spec.ports[0].port:"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let text = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: a}\nspec:\n  dependencies:\n    - service: b\n      timeout: soon\n";
+        let errs = parse_manifests("x.yaml", text).unwrap_err();
+        assert_eq!(
+            errs[0].field.as_deref(),
+            Some("spec.dependencies[0].timeout"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_rejected() {
+        let text = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: a}\nspec:\n  portz: []\n";
+        let errs = parse_manifests("x.yaml", text).unwrap_err();
+        assert!(errs[0].message.contains("portz"), "{}", errs[0]);
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n";
+        let errs = parse_manifests("x.yaml", text).unwrap_err();
+        assert_eq!(errs[0].field.as_deref(), Some("apiVersion"));
+    }
+}

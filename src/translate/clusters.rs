@@ -1,0 +1,228 @@
+//! Clusters and endpoint assignments.
+
+use std::collections::BTreeMap;
+use std::time::Duration as StdDuration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster,
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, SocketAddress,
+    TransportSocket, address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+    transport_socket::ConfigType,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
+    lb_endpoint::HostIdentifier,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext,
+    certificate_validation_context::SystemRootCerts, common_tls_context::ValidationContextType,
+    subject_alt_name_matcher::SanType,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::util::pack_any;
+
+use crate::model::{Endpoint, ExternalDomain, MeshSettings, Service};
+
+use super::names;
+
+const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
+
+/// Converts a std duration to the protobuf one.
+pub(crate) fn proto_duration(d: StdDuration) -> Duration {
+    Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// A config source pointing at the ADS stream the proxy already has.
+pub(crate) fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+/// A TCP socket address.
+pub(crate) fn socket_address(host: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// An EDS cluster of a mesh service (or of its canary subset).
+pub fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads_config_source()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    }
+}
+
+/// The endpoint assignment of a cluster: healthy instances grouped by datacenter, the local
+/// datacenter at priority 0 and the others after it, densely numbered as Envoy requires.
+pub fn assignment<'a>(
+    cluster: &str,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+    settings: &MeshSettings,
+) -> ClusterLoadAssignment {
+    let mut by_locality: BTreeMap<(u32, String), Vec<LbEndpoint>> = BTreeMap::new();
+    for e in endpoints.filter(|e| e.healthy) {
+        let priority = settings.datacenter_priority(e.datacenter.as_deref());
+        by_locality
+            .entry((priority, e.datacenter.clone().unwrap_or_default()))
+            .or_default()
+            .push(LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
+                    address: Some(socket_address(&e.address, e.port)),
+                    ..Default::default()
+                })),
+                load_balancing_weight: Some(UInt32Value { value: e.weight }),
+                ..Default::default()
+            });
+    }
+    let mut dense = BTreeMap::new();
+    for (priority, _) in by_locality.keys() {
+        let next = dense.len() as u32;
+        dense.entry(*priority).or_insert(next);
+    }
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|((priority, dc), lb_endpoints)| LocalityLbEndpoints {
+                locality: (!dc.is_empty()).then(|| Locality {
+                    zone: dc,
+                    ..Default::default()
+                }),
+                lb_endpoints,
+                priority: dense[&priority],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// An empty assignment: what an EDS request for an unknown cluster gets, so that no
+/// cluster is ever left warming.
+pub fn empty_assignment(cluster: &str) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The clusters and assignments of one service: all instances, plus a canary cluster when
+/// some healthy instance carries the `canary` tag.
+pub fn service_clusters(
+    service: &Service,
+    settings: &MeshSettings,
+) -> Vec<(Cluster, ClusterLoadAssignment)> {
+    let name = names::service_cluster(&service.name);
+    let mut out = vec![(
+        eds_cluster(&name),
+        assignment(&name, service.endpoints.iter(), settings),
+    )];
+    if service.has_canary() {
+        let canary = names::canary_cluster(&service.name);
+        out.push((
+            eds_cluster(&canary),
+            assignment(
+                &canary,
+                service.endpoints.iter().filter(|e| e.is_canary()),
+                settings,
+            ),
+        ));
+    }
+    out
+}
+
+/// The cluster of the local application.
+pub fn local_app_cluster(app_port: u16) -> Cluster {
+    Cluster {
+        name: names::LOCAL_APP_CLUSTER.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
+        load_assignment: Some(static_assignment(
+            names::LOCAL_APP_CLUSTER,
+            "127.0.0.1",
+            app_port,
+        )),
+        ..Default::default()
+    }
+}
+
+fn static_assignment(cluster: &str, host: &str, port: u16) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
+                    address: Some(socket_address(host, port)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A DNS cluster of an external domain; with `https`, TLS verified against the host's
+/// system roots and the domain's name.
+pub fn domain_cluster(domain: &ExternalDomain) -> Cluster {
+    let name = names::domain_cluster(domain);
+    let transport_socket = domain.tls.then(|| {
+        let tls = UpstreamTlsContext {
+            sni: domain.host.clone(),
+            common_tls_context: Some(CommonTlsContext {
+                validation_context_type: Some(ValidationContextType::ValidationContext(
+                    CertificateValidationContext {
+                        system_root_certs: Some(SystemRootCerts {}),
+                        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                            san_type: SanType::Dns as i32,
+                            matcher: Some(StringMatcher {
+                                match_pattern: Some(MatchPattern::Exact(domain.host.clone())),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: "envoy.transport_sockets.tls".to_string(),
+            config_type: Some(ConfigType::TypedConfig(pack_any(tls))),
+        }
+    });
+    Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32)),
+        dns_lookup_family: DnsLookupFamily::V4Preferred as i32,
+        connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
+        load_assignment: Some(static_assignment(&name, &domain.host, domain.port)),
+        transport_socket,
+        ..Default::default()
+    }
+}

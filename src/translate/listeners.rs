@@ -1,0 +1,199 @@
+//! Listeners and route configurations.
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, Listener, filter::ConfigType as FilterConfig,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, header_matcher::HeaderMatchSpecifier,
+    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    http_connection_manager::StripPortMode, http_filter::ConfigType as HttpFilterConfig,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::util::pack_any;
+
+use crate::model::{DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
+
+use super::clusters::{ads_config_source, proto_duration, socket_address};
+use super::names;
+
+/// An HTTP listener whose routes come from RDS.
+pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port: bool) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: route.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_string(),
+            config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        strip_port_mode: strip_port.then_some(StripPortMode::StripAnyHostPort(true)),
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(host, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_string(),
+                config_type: Some(FilterConfig::TypedConfig(pack_any(hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Matches every path.
+pub fn prefix_match() -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(PathSpecifier::Prefix("/".to_string())),
+        ..Default::default()
+    }
+}
+
+/// A route to `cluster` with the dependency's timeout and retries.
+pub fn cluster_route(
+    name: &str,
+    matcher: RouteMatch,
+    cluster: &str,
+    settings: &DependencySettings,
+) -> Route {
+    let retries = settings.retries.clone().unwrap_or_default();
+    Route {
+        name: name.to_string(),
+        r#match: Some(matcher),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
+            timeout: Some(proto_duration(settings.timeout.unwrap_or(DEFAULT_TIMEOUT))),
+            retry_policy: (retries.attempts > 0).then(|| retry_policy(&retries)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
+    EnvoyRetryPolicy {
+        retry_on: r.on.join(","),
+        num_retries: Some(UInt32Value { value: r.attempts }),
+        per_try_timeout: r.per_try_timeout.map(proto_duration),
+        ..Default::default()
+    }
+}
+
+/// The routes towards one mesh service: canary requests (`x-canary: 1`) first when the
+/// service has canary instances, then every request to all instances.
+pub fn service_routes(
+    service: &str,
+    has_canary: bool,
+    settings: &DependencySettings,
+) -> Vec<Route> {
+    let mut routes = Vec::new();
+    if has_canary {
+        let mut matcher = prefix_match();
+        matcher.headers.push(HeaderMatcher {
+            name: names::CANARY_HEADER.to_string(),
+            header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+                match_pattern: Some(MatchPattern::Exact("1".to_string())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        routes.push(cluster_route(
+            "canary",
+            matcher,
+            &names::canary_cluster(service),
+            settings,
+        ));
+    }
+    routes.push(cluster_route(
+        "default",
+        prefix_match(),
+        &names::service_cluster(service),
+        settings,
+    ));
+    routes
+}
+
+/// A virtual host answering every request with a local reply naming the reason.
+pub fn local_reply_vhost(
+    name: &str,
+    domains: Vec<String>,
+    status: u32,
+    reason: &str,
+    body: String,
+) -> VirtualHost {
+    VirtualHost {
+        name: name.to_string(),
+        domains,
+        routes: vec![Route {
+            name: reason.to_string(),
+            r#match: Some(prefix_match()),
+            action: Some(Action::DirectResponse(DirectResponseAction {
+                status,
+                body: Some(DataSource {
+                    specifier: Some(Specifier::InlineString(body)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            response_headers_to_add: vec![HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: names::REASON_HEADER.to_string(),
+                    value: reason.to_string(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The ingress route configuration: everything to the local application.
+pub fn ingress_route() -> RouteConfiguration {
+    RouteConfiguration {
+        name: names::INGRESS_ROUTE.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: "local".to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![Route {
+                name: "app".to_string(),
+                r#match: Some(prefix_match()),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(
+                        names::LOCAL_APP_CLUSTER.to_string(),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A route configuration from its virtual hosts.
+pub fn route_configuration(name: &str, virtual_hosts: Vec<VirtualHost>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}

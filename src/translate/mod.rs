@@ -1,0 +1,221 @@
+//! Translation (pure): the mesh model and a proxy group become Envoy configuration.
+//!
+//! Split in two so that work is shared: [`mesh_resources`] builds, once per [`MeshState`],
+//! the clusters and endpoint assignments of every service (identical for every proxy that
+//! uses them); [`group_resources`] builds what is specific to one [`ProxyGroup`] — its
+//! listeners, routes, local and external clusters — and names the mesh clusters it needs.
+//! Encoding and versioning happen in [`crate::snapshot`].
+
+pub mod clusters;
+pub mod listeners;
+pub mod names;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+
+use crate::model::{
+    DependencySettings, DependencyTarget, ExternalDomain, MeshSettings, MeshState, ProxyGroup,
+};
+
+/// Clusters and assignments of every service in the mesh, shared by all groups.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshResources {
+    /// EDS clusters by name.
+    pub clusters: BTreeMap<String, Cluster>,
+    /// Their assignments by cluster name.
+    pub assignments: BTreeMap<String, ClusterLoadAssignment>,
+}
+
+/// Builds the clusters and assignments of every service.
+pub fn mesh_resources(state: &MeshState, settings: &MeshSettings) -> MeshResources {
+    let mut out = MeshResources::default();
+    for service in state.services.values() {
+        for (cluster, assignment) in clusters::service_clusters(service, settings) {
+            out.assignments.insert(cluster.name.clone(), assignment);
+            out.clusters.insert(cluster.name.clone(), cluster);
+        }
+    }
+    out
+}
+
+/// What one proxy group gets besides shared mesh clusters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupResources {
+    /// Listeners (ingress, egress).
+    pub listeners: Vec<Listener>,
+    /// Route configurations named by the listeners.
+    pub routes: Vec<RouteConfiguration>,
+    /// Clusters built for this group only (local application, external domains).
+    pub clusters: Vec<Cluster>,
+    /// Names of the [`MeshResources`] clusters (and assignments) the group uses.
+    pub mesh_clusters: BTreeSet<String>,
+    /// Things an operator should know: dependencies ignored and why.
+    pub warnings: Vec<String>,
+}
+
+/// A dependency of a group after merging node metadata with the MeshService.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedDependencies {
+    /// Mesh services called, with their settings.
+    pub services: BTreeMap<String, DependencySettings>,
+    /// External domains called, with their settings.
+    pub domains: BTreeMap<ExternalDomain, DependencySettings>,
+    /// Dependencies ignored, with the reason.
+    pub warnings: Vec<String>,
+}
+
+/// Merges the dependencies from node metadata with those of the service's MeshService
+/// (whose settings win), and expands `"*"` where the operator allows it.
+pub fn resolve_dependencies(
+    state: &MeshState,
+    settings: &MeshSettings,
+    group: &ProxyGroup,
+) -> ResolvedDependencies {
+    let mut explicit: BTreeMap<DependencyTarget, DependencySettings> = group
+        .dependencies
+        .iter()
+        .map(|t| (t.clone(), DependencySettings::default()))
+        .collect();
+    if let Some(service) = state.services.get(&group.service) {
+        for d in &service.dependencies {
+            explicit.insert(d.target.clone(), d.settings.clone());
+        }
+    }
+    let mut out = ResolvedDependencies {
+        services: BTreeMap::new(),
+        domains: BTreeMap::new(),
+        warnings: Vec::new(),
+    };
+    for (target, s) in &explicit {
+        match target {
+            DependencyTarget::Service(name) => {
+                out.services.insert(name.clone(), s.clone());
+            }
+            DependencyTarget::Domain(d) => {
+                out.domains.insert(d.clone(), s.clone());
+            }
+            DependencyTarget::All if settings.wildcard_allowed(&group.service) => {
+                for name in state.services.keys() {
+                    out.services
+                        .entry(name.clone())
+                        .or_insert_with(|| s.clone());
+                }
+            }
+            DependencyTarget::All => out.warnings.push(format!(
+                "dependency \"*\" of {} ignored: the service is not allowed to call every service (see --allow-wildcard)",
+                group.service
+            )),
+        }
+    }
+    out
+}
+
+/// Builds the listeners, routes and group-specific clusters of a proxy group.
+pub fn group_resources(
+    state: &MeshState,
+    settings: &MeshSettings,
+    group: &ProxyGroup,
+) -> GroupResources {
+    let mut out = GroupResources::default();
+    if let (Some(ingress_port), Some(app_port)) = (group.ingress_port, group.app_port) {
+        let host = group.ingress_host.as_deref().unwrap_or("0.0.0.0");
+        out.listeners.push(listeners::http_listener(
+            names::INGRESS_LISTENER,
+            host,
+            ingress_port,
+            names::INGRESS_ROUTE,
+            false,
+        ));
+        out.routes.push(listeners::ingress_route());
+        out.clusters.push(clusters::local_app_cluster(app_port));
+    }
+    let Some(egress_port) = group.egress_port else {
+        return out;
+    };
+    let deps = resolve_dependencies(state, settings, group);
+    out.warnings = deps.warnings;
+    let mut vhosts: Vec<VirtualHost> = Vec::new();
+    let mut domains_taken = BTreeSet::new();
+    for (name, s) in &deps.services {
+        domains_taken.insert(name.clone());
+        match state.services.get(name) {
+            Some(service) => {
+                let has_canary = service.has_canary();
+                out.mesh_clusters.insert(names::service_cluster(name));
+                if has_canary {
+                    out.mesh_clusters.insert(names::canary_cluster(name));
+                }
+                vhosts.push(VirtualHost {
+                    name: name.clone(),
+                    domains: vec![name.clone()],
+                    routes: listeners::service_routes(name, has_canary, s),
+                    ..Default::default()
+                });
+            }
+            None => vhosts.push(listeners::local_reply_vhost(
+                name,
+                vec![name.clone()],
+                503,
+                "unknown-service",
+                format!(
+                    "meshbridge: {name} is a dependency of {} but no such service is known (no MeshService, no instances)\n",
+                    group.service
+                ),
+            )),
+        }
+    }
+    for (domain, s) in &deps.domains {
+        if !domains_taken.insert(domain.host.clone()) {
+            out.warnings.push(format!(
+                "dependency {domain} ignored: {} is already routed by another dependency",
+                domain.host
+            ));
+            continue;
+        }
+        let cluster = clusters::domain_cluster(domain);
+        let vhost = VirtualHost {
+            name: names::domain_vhost(domain),
+            domains: vec![domain.host.clone()],
+            routes: vec![listeners::cluster_route(
+                "default",
+                listeners::prefix_match(),
+                &cluster.name,
+                s,
+            )],
+            ..Default::default()
+        };
+        out.clusters.push(cluster);
+        vhosts.push(vhost);
+    }
+    let declared: Vec<String> = deps
+        .services
+        .keys()
+        .cloned()
+        .chain(deps.domains.keys().map(|d| d.host.clone()))
+        .collect();
+    vhosts.push(listeners::local_reply_vhost(
+        names::UNDECLARED_VHOST,
+        vec!["*".to_string()],
+        403,
+        "undeclared-dependency",
+        format!(
+            "meshbridge: this service is not a declared dependency of {}; declared: [{}]\n",
+            group.service,
+            declared.join(", ")
+        ),
+    ));
+    out.listeners.push(listeners::http_listener(
+        names::EGRESS_LISTENER,
+        "127.0.0.1",
+        egress_port,
+        names::EGRESS_ROUTE,
+        true,
+    ));
+    out.routes
+        .push(listeners::route_configuration(names::EGRESS_ROUTE, vhosts));
+    out
+}

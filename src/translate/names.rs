@@ -1,0 +1,49 @@
+//! Every Envoy resource name meshbridge generates, built in one place.
+//!
+//! Mesh service clusters carry the plain service name (readable Envoy stats); every other
+//! name contains `|`, which a valid service name cannot, so the two never collide.
+
+use crate::model::ExternalDomain;
+
+/// Listener accepting calls to the local service.
+pub const INGRESS_LISTENER: &str = "ingress";
+/// Listener on 127.0.0.1 through which the local application calls its dependencies.
+pub const EGRESS_LISTENER: &str = "egress";
+/// Route configuration of the ingress listener.
+pub const INGRESS_ROUTE: &str = "ingress";
+/// Route configuration of the egress listener.
+pub const EGRESS_ROUTE: &str = "egress";
+/// Cluster of the local application (`127.0.0.1:app_port`).
+pub const LOCAL_APP_CLUSTER: &str = "local|app";
+/// Virtual host answering calls to undeclared services.
+pub const UNDECLARED_VHOST: &str = "undeclared|*";
+/// Response header carrying the reason of a local reply.
+pub const REASON_HEADER: &str = "x-meshbridge-reason";
+/// Request header asking for a canary instance.
+pub const CANARY_HEADER: &str = "x-canary";
+
+/// Cluster of all healthy instances of a mesh service.
+pub fn service_cluster(service: &str) -> String {
+    service.to_string()
+}
+
+/// Cluster of the canary instances of a mesh service.
+pub fn canary_cluster(service: &str) -> String {
+    format!("{service}|canary")
+}
+
+/// Cluster of an external domain.
+pub fn domain_cluster(domain: &ExternalDomain) -> String {
+    let scheme = if domain.tls { "https" } else { "http" };
+    format!("ext|{scheme}|{}|{}", domain.host, domain.port)
+}
+
+/// Virtual host of an external domain in the egress route configuration.
+pub fn domain_vhost(domain: &ExternalDomain) -> String {
+    format!("ext|{}", domain.host)
+}
+
+/// SPIFFE identity of a service.
+pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/service/{service}")
+}

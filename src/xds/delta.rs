@@ -1,0 +1,203 @@
+//! Incremental (delta) protocol state of one stream.
+//!
+//! Pure: requests and snapshots in, responses out. Per type it tracks the subscription
+//! (wildcard and/or names) and the version of every resource the proxy has, so a response
+//! carries only what changed and names what was removed. After a NACK the versions sent are
+//! kept as "known", so the same resources are not sent again in a loop; a new snapshot or
+//! subscription produces the next response. Subscribed EDS names without a cluster get an
+//! empty assignment; when a cluster changes, its assignment is sent again so that Envoy
+//! never leaves it warming.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
+};
+
+use crate::snapshot::{self, ResourceType, Snapshot};
+use crate::translate::clusters::empty_assignment;
+
+use super::sotw::RequestKind;
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Resource name → version the proxy has (or was last sent).
+    known: BTreeMap<String, String>,
+    nonce: String,
+    requested: bool,
+}
+
+/// The protocol state of one delta stream.
+#[derive(Debug)]
+pub struct DeltaState {
+    types: BTreeMap<ResourceType, TypeState>,
+    nonce_counter: u64,
+    control_plane: String,
+}
+
+/// Version marking an empty assignment sent for an unknown EDS name.
+const EMPTY_VERSION: &str = "empty";
+
+impl DeltaState {
+    /// A new stream; `control_plane` identifies this meshbridge instance in responses.
+    pub fn new(control_plane: String) -> Self {
+        DeltaState {
+            types: BTreeMap::new(),
+            nonce_counter: 0,
+            control_plane,
+        }
+    }
+
+    /// Handles a request; returns what it was and the responses to send.
+    pub fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> (RequestKind, Vec<DeltaDiscoveryResponse>) {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            return (RequestKind::UnknownType, Vec::new());
+        };
+        let st = self.types.entry(t).or_default();
+        let kind = if !st.requested {
+            st.requested = true;
+            st.known = req.initial_resource_versions.clone().into_iter().collect();
+            st.wildcard = t.wildcard_by_default() && req.resource_names_subscribe.is_empty();
+            RequestKind::Initial
+        } else if req.response_nonce.is_empty() {
+            RequestKind::Ack(String::new())
+        } else if let Some(err) = &req.error_detail {
+            RequestKind::Nack {
+                version: req.response_nonce.clone(),
+                message: err.message.clone(),
+            }
+        } else if req.response_nonce != st.nonce {
+            RequestKind::Stale
+        } else {
+            RequestKind::Ack(req.response_nonce.clone())
+        };
+        let mut subscription_changed = false;
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                subscription_changed |= !st.wildcard;
+                st.wildcard = true;
+            } else {
+                subscription_changed |= st.names.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                subscription_changed |= st.wildcard;
+                st.wildcard = false;
+            } else if st.names.remove(name) {
+                subscription_changed = true;
+                st.known.remove(name);
+            }
+        }
+        let mut out = Vec::new();
+        if kind == RequestKind::Initial || subscription_changed {
+            let always = kind == RequestKind::Initial;
+            out.extend(self.respond(t, snap, always));
+            if t == ResourceType::Cluster {
+                out.extend(self.respond(ResourceType::Endpoint, snap, false));
+            }
+        }
+        (kind, out)
+    }
+
+    /// Handles a new snapshot: responses for every subscribed type that changed, in order
+    /// CDS, EDS, LDS, RDS.
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+        let mut out = Vec::new();
+        for t in ResourceType::ALL {
+            out.extend(self.respond(t, snap, false));
+        }
+        out
+    }
+
+    fn respond(
+        &mut self,
+        t: ResourceType,
+        snap: &Snapshot,
+        always: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let st = self.types.get_mut(&t)?;
+        if !st.requested {
+            return None;
+        }
+        let all = snap.resources(t);
+        let mut candidates: BTreeSet<&String> = st.names.iter().chain(st.known.keys()).collect();
+        if st.wildcard {
+            candidates.extend(all.keys());
+        }
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        let mut updates: Vec<(String, Option<String>)> = Vec::new();
+        for name in candidates {
+            let known = st.known.get(name).map(String::as_str);
+            match all.get(name) {
+                Some(r) if known != Some(r.version.as_str()) => {
+                    resources.push(DeltaResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.body.clone()),
+                        ..Default::default()
+                    });
+                    updates.push((name.clone(), Some(r.version.clone())));
+                }
+                Some(_) => {}
+                None if t == ResourceType::Endpoint && st.names.contains(name) => {
+                    if known != Some(EMPTY_VERSION) {
+                        let empty = snapshot::encode(name, &empty_assignment(name));
+                        resources.push(DeltaResource {
+                            name: name.clone(),
+                            version: EMPTY_VERSION.to_string(),
+                            resource: Some(empty.body.clone()),
+                            ..Default::default()
+                        });
+                        updates.push((name.clone(), Some(EMPTY_VERSION.to_string())));
+                    }
+                }
+                None if known.is_some() => {
+                    removed.push(name.clone());
+                    updates.push((name.clone(), None));
+                }
+                None => {}
+            }
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            return None;
+        }
+        for (name, version) in updates {
+            match version {
+                Some(v) => st.known.insert(name, v),
+                None => st.known.remove(&name),
+            };
+        }
+        self.nonce_counter += 1;
+        st.nonce = self.nonce_counter.to_string();
+        let nonce = st.nonce.clone();
+        if t == ResourceType::Cluster {
+            // A changed cluster warms until its assignment arrives: send it again.
+            let changed: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
+            if let Some(eds) = self.types.get_mut(&ResourceType::Endpoint) {
+                for name in changed {
+                    eds.known.remove(&name);
+                }
+            }
+        }
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snap.version(t).to_string(),
+            resources,
+            type_url: t.type_url().to_string(),
+            removed_resources: removed,
+            nonce,
+            control_plane: Some(ControlPlane {
+                identifier: self.control_plane.clone(),
+            }),
+            ..Default::default()
+        })
+    }
+}

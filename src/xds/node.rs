@@ -1,0 +1,212 @@
+//! Node parsing: what a proxy says about itself becomes its [`ProxyGroup`].
+
+use std::collections::BTreeSet;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+use crate::model::{DependencyTarget, ProxyGroup, valid_service_name};
+
+/// Node metadata key naming the proxy's service (required).
+pub const SERVICE_NAME: &str = "service_name";
+
+/// Why a node cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// The request carried no node (only the first request of a stream must).
+    #[error("the first request of a stream must carry a node")]
+    MissingNode,
+    /// `service_name` is absent or empty.
+    #[error("node metadata key 'service_name' is required (the service this proxy runs beside)")]
+    MissingServiceName,
+    /// A metadata key has the wrong type or value.
+    #[error("node metadata key '{key}': {reason}")]
+    BadMetadata {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Identity of a connected proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyIdentity {
+    /// `node.id`.
+    pub node_id: String,
+    /// The group whose snapshot it gets.
+    pub group: ProxyGroup,
+}
+
+/// Parses a node into the proxy's identity and group.
+pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
+    let node = node.ok_or(NodeError::MissingNode)?;
+    let empty = Struct::default();
+    let meta = node.metadata.as_ref().unwrap_or(&empty);
+    let service = string(meta, SERVICE_NAME)?
+        .filter(|s| !s.is_empty())
+        .ok_or(NodeError::MissingServiceName)?;
+    if !valid_service_name(&service) {
+        return Err(NodeError::BadMetadata {
+            key: SERVICE_NAME,
+            reason: format!("{service:?} is not a valid service name"),
+        });
+    }
+    let mut dependencies = BTreeSet::new();
+    if let Some(v) = meta.fields.get("dependencies") {
+        let items = match &v.kind {
+            Some(Kind::ListValue(list)) => list.values.clone(),
+            Some(Kind::StringValue(s)) => s
+                .split(',')
+                .map(|p| Value {
+                    kind: Some(Kind::StringValue(p.to_string())),
+                })
+                .collect(),
+            Some(Kind::NullValue(_)) | None => Vec::new(),
+            _ => {
+                return Err(NodeError::BadMetadata {
+                    key: "dependencies",
+                    reason: "expected a list of strings".into(),
+                });
+            }
+        };
+        for item in items {
+            let Some(Kind::StringValue(text)) = &item.kind else {
+                return Err(NodeError::BadMetadata {
+                    key: "dependencies",
+                    reason: "expected a list of strings".into(),
+                });
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            let target = text
+                .parse::<DependencyTarget>()
+                .map_err(|e| NodeError::BadMetadata {
+                    key: "dependencies",
+                    reason: e.to_string(),
+                })?;
+            dependencies.insert(target);
+        }
+    }
+    Ok(ProxyIdentity {
+        node_id: node.id.clone(),
+        group: ProxyGroup {
+            service,
+            ingress_port: port(meta, "ingress_port")?,
+            ingress_host: string(meta, "ingress_host")?.filter(|s| !s.is_empty()),
+            app_port: port(meta, "app_port")?,
+            egress_port: port(meta, "egress_port")?,
+            dependencies,
+        },
+    })
+}
+
+/// The admin port a proxy announced, if any.
+pub fn admin_port(node: &Node) -> Option<u16> {
+    node.metadata
+        .as_ref()
+        .and_then(|m| port(m, "admin_port").ok().flatten())
+}
+
+fn string(meta: &Struct, key: &'static str) -> Result<Option<String>, NodeError> {
+    match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => Ok(None),
+        Some(Kind::StringValue(s)) => Ok(Some(s.trim().to_string())),
+        Some(_) => Err(NodeError::BadMetadata {
+            key,
+            reason: "expected a string".into(),
+        }),
+    }
+}
+
+fn port(meta: &Struct, key: &'static str) -> Result<Option<u16>, NodeError> {
+    let bad = |reason: String| NodeError::BadMetadata { key, reason };
+    match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => Ok(None),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && *n >= 1.0 && *n <= 65535.0 {
+                Ok(Some(*n as u16))
+            } else {
+                Err(bad(format!("{n} is not a port (1-65535)")))
+            }
+        }
+        Some(Kind::StringValue(s)) => s
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .map(Some)
+            .ok_or_else(|| bad(format!("{s:?} is not a port (1-65535)"))),
+        Some(_) => Err(bad("expected a number".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::ListValue;
+
+    fn node(fields: &[(&str, Kind)]) -> Node {
+        Node {
+            id: "n1".into(),
+            metadata: Some(Struct {
+                fields: fields
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value {
+                                kind: Some(v.clone()),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn missing_service_name_names_the_key() {
+        let err = parse_node(Some(&node(&[]))).unwrap_err();
+        assert_eq!(err, NodeError::MissingServiceName);
+        assert!(err.to_string().contains("service_name"));
+    }
+
+    #[test]
+    fn parses_ports_and_dependencies() {
+        let id = parse_node(Some(&node(&[
+            (SERVICE_NAME, Kind::StringValue("frontend".into())),
+            ("egress_port", Kind::NumberValue(15001.0)),
+            ("app_port", Kind::StringValue("8080".into())),
+            (
+                "dependencies",
+                Kind::ListValue(ListValue {
+                    values: vec![
+                        Value {
+                            kind: Some(Kind::StringValue("orders".into())),
+                        },
+                        Value {
+                            kind: Some(Kind::StringValue("https://api.example.com".into())),
+                        },
+                    ],
+                }),
+            ),
+        ])))
+        .unwrap();
+        assert_eq!(id.group.egress_port, Some(15001));
+        assert_eq!(id.group.app_port, Some(8080));
+        assert_eq!(id.group.dependencies.len(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_ports() {
+        let err = parse_node(Some(&node(&[
+            (SERVICE_NAME, Kind::StringValue("a".into())),
+            ("egress_port", Kind::NumberValue(70000.0)),
+        ])))
+        .unwrap_err();
+        assert!(err.to_string().contains("egress_port"), "{err}");
+    }
+}

@@ -1,0 +1,195 @@
+//! State-of-the-world protocol state of one stream: subscriptions, nonces, ACK/NACK.
+//!
+//! Pure: requests and snapshots in, responses out. The driver in [`super::server`] only
+//! moves messages. Rules (xDS protocol, "ACK/NACK and resource type instance version"):
+//! - a request whose `response_nonce` is not the last one sent for its type is stale and
+//!   changes nothing;
+//! - a NACK (`error_detail`) is recorded and never answered with the same resources again:
+//!   only a new snapshot or a new subscription produces a response;
+//! - a response goes out when the subscribed resources' version differs from the version
+//!   last sent, the subscription changed, or clusters changed (then EDS is resent, so no
+//!   cluster is left warming);
+//! - EDS requests for unknown clusters get an empty assignment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::ControlPlane;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use crate::snapshot::{self, Resource, ResourceType, Snapshot};
+use crate::translate::clusters::empty_assignment;
+
+/// What happened to a request, for the registry, logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// The first request for a type on this stream.
+    Initial,
+    /// Acknowledges the version sent.
+    Ack(String),
+    /// Rejects the version sent.
+    Nack {
+        /// The version rejected.
+        version: String,
+        /// Envoy's error message.
+        message: String,
+    },
+    /// Answers a response that is not the latest one; ignored.
+    Stale,
+    /// A type meshbridge does not serve; ignored.
+    UnknownType,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// `None`: wildcard.
+    names: Option<BTreeSet<String>>,
+    nonce: String,
+    sent_version: Option<String>,
+    requested: bool,
+    force: bool,
+}
+
+/// The protocol state of one SotW stream.
+#[derive(Debug)]
+pub struct SotwState {
+    types: BTreeMap<ResourceType, TypeState>,
+    nonce_counter: u64,
+    control_plane: String,
+}
+
+impl SotwState {
+    /// A new stream; `control_plane` identifies this meshbridge instance in responses.
+    pub fn new(control_plane: String) -> Self {
+        SotwState {
+            types: BTreeMap::new(),
+            nonce_counter: 0,
+            control_plane,
+        }
+    }
+
+    /// Handles a request; returns what it was and the responses to send.
+    pub fn on_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        snap: &Snapshot,
+    ) -> (RequestKind, Vec<DiscoveryResponse>) {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            return (RequestKind::UnknownType, Vec::new());
+        };
+        let st = self.types.entry(t).or_default();
+        let kind = if !st.requested {
+            RequestKind::Initial
+        } else if req.response_nonce != st.nonce {
+            return (RequestKind::Stale, Vec::new());
+        } else if let Some(err) = &req.error_detail {
+            RequestKind::Nack {
+                version: st.sent_version.clone().unwrap_or_default(),
+                message: err.message.clone(),
+            }
+        } else {
+            RequestKind::Ack(req.version_info.clone())
+        };
+        let names: Option<BTreeSet<String>> = if (req.resource_names.is_empty()
+            && t.wildcard_by_default())
+            || req.resource_names.iter().any(|n| n == "*")
+        {
+            None
+        } else {
+            Some(req.resource_names.iter().cloned().collect())
+        };
+        let names_changed = st.names != names;
+        st.names = names;
+        if kind == RequestKind::Initial {
+            st.requested = true;
+            // A reconnecting proxy tells what it has; it needs nothing if that is current.
+            if !req.version_info.is_empty() {
+                st.sent_version = Some(req.version_info.clone());
+            }
+        }
+        let mut out = Vec::new();
+        if names_changed || kind == RequestKind::Initial {
+            st.force |= names_changed && kind != RequestKind::Initial;
+            out.extend(self.respond(t, snap));
+            if t == ResourceType::Cluster && !out.is_empty() {
+                self.force(ResourceType::Endpoint);
+                out.extend(self.respond(ResourceType::Endpoint, snap));
+            }
+        }
+        (kind, out)
+    }
+
+    /// Handles a new snapshot: responses for every requested type that changed, in order
+    /// CDS, EDS, LDS, RDS.
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
+        let mut out = Vec::new();
+        for t in ResourceType::ALL {
+            let sent = self.respond(t, snap);
+            if t == ResourceType::Cluster && sent.is_some() {
+                self.force(ResourceType::Endpoint);
+            }
+            out.extend(sent);
+        }
+        out
+    }
+
+    fn force(&mut self, t: ResourceType) {
+        if let Some(st) = self.types.get_mut(&t) {
+            st.force = true;
+        }
+    }
+
+    /// The response for type `t` if the proxy asked for it and it is not already current.
+    fn respond(&mut self, t: ResourceType, snap: &Snapshot) -> Option<DiscoveryResponse> {
+        let st = self.types.get_mut(&t)?;
+        if !st.requested {
+            return None;
+        }
+        let resources = select(t, st.names.as_ref(), snap);
+        let version = snapshot::set_version(
+            resources
+                .iter()
+                .map(|r| (r.name.as_str(), r.version.as_str())),
+        );
+        if st.sent_version.as_deref() == Some(version.as_str()) && !st.force {
+            return None;
+        }
+        self.nonce_counter += 1;
+        st.nonce = self.nonce_counter.to_string();
+        st.sent_version = Some(version.clone());
+        st.force = false;
+        Some(DiscoveryResponse {
+            version_info: version,
+            resources: resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: t.type_url().to_string(),
+            nonce: st.nonce.clone(),
+            control_plane: Some(ControlPlane {
+                identifier: self.control_plane.clone(),
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+/// The resources of type `t` a subscription selects; unknown EDS names get an empty
+/// assignment, unknown names of other types are left out.
+pub fn select(
+    t: ResourceType,
+    names: Option<&BTreeSet<String>>,
+    snap: &Snapshot,
+) -> Vec<Arc<Resource>> {
+    let all = snap.resources(t);
+    match names {
+        None => all.values().cloned().collect(),
+        Some(names) => names
+            .iter()
+            .filter_map(|n| match all.get(n) {
+                Some(r) => Some(r.clone()),
+                None if t == ResourceType::Endpoint => {
+                    Some(snapshot::encode(n, &empty_assignment(n)))
+                }
+                None => None,
+            })
+            .collect(),
+    }
+}
