@@ -22,7 +22,11 @@ enum Command {
     /// Print an Envoy bootstrap (YAML) for a legacy host (VM / Mesos task).
     Bootstrap(bootstrap::BootstrapOptions),
     /// Print the CustomResourceDefinitions (the same bytes as crds/*.yaml).
-    Crds,
+    Crds {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
     /// Run a self-contained local mesh on this machine (no cluster needed).
     Demo(demo::DemoArgs),
 }
@@ -39,9 +43,17 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds => {
-            let docs: Vec<String> = api::crd_documents().into_iter().map(|(_, y)| y).collect();
-            print!("{}", docs.join("---\n"));
+        Command::Crds { out_dir: None } => {
+            print!("{}", api::crds_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Crds { out_dir: Some(dir) } => {
+            for (file, yaml) in api::crd_documents() {
+                if let Err(e) = std::fs::write(dir.join(file), yaml) {
+                    eprintln!("meshbridge crds: {}: {e}", dir.join(file).display());
+                    return ExitCode::FAILURE;
+                }
+            }
             ExitCode::SUCCESS
         }
         Command::Bootstrap(opts) => match bootstrap::bootstrap_yaml(&opts) {

@@ -13,6 +13,7 @@ use super::mesh_service::Condition;
     group = "meshbridge.io",
     version = "v1alpha1",
     kind = "AccessRule",
+    doc = "Who may call a service, on which paths and methods; several AccessRules for one target are merged.",
     namespaced,
     status = "AccessRuleStatus",
     shortname = "arule",

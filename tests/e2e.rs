@@ -1,0 +1,391 @@
+//! End to end: the real `meshbridge` binary configuring real Envoys on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
+
+/// frontend calls orders; orders has the given instance ports; billing exists but is not a
+/// dependency of frontend; `ghost` is declared but unknown.
+fn mesh(orders_ports: &[u16], billing_port: u16) -> String {
+    let endpoints: String = orders_ports
+        .iter()
+        .map(|p| format!("    - {{address: 127.0.0.1, port: {p}}}\n"))
+        .collect();
+    format!(
+        "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: frontend}}
+spec:
+  dependencies:
+    - service: orders
+      timeout: 3s
+    - service: ghost
+---
+apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: orders}}
+spec:
+  endpoints:
+{endpoints}---
+apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: billing}}
+spec:
+  endpoints:
+    - {{address: 127.0.0.1, port: {billing_port}}}
+"
+    )
+}
+
+fn frontend(delta: bool) -> EnvoyOptions {
+    EnvoyOptions {
+        service: "frontend".into(),
+        egress: true,
+        delta,
+        ..Default::default()
+    }
+}
+
+async fn routes_and_refuses(delta: bool) {
+    let orders = Backend::start("orders", "a").await;
+    let billing = Backend::start("billing", "a").await;
+    let cp = ControlPlane::start(&mesh(&[orders.port], billing.port), &[]).await;
+    let envoy = Envoy::start(&cp, frontend(delta)).await;
+
+    let ok = envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    assert!(ok.body.starts_with("hello from orders a"), "{}", ok.body);
+    // The port in Host is ignored.
+    let with_port = envoy.call("orders:8080", "/x").await.unwrap();
+    assert_eq!(with_port.status, 200, "{}", with_port.body);
+
+    let refused = envoy.call("billing", "/").await.unwrap();
+    assert_eq!(refused.status, 403);
+    assert!(
+        refused
+            .body
+            .contains("not a declared dependency of frontend"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        refused.header("x-meshbridge-reason"),
+        Some("undeclared-dependency")
+    );
+    assert!(
+        !refused.body.contains("hello"),
+        "billing must not be reached"
+    );
+
+    let unknown = envoy.call("ghost", "/").await.unwrap();
+    assert_eq!(unknown.status, 503);
+    assert_eq!(
+        unknown.header("x-meshbridge-reason"),
+        Some("unknown-service")
+    );
+
+    // The admin API shows the proxy with what it was sent and ACKed.
+    let proxies = cp.admin_json("/api/proxies").await;
+    let p = &proxies[0];
+    assert_eq!(p["service"], "frontend");
+    assert_eq!(p["mode"], if delta { "delta" } else { "sotw" });
+    let cds = &p["types"]["type.googleapis.com/envoy.config.cluster.v3.Cluster"];
+    assert!(cds["acked"].is_string(), "{p}");
+    assert!(cds["nack"].is_null(), "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_routes_declared_dependencies_and_refuses_others() {
+    routes_and_refuses(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_routes_declared_dependencies_and_refuses_others() {
+    routes_and_refuses(true).await;
+}
+
+async fn follows_endpoint_changes(delta: bool) {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let billing = Backend::start("billing", "a").await;
+    let cp = ControlPlane::start(&mesh(&[a.port], billing.port), &[]).await;
+    let envoy = Envoy::start(&cp, frontend(delta)).await;
+    envoy
+        .wait_call("orders", "instance a", |r| r.body.contains("orders a"))
+        .await;
+
+    cp.write_manifests(&mesh(&[a.port, b.port], billing.port));
+    envoy
+        .wait_call("orders", "instance b added", |r| {
+            r.body.contains("orders b")
+        })
+        .await;
+
+    cp.write_manifests(&mesh(&[b.port], billing.port));
+    // Once a is gone, twenty calls in a row all land on b.
+    eventually(Duration::from_secs(20), "instance a removed", || async {
+        for _ in 0..20 {
+            let r = envoy.call("orders", "/").await.ok()?;
+            if !r.body.contains("orders b") {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(
+        envoy.stat("cluster_manager.warming_clusters").await,
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_endpoint_added_and_removed_in_manifest_reaches_envoy() {
+    follows_endpoint_changes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_endpoint_added_and_removed_in_manifest_reaches_envoy() {
+    follows_endpoint_changes(true).await;
+}
+
+async fn service_removed_and_readded(delta: bool) {
+    let orders = Backend::start("orders", "a").await;
+    let billing = Backend::start("billing", "a").await;
+    let full = mesh(&[orders.port], billing.port);
+    let cp = ControlPlane::start(&full, &[]).await;
+    let envoy = Envoy::start(&cp, frontend(delta)).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    // Remove the orders MeshService entirely: frontend still declares it, so it is unknown.
+    let without: String = full
+        .split("---\n")
+        .filter(|d| !d.contains("name: orders}"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    cp.write_manifests(&without);
+    let gone = envoy
+        .wait_call("orders", "orders removed", |r| r.status == 503)
+        .await;
+    assert_eq!(gone.header("x-meshbridge-reason"), Some("unknown-service"));
+    eventually(
+        Duration::from_secs(10),
+        "orders cluster removed",
+        || async {
+            (envoy
+                .stat("cluster.orders.membership_total")
+                .await
+                .is_none())
+            .then_some(())
+        },
+    )
+    .await;
+
+    cp.write_manifests(&full);
+    envoy
+        .wait_call("orders", "orders back", |r| r.status == 200)
+        .await;
+    eventually(Duration::from_secs(10), "no cluster warming", || async {
+        (envoy.stat("cluster_manager.warming_clusters").await == Some(0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        envoy.stat("cluster.orders.membership_healthy").await,
+        Some(1)
+    );
+    assert_eq!(
+        envoy.stat("cluster_manager.cds.update_rejected").await,
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_service_removed_and_readded_leaves_no_cluster_warming() {
+    service_removed_and_readded(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_service_removed_and_readded_leaves_no_cluster_warming() {
+    service_removed_and_readded(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_restart_while_traffic_flows_fails_no_request() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let billing = Backend::start("billing", "a").await;
+    let mut cp = ControlPlane::start(&mesh(&[a.port], billing.port), &[]).await;
+    let envoy = Arc::new(Envoy::start(&cp, frontend(false)).await);
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (envoy, stop, ok, failed) = (envoy.clone(), stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match envoy.call("orders", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cp.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cp.restart().await;
+    // After the restart Envoy reconnects and follows changes again.
+    cp.write_manifests(&mesh(&[a.port, b.port], billing.port));
+    envoy
+        .wait_call("orders", "instance b after restart", |r| {
+            r.body.contains("orders b")
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 50, "only {ok} requests went through");
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed while the control plane restarted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_service_name_is_refused_while_others_keep_working() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let billing = Backend::start("billing", "a").await;
+    let cp = ControlPlane::start(&mesh(&[a.port], billing.port), &[]).await;
+    let good = Envoy::start(&cp, frontend(false)).await;
+    good.wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    let bad = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            without_service_name: true,
+            ..frontend(false)
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "refusal counted", || async {
+        cp.metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("meshbridge_xds_refused_streams_total ") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        cp.log()
+            .contains("node metadata key 'service_name' is required")
+    );
+    // The refused Envoy got no listener; the good one still follows changes.
+    assert!(bad.call("orders", "/").await.is_err());
+    cp.write_manifests(&mesh(&[a.port, b.port], billing.port));
+    good.wait_call("orders", "instance b", |r| r.body.contains("orders b"))
+        .await;
+    let proxies = cp.admin_json("/api/proxies").await;
+    assert_eq!(proxies.as_array().unwrap().len(), 1, "{proxies}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_manifest_leaves_traffic_unaffected_and_is_reported() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let billing = Backend::start("billing", "a").await;
+    let good = mesh(&[a.port], billing.port);
+    let cp = ControlPlane::start(&good, &[]).await;
+    let envoy = Envoy::start(&cp, frontend(false)).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    // Port out of range in the orders document (document 2), and instance b added: the
+    // whole file is rejected, so b must not appear.
+    let bad = mesh(&[a.port, b.port], billing.port)
+        .replace(&format!("port: {}}}", b.port), "port: 70000}");
+    cp.write_manifests(&bad);
+    let error = eventually(Duration::from_secs(10), "error reported", || async {
+        let sources = cp.admin_json("/api/sources").await;
+        sources[0]["error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(error.contains("mesh.yaml:"), "{error}");
+    assert!(error.contains("document 2 (MeshService orders)"), "{error}");
+    assert!(error.contains("spec.endpoints[1].port"), "{error}");
+    for _ in 0..10 {
+        let r = envoy.call("orders", "/").await.unwrap();
+        assert!(r.body.contains("orders a"), "{}", r.body);
+    }
+    let services = cp.admin_json("/api/services").await;
+    let orders = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["instances"].as_array().unwrap().len(), 1);
+
+    // Fixing the file applies it and clears the error.
+    cp.write_manifests(&mesh(&[a.port, b.port], billing.port));
+    envoy
+        .wait_call("orders", "instance b", |r| r.body.contains("orders b"))
+        .await;
+    let sources = cp.admin_json("/api/sources").await;
+    assert!(sources[0]["error"].is_null(), "{sources}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_header_selects_canary_instances() {
+    let stable = Backend::start("orders", "stable").await;
+    let canary = Backend::start("orders", "canary").await;
+    let manifests = format!(
+        "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: orders}}
+spec:
+  endpoints:
+    - {{address: 127.0.0.1, port: {}}}
+    - {{address: 127.0.0.1, port: {}, tags: [canary]}}
+",
+        stable.port, canary.port
+    );
+    let cp = ControlPlane::start(&manifests, &[]).await;
+    let envoy = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            dependencies: vec!["orders".into()],
+            ..frontend(false)
+        },
+    )
+    .await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    for _ in 0..10 {
+        let r = support::http_get(envoy.egress_addr(), "orders", "/", &[("x-canary", "1")])
+            .await
+            .unwrap();
+        assert!(r.body.contains("orders canary"), "{}", r.body);
+    }
+    // Without the header both instances serve.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r = envoy.call("orders", "/").await.unwrap();
+        seen.insert(r.body.split(':').next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

