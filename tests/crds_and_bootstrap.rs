@@ -1,0 +1,238 @@
+//! The CRDs on disk are what the binary generates and what Kubernetes accepts; the bootstrap
+//! for legacy hosts is accepted by a real Envoy.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+fn venv_tool(name: &str) -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `make test`, which installs it into .venv",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn crd_files_are_exactly_what_meshbridge_generates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let generated = meshbridge::api::crd_documents();
+    let names: Vec<&str> = generated.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        on_disk, names,
+        "crds/ holds other files than the generated CRDs"
+    );
+    for (name, yaml) in &generated {
+        let disk = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(
+            disk == *yaml,
+            "crds/{name} differs from the generated CRD: run `make crds` and commit the result"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .arg("crds")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let joined: Vec<String> = generated.into_iter().map(|(_, y)| y).collect();
+    assert_eq!(printed, joined.join("---\n"));
+}
+
+#[test]
+fn crds_pass_the_kubernetes_schema_and_carry_validation() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let out = Command::new(venv_tool("kubernetes-validate"))
+        .arg("--strict")
+        .arg(dir.join("meshservices.yaml"))
+        .arg(dir.join("accessrules.yaml"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("passed").count(), 2, "{text}");
+    // Validation that must live in the schema, so the API server rejects bad objects.
+    let ms = std::fs::read_to_string(dir.join("meshservices.yaml")).unwrap();
+    assert!(ms.contains("maximum: 65535"), "port range missing");
+    assert!(ms.contains("- permissive"), "mtls enum missing");
+    let ar = std::fs::read_to_string(dir.join("accessrules.yaml")).unwrap();
+    assert!(ar.contains("- target"), "target not required");
+}
+
+fn bootstrap(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .arg("bootstrap")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn envoy_validate(yaml: &[u8]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bootstrap.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    Command::new(support::envoy_bin())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bootstrap_is_accepted_by_envoy_validate() {
+    let out = bootstrap(&[
+        "--service",
+        "frontend",
+        "--node-id",
+        "frontend-1",
+        "--xds-addr",
+        "meshbridge.mesh:18000",
+        "--ingress-port",
+        "15000",
+        "--app-port",
+        "8080",
+        "--egress-port",
+        "15001",
+        "--admin-port",
+        "9901",
+        "--dependency",
+        "orders",
+        "--dependency",
+        "https://api.example.com",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(yaml.contains("service_name: frontend"), "{yaml}");
+    assert!(yaml.contains("- https://api.example.com"), "{yaml}");
+    let v = envoy_validate(&out.stdout);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+#[test]
+fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=frontend",
+            "-addext",
+            "subjectAltName=URI:spiffe://mesh.local/service/frontend",
+        ])
+        .arg("-keyout")
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let p = |f: &str| d.join(f).display().to_string();
+    let out = bootstrap(&[
+        "--service",
+        "frontend",
+        "--node-id",
+        "f-1",
+        "--xds-addr",
+        "127.0.0.1:18000",
+        "--egress-port",
+        "15001",
+        "--tls-cert",
+        &p("cert.pem"),
+        "--tls-key",
+        &p("key.pem"),
+        "--tls-ca",
+        &p("cert.pem"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        yaml.contains("name: server_cert") && yaml.contains("name: validation_context"),
+        "{yaml}"
+    );
+    let v = envoy_validate(&out.stdout);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+#[test]
+fn bootstrap_rejects_bad_flags_naming_them() {
+    let out = bootstrap(&[
+        "--service",
+        "frontend",
+        "--node-id",
+        "n",
+        "--xds-addr",
+        "nohostport",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--xds-addr"));
+    let out = bootstrap(&[
+        "--service",
+        "frontend",
+        "--node-id",
+        "n",
+        "--xds-addr",
+        "h:1",
+        "--dependency",
+        "ftp://x",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dependency"));
+}
+
+#[test]
+fn run_rejects_bad_flags_with_exit_code_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["run", "--kube", "off", "--config-dir", "/does/not/exist"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config-dir"));
+}
