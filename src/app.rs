@@ -49,6 +49,13 @@ impl ControlPlane {
         }
     }
 
+    fn generation(&self) -> u64 {
+        self.index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation()
+    }
+
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
         let state = self.index.lock().unwrap_or_else(|p| p.into_inner()).state();
@@ -89,6 +96,37 @@ impl ControlPlane {
                 );
             }
             Err(e) => warn!(error = %e, "snapshot rebuild failed"),
+        }
+    }
+}
+
+/// Coalesces index changes: the first change signal opens a batch that closes `window`
+/// later; changes arriving meanwhile join it. A batch whose changes were already published
+/// (the signal raced with the previous batch) is skipped.
+pub struct Debouncer {
+    window: std::time::Duration,
+    published: u64,
+}
+
+impl Debouncer {
+    /// A debouncer that considers `generation` already published.
+    pub fn new(window: std::time::Duration, generation: u64) -> Self {
+        Debouncer {
+            window,
+            published: generation,
+        }
+    }
+
+    /// Waits for the next batch and returns the index generation it covers.
+    pub async fn next(&mut self, changed: &Notify, generation: impl Fn() -> u64) -> u64 {
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(self.window).await;
+            let g = generation();
+            if g != self.published {
+                self.published = g;
+                return g;
+            }
         }
     }
 }
@@ -151,14 +189,13 @@ pub async fn run(
 
     // The first state is published before any proxy can connect.
     let mut previous = MeshState::default();
+    let mut debouncer = Debouncer::new(config.debounce, cp.generation());
     cp.publish(&mut previous).await;
     {
         let cp = cp.clone();
-        let debounce = config.debounce;
         tokio::spawn(async move {
             loop {
-                cp.changed.notified().await;
-                tokio::time::sleep(debounce).await;
+                debouncer.next(&cp.changed, || cp.generation()).await;
                 cp.metrics.debounce_batches.inc();
                 cp.publish(&mut previous).await;
             }
@@ -254,5 +291,49 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_becomes_one_batch_at_most_one_window_after_the_first() {
+        let changed = Arc::new(Notify::new());
+        let generation = Arc::new(AtomicU64::new(0));
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let started = tokio::time::Instant::now();
+        {
+            let (changed, generation, batches) =
+                (changed.clone(), generation.clone(), batches.clone());
+            tokio::spawn(async move {
+                let mut d = Debouncer::new(Duration::from_millis(100), 0);
+                loop {
+                    let g = d.next(&changed, || generation.load(Ordering::SeqCst)).await;
+                    batches.lock().unwrap().push((g, started.elapsed()));
+                }
+            });
+        }
+        // 20 changes 5 ms apart (a flapping instance): one batch, 100 ms after the first.
+        for _ in 0..20 {
+            generation.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            *batches.lock().unwrap(),
+            vec![(20, Duration::from_millis(100))]
+        );
+        // A later change is its own batch.
+        generation.fetch_add(1, Ordering::SeqCst);
+        changed.notify_one();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let b = batches.lock().unwrap().clone();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[1].0, 21);
     }
 }

@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// together, at most this long after that first change.
     #[arg(long, env = "MESHBRIDGE_DEBOUNCE", default_value_t = 100)]
     pub debounce: u64,
+    /// CA bundle on the proxies' hosts that verifies external https:// dependencies
+    /// (RHEL-based hosts: /etc/pki/tls/certs/ca-bundle.crt).
+    #[arg(long, env = "MESHBRIDGE_EXTERNAL_CA_FILE", default_value = crate::model::DEFAULT_EXTERNAL_CA_FILE)]
+    pub external_ca_file: String,
     /// Services whose proxies may depend on "*" (every service); globs allowed, repeatable.
     /// A "*" dependency of any other service is ignored and reported in /api/snapshot.
     #[arg(
@@ -153,6 +157,7 @@ impl RunArgs {
                 allow_wildcard: self.allow_wildcard.clone(),
                 datacenters: self.consul_datacenters.clone(),
                 trust_domain: self.trust_domain.clone(),
+                external_ca_file: Some(self.external_ca_file.clone()),
             },
             debounce: Duration::from_millis(self.debounce),
             config_poll: Duration::from_millis(self.config_poll),

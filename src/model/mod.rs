@@ -140,9 +140,19 @@ pub struct MeshSettings {
     pub datacenters: Vec<String>,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// CA bundle, on the proxies' hosts, that verifies external `https://` domains (default
+    /// the Debian/Alpine system bundle).
+    pub external_ca_file: Option<String>,
 }
 
 impl MeshSettings {
+    /// The CA bundle path external domains are verified against.
+    pub fn external_ca_file(&self) -> &str {
+        self.external_ca_file
+            .as_deref()
+            .unwrap_or(DEFAULT_EXTERNAL_CA_FILE)
+    }
+
     /// Whether proxies of `service` may depend on every service.
     pub fn wildcard_allowed(&self, service: &str) -> bool {
         self.allow_wildcard.iter().any(|g| glob_match(g, service))
@@ -223,6 +233,9 @@ impl ProxyGroup {
         )
     }
 }
+
+/// CA bundle external domains are verified against unless configured otherwise.
+pub const DEFAULT_EXTERNAL_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Default request timeout towards a dependency.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -140,21 +140,23 @@ fn parse_document(
             ),
         ));
     }
-    let precedence = format!("{file}#{document}");
+    // Zero-padded so that document 10 sorts after document 2 when claims compete.
+    let precedence = format!("{file}#{document:06}");
+    let label = format!("{file}#{document}");
     match kind.as_deref() {
         Some("MeshService") => {
             let obj: MeshService = typed(doc, first_line)
                 .map_err(|(line, field, msg)| error(line, object.clone(), field, msg))?;
             convert::mesh_service(&obj, precedence)
                 .map(IndexObject::Service)
-                .map_err(|errs| field_errors(&error, object.clone(), errs))
+                .map_err(|errs| field_errors(&error, object.clone(), errs, doc, first_line))
         }
         Some("AccessRule") => {
             let obj: AccessRule = typed(doc, first_line)
                 .map_err(|(line, field, msg)| error(line, object.clone(), field, msg))?;
-            convert::access_rule(&obj, precedence)
+            convert::access_rule(&obj, label)
                 .map(IndexObject::Access)
-                .map_err(|errs| field_errors(&error, object.clone(), errs))
+                .map_err(|errs| field_errors(&error, object.clone(), errs, doc, first_line))
         }
         other => Err(error(
             Some(first_line),
@@ -172,19 +174,111 @@ fn field_errors(
     error: &impl Fn(Option<usize>, Option<String>, Option<String>, String) -> ManifestError,
     object: Option<String>,
     errs: Vec<convert::FieldError>,
+    doc: &str,
+    first_line: usize,
 ) -> ManifestError {
     let first = errs.first().map(|e| e.field.clone());
+    let line = first
+        .as_deref()
+        .and_then(|f| locate_field(doc, f))
+        .map(|l| first_line + l);
     let message = errs
         .iter()
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
         .join("; ");
-    let mut e = error(None, object, None, message);
+    let mut e = error(line, object, None, message);
     if errs.len() == 1 {
         e.field = first;
         e.message = errs[0].message.clone();
     }
     e
+}
+
+/// Finds the line (0-based, within `doc`) of a field path such as `spec.ports[1].port`, for
+/// errors found after parsing. Follows block and flow YAML the way manifests are written;
+/// `None` when unsure.
+pub fn locate_field(doc: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = doc.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut pos = 0usize;
+    let mut parent: Option<usize> = None; // indentation of the current node
+    let mut same_line_ok = false;
+    for token in field.split('.').flat_map(|part| {
+        let mut out = Vec::new();
+        let mut rest = part;
+        if let Some(i) = rest.find('[') {
+            out.push(rest[..i].to_string());
+            rest = &rest[i..];
+            while let Some(end) = rest.find(']') {
+                out.push(rest[..=end].to_string());
+                rest = &rest[end + 1..];
+            }
+        } else {
+            out.push(rest.to_string());
+        }
+        out.into_iter().filter(|t| !t.is_empty())
+    }) {
+        if let Some(n) = token.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            let n: usize = n.parse().ok()?;
+            let line = lines[pos];
+            if line.contains('[') {
+                // `key: [a, b]`: the item is on this line.
+                same_line_ok = true;
+                continue;
+            }
+            let mut count = 0;
+            let mut item_indent = None;
+            let mut found = None;
+            for (i, l) in lines.iter().enumerate().skip(pos + 1) {
+                let t = l.trim_start();
+                if t.is_empty() || t.starts_with('#') {
+                    continue;
+                }
+                if parent.is_some_and(|p| indent(l) < p) {
+                    break;
+                }
+                if t.starts_with("- ") || t == "-" {
+                    let ind = indent(l);
+                    if *item_indent.get_or_insert(ind) == ind {
+                        if count == n {
+                            found = Some(i);
+                            break;
+                        }
+                        count += 1;
+                    }
+                }
+            }
+            pos = found?;
+            parent = Some(indent(lines[pos]));
+            same_line_ok = true;
+        } else {
+            let key = format!("{token}:");
+            let mut found = None;
+            let start = if same_line_ok || lines[pos].contains('{') {
+                pos
+            } else {
+                pos + usize::from(parent.is_some())
+            };
+            for (i, l) in lines.iter().enumerate().skip(start) {
+                let t = l.trim_start().trim_start_matches("- ");
+                if i > pos && parent.is_some_and(|p| indent(l) <= p) && !t.is_empty() {
+                    break;
+                }
+                let flow_hit = l.contains(&format!("{{{key}"))
+                    || l.contains(&format!(", {key}"))
+                    || l.contains(&format!("{{ {key}"));
+                if t.starts_with(&key) || flow_hit {
+                    found = Some(i);
+                    break;
+                }
+            }
+            pos = found?;
+            parent = Some(indent(lines[pos]));
+            same_line_ok = false;
+        }
+    }
+    Some(pos)
 }
 
 /// Deserializes a document, reporting the line and field path of the first problem.
@@ -309,6 +403,7 @@ impl ConfigDirSource {
             let key = path.display().to_string();
             let errors = match parse_manifests(&key, &text) {
                 Ok(objects) => {
+                    tracing::info!(file = %key, objects = objects.len(), "manifest applied");
                     let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
                     report.changed |= idx.apply(SOURCE, &key, objects);
                     Vec::new()
@@ -414,6 +509,19 @@ mod tests {
                 .starts_with("dir/x.yaml:12: document 2 (MeshService orders): spec.ports[0].port:"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn locates_fields_in_block_and_flow_yaml() {
+        let doc = "kind: X\nspec:\n  ports:\n    - port: 1\n    - name: b\n      port: 2\n  endpoints:\n    - {address: a, port: 3}\n    - {address: b, port: 4}\n  dependencies:\n    - service: x\n      retries: {attempts: 1, on: [bad]}\n";
+        assert_eq!(locate_field(doc, "spec.ports[0].port"), Some(3));
+        assert_eq!(locate_field(doc, "spec.ports[1].port"), Some(5));
+        assert_eq!(locate_field(doc, "spec.endpoints[1].port"), Some(8));
+        assert_eq!(
+            locate_field(doc, "spec.dependencies[0].retries.on[0]"),
+            Some(11)
+        );
+        assert_eq!(locate_field(doc, "spec.nothing"), None);
     }
 
     #[test]

@@ -8,9 +8,9 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Locality, SocketAddress,
-    TransportSocket, address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
-    transport_socket::ConfigType,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Locality, SocketAddress,
+    TransportSocket, address, config_source::ConfigSourceSpecifier, data_source,
+    socket_address::PortSpecifier, transport_socket::ConfigType,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
@@ -30,6 +30,11 @@ use crate::model::{Endpoint, ExternalDomain, MeshSettings, Service};
 use super::names;
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
+
+/// Default CA bundle external domains are verified against: the system roots of the Envoy
+/// image (Debian, Ubuntu — the official Envoy image — and Alpine install it here; RHEL-based
+/// hosts need `--external-ca-file /etc/pki/tls/certs/ca-bundle.crt`).
+pub const SYSTEM_CA_BUNDLE: &str = crate::model::DEFAULT_EXTERNAL_CA_FILE;
 
 /// Converts a std duration to the protobuf one.
 pub(crate) fn proto_duration(d: StdDuration) -> Duration {
@@ -187,7 +192,7 @@ fn static_assignment(cluster: &str, host: &str, port: u16) -> ClusterLoadAssignm
 
 /// A DNS cluster of an external domain; with `https`, TLS verified against the host's
 /// system roots and the domain's name.
-pub fn domain_cluster(domain: &ExternalDomain) -> Cluster {
+pub fn domain_cluster(domain: &ExternalDomain, ca_file: &str) -> Cluster {
     let name = names::domain_cluster(domain);
     let transport_socket = domain.tls.then(|| {
         let tls = UpstreamTlsContext {
@@ -195,6 +200,12 @@ pub fn domain_cluster(domain: &ExternalDomain) -> Cluster {
             common_tls_context: Some(CommonTlsContext {
                 validation_context_type: Some(ValidationContextType::ValidationContext(
                     CertificateValidationContext {
+                        // Envoy does not implement `system_root_certs` (a gRPC-only field)
+                        // and rejects SAN matching without a trusted CA, NACKing all of CDS.
+                        trusted_ca: Some(DataSource {
+                            specifier: Some(data_source::Specifier::Filename(ca_file.to_string())),
+                            ..Default::default()
+                        }),
                         system_root_certs: Some(SystemRootCerts {}),
                         match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
                             san_type: SanType::Dns as i32,

@@ -139,9 +139,17 @@ pub fn group_resources(
     let deps = resolve_dependencies(state, settings, group);
     out.warnings = deps.warnings;
     let mut vhosts: Vec<VirtualHost> = Vec::new();
+    // Envoy compares vhost domains case-insensitively and rejects the whole route
+    // configuration when one repeats, so names that differ only in case share one entry.
     let mut domains_taken = BTreeSet::new();
     for (name, s) in &deps.services {
-        domains_taken.insert(name.clone());
+        if !domains_taken.insert(name.to_ascii_lowercase()) {
+            out.warnings.push(format!(
+                "dependency {name} ignored: {} is already routed by another dependency",
+                name.to_ascii_lowercase()
+            ));
+            continue;
+        }
         match state.services.get(name) {
             Some(service) => {
                 let has_canary = service.has_canary();
@@ -176,7 +184,7 @@ pub fn group_resources(
             ));
             continue;
         }
-        let cluster = clusters::domain_cluster(domain);
+        let cluster = clusters::domain_cluster(domain, settings.external_ca_file());
         let vhost = VirtualHost {
             name: names::domain_vhost(domain),
             domains: vec![domain.host.clone()],

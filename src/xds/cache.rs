@@ -161,6 +161,7 @@ impl SnapshotCache {
                             true
                         }
                     });
+                    tracing::debug!(group = %group.id(), changed, version = %snap.version_all(), "group snapshot rebuilt");
                     if changed {
                         report.changed += 1;
                     }

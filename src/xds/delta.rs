@@ -28,6 +28,9 @@ struct TypeState {
     known: BTreeMap<String, String>,
     nonce: String,
     requested: bool,
+    /// Names to send even if the proxy reports them current in its first request (their
+    /// cluster changed before this type was requested).
+    resend: BTreeSet<String>,
 }
 
 /// The protocol state of one delta stream.
@@ -64,6 +67,9 @@ impl DeltaState {
         let kind = if !st.requested {
             st.requested = true;
             st.known = req.initial_resource_versions.clone().into_iter().collect();
+            for name in std::mem::take(&mut st.resend) {
+                st.known.remove(&name);
+            }
             st.wildcard = t.wildcard_by_default() && req.resource_names_subscribe.is_empty();
             RequestKind::Initial
         } else if req.response_nonce.is_empty() {
@@ -91,6 +97,9 @@ impl DeltaState {
             if name == "*" {
                 subscription_changed |= st.wildcard;
                 st.wildcard = false;
+                // What only the wildcard selected is no longer the proxy's: forget it, so
+                // that neither its changes nor its removal are sent.
+                st.known.retain(|n, _| st.names.contains(n));
             } else if st.names.remove(name) {
                 subscription_changed = true;
                 st.known.remove(name);
@@ -148,18 +157,21 @@ impl DeltaState {
                     updates.push((name.clone(), Some(r.version.clone())));
                 }
                 Some(_) => {}
-                None if t == ResourceType::Endpoint && st.names.contains(name) => {
-                    if known != Some(EMPTY_VERSION) {
-                        let empty = snapshot::encode(name, &empty_assignment(name));
-                        resources.push(DeltaResource {
-                            name: name.clone(),
-                            version: EMPTY_VERSION.to_string(),
-                            resource: Some(empty.body.clone()),
-                            ..Default::default()
-                        });
-                        updates.push((name.clone(), Some(EMPTY_VERSION.to_string())));
-                    }
+                None if t == ResourceType::Endpoint
+                    && st.names.contains(name)
+                    && known != Some(EMPTY_VERSION) =>
+                {
+                    let empty = snapshot::encode(name, &empty_assignment(name));
+                    resources.push(DeltaResource {
+                        name: name.clone(),
+                        version: EMPTY_VERSION.to_string(),
+                        resource: Some(empty.body.clone()),
+                        ..Default::default()
+                    });
+                    updates.push((name.clone(), Some(EMPTY_VERSION.to_string())));
                 }
+                // Subscribed, without a cluster, and already sent empty: nothing to do.
+                None if t == ResourceType::Endpoint && st.names.contains(name) => {}
                 None if known.is_some() => {
                     removed.push(name.clone());
                     updates.push((name.clone(), None));
@@ -181,10 +193,13 @@ impl DeltaState {
         let nonce = st.nonce.clone();
         if t == ResourceType::Cluster {
             // A changed cluster warms until its assignment arrives: send it again.
-            let changed: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
-            if let Some(eds) = self.types.get_mut(&ResourceType::Endpoint) {
-                for name in changed {
-                    eds.known.remove(&name);
+            // Also before EDS is requested: a reconnecting proxy reports the assignment
+            // versions it has right after CDS.
+            let eds = self.types.entry(ResourceType::Endpoint).or_default();
+            for r in &resources {
+                eds.known.remove(&r.name);
+                if !eds.requested {
+                    eds.resend.insert(r.name.clone());
                 }
             }
         }

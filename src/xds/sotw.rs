@@ -133,10 +133,11 @@ impl SotwState {
         out
     }
 
+    /// Makes the next response of `t` go out even if its version is current — also when
+    /// `t` is not requested yet: a reconnecting proxy reports the EDS version it has
+    /// right after CDS, and clusters that response recreated still need EDS.
     fn force(&mut self, t: ResourceType) {
-        if let Some(st) = self.types.get_mut(&t) {
-            st.force = true;
-        }
+        self.types.entry(t).or_default().force = true;
     }
 
     /// The response for type `t` if the proxy asked for it and it is not already current.

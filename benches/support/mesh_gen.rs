@@ -1,0 +1,93 @@
+//! Synthetic meshes for the benchmarks: `services` services with `instances` endpoints
+//! each, every service depending on a few others, as MeshService manifests.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+
+use meshbridge::model::{DependencyTarget, ProxyGroup};
+
+/// Name of service `i`.
+pub fn service(i: usize) -> String {
+    format!("svc-{i:04}")
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so runs are comparable.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Manifests of the whole mesh, one multi-document YAML text.
+pub fn manifests(services: usize, instances: usize) -> String {
+    let mut rng = Rng::new(7);
+    let mut out = String::new();
+    for i in 0..services {
+        out.push_str(&format!(
+            "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: {}}}\nspec:\n  endpoints:\n",
+            service(i)
+        ));
+        for j in 0..instances {
+            let canary = if j == 0 && i % 10 == 0 {
+                ", tags: [canary]"
+            } else {
+                ""
+            };
+            let dc = if j % 5 == 4 {
+                ", datacenter: dc2"
+            } else {
+                ", datacenter: dc1"
+            };
+            out.push_str(&format!(
+                "    - {{address: 10.{}.{}.{}, port: {}{canary}{dc}, weight: {}}}\n",
+                i / 250,
+                i % 250,
+                j + 1,
+                31000 + j,
+                1 + rng.next(10)
+            ));
+        }
+        out.push_str("  dependencies:\n");
+        let deps: BTreeSet<usize> = (0..3).map(|_| rng.next(services)).collect();
+        for d in deps {
+            out.push_str(&format!(
+                "    - service: {}\n      timeout: 2s\n",
+                service(d)
+            ));
+        }
+    }
+    out
+}
+
+/// `groups` distinct proxy groups, one in ten depending on `"*"`.
+pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
+    let mut rng = Rng::new(11);
+    (0..groups)
+        .map(|g| {
+            // Every group calls svc-0000 (a shared dependency, like an auth service).
+            let mut dependencies = BTreeSet::from([DependencyTarget::Service(service(0))]);
+            if g % 10 == 0 {
+                dependencies.insert(DependencyTarget::All);
+            }
+            for _ in 0..2 {
+                dependencies.insert(DependencyTarget::Service(service(rng.next(services))));
+            }
+            ProxyGroup {
+                service: service(g % services),
+                ingress_port: Some(15000),
+                ingress_host: None,
+                app_port: Some(8080 + (g / services) as u16),
+                egress_port: Some(15001),
+                dependencies,
+            }
+        })
+        .collect()
+}

