@@ -15,7 +15,7 @@ $(VENV_STAMP):
 venv: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	cargo run --release --quiet -- demo --envoy $(ENVOY)
+	cargo run --quiet -- demo --envoy $(ENVOY)
 
 test: $(VENV_STAMP)
 	cargo fmt --check

@@ -721,3 +721,55 @@ async fn streams_of_one_group_share_it_and_it_goes_with_the_last() {
     .await;
     assert!(server.registry.is_empty());
 }
+
+/// Subscribes to CDS and to the `orders` assignment, ACKing both.
+async fn subscribe_orders(s: &mut SotwStream) {
+    s.request(CDS, &[], "", "").await;
+    let cds = s.recv_type(CDS).await;
+    s.ack(&cds).await;
+    s.request(EDS, &["orders"], "", "").await;
+    let eds = s.recv_type(EDS).await;
+    s.ack(&eds).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_stops_reading_does_not_hold_up_the_others() {
+    let ports: Vec<u16> = (20000..20300).collect();
+    let server = server(&Mesh {
+        orders_ports: &ports,
+        ..BASE
+    })
+    .await;
+    // Same group: the slow one subscribes, then never reads again.
+    let mut slow = SotwStream::open(&server, frontend("slow").build()).await;
+    subscribe_orders(&mut slow).await;
+    let mut fast = SotwStream::open(&server, frontend("fast").build()).await;
+    subscribe_orders(&mut fast).await;
+
+    // 300 updates of a 300-endpoint assignment: far more than the slow stream's buffers.
+    let mut last = String::new();
+    for i in 0..300u16 {
+        let shifted: Vec<u16> = ports.iter().map(|p| p + i + 1).collect();
+        server.update(
+            &Mesh {
+                orders_ports: &shifted,
+                ..BASE
+            }
+            .yaml(),
+        );
+        // The fast stream keeps up with each one.
+        let eds = fast.recv_type(EDS).await;
+        let got = assignments(&eds);
+        assert_eq!(got["orders"].endpoints[0].lb_endpoints.len(), 300);
+        fast.ack(&eds).await;
+        last = eds.version_info;
+    }
+    assert!(!last.is_empty());
+    acked(&server, "fast", EDS, &last).await;
+    assert_eq!(
+        server.registry.len(),
+        2,
+        "the slow stream is still connected"
+    );
+    slow.close();
+}

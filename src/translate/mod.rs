@@ -199,12 +199,16 @@ pub fn group_resources(
         out.clusters.push(cluster);
         vhosts.push(vhost);
     }
-    let declared: Vec<String> = deps
-        .services
-        .keys()
-        .cloned()
-        .chain(deps.domains.keys().map(|d| d.host.clone()))
+    // What the proxy can call, as routed (a wildcard group's list is cut short).
+    const LISTED: usize = 20;
+    let mut declared: Vec<String> = vhosts
+        .iter()
+        .filter_map(|v| v.domains.first().cloned())
+        .take(LISTED)
         .collect();
+    if vhosts.len() > LISTED {
+        declared.push(format!("and {} more", vhosts.len() - LISTED));
+    }
     vhosts.push(listeners::local_reply_vhost(
         names::UNDECLARED_VHOST,
         vec!["*".to_string()],
