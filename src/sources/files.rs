@@ -333,6 +333,18 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Whether a file changed in the last [`SETTLE`], so it may be half written.
+fn recently_modified(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age < SETTLE)
+}
+
+/// How long a file must be left alone before it is read.
+const SETTLE: Duration = Duration::from_millis(50);
+
 struct FileState {
     hash: u64,
     errors: Vec<ManifestError>,
@@ -343,6 +355,7 @@ pub struct ConfigDirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     name: String,
+    empty_once: bool,
 }
 
 /// What one scan changed.
@@ -362,6 +375,7 @@ impl ConfigDirSource {
             dir,
             files: BTreeMap::new(),
             name,
+            empty_once: false,
         }
     }
 
@@ -386,12 +400,31 @@ impl ConfigDirSource {
                 return report;
             }
         };
+        if listed.is_empty() && !self.files.is_empty() && !self.empty_once {
+            // A directory that suddenly holds nothing is more often a remount or a swap in
+            // progress than a wish to empty the mesh: believe it on the second look.
+            self.empty_once = true;
+            tracing::warn!(dir = %self.dir.display(), "config directory is empty; keeping its manifests until the next scan confirms it");
+            return report;
+        }
+        self.empty_once = false;
         let mut seen = Vec::new();
         for path in listed {
+            if recently_modified(&path) {
+                // Possibly still being written (not every writer renames into place): read it
+                // on the next scan, and keep what it had meanwhile.
+                if self.files.contains_key(&path) {
+                    seen.push(path);
+                }
+                continue;
+            }
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest");
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good state");
+                    if self.files.contains_key(&path) {
+                        seen.push(path);
+                    }
                     continue;
                 }
             };
@@ -484,6 +517,85 @@ impl ConfigDirSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ORDERS: &str = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
+
+    fn settled_write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        let past = SystemTime::now() - Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_files_keep_their_last_good_state_and_removed_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        settled_write(&file, ORDERS);
+        settled_write(
+            &dir.path().join("b.yaml"),
+            &ORDERS.replace("orders", "billing"),
+        );
+        let index = Mutex::new(crate::index::Index::new());
+        let statuses = SourceStatuses::default();
+        let mut source = ConfigDirSource::new(dir.path().to_path_buf());
+        statuses.register(source.name(), "config");
+        assert!(source.scan(&index, &statuses).changed);
+        assert_eq!(index.lock().unwrap().state().services.len(), 2);
+
+        settled_write(&file, &ORDERS.replace("port: 80", "port: 0"));
+        let report = source.scan(&index, &statuses);
+        assert_eq!(
+            report,
+            ScanReport {
+                changed: false,
+                bad_files: 1
+            }
+        );
+        let state = index.lock().unwrap().state();
+        assert_eq!(
+            state.services["orders"].endpoints[0].port, 80,
+            "last good state in force"
+        );
+        let error = statuses.list()[0].error.clone().unwrap();
+        assert!(
+            error.contains("a.yaml:5: document 1 (MeshService orders): spec.endpoints[0].port"),
+            "{error}"
+        );
+
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        assert!(source.scan(&index, &statuses).changed);
+        assert!(
+            !index
+                .lock()
+                .unwrap()
+                .state()
+                .services
+                .contains_key("billing")
+        );
+    }
+
+    #[test]
+    fn an_emptied_directory_is_believed_on_the_second_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        settled_write(&dir.path().join("a.yaml"), ORDERS);
+        let index = Mutex::new(crate::index::Index::new());
+        let statuses = SourceStatuses::default();
+        let mut source = ConfigDirSource::new(dir.path().to_path_buf());
+        source.scan(&index, &statuses);
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert!(
+            !source.scan(&index, &statuses).changed,
+            "first empty scan is not trusted"
+        );
+        assert_eq!(index.lock().unwrap().state().services.len(), 1);
+        assert!(source.scan(&index, &statuses).changed);
+        assert!(index.lock().unwrap().state().services.is_empty());
+    }
 
     #[test]
     fn splits_documents_with_line_numbers() {
