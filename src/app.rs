@@ -16,6 +16,9 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::model::MeshState;
 use crate::sources::SourceStatuses;
+use crate::sources::consul::{
+    ConsulClient, ConsulContext, ConsulSettings, HealthPolicy, watch_datacenter,
+};
 use crate::sources::files::ConfigDirSource;
 use crate::xds::cache::SnapshotCache;
 use crate::xds::registry::ProxyRegistry;
@@ -185,6 +188,62 @@ pub async fn run(
                 }
             }),
         );
+    }
+
+    if let Some(addr) = &args.consul_addr {
+        let settings = ConsulSettings {
+            addr: addr.clone(),
+            datacenters: args.consul_datacenters.clone(),
+            token_file: args.consul_token_file.clone(),
+            ca_file: args.consul_ca_file.clone(),
+            health: if args.consul_include_warning {
+                HealthPolicy::PassingAndWarning
+            } else {
+                HealthPolicy::PassingOnly
+            },
+            wait: std::time::Duration::from_millis(args.consul_wait),
+            max_connections: args.consul_max_connections,
+        };
+        let client = ConsulClient::new(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ctx = ConsulContext {
+            index: cp.index.clone(),
+            changed: cp.changed.clone(),
+            statuses: cp.sources.clone(),
+            metrics: cp.metrics.clone(),
+            health: settings.health,
+        };
+        // Registered before any request, so /readyz waits for every datacenter.
+        let pending = "consul:(agent datacenter)";
+        if settings.datacenters.is_empty() {
+            cp.sources.register(pending, "consul");
+        }
+        for dc in &settings.datacenters {
+            cp.sources
+                .register(&crate::sources::consul::source_name(dc), "consul");
+        }
+        let sources = cp.sources.clone();
+        tokio::spawn(async move {
+            let mut datacenters = settings.datacenters.clone();
+            let mut failures = 0;
+            while datacenters.is_empty() {
+                match client.agent_datacenter().await {
+                    Ok(dc) => {
+                        sources.register(&crate::sources::consul::source_name(&dc), "consul");
+                        sources.remove(pending);
+                        datacenters.push(dc);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "cannot learn the Consul agent's datacenter; retrying");
+                        sources.update(pending, |s| s.error = Some(e.to_string()));
+                        tokio::time::sleep(crate::sources::consul::backoff(failures)).await;
+                    }
+                }
+            }
+            for dc in datacenters {
+                tokio::spawn(watch_datacenter(client.clone(), dc, ctx.clone()));
+            }
+        });
     }
 
     // The first state is published before any proxy can connect.

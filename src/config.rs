@@ -43,6 +43,19 @@ pub struct RunArgs {
     /// File holding the Consul ACL token (sent as X-Consul-Token).
     #[arg(long, env = "MESHBRIDGE_CONSUL_TOKEN_FILE")]
     pub consul_token_file: Option<PathBuf>,
+    /// CA bundle verifying an https:// Consul agent.
+    #[arg(long, env = "MESHBRIDGE_CONSUL_CA_FILE")]
+    pub consul_ca_file: Option<PathBuf>,
+    /// Also send traffic to Consul instances whose checks are in `warning` (default: passing only).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_INCLUDE_WARNING")]
+    pub consul_include_warning: bool,
+    /// Most requests in flight to the Consul agent, hence most open connections (Consul's
+    /// default per-client limit is 200).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_MAX_CONNECTIONS", default_value_t = 64)]
+    pub consul_max_connections: usize,
+    /// Blocking-query wait in milliseconds (each watch adds up to 15% jitter below it).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_WAIT", default_value_t = 55_000)]
+    pub consul_wait: u64,
     /// gRPC ADS address (state-of-the-world and delta xDS).
     #[arg(long, env = "MESHBRIDGE_XDS_ADDR", default_value = "0.0.0.0:18000")]
     pub xds_addr: SocketAddr,
@@ -113,10 +126,38 @@ impl RunArgs {
                 message: format!("{} is not a directory", dir.display()),
             });
         }
-        if self.consul_addr.is_some() {
+        if let Some(addr) = &self.consul_addr
+            && !(addr.starts_with("http://") || addr.starts_with("https://"))
+        {
             return Err(ConfigError {
                 flag: "consul-addr",
-                message: "the Consul source is not available in this version of meshbridge".into(),
+                message: format!("{addr:?} must be an http:// or https:// URL"),
+            });
+        }
+        if let Some(ca) = &self.consul_ca_file
+            && !ca.is_file()
+        {
+            return Err(ConfigError {
+                flag: "consul-ca-file",
+                message: format!("{} is not a file", ca.display()),
+            });
+        }
+        if !(1..=190).contains(&self.consul_max_connections) {
+            return Err(ConfigError {
+                flag: "consul-max-connections",
+                message: format!(
+                    "{} is outside 1..=190 (Consul refuses more than 200 per client)",
+                    self.consul_max_connections
+                ),
+            });
+        }
+        if !(100..=600_000).contains(&self.consul_wait) {
+            return Err(ConfigError {
+                flag: "consul-wait",
+                message: format!(
+                    "{} ms is outside 100..=600000 (Consul caps waits at 10 minutes)",
+                    self.consul_wait
+                ),
             });
         }
         if self.webhook_cert_dir.is_some() || self.webhook_self_managed {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Services that lost every instance in one change (applied, but worth a look).
     pub services_emptied: Counter,
+    /// Requests to Consul by datacenter and result (`ok`, `error`).
+    pub consul_requests: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,7 @@ impl Metrics {
             endpoints: Gauge::default(),
             config_errors: Gauge::default(),
             services_emptied: Counter::default(),
+            consul_requests: Family::default(),
         };
         m.registry.register(
             "xds_streams",
@@ -123,6 +126,11 @@ impl Metrics {
             "config_errors",
             "Manifest files currently rejected",
             m.config_errors.clone(),
+        );
+        m.registry.register(
+            "consul_requests",
+            "Requests to Consul by datacenter and result",
+            m.consul_requests.clone(),
         );
         m.registry.register(
             "services_emptied",

@@ -1,6 +1,7 @@
 //! Sources: where the model comes from. Each source moves data into the [`crate::index`]
 //! and reports its health here, for `/readyz` and `/api/sources`.
 
+pub mod consul;
 pub mod files;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,11 @@ impl SourceStatuses {
                 ..Default::default()
             },
         );
+    }
+
+    /// Forgets a source.
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
     }
 
     /// Updates one source.

@@ -188,9 +188,13 @@ impl ControlPlane {
 
     async fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("meshbridge.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-            .arg("run")
-            .args(["--kube", "off", "--config-poll", "100", "--debounce", "50"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+        cmd.arg("run")
+            .args(["--kube", "off", "--config-poll", "100"]);
+        if !self.extra.iter().any(|a| a == "--debounce") {
+            cmd.args(["--debounce", "50"]);
+        }
+        let child = cmd
             .arg("--config-dir")
             .arg(self.dir.path())
             .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds_port)])

@@ -1,0 +1,635 @@
+//! The Consul source: every instance in the Consul catalog becomes a model [`Endpoint`].
+//!
+//! Per datacenter, one watcher follows `/v1/catalog/services` and one watcher per service
+//! follows `/v1/health/service/<name>`, both with blocking queries
+//! (developer.hashicorp.com/consul/api-docs/features/blocking):
+//! - `X-Consul-Index` is kept per query; an index that goes backwards resets to 0 (the next
+//!   query answers at once), and an index below 1 is never used to block;
+//! - `wait` carries per-watch jitter so watches do not return in lockstep;
+//! - errors back off exponentially (capped) and keep the last known instances: a failed,
+//!   hanging or restarting Consul never empties the mesh;
+//! - a response whose instances did not change (a spurious wake-up) changes nothing downstream.
+//!
+//! Every request holds a permit of one semaphore per agent, so requests in flight — and open
+//! connections, give or take one being recycled — stay at `max_connections` (Consul's default
+//! per-client limit is 200), whatever the number of services. With more services than
+//! permits, watches take turns: a parked query holds its permit for up to `wait`. Parsing and the index rules are pure functions, tested directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::index::{EndpointSet, Index, IndexObject};
+use crate::model::{Endpoint, MAX_WEIGHT, Origin};
+
+use super::SourceStatuses;
+
+/// Why a Consul request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// Transport error or timeout.
+    #[error("request to {url} failed: {source}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// The cause.
+        source: reqwest::Error,
+    },
+    /// A non-200 status.
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Body (shortened).
+        body: String,
+    },
+    /// A body that is not the documented JSON.
+    #[error("{url} returned malformed JSON: {source}")]
+    Malformed {
+        /// The URL.
+        url: String,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The ACL token file cannot be read.
+    #[error("--consul-token-file {path}: {source}")]
+    Token {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A bad flag value.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The next index to block on, after a response carried `returned` (blocking-query rules:
+/// reset to 0 when the index goes backwards; never block on an index below 1).
+pub fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous {
+        0
+    } else {
+        returned.max(1)
+    }
+}
+
+/// Backoff after `failures` consecutive errors: 250 ms doubling, capped at 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    let ms = 250u64.saturating_mul(1 << failures.min(7));
+    Duration::from_millis(ms.min(30_000))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthEntry {
+    node: HealthNode,
+    service: HealthService,
+    #[serde(default)]
+    checks: Vec<HealthCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthNode {
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    datacenter: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthService {
+    #[serde(default)]
+    address: String,
+    port: u16,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    weights: Option<Weights>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Weights {
+    #[serde(default)]
+    passing: u32,
+    #[serde(default)]
+    warning: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthCheck {
+    status: String,
+}
+
+/// Which instances receive traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthPolicy {
+    /// Only instances whose checks all pass.
+    #[default]
+    PassingOnly,
+    /// Instances with passing or warning checks.
+    PassingAndWarning,
+}
+
+/// Maps a `/v1/health/service/<name>` body to endpoints: address (service address, else
+/// node address), port, tags, weight (`weight:N` tag, else `Weights.Passing` — or
+/// `Weights.Warning` for a warning instance — default 1), datacenter and health.
+pub fn parse_health(
+    body: &[u8],
+    datacenter: &str,
+    policy: HealthPolicy,
+) -> Result<Vec<Endpoint>, serde_json::Error> {
+    let entries: Vec<HealthEntry> = serde_json::from_slice(body)?;
+    let mut out: Vec<Endpoint> = entries
+        .into_iter()
+        .filter(|e| e.service.port > 0)
+        .map(|e| {
+            let worst = e
+                .checks
+                .iter()
+                .map(|c| match c.status.as_str() {
+                    "passing" => 0,
+                    "warning" => 1,
+                    _ => 2,
+                })
+                .max()
+                .unwrap_or(0);
+            let healthy = match policy {
+                HealthPolicy::PassingOnly => worst == 0,
+                HealthPolicy::PassingAndWarning => worst <= 1,
+            };
+            let tags: BTreeSet<String> = e.service.tags.unwrap_or_default().into_iter().collect();
+            let from_weights = e
+                .service
+                .weights
+                .map(|w| if worst == 1 { w.warning } else { w.passing });
+            let weight = Endpoint::weight_from_tags(&tags)
+                .or(from_weights.filter(|w| *w > 0))
+                .unwrap_or(1)
+                .clamp(1, MAX_WEIGHT);
+            let address = if e.service.address.is_empty() {
+                e.node.address
+            } else {
+                e.service.address
+            };
+            Endpoint {
+                address,
+                port: e.service.port,
+                origin: Origin::Consul,
+                datacenter: Some(
+                    e.node
+                        .datacenter
+                        .filter(|d| !d.is_empty())
+                        .unwrap_or_else(|| datacenter.to_string()),
+                ),
+                tags,
+                weight,
+                healthy,
+            }
+        })
+        .filter(|e| !e.address.is_empty())
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Parses a `/v1/catalog/services` body into service names.
+pub fn parse_services(body: &[u8]) -> Result<BTreeSet<String>, serde_json::Error> {
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(body)?;
+    Ok(map
+        .into_keys()
+        .filter(|n| crate::model::valid_service_name(n))
+        .collect())
+}
+
+/// Settings of the Consul source.
+#[derive(Clone, Debug)]
+pub struct ConsulSettings {
+    /// Base URL, e.g. `http://127.0.0.1:8500`.
+    pub addr: String,
+    /// Datacenters to watch; empty: the agent's own.
+    pub datacenters: Vec<String>,
+    /// ACL token file, re-read when it changes.
+    pub token_file: Option<PathBuf>,
+    /// CA bundle for an `https://` agent.
+    pub ca_file: Option<PathBuf>,
+    /// Which instances receive traffic.
+    pub health: HealthPolicy,
+    /// Blocking query wait.
+    pub wait: Duration,
+    /// Most requests in flight to the agent (so most open connections).
+    pub max_connections: usize,
+}
+
+/// The ACL token, re-read when its file changes.
+struct Token {
+    path: Option<PathBuf>,
+    cached: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Token {
+    fn current(&self) -> Result<Option<String>, ConsulError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let err = |source| ConsulError::Token {
+            path: path.display().to_string(),
+            source,
+        };
+        let modified = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_err(err)?;
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, token)) = cached.as_ref()
+            && *at == modified
+        {
+            return Ok(Some(token.clone()));
+        }
+        let token = std::fs::read_to_string(path)
+            .map_err(err)?
+            .trim()
+            .to_string();
+        *cached = Some((modified, token.clone()));
+        Ok(Some(token))
+    }
+}
+
+/// A Consul HTTP client bounded to `max_connections` requests in flight.
+#[derive(Clone)]
+pub struct ConsulClient {
+    http: reqwest::Client,
+    base: String,
+    token: Arc<Token>,
+    permits: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl ConsulClient {
+    /// A client for `settings`.
+    pub fn new(settings: &ConsulSettings) -> Result<Self, ConsulError> {
+        let mut builder = reqwest::Client::builder()
+            .pool_max_idle_per_host(settings.max_connections)
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                ConsulError::Config(format!("--consul-ca-file {}: {e}", ca.display()))
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                ConsulError::Config(format!("--consul-ca-file {}: {e}", ca.display()))
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ConsulError::Config(format!("Consul client: {e}")))?;
+        Ok(ConsulClient {
+            http,
+            base: settings.addr.trim_end_matches('/').to_string(),
+            token: Arc::new(Token {
+                path: settings.token_file.clone(),
+                cached: Mutex::new(None),
+            }),
+            permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+            wait: settings.wait,
+        })
+    }
+
+    /// A GET; with `index > 0` a blocking query waiting at most `wait` (with jitter).
+    /// Returns the `X-Consul-Index` and the body.
+    pub async fn get(
+        &self,
+        path: &str,
+        dc: Option<&str>,
+        index: u64,
+        jitter_seed: u64,
+    ) -> Result<(u64, bytes::Bytes), ConsulError> {
+        let mut url = format!("{}{path}", self.base);
+        let mut sep = if path.contains('?') { '&' } else { '?' };
+        if let Some(dc) = dc {
+            url.push_str(&format!("{sep}dc={dc}"));
+            sep = '&';
+        }
+        let wait = self
+            .wait
+            .mul_f64(0.85 + 0.15 * ((jitter_seed % 1000) as f64 / 1000.0));
+        if index > 0 {
+            url.push_str(&format!("{sep}index={index}&wait={}ms", wait.as_millis()));
+        }
+        let token = self.token.current()?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ConsulError::Config("client closed".into()))?;
+        // Consul adds up to wait/16 of jitter; leave room before giving up.
+        let timeout = if index > 0 {
+            wait + wait / 16 + Duration::from_secs(5)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut req = self.http.get(&url).timeout(timeout);
+        if let Some(t) = token {
+            req = req.header("X-Consul-Token", t);
+        }
+        let transport = |source| ConsulError::Transport {
+            url: url.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let returned = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let body = resp.bytes().await.map_err(transport)?;
+        if status != 200 {
+            let text = String::from_utf8_lossy(&body);
+            return Err(ConsulError::Status {
+                url,
+                status,
+                body: text.chars().take(200).collect(),
+            });
+        }
+        Ok((returned, body))
+    }
+
+    /// The agent's own datacenter (`/v1/agent/self`).
+    pub async fn agent_datacenter(&self) -> Result<String, ConsulError> {
+        let url = format!("{}/v1/agent/self", self.base);
+        let (_, body) = self.get("/v1/agent/self", None, 0, 0).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|source| ConsulError::Malformed {
+                url: url.clone(),
+                source,
+            })?;
+        v["Config"]["Datacenter"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ConsulError::Config(format!("{url}: no Config.Datacenter")))
+    }
+}
+
+/// What the Consul watchers share.
+#[derive(Clone)]
+pub struct ConsulContext {
+    /// The index sources apply into.
+    pub index: Arc<Mutex<Index>>,
+    /// Signalled when the index changed.
+    pub changed: Arc<Notify>,
+    /// Source health.
+    pub statuses: Arc<SourceStatuses>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Which instances receive traffic.
+    pub health: HealthPolicy,
+}
+
+/// Index source name of one datacenter.
+pub fn source_name(dc: &str) -> String {
+    format!("consul:{dc}")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn seed(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// Watches one datacenter forever.
+pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulContext) {
+    let source = source_name(&dc);
+    let mut watchers: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
+    let synced = Arc::new(Mutex::new(None::<BTreeSet<String>>));
+    let mut index = 0u64;
+    let mut failures = 0u32;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        match client
+            .get("/v1/catalog/services", Some(&dc), index, seed(&dc) ^ round)
+            .await
+            .and_then(|(i, body)| {
+                parse_services(&body)
+                    .map(|s| (i, s))
+                    .map_err(|source| ConsulError::Malformed {
+                        url: format!("/v1/catalog/services?dc={dc}"),
+                        source,
+                    })
+            }) {
+            Ok((returned, names)) => {
+                failures = 0;
+                index = next_index(index, returned);
+                ctx.metrics
+                    .consul_requests
+                    .get_or_create(&crate::metrics::labels(&[("dc", &dc), ("result", "ok")]))
+                    .inc();
+                watchers.retain(|name, handle| {
+                    if names.contains(name) {
+                        return true;
+                    }
+                    handle.abort();
+                    let mut idx = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
+                    if idx.delete(&source, name) {
+                        ctx.changed.notify_one();
+                    }
+                    tracing::info!(dc = %dc, service = %name, "service left the Consul catalog");
+                    false
+                });
+                {
+                    let mut pending = synced.lock().unwrap_or_else(|p| p.into_inner());
+                    if pending.is_none() {
+                        *pending = Some(
+                            names
+                                .iter()
+                                .filter(|n| !watchers.contains_key(*n))
+                                .cloned()
+                                .collect(),
+                        );
+                        mark_synced_if_done(&pending, &ctx, &source);
+                    }
+                }
+                for name in names {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = watchers.entry(name) {
+                        let name = slot.key().clone();
+                        slot.insert(tokio::spawn(watch_service(
+                            client.clone(),
+                            dc.clone(),
+                            name,
+                            ctx.clone(),
+                            synced.clone(),
+                        )));
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                record_error(&ctx, &dc, &source, &e);
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
+}
+
+fn mark_synced_if_done(pending: &Option<BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
+    if pending.as_ref().is_some_and(BTreeSet::is_empty) {
+        let now = now_secs();
+        ctx.statuses.update(source, |s| {
+            if !s.synced {
+                tracing::info!(source, "first full Consul sync complete");
+            }
+            s.synced = true;
+            s.last_sync = Some(now);
+        });
+    }
+}
+
+fn record_error(ctx: &ConsulContext, dc: &str, source: &str, e: &ConsulError) {
+    tracing::warn!(dc, error = %e, "Consul request failed; last known instances stay in force");
+    ctx.metrics
+        .consul_requests
+        .get_or_create(&crate::metrics::labels(&[("dc", dc), ("result", "error")]))
+        .inc();
+    let message = format!("stale: {e}");
+    ctx.statuses.update(source, |s| s.error = Some(message));
+}
+
+async fn watch_service(
+    client: ConsulClient,
+    dc: String,
+    service: String,
+    ctx: ConsulContext,
+    synced: Arc<Mutex<Option<BTreeSet<String>>>>,
+) {
+    let source = source_name(&dc);
+    let path = format!("/v1/health/service/{service}");
+    let mut index = 0u64;
+    let mut failures = 0u32;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let result = client
+            .get(&path, Some(&dc), index, seed(&service) ^ round)
+            .await
+            .and_then(|(i, body)| {
+                parse_health(&body, &dc, ctx.health)
+                    .map(|e| (i, e))
+                    .map_err(|source| ConsulError::Malformed {
+                        url: format!("{path}?dc={dc}"),
+                        source,
+                    })
+            });
+        match result {
+            Ok((returned, endpoints)) => {
+                failures = 0;
+                index = next_index(index, returned);
+                ctx.metrics
+                    .consul_requests
+                    .get_or_create(&crate::metrics::labels(&[("dc", &dc), ("result", "ok")]))
+                    .inc();
+                let object = IndexObject::Endpoints(EndpointSet {
+                    service: service.clone(),
+                    endpoints,
+                });
+                let changed = ctx.index.lock().unwrap_or_else(|p| p.into_inner()).apply(
+                    &source,
+                    &service,
+                    vec![object],
+                );
+                if changed {
+                    ctx.changed.notify_one();
+                }
+                ctx.statuses.update(&source, |s| {
+                    if s.error.as_deref().is_some_and(|e| e.starts_with("stale")) {
+                        s.error = None;
+                    }
+                });
+                let mut pending = synced.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(set) = pending.as_mut()
+                    && set.remove(&service)
+                {
+                    mark_synced_if_done(&pending, &ctx, &source);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                record_error(&ctx, &dc, &source, &e);
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules_follow_the_blocking_query_documentation() {
+        assert_eq!(next_index(0, 42), 42);
+        assert_eq!(next_index(42, 42), 42, "spurious wake-up keeps the index");
+        assert_eq!(next_index(42, 7), 0, "an index going backwards resets");
+        assert_eq!(next_index(0, 0), 1, "never block on an index below 1");
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(0), Duration::from_millis(250));
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(30), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn maps_instances_like_consul_describes_them() {
+        let body = br#"[
+          {"Node": {"Node": "n1", "Address": "10.0.0.1", "Datacenter": "dc1"},
+           "Service": {"ID": "a", "Service": "orders", "Tags": ["canary", "weight:7"], "Address": "", "Port": 8080,
+                       "Weights": {"Passing": 3, "Warning": 1}},
+           "Checks": [{"Status": "passing"}, {"Status": "passing"}]},
+          {"Node": {"Node": "n2", "Address": "10.0.0.2", "Datacenter": "dc1"},
+           "Service": {"ID": "b", "Service": "orders", "Tags": null, "Address": "192.168.0.2", "Port": 8081,
+                       "Weights": {"Passing": 5, "Warning": 2}},
+           "Checks": [{"Status": "passing"}, {"Status": "warning"}]},
+          {"Node": {"Node": "n3", "Address": "10.0.0.3", "Datacenter": "dc1"},
+           "Service": {"ID": "c", "Service": "orders", "Tags": [], "Address": "", "Port": 8082},
+           "Checks": [{"Status": "critical"}]}
+        ]"#;
+        let e = parse_health(body, "dc1", HealthPolicy::PassingOnly).unwrap();
+        assert_eq!(e.len(), 3);
+        let a = e.iter().find(|x| x.port == 8080).unwrap();
+        assert_eq!(
+            (a.address.as_str(), a.weight, a.healthy),
+            ("10.0.0.1", 7, true)
+        );
+        assert!(a.is_canary());
+        let b = e.iter().find(|x| x.port == 8081).unwrap();
+        assert_eq!(
+            (b.address.as_str(), b.weight, b.healthy),
+            ("192.168.0.2", 2, false)
+        );
+        let c = e.iter().find(|x| x.port == 8082).unwrap();
+        assert!(!c.healthy);
+        assert_eq!(c.datacenter.as_deref(), Some("dc1"));
+        let w = parse_health(body, "dc1", HealthPolicy::PassingAndWarning).unwrap();
+        assert!(w.iter().find(|x| x.port == 8081).unwrap().healthy);
+        assert!(parse_health(b"{not json", "dc1", HealthPolicy::PassingOnly).is_err());
+    }
+}

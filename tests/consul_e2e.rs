@@ -1,0 +1,438 @@
+//! End to end with Consul: the real binary watching the Consul fake, configuring real Envoys.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/consul_fake.rs"]
+mod consul_fake;
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use consul_fake::{FakeConsul, Health, Instance};
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
+
+/// The caller: a legacy frontend declared by manifest, calling `orders` (known only to
+/// Consul) and whatever its proxy adds.
+const FRONTEND: &str = "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {name: frontend}
+spec:
+  dependencies:
+    - service: orders
+";
+
+/// EDS responses meshbridge has sent (one proxy connected: its pushes).
+async fn eds_pushes(cp: &ControlPlane) -> u64 {
+    cp.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("meshbridge_xds_responses_total{type=\"eds\",mode=\"sotw\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn start(consul: &FakeConsul, extra: &[&str]) -> ControlPlane {
+    let url = consul.url();
+    let mut args = vec!["--consul-addr", url.as_str(), "--consul-wait", "2000"];
+    args.extend_from_slice(extra);
+    ControlPlane::start(FRONTEND, &args).await
+}
+
+fn frontend(deps: &[&str]) -> EnvoyOptions {
+    EnvoyOptions {
+        service: "frontend".into(),
+        egress: true,
+        dependencies: deps.iter().map(|d| d.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_instances_become_routable_and_leave_with_deregistration() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let pay = Backend::start("payments", "a").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    let cp = start(&consul, &[]).await;
+    let envoy = Envoy::start(&cp, frontend(&["payments"])).await;
+    envoy
+        .wait_call("orders", "orders from Consul", |r| {
+            r.body.contains("orders a")
+        })
+        .await;
+
+    // The admin API shows the instance with its origin.
+    let services = cp.admin_json("/api/services").await;
+    let orders = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["instances"][0]["origin"], "consul");
+    assert_eq!(orders["instances"][0]["datacenter"], "dc1");
+
+    // A second instance joins, the first leaves.
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
+    );
+    envoy
+        .wait_call("orders", "instance b", |r| r.body.contains("orders b"))
+        .await;
+    consul.deregister("dc1", "orders-a");
+    eventually(Duration::from_secs(20), "instance a gone", || async {
+        for _ in 0..10 {
+            if !envoy
+                .call("orders", "/")
+                .await
+                .ok()?
+                .body
+                .contains("orders b")
+            {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+
+    // A service that appears in Consul becomes routable for a proxy that depends on it.
+    let refused = envoy.call("payments", "/").await.unwrap();
+    assert_eq!(refused.status, 503, "declared by the proxy, not known yet");
+    consul.register(
+        "dc1",
+        Instance::new("payments", "pay-a", "127.0.0.1", pay.port),
+    );
+    envoy
+        .wait_call("payments", "payments from Consul", |r| {
+            r.body.contains("payments a")
+        })
+        .await;
+
+    // An unhealthy instance is listed but gets no traffic.
+    consul.set_health("dc1", "orders-b", Health::Critical);
+    envoy
+        .wait_call("orders", "no healthy orders", |r| r.status == 503)
+        .await;
+    let services = cp.admin_json("/api/services").await;
+    let orders = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["instances"][0]["healthy"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let mut consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    let cp = start(&consul, &[]).await;
+    let envoy = Arc::new(Envoy::start(&cp, frontend(&[])).await);
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (envoy, stop, ok, failed) = (envoy.clone(), stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match envoy.call("orders", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    consul.stop().await;
+    // Hanging and failing agents are the same story: the last known instances stay.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = ok.load(Ordering::Relaxed);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed while Consul was down"
+    );
+    assert!(during > 100, "only {during} requests in 30 s");
+    let sources = cp.admin_json("/api/sources").await;
+    let consul_status = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "consul")
+        .unwrap();
+    assert!(
+        consul_status["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("stale"),
+        "{sources}"
+    );
+    assert!(
+        cp.metrics()
+            .await
+            .contains("meshbridge_consul_requests_total{dc=\"dc1\",result=\"error\"}")
+    );
+
+    // Consul returns with another instance set: Envoy follows, without a flash of nothing.
+    consul.deregister("dc1", "orders-a");
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
+    );
+    consul.restart().await;
+    envoy
+        .wait_call("orders", "instance b after recovery", |r| {
+            r.body.contains("orders b")
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed around the recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_going_backwards_and_bad_responses_lose_nothing() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    let cp = start(&consul, &[]).await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    // Malformed JSON and 500s: traffic unaffected, errors counted.
+    consul.set_malformed(true);
+    consul.spurious_wakeup();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    consul.set_malformed(false);
+    consul.fail_next(5);
+    consul.spurious_wakeup();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        assert_eq!(envoy.call("orders", "/").await.unwrap().status, 200);
+    }
+    eventually(Duration::from_secs(10), "errors in metrics", || async {
+        cp.metrics()
+            .await
+            .contains("result=\"error\"")
+            .then_some(())
+    })
+    .await;
+
+    // The index goes backwards (a restored snapshot): later changes are still seen.
+    consul.reset_index(1);
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
+    );
+    envoy
+        .wait_call("orders", "instance b after the index reset", |r| {
+            r.body.contains("orders b")
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
+    );
+    let cp = start(&consul, &["--debounce", "500"]).await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = eds_pushes(&cp).await;
+
+    // 20 flips of b in 2 s, ending unhealthy.
+    for i in 0..20 {
+        let h = if i % 2 == 0 {
+            Health::Critical
+        } else {
+            Health::Passing
+        };
+        consul.set_health("dc1", "orders-b", h);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consul.set_health("dc1", "orders-b", Health::Critical);
+    eventually(Duration::from_secs(20), "b out of rotation", || async {
+        (envoy.stat("cluster.orders.membership_healthy").await == Some(1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pushes = eds_pushes(&cp).await - before;
+    assert!(pushes <= 8, "{pushes} pushes for 20 flips");
+    for _ in 0..10 {
+        assert!(
+            envoy
+                .call("orders", "/")
+                .await
+                .unwrap()
+                .body
+                .contains("orders a")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_datacenter_is_preferred_and_traffic_fails_over() {
+    let local = Backend::start("orders", "dc1").await;
+    let remote = Backend::start("orders", "dc2").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "o-1", "127.0.0.1", local.port),
+    );
+    consul.register(
+        "dc2",
+        Instance::new("orders", "o-2", "127.0.0.1", remote.port),
+    );
+    let cp = start(
+        &consul,
+        &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
+    )
+    .await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    for _ in 0..20 {
+        assert!(
+            envoy
+                .call("orders", "/")
+                .await
+                .unwrap()
+                .body
+                .contains("orders dc1")
+        );
+    }
+    consul.set_health("dc1", "o-1", Health::Critical);
+    envoy
+        .wait_call("orders", "failover to dc2", |r| {
+            r.body.contains("orders dc2")
+        })
+        .await;
+    consul.set_health("dc1", "o-1", Health::Passing);
+    envoy
+        .wait_call("orders", "back to dc1", |r| r.body.contains("orders dc1"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_tags_and_weights_from_consul_shape_traffic() {
+    let heavy = Backend::start("orders", "heavy").await;
+    let light = Backend::start("orders", "light").await;
+    let canary = Backend::start("orders", "canary").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "h", "127.0.0.1", heavy.port).tags(&["weight:9"]),
+    );
+    consul.register(
+        "dc1",
+        Instance::new("orders", "l", "127.0.0.1", light.port).weight(1),
+    );
+    consul.register(
+        "dc1",
+        Instance::new("orders", "c", "127.0.0.1", canary.port).tags(&["canary", "weight:1"]),
+    );
+    let cp = start(&consul, &[]).await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    for _ in 0..10 {
+        let r = support::http_get(envoy.egress_addr(), "orders", "/", &[("x-canary", "1")])
+            .await
+            .unwrap();
+        assert!(r.body.contains("orders canary"), "{}", r.body);
+    }
+    let mut heavy_hits = 0;
+    let n = 220;
+    for _ in 0..n {
+        if envoy
+            .call("orders", "/")
+            .await
+            .unwrap()
+            .body
+            .contains("orders heavy")
+        {
+            heavy_hits += 1;
+        }
+    }
+    // Weights 9:1:1 → 9/11 ≈ 82% to heavy; bounds far outside sampling noise.
+    assert!(
+        (140..=205).contains(&heavy_hits),
+        "{heavy_hits} of {n} to the weight-9 instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_to_the_agent_stay_bounded_whatever_the_number_of_services() {
+    let consul = FakeConsul::start("dc1").await;
+    for i in 0..40 {
+        consul.register(
+            "dc1",
+            Instance::new(
+                &format!("svc-{i}"),
+                &format!("id-{i}"),
+                "127.0.0.1",
+                10000 + i,
+            ),
+        );
+    }
+    let cp = start(&consul, &["--consul-max-connections", "8"]).await;
+    let services = cp.admin_json("/api/services").await;
+    assert_eq!(
+        services.as_array().unwrap().len(),
+        41,
+        "frontend and 40 Consul services"
+    );
+    // Let the watches park and cycle a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        consul.parked_queries() > 0,
+        "blocking queries are parked, not polled"
+    );
+    // At most 8 requests are in flight; a connection that just finished a request may still be
+    // on its way back to the pool while the next request opens one, hence the slack of 2.
+    let max = consul.max_open_connections();
+    assert!(
+        (1..=10).contains(&max),
+        "{max} connections open at once (limit 8)"
+    );
+}
