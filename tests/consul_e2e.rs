@@ -244,7 +244,23 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     })
     .await;
 
-    // The index goes backwards (a restored snapshot): later changes are still seen.
+    // The index goes backwards (a restored snapshot) to below what meshbridge has seen:
+    // later changes are still seen.
+    for i in 0..3 {
+        consul.register(
+            "dc1",
+            Instance::new("other", &format!("o-{i}"), "127.0.0.1", 9),
+        );
+    }
+    eventually(Duration::from_secs(20), "other seen", || async {
+        let services = cp.admin_json("/api/services").await;
+        services
+            .as_array()?
+            .iter()
+            .any(|s| s["name"] == "other")
+            .then_some(())
+    })
+    .await;
     consul.reset_index(1);
     consul.register(
         "dc1",

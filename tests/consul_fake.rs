@@ -797,3 +797,62 @@ fn wait_parsing_and_bounds() {
         );
     }
 }
+
+#[tokio::test]
+async fn health_state_lists_every_check_and_blocks_on_changes() {
+    let consul = FakeConsul::start("dc1").await;
+    consul.register("dc1", Instance::new("orders", "o1", "10.0.0.1", 80));
+    consul.register("dc1", Instance::new("billing", "b1", "10.0.0.1", 81));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/health/state/any", consul.url());
+    let r = http.get(&url).send().await.unwrap();
+    let index: u64 = r.headers()["X-Consul-Index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let checks: Vec<serde_json::Value> = r.json().await.unwrap();
+    // Each instance runs on its own node: a serfHealth check per node, plus one service
+    // check per instance.
+    let service_checks: Vec<_> = checks.iter().filter(|c| c["ServiceName"] != "").collect();
+    assert_eq!(service_checks.len(), 2);
+    assert!(checks.iter().any(|c| c["CheckID"] == "serfHealth"));
+    let critical = http
+        .get(format!("{}/v1/health/state/critical", consul.url()))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<serde_json::Value>>()
+        .await
+        .unwrap();
+    assert!(critical.is_empty());
+    // A blocking query returns when a check changes, with a higher index.
+    let parked = {
+        let (http, url) = (http.clone(), format!("{url}?index={index}&wait=5s"));
+        tokio::spawn(async move { http.get(url).send().await.unwrap() })
+    };
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while consul.parked_queries() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    consul.set_health("dc1", "b1", Health::Critical);
+    let r = tokio::time::timeout(Duration::from_secs(5), parked)
+        .await
+        .unwrap()
+        .unwrap();
+    let after: u64 = r.headers()["X-Consul-Index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after > index);
+    let checks: Vec<serde_json::Value> = r.json().await.unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["ServiceName"] == "billing" && c["Status"] == "critical")
+    );
+}

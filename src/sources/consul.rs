@@ -1,19 +1,20 @@
 //! The Consul source: every instance in the Consul catalog becomes a model [`Endpoint`].
 //!
-//! Per datacenter, one watcher follows `/v1/catalog/services` and one watcher per service
-//! follows `/v1/health/service/<name>`, both with blocking queries
-//! (developer.hashicorp.com/consul/api-docs/features/blocking):
+//! Per datacenter, two blocking queries (developer.hashicorp.com/consul/api-docs/features/blocking)
+//! stay open whatever the number of services: `/v1/health/state/any` tells which services'
+//! instances or health changed, `/v1/catalog/services` which services appeared, left or
+//! changed tags; only those services are fetched from `/v1/health/service/<name>`. Rules:
 //! - `X-Consul-Index` is kept per query; an index that goes backwards resets to 0 (the next
 //!   query answers at once), and an index below 1 is never used to block;
-//! - `wait` carries per-watch jitter so watches do not return in lockstep;
+//! - `wait` carries per-query jitter so queries do not return in lockstep;
 //! - errors back off exponentially (capped) and keep the last known instances: a failed,
 //!   hanging or restarting Consul never empties the mesh;
-//! - a response whose instances did not change (a spurious wake-up) changes nothing downstream.
+//! - a response with an unchanged index (a spurious wake-up) is not acted upon, and instances
+//!   that did not change change nothing downstream.
 //!
 //! Every request holds a permit of one semaphore per agent, so requests in flight — and open
 //! connections, give or take one being recycled — stay at `max_connections` (Consul's default
-//! per-client limit is 200), whatever the number of services. With more services than
-//! permits, watches take turns: a parked query holds its permit for up to `wait`. Parsing and the index rules are pure functions, tested directly.
+//! per-client limit is 200). Parsing and the index rules are pure functions, tested directly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,7 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinHandle;
 
 use crate::index::{EndpointSet, Index, IndexObject};
 use crate::model::{Endpoint, MAX_WEIGHT, Origin};
@@ -81,10 +81,11 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
     }
 }
 
-/// Backoff after `failures` consecutive errors: 250 ms doubling, capped at 30 s.
+/// Backoff after `failures` consecutive errors: 250 ms doubling, capped at 5 s (a local
+/// agent that recovers is followed within seconds; a dead one costs a request every 5 s).
 pub fn backoff(failures: u32) -> Duration {
-    let ms = 250u64.saturating_mul(1 << failures.min(7));
-    Duration::from_millis(ms.min(30_000))
+    let ms = 250u64.saturating_mul(1 << failures.saturating_sub(1).min(7));
+    Duration::from_millis(ms.min(5_000))
 }
 
 #[derive(Deserialize)]
@@ -203,15 +204,6 @@ pub fn parse_health(
     out.sort();
     out.dedup();
     Ok(out)
-}
-
-/// Parses a `/v1/catalog/services` body into service names.
-pub fn parse_services(body: &[u8]) -> Result<BTreeSet<String>, serde_json::Error> {
-    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(body)?;
-    Ok(map
-        .into_keys()
-        .filter(|n| crate::model::valid_service_name(n))
-        .collect())
 }
 
 /// Settings of the Consul source.
@@ -414,83 +406,349 @@ fn seed(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
-/// Watches one datacenter forever.
-pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulContext) {
-    let source = source_name(&dc);
-    let mut watchers: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
-    let synced = Arc::new(Mutex::new(None::<BTreeSet<String>>));
+/// The checks of a datacenter reduced to fingerprints: one per service (its service checks)
+/// and one per node (its node checks, which affect every service on the node).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckFingerprints {
+    /// Service name → hash of its checks (node, id, status, modify index).
+    pub services: BTreeMap<String, u64>,
+    /// Node → hash of its node-level checks.
+    pub nodes: BTreeMap<String, u64>,
+    /// Service name → nodes it runs on.
+    pub placement: BTreeMap<String, BTreeSet<String>>,
+}
+
+#[derive(Deserialize)]
+struct CheckEntry {
+    #[serde(rename = "Node", default)]
+    node: String,
+    #[serde(rename = "CheckID", default)]
+    check_id: String,
+    #[serde(rename = "Status", default)]
+    status: String,
+    #[serde(rename = "ServiceName", default)]
+    service_name: String,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
+/// Parses a `/v1/health/state/any` body into fingerprints.
+pub fn parse_checks(body: &[u8]) -> Result<CheckFingerprints, serde_json::Error> {
+    let mut checks: Vec<CheckEntry> = serde_json::from_slice(body)?;
+    checks.sort_by(|a, b| (&a.node, &a.check_id).cmp(&(&b.node, &b.check_id)));
+    let mut services: BTreeMap<String, xxhash_rust::xxh3::Xxh3> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, xxhash_rust::xxh3::Xxh3> = BTreeMap::new();
+    let mut placement: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in &checks {
+        let hasher = if c.service_name.is_empty() {
+            nodes.entry(c.node.clone()).or_default()
+        } else {
+            placement
+                .entry(c.service_name.clone())
+                .or_default()
+                .insert(c.node.clone());
+            services.entry(c.service_name.clone()).or_default()
+        };
+        for part in [
+            c.node.as_bytes(),
+            c.check_id.as_bytes(),
+            c.status.as_bytes(),
+        ] {
+            hasher.update(part);
+            hasher.update(&[0]);
+        }
+        hasher.update(&c.modify_index.to_le_bytes());
+    }
+    Ok(CheckFingerprints {
+        services: services.into_iter().map(|(k, h)| (k, h.digest())).collect(),
+        nodes: nodes.into_iter().map(|(k, h)| (k, h.digest())).collect(),
+        placement,
+    })
+}
+
+/// Services whose instances may have changed between two fingerprints.
+pub fn changed_services(old: &CheckFingerprints, new: &CheckFingerprints) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = old
+        .services
+        .keys()
+        .chain(new.services.keys())
+        .filter(|s| old.services.get(*s) != new.services.get(*s))
+        .cloned()
+        .collect();
+    let nodes: BTreeSet<&String> = old
+        .nodes
+        .keys()
+        .chain(new.nodes.keys())
+        .filter(|n| old.nodes.get(*n) != new.nodes.get(*n))
+        .collect();
+    if !nodes.is_empty() {
+        for placement in [&old.placement, &new.placement] {
+            for (service, on) in placement {
+                if on.iter().any(|n| nodes.contains(n)) {
+                    out.insert(service.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parses a `/v1/catalog/services` body into service name → tags.
+fn parse_catalog(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, serde_json::Error> {
+    let map: BTreeMap<String, Option<Vec<String>>> = serde_json::from_slice(body)?;
+    Ok(map
+        .into_iter()
+        .filter(|(n, _)| crate::model::valid_service_name(n))
+        .map(|(n, t)| (n, t.unwrap_or_default()))
+        .collect())
+}
+
+enum DcEvent {
+    Catalog(BTreeMap<String, Vec<String>>),
+    Checks(CheckFingerprints),
+    Fetched {
+        service: String,
+        result: Result<Vec<Endpoint>, ConsulError>,
+    },
+    Retry(String),
+    Resync,
+}
+
+/// How often every service of a datacenter is fetched again, repairing any drift.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Runs one blocking query forever, sending each parsed answer; errors back off and are
+/// recorded, the last answer stays in force.
+/// One kind of blocking query a datacenter keeps open.
+struct BlockingQuery<T> {
+    path: &'static str,
+    parse: fn(&[u8]) -> Result<T, serde_json::Error>,
+    wrap: fn(T) -> DcEvent,
+    /// Pause after each answer (large answers are not fetched more often than this).
+    pause: Duration,
+}
+
+async fn blocking_watch<T: Send + 'static>(
+    client: ConsulClient,
+    dc: String,
+    ctx: ConsulContext,
+    query: BlockingQuery<T>,
+    tx: tokio::sync::mpsc::Sender<DcEvent>,
+) {
+    let BlockingQuery {
+        path,
+        parse,
+        wrap,
+        pause,
+    } = query;
     let mut index = 0u64;
     let mut failures = 0u32;
     let mut round = 0u64;
     loop {
         round += 1;
-        match client
-            .get("/v1/catalog/services", Some(&dc), index, seed(&dc) ^ round)
+        let result = client
+            .get(path, Some(&dc), index, seed(&dc) ^ seed(path) ^ round)
             .await
             .and_then(|(i, body)| {
-                parse_services(&body)
-                    .map(|s| (i, s))
+                parse(&body)
+                    .map(|v| (i, v))
                     .map_err(|source| ConsulError::Malformed {
-                        url: format!("/v1/catalog/services?dc={dc}"),
+                        url: format!("{path}?dc={dc}"),
                         source,
                     })
-            }) {
-            Ok((returned, names)) => {
+            });
+        match result {
+            Ok((returned, value)) => {
                 failures = 0;
+                record_ok(&ctx, &dc);
+                let unchanged = returned == index;
                 index = next_index(index, returned);
-                ctx.metrics
-                    .consul_requests
-                    .get_or_create(&crate::metrics::labels(&[("dc", &dc), ("result", "ok")]))
-                    .inc();
-                watchers.retain(|name, handle| {
-                    if names.contains(name) {
-                        return true;
-                    }
-                    handle.abort();
-                    let mut idx = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
-                    if idx.delete(&source, name) {
-                        ctx.changed.notify_one();
-                    }
-                    tracing::info!(dc = %dc, service = %name, "service left the Consul catalog");
-                    false
-                });
-                {
-                    let mut pending = synced.lock().unwrap_or_else(|p| p.into_inner());
-                    if pending.is_none() {
-                        *pending = Some(
-                            names
-                                .iter()
-                                .filter(|n| !watchers.contains_key(*n))
-                                .cloned()
-                                .collect(),
-                        );
-                        mark_synced_if_done(&pending, &ctx, &source);
-                    }
+                // A spurious wake-up (same index) carries nothing new.
+                if (!unchanged || round == 1) && tx.send(wrap(value)).await.is_err() {
+                    return;
                 }
-                for name in names {
-                    if let std::collections::btree_map::Entry::Vacant(slot) = watchers.entry(name) {
-                        let name = slot.key().clone();
-                        slot.insert(tokio::spawn(watch_service(
-                            client.clone(),
-                            dc.clone(),
-                            name,
-                            ctx.clone(),
-                            synced.clone(),
-                        )));
-                    }
-                }
+                tokio::time::sleep(pause).await;
             }
             Err(e) => {
                 failures += 1;
-                record_error(&ctx, &dc, &source, &e);
+                record_error(&ctx, &dc, &e);
                 tokio::time::sleep(backoff(failures)).await;
             }
         }
     }
 }
 
-fn mark_synced_if_done(pending: &Option<BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
-    if pending.as_ref().is_some_and(BTreeSet::is_empty) {
+/// Watches one datacenter forever.
+///
+/// Two blocking queries per datacenter, whatever the number of services: the checks
+/// (`/v1/health/state/any`) tell which services' instances or health changed, the catalog
+/// (`/v1/catalog/services`) which services appeared, left or changed tags. Only those
+/// services are fetched (`/v1/health/service/<name>`, non-blocking, bounded by the client's
+/// permits); every [`RESYNC`] all are, repairing drift. The checks baseline is taken before
+/// the first full fetch, so no change can fall between the two.
+pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulContext) {
+    let source = source_name(&dc);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<DcEvent>(64);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(blocking_watch(
+        client.clone(),
+        dc.clone(),
+        ctx.clone(),
+        BlockingQuery {
+            path: "/v1/health/state/any",
+            parse: parse_checks,
+            wrap: DcEvent::Checks,
+            pause: Duration::from_millis(100),
+        },
+        tx.clone(),
+    ));
+    let mut catalog: Option<BTreeMap<String, Vec<String>>> = None;
+    let mut checks: Option<CheckFingerprints> = None;
+    let mut pending_sync: Option<BTreeSet<String>> = None;
+    let mut in_flight: BTreeSet<String> = BTreeSet::new();
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut failures: BTreeMap<String, u32> = BTreeMap::new();
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    let fetch = |service: String,
+                 in_flight: &mut BTreeSet<String>,
+                 dirty: &mut BTreeSet<String>,
+                 tasks: &mut tokio::task::JoinSet<()>| {
+        if !in_flight.insert(service.clone()) {
+            dirty.insert(service);
+            return;
+        }
+        let (client, dc, tx, policy) = (client.clone(), dc.clone(), tx.clone(), ctx.health);
+        tasks.spawn(async move {
+            let path = format!("/v1/health/service/{service}");
+            let result = client
+                .get(&path, Some(&dc), 0, 0)
+                .await
+                .and_then(|(_, body)| {
+                    parse_health(&body, &dc, policy).map_err(|source| ConsulError::Malformed {
+                        url: format!("{path}?dc={dc}"),
+                        source,
+                    })
+                });
+            let _ = tx.send(DcEvent::Fetched { service, result }).await;
+        });
+    };
+    loop {
+        let event = tokio::select! {
+            Some(e) = rx.recv() => e,
+            _ = resync.tick() => DcEvent::Resync,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        match event {
+            DcEvent::Checks(new) => {
+                let changed = match &checks {
+                    Some(old) => changed_services(old, &new),
+                    None => {
+                        // Baseline taken: now the catalog, and the first full fetch.
+                        tasks.spawn(blocking_watch(
+                            client.clone(),
+                            dc.clone(),
+                            ctx.clone(),
+                            BlockingQuery {
+                                path: "/v1/catalog/services",
+                                parse: parse_catalog,
+                                wrap: DcEvent::Catalog,
+                                pause: Duration::ZERO,
+                            },
+                            tx.clone(),
+                        ));
+                        BTreeSet::new()
+                    }
+                };
+                checks = Some(new);
+                let known = catalog.as_ref();
+                for service in changed {
+                    if known.is_some_and(|c| c.contains_key(&service)) {
+                        fetch(service, &mut in_flight, &mut dirty, &mut tasks);
+                    }
+                }
+            }
+            DcEvent::Catalog(new) => {
+                let old = catalog.take().unwrap_or_default();
+                for (service, _) in old.iter().filter(|(s, _)| !new.contains_key(*s)) {
+                    let mut idx = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
+                    if idx.delete(&source, service) {
+                        ctx.changed.notify_one();
+                    }
+                    tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
+                }
+                if pending_sync.is_none() {
+                    pending_sync = Some(new.keys().cloned().collect());
+                    mark_synced_if_done(pending_sync.as_ref(), &ctx, &source);
+                }
+                for (service, tags) in &new {
+                    if old.get(service) != Some(tags) {
+                        fetch(service.clone(), &mut in_flight, &mut dirty, &mut tasks);
+                    }
+                }
+                catalog = Some(new);
+            }
+            DcEvent::Fetched { service, result } => {
+                in_flight.remove(&service);
+                let listed = catalog.as_ref().is_some_and(|c| c.contains_key(&service));
+                match result {
+                    Ok(endpoints) if listed => {
+                        failures.remove(&service);
+                        let object = IndexObject::Endpoints(EndpointSet {
+                            service: service.clone(),
+                            endpoints,
+                        });
+                        let changed = ctx.index.lock().unwrap_or_else(|p| p.into_inner()).apply(
+                            &source,
+                            &service,
+                            vec![object],
+                        );
+                        if changed {
+                            ctx.changed.notify_one();
+                        }
+                        if let Some(set) = pending_sync.as_mut()
+                            && set.remove(&service)
+                        {
+                            mark_synced_if_done(pending_sync.as_ref(), &ctx, &source);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        record_error(&ctx, &dc, &e);
+                        let n = failures.entry(service.clone()).or_default();
+                        *n += 1;
+                        let (tx, wait) = (tx.clone(), backoff(*n));
+                        let retry = service.clone();
+                        tasks.spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let _ = tx.send(DcEvent::Retry(retry)).await;
+                        });
+                    }
+                }
+                if dirty.remove(&service) && listed {
+                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
+                }
+            }
+            DcEvent::Retry(service) => {
+                if catalog.as_ref().is_some_and(|c| c.contains_key(&service)) {
+                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
+                }
+            }
+            DcEvent::Resync => {
+                for service in catalog
+                    .iter()
+                    .flat_map(|c| c.keys())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                {
+                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
+                }
+            }
+        }
+    }
+}
+
+fn mark_synced_if_done(pending: Option<&BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
+    if pending.is_some_and(BTreeSet::is_empty) {
         let now = now_secs();
         ctx.statuses.update(source, |s| {
             if !s.synced {
@@ -502,80 +760,27 @@ fn mark_synced_if_done(pending: &Option<BTreeSet<String>>, ctx: &ConsulContext, 
     }
 }
 
-fn record_error(ctx: &ConsulContext, dc: &str, source: &str, e: &ConsulError) {
+fn record_ok(ctx: &ConsulContext, dc: &str) {
+    ctx.metrics
+        .consul_requests
+        .get_or_create(&crate::metrics::labels(&[("dc", dc), ("result", "ok")]))
+        .inc();
+    ctx.statuses.update(&source_name(dc), |s| {
+        if s.error.as_deref().is_some_and(|e| e.starts_with("stale")) {
+            s.error = None;
+        }
+    });
+}
+
+fn record_error(ctx: &ConsulContext, dc: &str, e: &ConsulError) {
     tracing::warn!(dc, error = %e, "Consul request failed; last known instances stay in force");
     ctx.metrics
         .consul_requests
         .get_or_create(&crate::metrics::labels(&[("dc", dc), ("result", "error")]))
         .inc();
     let message = format!("stale: {e}");
-    ctx.statuses.update(source, |s| s.error = Some(message));
-}
-
-async fn watch_service(
-    client: ConsulClient,
-    dc: String,
-    service: String,
-    ctx: ConsulContext,
-    synced: Arc<Mutex<Option<BTreeSet<String>>>>,
-) {
-    let source = source_name(&dc);
-    let path = format!("/v1/health/service/{service}");
-    let mut index = 0u64;
-    let mut failures = 0u32;
-    let mut round = 0u64;
-    loop {
-        round += 1;
-        let result = client
-            .get(&path, Some(&dc), index, seed(&service) ^ round)
-            .await
-            .and_then(|(i, body)| {
-                parse_health(&body, &dc, ctx.health)
-                    .map(|e| (i, e))
-                    .map_err(|source| ConsulError::Malformed {
-                        url: format!("{path}?dc={dc}"),
-                        source,
-                    })
-            });
-        match result {
-            Ok((returned, endpoints)) => {
-                failures = 0;
-                index = next_index(index, returned);
-                ctx.metrics
-                    .consul_requests
-                    .get_or_create(&crate::metrics::labels(&[("dc", &dc), ("result", "ok")]))
-                    .inc();
-                let object = IndexObject::Endpoints(EndpointSet {
-                    service: service.clone(),
-                    endpoints,
-                });
-                let changed = ctx.index.lock().unwrap_or_else(|p| p.into_inner()).apply(
-                    &source,
-                    &service,
-                    vec![object],
-                );
-                if changed {
-                    ctx.changed.notify_one();
-                }
-                ctx.statuses.update(&source, |s| {
-                    if s.error.as_deref().is_some_and(|e| e.starts_with("stale")) {
-                        s.error = None;
-                    }
-                });
-                let mut pending = synced.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(set) = pending.as_mut()
-                    && set.remove(&service)
-                {
-                    mark_synced_if_done(&pending, &ctx, &source);
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                record_error(&ctx, &dc, &source, &e);
-                tokio::time::sleep(backoff(failures)).await;
-            }
-        }
-    }
+    ctx.statuses
+        .update(&source_name(dc), |s| s.error = Some(message));
 }
 
 #[cfg(test)]
@@ -590,11 +795,58 @@ mod tests {
         assert_eq!(next_index(0, 0), 1, "never block on an index below 1");
     }
 
+    fn check(node: &str, id: &str, status: &str, service: &str, modify: u64) -> serde_json::Value {
+        serde_json::json!({"Node": node, "CheckID": id, "Status": status, "ServiceName": service,
+                           "ServiceID": "", "ModifyIndex": modify, "CreateIndex": 1})
+    }
+
+    fn fingerprints(checks: &[serde_json::Value]) -> CheckFingerprints {
+        parse_checks(serde_json::to_vec(checks).unwrap().as_slice()).unwrap()
+    }
+
+    #[test]
+    fn check_changes_point_at_the_services_to_fetch() {
+        let base = vec![
+            check("n1", "serfHealth", "passing", "", 5),
+            check("n1", "service:a1", "passing", "orders", 6),
+            check("n2", "serfHealth", "passing", "", 5),
+            check("n2", "service:b1", "passing", "billing", 7),
+        ];
+        let old = fingerprints(&base);
+        // Same checks in another order: nothing changed.
+        let mut shuffled = base.clone();
+        shuffled.reverse();
+        assert!(changed_services(&old, &fingerprints(&shuffled)).is_empty());
+        // A service check flips: that service.
+        let mut flip = base.clone();
+        flip[1] = check("n1", "service:a1", "critical", "orders", 9);
+        assert_eq!(
+            changed_services(&old, &fingerprints(&flip)),
+            BTreeSet::from(["orders".to_string()])
+        );
+        // A node check fails: every service on the node.
+        let mut node = base.clone();
+        node[2] = check("n2", "serfHealth", "critical", "", 10);
+        assert_eq!(
+            changed_services(&old, &fingerprints(&node)),
+            BTreeSet::from(["billing".to_string()])
+        );
+        // A new instance (new check) and a removed service.
+        let mut grown = base.clone();
+        grown.push(check("n3", "service:a2", "passing", "orders", 11));
+        grown.retain(|c| c["ServiceName"] != "billing");
+        assert_eq!(
+            changed_services(&old, &fingerprints(&grown)),
+            BTreeSet::from(["billing".to_string(), "orders".to_string()])
+        );
+    }
+
     #[test]
     fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(0), Duration::from_millis(250));
-        assert_eq!(backoff(1), Duration::from_millis(500));
-        assert_eq!(backoff(30), Duration::from_secs(30));
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(5), Duration::from_secs(4));
+        assert_eq!(backoff(30), Duration::from_secs(5));
     }
 
     #[test]

@@ -157,6 +157,8 @@ impl Instance {
 enum Key {
     Catalog,
     Health(String),
+    /// Every check of the datacenter (`/v1/health/state/<state>`).
+    Checks,
 }
 
 #[derive(Debug, Clone)]
@@ -294,7 +296,11 @@ impl FakeConsul {
             if previous.as_ref().is_some_and(|p| p.inst == instance) {
                 return;
             }
-            let mut keys = vec![Key::Catalog, Key::Health(instance.service.clone())];
+            let mut keys = vec![
+                Key::Catalog,
+                Key::Checks,
+                Key::Health(instance.service.clone()),
+            ];
             if let Some(p) = &previous
                 && p.inst.service != instance.service
             {
@@ -321,7 +327,10 @@ impl FakeConsul {
             let Some(old) = st.dcs.get_mut(dc).and_then(|m| m.remove(id)) else {
                 return;
             };
-            st.touch(dc, &[Key::Catalog, Key::Health(old.inst.service)]);
+            st.touch(
+                dc,
+                &[Key::Catalog, Key::Checks, Key::Health(old.inst.service)],
+            );
         }
         self.shared.notify();
     }
@@ -337,7 +346,7 @@ impl FakeConsul {
             if entry.inst.health == health {
                 return;
             }
-            let idx = st.touch(dc, &[Key::Health(entry.inst.service.clone())]);
+            let idx = st.touch(dc, &[Key::Checks, Key::Health(entry.inst.service.clone())]);
             let e = st.dcs.get_mut(dc).unwrap().get_mut(id).unwrap();
             e.inst.health = health;
             e.modify_index = idx;
@@ -757,11 +766,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         AgentSelf,
         Catalog,
         Health(String),
+        State(String),
     }
     let route = if path == "/v1/agent/self" {
         Route::AgentSelf
     } else if path == "/v1/catalog/services" {
         Route::Catalog
+    } else if let Some(state) = path.strip_prefix("/v1/health/state/") {
+        if !matches!(state, "any" | "passing" | "warning" | "critical") {
+            return text(StatusCode::BAD_REQUEST, "Invalid check state");
+        }
+        Route::State(state.to_string())
     } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
         let name = percent_decode(name);
         if name.is_empty() {
@@ -787,7 +802,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     }
     let malformed = shared.lock().malformed;
 
+    let mut check_state = None;
     let (key, filter) = match route {
+        Route::State(state) => {
+            check_state = Some(state);
+            (Key::Checks, None)
+        }
         Route::AgentSelf => {
             if malformed {
                 let idx = shared.lock().raft;
@@ -863,6 +883,24 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let idx = st.index(&dc, &key);
     let body = match &key {
         Key::Catalog => catalog_services(&st, &dc),
+        Key::Checks => {
+            // Every check of the datacenter: each node's serfHealth once, then service checks.
+            let state = check_state.unwrap_or_else(|| "any".to_string());
+            let mut nodes = BTreeSet::new();
+            let mut out = Vec::new();
+            for e in st.dcs.get(&dc).into_iter().flat_map(|m| m.values()) {
+                let v = health_json(&dc, e);
+                for check in v["Checks"].as_array().cloned().unwrap_or_default() {
+                    if check["CheckID"] == "serfHealth" && !nodes.insert(e.inst.node.clone()) {
+                        continue;
+                    }
+                    if state == "any" || check["Status"] == state.as_str() {
+                        out.push(check);
+                    }
+                }
+            }
+            Value::Array(out)
+        }
         Key::Health(name) => {
             let mut out = Vec::new();
             for e in health_entries(&st, &dc, name) {
