@@ -25,6 +25,7 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	cargo bench --bench translate
 	cargo bench --bench ads_load
+	cargo bench --bench consul_load
 
 crds:
 	cargo run --quiet -- crds --out-dir crds

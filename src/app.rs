@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,6 +39,10 @@ pub struct ControlPlane {
     pub sources: Arc<SourceStatuses>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Index generation of the last published state.
+    pub published: AtomicU64,
+    /// Latched once every source has synced and that sync is published (`/readyz`).
+    pub ready: Arc<AtomicBool>,
 }
 
 impl ControlPlane {
@@ -49,7 +54,27 @@ impl ControlPlane {
             registry: Arc::new(ProxyRegistry::default()),
             sources: Arc::new(SourceStatuses::default()),
             metrics: Arc::new(Metrics::new()),
+            published: AtomicU64::new(0),
+            ready: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Waits until every source has synced and a state containing that sync is published,
+    /// then latches readiness (a later source error does not make a serving instance unready).
+    async fn become_ready(&self) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if self.sources.all_synced() {
+                break;
+            }
+        }
+        let synced_at = self.generation();
+        while self.published.load(Ordering::Acquire) < synced_at {
+            tick.tick().await;
+        }
+        self.ready.store(true, Ordering::Release);
+        info!("ready: every source synced and published");
     }
 
     fn generation(&self) -> u64 {
@@ -61,7 +86,10 @@ impl ControlPlane {
 
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
-        let state = self.index.lock().unwrap_or_else(|p| p.into_inner()).state();
+        let (state, generation) = {
+            let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            (index.state(), index.generation())
+        };
         for (name, old) in &previous.services {
             let had = old.healthy_endpoints().count();
             let now = state
@@ -92,6 +120,7 @@ impl ControlPlane {
                 self.metrics
                     .snapshot_inconsistent
                     .inc_by(report.inconsistent.len() as u64);
+                self.published.store(generation, Ordering::Release);
                 info!(
                     groups = report.groups,
                     changed = report.changed,
@@ -297,7 +326,12 @@ pub async fn run(
         registry: cp.registry.clone(),
         sources: cp.sources.clone(),
         metrics: cp.metrics.clone(),
+        ready: cp.ready.clone(),
     });
+    {
+        let cp = cp.clone();
+        tokio::spawn(async move { cp.become_ready().await });
+    }
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
         axum::serve(admin_listener, router)

@@ -244,6 +244,14 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     })
     .await;
 
+    // A hanging agent: requests time out, the last known instances stay.
+    consul.set_hang(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..5 {
+        assert_eq!(envoy.call("orders", "/").await.unwrap().status, 200);
+    }
+    consul.set_hang(false);
+
     // The index goes backwards (a restored snapshot) to below what meshbridge has seen:
     // later changes are still seen.
     for i in 0..3 {
@@ -451,4 +459,47 @@ async fn open_connections_to_the_agent_stay_bounded_whatever_the_number_of_servi
         (1..=10).contains(&max),
         "{max} connections open at once (limit 8)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_token_is_sent_and_reread_when_its_file_changes() {
+    let a = Backend::start("orders", "a").await;
+    let b = Backend::start("orders", "b").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.require_token(Some("first-secret"));
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-secret\n").unwrap();
+    let token_arg = token.display().to_string();
+    let cp = start(&consul, &["--consul-token-file", &token_arg]).await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders with a token", |r| {
+            r.body.contains("orders a")
+        })
+        .await;
+
+    // The token rotates: Consul and the file change; changes keep flowing.
+    consul.require_token(Some("second-secret"));
+    std::fs::write(&token, "second-secret\n").unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&token)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
+    );
+    envoy
+        .wait_call("orders", "instance b after rotation", |r| {
+            r.body.contains("orders b")
+        })
+        .await;
 }

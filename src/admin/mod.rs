@@ -34,6 +34,8 @@ pub struct AdminState {
     pub sources: Arc<SourceStatuses>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Set once every source has synced and the state built from that sync is published.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The admin router.
@@ -58,8 +60,14 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         .filter(|x| !x.synced)
         .map(|x| x.name)
         .collect();
-    if pending.is_empty() {
+    if s.ready.load(std::sync::atomic::Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
+    } else if pending.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every source has synced; publishing the first complete state\n",
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -9,8 +9,8 @@
 //! - `wait` carries per-query jitter so queries do not return in lockstep;
 //! - errors back off exponentially (capped) and keep the last known instances: a failed,
 //!   hanging or restarting Consul never empties the mesh;
-//! - a response with an unchanged index (a spurious wake-up) is not acted upon, and instances
-//!   that did not change change nothing downstream.
+//! - answers are compared by content, not by index: a spurious wake-up changes nothing, and
+//!   an index that went back and forward to the same number does not hide a change.
 //!
 //! Every request holds a permit of one semaphore per agent, so requests in flight — and open
 //! connections, give or take one being recycled — stay at `max_connections` (Consul's default
@@ -272,7 +272,10 @@ impl ConsulClient {
     /// A client for `settings`.
     pub fn new(settings: &ConsulSettings) -> Result<Self, ConsulError> {
         let mut builder = reqwest::Client::builder()
-            .pool_max_idle_per_host(settings.max_connections)
+            // Bursts (the first full fetch) may use every permit; at rest only the blocking
+            // queries and a few idle connections stay open.
+            .pool_max_idle_per_host(settings.max_connections.min(16))
+            .pool_idle_timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(5));
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).map_err(|e| {
@@ -561,10 +564,13 @@ async fn blocking_watch<T: Send + 'static>(
             Ok((returned, value)) => {
                 failures = 0;
                 record_ok(&ctx, &dc);
-                let unchanged = returned == index;
+                tracing::debug!(dc = %dc, path, index, returned, "blocking query answered");
                 index = next_index(index, returned);
-                // A spurious wake-up (same index) carries nothing new.
-                if (!unchanged || round == 1) && tx.send(wrap(value)).await.is_err() {
+                // Every answer is compared by content downstream: the same index does not
+                // prove the same data (an index that went back and forward again while this
+                // watch was backing off looks unchanged), and a spurious wake-up compares
+                // equal and changes nothing.
+                if tx.send(wrap(value)).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(pause).await;

@@ -200,7 +200,11 @@ impl ControlPlane {
             .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds_port)])
             .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
             .args(&self.extra)
-            .env("MESHBRIDGE_LOG", "info,meshbridge=debug")
+            .env(
+                "MESHBRIDGE_LOG",
+                std::env::var("TEST_MESHBRIDGE_LOG")
+                    .unwrap_or_else(|_| "info,meshbridge=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
