@@ -503,3 +503,239 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
+    let local = Backend::start("orders", "dc1").await;
+    let remote = Backend::start("orders", "dc2").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "o-1", "127.0.0.1", local.port),
+    );
+    consul.register(
+        "dc2",
+        Instance::new("orders", "o-2", "127.0.0.1", remote.port),
+    );
+    let cp = start(
+        &consul,
+        &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
+    )
+    .await;
+    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.body.contains("orders dc1"))
+        .await;
+
+    consul.set_dc_unreachable("dc2", true);
+    let stale = eventually(Duration::from_secs(20), "dc2 marked stale", || async {
+        let sources = cp.admin_json("/api/sources").await;
+        let dc2 = sources
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "consul:dc2")?
+            .clone();
+        dc2["error"]
+            .as_str()
+            .filter(|e| e.starts_with("stale"))
+            .map(|_| sources.clone())
+    })
+    .await;
+    let dc1 = stale
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "consul:dc1")
+        .unwrap();
+    assert!(dc1["error"].is_null(), "{stale}");
+    // dc2's last known instance is still there: the local one fails and traffic fails over.
+    consul.set_health("dc1", "o-1", Health::Critical);
+    envoy
+        .wait_call("orders", "failover to the stale dc2", |r| {
+            r.body.contains("orders dc2")
+        })
+        .await;
+    let services = cp.admin_json("/api/services").await;
+    let orders = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert!(
+        orders["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["datacenter"] == "dc2")
+    );
+}
+
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Consul behind TLS (a real Envoy terminating it, with certificates made by openssl):
+/// meshbridge verifies the agent with `--consul-ca-file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_over_https_is_verified_with_the_ca_file() {
+    let consul = FakeConsul::start("dc1").await;
+    consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=consul",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        d,
+    );
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+        d,
+    );
+    let (tls_port, admin_port) = (support::free_port(), support::free_port());
+    let bootstrap = format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+static_resources:
+  listeners:
+  - name: consul_tls
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {tls_port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{filename: {cert}}}
+              private_key: {{filename: {key}}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: consul
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: /}}, route: {{cluster: consul, timeout: 0s}}}}]
+  clusters:
+  - name: consul
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: consul
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {fake}}}}}}}}}]}}]
+"#,
+        cert = d.join("server.pem").display(),
+        key = d.join("server.key").display(),
+        fake = consul.addr.port(),
+    );
+    std::fs::write(d.join("tls.yaml"), bootstrap).unwrap();
+    let mut terminator = std::process::Command::new(support::envoy_bin())
+        .arg("-c")
+        .arg(d.join("tls.yaml"))
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    eventually(
+        Duration::from_secs(20),
+        "TLS terminator ready",
+        || async move {
+            support::http_get(admin, "localhost", "/ready", &[])
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+
+    let url = format!("https://127.0.0.1:{tls_port}");
+    let ca = d.join("ca.pem").display().to_string();
+    let cp = ControlPlane::start(
+        FRONTEND,
+        &[
+            "--consul-addr",
+            &url,
+            "--consul-ca-file",
+            &ca,
+            "--consul-wait",
+            "2000",
+        ],
+    )
+    .await;
+    let services = cp.admin_json("/api/services").await;
+    let orders = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["instances"][0]["origin"], "consul");
+    let _ = terminator.kill();
+    let _ = terminator.wait();
+}
