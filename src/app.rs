@@ -240,6 +240,7 @@ pub async fn run(
             statuses: cp.sources.clone(),
             metrics: cp.metrics.clone(),
             health: settings.health,
+            flap_hold: std::time::Duration::from_millis(args.consul_flap_hold),
         };
         // Registered before any request, so /readyz waits for every datacenter.
         let pending = "consul:(agent datacenter)";

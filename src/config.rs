@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Blocking-query wait in milliseconds (each watch adds up to 15% jitter below it).
     #[arg(long, env = "MESHBRIDGE_CONSUL_WAIT", default_value_t = 55_000)]
     pub consul_wait: u64,
+    /// Flap damping in milliseconds: a Consul instance whose checks failed less than this
+    /// long ago stays out of rotation even if they pass again (0: off).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_FLAP_HOLD", default_value_t = 1000)]
+    pub consul_flap_hold: u64,
     /// gRPC ADS address (state-of-the-world and delta xDS).
     #[arg(long, env = "MESHBRIDGE_XDS_ADDR", default_value = "0.0.0.0:18000")]
     pub xds_addr: SocketAddr,
@@ -149,6 +153,12 @@ impl RunArgs {
                     "{} is outside 1..=190 (Consul refuses more than 200 per client)",
                     self.consul_max_connections
                 ),
+            });
+        }
+        if self.consul_flap_hold > 600_000 {
+            return Err(ConfigError {
+                flag: "consul-flap-hold",
+                message: format!("{} ms is more than 10 minutes", self.consul_flap_hold),
             });
         }
         if !(100..=600_000).contains(&self.consul_wait) {

@@ -394,6 +394,49 @@ pub struct ConsulContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Which instances receive traffic.
     pub health: HealthPolicy,
+    /// Flap damping: an instance that failed less than this long ago stays out of rotation
+    /// even if its checks pass again (zero: off).
+    pub flap_hold: Duration,
+}
+
+/// Flap damping, like Consul's own `success_before_passing`: an instance whose checks
+/// failed less than `hold` ago is kept unhealthy even if they pass again, so an instance that
+/// flaps between passing and critical causes one change, not one per flip. Failing is applied
+/// at once (safety first); recovering waits. Pure: the caller passes the time.
+#[derive(Debug, Default)]
+pub struct FlapDamper {
+    last_failure: BTreeMap<(String, u16), Duration>,
+}
+
+impl FlapDamper {
+    /// Applies damping to `endpoints` observed at `now` (any monotonic clock reading).
+    /// Returns when to look again to let a held instance back in, if any is held.
+    pub fn damp(
+        &mut self,
+        now: Duration,
+        hold: Duration,
+        endpoints: &mut [Endpoint],
+    ) -> Option<Duration> {
+        let mut recheck: Option<Duration> = None;
+        for e in endpoints.iter_mut() {
+            let key = (e.address.clone(), e.port);
+            if !e.healthy {
+                self.last_failure.insert(key, now);
+                continue;
+            }
+            if let Some(failed) = self.last_failure.get(&key).copied() {
+                let since = now.saturating_sub(failed);
+                if since < hold {
+                    e.healthy = false;
+                    let wait = hold - since;
+                    recheck = Some(recheck.map_or(wait, |r| r.min(wait)));
+                } else {
+                    self.last_failure.remove(&key);
+                }
+            }
+        }
+        recheck
+    }
 }
 
 /// Index source name of one datacenter.
@@ -617,6 +660,8 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
+    let mut dampers: BTreeMap<String, FlapDamper> = BTreeMap::new();
+    let started = tokio::time::Instant::now();
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     let fetch = |service: String,
                  in_flight: &mut BTreeSet<String>,
@@ -679,6 +724,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
             DcEvent::Catalog(new) => {
                 let old = catalog.take().unwrap_or_default();
                 for (service, _) in old.iter().filter(|(s, _)| !new.contains_key(*s)) {
+                    dampers.remove(service);
                     let mut idx = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
                     if idx.delete(&source, service) {
                         ctx.changed.notify_one();
@@ -700,8 +746,17 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                 in_flight.remove(&service);
                 let listed = catalog.as_ref().is_some_and(|c| c.contains_key(&service));
                 match result {
-                    Ok(endpoints) if listed => {
+                    Ok(mut endpoints) if listed => {
                         failures.remove(&service);
+                        let damper = dampers.entry(service.clone()).or_default();
+                        let now = started.elapsed();
+                        if let Some(wait) = damper.damp(now, ctx.flap_hold, &mut endpoints) {
+                            let (tx, retry) = (tx.clone(), service.clone());
+                            tasks.spawn(async move {
+                                tokio::time::sleep(wait).await;
+                                let _ = tx.send(DcEvent::Retry(retry)).await;
+                            });
+                        }
                         let object = IndexObject::Endpoints(EndpointSet {
                             service: service.clone(),
                             endpoints,
@@ -848,6 +903,47 @@ mod tests {
             changed_services(&old, &fingerprints(&grown)),
             BTreeSet::from(["billing".to_string(), "orders".to_string()])
         );
+    }
+
+    #[test]
+    fn a_flapping_instance_stays_out_until_it_has_passed_for_the_hold() {
+        let hold = Duration::from_secs(1);
+        let ep = |healthy| Endpoint {
+            address: "10.0.0.1".into(),
+            port: 80,
+            origin: Origin::Consul,
+            datacenter: None,
+            tags: BTreeSet::new(),
+            weight: 1,
+            healthy,
+        };
+        let mut d = FlapDamper::default();
+        let ms = Duration::from_millis;
+        // A new healthy instance is let in at once.
+        let mut set = vec![ep(true)];
+        assert_eq!(d.damp(ms(0), hold, &mut set), None);
+        assert!(set[0].healthy);
+        // It fails: out at once.
+        let mut set = vec![ep(false)];
+        assert_eq!(d.damp(ms(100), hold, &mut set), None);
+        // Passing again 100 ms later: held, look again in 900 ms.
+        let mut set = vec![ep(true)];
+        assert_eq!(d.damp(ms(200), hold, &mut set), Some(ms(900)));
+        assert!(!set[0].healthy);
+        // Fails again, then passes: the hold restarts from the last failure.
+        d.damp(ms(300), hold, &mut [ep(false)]);
+        let mut set = vec![ep(true)];
+        assert_eq!(d.damp(ms(1200), hold, &mut set), Some(ms(100)));
+        assert!(!set[0].healthy);
+        // A full hold after the last failure: back in rotation.
+        let mut set = vec![ep(true)];
+        assert_eq!(d.damp(ms(1300), hold, &mut set), None);
+        assert!(set[0].healthy);
+        // Damping off.
+        d.damp(ms(1400), Duration::ZERO, &mut [ep(false)]);
+        let mut set = vec![ep(true)];
+        assert_eq!(d.damp(ms(1401), Duration::ZERO, &mut set), None);
+        assert!(set[0].healthy);
     }
 
     #[test]

@@ -171,8 +171,16 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts meshbridge on a fresh manifest directory holding `manifests` as `mesh.yaml`.
+    /// Starts meshbridge on a fresh manifest directory holding `manifests` as `mesh.yaml`,
+    /// and waits until `/readyz` answers 200.
     pub async fn start(manifests: &str, extra: &[&str]) -> ControlPlane {
+        let mut cp = Self::start_unready(manifests, extra);
+        cp.wait_ready().await;
+        cp
+    }
+
+    /// Starts meshbridge without waiting for readiness.
+    pub fn start_unready(manifests: &str, extra: &[&str]) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
         let mut cp = ControlPlane {
@@ -182,11 +190,11 @@ impl ControlPlane {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
-        cp.spawn().await;
+        cp.spawn();
         cp
     }
 
-    async fn spawn(&mut self) {
+    fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("meshbridge.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
         cmd.arg("run")
@@ -210,6 +218,10 @@ impl ControlPlane {
             .spawn()
             .unwrap();
         self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
         let admin = self.admin_addr();
         eventually(
             Duration::from_secs(20),
@@ -270,7 +282,8 @@ impl ControlPlane {
     /// Starts the process again on the same ports and directory.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        self.spawn();
+        self.wait_ready().await;
     }
 
     pub fn log(&self) -> String {
