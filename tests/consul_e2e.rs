@@ -6,7 +6,6 @@ mod consul_fake;
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use consul_fake::{FakeConsul, Health, Instance};
@@ -145,29 +144,12 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
         .wait_call("orders", "orders routed", |r| r.status == 200)
         .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (envoy, stop, ok, failed) = (envoy.clone(), stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match envoy.call("orders", "/").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let traffic = support::Traffic::start(envoy.clone(), "orders", Duration::from_millis(50));
     consul.stop().await;
     // Hanging and failing agents are the same story: the last known instances stay.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let during = ok.load(Ordering::Relaxed);
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed while Consul was down"
-    );
+    let (during, failed) = traffic.counts();
+    assert_eq!(failed, 0, "requests failed while Consul was down");
     assert!(during > 100, "only {during} requests in 30 s");
     let sources = cp.admin_json("/api/sources").await;
     let consul_status = sources
@@ -201,13 +183,8 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
             r.body.contains("orders b")
         })
         .await;
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed around the recovery"
-    );
+    let (_, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "requests failed around the recovery");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,6 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
@@ -230,20 +229,7 @@ async fn control_plane_restart_while_traffic_flows_fails_no_request() {
         .wait_call("orders", "orders routed", |r| r.status == 200)
         .await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (envoy, stop, ok, failed) = (envoy.clone(), stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match envoy.call("orders", "/").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let traffic = support::Traffic::start(envoy.clone(), "orders", Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(300)).await;
     cp.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -255,9 +241,7 @@ async fn control_plane_restart_while_traffic_flows_fails_no_request() {
             r.body.contains("orders b")
         })
         .await;
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = traffic.stop().await;
     assert!(ok > 50, "only {ok} requests went through");
     assert_eq!(
         failed, 0,

@@ -456,3 +456,55 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// Requests sent through an Envoy's egress in the background, counting successes (200) and
+/// failures, until stopped.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Calls `host` through `envoy` every `every`.
+    pub fn start(envoy: std::sync::Arc<Envoy>, host: &'static str, every: Duration) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Relaxed) {
+                    match envoy.call(host, "/").await {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Relaxed),
+                        _ => failed.fetch_add(1, Relaxed),
+                    };
+                    tokio::time::sleep(every).await;
+                }
+            })
+        };
+        Traffic {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// `(succeeded, failed)` so far.
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+
+    /// Stops and returns `(succeeded, failed)`.
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counts = (self.ok.clone(), self.failed.clone());
+        let _ = self.task.await;
+        use std::sync::atomic::Ordering::Relaxed;
+        (counts.0.load(Relaxed), counts.1.load(Relaxed))
+    }
+}
