@@ -14,8 +14,8 @@
 //!
 //! Every request holds a permit of one semaphore per agent, so requests in flight stay at
 //! `max_connections`; open connections stay close to it (the HTTP pool may finish a few
-//! connects it started while another connection freed up: 73 at most for the default 64 with
-//! 1,000 services), well under Consul's default per-client limit of 200. Parsing and the
+//! connects it started while another connection freed up: 65–73 at most for the default 64
+//! with 1,000 services), well under Consul's default per-client limit of 200. Parsing and the
 //! index rules are pure functions, tested directly.
 
 use std::collections::{BTreeMap, BTreeSet};
