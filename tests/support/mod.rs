@@ -221,19 +221,31 @@ impl ControlPlane {
     }
 
     /// Waits until `/readyz` answers 200.
+    /// Fails at once, with the log, if the process exited (bad flags, port taken).
     pub async fn wait_ready(&mut self) {
         let admin = self.admin_addr();
-        eventually(
-            Duration::from_secs(20),
-            "meshbridge /readyz",
-            || async move {
-                http_get(admin, "localhost", "/readyz", &[])
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
-            },
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "meshbridge exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            let ready = http_get(admin, "localhost", "/readyz", &[]).await;
+            if ready.is_ok_and(|r| r.status == 200) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 20s waiting for meshbridge /readyz"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
