@@ -7,7 +7,7 @@
 
 pub mod convert;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
@@ -124,14 +124,6 @@ impl Index {
         self.sources.insert(source.to_string(), objects);
         self.generation += 1;
         true
-    }
-
-    /// Keys `source` currently has.
-    pub fn keys(&self, source: &str) -> BTreeSet<String> {
-        self.sources
-            .get(source)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
     }
 
     /// Builds the mesh state and reports name conflicts.

@@ -234,7 +234,9 @@ impl ProxyGroup {
     }
 }
 
-/// CA bundle external domains are verified against unless configured otherwise.
+/// CA bundle external domains are verified against unless configured otherwise: the system
+/// roots of the Envoy image (Debian, Ubuntu — the official Envoy image — and Alpine install
+/// it here; RHEL-based hosts need `--external-ca-file /etc/pki/tls/certs/ca-bundle.crt`).
 pub const DEFAULT_EXTERNAL_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Default request timeout towards a dependency.

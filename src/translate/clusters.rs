@@ -31,11 +31,6 @@ use super::names;
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
 
-/// Default CA bundle external domains are verified against: the system roots of the Envoy
-/// image (Debian, Ubuntu — the official Envoy image — and Alpine install it here; RHEL-based
-/// hosts need `--external-ca-file /etc/pki/tls/certs/ca-bundle.crt`).
-pub const SYSTEM_CA_BUNDLE: &str = crate::model::DEFAULT_EXTERNAL_CA_FILE;
-
 /// Converts a std duration to the protobuf one.
 pub(crate) fn proto_duration(d: StdDuration) -> Duration {
     Duration {

@@ -42,8 +42,3 @@ pub fn domain_cluster(domain: &ExternalDomain) -> String {
 pub fn domain_vhost(domain: &ExternalDomain) -> String {
     format!("ext|{}", domain.host)
 }
-
-/// SPIFFE identity of a service.
-pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/service/{service}")
-}
