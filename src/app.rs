@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
@@ -21,6 +22,9 @@ use crate::sources::consul::{
     ConsulClient, ConsulContext, ConsulSettings, HealthPolicy, watch_datacenter,
 };
 use crate::sources::files::ConfigDirSource;
+use crate::sources::kube::{KubeContext, KubeStore};
+use crate::status::lease::LeaseSettings;
+use crate::status::reconcile::{Published, StatusContext};
 use crate::xds::cache::SnapshotCache;
 use crate::xds::registry::ProxyRegistry;
 use crate::xds::{AdsService, XdsContext};
@@ -41,8 +45,11 @@ pub struct ControlPlane {
     pub metrics: Arc<Metrics>,
     /// Index generation of the last published state.
     pub published: AtomicU64,
-    /// Latched once every source has synced and that sync is published (`/readyz`).
+    /// Latched once every source has synced and that sync is published (`/readyz`);
+    /// cleared again when shutdown starts.
     pub ready: Arc<AtomicBool>,
+    /// The last published state and its name conflicts (for status).
+    pub published_view: watch::Sender<Arc<Published>>,
 }
 
 impl ControlPlane {
@@ -56,6 +63,7 @@ impl ControlPlane {
             metrics: Arc::new(Metrics::new()),
             published: AtomicU64::new(0),
             ready: Arc::new(AtomicBool::new(false)),
+            published_view: watch::channel(Arc::new(Published::default())).0,
         }
     }
 
@@ -86,9 +94,10 @@ impl ControlPlane {
 
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
-        let (state, generation) = {
+        let (state, conflicts, generation) = {
             let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-            (index.state(), index.generation())
+            let (state, conflicts) = index.build();
+            (state, conflicts, index.generation())
         };
         for (name, old) in &previous.services {
             let had = old.healthy_endpoints().count();
@@ -110,6 +119,10 @@ impl ControlPlane {
                 .sum(),
         );
         *previous = state.clone();
+        let view = Arc::new(Published {
+            state: state.clone(),
+            conflicts,
+        });
         let cache = self.cache.clone();
         let started = Instant::now();
         match tokio::task::spawn_blocking(move || cache.update(state)).await {
@@ -121,6 +134,7 @@ impl ControlPlane {
                     .snapshot_inconsistent
                     .inc_by(report.inconsistent.len() as u64);
                 self.published.store(generation, Ordering::Release);
+                self.published_view.send_replace(view);
                 info!(
                     groups = report.groups,
                     changed = report.changed,
@@ -182,15 +196,79 @@ pub async fn run(
     let cp = Arc::new(ControlPlane::new(&config));
     let args = &config.args;
 
-    if args.kube == KubeMode::Auto
-        && (std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
-            || std::env::var_os("KUBECONFIG").is_some())
-    {
-        warn!(
-            "a Kubernetes configuration is present, but this version of meshbridge has no Kubernetes source; continuing with the other sources"
-        );
-    }
     info!("admission webhook off (no --webhook-cert-dir or --webhook-self-managed)");
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let kube_client = match args.kube {
+        KubeMode::Off => None,
+        KubeMode::Auto => crate::sources::kube::client_from_environment().await?,
+    };
+    if kube_client.is_none() {
+        info!("no Kubernetes source (--kube off, or neither in a cluster nor KUBECONFIG set)");
+    }
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let name = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
+        format!("{name}_{}", std::process::id())
+    });
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let store = Arc::new(Mutex::new(KubeStore::new()));
+    let (epoch_tx, epoch_rx) = watch::channel(0u64);
+    let (synced_tx, synced_rx) = watch::channel(false);
+    let registration_errors = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let mut lease_task = None;
+    if let Some(client) = &kube_client {
+        cp.sources
+            .register(crate::sources::kube::SOURCE, "kubernetes");
+        let ctx = KubeContext {
+            index: cp.index.clone(),
+            changed: cp.changed.clone(),
+            statuses: cp.sources.clone(),
+            store: store.clone(),
+            store_epoch: epoch_tx,
+            synced: synced_tx,
+        };
+        tokio::spawn(crate::sources::kube::run(
+            client.clone(),
+            args.namespaces.clone(),
+            ctx,
+        ));
+        let lease = LeaseSettings {
+            namespace: args.leader_election_namespace.clone().unwrap_or_else(|| {
+                std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_string())
+            }),
+            name: args.leader_election_name.clone(),
+            identity: identity.clone(),
+            duration: std::time::Duration::from_secs(args.lease_duration),
+        };
+        {
+            let (metrics, mut leader) = (cp.metrics.clone(), leader_rx.clone());
+            tokio::spawn(async move {
+                while leader.changed().await.is_ok() {
+                    metrics.leader.set(i64::from(*leader.borrow_and_update()));
+                }
+            });
+        }
+        lease_task = Some(tokio::spawn(crate::status::lease::run(
+            client.clone(),
+            lease,
+            leader_tx,
+            stop_rx.clone(),
+        )));
+        let status = Arc::new(StatusContext::new(
+            client.clone(),
+            store.clone(),
+            cp.published_view.subscribe(),
+            registration_errors.clone(),
+            cp.metrics.clone(),
+            &identity,
+        ));
+        tokio::spawn(run_status(
+            status,
+            args.namespaces.clone(),
+            epoch_rx.clone(),
+            leader_rx.clone(),
+        ));
+    }
 
     if let Some(dir) = &args.config_dir {
         let mut source = ConfigDirSource::new(dir.clone());
@@ -241,7 +319,23 @@ pub async fn run(
             metrics: cp.metrics.clone(),
             health: settings.health,
             flap_hold: std::time::Duration::from_millis(args.consul_flap_hold),
+            own_node: kube_client.as_ref().map(|_| args.consul_sync_node.clone()),
         };
+        if kube_client.is_some() {
+            let sync = crate::consul_sync::SyncContext {
+                store: store.clone(),
+                epoch: epoch_rx.clone(),
+                synced: synced_rx.clone(),
+                leader: leader_rx.clone(),
+                errors: registration_errors.clone(),
+                metrics: cp.metrics.clone(),
+            };
+            let settings = crate::consul_sync::SyncSettings {
+                node: args.consul_sync_node.clone(),
+                resync: std::time::Duration::from_secs(args.consul_sync_resync),
+            };
+            tokio::spawn(crate::consul_sync::run(client.clone(), settings, sync));
+        }
         // Registered before any request, so /readyz waits for every datacenter.
         let pending = "consul:(agent datacenter)";
         if settings.datacenters.is_empty() {
@@ -303,7 +397,6 @@ pub async fn run(
     };
     info!(xds = %addrs.xds, admin = %addrs.admin, "meshbridge listening");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(XdsContext {
         cache: cp.cache.clone(),
         registry: cp.registry.clone(),
@@ -346,15 +439,59 @@ pub async fn run(
     }
 
     shutdown.await;
-    info!("shutting down");
+    let drain = std::time::Duration::from_millis(args.drain);
+    info!(
+        drain_ms = args.drain,
+        "shutting down: refusing new streams, draining existing ones"
+    );
+    cp.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    // Streams are long-lived: give them a moment, then stop regardless.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    if let Some(task) = lease_task {
+        // Releases the Lease so another replica leads at once.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    // Streams are long-lived: serve them until they go or the drain period ends.
+    let _ = tokio::time::timeout(drain, async {
         let _ = xds.await;
         let _ = admin.await;
     })
     .await;
     Ok(())
+}
+
+/// Runs the status reconcilers while this replica leads (one pair per watched namespace).
+async fn run_status(
+    ctx: Arc<StatusContext>,
+    namespaces: Vec<String>,
+    epoch: watch::Receiver<u64>,
+    mut leader: watch::Receiver<bool>,
+) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    loop {
+        if leader.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        info!("leading: writing MeshService and AccessRule status");
+        let runs = scopes.iter().map(|scope| {
+            let (epoch, published) = (epoch.clone(), ctx.published.clone());
+            let trigger = move || {
+                let a = tokio_stream::wrappers::WatchStream::from_changes(epoch.clone());
+                let b = tokio_stream::wrappers::WatchStream::from_changes(published.clone());
+                futures::stream::select(a.map(|_| ()), b.map(|_| ()))
+            };
+            let mut lost = leader.clone();
+            let stop = async move {
+                let _ = lost.wait_for(|l| !*l).await;
+            };
+            crate::status::reconcile::run(ctx.clone(), scope.clone(), trigger, stop)
+        });
+        futures::future::join_all(runs).await;
+        info!("not leading: status writes stopped");
+    }
 }
 
 fn hostname() -> String {

@@ -22,6 +22,47 @@ pub struct RunArgs {
     /// Kubernetes source: `auto` uses in-cluster config or KUBECONFIG; `off` disables it.
     #[arg(long, env = "MESHBRIDGE_KUBE", value_enum, default_value = "auto")]
     pub kube: KubeMode,
+    /// Namespaces the Kubernetes source watches; repeatable; default: all.
+    #[arg(
+        long = "namespace",
+        env = "MESHBRIDGE_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
+    /// Namespace of the leader-election Lease (default: the pod's namespace from
+    /// POD_NAMESPACE, else `default`).
+    #[arg(long, env = "MESHBRIDGE_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_LEADER_ELECTION_NAME",
+        default_value = "meshbridge-leader"
+    )]
+    pub leader_election_name: String,
+    /// Lease duration in seconds: a leader that stops renewing is replaced this long after
+    /// its last renewal.
+    #[arg(long, env = "MESHBRIDGE_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration: u64,
+    /// This replica's identity in the Lease and in Events (default: POD_NAME, else the host
+    /// name, plus the process id).
+    #[arg(long, env = "MESHBRIDGE_IDENTITY")]
+    pub identity: Option<String>,
+    /// Consul node that Kubernetes instances are registered on (MeshServices with
+    /// `spec.consul.register`); use one name per cluster.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_CONSUL_SYNC_NODE",
+        default_value = "meshbridge-k8s"
+    )]
+    pub consul_sync_node: String,
+    /// Seconds between full passes of the Consul registration (re-reads Consul, repairs drift).
+    #[arg(long, env = "MESHBRIDGE_CONSUL_SYNC_RESYNC", default_value_t = 60)]
+    pub consul_sync_resync: u64,
+    /// On SIGTERM, how long existing xDS streams keep being served (new ones are refused and
+    /// `/readyz` fails) before the process exits, in milliseconds.
+    #[arg(long, env = "MESHBRIDGE_DRAIN", default_value_t = 5000)]
+    pub drain: u64,
     /// Directory of MeshService / AccessRule manifests (YAML, the CRD schema), re-read on
     /// change: the standalone source, usable with or without Kubernetes.
     #[arg(long, env = "MESHBRIDGE_CONFIG_DIR")]
@@ -175,6 +216,24 @@ impl RunArgs {
                 flag: "webhook-cert-dir",
                 message: "the admission webhook is not available in this version of meshbridge"
                     .into(),
+            });
+        }
+        if !(1..=3600).contains(&self.lease_duration) {
+            return Err(ConfigError {
+                flag: "lease-duration",
+                message: format!("{} s is outside 1..=3600", self.lease_duration),
+            });
+        }
+        if self.consul_sync_resync == 0 {
+            return Err(ConfigError {
+                flag: "consul-sync-resync",
+                message: "must be at least 1 second".to_string(),
+            });
+        }
+        if self.drain > 600_000 {
+            return Err(ConfigError {
+                flag: "drain",
+                message: format!("{} ms is more than 10 minutes", self.drain),
             });
         }
         if self.debounce > 60_000 {

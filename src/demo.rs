@@ -148,6 +148,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let run_args = RunArgs {
         kube: KubeMode::Off,
+        namespaces: vec![],
+        leader_election_namespace: None,
+        leader_election_name: "meshbridge-leader".into(),
+        lease_duration: 15,
+        identity: None,
+        consul_sync_node: "meshbridge-k8s".into(),
+        consul_sync_resync: 60,
+        drain: 1000,
         config_dir: Some(args.config_dir.clone()),
         config_poll: 500,
         consul_addr: None,

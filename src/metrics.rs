@@ -42,6 +42,15 @@ pub struct Metrics {
     pub services_emptied: Counter,
     /// Requests to Consul by datacenter and result (`ok`, `error`).
     pub consul_requests: Family<Labels, Counter>,
+    /// Status writes to MeshServices and AccessRules (leader only).
+    pub status_writes: Counter,
+    /// Whether this replica holds the leader Lease (1) or not (0).
+    pub leader: Gauge,
+    /// Consul catalog writes for Kubernetes instances by operation (`register`,
+    /// `deregister`) and result (`ok`, `error`).
+    pub consul_registrations: Family<Labels, Counter>,
+    /// Pods the Kubernetes source keeps.
+    pub kube_pods: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,6 +79,10 @@ impl Metrics {
             config_errors: Gauge::default(),
             services_emptied: Counter::default(),
             consul_requests: Family::default(),
+            status_writes: Counter::default(),
+            leader: Gauge::default(),
+            consul_registrations: Family::default(),
+            kube_pods: Gauge::default(),
         };
         m.registry.register(
             "xds_streams",
@@ -136,6 +149,26 @@ impl Metrics {
             "services_emptied",
             "Changes that removed every instance of a service",
             m.services_emptied.clone(),
+        );
+        m.registry.register(
+            "status_writes",
+            "Status writes to MeshServices and AccessRules",
+            m.status_writes.clone(),
+        );
+        m.registry.register(
+            "leader",
+            "Whether this replica holds the leader Lease",
+            m.leader.clone(),
+        );
+        m.registry.register(
+            "consul_registrations",
+            "Consul catalog writes for Kubernetes instances by operation and result",
+            m.consul_registrations.clone(),
+        );
+        m.registry.register(
+            "kube_pods",
+            "Pods the Kubernetes source keeps",
+            m.kube_pods.clone(),
         );
         m
     }

@@ -40,3 +40,15 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> String {
     // Serializing a CRD (plain maps, strings and numbers) cannot fail.
     serde_norway::to_string(value).unwrap_or_else(|e| panic!("CRD serializes to YAML: {e}"))
 }
+
+/// Name of the sidecar container the injector adds; a pod carrying it is reached through its
+/// Envoy ingress port.
+pub const SIDECAR_CONTAINER: &str = "meshbridge-proxy";
+/// Pod annotation: the sidecar's ingress port (set by the injector; [`DEFAULT_INGRESS_PORT`]
+/// when absent).
+pub const ANNOTATION_INGRESS_PORT: &str = "meshbridge.io/ingress-port";
+/// Pod annotation: comma-separated instance tags (`canary`, `weight:N`, `mtls`, …), with the
+/// meaning Consul tags have.
+pub const ANNOTATION_TAGS: &str = "meshbridge.io/tags";
+/// Ingress port of an injected sidecar unless the pod says otherwise.
+pub const DEFAULT_INGRESS_PORT: u16 = 15006;

@@ -6,6 +6,7 @@
 //! Synchronous and pure: no IO, no clock. A change counter lets the IO shell debounce.
 
 pub mod convert;
+pub mod pods;
 
 use std::collections::BTreeMap;
 

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore};
@@ -103,6 +103,8 @@ struct HealthEntry {
 #[serde(rename_all = "PascalCase")]
 struct HealthNode {
     #[serde(default)]
+    node: String,
+    #[serde(default)]
     address: String,
     #[serde(default)]
     datacenter: Option<String>,
@@ -148,15 +150,19 @@ pub enum HealthPolicy {
 /// Maps a `/v1/health/service/<name>` body to endpoints: address (service address, else
 /// node address), port, tags, weight (`weight:N` tag, else `Weights.Passing` — or
 /// `Weights.Warning` for a warning instance — default 1), datacenter and health.
+///
+/// Instances on `skip_node` (where meshbridge registers pods, which the Kubernetes source
+/// already provides) are left out.
 pub fn parse_health(
     body: &[u8],
     datacenter: &str,
     policy: HealthPolicy,
+    skip_node: Option<&str>,
 ) -> Result<Vec<Endpoint>, serde_json::Error> {
     let entries: Vec<HealthEntry> = serde_json::from_slice(body)?;
     let mut out: Vec<Endpoint> = entries
         .into_iter()
-        .filter(|e| e.service.port > 0)
+        .filter(|e| e.service.port > 0 && skip_node != Some(e.node.node.as_str()))
         .map(|e| {
             let worst = e
                 .checks
@@ -365,6 +371,44 @@ impl ConsulClient {
         Ok((returned, body))
     }
 
+    /// A PUT of a JSON body (catalog writes). Returns the response body.
+    pub async fn put(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<bytes::Bytes, ConsulError> {
+        let url = format!("{}{path}", self.base);
+        let token = self.token.current()?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ConsulError::Config("client closed".into()))?;
+        let mut req = self
+            .http
+            .put(&url)
+            .timeout(Duration::from_secs(10))
+            .json(body);
+        if let Some(t) = token {
+            req = req.header("X-Consul-Token", t);
+        }
+        let transport = |source| ConsulError::Transport {
+            url: url.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(transport)?;
+        if status != 200 {
+            return Err(ConsulError::Status {
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+        }
+        Ok(body)
+    }
+
     /// The agent's own datacenter (`/v1/agent/self`).
     pub async fn agent_datacenter(&self) -> Result<String, ConsulError> {
         let url = format!("{}/v1/agent/self", self.base);
@@ -397,6 +441,8 @@ pub struct ConsulContext {
     /// Flap damping: an instance that failed less than this long ago stays out of rotation
     /// even if its checks pass again (zero: off).
     pub flap_hold: Duration,
+    /// The node meshbridge registers Kubernetes instances on; its instances are skipped.
+    pub own_node: Option<String>,
 }
 
 /// Flap damping, like Consul's own `success_before_passing`: an instance whose checks
@@ -442,13 +488,6 @@ impl FlapDamper {
 /// Index source name of one datacenter.
 pub fn source_name(dc: &str) -> String {
     format!("consul:{dc}")
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 fn seed(text: &str) -> u64 {
@@ -672,15 +711,18 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
             return;
         }
         let (client, dc, tx, policy) = (client.clone(), dc.clone(), tx.clone(), ctx.health);
+        let own_node = ctx.own_node.clone();
         tasks.spawn(async move {
             let path = format!("/v1/health/service/{service}");
             let result = client
                 .get(&path, Some(&dc), 0, 0)
                 .await
                 .and_then(|(_, body)| {
-                    parse_health(&body, &dc, policy).map_err(|source| ConsulError::Malformed {
-                        url: format!("{path}?dc={dc}"),
-                        source,
+                    parse_health(&body, &dc, policy, own_node.as_deref()).map_err(|source| {
+                        ConsulError::Malformed {
+                            url: format!("{path}?dc={dc}"),
+                            source,
+                        }
                     })
                 });
             let _ = tx.send(DcEvent::Fetched { service, result }).await;
@@ -813,7 +855,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
 
 fn mark_synced_if_done(pending: Option<&BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
     if pending.is_some_and(BTreeSet::is_empty) {
-        let now = now_secs();
+        let now = super::now_secs();
         ctx.statuses.update(source, |s| {
             if !s.synced {
                 tracing::info!(source, "first full Consul sync complete");
@@ -969,7 +1011,7 @@ mod tests {
            "Service": {"ID": "c", "Service": "orders", "Tags": [], "Address": "", "Port": 8082},
            "Checks": [{"Status": "critical"}]}
         ]"#;
-        let e = parse_health(body, "dc1", HealthPolicy::PassingOnly).unwrap();
+        let e = parse_health(body, "dc1", HealthPolicy::PassingOnly, None).unwrap();
         assert_eq!(e.len(), 3);
         let a = e.iter().find(|x| x.port == 8080).unwrap();
         assert_eq!(
@@ -985,8 +1027,8 @@ mod tests {
         let c = e.iter().find(|x| x.port == 8082).unwrap();
         assert!(!c.healthy);
         assert_eq!(c.datacenter.as_deref(), Some("dc1"));
-        let w = parse_health(body, "dc1", HealthPolicy::PassingAndWarning).unwrap();
+        let w = parse_health(body, "dc1", HealthPolicy::PassingAndWarning, None).unwrap();
         assert!(w.iter().find(|x| x.port == 8081).unwrap().healthy);
-        assert!(parse_health(b"{not json", "dc1", HealthPolicy::PassingOnly).is_err());
+        assert!(parse_health(b"{not json", "dc1", HealthPolicy::PassingOnly, None).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod consul;
 pub mod files;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
@@ -67,4 +68,12 @@ impl SourceStatuses {
     pub fn all_synced(&self) -> bool {
         self.lock().values().all(|s| s.synced)
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }

@@ -1,0 +1,269 @@
+//! Pods → endpoints (pure).
+//!
+//! A pod selected by a MeshService is an endpoint while it has `status.podIP`, phase
+//! `Running`, condition `Ready=True` and no `deletionTimestamp`. Its port is the sidecar's
+//! ingress port when the pod carries the injected sidecar, otherwise the MeshService's first
+//! port's `targetPort` (default: `port`). Only the few fields meshbridge needs are kept, so
+//! thousands of pods cost little memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::api::mesh_service::MeshServiceSpec;
+use crate::api::{
+    ANNOTATION_INGRESS_PORT, ANNOTATION_TAGS, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER,
+};
+use crate::model::{Endpoint, Origin};
+
+/// What meshbridge keeps of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIP`.
+    pub ip: Option<String>,
+    /// Running, `Ready=True`, not terminating.
+    pub ready: bool,
+    /// The sidecar's ingress port when the pod carries the injected sidecar.
+    pub sidecar_port: Option<u16>,
+    /// Tags from the `meshbridge.io/tags` annotation.
+    pub tags: BTreeSet<String>,
+}
+
+/// Extracts what meshbridge needs from a pod.
+pub fn pod_info(pod: &Pod) -> PodInfo {
+    let meta = &pod.metadata;
+    let annotations = meta.annotations.as_ref();
+    let status = pod.status.as_ref();
+    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+    let ready_condition = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let ip = status
+        .and_then(|s| s.pod_ip.clone())
+        .filter(|ip| !ip.is_empty());
+    let has_sidecar = pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_CONTAINER)
+    });
+    let sidecar_port = has_sidecar.then(|| {
+        annotations
+            .and_then(|a| a.get(ANNOTATION_INGRESS_PORT))
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .filter(|p| *p != 0)
+            .unwrap_or(DEFAULT_INGRESS_PORT)
+    });
+    let tags = annotations
+        .and_then(|a| a.get(ANNOTATION_TAGS))
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    PodInfo {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        labels: meta.labels.clone().unwrap_or_default(),
+        ready: running && ready_condition && ip.is_some() && meta.deletion_timestamp.is_none(),
+        ip,
+        sidecar_port,
+        tags,
+    }
+}
+
+/// Whether `selector` selects a pod with `labels`. An absent or empty selector selects
+/// nothing (a MeshService without a selector has no pods, unlike a label query).
+pub fn selects(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Why a selected pod is not an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotAnEndpoint {
+    /// Not running, not ready, terminating or without an IP.
+    NotReady,
+    /// Neither a sidecar nor a port in the MeshService.
+    NoPort,
+}
+
+/// The endpoint a selected pod gives a MeshService.
+pub fn pod_endpoint(spec: &MeshServiceSpec, pod: &PodInfo) -> Result<Endpoint, NotAnEndpoint> {
+    let (Some(ip), true) = (&pod.ip, pod.ready) else {
+        return Err(NotAnEndpoint::NotReady);
+    };
+    let port = match pod.sidecar_port {
+        Some(p) => p,
+        None => spec
+            .ports
+            .first()
+            .map(|p| p.target_port.unwrap_or(p.port))
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or(NotAnEndpoint::NoPort)?,
+    };
+    Ok(Endpoint {
+        address: ip.clone(),
+        port,
+        origin: Origin::Kubernetes,
+        datacenter: None,
+        weight: Endpoint::weight_from_tags(&pod.tags).unwrap_or(1),
+        tags: pod.tags.clone(),
+        healthy: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::mesh_service::ServicePort;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> PodInfo {
+        pod_info(&serde_json::from_value(v).unwrap())
+    }
+
+    fn ready_pod(extra: serde_json::Value) -> serde_json::Value {
+        let mut p = json!({
+            "metadata": {"name": "orders-1", "namespace": "shop", "labels": {"app": "orders"}},
+            "spec": {"containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        });
+        merge(&mut p, extra);
+        p
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn spec(port: u32, target: Option<u32>) -> MeshServiceSpec {
+        MeshServiceSpec {
+            ports: vec![ServicePort {
+                port,
+                target_port: target,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_ready_pod_without_sidecar_is_reached_on_the_target_port() {
+        let e = pod_endpoint(&spec(80, Some(8080)), &pod(ready_pod(json!({})))).unwrap();
+        assert_eq!(
+            (e.address.as_str(), e.port, e.origin),
+            ("10.0.0.7", 8080, Origin::Kubernetes)
+        );
+        let e = pod_endpoint(&spec(80, None), &pod(ready_pod(json!({})))).unwrap();
+        assert_eq!(e.port, 80);
+    }
+
+    #[test]
+    fn an_injected_pod_is_reached_through_its_sidecar() {
+        let injected = ready_pod(
+            json!({"spec": {"containers": [{"name": "app"}, {"name": SIDECAR_CONTAINER}]}}),
+        );
+        assert_eq!(
+            pod_endpoint(&spec(80, None), &pod(injected.clone()))
+                .unwrap()
+                .port,
+            DEFAULT_INGRESS_PORT
+        );
+        let mut custom = injected;
+        merge(
+            &mut custom,
+            json!({"metadata": {"annotations": {ANNOTATION_INGRESS_PORT: "31000"}}}),
+        );
+        assert_eq!(
+            pod_endpoint(&MeshServiceSpec::default(), &pod(custom))
+                .unwrap()
+                .port,
+            31000
+        );
+        // A native sidecar (init container with restartPolicy Always) counts too.
+        let native = ready_pod(
+            json!({"spec": {"initContainers": [{"name": SIDECAR_CONTAINER, "restartPolicy": "Always"}]}}),
+        );
+        assert_eq!(pod(native).sidecar_port, Some(DEFAULT_INGRESS_PORT));
+    }
+
+    #[test]
+    fn only_running_ready_live_pods_with_an_ip_are_endpoints() {
+        let s = spec(80, None);
+        for (why, extra) in [
+            ("pending", json!({"status": {"phase": "Pending"}})),
+            (
+                "not ready",
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            ),
+            ("no ip", json!({"status": {"podIP": ""}})),
+            (
+                "terminating",
+                json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+        ] {
+            assert_eq!(
+                pod_endpoint(&s, &pod(ready_pod(extra))),
+                Err(NotAnEndpoint::NotReady),
+                "{why}"
+            );
+        }
+        assert_eq!(
+            pod_endpoint(&MeshServiceSpec::default(), &pod(ready_pod(json!({})))),
+            Err(NotAnEndpoint::NoPort)
+        );
+    }
+
+    #[test]
+    fn tags_come_from_the_annotation_with_their_consul_meaning() {
+        let p = pod(ready_pod(
+            json!({"metadata": {"annotations": {ANNOTATION_TAGS: "canary, weight:5,"}}}),
+        ));
+        let e = pod_endpoint(&spec(80, None), &p).unwrap();
+        assert!(e.is_canary());
+        assert_eq!(e.weight, 5);
+    }
+
+    #[test]
+    fn selectors_match_all_labels_and_empty_selects_nothing() {
+        let labels: BTreeMap<_, _> = [
+            ("app".to_string(), "orders".to_string()),
+            ("tier".to_string(), "web".to_string()),
+        ]
+        .into();
+        let sel = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(selects(Some(&sel(&[("app", "orders")])), &labels));
+        assert!(!selects(
+            Some(&sel(&[("app", "orders"), ("tier", "db")])),
+            &labels
+        ));
+        assert!(!selects(Some(&sel(&[])), &labels));
+        assert!(!selects(None, &labels));
+    }
+}

@@ -1,0 +1,247 @@
+//! The Kubernetes source: watchers for MeshServices, AccessRules and Pods feeding the index.
+//!
+//! Each watcher (kube-runtime `watcher`, with its backoff) lists, then watches; a relist
+//! (first start, `410 Gone`, a broken watch) replaces everything that watcher covers, so a
+//! deletion missed during a watch gap disappears too. Between relists, each event updates only
+//! the index keys it affects. The source is synced once every watcher has listed once.
+
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use crate::api::{AccessRule, MeshService};
+use crate::index::Index;
+use crate::index::pods::{PodInfo, pod_info};
+use crate::sources::SourceStatuses;
+
+pub use store::{KubeStore, ObjectKey};
+
+/// Source name (index and `/api/sources`).
+pub const SOURCE: &str = "kubernetes";
+
+/// What the Kubernetes source shares with the rest of the control plane.
+#[derive(Clone)]
+pub struct KubeContext {
+    /// The index sources apply into.
+    pub index: Arc<Mutex<Index>>,
+    /// Signalled when the index changed.
+    pub changed: Arc<Notify>,
+    /// Source health.
+    pub statuses: Arc<SourceStatuses>,
+    /// What the watchers have seen (read by the status reconcilers and the Consul sync).
+    pub store: Arc<Mutex<KubeStore>>,
+    /// Counts store changes (status and Consul registration follow it).
+    pub store_epoch: watch::Sender<u64>,
+    /// Becomes true once every watcher has listed once.
+    pub synced: watch::Sender<bool>,
+}
+
+enum Watched {
+    Service(Event<MeshService>),
+    Rule(Event<AccessRule>),
+    Pod(Event<PodInfo>),
+}
+
+/// Keeps only what meshbridge needs of a pod, as soon as it arrives.
+fn slim(event: Event<Pod>) -> Event<PodInfo> {
+    match event {
+        Event::Apply(p) => Event::Apply(pod_info(&p)),
+        Event::Delete(p) => Event::Delete(pod_info(&p)),
+        Event::Init => Event::Init,
+        Event::InitApply(p) => Event::InitApply(pod_info(&p)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// Relist buffers and sync progress of one watcher.
+#[derive(Default)]
+struct Progress {
+    services: Option<Vec<MeshService>>,
+    rules: Option<Vec<AccessRule>>,
+    pods: Option<Vec<PodInfo>>,
+    listed: bool,
+}
+
+/// Runs the watchers (cluster-wide, or one set per namespace in `namespaces`) until the
+/// process ends.
+pub async fn run(client: Client, namespaces: Vec<String>, ctx: KubeContext) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let mut streams = Vec::new();
+    for (i, scope) in scopes.iter().enumerate() {
+        let (services, rules, pods): (Api<MeshService>, Api<AccessRule>, Api<Pod>) = match scope {
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+        };
+        let config = watcher::Config::default;
+        streams.push(
+            watcher::watcher(services, config())
+                .default_backoff()
+                .map(move |e| (3 * i, e.map(Watched::Service)))
+                .boxed(),
+        );
+        streams.push(
+            watcher::watcher(rules, config())
+                .default_backoff()
+                .map(move |e| (3 * i + 1, e.map(Watched::Rule)))
+                .boxed(),
+        );
+        streams.push(
+            watcher::watcher(pods, config())
+                .default_backoff()
+                .map(move |e| (3 * i + 2, e.map(|e| Watched::Pod(slim(e)))))
+                .boxed(),
+        );
+    }
+    let mut progress: Vec<Progress> = (0..streams.len()).map(|_| Progress::default()).collect();
+    let mut all = futures::stream::select_all(streams);
+    ctx.statuses.register(SOURCE, "kubernetes");
+    let mut failing: BTreeSet<usize> = BTreeSet::new();
+    while let Some((id, item)) = all.next().await {
+        let scope = scopes[id / 3].as_deref();
+        match item {
+            Err(e) => {
+                if failing.insert(id) {
+                    warn!(error = %e, watcher = id, "Kubernetes watch failed; retrying with backoff");
+                }
+                let message = format!("{}: {e}", ["meshservices", "accessrules", "pods"][id % 3]);
+                ctx.statuses.update(SOURCE, |s| s.error = Some(message));
+            }
+            Ok(event) => {
+                if failing.remove(&id) && failing.is_empty() {
+                    ctx.statuses.update(SOURCE, |s| s.error = None);
+                }
+                handle(&ctx, &mut progress, id, scope, event);
+            }
+        }
+    }
+}
+
+fn handle(
+    ctx: &KubeContext,
+    progress: &mut [Progress],
+    id: usize,
+    scope: Option<&str>,
+    event: Watched,
+) {
+    let p = &mut progress[id];
+    let mut keys = Vec::new();
+    let mut relisted = false;
+    {
+        let mut store = ctx.store.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            Watched::Service(Event::Init) => p.services = Some(Vec::new()),
+            Watched::Service(Event::InitApply(o)) => p.services.get_or_insert_default().push(o),
+            Watched::Service(Event::InitDone) => {
+                store.replace_services(scope, p.services.take().unwrap_or_default());
+                relisted = true;
+            }
+            Watched::Service(Event::Apply(o)) => keys = store.apply_service(o),
+            Watched::Service(Event::Delete(o)) => {
+                keys = store.delete_service(&ObjectKey::of(&o.metadata))
+            }
+            Watched::Rule(Event::Init) => p.rules = Some(Vec::new()),
+            Watched::Rule(Event::InitApply(o)) => p.rules.get_or_insert_default().push(o),
+            Watched::Rule(Event::InitDone) => {
+                store.replace_rules(scope, p.rules.take().unwrap_or_default());
+                relisted = true;
+            }
+            Watched::Rule(Event::Apply(o)) => keys = store.apply_rule(o),
+            Watched::Rule(Event::Delete(o)) => {
+                keys = store.delete_rule(&ObjectKey::of(&o.metadata))
+            }
+            Watched::Pod(Event::Init) => p.pods = Some(Vec::new()),
+            Watched::Pod(Event::InitApply(o)) => p.pods.get_or_insert_default().push(o),
+            Watched::Pod(Event::InitDone) => {
+                store.replace_pods(scope, p.pods.take().unwrap_or_default());
+                relisted = true;
+            }
+            Watched::Pod(Event::Apply(o)) => keys = store.apply_pod(o),
+            Watched::Pod(Event::Delete(o)) => {
+                keys = store.delete_pod(&o.namespace, &o.name);
+            }
+        }
+        let changed = {
+            let mut index = ctx.index.lock().unwrap_or_else(|e| e.into_inner());
+            if relisted {
+                index.reset(SOURCE, store.all_index_objects())
+            } else {
+                let mut changed = false;
+                for key in &keys {
+                    changed |= match store.index_objects(key) {
+                        Some(objects) => index.apply(SOURCE, key, objects),
+                        None => index.delete(SOURCE, key),
+                    };
+                }
+                changed
+            }
+        };
+        if changed {
+            ctx.changed.notify_one();
+        }
+    }
+    ctx.store_epoch.send_modify(|e| *e += 1);
+    if relisted && !p.listed {
+        p.listed = true;
+        if progress.iter().all(|p| p.listed) {
+            info!(
+                pods = ctx
+                    .store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pod_count(),
+                "Kubernetes source synced"
+            );
+            let now = crate::sources::now_secs();
+            ctx.statuses.update(SOURCE, |s| {
+                s.synced = true;
+                s.last_sync = Some(now);
+            });
+            ctx.synced.send_replace(true);
+        }
+    } else if relisted {
+        let now = crate::sources::now_secs();
+        ctx.statuses.update(SOURCE, |s| s.last_sync = Some(now));
+    }
+}
+
+/// Builds a client for `--kube auto`: in-cluster configuration when running in a pod, else
+/// the file `KUBECONFIG` names. `None` when neither is present (no Kubernetes source).
+pub async fn client_from_environment() -> anyhow::Result<Option<Client>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let kubeconfig = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
+    if !in_cluster && kubeconfig.is_none() {
+        return Ok(None);
+    }
+    let config = if in_cluster {
+        kube::Config::incluster()
+            .map_err(|e| anyhow::anyhow!("in-cluster Kubernetes configuration: {e}"))?
+    } else {
+        let options = kube::config::KubeConfigOptions::default();
+        kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| anyhow::anyhow!("KUBECONFIG {:?}: {e}", kubeconfig.unwrap_or_default()))?
+    };
+    let client = Client::try_from(config).map_err(|e| anyhow::anyhow!("Kubernetes client: {e}"))?;
+    Ok(Some(client))
+}

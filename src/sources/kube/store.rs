@@ -1,0 +1,406 @@
+//! What the Kubernetes watchers have seen, and the index objects it becomes (pure).
+//!
+//! MeshServices, AccessRules and pods arrive one event at a time or as a whole relist; each
+//! call returns the index keys whose objects changed, so the watcher loop updates only those.
+//! A MeshService whose spec stops validating keeps its last valid spec in force (its pods
+//! still come and go) and reports the errors; one that never validated contributes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::{AccessRule, MeshService};
+use crate::index::convert::{self, FieldError};
+use crate::index::pods::{NotAnEndpoint, PodInfo, pod_endpoint, selects};
+use crate::index::{AccessDeclaration, IndexObject};
+use crate::model::Endpoint;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of a namespaced object.
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        ObjectKey {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A MeshService as seen, and what of it is in force.
+#[derive(Clone, Debug)]
+pub struct ServiceEntry {
+    /// The latest object (status dropped).
+    pub object: MeshService,
+    /// The latest object that validated.
+    pub in_force: Option<MeshService>,
+    /// Problems of `object`; empty when it validated.
+    pub errors: Vec<FieldError>,
+}
+
+/// An AccessRule as seen, and what of it is in force.
+#[derive(Clone, Debug)]
+pub struct RuleEntry {
+    /// The latest object (status dropped).
+    pub object: AccessRule,
+    /// The latest declaration that validated.
+    pub in_force: Option<AccessDeclaration>,
+    /// Problems of `object`; empty when it validated.
+    pub errors: Vec<FieldError>,
+}
+
+/// The pods a MeshService selects, by what became of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodCounts {
+    /// Selected pods that are endpoints.
+    pub ready: u32,
+    /// Selected pods that are not ready (yet).
+    pub not_ready: u32,
+    /// Ready pods that have no port to be reached on.
+    pub no_port: u32,
+}
+
+/// A ready pod of a MeshService that asks for Consul registration.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodInstance {
+    /// Mesh-wide service name.
+    pub service: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod IP.
+    pub address: String,
+    /// The port callers use (the sidecar's ingress port when injected).
+    pub port: u16,
+    /// Tags: the MeshService's `spec.consul.tags` and the pod's own.
+    pub tags: BTreeSet<String>,
+    /// The MeshService that asked.
+    pub owner: ObjectKey,
+}
+
+/// The Kubernetes objects meshbridge uses.
+#[derive(Clone, Debug, Default)]
+pub struct KubeStore {
+    services: BTreeMap<ObjectKey, ServiceEntry>,
+    rules: BTreeMap<ObjectKey, RuleEntry>,
+    pods: BTreeMap<String, BTreeMap<String, PodInfo>>,
+}
+
+/// Index key of a MeshService.
+pub fn service_index_key(key: &ObjectKey) -> String {
+    format!("MeshService/{key}")
+}
+
+/// Index key of an AccessRule.
+pub fn rule_index_key(key: &ObjectKey) -> String {
+    format!("AccessRule/{key}")
+}
+
+fn in_scope(namespace: &str, scope: Option<&str>) -> bool {
+    scope.is_none_or(|s| s == namespace)
+}
+
+impl KubeStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A MeshService was added or modified.
+    pub fn apply_service(&mut self, mut object: MeshService) -> Vec<String> {
+        object.status = None;
+        let key = ObjectKey::of(&object.metadata);
+        let precedence = precedence(&object);
+        let errors = convert::mesh_service(&object, precedence)
+            .err()
+            .unwrap_or_default();
+        let previous = self.services.remove(&key);
+        let in_force = if errors.is_empty() {
+            Some(object.clone())
+        } else {
+            previous.and_then(|p| p.in_force)
+        };
+        self.services.insert(
+            key.clone(),
+            ServiceEntry {
+                object,
+                in_force,
+                errors,
+            },
+        );
+        vec![service_index_key(&key)]
+    }
+
+    /// A MeshService was deleted.
+    pub fn delete_service(&mut self, key: &ObjectKey) -> Vec<String> {
+        self.services.remove(key);
+        vec![service_index_key(key)]
+    }
+
+    /// Every MeshService in `scope` (a namespace, or all) is `objects` (after a relist).
+    pub fn replace_services(&mut self, scope: Option<&str>, objects: Vec<MeshService>) {
+        let old = std::mem::take(&mut self.services);
+        let (kept, mut replaced): (BTreeMap<_, _>, BTreeMap<_, _>) = old
+            .into_iter()
+            .partition(|(k, _)| !in_scope(&k.namespace, scope));
+        self.services = kept;
+        for object in objects {
+            // Keep the last valid spec of an object that is still there.
+            let key = ObjectKey::of(&object.metadata);
+            if let Some(previous) = replaced.remove(&key) {
+                self.services.insert(key, previous);
+            }
+            self.apply_service(object);
+        }
+    }
+
+    /// An AccessRule was added or modified.
+    pub fn apply_rule(&mut self, mut object: AccessRule) -> Vec<String> {
+        object.status = None;
+        let key = ObjectKey::of(&object.metadata);
+        let previous = self.rules.remove(&key);
+        let (in_force, errors) = match convert::access_rule(&object, key.to_string()) {
+            Ok(decl) => (Some(decl), Vec::new()),
+            Err(errors) => (previous.and_then(|p| p.in_force), errors),
+        };
+        self.rules.insert(
+            key.clone(),
+            RuleEntry {
+                object,
+                in_force,
+                errors,
+            },
+        );
+        vec![rule_index_key(&key)]
+    }
+
+    /// An AccessRule was deleted.
+    pub fn delete_rule(&mut self, key: &ObjectKey) -> Vec<String> {
+        self.rules.remove(key);
+        vec![rule_index_key(key)]
+    }
+
+    /// Every AccessRule in `scope` is `objects` (after a relist).
+    pub fn replace_rules(&mut self, scope: Option<&str>, objects: Vec<AccessRule>) {
+        let old = std::mem::take(&mut self.rules);
+        let (kept, mut replaced): (BTreeMap<_, _>, BTreeMap<_, _>) = old
+            .into_iter()
+            .partition(|(k, _)| !in_scope(&k.namespace, scope));
+        self.rules = kept;
+        for object in objects {
+            let key = ObjectKey::of(&object.metadata);
+            if let Some(previous) = replaced.remove(&key) {
+                self.rules.insert(key, previous);
+            }
+            self.apply_rule(object);
+        }
+    }
+
+    /// A pod was added or modified. Returns the MeshServices it affects.
+    pub fn apply_pod(&mut self, pod: PodInfo) -> Vec<String> {
+        let previous = self
+            .pods
+            .entry(pod.namespace.clone())
+            .or_default()
+            .insert(pod.name.clone(), pod.clone());
+        if previous.as_ref() == Some(&pod) {
+            return Vec::new();
+        }
+        let mut affected = self.selecting(&pod);
+        if let Some(p) = previous {
+            affected.extend(self.selecting(&p));
+        }
+        affected.sort();
+        affected.dedup();
+        affected
+    }
+
+    /// A pod was deleted.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Vec<String> {
+        let removed = self
+            .pods
+            .get_mut(namespace)
+            .and_then(|pods| pods.remove(name));
+        if self.pods.get(namespace).is_some_and(BTreeMap::is_empty) {
+            self.pods.remove(namespace);
+        }
+        removed.map(|p| self.selecting(&p)).unwrap_or_default()
+    }
+
+    /// Every pod in `scope` is `pods` (after a relist).
+    pub fn replace_pods(&mut self, scope: Option<&str>, pods: Vec<PodInfo>) {
+        self.pods.retain(|ns, _| !in_scope(ns, scope));
+        for pod in pods {
+            self.pods
+                .entry(pod.namespace.clone())
+                .or_default()
+                .insert(pod.name.clone(), pod);
+        }
+    }
+
+    fn selecting(&self, pod: &PodInfo) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(k, e)| {
+                k.namespace == pod.namespace
+                    && e.in_force
+                        .as_ref()
+                        .is_some_and(|o| selects(o.spec.selector.as_ref(), &pod.labels))
+            })
+            .map(|(k, _)| service_index_key(k))
+            .collect()
+    }
+
+    fn selected_pods<'a>(
+        &'a self,
+        key: &ObjectKey,
+        object: &'a MeshService,
+    ) -> impl Iterator<Item = &'a PodInfo> {
+        self.pods
+            .get(&key.namespace)
+            .into_iter()
+            .flat_map(|pods| pods.values())
+            .filter(move |p| selects(object.spec.selector.as_ref(), &p.labels))
+    }
+
+    /// The endpoints a MeshService's pods give it.
+    fn pod_endpoints(&self, key: &ObjectKey, object: &MeshService) -> Vec<Endpoint> {
+        self.selected_pods(key, object)
+            .filter_map(|p| pod_endpoint(&object.spec, p).ok())
+            .collect()
+    }
+
+    /// The index objects under `index_key`; `None` when there are none (delete the key).
+    pub fn index_objects(&self, index_key: &str) -> Option<Vec<IndexObject>> {
+        let (kind, rest) = index_key.split_once('/')?;
+        let (namespace, name) = rest.split_once('/')?;
+        let key = ObjectKey {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match kind {
+            "MeshService" => {
+                let object = self.services.get(&key)?.in_force.as_ref()?;
+                let mut decl = convert::mesh_service(object, precedence(object)).ok()?;
+                decl.endpoints.extend(self.pod_endpoints(&key, object));
+                decl.endpoints.sort();
+                decl.endpoints.dedup();
+                Some(vec![IndexObject::Service(decl)])
+            }
+            "AccessRule" => {
+                let decl = self.rules.get(&key)?.in_force.clone()?;
+                Some(vec![IndexObject::Access(decl)])
+            }
+            _ => None,
+        }
+    }
+
+    /// Every index object (what `Index::reset` takes after a relist).
+    pub fn all_index_objects(&self) -> BTreeMap<String, Vec<IndexObject>> {
+        let keys = self
+            .services
+            .keys()
+            .map(service_index_key)
+            .chain(self.rules.keys().map(rule_index_key));
+        keys.filter_map(|k| self.index_objects(&k).map(|o| (k, o)))
+            .collect()
+    }
+
+    /// A MeshService as seen.
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceEntry> {
+        self.services.get(key)
+    }
+
+    /// Every MeshService as seen.
+    pub fn services(&self) -> impl Iterator<Item = (&ObjectKey, &ServiceEntry)> {
+        self.services.iter()
+    }
+
+    /// An AccessRule as seen.
+    pub fn rule(&self, key: &ObjectKey) -> Option<&RuleEntry> {
+        self.rules.get(key)
+    }
+
+    /// Every AccessRule as seen.
+    pub fn rules(&self) -> impl Iterator<Item = (&ObjectKey, &RuleEntry)> {
+        self.rules.iter()
+    }
+
+    /// How many pods there are.
+    pub fn pod_count(&self) -> usize {
+        self.pods.values().map(BTreeMap::len).sum()
+    }
+
+    /// What became of the pods a MeshService (its spec in force) selects.
+    pub fn pod_counts(&self, key: &ObjectKey) -> PodCounts {
+        let mut counts = PodCounts::default();
+        let Some(object) = self.services.get(key).and_then(|e| e.in_force.as_ref()) else {
+            return counts;
+        };
+        for pod in self.selected_pods(key, object) {
+            match pod_endpoint(&object.spec, pod) {
+                Ok(_) => counts.ready += 1,
+                Err(NotAnEndpoint::NotReady) => counts.not_ready += 1,
+                Err(NotAnEndpoint::NoPort) => counts.no_port += 1,
+            }
+        }
+        counts
+    }
+
+    /// Ready pod instances of MeshServices with `spec.consul.register`.
+    pub fn consul_instances(&self) -> Vec<PodInstance> {
+        let mut out = Vec::new();
+        for (key, entry) in &self.services {
+            let Some(object) = &entry.in_force else {
+                continue;
+            };
+            let Some(consul) = object.spec.consul.as_ref().filter(|c| c.register) else {
+                continue;
+            };
+            let Some(service) = convert::service_name(object) else {
+                continue;
+            };
+            for pod in self.selected_pods(key, object) {
+                let Ok(endpoint) = pod_endpoint(&object.spec, pod) else {
+                    continue;
+                };
+                let mut tags: BTreeSet<String> = consul.tags.iter().cloned().collect();
+                tags.extend(pod.tags.iter().cloned());
+                out.push(PodInstance {
+                    service: service.clone(),
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    address: endpoint.address,
+                    port: endpoint.port,
+                    tags,
+                    owner: key.clone(),
+                });
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Orders competing claims on one name: the oldest object wins, then namespace and name.
+pub fn precedence(object: &MeshService) -> String {
+    let created = object
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    format!("{created}/{}", ObjectKey::of(&object.metadata))
+}

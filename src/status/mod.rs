@@ -1,0 +1,271 @@
+//! Status of MeshServices and AccessRules (pure): what meshbridge did with each resource,
+//! in conditions an operator can read with `kubectl get -o yaml` / `kubectl describe`.
+//!
+//! Conditions follow the Kubernetes API conventions: `Synced` (the spec of this generation is
+//! in force, or why not), `Ready` (the service has instances to send traffic to; the rule's
+//! target exists) and, only when something is wrong, `Degraded` with a CamelCase reason. A
+//! condition keeps its `lastTransitionTime` while its status stays the same, so recomputing an
+//! unchanged status gives an equal value and nothing is written.
+
+pub mod lease;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+
+use crate::api::access_rule::AccessRuleStatus;
+use crate::api::mesh_service::{Condition, MeshServiceStatus};
+use crate::index::NameConflict;
+use crate::model::{MeshState, glob_match};
+use crate::sources::kube::store::{ObjectKey, PodCounts, RuleEntry, ServiceEntry, precedence};
+
+/// What a status is computed from, besides the object itself.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    /// The published mesh state.
+    pub state: &'a MeshState,
+    /// Name conflicts of the published state.
+    pub conflicts: &'a [NameConflict],
+    /// RFC 3339 time stamped on conditions that change now.
+    pub now: &'a str,
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        last_transition_time: None,
+    }
+}
+
+/// Stamps transition times: kept from `previous` while a condition's status is unchanged.
+fn stamp(mut conditions: Vec<Condition>, previous: &[Condition], now: &str) -> Vec<Condition> {
+    for c in &mut conditions {
+        c.last_transition_time = previous
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+            .and_then(|p| p.last_transition_time.clone())
+            .or_else(|| Some(now.to_string()));
+    }
+    conditions
+}
+
+fn errors_text(errors: &[crate::index::convert::FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The status a MeshService should have.
+pub fn mesh_service_status(
+    entry: &ServiceEntry,
+    pods: &PodCounts,
+    registration_error: Option<&str>,
+    view: View<'_>,
+    previous: Option<&MeshServiceStatus>,
+) -> MeshServiceStatus {
+    let object = &entry.object;
+    let generation = object.metadata.generation;
+    let in_force = entry.in_force.as_ref();
+    let name = in_force
+        .and_then(crate::index::convert::service_name)
+        .unwrap_or_default();
+    let conflict = in_force.and_then(|o| {
+        let mine = precedence(o);
+        view.conflicts
+            .iter()
+            .find(|c| c.service == name && c.loser == mine)
+    });
+    let mut conditions = Vec::new();
+    let mut degraded: Option<(&str, String)> = None;
+    if entry.errors.is_empty() {
+        conditions.push(condition(
+            "Synced",
+            true,
+            "Applied",
+            format!("generation {} is in force", generation.unwrap_or(0)),
+        ));
+    } else {
+        let kept = match in_force {
+            Some(o) => format!(
+                "; generation {} stays in force",
+                o.metadata.generation.unwrap_or(0)
+            ),
+            None => "; nothing is in force".to_string(),
+        };
+        let text = errors_text(&entry.errors);
+        conditions.push(condition(
+            "Synced",
+            false,
+            "InvalidSpec",
+            format!("{text}{kept}"),
+        ));
+        degraded = Some(("InvalidSpec", text));
+    }
+    let mut instances = BTreeMap::new();
+    let service = view
+        .state
+        .services
+        .get(&name)
+        .filter(|_| conflict.is_none());
+    if let Some(service) = service {
+        for e in service.healthy_endpoints() {
+            *instances.entry(e.origin.to_string()).or_insert(0u32) += 1;
+        }
+    }
+    let total: u32 = instances.values().sum();
+    let ready = if let Some(c) = conflict {
+        let text = format!(
+            "service name {:?} is claimed by an older declaration ({}); this one is not used",
+            c.service, c.winner
+        );
+        degraded = Some(("NameConflict", text.clone()));
+        condition("Ready", false, "NameConflict", text)
+    } else if in_force.is_none() {
+        condition(
+            "Ready",
+            false,
+            "InvalidSpec",
+            "no valid spec has been seen".to_string(),
+        )
+    } else if total > 0 {
+        let by_origin = instances
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        condition(
+            "Ready",
+            true,
+            "InstancesAvailable",
+            format!("{total} healthy instance(s): {by_origin}"),
+        )
+    } else {
+        condition(
+            "Ready",
+            false,
+            "NoInstances",
+            format!(
+                "no healthy instance ({} selected pod(s) not ready)",
+                pods.not_ready
+            ),
+        )
+    };
+    conditions.push(ready);
+    if degraded.is_none() && pods.no_port > 0 {
+        degraded = Some((
+            "NoPort",
+            format!(
+                "{} ready pod(s) have no port: add spec.ports or inject the sidecar",
+                pods.no_port
+            ),
+        ));
+    }
+    if degraded.is_none()
+        && let Some(e) = registration_error
+    {
+        degraded = Some(("RegistrationFailed", format!("Consul registration: {e}")));
+    }
+    if let Some((reason, message)) = degraded {
+        conditions.push(condition("Degraded", true, reason, message));
+    }
+    let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    MeshServiceStatus {
+        observed_generation: generation,
+        conditions: stamp(conditions, previous_conditions, view.now),
+        instances,
+    }
+}
+
+/// The status an AccessRule should have.
+pub fn access_rule_status(
+    key: &ObjectKey,
+    entry: &RuleEntry,
+    view: View<'_>,
+    previous: Option<&AccessRuleStatus>,
+) -> AccessRuleStatus {
+    let object = &entry.object;
+    let known =
+        |caller: &str| caller == "*" || view.state.services.keys().any(|s| glob_match(caller, s));
+    let mut resolved = Vec::new();
+    let mut unknown = Vec::new();
+    for caller in object.spec.rules.iter().flat_map(|r| r.from.iter()) {
+        let list = if known(caller) {
+            &mut resolved
+        } else {
+            &mut unknown
+        };
+        if !list.contains(caller) {
+            list.push(caller.clone());
+        }
+    }
+    resolved.sort();
+    unknown.sort();
+    let mut conditions = Vec::new();
+    if entry.errors.is_empty() {
+        conditions.push(condition(
+            "Synced",
+            true,
+            "Applied",
+            format!(
+                "generation {} is in force",
+                object.metadata.generation.unwrap_or(0)
+            ),
+        ));
+    } else {
+        let text = errors_text(&entry.errors);
+        let kept = if entry.in_force.is_some() {
+            "; the last valid spec stays in force"
+        } else {
+            "; nothing is in force"
+        };
+        conditions.push(condition(
+            "Synced",
+            false,
+            "InvalidSpec",
+            format!("{text}{kept}"),
+        ));
+    }
+    let target = &object.spec.target;
+    let target_known = view.state.services.contains_key(target);
+    conditions.push(if target_known {
+        condition(
+            "Ready",
+            true,
+            "TargetFound",
+            format!("protects service {target:?}"),
+        )
+    } else {
+        condition(
+            "Ready",
+            false,
+            "UnknownTarget",
+            format!("no service named {target:?} is known (from {key})"),
+        )
+    });
+    if !entry.errors.is_empty() {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "InvalidSpec",
+            errors_text(&entry.errors),
+        ));
+    } else if !unknown.is_empty() {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "UnknownCallers",
+            format!("no known service matches {}", unknown.join(", ")),
+        ));
+    }
+    let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    AccessRuleStatus {
+        observed_generation: object.metadata.generation,
+        conditions: stamp(conditions, previous_conditions, view.now),
+        resolved_callers: resolved,
+        unknown_callers: unknown,
+    }
+}

@@ -1,0 +1,300 @@
+//! Status reconcilers (kube-runtime `Controller`), run by the leader only.
+//!
+//! Each reconcile computes the status an object should have from what the Kubernetes source
+//! has seen and the published mesh state, and writes it with server-side apply on the
+//! `status` subresource (field manager `meshbridge`) only when it differs from what the
+//! object carries. Every object is reconciled again whenever the source's store or the
+//! published state moves. Significant transitions become Kubernetes Events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{View, access_rule_status, mesh_service_status};
+use crate::api::access_rule::AccessRuleStatus;
+use crate::api::mesh_service::{Condition, MeshServiceStatus};
+use crate::api::{AccessRule, MeshService};
+use crate::index::NameConflict;
+use crate::model::MeshState;
+use crate::sources::kube::{KubeStore, ObjectKey};
+
+/// Field manager of every write meshbridge makes.
+pub const FIELD_MANAGER: &str = "meshbridge";
+
+/// The published state, as the status reconcilers see it.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// The mesh state.
+    pub state: MeshState,
+    /// Its name conflicts.
+    pub conflicts: Vec<NameConflict>,
+}
+
+/// What the reconcilers share.
+pub struct StatusContext {
+    /// Kubernetes client.
+    pub client: Client,
+    /// What the Kubernetes source has seen.
+    pub store: Arc<Mutex<KubeStore>>,
+    /// The last published state.
+    pub published: watch::Receiver<Arc<Published>>,
+    /// Consul registration problems by MeshService.
+    pub registration_errors: Arc<Mutex<BTreeMap<ObjectKey, String>>>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Status writes.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    written_services: Mutex<HashMap<ObjectKey, MeshServiceStatus>>,
+    written_rules: Mutex<HashMap<ObjectKey, AccessRuleStatus>>,
+}
+
+impl StatusContext {
+    /// A context; `identity` names this replica in Events.
+    pub fn new(
+        client: Client,
+        store: Arc<Mutex<KubeStore>>,
+        published: watch::Receiver<Arc<Published>>,
+        registration_errors: Arc<Mutex<BTreeMap<ObjectKey, String>>>,
+        metrics: Arc<crate::metrics::Metrics>,
+        identity: &str,
+    ) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: Some(identity.to_string()),
+        };
+        StatusContext {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            store,
+            published,
+            registration_errors,
+            metrics,
+            written_services: Mutex::default(),
+            written_rules: Mutex::default(),
+        }
+    }
+}
+
+/// A failed status write.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the status of {object}: {source}")]
+pub struct StatusError {
+    object: String,
+    #[source]
+    source: kube::Error,
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Conditions whose status changed (or appeared), for Events.
+fn transitions<'a>(previous: &[Condition], now: &'a [Condition]) -> Vec<&'a Condition> {
+    now.iter()
+        .filter(|c| {
+            !previous
+                .iter()
+                .any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason)
+        })
+        .collect()
+}
+
+async fn record<K: Resource<DynamicType = ()>>(
+    ctx: &StatusContext,
+    object: &K,
+    changed: &[&Condition],
+) {
+    for c in changed {
+        let warning = match (c.type_.as_str(), c.status.as_str()) {
+            ("Degraded", "True") | ("Synced", "False") => true,
+            ("Ready", "False") => c.reason != "NoInstances",
+            _ => false,
+        };
+        if !warning && c.type_ == "Degraded" {
+            continue;
+        }
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: c.reason.clone(),
+            note: Some(c.message.chars().take(1000).collect()),
+            action: format!("{}{}", c.type_, c.status),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+            debug!(error = %e, "cannot record an Event");
+        }
+    }
+}
+
+async fn reconcile_service(
+    object: Arc<MeshService>,
+    ctx: Arc<StatusContext>,
+) -> Result<Action, StatusError> {
+    let key = ObjectKey::of(&object.metadata);
+    let (entry, counts) = {
+        let store = lock(&ctx.store);
+        (store.service(&key).cloned(), store.pod_counts(&key))
+    };
+    // Not seen by the source yet: the store's next change brings it back.
+    let Some(entry) = entry else {
+        return Ok(Action::await_change());
+    };
+    let registration_error = lock(&ctx.registration_errors).get(&key).cloned();
+    let published = ctx.published.borrow().clone();
+    let now = now_rfc3339();
+    let view = View {
+        state: &published.state,
+        conflicts: &published.conflicts,
+        now: &now,
+    };
+    let current = object.status.as_ref();
+    let desired = mesh_service_status(
+        &entry,
+        &counts,
+        registration_error.as_deref(),
+        view,
+        current,
+    );
+    if current == Some(&desired) || lock(&ctx.written_services).get(&key) == Some(&desired) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": "meshbridge.io/v1alpha1",
+        "kind": "MeshService",
+        "status": desired,
+    });
+    api.patch_status(
+        &key.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| StatusError {
+        object: format!("MeshService {key}"),
+        source,
+    })?;
+    ctx.metrics.status_writes.inc();
+    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    record(
+        &ctx,
+        object.as_ref(),
+        &transitions(previous, &desired.conditions),
+    )
+    .await;
+    lock(&ctx.written_services).insert(key, desired);
+    Ok(Action::await_change())
+}
+
+async fn reconcile_rule(
+    object: Arc<AccessRule>,
+    ctx: Arc<StatusContext>,
+) -> Result<Action, StatusError> {
+    let key = ObjectKey::of(&object.metadata);
+    let Some(entry) = lock(&ctx.store).rule(&key).cloned() else {
+        return Ok(Action::await_change());
+    };
+    let published = ctx.published.borrow().clone();
+    let now = now_rfc3339();
+    let view = View {
+        state: &published.state,
+        conflicts: &published.conflicts,
+        now: &now,
+    };
+    let current = object.status.as_ref();
+    let desired = access_rule_status(&key, &entry, view, current);
+    if current == Some(&desired) || lock(&ctx.written_rules).get(&key) == Some(&desired) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<AccessRule> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": "meshbridge.io/v1alpha1",
+        "kind": "AccessRule",
+        "status": desired,
+    });
+    api.patch_status(
+        &key.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| StatusError {
+        object: format!("AccessRule {key}"),
+        source,
+    })?;
+    ctx.metrics.status_writes.inc();
+    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    record(
+        &ctx,
+        object.as_ref(),
+        &transitions(previous, &desired.conditions),
+    )
+    .await;
+    lock(&ctx.written_rules).insert(key, desired);
+    Ok(Action::await_change())
+}
+
+fn retry_later<K>(object: Arc<K>, error: &StatusError, _ctx: Arc<StatusContext>) -> Action
+where
+    K: ResourceExt,
+{
+    warn!(error = %error, object = %object.name_any(), "status write failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both reconcilers until `stop` completes. `trigger` yields whenever every object
+/// should be looked at again (the store or the published state moved).
+pub async fn run<T>(
+    ctx: Arc<StatusContext>,
+    namespace: Option<String>,
+    trigger: impl Fn() -> T,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) where
+    T: futures::Stream<Item = ()> + Send + 'static,
+{
+    let (services, rules): (Api<MeshService>, Api<AccessRule>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let stop = futures::future::FutureExt::shared(Box::pin(stop));
+    // Written objects come back through the watch; let a burst of those settle into one pass.
+    let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(200));
+    let services = Controller::new(services, watcher::Config::default())
+        .with_config(config.clone())
+        .reconcile_all_on(trigger())
+        .graceful_shutdown_on(stop.clone())
+        .run(reconcile_service, retry_later, ctx.clone())
+        .for_each(|_| async {});
+    let rules = Controller::new(rules, watcher::Config::default())
+        .with_config(config)
+        .reconcile_all_on(trigger())
+        .graceful_shutdown_on(stop)
+        .run(reconcile_rule, retry_later, ctx)
+        .for_each(|_| async {});
+    futures::future::join(services, rules).await;
+}
