@@ -269,3 +269,166 @@ pub fn access_rule_status(
         unknown_callers: unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+    use crate::index::pods::pod_info;
+    use crate::sources::kube::store::KubeStore;
+    use serde_json::json;
+
+    fn store_with(spec: serde_json::Value, ready_pods: usize) -> (KubeStore, ObjectKey) {
+        let mut store = KubeStore::new();
+        store.apply_service(
+            serde_json::from_value(json!({
+                "metadata": {"name": "orders", "namespace": "shop", "generation": 3,
+                             "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": spec,
+            }))
+            .unwrap(),
+        );
+        for i in 0..ready_pods {
+            store.apply_pod(pod_info(
+                &serde_json::from_value(json!({
+                    "metadata": {"name": format!("o{i}"), "namespace": "shop", "labels": {"app": "orders"}},
+                    "status": {"phase": "Running", "podIP": format!("10.0.0.{i}"),
+                               "conditions": [{"type": "Ready", "status": "True"}]},
+                }))
+                .unwrap(),
+            ));
+        }
+        (
+            store,
+            ObjectKey {
+                namespace: "shop".into(),
+                name: "orders".into(),
+            },
+        )
+    }
+
+    fn state_of(store: &KubeStore) -> (MeshState, Vec<NameConflict>) {
+        let mut index = Index::new();
+        index.reset("kubernetes", store.all_index_objects());
+        index.build()
+    }
+
+    fn status_of(
+        store: &KubeStore,
+        key: &ObjectKey,
+        now: &str,
+        previous: Option<&MeshServiceStatus>,
+    ) -> MeshServiceStatus {
+        let (state, conflicts) = state_of(store);
+        let view = View {
+            state: &state,
+            conflicts: &conflicts,
+            now,
+        };
+        mesh_service_status(
+            store.service(key).unwrap(),
+            &store.pod_counts(key),
+            None,
+            view,
+            previous,
+        )
+    }
+
+    fn find<'a>(s: &'a MeshServiceStatus, t: &str) -> Option<&'a Condition> {
+        s.conditions.iter().find(|c| c.type_ == t)
+    }
+
+    #[test]
+    fn a_healthy_service_is_synced_and_ready_with_counts_by_origin() {
+        let (store, key) = store_with(
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}],
+                                             "endpoints": [{"address": "10.1.1.1", "port": 9000}]}),
+            2,
+        );
+        let s = status_of(&store, &key, "t1", None);
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(
+            s.instances,
+            BTreeMap::from([("config".to_string(), 1), ("kubernetes".to_string(), 2)])
+        );
+        assert_eq!(find(&s, "Ready").unwrap().status, "True");
+        assert_eq!(find(&s, "Synced").unwrap().reason, "Applied");
+        assert!(find(&s, "Degraded").is_none());
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_status_gives_an_equal_value() {
+        let (store, key) = store_with(
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}]}),
+            1,
+        );
+        let first = status_of(&store, &key, "t1", None);
+        let again = status_of(&store, &key, "t2", Some(&first));
+        assert_eq!(
+            first, again,
+            "times are kept while nothing changes, so nothing is written"
+        );
+        let (store, key) = store_with(
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}]}),
+            0,
+        );
+        let changed = status_of(&store, &key, "t3", Some(&first));
+        let ready = find(&changed, "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NoInstances")
+        );
+        assert_eq!(ready.last_transition_time.as_deref(), Some("t3"));
+        assert_eq!(
+            find(&changed, "Synced")
+                .unwrap()
+                .last_transition_time
+                .as_deref(),
+            Some("t1")
+        );
+    }
+
+    #[test]
+    fn ready_pods_without_a_port_make_the_service_degraded() {
+        let (store, key) = store_with(json!({"selector": {"app": "orders"}}), 2);
+        let s = status_of(&store, &key, "t", None);
+        let d = find(&s, "Degraded").unwrap();
+        assert_eq!(d.reason, "NoPort");
+        assert!(d.message.starts_with("2 ready pod(s)"), "{}", d.message);
+    }
+
+    #[test]
+    fn an_access_rule_reports_unknown_callers_and_target() {
+        let (mut store, _) = store_with(
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}]}),
+            1,
+        );
+        store.apply_rule(
+            serde_json::from_value(json!({
+                "metadata": {"name": "r", "namespace": "shop", "generation": 1},
+                "spec": {"target": "payments", "rules": [{"from": ["orders", "ghost", "ord*", "*"]}]},
+            }))
+            .unwrap(),
+        );
+        let (state, conflicts) = state_of(&store);
+        let key = ObjectKey {
+            namespace: "shop".into(),
+            name: "r".into(),
+        };
+        let view = View {
+            state: &state,
+            conflicts: &conflicts,
+            now: "t",
+        };
+        let s = access_rule_status(&key, store.rule(&key).unwrap(), view, None);
+        assert_eq!(s.unknown_callers, vec!["ghost".to_string()]);
+        assert_eq!(
+            s.resolved_callers,
+            vec!["*".to_string(), "ord*".to_string(), "orders".to_string()]
+        );
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, "UnknownTarget");
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.reason, "UnknownCallers");
+    }
+}

@@ -298,3 +298,143 @@ pub async fn run<T>(
         .for_each(|_| async {});
     futures::future::join(services, rules).await;
 }
+
+/// Reconciler tests the kube-rs way: a `tower-test` mock stands in for the API server and
+/// verifies each request the reconciler makes.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+    use crate::index::pods::pod_info;
+    use http::{Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context() -> (Arc<StatusContext>, Handle, MeshService) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let object: MeshService = serde_json::from_value(json!({
+            "apiVersion": "meshbridge.io/v1alpha1", "kind": "MeshService",
+            "metadata": {"name": "orders", "namespace": "shop", "generation": 2, "uid": "u1"},
+            "spec": {"selector": {"app": "orders"}, "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        let mut store = KubeStore::new();
+        store.apply_service(object.clone());
+        store.apply_pod(pod_info(
+            &serde_json::from_value(json!({
+                "metadata": {"name": "o1", "namespace": "shop", "labels": {"app": "orders"}},
+                "status": {"phase": "Running", "podIP": "10.0.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }))
+            .unwrap(),
+        ));
+        let mut index = Index::new();
+        index.reset("kubernetes", store.all_index_objects());
+        let (state, conflicts) = index.build();
+        let (_tx, published) = watch::channel(Arc::new(Published { state, conflicts }));
+        std::mem::forget(_tx);
+        let ctx = StatusContext::new(
+            client,
+            Arc::new(Mutex::new(store)),
+            published,
+            Arc::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+            "replica-1",
+        );
+        (Arc::new(ctx), handle, object)
+    }
+
+    async fn body_json(request: Request<Body>) -> serde_json::Value {
+        let bytes = request.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_status_is_applied_to_the_status_subresource_then_announced() {
+        let (ctx, mut handle, object) = context();
+        let stored = serde_json::to_value(&object).unwrap();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("a status patch");
+            assert_eq!(request.method(), http::Method::PATCH);
+            let uri = request.uri().to_string();
+            assert!(
+                uri.starts_with(
+                    "/apis/meshbridge.io/v1alpha1/namespaces/shop/meshservices/orders/status?"
+                ),
+                "{uri}"
+            );
+            assert!(
+                uri.contains("fieldManager=meshbridge") && uri.contains("force=true"),
+                "{uri}"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+            let body = body_json(request).await;
+            assert_eq!(body["status"]["observedGeneration"], 2);
+            assert_eq!(body["status"]["instances"]["kubernetes"], 1);
+            // The server answers with the whole object, status included.
+            let mut answer = stored;
+            answer["status"] = body["status"].clone();
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&answer).unwrap(),
+            )));
+            // Two transitions (Synced, Ready) become two Events.
+            let mut reasons = Vec::new();
+            for _ in 0..2 {
+                let (request, send) = handle.next_request().await.expect("an event");
+                assert_eq!(request.method(), http::Method::POST);
+                assert!(
+                    request.uri().path().ends_with("/namespaces/shop/events"),
+                    "{}",
+                    request.uri()
+                );
+                let event = body_json(request).await;
+                reasons.push(event["reason"].as_str().unwrap().to_string());
+                send.send_response(Response::new(Body::from(
+                    serde_json::to_vec(&event).unwrap(),
+                )));
+            }
+            reasons.sort();
+            assert_eq!(reasons, vec!["Applied", "InstancesAvailable"]);
+        });
+        reconcile_service(Arc::new(object), ctx.clone())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ctx.metrics.status_writes.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_object_already_carrying_its_status_causes_no_request() {
+        let (ctx, mut handle, mut object) = context();
+        let published = ctx.published.borrow().clone();
+        let (entry, counts) = {
+            let store = lock(&ctx.store);
+            let key = ObjectKey::of(&object.metadata);
+            (
+                store.service(&key).cloned().unwrap(),
+                store.pod_counts(&key),
+            )
+        };
+        let view = View {
+            state: &published.state,
+            conflicts: &published.conflicts,
+            now: "2026-11-23T00:00:00Z",
+        };
+        object.status = Some(mesh_service_status(&entry, &counts, None, view, None));
+        reconcile_service(Arc::new(object), ctx.clone())
+            .await
+            .unwrap();
+        let nothing = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+        assert!(nothing.is_err(), "no request expected");
+        assert_eq!(ctx.metrics.status_writes.get(), 0);
+    }
+}

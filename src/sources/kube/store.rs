@@ -404,3 +404,165 @@ pub fn precedence(object: &MeshService) -> String {
         .unwrap_or_default();
     format!("{created}/{}", ObjectKey::of(&object.metadata))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::pods::pod_info;
+    use serde_json::json;
+
+    fn service(name: &str, spec: serde_json::Value, generation: i64) -> MeshService {
+        serde_json::from_value(json!({
+            "apiVersion": "meshbridge.io/v1alpha1", "kind": "MeshService",
+            "metadata": {"name": name, "namespace": "shop", "generation": generation},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, app: &str, ip: &str, ready: bool) -> PodInfo {
+        pod_info(
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+                "status": {"phase": "Running", "podIP": ip,
+                           "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn endpoints(store: &KubeStore, key: &str) -> Vec<String> {
+        match store.index_objects(key).as_deref() {
+            Some([IndexObject::Service(d)]) => d
+                .endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.address, e.port))
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pod_events_touch_only_the_services_that_select_them() {
+        let mut store = KubeStore::new();
+        store.apply_service(service(
+            "orders",
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}]}),
+            1,
+        ));
+        store.apply_service(service(
+            "billing",
+            json!({"selector": {"app": "billing"}, "ports": [{"port": 81}]}),
+            1,
+        ));
+        assert_eq!(
+            store.apply_pod(pod("o1", "orders", "10.0.0.1", true)),
+            vec!["MeshService/shop/orders"]
+        );
+        // Relabelled: both the old and the new owner change.
+        let mut moved = store.apply_pod(pod("o1", "billing", "10.0.0.1", true));
+        moved.sort();
+        assert_eq!(
+            moved,
+            vec!["MeshService/shop/billing", "MeshService/shop/orders"]
+        );
+        assert_eq!(
+            endpoints(&store, "MeshService/shop/billing"),
+            vec!["10.0.0.1:81"]
+        );
+        assert!(endpoints(&store, "MeshService/shop/orders").is_empty());
+        // An identical update changes nothing.
+        assert!(
+            store
+                .apply_pod(pod("o1", "billing", "10.0.0.1", true))
+                .is_empty()
+        );
+        assert_eq!(
+            store.delete_pod("shop", "o1"),
+            vec!["MeshService/shop/billing"]
+        );
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_valid_spec_and_its_pods() {
+        let mut store = KubeStore::new();
+        store.apply_service(service(
+            "orders",
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 80}]}),
+            1,
+        ));
+        store.apply_pod(pod("o1", "orders", "10.0.0.1", true));
+        store.apply_service(service(
+            "orders",
+            json!({"selector": {"app": "orders"}, "ports": [{"port": 70000}]}),
+            2,
+        ));
+        let key = ObjectKey {
+            namespace: "shop".into(),
+            name: "orders".into(),
+        };
+        let entry = store.service(&key).unwrap();
+        assert_eq!(entry.errors[0].field, "spec.ports[0].port");
+        assert_eq!(
+            entry.in_force.as_ref().unwrap().metadata.generation,
+            Some(1)
+        );
+        assert_eq!(
+            endpoints(&store, "MeshService/shop/orders"),
+            vec!["10.0.0.1:80"]
+        );
+        store.apply_pod(pod("o2", "orders", "10.0.0.2", true));
+        assert_eq!(endpoints(&store, "MeshService/shop/orders").len(), 2);
+        // Never valid: contributes nothing, but is kept for its status.
+        store.apply_service(service("broken", json!({"ports": [{"port": 0}]}), 1));
+        assert!(store.index_objects("MeshService/shop/broken").is_none());
+        assert!(
+            !store
+                .service(&ObjectKey {
+                    namespace: "shop".into(),
+                    name: "broken".into()
+                })
+                .unwrap()
+                .errors
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_relist_drops_what_disappeared_in_its_scope_only() {
+        let mut store = KubeStore::new();
+        store.apply_service(service("orders", json!({"selector": {"app": "orders"}}), 1));
+        store.apply_pod(pod("o1", "orders", "10.0.0.1", true));
+        let mut other = pod("x", "orders", "10.0.0.9", true);
+        other.namespace = "elsewhere".into();
+        store.apply_pod(other);
+        store.replace_pods(Some("shop"), vec![pod("o2", "orders", "10.0.0.2", true)]);
+        assert_eq!(store.pod_count(), 2, "the other namespace is not touched");
+        store.replace_services(None, vec![]);
+        assert!(store.all_index_objects().is_empty());
+    }
+
+    #[test]
+    fn counts_and_consul_instances_follow_readiness() {
+        let mut store = KubeStore::new();
+        store.apply_service(service("orders", json!({"selector": {"app": "orders"}, "ports": [{"port": 80}], "consul": {"register": true, "tags": ["blue"]}}), 1));
+        store.apply_pod(pod("o1", "orders", "10.0.0.1", true));
+        store.apply_pod(pod("o2", "orders", "10.0.0.2", false));
+        let key = ObjectKey {
+            namespace: "shop".into(),
+            name: "orders".into(),
+        };
+        assert_eq!(
+            store.pod_counts(&key),
+            PodCounts {
+                ready: 1,
+                not_ready: 1,
+                no_port: 0
+            }
+        );
+        let instances = store.consul_instances();
+        assert_eq!(instances.len(), 1);
+        assert_eq!((instances[0].pod.as_str(), instances[0].port), ("o1", 80));
+        assert!(instances[0].tags.contains("blue"));
+    }
+}
