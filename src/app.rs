@@ -45,8 +45,7 @@ pub struct ControlPlane {
     pub metrics: Arc<Metrics>,
     /// Index generation of the last published state.
     pub published: AtomicU64,
-    /// Latched once every source has synced and that sync is published (`/readyz`);
-    /// cleared again when shutdown starts.
+    /// Latched once every source has synced and that sync is published (`/readyz`).
     pub ready: Arc<AtomicBool>,
     /// The last published state and its name conflicts (for status).
     pub published_view: watch::Sender<Arc<Published>>,
@@ -415,18 +414,21 @@ pub async fn run(
                 },
             ),
     );
+    let draining = Arc::new(AtomicBool::new(false));
     let router = admin::router(AdminState {
         cache: cp.cache.clone(),
         registry: cp.registry.clone(),
         sources: cp.sources.clone(),
         metrics: cp.metrics.clone(),
         ready: cp.ready.clone(),
+        draining: draining.clone(),
     });
     {
         let cp = cp.clone();
         tokio::spawn(async move { cp.become_ready().await });
     }
-    let mut admin_stop = stop_rx.clone();
+    // The admin server outlives the drain, so `/readyz` answers 503 meanwhile.
+    let (admin_stop_tx, mut admin_stop) = watch::channel(false);
     let admin = tokio::spawn(async move {
         axum::serve(admin_listener, router)
             .with_graceful_shutdown(async move {
@@ -444,18 +446,16 @@ pub async fn run(
         drain_ms = args.drain,
         "shutting down: refusing new streams, draining existing ones"
     );
-    cp.ready.store(false, Ordering::Release);
+    draining.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     if let Some(task) = lease_task {
         // Releases the Lease so another replica leads at once.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
     // Streams are long-lived: serve them until they go or the drain period ends.
-    let _ = tokio::time::timeout(drain, async {
-        let _ = xds.await;
-        let _ = admin.await;
-    })
-    .await;
+    let _ = tokio::time::timeout(drain, xds).await;
+    let _ = admin_stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin).await;
     Ok(())
 }
 

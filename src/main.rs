@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: sources → index → snapshots → xDS, and the admin API.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Print an Envoy bootstrap (YAML) for a legacy host (VM / Mesos task).
     Bootstrap(bootstrap::BootstrapOptions),
     /// Print the CustomResourceDefinitions (the same bytes as crds/*.yaml).

@@ -850,11 +850,17 @@ async fn status_subresource_and_generation() {
 #[tokio::test]
 async fn finalizers_delay_deletion() {
     let fake = FakeKube::start().await;
+    eprintln!("DBG line 852");
     let client = client(&fake);
+    eprintln!("DBG line 853");
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
+    eprintln!("DBG line 854");
     let mut ms = mesh_service("fin", "fin");
+    eprintln!("DBG line 855");
     ms.metadata.finalizers = Some(vec!["meshbridge.io/cleanup".into()]);
+    eprintln!("DBG line 856");
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
+    eprintln!("DBG line 857");
 
     let mut events = msvcs
         .watch(
@@ -873,13 +879,20 @@ async fn finalizers_delay_deletion() {
         .left()
         .unwrap();
     assert!(deleted.metadata.deletion_timestamp.is_some());
+    eprintln!("DBG line 875");
     assert_eq!(deleted.metadata.deletion_grace_period_seconds, Some(0));
+    eprintln!("DBG line 876");
     let still = msvcs.get("fin").await.unwrap();
+    eprintln!("DBG line 877");
     assert!(still.metadata.deletion_timestamp.is_some());
+    eprintln!("DBG line 878");
     // Deleting again changes nothing.
     let rv = fake.resource_version();
+    eprintln!("DBG line 880");
     msvcs.delete("fin", &DeleteParams::default()).await.unwrap();
+    eprintln!("DBG line 881");
     assert_eq!(fake.resource_version(), rv);
+    eprintln!("DBG line 882");
     // Status writes do not finish a deletion; removing the finalizer does.
     msvcs
         .patch_status(
@@ -890,6 +903,7 @@ async fn finalizers_delay_deletion() {
         .await
         .unwrap();
     assert!(msvcs.get_opt("fin").await.unwrap().is_some());
+    eprintln!("DBG line 892");
     msvcs
         .patch(
             "fin",
@@ -899,8 +913,10 @@ async fn finalizers_delay_deletion() {
         .await
         .unwrap();
     assert!(msvcs.get_opt("fin").await.unwrap().is_none());
+    eprintln!("DBG line 901");
 
     let mut seen = Vec::new();
+    eprintln!("DBG line 903");
     while seen.len() < 4 {
         match timed("watch events", events.next()).await.unwrap().unwrap() {
             WatchEvent::Modified(o) => {
@@ -922,20 +938,30 @@ async fn finalizers_delay_deletion() {
             ("DELETED", true)
         ]
     );
+    eprintln!("DBG line 924");
 
     // The test-side delete honours finalizers too.
     fake.apply(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "held", "finalizers": ["x/y"]},
     }));
+    eprintln!("DBG line 930");
     assert!(fake.delete("v1", "ConfigMap", None, "held"));
+    eprintln!("DBG line 931");
     let held = fake.get("v1", "ConfigMap", None, "held").unwrap();
+    eprintln!("DBG line 932");
     assert!(held["metadata"]["deletionTimestamp"].is_string());
+    eprintln!("DBG line 933");
     let mut cleared = held.clone();
+    eprintln!("DBG line 934");
     cleared["metadata"]["finalizers"] = json!([]);
+    eprintln!("DBG line 935");
     fake.apply(cleared);
+    eprintln!("DBG line 936");
     assert!(fake.get("v1", "ConfigMap", None, "held").is_none());
+    eprintln!("DBG line 937");
     assert!(!fake.delete("v1", "ConfigMap", None, "held"));
+    eprintln!("DBG line 938");
 }
 
 #[tokio::test]

@@ -36,6 +36,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once every source has synced and the state built from that sync is published.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when shutdown starts: `/readyz` fails while existing streams drain.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The admin router.
@@ -60,7 +62,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         .filter(|x| !x.synced)
         .map(|x| x.name)
         .collect();
-    if s.ready.load(std::sync::atomic::Ordering::Acquire) {
+    if s.draining.load(std::sync::atomic::Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down: draining existing streams\n",
+        )
+            .into_response()
+    } else if s.ready.load(std::sync::atomic::Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else if pending.is_empty() {
         (

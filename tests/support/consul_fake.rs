@@ -1018,13 +1018,14 @@ impl FakeConsul {
     }
 
     /// While on, requests that would succeed answer `200` with the usual headers and a body
-    /// that is not valid JSON (and do not block).
+    /// that is not valid JSON (and do not block). Catalog writes are still applied.
     pub fn set_malformed(&self, on: bool) {
         self.shared.lock().malformed = on;
     }
 
-    /// While on, requests for datacenter `dc` (by `?dc=`, or the agent's own datacenter when
-    /// absent) answer `500` with body [`NO_PATH_TO_DC`].
+    /// While on, requests for datacenter `dc` (by `?dc=` for reads, the body's `Datacenter`
+    /// for writes, or the agent's own datacenter when absent) answer `500` with body
+    /// [`NO_PATH_TO_DC`] (writes change nothing).
     pub fn set_dc_unreachable(&self, dc: &str, on: bool) {
         let mut st = self.shared.lock();
         if on {

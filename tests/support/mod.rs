@@ -167,6 +167,7 @@ pub struct ControlPlane {
     pub xds_port: u16,
     pub admin_port: u16,
     extra: Vec<String>,
+    kubeconfig: Option<std::path::PathBuf>,
     child: Option<Child>,
 }
 
@@ -188,17 +189,65 @@ impl ControlPlane {
             xds_port: free_port(),
             admin_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            kubeconfig: None,
             child: None,
         };
         cp.spawn();
         cp
     }
 
+    /// Starts meshbridge with the Kubernetes source on (`--kube auto` with `KUBECONFIG`),
+    /// without waiting for readiness.
+    pub fn start_kube(
+        kubeconfig: &std::path::Path,
+        manifests: &str,
+        extra: &[&str],
+    ) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
+        let mut cp = ControlPlane {
+            dir,
+            xds_port: free_port(),
+            admin_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            kubeconfig: Some(kubeconfig.to_path_buf()),
+            child: None,
+        };
+        cp.spawn();
+        cp
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("meshbridge.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
-        cmd.arg("run")
-            .args(["--kube", "off", "--config-poll", "100"]);
+        cmd.arg("run").args(["--config-poll", "100"]);
+        match &self.kubeconfig {
+            Some(path) => {
+                cmd.args(["--kube", "auto"]).env("KUBECONFIG", path);
+            }
+            None => {
+                cmd.args(["--kube", "off"]).env_remove("KUBECONFIG");
+            }
+        }
+        cmd.env_remove("KUBERNETES_SERVICE_HOST");
         if !self.extra.iter().any(|a| a == "--debounce") {
             cmd.args(["--debounce", "50"]);
         }

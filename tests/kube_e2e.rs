@@ -1,0 +1,615 @@
+//! The Kubernetes source end to end: the real `meshbridge` binary pointed at the Kubernetes
+//! API fake through a kubeconfig, real Envoys, and (for registration) the Consul fake.
+//! Every test also checks that each request meshbridge made is granted by the ClusterRole
+//! the Helm chart ships.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/consul_fake.rs"]
+mod consul_fake;
+#[path = "support/kube_fake.rs"]
+mod kube_fake;
+mod support;
+
+use std::time::Duration;
+
+use consul_fake::{FakeConsul, Instance};
+use kube_fake::FakeKube;
+use serde_json::{Value, json};
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
+
+const LIMIT: Duration = Duration::from_secs(20);
+const MS: &str = "meshbridge.io/v1alpha1";
+
+fn mesh_service(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": MS,
+        "kind": "MeshService",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": spec,
+    })
+}
+
+/// A pod of `app`, ready, with an injected sidecar whose ingress port is `port` (so each pod
+/// can live on 127.0.0.1 with its own port).
+fn pod(name: &str, app: &str, port: u16, ready: bool) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "labels": {"app": app},
+            "annotations": {"meshbridge.io/ingress-port": port.to_string()},
+        },
+        "spec": {"containers": [{"name": "app", "image": "app"}, {"name": "meshbridge-proxy", "image": "envoy"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+        },
+    })
+}
+
+fn legacy(deps: &[&str]) -> EnvoyOptions {
+    EnvoyOptions {
+        service: "legacy".into(),
+        dependencies: deps.iter().map(|s| s.to_string()).collect(),
+        egress: true,
+        ..Default::default()
+    }
+}
+
+async fn start(kube: &FakeKube, extra: &[&str]) -> ControlPlane {
+    // The kubeconfig outlives the test's temporary directories (it is tiny).
+    let dir = tempfile::tempdir().unwrap().keep();
+    let kubeconfig = kube.write_kubeconfig(&dir);
+    let mut cp = ControlPlane::start_kube(&kubeconfig, "", extra);
+    cp.wait_ready().await;
+    cp
+}
+
+/// Instances of `service` in `/api/services`, as `(port, healthy)`.
+async fn instances(cp: &ControlPlane, service: &str) -> Vec<(u64, String)> {
+    let services = cp.admin_json("/api/services").await;
+    services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter(|i| i["healthy"] == true)
+        .map(|i| {
+            (
+                i["port"].as_u64().unwrap(),
+                i["origin"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Distinct backends answering through `envoy` for `host` over a few calls.
+async fn answering(envoy: &Envoy, host: &str, calls: usize) -> std::collections::BTreeSet<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..calls {
+        if let Ok(r) = envoy.call(host, "/").await
+            && r.status == 200
+        {
+            seen.insert(r.body.split(':').next().unwrap_or_default().to_string());
+        }
+    }
+    seen
+}
+
+/// Every (verb, resource) meshbridge used is granted by the chart's ClusterRole.
+fn assert_rbac_covers(kube: &FakeKube) {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/meshbridge/templates/clusterrole.yaml"
+    ))
+    .unwrap();
+    let role: Value = serde_norway::from_str(&text).unwrap();
+    assert_eq!(role["kind"], "ClusterRole");
+    let rules = role["rules"].as_array().unwrap();
+    let has = |list: &Value, item: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|v| v == item || v == "*"))
+    };
+    let mut missing = std::collections::BTreeSet::new();
+    for r in kube.requests() {
+        if r.resource.is_empty() {
+            continue; // discovery
+        }
+        let resource = match &r.subresource {
+            Some(s) => format!("{}/{s}", r.resource),
+            None => r.resource.clone(),
+        };
+        let granted = rules.iter().any(|rule| {
+            has(&rule["apiGroups"], &r.group)
+                && has(&rule["resources"], &resource)
+                && has(&rule["verbs"], &r.verb)
+        });
+        if !granted {
+            missing.insert(format!("{} {}/{}", r.verb, r.group, resource));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the chart's ClusterRole does not grant: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_pods_become_endpoints_and_leave_when_unready_or_deleted() {
+    let kube = FakeKube::start().await;
+    let (a, b) = (
+        Backend::start("orders", "pod-a").await,
+        Backend::start("orders", "pod-b").await,
+    );
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "ports": [{"port": 8080}]}),
+    ));
+    kube.apply(pod("orders-a", "orders", a.port, true));
+    kube.apply(pod("orders-b", "orders", b.port, true));
+    kube.apply(pod("orders-c", "orders", 1, false));
+    kube.apply(pod("other", "billing", 2, true));
+    let cp = start(&kube, &[]).await;
+    let envoy = Envoy::start(&cp, legacy(&["orders"])).await;
+
+    eventually(LIMIT, "both pods answer", || async {
+        let seen = answering(&envoy, "orders", 12).await;
+        (seen.len() == 2).then_some(())
+    })
+    .await;
+    let mut ports: Vec<u64> = instances(&cp, "orders")
+        .await
+        .into_iter()
+        .map(|(p, o)| {
+            assert_eq!(o, "kubernetes");
+            p
+        })
+        .collect();
+    ports.sort();
+    let mut want = vec![u64::from(a.port), u64::from(b.port)];
+    want.sort();
+    assert_eq!(
+        ports, want,
+        "only the two ready pods, on their sidecar ports"
+    );
+
+    // Unready: out of the assignment.
+    kube.apply(pod("orders-a", "orders", a.port, false));
+    eventually(LIMIT, "the unready pod leaves", || async {
+        let seen = answering(&envoy, "orders", 8).await;
+        (seen.len() == 1 && seen.contains("hello from orders pod-b")).then_some(())
+    })
+    .await;
+    // Deleted: the service has no instance left; callers get a local reply, not a hang.
+    kube.delete("v1", "Pod", Some("shop"), "orders-b");
+    eventually(LIMIT, "the deleted pod leaves", || async {
+        let r = envoy.call("orders", "/").await.ok()?;
+        (r.status == 503).then_some(())
+    })
+    .await;
+    assert!(instances(&cp, "orders").await.is_empty());
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_broken_by_410_gone_recovers_without_losing_a_deletion() {
+    let kube = FakeKube::start().await;
+    let (a, b) = (
+        Backend::start("orders", "pod-a").await,
+        Backend::start("orders", "pod-b").await,
+    );
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}}),
+    ));
+    kube.apply(pod("orders-a", "orders", a.port, true));
+    kube.apply(pod("orders-b", "orders", b.port, true));
+    let cp = start(&kube, &[]).await;
+    let envoy = Envoy::start(&cp, legacy(&["orders"])).await;
+    eventually(LIMIT, "both pods answer", || async {
+        (answering(&envoy, "orders", 12).await.len() == 2).then_some(())
+    })
+    .await;
+    eventually(LIMIT, "watches open", || async {
+        (kube.open_watches() >= 3).then_some(())
+    })
+    .await;
+    let lists_before = kube.count("list", "pods");
+
+    // The history is compacted: open watches end with 410 Gone; the pod is deleted before
+    // meshbridge can watch again, so no DELETED event ever reaches it — only the relist.
+    kube.compact();
+    kube.delete("v1", "Pod", Some("shop"), "orders-a");
+    kube.compact();
+    eventually(LIMIT, "the deletion is seen after the relist", || async {
+        let seen = answering(&envoy, "orders", 8).await;
+        (seen.len() == 1 && seen.contains("hello from orders pod-b")).then_some(())
+    })
+    .await;
+    assert!(
+        kube.count("list", "pods") > lists_before,
+        "pods were listed again"
+    );
+    assert_eq!(instances(&cp, "orders").await.len(), 1);
+    // And the source goes on watching: a new pod arrives through the new watch.
+    let c = Backend::start("orders", "pod-c").await;
+    kube.apply(pod("orders-c", "orders", c.port, true));
+    eventually(LIMIT, "a pod added after the relist answers", || async {
+        answering(&envoy, "orders", 12)
+            .await
+            .contains("hello from orders pod-c")
+            .then_some(())
+    })
+    .await;
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_backed_service_and_a_consul_service_call_each_other() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let orders_app = Backend::start("orders", "pod").await;
+    let billing_app = Backend::start("billing", "vm").await;
+    let (orders_ingress, billing_ingress) = (support::free_port(), support::free_port());
+    // orders runs in Kubernetes (a pod with the sidecar); billing on a VM known to Consul.
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "dependencies": [{"service": "billing"}]}),
+    ));
+    kube.apply(pod("orders-1", "orders", orders_ingress, true));
+    consul.register(
+        "dc1",
+        Instance::new("billing", "billing-vm-1", "127.0.0.1", billing_ingress),
+    );
+    let cp = start(
+        &kube,
+        &["--consul-addr", &consul.url(), "--consul-datacenter", "dc1"],
+    )
+    .await;
+    let orders = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "orders".into(),
+            ingress_port: Some(orders_ingress),
+            app_port: Some(orders_app.port),
+            egress: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let billing = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "billing".into(),
+            dependencies: vec!["orders".into()],
+            ingress_port: Some(billing_ingress),
+            app_port: Some(billing_app.port),
+            egress: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = orders
+        .wait_call("billing", "pod → VM", |r| r.status == 200)
+        .await;
+    assert!(r.body.starts_with("hello from billing vm"), "{}", r.body);
+    let r = billing
+        .wait_call("orders", "VM → pod", |r| r.status == 200)
+        .await;
+    assert!(r.body.starts_with("hello from orders pod"), "{}", r.body);
+    assert_rbac_covers(&kube);
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn lease_holder(kube: &FakeKube) -> Option<String> {
+    kube.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        Some("default"),
+        "meshbridge-leader",
+    )?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+        .filter(|h| !h.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_written_once_by_the_leader_and_a_second_replica_takes_over() {
+    let kube = FakeKube::start().await;
+    let a = Backend::start("orders", "pod-a").await;
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}}),
+    ));
+    kube.apply(pod("orders-a", "orders", a.port, true));
+    kube.apply(pod("orders-b", "orders", a.port + 1, true));
+    let lease = ["--lease-duration", "2", "--identity"];
+    let mut first = start(&kube, &[lease[0], lease[1], lease[2], "first"]).await;
+    let get = || kube.get(MS, "MeshService", Some("shop"), "orders").unwrap();
+    let status = eventually(LIMIT, "Ready with two pod instances", || async {
+        let o = get();
+        (condition(&o, "Ready")?["status"] == "True").then_some(o["status"].clone())
+    })
+    .await;
+    assert_eq!(status["instances"], json!({"kubernetes": 2}));
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(lease_holder(&kube).as_deref(), Some("first"));
+    let second = start(&kube, &[lease[0], lease[1], lease[2], "second"]).await;
+    // Nothing changes: no more writes from either replica, whatever the time.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let writes = kube.count("patch", "meshservices/status");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        kube.count("patch", "meshservices/status"),
+        writes,
+        "status is not rewritten"
+    );
+    assert_eq!(writes, 1, "one write for one state");
+    assert_eq!(lease_holder(&kube).as_deref(), Some("first"));
+
+    // An invalid spec: the last valid one stays in force, and the status says why.
+    let mut bad = mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "dependencies": [{"service": "billing", "timeout": "soon"}]}),
+    );
+    bad["metadata"]["generation"] = json!(2);
+    kube.apply(bad);
+    let synced = eventually(LIMIT, "Synced=False", || async {
+        let o = get();
+        let c = condition(&o, "Synced")?.clone();
+        (c["status"] == "False").then_some(c)
+    })
+    .await;
+    assert_eq!(synced["reason"], "InvalidSpec");
+    assert!(
+        synced["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.dependencies[0].timeout"),
+        "{synced}"
+    );
+    assert_eq!(
+        condition(&get(), "Ready").unwrap()["status"],
+        "True",
+        "the last valid spec still serves"
+    );
+    assert!(
+        kube.list("events.k8s.io/v1", "Event")
+            .iter()
+            .any(|e| e["reason"] == "InvalidSpec"),
+        "a Warning event names the problem"
+    );
+
+    // The leader dies without releasing; the second takes over once the Lease expires.
+    first.kill();
+    eventually(LIMIT, "second leads", || async {
+        (lease_holder(&kube).as_deref() == Some("second")).then_some(())
+    })
+    .await;
+    kube.delete("v1", "Pod", Some("shop"), "orders-b");
+    let status = eventually(LIMIT, "the new leader writes the new count", || async {
+        let o = get();
+        (o["status"]["instances"] == json!({"kubernetes": 1})).then_some(o["status"].clone())
+    })
+    .await;
+    assert_eq!(status["observedGeneration"], 2);
+    drop(second);
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_conflicts_and_unknown_callers_show_in_status() {
+    let kube = FakeKube::start().await;
+    let mut older = mesh_service("orders", json!({"selector": {"app": "orders"}}));
+    older["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    kube.apply(older);
+    let mut newer = mesh_service("orders-copy", json!({"serviceName": "orders"}));
+    newer["metadata"]["creationTimestamp"] = json!("2026-06-01T00:00:00Z");
+    kube.apply(newer);
+    kube.apply(json!({
+        "apiVersion": MS, "kind": "AccessRule",
+        "metadata": {"name": "orders-callers", "namespace": "shop"},
+        "spec": {"target": "orders", "rules": [{"from": ["orders", "ghost", "order*"]}]},
+    }));
+    let _cp = start(&kube, &[]).await;
+    let degraded = eventually(LIMIT, "the newer claim is Degraded", || async {
+        let o = kube.get(MS, "MeshService", Some("shop"), "orders-copy")?;
+        condition(&o, "Degraded").cloned()
+    })
+    .await;
+    assert_eq!(degraded["reason"], "NameConflict");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("shop/orders"),
+        "{degraded}"
+    );
+    let older = kube.get(MS, "MeshService", Some("shop"), "orders").unwrap();
+    assert!(condition(&older, "Degraded").is_none(), "{older}");
+    let rule = eventually(LIMIT, "the AccessRule status", || async {
+        let o = kube.get(MS, "AccessRule", Some("shop"), "orders-callers")?;
+        o.get("status").cloned()
+    })
+    .await;
+    assert_eq!(rule["unknownCallers"], json!(["ghost"]));
+    assert_eq!(rule["resolvedCallers"], json!(["order*", "orders"]));
+    assert_eq!(
+        condition(&json!({"status": rule.clone()}), "Degraded").unwrap()["reason"],
+        "UnknownCallers"
+    );
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_registered_in_consul_and_a_restart_does_not_flap() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    // Someone else's instance on meshbridge's node: never touched.
+    let mut foreign = Instance::new("hand-made", "hand-made-1", "10.9.9.9", 9999);
+    foreign = foreign.on_node("meshbridge-k8s", "127.0.0.1");
+    consul.register("dc1", foreign);
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "consul": {"register": true, "tags": ["blue"]}}),
+    ));
+    kube.apply(pod("orders-a", "orders", 31001, true));
+    kube.apply(pod("orders-b", "orders", 31002, true));
+    let extra = [
+        "--consul-addr",
+        &consul.url(),
+        "--consul-datacenter",
+        "dc1",
+        "--consul-sync-resync",
+        "1",
+    ];
+    let mut cp = start(&kube, &extra).await;
+    let registered = || {
+        let mut ports: Vec<u16> = consul
+            .instances("dc1")
+            .into_iter()
+            .filter(|i| i.service == "orders")
+            .map(|i| i.port)
+            .collect();
+        ports.sort();
+        ports
+    };
+    eventually(LIMIT, "two registrations", || async {
+        (registered() == vec![31001, 31002]).then_some(())
+    })
+    .await;
+    let orders: Vec<Instance> = consul
+        .instances("dc1")
+        .into_iter()
+        .filter(|i| i.service == "orders")
+        .collect();
+    for i in &orders {
+        assert!(
+            i.tags.contains(&"k8s".to_string()) && i.tags.contains(&"blue".to_string()),
+            "{:?}",
+            i.tags
+        );
+        assert_eq!(
+            i.meta.get("k8s-namespace").map(String::as_str),
+            Some("shop")
+        );
+        assert_eq!(i.node, "meshbridge-k8s");
+    }
+    // meshbridge does not see its own registrations as extra Consul instances.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = instances(&cp, "orders").await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|(_, o)| o == "kubernetes"));
+
+    // Deleting a pod deregisters it.
+    kube.delete("v1", "Pod", Some("shop"), "orders-b");
+    eventually(LIMIT, "deregistered", || async {
+        (registered() == vec![31001]).then_some(())
+    })
+    .await;
+
+    // A restart neither deregisters nor re-registers anything.
+    let (regs, deregs) = (consul.catalog_registers(), consul.catalog_deregisters());
+    cp.kill();
+    let mut cp = start(&kube, &extra).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        (consul.catalog_registers(), consul.catalog_deregisters()),
+        (regs, deregs),
+        "no flap across a restart"
+    );
+    assert_eq!(registered(), vec![31001]);
+
+    // Drift is repaired: a registration deleted behind meshbridge's back comes back.
+    let regs = consul.catalog_registers();
+    consul.deregister("dc1", "orders-shop-orders-a");
+    assert!(registered().is_empty());
+    eventually(LIMIT, "re-registered by the resync", || async {
+        (registered() == vec![31001]).then_some(())
+    })
+    .await;
+    assert_eq!(consul.catalog_registers(), regs + 1);
+    assert!(
+        consul
+            .instances("dc1")
+            .iter()
+            .any(|i| i.service == "hand-made"),
+        "a foreign entry stays"
+    );
+    cp.kill();
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_lease_and_drains_before_exiting() {
+    let kube = FakeKube::start().await;
+    let mut first = start(&kube, &["--identity", "first", "--drain", "1500"]).await;
+    eventually(LIMIT, "first leads", || async {
+        (lease_holder(&kube).as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    let second = start(&kube, &["--identity", "second"]).await;
+    let envoy = Envoy::start(&first, legacy(&[])).await;
+    eventually(LIMIT, "Envoy connected", || async {
+        (envoy.stat("control_plane.connected_state").await? == 1).then_some(())
+    })
+    .await;
+    first.terminate();
+    // Not ready any more (so a Service stops sending new Envoys here), but still serving the
+    // existing stream during the drain.
+    eventually(Duration::from_secs(5), "readyz answers 503", || async {
+        let r = support::http_get(first.admin_addr(), "localhost", "/readyz", &[]).await;
+        r.is_ok_and(|r| r.status == 503).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the Lease is released", || async {
+        let lease = kube.get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some("default"),
+            "meshbridge-leader",
+        )?;
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .is_none_or(str::is_empty)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        first.exited().is_none(),
+        "existing streams are served during the drain"
+    );
+    assert_eq!(
+        envoy.stat("control_plane.connected_state").await,
+        Some(1),
+        "the connected Envoy keeps its stream during the drain"
+    );
+    // The Lease is released: the second replica leads long before 15 s of expiry.
+    eventually(
+        Duration::from_secs(8),
+        "second leads after the release",
+        || async { (lease_holder(&kube).as_deref() == Some("second")).then_some(()) },
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = first.exited() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "first did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    drop(second);
+    assert_rbac_covers(&kube);
+}
