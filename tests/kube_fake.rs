@@ -28,6 +28,13 @@ fn client(fake: &FakeKube) -> Client {
     Client::try_from(cfg).unwrap()
 }
 
+/// A client that does not retry 429/503/504 (kube-rs retries them by default).
+fn client_no_retry(fake: &FakeKube) -> Client {
+    let mut cfg = Config::new(fake.url().parse().unwrap());
+    cfg.default_retry = false;
+    Client::try_from(cfg).unwrap()
+}
+
 fn pod(name: &str, labels: Value) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1",
@@ -850,17 +857,11 @@ async fn status_subresource_and_generation() {
 #[tokio::test]
 async fn finalizers_delay_deletion() {
     let fake = FakeKube::start().await;
-    eprintln!("DBG line 852");
     let client = client(&fake);
-    eprintln!("DBG line 853");
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    eprintln!("DBG line 854");
     let mut ms = mesh_service("fin", "fin");
-    eprintln!("DBG line 855");
     ms.metadata.finalizers = Some(vec!["meshbridge.io/cleanup".into()]);
-    eprintln!("DBG line 856");
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
-    eprintln!("DBG line 857");
 
     let mut events = msvcs
         .watch(
@@ -879,20 +880,13 @@ async fn finalizers_delay_deletion() {
         .left()
         .unwrap();
     assert!(deleted.metadata.deletion_timestamp.is_some());
-    eprintln!("DBG line 875");
     assert_eq!(deleted.metadata.deletion_grace_period_seconds, Some(0));
-    eprintln!("DBG line 876");
     let still = msvcs.get("fin").await.unwrap();
-    eprintln!("DBG line 877");
     assert!(still.metadata.deletion_timestamp.is_some());
-    eprintln!("DBG line 878");
     // Deleting again changes nothing.
     let rv = fake.resource_version();
-    eprintln!("DBG line 880");
     msvcs.delete("fin", &DeleteParams::default()).await.unwrap();
-    eprintln!("DBG line 881");
     assert_eq!(fake.resource_version(), rv);
-    eprintln!("DBG line 882");
     // Status writes do not finish a deletion; removing the finalizer does.
     msvcs
         .patch_status(
@@ -903,7 +897,6 @@ async fn finalizers_delay_deletion() {
         .await
         .unwrap();
     assert!(msvcs.get_opt("fin").await.unwrap().is_some());
-    eprintln!("DBG line 892");
     msvcs
         .patch(
             "fin",
@@ -913,11 +906,9 @@ async fn finalizers_delay_deletion() {
         .await
         .unwrap();
     assert!(msvcs.get_opt("fin").await.unwrap().is_none());
-    eprintln!("DBG line 901");
 
     let mut seen = Vec::new();
-    eprintln!("DBG line 903");
-    while seen.len() < 4 {
+    while seen.len() < 3 {
         match timed("watch events", events.next()).await.unwrap().unwrap() {
             WatchEvent::Modified(o) => {
                 seen.push(("MODIFIED", o.metadata.deletion_timestamp.is_some()))
@@ -931,37 +922,23 @@ async fn finalizers_delay_deletion() {
     }
     assert_eq!(
         seen,
-        [
-            ("MODIFIED", true),
-            ("MODIFIED", true),
-            ("MODIFIED", true),
-            ("DELETED", true)
-        ]
+        [("MODIFIED", true), ("MODIFIED", true), ("DELETED", true)],
+        "deletion requested, status written, finalizer removed"
     );
-    eprintln!("DBG line 924");
 
     // The test-side delete honours finalizers too.
     fake.apply(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "held", "finalizers": ["x/y"]},
     }));
-    eprintln!("DBG line 930");
     assert!(fake.delete("v1", "ConfigMap", None, "held"));
-    eprintln!("DBG line 931");
     let held = fake.get("v1", "ConfigMap", None, "held").unwrap();
-    eprintln!("DBG line 932");
     assert!(held["metadata"]["deletionTimestamp"].is_string());
-    eprintln!("DBG line 933");
     let mut cleared = held.clone();
-    eprintln!("DBG line 934");
     cleared["metadata"]["finalizers"] = json!([]);
-    eprintln!("DBG line 935");
     fake.apply(cleared);
-    eprintln!("DBG line 936");
     assert!(fake.get("v1", "ConfigMap", None, "held").is_none());
-    eprintln!("DBG line 937");
     assert!(!fake.delete("v1", "ConfigMap", None, "held"));
-    eprintln!("DBG line 938");
 }
 
 #[tokio::test]
@@ -1111,6 +1088,7 @@ async fn pagination_with_consistent_snapshots() {
     );
     assert_eq!(e.code, 410);
     // A version from the future is a timeout.
+    let pods: Api<Pod> = Api::namespaced(client_no_retry(&fake), "paging");
     let e = api_err(pods.list(&ListParams::default().at("999999")).await);
     assert_eq!(e.code, 504);
 }
@@ -1241,7 +1219,12 @@ async fn watcher_relists_after_compaction() {
         .into_iter()
         .filter(|r| r.verb == "watch")
         .collect();
-    assert!(watches.len() >= 2);
+    assert!(!watches.is_empty());
+    assert!(
+        watches[0].query.contains("resourceVersion="),
+        "{}",
+        watches[0].query
+    );
     assert!(
         watches[0].query.contains("allowWatchBookmarks=true"),
         "{}",
@@ -1254,10 +1237,16 @@ async fn watcher_relists_after_compaction() {
     );
 
     // close_watches ends the stream cleanly: the watcher re-watches from its version.
+    timed("watch open after the relist", async {
+        while fake.open_watches() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let watches_before = fake.count("watch", "pods");
     fake.close_watches();
     timed("re-watch", async {
-        while fake.count("watch", "pods") == watches_before {
+        while fake.count("watch", "pods") == watches_before || fake.open_watches() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -1272,6 +1261,52 @@ async fn watcher_relists_after_compaction() {
         "no relist after a clean close"
     );
     task.abort();
+}
+
+#[tokio::test]
+async fn watcher_with_streaming_lists() {
+    let fake = FakeKube::start().await;
+    for name in ["a", "b"] {
+        fake.apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}));
+    }
+    let cms: Api<ConfigMap> = Api::default_namespaced(client(&fake));
+    let mut stream = watcher(cms, watcher::Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    while seen.last() != Some(&Seen::InitDone) {
+        seen.push(
+            match timed("streaming list", stream.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                watcher::Event::Init => Seen::Init,
+                watcher::Event::InitApply(o) => Seen::InitApply(o.name_any()),
+                watcher::Event::InitDone => Seen::InitDone,
+                other => panic!("unexpected {other:?}"),
+            },
+        );
+    }
+    assert_eq!(
+        seen,
+        [
+            Seen::Init,
+            Seen::InitApply("a".into()),
+            Seen::InitApply("b".into()),
+            Seen::InitDone
+        ]
+    );
+    fake.apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}));
+    match timed("live event", stream.next()).await.unwrap().unwrap() {
+        watcher::Event::Apply(o) => assert_eq!(o.name_any(), "c"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(fake.count("list", "configmaps"), 0);
+    let watch = &fake.requests()[0];
+    assert!(
+        watch.query.contains("sendInitialEvents=true"),
+        "{}",
+        watch.query
+    );
 }
 
 #[tokio::test]
@@ -1392,18 +1427,29 @@ async fn raw_watch_protocol() {
         .collect();
     assert_eq!(names, ["skip", "keep"]);
 
-    // close_watches ends a stream cleanly.
+    // close_watches ends streams cleanly. The response head comes at once, before any event.
     let mut r = http.get(format!("{base}?watch=true")).send().await.unwrap();
     let (events, _) = read_events(&mut r, WAIT, |e| e.len() >= 3).await;
     assert!(events.iter().all(|e| e["type"] == "ADDED"));
-    timed("watch registered", async {
-        while fake.open_watches() == 0 {
+    let now = fake.resource_version();
+    let mut quiet = timed(
+        "response head of an idle watch",
+        http.get(format!("{base}?watch=true&resourceVersion={now}"))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(quiet.status().as_u16(), 200);
+    timed("watches registered", async {
+        while fake.open_watches() < 2 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
     fake.close_watches();
     let (events, ended) = read_events(&mut r, WAIT, |_| false).await;
+    assert!(ended && events.is_empty());
+    let (events, ended) = read_events(&mut quiet, WAIT, |_| false).await;
     assert!(ended && events.is_empty());
     timed("watch closed", async {
         while fake.open_watches() != 0 {
@@ -1451,7 +1497,6 @@ async fn request_log_and_injected_failures() {
         patch.content_type.as_deref(),
         Some("application/apply-patch+yaml")
     );
-    assert!(patch.user_agent.is_some());
     assert_eq!(fake.count("patch", "meshservices/status"), 1);
     assert_eq!(fake.count("patch", "meshservices"), 0);
     assert_eq!(fake.count("list", "meshservices"), 1);
@@ -1463,27 +1508,41 @@ async fn request_log_and_injected_failures() {
     fake.clear_requests();
     assert!(fake.requests().is_empty());
 
-    // Injected failures: a Status with the code, counted and logged, then back to normal.
+    // Injected failures: a Status with the code, then back to normal; they are logged.
+    let lp = ListParams::default();
+    let no_retry: Api<MeshService> = Api::default_namespaced(client_no_retry(&fake));
     fake.fail_next(2, 503);
-    let e = api_err(msvcs.get("web").await);
+    let e = api_err(no_retry.list(&lp).await);
     assert_eq!((e.code, e.reason.as_str()), (503, "ServiceUnavailable"));
-    let e = api_err(msvcs.list(&ListParams::default()).await);
-    assert_eq!(e.code, 503);
-    assert!(msvcs.list(&ListParams::default()).await.is_ok());
+    assert_eq!(api_err(no_retry.list(&lp).await).code, 503);
+    assert!(no_retry.list(&lp).await.is_ok());
+    // kube-rs retries 503 by default, after the fake's `Retry-After: 1`.
+    fake.fail_next(1, 503);
+    assert!(msvcs.list(&lp).await.is_ok());
+    assert_eq!(fake.count("list", "meshservices"), 5);
     fake.fail_next(1, 500);
-    let r = reqwest::get(format!(
-        "{}/api/v1/namespaces/default/configmaps/c",
-        fake.url()
-    ))
-    .await
-    .unwrap();
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/namespaces/default/configmaps/c",
+            fake.url()
+        ))
+        .header("user-agent", "fake-test/1.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 500);
     let body: Value = r.json().await.unwrap();
     assert_eq!(
         (body["kind"].as_str(), body["reason"].as_str()),
         (Some("Status"), Some("InternalError"))
     );
-    assert_eq!(fake.requests().len(), 4);
+    let log = fake.requests();
+    assert_eq!(log.len(), 6);
+    assert_eq!(log[5].user_agent.as_deref(), Some("fake-test/1.0"));
+    assert_eq!(
+        (log[5].verb.as_str(), log[5].resource.as_str()),
+        ("get", "configmaps")
+    );
 }
 
 #[tokio::test]
@@ -1534,6 +1593,15 @@ async fn test_side_controls() {
         Some(meshbridge::api::mesh_service::MtlsMode::Strict)
     );
     assert_eq!(got.status.unwrap().observed_generation, Some(1));
+
+    // The test side may backdate an object or choose its uid.
+    let old = fake.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "old", "uid": "u-1", "creationTimestamp": "2020-01-01T00:00:00Z"},
+    }));
+    assert_eq!(old["metadata"]["creationTimestamp"], "2020-01-01T00:00:00Z");
+    assert_eq!(old["metadata"]["uid"], "u-1");
+    assert_eq!(old["metadata"]["namespace"], "default");
 
     assert!(fake.delete("meshbridge.io/v1alpha1", "MeshService", Some("team-a"), "s"));
     assert!(

@@ -502,8 +502,10 @@ impl FakeKube {
     /// `apiVersion`, `kind`, `metadata.namespace` (default `default`, created when missing)
     /// and `metadata.name`. Its `status` is stored as given (no status-subresource rule),
     /// `metadata.resourceVersion` is ignored (unconditional), and the watch events are those
-    /// of a real write. Replacing keeps uid, creationTimestamp and a pending
-    /// deletionTimestamp; clearing the finalizers of an object being deleted deletes it.
+    /// of a real write. `uid` and `creationTimestamp` are generated on create and kept on
+    /// replace, unless the given object sets them (a test may backdate an object); a pending
+    /// `deletionTimestamp` is kept, and clearing the finalizers of an object being deleted
+    /// deletes it. Writing an identical object is a no-op (no new version, no event).
     /// Returns the stored object. Panics on an unknown kind or an invalid object.
     pub fn apply(&self, obj: Value) -> Value {
         let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_string();
@@ -1027,11 +1029,23 @@ impl State {
         }
         let uid = self.uid();
         let meta = body["metadata"].as_object_mut().unwrap();
-        meta.insert("uid".into(), json!(uid));
-        meta.insert(
-            "creationTimestamp".into(),
-            json!(rfc3339(SystemTime::now())),
-        );
+        // The test side may set uid and creationTimestamp (e.g. to order objects by age).
+        let given = |meta: &Map<String, Value>, f: &str| {
+            ctx.admin
+                && meta
+                    .get(f)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+        };
+        if !given(meta, "uid") {
+            meta.insert("uid".into(), json!(uid));
+        }
+        if !given(meta, "creationTimestamp") {
+            meta.insert(
+                "creationTimestamp".into(),
+                json!(rfc3339(SystemTime::now())),
+            );
+        }
         meta.insert("generation".into(), json!(1));
         for f in [
             "resourceVersion",
@@ -1113,6 +1127,16 @@ impl State {
             "deletionTimestamp",
             "deletionGracePeriodSeconds",
         ] {
+            let settable = matches!(f, "uid" | "creationTimestamp");
+            if ctx.admin
+                && settable
+                && meta
+                    .get(f)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+            {
+                continue;
+            }
             match old_meta.get(f) {
                 Some(v) => meta.insert(f.into(), v.clone()),
                 None => meta.remove(f),
@@ -1313,10 +1337,8 @@ fn validate_name(name: &str) -> Result<(), &'static str> {
 /// What the real server fills in on create.
 fn apply_defaults(def: &ResourceDef, obj: &mut Map<String, Value>, name: &str) {
     match (def.group, def.resource) {
-        ("", "pods") => {
-            if !obj.get("status").is_some_and(Value::is_object) {
-                obj.insert("status".into(), json!({"phase": "Pending"}));
-            }
+        ("", "pods") if !obj.get("status").is_some_and(Value::is_object) => {
+            obj.insert("status".into(), json!({"phase": "Pending"}));
         }
         ("", "namespaces") => {
             let meta = obj["metadata"].as_object_mut().unwrap();
@@ -1884,11 +1906,18 @@ fn value_resp(code: u16, v: &Value) -> Resp {
     json_resp(code, serde_json::to_vec(v).unwrap())
 }
 
+/// A `Status` response. `Retry-After` accompanies 429 and 503 (1 s) and any Status whose
+/// details carry `retryAfterSeconds`, as on the real server; note that kube-rs clients retry
+/// 429, 503 and 504 by default (`Config::default_retry`) and honour `Retry-After`.
 fn error_resp(e: &ApiError) -> Resp {
     let mut r = value_resp(e.code, &e.to_json());
-    if e.code == 429 || e.code == 503 {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    let after = e
+        .details
+        .as_ref()
+        .and_then(|d| d["retryAfterSeconds"].as_u64())
+        .or_else(|| matches!(e.code, 429 | 503).then_some(1));
+    if let Some(secs) = after {
+        r.headers_mut().insert(header::RETRY_AFTER, secs.into());
     }
     r
 }
@@ -2001,14 +2030,13 @@ fn route_in(group: &str, version: &str, rest: &[&str]) -> Route {
             watch_path,
         })
     };
-    if let ["namespaces", ns, res, tail @ ..] = rest
-        && let Some(r) = find_resource(group, version, res)
-        && RESOURCES[r].namespaced
-    {
-        if tail.len() > 2 {
-            return unknown(res);
-        }
-        return target(r, Some(ns), tail);
+    if let ["namespaces", ns, res, tail @ ..] = rest {
+        // `namespaces/{ns}/{x}` is a namespaced collection (the fake serves no namespace
+        // subresources such as `namespaces/{ns}/status`).
+        return match find_resource(group, version, res) {
+            Some(r) if RESOURCES[r].namespaced && tail.len() <= 2 => target(r, Some(ns), tail),
+            _ => unknown(res),
+        };
     }
     let [res, tail @ ..] = rest else {
         return unknown("");
@@ -2496,7 +2524,7 @@ fn encode_continue(rv: u64, key: &Key) -> String {
 }
 
 fn decode_continue(tok: &str) -> Option<(u64, Key)> {
-    if tok.len() % 2 != 0 {
+    if !tok.len().is_multiple_of(2) {
         return None;
     }
     let raw = (0..tok.len())
