@@ -176,6 +176,11 @@ impl Debouncer {
     }
 }
 
+/// A configuration problem found at start (exit code 2, like a bad flag).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadConfig(pub String);
+
 /// Addresses the servers actually bound (useful with port 0).
 #[derive(Clone, Copy, Debug)]
 pub struct BoundAddrs {
@@ -200,7 +205,9 @@ pub async fn run(
 
     let kube_client = match args.kube {
         KubeMode::Off => None,
-        KubeMode::Auto => crate::sources::kube::client_from_environment().await?,
+        KubeMode::Auto => crate::sources::kube::client_from_environment()
+            .await
+            .map_err(|e| BadConfig(format!("--kube auto: {e:#}")))?,
     };
     if kube_client.is_none() {
         info!("no Kubernetes source (--kube off, or neither in a cluster nor KUBECONFIG set)");
@@ -213,7 +220,8 @@ pub async fn run(
     let store = Arc::new(Mutex::new(KubeStore::new()));
     let (epoch_tx, epoch_rx) = watch::channel(0u64);
     let (synced_tx, synced_rx) = watch::channel(false);
-    let registration_errors = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let (registration_errors, registration_errors_rx) =
+        watch::channel(std::collections::BTreeMap::new());
     let mut lease_task = None;
     if let Some(client) = &kube_client {
         cp.sources
@@ -225,6 +233,7 @@ pub async fn run(
             store: store.clone(),
             store_epoch: epoch_tx,
             synced: synced_tx,
+            metrics: cp.metrics.clone(),
         };
         tokio::spawn(crate::sources::kube::run(
             client.clone(),
@@ -257,7 +266,7 @@ pub async fn run(
             client.clone(),
             store.clone(),
             cp.published_view.subscribe(),
-            registration_errors.clone(),
+            registration_errors_rx.clone(),
             cp.metrics.clone(),
             &identity,
         ));
@@ -326,7 +335,7 @@ pub async fn run(
                 epoch: epoch_rx.clone(),
                 synced: synced_rx.clone(),
                 leader: leader_rx.clone(),
-                errors: registration_errors.clone(),
+                errors: registration_errors,
                 metrics: cp.metrics.clone(),
             };
             let settings = crate::consul_sync::SyncSettings {
@@ -477,11 +486,22 @@ async fn run_status(
         }
         info!("leading: writing MeshService and AccessRule status");
         let runs = scopes.iter().map(|scope| {
-            let (epoch, published) = (epoch.clone(), ctx.published.clone());
+            let (epoch, published, errors) = (
+                epoch.clone(),
+                ctx.published.clone(),
+                ctx.registration_errors.clone(),
+            );
             let trigger = move || {
-                let a = tokio_stream::wrappers::WatchStream::from_changes(epoch.clone());
-                let b = tokio_stream::wrappers::WatchStream::from_changes(published.clone());
-                futures::stream::select(a.map(|_| ()), b.map(|_| ()))
+                use tokio_stream::wrappers::WatchStream;
+                futures::stream::select_all([
+                    WatchStream::from_changes(epoch.clone()).map(|_| ()).boxed(),
+                    WatchStream::from_changes(published.clone())
+                        .map(|_| ())
+                        .boxed(),
+                    WatchStream::from_changes(errors.clone())
+                        .map(|_| ())
+                        .boxed(),
+                ])
             };
             let mut lost = leader.clone();
             let stop = async move {

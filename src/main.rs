@@ -99,7 +99,11 @@ fn runtime<F: std::future::Future<Output = anyhow::Result<()>>>(f: impl FnOnce()
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshbridge: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<app::BadConfig>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -236,3 +236,48 @@ fn run_rejects_bad_flags_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config-dir"));
 }
+
+#[test]
+fn the_cluster_role_passes_the_kubernetes_schema() {
+    let role =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/meshbridge/templates/clusterrole.yaml");
+    let out = Command::new(venv_tool("kubernetes-validate"))
+        .arg("--strict")
+        .arg(&role)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("passed"), "{text}");
+}
+
+#[test]
+fn run_with_an_unreadable_kubeconfig_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "clusters: [this is not a kubeconfig").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args([
+            "run",
+            "--kube",
+            "auto",
+            "--xds-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("KUBECONFIG") && stderr.contains("kubeconfig"),
+        "{stderr}"
+    );
+}

@@ -613,3 +613,97 @@ async fn sigterm_releases_the_lease_and_drains_before_exiting() {
     drop(second);
     assert_rbac_covers(&kube);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_registration_shows_in_status_and_is_retried() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "consul": {"register": true}}),
+    ));
+    kube.apply(pod("orders-a", "orders", 31001, true));
+    let extra = ["--consul-addr", &consul.url(), "--consul-datacenter", "dc1"];
+    let cp = start(&kube, &extra).await;
+    let orders = || {
+        consul
+            .instances("dc1")
+            .into_iter()
+            .filter(|i| i.service == "orders")
+            .count()
+    };
+    eventually(LIMIT, "registered", || async {
+        (orders() == 1).then_some(())
+    })
+    .await;
+
+    // The agent starts refusing meshbridge (an ACL change); a new pod cannot be registered.
+    consul.require_token(Some("rotated"));
+    kube.apply(pod("orders-b", "orders", 31002, true));
+    let degraded = eventually(LIMIT, "Degraded=RegistrationFailed", || async {
+        let o = kube.get(MS, "MeshService", Some("shop"), "orders")?;
+        let c = condition(&o, "Degraded")?.clone();
+        (c["reason"] == "RegistrationFailed").then_some(c)
+    })
+    .await;
+    assert!(
+        degraded["message"].as_str().unwrap().contains("403"),
+        "{degraded}"
+    );
+    assert!(
+        kube.list("events.k8s.io/v1", "Event")
+            .iter()
+            .any(|e| e["reason"] == "RegistrationFailed" && e["type"] == "Warning"),
+        "a Warning event"
+    );
+    // Traffic is not affected: the pod is an endpoint whatever Consul says.
+    assert_eq!(instances(&cp, "orders").await.len(), 2);
+
+    // Access restored: the retry registers it and the condition clears.
+    consul.require_token(None);
+    eventually(LIMIT, "registered after the retry", || async {
+        (orders() == 2).then_some(())
+    })
+    .await;
+    eventually(LIMIT, "Degraded clears", || async {
+        let o = kube.get(MS, "MeshService", Some("shop"), "orders")?;
+        condition(&o, "Degraded").is_none().then_some(())
+    })
+    .await;
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_can_be_restricted() {
+    let kube = FakeKube::start().await;
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}}),
+    ));
+    kube.apply(pod("orders-a", "orders", 31001, true));
+    let mut elsewhere = mesh_service("billing", json!({"selector": {"app": "billing"}}));
+    elsewhere["metadata"]["namespace"] = json!("other");
+    kube.apply(elsewhere);
+    let cp = start(&kube, &["--namespace", "shop"]).await;
+    let services = cp.admin_json("/api/services").await;
+    let names: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["orders"]);
+    // Every list and watch named the namespace: nothing cluster-wide was read.
+    let reads: Vec<_> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| ["pods", "meshservices", "accessrules"].contains(&r.resource.as_str()))
+        .filter(|r| r.verb == "list" || r.verb == "watch")
+        .collect();
+    assert!(!reads.is_empty());
+    assert!(
+        reads.iter().all(|r| r.namespace.as_deref() == Some("shop")),
+        "{reads:?}"
+    );
+    assert_rbac_covers(&kube);
+}

@@ -209,7 +209,7 @@ pub struct SyncContext {
     /// True while this replica leads.
     pub leader: watch::Receiver<bool>,
     /// Registration problems by MeshService (shown in its status).
-    pub errors: Arc<Mutex<BTreeMap<ObjectKey, String>>>,
+    pub errors: watch::Sender<BTreeMap<ObjectKey, String>>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -332,7 +332,11 @@ pub async fn run(client: ConsulClient, settings: SyncSettings, mut ctx: SyncCont
             }
             let problems = apply(&client, &settings, &ctx, p, &mut existing).await;
             let failed = !problems.is_empty();
-            *ctx.errors.lock().unwrap_or_else(|e| e.into_inner()) = problems;
+            ctx.errors.send_if_modified(|e| {
+                let changed = *e != problems;
+                *e = problems;
+                changed
+            });
             tokio::select! {
                 _ = ctx.epoch.changed() => {
                     // Let a burst of pod changes settle into one pass.

@@ -50,7 +50,7 @@ pub struct StatusContext {
     /// The last published state.
     pub published: watch::Receiver<Arc<Published>>,
     /// Consul registration problems by MeshService.
-    pub registration_errors: Arc<Mutex<BTreeMap<ObjectKey, String>>>,
+    pub registration_errors: watch::Receiver<BTreeMap<ObjectKey, String>>,
     /// Event recorder.
     pub recorder: Recorder,
     /// Status writes.
@@ -65,7 +65,7 @@ impl StatusContext {
         client: Client,
         store: Arc<Mutex<KubeStore>>,
         published: watch::Receiver<Arc<Published>>,
-        registration_errors: Arc<Mutex<BTreeMap<ObjectKey, String>>>,
+        registration_errors: watch::Receiver<BTreeMap<ObjectKey, String>>,
         metrics: Arc<crate::metrics::Metrics>,
         identity: &str,
     ) -> Self {
@@ -161,7 +161,7 @@ async fn reconcile_service(
     let Some(entry) = entry else {
         return Ok(Action::await_change());
     };
-    let registration_error = lock(&ctx.registration_errors).get(&key).cloned();
+    let registration_error = ctx.registration_errors.borrow().get(&key).cloned();
     let published = ctx.published.borrow().clone();
     let now = now_rfc3339();
     let view = View {
@@ -340,7 +340,7 @@ mod tests {
             client,
             Arc::new(Mutex::new(store)),
             published,
-            Arc::default(),
+            watch::channel(BTreeMap::new()).1,
             Arc::new(crate::metrics::Metrics::new()),
             "replica-1",
         );

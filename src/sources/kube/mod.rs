@@ -43,6 +43,8 @@ pub struct KubeContext {
     pub store_epoch: watch::Sender<u64>,
     /// Becomes true once every watcher has listed once.
     pub synced: watch::Sender<bool>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 enum Watched {
@@ -115,7 +117,6 @@ pub async fn run(client: Client, namespaces: Vec<String>, ctx: KubeContext) {
     }
     let mut progress: Vec<Progress> = (0..streams.len()).map(|_| Progress::default()).collect();
     let mut all = futures::stream::select_all(streams);
-    ctx.statuses.register(SOURCE, "kubernetes");
     let mut failing: BTreeSet<usize> = BTreeSet::new();
     while let Some((id, item)) = all.next().await {
         let scope = scopes[id / 3].as_deref();
@@ -199,6 +200,7 @@ fn handle(
         if changed {
             ctx.changed.notify_one();
         }
+        ctx.metrics.kube_pods.set(store.pod_count() as i64);
     }
     ctx.store_epoch.send_modify(|e| *e += 1);
     if relisted && !p.listed {
