@@ -3,29 +3,15 @@
 //! the CPU used while idle (blocking queries parked), and the time from one instance change
 //! in Consul to the new assignment being ACKed by a connected real Envoy (median of 20).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/consul_fake.rs"]
 mod consul_fake;
+#[path = "support/processes.rs"]
+mod processes;
 
 use consul_fake::{FakeConsul, Instance};
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
+use processes::{ack_latencies, get_json, start_envoy, start_meshbridge, wait_ready};
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -46,10 +32,6 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
 }
 
-async fn get_json(url: &str) -> Option<serde_json::Value> {
-    reqwest::get(url).await.ok()?.json().await.ok()
-}
-
 fn instance(service: usize, i: usize, weight: u32) -> Instance {
     Instance::new(
         &format!("svc-{service:04}"),
@@ -68,41 +50,13 @@ async fn main() {
             consul.register("dc1", instance(s, i, 1));
         }
     }
-    let envoy_bin = std::env::var("ENVOY_BIN")
-        .unwrap_or_else(|_| format!("{}/.venv/bin/envoy", env!("CARGO_MANIFEST_DIR")));
     let dir = std::env::temp_dir().join(format!("meshbridge-consul-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let (xds, admin) = (free_port(), free_port());
     let started = Instant::now();
-    let cp = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-            .args(["run", "--kube", "off", "--consul-addr", &consul.url()])
-            .args([
-                "--xds-addr",
-                &format!("127.0.0.1:{xds}"),
-                "--admin-addr",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .env("MESHBRIDGE_LOG", "warn")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn meshbridge: {e}")),
-    );
+    let (cp, xds, admin_url) =
+        start_meshbridge(&["--kube", "off", "--consul-addr", &consul.url()], &[]);
     let pid = cp.0.id();
-    let admin_url = format!("http://127.0.0.1:{admin}");
-    loop {
-        if let Ok(r) = reqwest::get(format!("{admin_url}/readyz")).await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "not ready within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ready = started.elapsed();
+    let ready = wait_ready(&admin_url, started, Duration::from_secs(120)).await;
     let state = get_json(&format!("{admin_url}/api/state"))
         .await
         .unwrap_or_default();
@@ -113,61 +67,8 @@ async fn main() {
     );
 
     // A real Envoy calling svc-0000.
-    let bootstrap = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-        .args([
-            "bootstrap",
-            "--service",
-            "bench",
-            "--node-id",
-            "bench-1",
-            "--xds-addr",
-            &format!("127.0.0.1:{xds}"),
-        ])
-        .args([
-            "--egress-port",
-            &free_port().to_string(),
-            "--admin-port",
-            &free_port().to_string(),
-            "--dependency",
-            "svc-0000",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("envoy.yaml");
-    std::fs::write(&file, &bootstrap.stdout).unwrap_or_else(|e| panic!("{e}"));
-    let _envoy = KillOnDrop(
-        Command::new(&envoy_bin)
-            .arg("-c")
-            .arg(&file)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {envoy_bin}: {e}")),
-    );
-    let eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-    let acked = || async {
-        let proxies = get_json(&format!("{admin_url}/api/proxies")).await?;
-        let t = &proxies.as_array()?.first()?["types"][eds];
-        let (sent, acked) = (t["sent"].as_str()?, t["acked"].as_str()?);
-        (sent == acked).then(|| acked.to_string())
-    };
-    let wait_start = Instant::now();
-    let mut version = loop {
-        if let Some(v) = acked().await {
-            break v;
-        }
-        assert!(
-            wait_start.elapsed() < Duration::from_secs(30),
-            "Envoy did not connect"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let _envoy = start_envoy(xds, "svc-0000", &dir);
+    processes::wait_acked(&admin_url, None).await;
 
     // Idle: blocking queries parked, nothing changes.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -177,24 +78,10 @@ async fn main() {
     let idle_cpu = (cpu_ticks(pid) - c0) as f64 / ticks_per_s / t0.elapsed().as_secs_f64() * 100.0;
     let open = consul.open_connections();
 
-    let mut latencies = Vec::new();
-    for round in 0..20u32 {
-        let t = Instant::now();
-        consul.register("dc1", instance(0, 0, 2 + round % 50));
-        let new = loop {
-            if let Some(v) = acked().await
-                && v != version
-            {
-                break v;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "change not ACKed");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
-        latencies.push(t.elapsed());
-        version = new;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    latencies.sort();
+    let latencies = ack_latencies(&admin_url, |round| {
+        consul.register("dc1", instance(0, 0, 2 + u32::from(round) % 50));
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
     println!("consul_load: 1000 services x 5 instances in the Consul fake, one real Envoy");
     println!("  start to /readyz:                 {ready:?}");

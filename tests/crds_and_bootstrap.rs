@@ -50,13 +50,12 @@ fn crd_files_are_exactly_what_meshbridge_generates() {
     assert_eq!(printed, joined.join("---\n"));
 }
 
-#[test]
-fn crds_pass_the_kubernetes_schema_and_carry_validation() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+/// Runs the real `kubernetes-validate --strict` on `files`; fails the test on a rejection.
+/// Returns what it printed.
+fn kubernetes_validate(files: &[&Path]) -> String {
     let out = Command::new(venv_tool("kubernetes-validate"))
         .arg("--strict")
-        .arg(dir.join("meshservices.yaml"))
-        .arg(dir.join("accessrules.yaml"))
+        .args(files)
         .output()
         .unwrap();
     let text = format!(
@@ -65,6 +64,16 @@ fn crds_pass_the_kubernetes_schema_and_carry_validation() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn crds_pass_the_kubernetes_schema_and_carry_validation() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let text = kubernetes_validate(&[
+        &dir.join("meshservices.yaml"),
+        &dir.join("accessrules.yaml"),
+    ]);
     assert_eq!(text.matches("passed").count(), 2, "{text}");
     // Validation that must live in the schema, so the API server rejects bad objects.
     let ms = std::fs::read_to_string(dir.join("meshservices.yaml")).unwrap();
@@ -241,17 +250,7 @@ fn run_rejects_bad_flags_with_exit_code_2() {
 fn the_cluster_role_passes_the_kubernetes_schema() {
     let role =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/meshbridge/templates/clusterrole.yaml");
-    let out = Command::new(venv_tool("kubernetes-validate"))
-        .arg("--strict")
-        .arg(&role)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let text = kubernetes_validate(&[&role]);
     assert!(text.contains("passed"), "{text}");
 }
 

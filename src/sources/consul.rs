@@ -331,19 +331,29 @@ impl ConsulClient {
         if index > 0 {
             url.push_str(&format!("{sep}index={index}&wait={}ms", wait.as_millis()));
         }
-        let token = self.token.current()?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ConsulError::Config("client closed".into()))?;
         // Consul adds up to wait/16 of jitter; leave room before giving up.
         let timeout = if index > 0 {
             wait + wait / 16 + Duration::from_secs(5)
         } else {
             Duration::from_secs(10)
         };
-        let mut req = self.http.get(&url).timeout(timeout);
+        let req = self.http.get(&url).timeout(timeout);
+        self.send(req, url).await
+    }
+
+    /// Sends a request with the token, within the connection limit. Returns the
+    /// `X-Consul-Index` (0 when absent) and the body of a 200; anything else is an error.
+    async fn send(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<(u64, bytes::Bytes), ConsulError> {
+        let token = self.token.current()?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ConsulError::Config("client closed".into()))?;
         if let Some(t) = token {
             req = req.header("X-Consul-Token", t);
         }
@@ -378,35 +388,12 @@ impl ConsulClient {
         body: &serde_json::Value,
     ) -> Result<bytes::Bytes, ConsulError> {
         let url = format!("{}{path}", self.base);
-        let token = self.token.current()?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ConsulError::Config("client closed".into()))?;
-        let mut req = self
+        let req = self
             .http
             .put(&url)
             .timeout(Duration::from_secs(10))
             .json(body);
-        if let Some(t) = token {
-            req = req.header("X-Consul-Token", t);
-        }
-        let transport = |source| ConsulError::Transport {
-            url: url.clone(),
-            source,
-        };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(transport)?;
-        if status != 200 {
-            return Err(ConsulError::Status {
-                url,
-                status,
-                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
-            });
-        }
-        Ok(body)
+        Ok(self.send(req, url).await?.1)
     }
 
     /// The agent's own datacenter (`/v1/agent/self`).

@@ -55,8 +55,11 @@ pub struct StatusContext {
     pub recorder: Recorder,
     /// Status writes.
     pub metrics: Arc<crate::metrics::Metrics>,
-    written_services: Mutex<HashMap<ObjectKey, MeshServiceStatus>>,
-    written_rules: Mutex<HashMap<ObjectKey, AccessRuleStatus>>,
+    /// What was last written, and the `resourceVersion` of the object it was computed from:
+    /// until the write comes back through the watch, the object still carries the old status
+    /// and must not cause a second, identical write.
+    written_services: Written<MeshServiceStatus>,
+    written_rules: Written<AccessRuleStatus>,
 }
 
 impl StatusContext {
@@ -148,6 +151,72 @@ async fn record<K: Resource<DynamicType = ()>>(
     }
 }
 
+/// A status type and how to find its conditions.
+trait HasConditions: serde::Serialize + PartialEq + Clone {
+    fn conditions(&self) -> &[Condition];
+}
+
+impl HasConditions for MeshServiceStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
+impl HasConditions for AccessRuleStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
+type Written<S> = Mutex<HashMap<ObjectKey, (Option<String>, S)>>;
+
+/// Writes `desired` to the object's status subresource unless it already carries it (or
+/// carries the state our last, not yet observed, write was computed from), then records
+/// Events for the conditions that changed.
+async fn write_status<K, S>(
+    ctx: &StatusContext,
+    object: &K,
+    current: Option<&S>,
+    desired: S,
+    written: &Written<S>,
+) -> Result<Action, StatusError>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: HasConditions,
+{
+    let key = ObjectKey::of(object.meta());
+    let version = object.meta().resource_version.clone();
+    let pending = lock(written).get(&key) == Some(&(version.clone(), desired.clone()));
+    if current == Some(&desired) || pending {
+        return Ok(Action::await_change());
+    }
+    let kind = K::kind(&());
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": kind,
+        "status": desired,
+    });
+    api.patch_status(
+        &key.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| StatusError {
+        object: format!("{kind} {key}"),
+        source,
+    })?;
+    ctx.metrics.status_writes.inc();
+    let previous = current.map(HasConditions::conditions).unwrap_or(&[]);
+    record(ctx, object, &transitions(previous, desired.conditions())).await;
+    lock(written).insert(key, (version, desired));
+    Ok(Action::await_change())
+}
+
 async fn reconcile_service(
     object: Arc<MeshService>,
     ctx: Arc<StatusContext>,
@@ -177,35 +246,14 @@ async fn reconcile_service(
         view,
         current,
     );
-    if current == Some(&desired) || lock(&ctx.written_services).get(&key) == Some(&desired) {
-        return Ok(Action::await_change());
-    }
-    let api: Api<MeshService> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let patch = json!({
-        "apiVersion": "meshbridge.io/v1alpha1",
-        "kind": "MeshService",
-        "status": desired,
-    });
-    api.patch_status(
-        &key.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| StatusError {
-        object: format!("MeshService {key}"),
-        source,
-    })?;
-    ctx.metrics.status_writes.inc();
-    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
-    record(
+    write_status(
         &ctx,
         object.as_ref(),
-        &transitions(previous, &desired.conditions),
+        current,
+        desired,
+        &ctx.written_services,
     )
-    .await;
-    lock(&ctx.written_services).insert(key, desired);
-    Ok(Action::await_change())
+    .await
 }
 
 async fn reconcile_rule(
@@ -225,35 +273,7 @@ async fn reconcile_rule(
     };
     let current = object.status.as_ref();
     let desired = access_rule_status(&key, &entry, view, current);
-    if current == Some(&desired) || lock(&ctx.written_rules).get(&key) == Some(&desired) {
-        return Ok(Action::await_change());
-    }
-    let api: Api<AccessRule> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let patch = json!({
-        "apiVersion": "meshbridge.io/v1alpha1",
-        "kind": "AccessRule",
-        "status": desired,
-    });
-    api.patch_status(
-        &key.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| StatusError {
-        object: format!("AccessRule {key}"),
-        source,
-    })?;
-    ctx.metrics.status_writes.inc();
-    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
-    record(
-        &ctx,
-        object.as_ref(),
-        &transitions(previous, &desired.conditions),
-    )
-    .await;
-    lock(&ctx.written_rules).insert(key, desired);
-    Ok(Action::await_change())
+    write_status(&ctx, object.as_ref(), current, desired, &ctx.written_rules).await
 }
 
 fn retry_later<K>(object: Arc<K>, error: &StatusError, _ctx: Arc<StatusContext>) -> Action

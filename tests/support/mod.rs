@@ -182,18 +182,7 @@ impl ControlPlane {
 
     /// Starts meshbridge without waiting for readiness.
     pub fn start_unready(manifests: &str, extra: &[&str]) -> ControlPlane {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
-        let mut cp = ControlPlane {
-            dir,
-            xds_port: free_port(),
-            admin_port: free_port(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            kubeconfig: None,
-            child: None,
-        };
-        cp.spawn();
-        cp
+        Self::spawn_new(manifests, extra, None)
     }
 
     /// Starts meshbridge with the Kubernetes source on (`--kube auto` with `KUBECONFIG`),
@@ -203,6 +192,14 @@ impl ControlPlane {
         manifests: &str,
         extra: &[&str],
     ) -> ControlPlane {
+        Self::spawn_new(manifests, extra, Some(kubeconfig))
+    }
+
+    fn spawn_new(
+        manifests: &str,
+        extra: &[&str],
+        kubeconfig: Option<&std::path::Path>,
+    ) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
         let mut cp = ControlPlane {
@@ -210,7 +207,7 @@ impl ControlPlane {
             xds_port: free_port(),
             admin_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            kubeconfig: Some(kubeconfig.to_path_buf()),
+            kubeconfig: kubeconfig.map(|p| p.to_path_buf()),
             child: None,
         };
         cp.spawn();

@@ -1,0 +1,136 @@
+//! Processes the scale benchmarks run: the release `meshbridge run` and a real Envoy, and the
+//! admin API calls that tell when they are ready and what they ACKed.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// GET a URL as JSON.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    reqwest::get(url).await.ok()?.json().await.ok()
+}
+
+/// Starts `meshbridge run` with `args` (plus run-time xDS and admin ports) and `env`.
+/// Returns the process, the xDS port and the admin URL.
+pub fn start_meshbridge(args: &[&str], env: &[(&str, &Path)]) -> (KillOnDrop, u16, String) {
+    let (xds, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+    cmd.arg("run")
+        .args(args)
+        .args(["--xds-addr", &format!("127.0.0.1:{xds}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("MESHBRIDGE_LOG", "warn")
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn meshbridge: {e}"));
+    (KillOnDrop(child), xds, format!("http://127.0.0.1:{admin}"))
+}
+
+/// Waits for `/readyz` (at most `limit`) and returns how long it took since `started`.
+pub async fn wait_ready(admin_url: &str, started: Instant, limit: Duration) -> Duration {
+    loop {
+        if let Ok(r) = reqwest::get(format!("{admin_url}/readyz")).await
+            && r.status() == 200
+        {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "not ready within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts a real Envoy (node `bench-1`) bootstrapped by `meshbridge bootstrap` to depend on
+/// `dependency`, with its files in `dir`.
+pub fn start_envoy(xds: u16, dependency: &str, dir: &Path) -> KillOnDrop {
+    let envoy_bin = std::env::var("ENVOY_BIN")
+        .unwrap_or_else(|_| format!("{}/.venv/bin/envoy", env!("CARGO_MANIFEST_DIR")));
+    let bootstrap = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["bootstrap", "--service", "bench", "--node-id", "bench-1"])
+        .args(["--xds-addr", &format!("127.0.0.1:{xds}")])
+        .args(["--egress-port", &free_port().to_string()])
+        .args(["--admin-port", &free_port().to_string()])
+        .args(["--dependency", dependency])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("envoy.yaml");
+    std::fs::write(&file, &bootstrap.stdout).unwrap_or_else(|e| panic!("{e}"));
+    KillOnDrop(
+        Command::new(&envoy_bin)
+            .arg("-c")
+            .arg(&file)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {envoy_bin}: {e}")),
+    )
+}
+
+/// Waits until the one connected proxy has ACKed an EDS version other than `previous`.
+pub async fn wait_acked(admin_url: &str, previous: Option<&str>) -> String {
+    let eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    let url = format!("{admin_url}/api/proxies");
+    let started = Instant::now();
+    loop {
+        if let Some(proxies) = get_json(&url).await
+            && let Some(t) = proxies
+                .as_array()
+                .and_then(|a| a.first())
+                .map(|p| &p["types"][eds])
+            && let (Some(sent), Some(acked)) = (t["sent"].as_str(), t["acked"].as_str())
+            && sent == acked
+            && Some(acked) != previous
+        {
+            return acked.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no new version ACKed within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs `change(round)` 20 times and measures each until Envoy ACKs the new assignment;
+/// sorted.
+pub async fn ack_latencies(admin_url: &str, mut change: impl FnMut(u16)) -> Vec<Duration> {
+    let mut version = wait_acked(admin_url, None).await;
+    let mut latencies = Vec::new();
+    for round in 0..20u16 {
+        let t = Instant::now();
+        change(round);
+        version = wait_acked(admin_url, Some(&version)).await;
+        latencies.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    latencies.sort();
+    latencies
+}
