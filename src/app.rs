@@ -275,6 +275,7 @@ pub async fn run(
             args.namespaces.clone(),
             epoch_rx.clone(),
             leader_rx.clone(),
+            cp.ready.clone(),
         ));
     }
 
@@ -468,13 +469,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs the status reconcilers while this replica leads (one pair per watched namespace).
+/// Runs the status reconcilers while this replica leads (one pair per watched namespace),
+/// once the control plane is ready.
 async fn run_status(
     ctx: Arc<StatusContext>,
     namespaces: Vec<String>,
     epoch: watch::Receiver<u64>,
     mut leader: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
 ) {
+    // Status describes the model: none is written before the first complete one is
+    // published (no "0 instances" flash while the sources are still listing).
+    while !ready.load(Ordering::Acquire) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {

@@ -383,12 +383,14 @@ async fn status_is_written_once_by_the_leader_and_a_second_replica_takes_over() 
         "True",
         "the last valid spec still serves"
     );
-    assert!(
+    // The Event follows the status write.
+    eventually(LIMIT, "a Warning event names the problem", || async {
         kube.list("events.k8s.io/v1", "Event")
             .iter()
-            .any(|e| e["reason"] == "InvalidSpec"),
-        "a Warning event names the problem"
-    );
+            .any(|e| e["reason"] == "InvalidSpec" && e["type"] == "Warning")
+            .then_some(())
+    })
+    .await;
 
     // The leader dies without releasing; the second takes over once the Lease expires.
     first.kill();
@@ -650,14 +652,18 @@ async fn a_failing_registration_shows_in_status_and_is_retried() {
         degraded["message"].as_str().unwrap().contains("403"),
         "{degraded}"
     );
-    assert!(
+    eventually(LIMIT, "a Warning event", || async {
         kube.list("events.k8s.io/v1", "Event")
             .iter()
-            .any(|e| e["reason"] == "RegistrationFailed" && e["type"] == "Warning"),
-        "a Warning event"
-    );
+            .any(|e| e["reason"] == "RegistrationFailed" && e["type"] == "Warning")
+            .then_some(())
+    })
+    .await;
     // Traffic is not affected: the pod is an endpoint whatever Consul says.
-    assert_eq!(instances(&cp, "orders").await.len(), 2);
+    eventually(LIMIT, "both pods are endpoints", || async {
+        (instances(&cp, "orders").await.len() == 2).then_some(())
+    })
+    .await;
 
     // Access restored: the retry registers it and the condition clears.
     consul.require_token(None);
