@@ -1,7 +1,8 @@
 //! Consul at scale: the release `meshbridge run` watching the Consul fake with 1,000
 //! services × 5 instances. Reports the time to `/readyz`, the open connections to the agent,
-//! the CPU used while idle (blocking queries parked), and the time from one instance change
-//! in Consul to the new assignment being ACKed by a connected real Envoy (median of 20).
+//! the CPU used while idle (blocking queries parked), and the time from one instance's health
+//! changing in Consul to the new assignment being ACKed by a connected real Envoy (median of
+//! 20).
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ mod consul_fake;
 #[path = "support/processes.rs"]
 mod processes;
 
-use consul_fake::{FakeConsul, Instance};
+use consul_fake::{FakeConsul, Health, Instance};
 use processes::{ack_latencies, get_json, start_envoy, start_meshbridge, wait_ready};
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -32,14 +33,13 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
 }
 
-fn instance(service: usize, i: usize, weight: u32) -> Instance {
+fn instance(service: usize, i: usize) -> Instance {
     Instance::new(
         &format!("svc-{service:04}"),
         &format!("svc-{service:04}-{i}"),
         &format!("10.{}.{}.{}", service / 250, service % 250, i + 1),
         31000 + i as u16,
     )
-    .weight(weight)
 }
 
 #[tokio::main]
@@ -47,14 +47,23 @@ async fn main() {
     let consul = FakeConsul::start("dc1").await;
     for s in 0..1000 {
         for i in 0..5 {
-            consul.register("dc1", instance(s, i, 1));
+            consul.register("dc1", instance(s, i));
         }
     }
     let dir = std::env::temp_dir().join(format!("meshbridge-consul-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
-    let (cp, xds, admin_url) =
-        start_meshbridge(&["--kube", "off", "--consul-addr", &consul.url()], &[]);
+    let (cp, xds, admin_url) = start_meshbridge(
+        &[
+            "--kube",
+            "off",
+            "--consul-addr",
+            &consul.url(),
+            "--consul-flap-hold",
+            "0",
+        ],
+        &[],
+    );
     let pid = cp.0.id();
     let ready = wait_ready(&admin_url, started, Duration::from_secs(120)).await;
     let state = get_json(&format!("{admin_url}/api/state"))
@@ -78,8 +87,15 @@ async fn main() {
     let idle_cpu = (cpu_ticks(pid) - c0) as f64 / ticks_per_s / t0.elapsed().as_secs_f64() * 100.0;
     let open = consul.open_connections();
 
+    // An instance's checks failing and passing again (flap damping off, so each flip is
+    // one change).
     let latencies = ack_latencies(&admin_url, |round| {
-        consul.register("dc1", instance(0, 0, 2 + u32::from(round) % 50));
+        let health = if round % 2 == 0 {
+            Health::Critical
+        } else {
+            Health::Passing
+        };
+        consul.set_health("dc1", "svc-0000-0", health);
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -91,7 +107,7 @@ async fn main() {
     );
     println!("  CPU while idle:                   {idle_cpu:.2}% of one core");
     println!(
-        "  instance change -> ACKed by Envoy: median {:?}, min {:?}, max {:?} (20 changes; includes the 100 ms debounce)",
+        "  health change -> ACKed by Envoy:   median {:?}, min {:?}, max {:?} (20 changes; includes the 100 ms debounce)",
         latencies[10], latencies[0], latencies[19]
     );
 }

@@ -32,6 +32,10 @@ pub struct BootstrapOptions {
     /// Port of Envoy's admin interface on 127.0.0.1.
     #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
+    /// Port of a listener on all addresses that answers only `GET /ready` from Envoy's admin
+    /// interface (for a kubelet readiness probe; the admin interface stays on 127.0.0.1).
+    #[arg(long)]
+    pub ready_port: Option<u16>,
     /// A dependency: service name, "*" (where allowed) or https://host[:port]; repeatable.
     #[arg(long = "dependency")]
     pub dependencies: Vec<String>,
@@ -136,6 +140,9 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             }]
         }
     });
+    if let Some(ready_port) = o.ready_port {
+        add_ready_listener(&mut bootstrap, ready_port, o.admin_port);
+    }
     if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
         bootstrap["static_resources"]["secrets"] = json!([
             {"name": "server_cert", "tls_certificate": {
@@ -148,6 +155,54 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         ]);
     }
     Ok(bootstrap)
+}
+
+/// Name of the static cluster pointing at Envoy's own admin interface.
+pub const ADMIN_CLUSTER: &str = "meshbridge_admin";
+
+/// A listener on `0.0.0.0:port` forwarding exactly `GET /ready` to the admin interface;
+/// anything else gets 404, so the admin interface is not exposed.
+fn add_ready_listener(bootstrap: &mut Value, port: u16, admin_port: u16) {
+    let router = json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    });
+    let listener = json!({
+        "name": "meshbridge_ready",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "meshbridge_ready",
+                "route_config": {"virtual_hosts": [{
+                    "name": "ready",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"path": "/ready", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                         "route": {"cluster": ADMIN_CLUSTER}},
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+                    ]
+                }]},
+                "http_filters": [router]
+            }
+        }]}]
+    });
+    let cluster = json!({
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": admin_port}
+            }}}]}]
+        }
+    });
+    bootstrap["static_resources"]["listeners"] = json!([listener]);
+    if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+        clusters.push(cluster);
+    }
 }
 
 /// The bootstrap as YAML.

@@ -28,4 +28,5 @@ pub mod snapshot;
 pub mod sources;
 pub mod status;
 pub mod translate;
+pub mod webhook;
 pub mod xds;

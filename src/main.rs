@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use meshbridge::{api, app, bootstrap, config, demo};
+use meshbridge::{api, app, bootstrap, config, demo, webhook};
 
 /// meshbridge: one Envoy control plane for Kubernetes pods and Consul-registered legacy hosts.
 #[derive(Parser)]
@@ -21,6 +21,9 @@ enum Command {
     Run(Box<config::RunArgs>),
     /// Print an Envoy bootstrap (YAML) for a legacy host (VM / Mesos task).
     Bootstrap(bootstrap::BootstrapOptions),
+    /// Print manifests (Pods, Deployments, StatefulSets, DaemonSets, Jobs, …) with the
+    /// sidecar injected, as the admission webhook would.
+    Inject(webhook::InjectArgs),
     /// Print the CustomResourceDefinitions (the same bytes as crds/*.yaml).
     Crds {
         /// Write one file per CRD into this directory instead of printing.
@@ -55,6 +58,34 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Inject(args) => {
+            let text = if args.file == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+            } else {
+                std::fs::read_to_string(&args.file)
+            };
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("meshbridge inject: {}: {e}", args.file);
+                    return ExitCode::from(2);
+                }
+            };
+            match webhook::inject_stream(&text, &args.settings()) {
+                Ok((yaml, notes)) => {
+                    for note in notes {
+                        eprintln!("meshbridge inject: {note}");
+                    }
+                    let _ = std::io::stdout().write_all(yaml.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshbridge inject: {}: {e}", args.file);
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Bootstrap(opts) => match bootstrap::bootstrap_yaml(&opts) {
             Ok(yaml) => {

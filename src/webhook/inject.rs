@@ -1,0 +1,488 @@
+//! Sidecar injection (pure): a pod template and settings in, the injected template out.
+//!
+//! The sidecar is Envoy with the bootstrap `meshbridge bootstrap` would print, passed as
+//! `--config-yaml` (no volume, no extra image); its node id is set per pod with
+//! `--service-node $(POD_NAME).$(POD_NAMESPACE)`. By default it is a native sidecar (an init
+//! container with `restartPolicy: Always`), so it starts before the application and stops
+//! after it. The application gets explicit egress: `MESHBRIDGE_EGRESS_ADDR` and `HTTP_PROXY`
+//! pointing at the sidecar's egress listener. With `meshbridge.io/transparent: "true"`, an
+//! init container redirects the pod's inbound and outbound HTTP traffic with iptables.
+//!
+//! Injecting an injected pod changes nothing. Annotations (on the pod template) tune it:
+//!
+//! | annotation | meaning |
+//! |---|---|
+//! | `meshbridge.io/inject: "false"` | no sidecar |
+//! | `meshbridge.io/service` | service name (else the MeshService selecting the pod, else label `app.kubernetes.io/name`, else `app`) |
+//! | `meshbridge.io/dependencies` | comma-separated dependencies (service names, `https://host`) |
+//! | `meshbridge.io/app-port` | the application's port (else its first container port) |
+//! | `meshbridge.io/ingress-port`, `meshbridge.io/egress-port` | the sidecar's listeners |
+//! | `meshbridge.io/proxy-cpu`, `…-memory`, `…-cpu-limit`, `…-memory-limit` | sidecar resources |
+//! | `meshbridge.io/log-level` | Envoy's log level |
+//! | `meshbridge.io/http-proxy: "false"` | no `HTTP_PROXY` env for the application |
+//! | `meshbridge.io/transparent: "true"` | iptables redirection (init container with `NET_ADMIN`) |
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, Probe, ResourceRequirements, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::api::{ANNOTATION_INGRESS_PORT, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
+use crate::bootstrap::{BootstrapOptions, bootstrap_yaml};
+
+/// Pod annotation asking for (`"true"`) or refusing (`"false"`) the sidecar.
+pub const ANNOTATION_INJECT: &str = "meshbridge.io/inject";
+/// Pod annotation meshbridge sets on an injected pod (the sidecar image).
+pub const ANNOTATION_STATUS: &str = "meshbridge.io/injected";
+/// Name of the iptables init container.
+pub const INIT_CONTAINER: &str = "meshbridge-init";
+/// User the sidecar runs as (its own traffic is not redirected).
+pub const PROXY_UID: i64 = 1337;
+const LOG_LEVELS: &[&str] = &[
+    "trace", "debug", "info", "warning", "error", "critical", "off",
+];
+
+/// Cluster-wide injection settings (from `meshbridge run` flags or the Helm values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectSettings {
+    /// Envoy image of the sidecar.
+    pub image: String,
+    /// Image of the iptables init container (needs `iptables` and `sh`).
+    pub init_image: String,
+    /// Where sidecars reach meshbridge's ADS, HOST:PORT.
+    pub xds_addr: String,
+    /// Default ingress port.
+    pub ingress_port: u16,
+    /// Default egress port.
+    pub egress_port: u16,
+    /// Envoy admin port (127.0.0.1 only).
+    pub admin_port: u16,
+    /// Port of the readiness listener (`GET /ready` only).
+    pub ready_port: u16,
+    /// Default Envoy log level.
+    pub log_level: String,
+    /// Default CPU request, memory request and memory limit.
+    pub cpu: String,
+    /// Memory request.
+    pub memory: String,
+    /// Memory limit.
+    pub memory_limit: String,
+    /// Native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.29);
+    /// otherwise the first regular container.
+    pub native_sidecar: bool,
+}
+
+impl Default for InjectSettings {
+    fn default() -> Self {
+        InjectSettings {
+            image: "envoyproxy/envoy:v1.40.0".into(),
+            init_image: "ghcr.io/meshbridge/proxy-init:0.1.0".into(),
+            xds_addr: "meshbridge-xds.meshbridge.svc:18000".into(),
+            ingress_port: DEFAULT_INGRESS_PORT,
+            egress_port: 15001,
+            admin_port: 15000,
+            ready_port: 15021,
+            log_level: "info".into(),
+            cpu: "100m".into(),
+            memory: "128Mi".into(),
+            memory_limit: "256Mi".into(),
+            native_sidecar: true,
+        }
+    }
+}
+
+/// What injection did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sidecar was added.
+    Injected,
+    /// Nothing to do (already injected, or opted out); the reason.
+    Unchanged(String),
+}
+
+/// A pod that asks for something that cannot work; it is admitted unchanged with this as a
+/// warning (or refused under `failurePolicy: Fail`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InjectError {
+    /// The annotation or field at fault.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> InjectError {
+    InjectError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()?
+        .get(key)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+fn port_annotation(meta: &ObjectMeta, key: &str) -> Result<Option<u16>, InjectError> {
+    annotation(meta, key)
+        .map(|v| {
+            v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                bad(
+                    &format!("metadata.annotations[{key}]"),
+                    format!("{v:?} is not a port"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn has_sidecar(spec: &PodSpec) -> bool {
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == SIDECAR_CONTAINER)
+}
+
+/// The service a pod template belongs to, from its annotation or labels (`found` is the
+/// MeshService selecting it, when the caller knows one).
+pub fn service_name(meta: &ObjectMeta, found: Option<&str>) -> Option<String> {
+    annotation(meta, "meshbridge.io/service")
+        .map(str::to_string)
+        .or_else(|| found.map(str::to_string))
+        .or_else(|| {
+            let labels = meta.labels.as_ref()?;
+            labels
+                .get("app.kubernetes.io/name")
+                .or_else(|| labels.get("app"))
+                .cloned()
+        })
+}
+
+/// Injects the sidecar into a pod template (`meta` and `spec` of a Pod, or of a workload's
+/// `spec.template`). `found_service` is the MeshService selecting the pod, if known.
+pub fn inject(
+    meta: &mut ObjectMeta,
+    spec: &mut PodSpec,
+    settings: &InjectSettings,
+    found_service: Option<&str>,
+) -> Result<Outcome, InjectError> {
+    if has_sidecar(spec) {
+        return Ok(Outcome::Unchanged("already injected".into()));
+    }
+    if annotation(meta, ANNOTATION_INJECT) == Some("false") {
+        return Ok(Outcome::Unchanged(format!(
+            "{ANNOTATION_INJECT} is \"false\""
+        )));
+    }
+    if spec.host_network == Some(true) {
+        return Ok(Outcome::Unchanged(
+            "hostNetwork pods share the node's ports; not injected".into(),
+        ));
+    }
+    let service = service_name(meta, found_service).ok_or_else(|| {
+        bad(
+            "metadata.annotations[meshbridge.io/service]",
+            "no service name: set the annotation, a MeshService selecting the pod, or label app.kubernetes.io/name or app",
+        )
+    })?;
+    if !crate::model::valid_service_name(&service) {
+        return Err(bad(
+            "meshbridge.io/service",
+            format!("{service:?} is not a valid service name"),
+        ));
+    }
+    let ingress = port_annotation(meta, ANNOTATION_INGRESS_PORT)?.unwrap_or(settings.ingress_port);
+    let egress =
+        port_annotation(meta, "meshbridge.io/egress-port")?.unwrap_or(settings.egress_port);
+    let app_port = match port_annotation(meta, "meshbridge.io/app-port")? {
+        Some(p) => Some(p),
+        None => spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    };
+    let reserved = [ingress, egress, settings.admin_port, settings.ready_port];
+    for (i, p) in reserved.iter().enumerate() {
+        if reserved[..i].contains(p) || app_port == Some(*p) {
+            return Err(bad(
+                "metadata.annotations",
+                format!(
+                    "port {p} is used twice (application {app_port:?}, ingress {ingress}, egress {egress}, admin {}, ready {})",
+                    settings.admin_port, settings.ready_port
+                ),
+            ));
+        }
+    }
+    let log_level = annotation(meta, "meshbridge.io/log-level").unwrap_or(&settings.log_level);
+    if !LOG_LEVELS.contains(&log_level) {
+        return Err(bad(
+            "metadata.annotations[meshbridge.io/log-level]",
+            format!("{log_level:?} is not one of {}", LOG_LEVELS.join(", ")),
+        ));
+    }
+    let dependencies: Vec<String> = annotation(meta, "meshbridge.io/dependencies")
+        .map(|d| {
+            d.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let options = BootstrapOptions {
+        service: service.clone(),
+        // Replaced per pod by --service-node.
+        node_id: service.clone(),
+        xds_addr: settings.xds_addr.clone(),
+        ingress_port: Some(ingress),
+        app_port,
+        egress_port: Some(egress),
+        admin_port: settings.admin_port,
+        ready_port: Some(settings.ready_port),
+        dependencies,
+        ..Default::default()
+    };
+    let bootstrap =
+        bootstrap_yaml(&options).map_err(|e| bad("metadata.annotations", e.to_string()))?;
+
+    let quantity = |key: &str, default: &str| -> Result<Quantity, InjectError> {
+        let v = annotation(meta, key).unwrap_or(default);
+        if v.is_empty()
+            || !v
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit() || c == '.')
+        {
+            return Err(bad(
+                &format!("metadata.annotations[{key}]"),
+                format!("{v:?} is not a quantity"),
+            ));
+        }
+        Ok(Quantity(v.to_string()))
+    };
+    let mut requests = BTreeMap::new();
+    requests.insert(
+        "cpu".to_string(),
+        quantity("meshbridge.io/proxy-cpu", &settings.cpu)?,
+    );
+    requests.insert(
+        "memory".to_string(),
+        quantity("meshbridge.io/proxy-memory", &settings.memory)?,
+    );
+    let mut limits = BTreeMap::new();
+    limits.insert(
+        "memory".to_string(),
+        quantity("meshbridge.io/proxy-memory-limit", &settings.memory_limit)?,
+    );
+    if let Some(cpu) = annotation(meta, "meshbridge.io/proxy-cpu-limit") {
+        limits.insert(
+            "cpu".to_string(),
+            quantity("meshbridge.io/proxy-cpu-limit", cpu)?,
+        );
+    }
+
+    let field_env = |name: &str, path: &str| EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let port = |name: &str, p: u16| ContainerPort {
+        name: Some(name.to_string()),
+        container_port: i32::from(p),
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: SIDECAR_CONTAINER.to_string(),
+        image: Some(settings.image.clone()),
+        args: Some(vec![
+            "--config-yaml".into(),
+            bootstrap,
+            "--service-node".into(),
+            "$(POD_NAME).$(POD_NAMESPACE)".into(),
+            "--service-cluster".into(),
+            service.clone(),
+            "--log-level".into(),
+            log_level.to_string(),
+            "--disable-hot-restart".into(),
+        ]),
+        command: Some(vec!["envoy".into()]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            port("mesh-ingress", ingress),
+            port("mesh-ready", settings.ready_port),
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/ready".into()),
+                port: IntOrString::Int(i32::from(settings.ready_port)),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            failure_threshold: Some(30),
+            ..Default::default()
+        }),
+        startup_probe: settings.native_sidecar.then(|| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/ready".into()),
+                port: IntOrString::Int(i32::from(settings.ready_port)),
+                ..Default::default()
+            }),
+            period_seconds: Some(1),
+            failure_threshold: Some(120),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(requests),
+            limits: Some(limits),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        restart_policy: settings.native_sidecar.then(|| "Always".to_string()),
+        ..Default::default()
+    };
+
+    // Explicit egress for the application containers (their own settings win).
+    let egress_addr = format!("127.0.0.1:{egress}");
+    let http_proxy = annotation(meta, "meshbridge.io/http-proxy") != Some("false");
+    for c in &mut spec.containers {
+        let env = c.env.get_or_insert_default();
+        let mut add = |name: &str, value: &str| {
+            if !env.iter().any(|e| e.name == name) {
+                env.push(EnvVar {
+                    name: name.to_string(),
+                    value: Some(value.to_string()),
+                    ..Default::default()
+                });
+            }
+        };
+        add("MESHBRIDGE_EGRESS_ADDR", &egress_addr);
+        if http_proxy {
+            let url = format!("http://{egress_addr}");
+            add("HTTP_PROXY", &url);
+            add("http_proxy", &url);
+            add("NO_PROXY", "localhost,127.0.0.1,::1");
+            add("no_proxy", "localhost,127.0.0.1,::1");
+        }
+    }
+
+    let transparent = annotation(meta, "meshbridge.io/transparent") == Some("true");
+    let mut init = Vec::new();
+    if transparent {
+        init.push(redirect_container(settings, ingress, egress));
+    }
+    if settings.native_sidecar {
+        init.push(sidecar);
+        let existing = spec.init_containers.take().unwrap_or_default();
+        init.extend(existing);
+        spec.init_containers = Some(init);
+    } else {
+        if !init.is_empty() {
+            init.extend(spec.init_containers.take().unwrap_or_default());
+            spec.init_containers = Some(init);
+        }
+        spec.containers.insert(0, sidecar);
+    }
+
+    let annotations = meta.annotations.get_or_insert_default();
+    annotations.insert(ANNOTATION_STATUS.to_string(), settings.image.clone());
+    annotations.insert(ANNOTATION_INGRESS_PORT.to_string(), ingress.to_string());
+    Ok(Outcome::Injected)
+}
+
+/// The init container redirecting inbound TCP to the ingress listener and outbound port-80
+/// traffic to the egress listener, except the sidecar's own (user 1337) and loopback traffic.
+fn redirect_container(settings: &InjectSettings, ingress: u16, egress: u16) -> Container {
+    let admin = settings.admin_port;
+    let ready = settings.ready_port;
+    let script = format!(
+        "set -e\n\
+         iptables -t nat -N MESHBRIDGE_IN\n\
+         iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ingress} -j RETURN\n\
+         iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ready} -j RETURN\n\
+         iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {admin} -j RETURN\n\
+         iptables -t nat -A MESHBRIDGE_IN -p tcp -j REDIRECT --to-ports {ingress}\n\
+         iptables -t nat -A PREROUTING -p tcp -j MESHBRIDGE_IN\n\
+         iptables -t nat -N MESHBRIDGE_OUT\n\
+         iptables -t nat -A MESHBRIDGE_OUT -m owner --uid-owner {PROXY_UID} -j RETURN\n\
+         iptables -t nat -A MESHBRIDGE_OUT -d 127.0.0.1/32 -j RETURN\n\
+         iptables -t nat -A MESHBRIDGE_OUT -p tcp --dport 80 -j REDIRECT --to-ports {egress}\n\
+         iptables -t nat -A OUTPUT -p tcp -j MESHBRIDGE_OUT\n"
+    );
+    Container {
+        name: INIT_CONTAINER.to_string(),
+        image: Some(settings.init_image.clone()),
+        command: Some(vec!["sh".into(), "-c".into(), script]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("64Mi".into()),
+            )])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The JSON Patch (RFC 6902) turning `before` into `after`: one `add` (which replaces an
+/// existing member) per top-level field of `metadata` and `spec` that differs.
+pub fn json_patch(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let mut ops = Vec::new();
+    for section in ["metadata", "spec"] {
+        let (b, a) = (&before[section], &after[section]);
+        let Some(fields) = a.as_object() else {
+            continue;
+        };
+        for (key, value) in fields {
+            if b.get(key) != Some(value) {
+                let path = format!("/{section}/{}", key.replace('~', "~0").replace('/', "~1"));
+                ops.push(serde_json::json!({"op": "add", "path": path, "value": value}));
+            }
+        }
+    }
+    serde_json::Value::Array(ops)
+}

@@ -1,0 +1,367 @@
+//! Sidecar injection: what it does to each workload kind and annotation (snapshots), that it
+//! is idempotent (property), that its output is valid Kubernetes (the real schemas), and that
+//! the injected sidecar's arguments make a real Envoy that connects to meshbridge.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use meshbridge::webhook::{InjectSettings, Outcome, inject_manifest, inject_stream};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use support::{ControlPlane, eventually, free_port, http_get};
+
+fn yaml(v: &Value) -> String {
+    serde_norway::to_string(v).unwrap()
+}
+
+fn pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "orders-7d9f", "namespace": "shop", "labels": {"app": "orders"},
+                     "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "orders:1.4",
+                                 "ports": [{"containerPort": 8080}]}]},
+    })
+}
+
+fn workload(kind: &str, api_version: &str) -> Value {
+    let template = json!({
+        "metadata": {"labels": {"app.kubernetes.io/name": "billing"}},
+        "spec": {"containers": [{"name": "app", "image": "billing:2", "ports": [{"containerPort": 9000}]}],
+                 "restartPolicy": if kind == "Job" || kind == "CronJob" { "OnFailure" } else { "Always" }},
+    });
+    let selector = json!({"matchLabels": {"app.kubernetes.io/name": "billing"}});
+    let spec = match kind {
+        "Deployment" | "DaemonSet" => json!({"selector": selector, "template": template}),
+        "StatefulSet" => {
+            json!({"selector": selector, "serviceName": "billing", "template": template})
+        }
+        "Job" => json!({"template": template}),
+        "CronJob" => {
+            json!({"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": template}}})
+        }
+        _ => unreachable!(),
+    };
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": "billing", "namespace": "shop"}, "spec": spec})
+}
+
+fn injected(doc: Value, settings: &InjectSettings) -> Value {
+    let (out, outcome) = inject_manifest(doc, settings).unwrap();
+    assert_eq!(outcome, Outcome::Injected);
+    out
+}
+
+#[test]
+fn each_workload_kind_gets_its_template_injected() {
+    let settings = InjectSettings::default();
+    for (kind, api) in [
+        ("Deployment", "apps/v1"),
+        ("StatefulSet", "apps/v1"),
+        ("DaemonSet", "apps/v1"),
+        ("Job", "batch/v1"),
+        ("CronJob", "batch/v1"),
+    ] {
+        insta::assert_snapshot!(
+            format!("workload_{kind}"),
+            yaml(&injected(workload(kind, api), &settings))
+        );
+    }
+}
+
+#[test]
+fn a_pod_with_every_annotation() {
+    let settings = InjectSettings::default();
+    insta::assert_snapshot!("pod_plain", yaml(&injected(pod(json!({})), &settings)));
+    insta::assert_snapshot!(
+        "pod_annotated",
+        yaml(&injected(
+            pod(json!({
+                "meshbridge.io/service": "orders-v2",
+                "meshbridge.io/dependencies": "payments, https://api.example.com",
+                "meshbridge.io/app-port": "8081",
+                "meshbridge.io/ingress-port": "16000",
+                "meshbridge.io/egress-port": "16001",
+                "meshbridge.io/proxy-cpu": "250m",
+                "meshbridge.io/proxy-memory": "64Mi",
+                "meshbridge.io/proxy-cpu-limit": "1",
+                "meshbridge.io/proxy-memory-limit": "512Mi",
+                "meshbridge.io/log-level": "debug",
+                "meshbridge.io/http-proxy": "false",
+                "meshbridge.io/transparent": "true",
+            })),
+            &settings
+        ))
+    );
+    let legacy = InjectSettings {
+        native_sidecar: false,
+        ..InjectSettings::default()
+    };
+    insta::assert_snapshot!(
+        "pod_without_native_sidecars",
+        yaml(&injected(pod(json!({})), &legacy))
+    );
+}
+
+#[test]
+fn opting_out_host_network_and_other_kinds_are_left_alone() {
+    let settings = InjectSettings::default();
+    let cases = [
+        pod(json!({"meshbridge.io/inject": "false"})),
+        {
+            let mut p = pod(json!({}));
+            p["spec"]["hostNetwork"] = json!(true);
+            p
+        },
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "orders"}, "spec": {"ports": [{"port": 80}]}}),
+    ];
+    for doc in cases {
+        let (out, outcome) = inject_manifest(doc.clone(), &settings).unwrap();
+        assert!(matches!(outcome, Outcome::Unchanged(_)), "{outcome:?}");
+        assert_eq!(out, doc);
+    }
+}
+
+#[test]
+fn bad_annotations_are_refused_naming_them() {
+    let settings = InjectSettings::default();
+    for (annotations, field) in [
+        (
+            json!({"meshbridge.io/ingress-port": "99999"}),
+            "meshbridge.io/ingress-port",
+        ),
+        (
+            json!({"meshbridge.io/log-level": "loud"}),
+            "meshbridge.io/log-level",
+        ),
+        (
+            json!({"meshbridge.io/proxy-memory": "lots"}),
+            "meshbridge.io/proxy-memory",
+        ),
+        (
+            json!({"meshbridge.io/ingress-port": "8080"}),
+            "port 8080 is used twice",
+        ),
+    ] {
+        let err = inject_manifest(pod(annotations), &settings).unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    let mut nameless = pod(json!({}));
+    nameless["metadata"]["labels"] = json!({});
+    let err = inject_manifest(nameless, &settings).unwrap_err();
+    assert!(err.to_string().contains("no service name"), "{err}");
+}
+
+fn arb_annotations() -> impl Strategy<Value = Value> {
+    (
+        prop::option::of(prop::sample::select(vec!["orders", "billing-v2", "a.b_c"])),
+        prop::option::of(prop::sample::select(vec![
+            "payments",
+            "payments,https://x.example.com",
+            "",
+        ])),
+        prop::option::of(16000u16..16010),
+        prop::option::of(prop::sample::select(vec!["true", "false"])),
+        prop::option::of(prop::sample::select(vec!["info", "debug"])),
+        any::<bool>(),
+    )
+        .prop_map(|(service, deps, ingress, transparent, level, http_proxy)| {
+            let mut a = serde_json::Map::new();
+            if let Some(s) = service {
+                a.insert("meshbridge.io/service".into(), json!(s));
+            }
+            if let Some(d) = deps {
+                a.insert("meshbridge.io/dependencies".into(), json!(d));
+            }
+            if let Some(p) = ingress {
+                a.insert("meshbridge.io/ingress-port".into(), json!(p.to_string()));
+            }
+            if let Some(t) = transparent {
+                a.insert("meshbridge.io/transparent".into(), json!(t));
+            }
+            if let Some(l) = level {
+                a.insert("meshbridge.io/log-level".into(), json!(l));
+            }
+            if !http_proxy {
+                a.insert("meshbridge.io/http-proxy".into(), json!("false"));
+            }
+            Value::Object(a)
+        })
+}
+
+proptest! {
+    #[test]
+    fn injecting_twice_equals_injecting_once(annotations in arb_annotations(), native in any::<bool>()) {
+        let settings = InjectSettings { native_sidecar: native, ..InjectSettings::default() };
+        let (once, outcome) = inject_manifest(pod(annotations), &settings).unwrap();
+        prop_assert_eq!(outcome, Outcome::Injected);
+        let (twice, again) = inject_manifest(once.clone(), &settings).unwrap();
+        prop_assert!(matches!(again, Outcome::Unchanged(_)));
+        prop_assert_eq!(once, twice);
+    }
+}
+
+fn venv_tool(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name)
+}
+
+#[test]
+fn injected_manifests_pass_the_kubernetes_schema() {
+    let mut docs = vec![
+        pod(json!({"meshbridge.io/transparent": "true"})),
+        workload("Deployment", "apps/v1"),
+        workload("StatefulSet", "apps/v1"),
+        workload("DaemonSet", "apps/v1"),
+        workload("Job", "batch/v1"),
+        workload("CronJob", "batch/v1"),
+    ];
+    let legacy = InjectSettings {
+        native_sidecar: false,
+        ..InjectSettings::default()
+    };
+    docs.push(injected(pod(json!({})), &legacy));
+    let text: Vec<String> = docs.iter().map(yaml).collect();
+    let (out, _) = inject_stream(&text.join("---\n"), &InjectSettings::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("injected.yaml");
+    std::fs::write(&file, &out).unwrap();
+    let result = Command::new(venv_tool("kubernetes-validate"))
+        .args(["--strict", "--kubernetes-version", "1.33"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(result.status.success(), "{printed}\n{out}");
+    assert_eq!(printed.matches("passed").count(), docs.len(), "{printed}");
+}
+
+#[test]
+fn the_inject_command_reads_a_file_or_stdin_and_names_a_bad_document() {
+    let text = format!(
+        "{}---\n{}",
+        yaml(&workload("Deployment", "apps/v1")),
+        yaml(&pod(json!({"meshbridge.io/log-level": "loud"})))
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["inject", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("document 2 (Pod orders-7d9f)") && stderr.contains("log-level"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.yaml");
+    std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["inject", "--xds-addr", "mb.example:18000", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let sidecar = &injected["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "meshbridge-proxy");
+    assert!(sidecar["args"][1].as_str().unwrap().contains("mb.example"));
+}
+
+/// The sidecar's command line with the pod's environment expanded, as the kubelet would.
+fn sidecar_command(pod: &Value) -> Vec<String> {
+    let sidecar = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "meshbridge-proxy")
+        .unwrap();
+    sidecar["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("$(POD_NAME)", "orders-7d9f")
+                .replace("$(POD_NAMESPACE)", "shop")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injected_sidecar_is_a_working_envoy() {
+    let cp = ControlPlane::start("", &[]).await;
+    let settings = InjectSettings {
+        xds_addr: cp.xds_addr(),
+        admin_port: free_port(),
+        ready_port: free_port(),
+        ..InjectSettings::default()
+    };
+    let (ingress, egress) = (free_port(), free_port());
+    let pod = injected(
+        pod(
+            json!({"meshbridge.io/ingress-port": ingress.to_string(), "meshbridge.io/egress-port": egress.to_string()}),
+        ),
+        &settings,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+    let mut envoy = Command::new(support::envoy_bin())
+        .args(sidecar_command(&pod))
+        .args(["--concurrency", "1", "--base-id", &free_port().to_string()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], settings.ready_port));
+    let r = eventually(
+        Duration::from_secs(20),
+        "the readiness listener answers 200",
+        || async {
+            let r = http_get(ready, "localhost", "/ready", &[]).await.ok()?;
+            (r.status == 200).then_some(r)
+        },
+    )
+    .await;
+    assert!(r.body.contains("LIVE"), "{}", r.body);
+    // Only /ready is exposed; the admin interface is not.
+    let r = http_get(ready, "localhost", "/config_dump", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // meshbridge sees the pod's proxy under its own node id, with the injected ports.
+    let proxies = cp.admin_json("/api/proxies").await;
+    let _ = envoy.kill();
+    let _ = envoy.wait();
+    let proxy = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == "orders-7d9f.shop")
+        .unwrap_or_else(|| {
+            panic!(
+                "{proxies}\n{}",
+                std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default()
+            )
+        });
+    assert_eq!(proxy["service"], "orders");
+}
