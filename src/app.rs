@@ -188,6 +188,8 @@ pub struct BoundAddrs {
     pub xds: SocketAddr,
     /// Admin API.
     pub admin: SocketAddr,
+    /// Admission webhooks, when on.
+    pub webhook: Option<SocketAddr>,
 }
 
 /// Runs the control plane until `shutdown` completes. `bound` receives the addresses once
@@ -200,8 +202,18 @@ pub async fn run(
     let cp = Arc::new(ControlPlane::new(&config));
     let args = &config.args;
 
-    info!("admission webhook off (no --webhook-cert-dir or --webhook-self-managed)");
     let (stop_tx, stop_rx) = watch::channel(false);
+    let webhook_cert = match &args.webhook_cert_dir {
+        Some(dir) => Some(Arc::new(
+            crate::webhook::server::ReloadingCert::new(dir)
+                .map_err(|e| BadConfig(format!("--webhook-cert-dir: {e}")))?,
+        )),
+        None => {
+            info!("admission webhook off (no --webhook-cert-dir)");
+            None
+        }
+    };
+    let webhook_on = webhook_cert.is_some();
 
     let kube_client = match args.kube {
         KubeMode::Off => None,
@@ -238,6 +250,7 @@ pub async fn run(
         tokio::spawn(crate::sources::kube::run(
             client.clone(),
             args.namespaces.clone(),
+            webhook_on,
             ctx,
         ));
         let lease = LeaseSettings {
@@ -400,11 +413,49 @@ pub async fn run(
     let admin_listener = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
-    let addrs = BoundAddrs {
+    let mut addrs = BoundAddrs {
         xds: xds_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
+        webhook: None,
     };
-    info!(xds = %addrs.xds, admin = %addrs.admin, "meshbridge listening");
+    if let Some(cert) = webhook_cert {
+        let listener = TcpListener::bind(args.webhook_addr)
+            .await
+            .with_context(|| format!("--webhook-addr {}: cannot listen", args.webhook_addr))?;
+        addrs.webhook = Some(listener.local_addr()?);
+        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "meshbridge".into());
+        let settings = crate::webhook::InjectSettings {
+            image: args.sidecar_image.clone(),
+            init_image: args.sidecar_init_image.clone(),
+            xds_addr: args
+                .sidecar_xds_addr
+                .clone()
+                .unwrap_or_else(|| format!("meshbridge-xds.{namespace}.svc:18000")),
+            log_level: args.sidecar_log_level.clone(),
+            native_sidecar: !args.no_native_sidecar,
+            cpu: args.sidecar_cpu.clone(),
+            memory: args.sidecar_memory.clone(),
+            memory_limit: args.sidecar_memory_limit.clone(),
+            ingress_port: args.sidecar_ingress_port,
+            egress_port: args.sidecar_egress_port,
+            admin_port: args.sidecar_admin_port,
+            ready_port: args.sidecar_ready_port,
+        };
+        let state = crate::webhook::server::WebhookState {
+            settings: Arc::new(settings),
+            store: store.clone(),
+            fail_closed: args.inject_fail_closed,
+            metrics: cp.metrics.clone(),
+        };
+        tokio::spawn(crate::webhook::server::serve(
+            listener,
+            cert,
+            state,
+            std::time::Duration::from_secs(2),
+            stop_rx.clone(),
+        ));
+    }
+    info!(xds = %addrs.xds, admin = %addrs.admin, webhook = ?addrs.webhook, "meshbridge listening");
 
     let ctx = Arc::new(XdsContext {
         cache: cp.cache.clone(),

@@ -116,6 +116,56 @@ pub struct RunArgs {
     /// Generate and manage the webhook's CA and serving certificate.
     #[arg(long, env = "MESHBRIDGE_WEBHOOK_SELF_MANAGED")]
     pub webhook_self_managed: bool,
+    /// Refuse a pod the injector cannot handle (bad annotations) instead of admitting it
+    /// without a sidecar and a warning.
+    #[arg(long, env = "MESHBRIDGE_INJECT_FAIL_CLOSED")]
+    pub inject_fail_closed: bool,
+    /// Envoy image of injected sidecars.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_SIDECAR_IMAGE",
+        default_value = "envoyproxy/envoy:v1.40.0"
+    )]
+    pub sidecar_image: String,
+    /// Image of the iptables init container (pods asking for transparent mode).
+    #[arg(
+        long,
+        env = "MESHBRIDGE_SIDECAR_INIT_IMAGE",
+        default_value = "ghcr.io/meshbridge/proxy-init:0.1.0"
+    )]
+    pub sidecar_init_image: String,
+    /// Where injected sidecars reach this control plane's ADS, HOST:PORT (default
+    /// `meshbridge-xds.<POD_NAMESPACE>.svc:18000`).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_XDS_ADDR")]
+    pub sidecar_xds_addr: Option<String>,
+    /// Envoy log level of injected sidecars (a pod may override it by annotation).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_LOG_LEVEL", default_value = "info")]
+    pub sidecar_log_level: String,
+    /// CPU request of injected sidecars.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_CPU", default_value = "100m")]
+    pub sidecar_cpu: String,
+    /// Memory request of injected sidecars.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_MEMORY", default_value = "128Mi")]
+    pub sidecar_memory: String,
+    /// Memory limit of injected sidecars.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_MEMORY_LIMIT", default_value = "256Mi")]
+    pub sidecar_memory_limit: String,
+    /// Ingress port of injected sidecars (a pod may override it by annotation).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_INGRESS_PORT", default_value_t = crate::api::DEFAULT_INGRESS_PORT)]
+    pub sidecar_ingress_port: u16,
+    /// Egress port of injected sidecars (a pod may override it by annotation).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_EGRESS_PORT", default_value_t = 15001)]
+    pub sidecar_egress_port: u16,
+    /// Envoy admin port of injected sidecars (127.0.0.1 only).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_ADMIN_PORT", default_value_t = 15000)]
+    pub sidecar_admin_port: u16,
+    /// Port of injected sidecars' readiness listener (`GET /ready` only).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_READY_PORT", default_value_t = 15021)]
+    pub sidecar_ready_port: u16,
+    /// Inject the sidecar as a regular container (clusters before Kubernetes 1.29) rather
+    /// than a native sidecar init container.
+    #[arg(long, env = "MESHBRIDGE_NO_NATIVE_SIDECAR")]
+    pub no_native_sidecar: bool,
     /// SPIFFE trust domain of service identities.
     #[arg(long, env = "MESHBRIDGE_TRUST_DOMAIN", default_value = "mesh.local")]
     pub trust_domain: String,
@@ -211,12 +261,22 @@ impl RunArgs {
                 ),
             });
         }
-        if self.webhook_cert_dir.is_some() || self.webhook_self_managed {
+        if self.webhook_self_managed {
             return Err(ConfigError {
-                flag: "webhook-cert-dir",
-                message: "the admission webhook is not available in this version of meshbridge"
+                flag: "webhook-self-managed",
+                message: "not available in this version of meshbridge; use --webhook-cert-dir"
                     .into(),
             });
+        }
+        if let Some(dir) = &self.webhook_cert_dir {
+            for file in ["tls.crt", "tls.key"] {
+                if !dir.join(file).is_file() {
+                    return Err(ConfigError {
+                        flag: "webhook-cert-dir",
+                        message: format!("{} has no {file}", dir.display()),
+                    });
+                }
+            }
         }
         if !(1..=3600).contains(&self.lease_duration) {
             return Err(ConfigError {

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub consul_registrations: Family<Labels, Counter>,
     /// Pods the Kubernetes source keeps.
     pub kube_pods: Gauge,
+    /// Admission reviews by path and result (`patched`, `allowed`, `denied`, `malformed`).
+    pub webhook_requests: Family<Labels, Counter>,
+    /// Time to answer an admission review.
+    pub webhook_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -83,6 +87,8 @@ impl Metrics {
             leader: Gauge::default(),
             consul_registrations: Family::default(),
             kube_pods: Gauge::default(),
+            webhook_requests: Family::default(),
+            webhook_seconds: Histogram::new(exponential_buckets(0.00002, 2.0, 14)),
         };
         m.registry.register(
             "xds_streams",
@@ -170,7 +176,28 @@ impl Metrics {
             "Pods the Kubernetes source keeps",
             m.kube_pods.clone(),
         );
+        m.registry.register(
+            "webhook_requests",
+            "Admission reviews by path and result",
+            m.webhook_requests.clone(),
+        );
+        m.registry.register(
+            "webhook_seconds",
+            "Time to answer an admission review",
+            m.webhook_seconds.clone(),
+        );
         m
+    }
+
+    /// Records one admission review.
+    pub fn observe_webhook(&self, path: &str, result: &str, elapsed: std::time::Duration) {
+        self.webhook_requests
+            .get_or_create(&vec![
+                ("path".to_string(), path.to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
+            .inc();
+        self.webhook_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The metrics in Prometheus text format.

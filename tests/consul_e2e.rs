@@ -550,19 +550,6 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
     );
 }
 
-fn openssl(args: &[&str], dir: &std::path::Path) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Consul behind TLS (a real Envoy terminating it, with certificates made by openssl):
 /// meshbridge verifies the agent with `--consul-ca-file`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,60 +558,7 @@ async fn consul_over_https_is_verified_with_the_ca_file() {
     consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        d,
-    );
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=consul",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-        d,
-    );
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.pem",
-        ],
-        d,
-    );
+    support::issue_cert(d, "server", "IP:127.0.0.1");
     let (tls_port, admin_port) = (support::free_port(), support::free_port());
     let bootstrap = format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
@@ -694,7 +628,7 @@ static_resources:
     .await;
 
     let url = format!("https://127.0.0.1:{tls_port}");
-    let ca = d.join("ca.pem").display().to_string();
+    let ca = d.join("server-ca.pem").display().to_string();
     let cp = ControlPlane::start(
         FRONTEND,
         &[

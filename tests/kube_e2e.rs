@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use consul_fake::{FakeConsul, Instance};
-use kube_fake::FakeKube;
+use kube_fake::{FakeKube, assert_rbac_covers};
 use serde_json::{Value, json};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
@@ -98,44 +98,6 @@ async fn answering(envoy: &Envoy, host: &str, calls: usize) -> std::collections:
         }
     }
     seen
-}
-
-/// Every (verb, resource) meshbridge used is granted by the chart's ClusterRole.
-fn assert_rbac_covers(kube: &FakeKube) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/charts/meshbridge/templates/clusterrole.yaml"
-    ))
-    .unwrap();
-    let role: Value = serde_norway::from_str(&text).unwrap();
-    assert_eq!(role["kind"], "ClusterRole");
-    let rules = role["rules"].as_array().unwrap();
-    let has = |list: &Value, item: &str| {
-        list.as_array()
-            .is_some_and(|l| l.iter().any(|v| v == item || v == "*"))
-    };
-    let mut missing = std::collections::BTreeSet::new();
-    for r in kube.requests() {
-        if r.resource.is_empty() {
-            continue; // discovery
-        }
-        let resource = match &r.subresource {
-            Some(s) => format!("{}/{s}", r.resource),
-            None => r.resource.clone(),
-        };
-        let granted = rules.iter().any(|rule| {
-            has(&rule["apiGroups"], &r.group)
-                && has(&rule["resources"], &resource)
-                && has(&rule["verbs"], &r.verb)
-        });
-        if !granted {
-            missing.insert(format!("{} {}/{}", r.verb, r.group, resource));
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "the chart's ClusterRole does not grant: {missing:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -324,7 +324,20 @@ pub fn access_rule(obj: &AccessRule, source: String) -> Result<AccessDeclaration
                 (None, Some(e), None) if e.starts_with('/') => {
                     paths.push(PathMatch::Prefix(e.clone()))
                 }
-                (None, None, Some(e)) if !e.is_empty() => paths.push(PathMatch::Regex(e.clone())),
+                (None, None, Some(e)) if !e.is_empty() => {
+                    // Envoy compiles RE2; the `regex` crate's syntax is close to it, so an
+                    // expression Envoy would refuse (and NACK) is refused here first.
+                    match regex::Regex::new(e) {
+                        Ok(_) => paths.push(PathMatch::Regex(e.clone())),
+                        Err(why) => errors.push(err(
+                            format!("{pf}.regex"),
+                            format!(
+                                "{e:?} is not a valid regular expression: {}",
+                                why.to_string().lines().last().unwrap_or("")
+                            ),
+                        )),
+                    }
+                }
                 (None, None, None) => {
                     errors.push(err(pf, "set one of `exact`, `prefix` or `regex`"))
                 }

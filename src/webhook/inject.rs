@@ -44,7 +44,7 @@ pub const INIT_CONTAINER: &str = "meshbridge-init";
 /// User the sidecar runs as (its own traffic is not redirected).
 pub const PROXY_UID: i64 = 1337;
 const LOG_LEVELS: &[&str] = &[
-    "trace", "debug", "info", "warning", "error", "critical", "off",
+    "trace", "debug", "info", "warning", "warn", "error", "critical", "off",
 ];
 
 /// Cluster-wide injection settings (from `meshbridge run` flags or the Helm values).

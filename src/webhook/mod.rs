@@ -1,7 +1,9 @@
 //! Sidecar injection: the pure [`inject`] function, and the offline `meshbridge inject` on
 //! manifests (Pods and the pod templates of workloads).
 
+pub mod admission;
 pub mod inject;
+pub mod server;
 
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -3062,3 +3062,42 @@ fn rfc3339(t: SystemTime) -> String {
         sod % 60
     )
 }
+
+/// Fails the test unless every (verb, resource) meshbridge requested from `kube` is granted
+/// by the ClusterRole rules the Helm chart ships (`charts/meshbridge/files/rbac-rules.yaml`).
+/// Discovery requests need no grant.
+pub fn assert_rbac_covers(kube: &FakeKube) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/meshbridge/files/rbac-rules.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let rules: Value = serde_norway::from_str(&text).unwrap();
+    let rules = rules.as_array().unwrap();
+    let has = |list: &Value, item: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|v| v == item || v == "*"))
+    };
+    let mut missing = std::collections::BTreeSet::new();
+    for r in kube.requests() {
+        if r.resource.is_empty() {
+            continue;
+        }
+        let resource = match &r.subresource {
+            Some(s) => format!("{}/{s}", r.resource),
+            None => r.resource.clone(),
+        };
+        let granted = rules.iter().any(|rule| {
+            has(&rule["apiGroups"], &r.group)
+                && has(&rule["resources"], &resource)
+                && has(&rule["verbs"], &r.verb)
+        });
+        if !granted {
+            missing.insert(format!("{} {}/{}", r.verb, r.group, resource));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the chart's ClusterRole does not grant: {missing:?}"
+    );
+}

@@ -566,3 +566,70 @@ impl Traffic {
         (counts.0.load(Relaxed), counts.1.load(Relaxed))
     }
 }
+
+/// Runs `openssl` in `dir`; fails the test on an error.
+pub fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a CA (`{name}-ca.pem`, `{name}-ca.key`) and a certificate it signs (`{name}.pem`,
+/// `{name}.key`) for `subject_alt_name` (e.g. `IP:127.0.0.1`), in `dir`.
+pub fn issue_cert(dir: &std::path::Path, name: &str, subject_alt_name: &str) {
+    let (ca_key, ca_pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let subject = format!("/CN={name}-ca");
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &subject,
+            "-keyout", &ca_key, "-out", &ca_pem,
+        ],
+        dir,
+    );
+    let subject = format!("/CN={name}");
+    openssl(
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+        dir,
+    );
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={subject_alt_name}\n"),
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+        dir,
+    );
+}

@@ -7,11 +7,12 @@
 
 pub mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -51,6 +52,26 @@ enum Watched {
     Service(Event<MeshService>),
     Rule(Event<AccessRule>),
     Pod(Event<PodInfo>),
+    Namespace(Event<(String, BTreeMap<String, String>)>),
+}
+
+/// Keeps a namespace's name and labels.
+fn namespace_labels(
+    event: Event<PartialObjectMeta<Namespace>>,
+) -> Event<(String, BTreeMap<String, String>)> {
+    let slim = |n: PartialObjectMeta<Namespace>| {
+        (
+            n.metadata.name.unwrap_or_default(),
+            n.metadata.labels.unwrap_or_default(),
+        )
+    };
+    match event {
+        Event::Apply(n) => Event::Apply(slim(n)),
+        Event::Delete(n) => Event::Delete(slim(n)),
+        Event::Init => Event::Init,
+        Event::InitApply(n) => Event::InitApply(slim(n)),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// Keeps only what meshbridge needs of a pod, as soon as it arrives.
@@ -70,12 +91,19 @@ struct Progress {
     services: Option<Vec<MeshService>>,
     rules: Option<Vec<AccessRule>>,
     pods: Option<Vec<PodInfo>>,
+    namespaces: Option<BTreeMap<String, BTreeMap<String, String>>>,
     listed: bool,
 }
 
 /// Runs the watchers (cluster-wide, or one set per namespace in `namespaces`) until the
-/// process ends.
-pub async fn run(client: Client, namespaces: Vec<String>, ctx: KubeContext) {
+/// process ends. With `namespace_labels`, namespaces' labels are watched too (metadata only;
+/// the injection webhook reads `meshbridge.io/inject`).
+pub async fn run(
+    client: Client,
+    namespaces: Vec<String>,
+    namespace_labels_too: bool,
+    ctx: KubeContext,
+) {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
@@ -115,17 +143,32 @@ pub async fn run(client: Client, namespaces: Vec<String>, ctx: KubeContext) {
                 .boxed(),
         );
     }
+    if namespace_labels_too {
+        let id = streams.len();
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        streams.push(
+            watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .map(move |e| (id, e.map(|e| Watched::Namespace(namespace_labels(e)))))
+                .boxed(),
+        );
+    }
     let mut progress: Vec<Progress> = (0..streams.len()).map(|_| Progress::default()).collect();
     let mut all = futures::stream::select_all(streams);
     let mut failing: BTreeSet<usize> = BTreeSet::new();
     while let Some((id, item)) = all.next().await {
-        let scope = scopes[id / 3].as_deref();
+        let scope = scopes.get(id / 3).and_then(|s| s.as_deref());
         match item {
             Err(e) => {
                 if failing.insert(id) {
                     warn!(error = %e, watcher = id, "Kubernetes watch failed; retrying with backoff");
                 }
-                let message = format!("{}: {e}", ["meshservices", "accessrules", "pods"][id % 3]);
+                let resource = if id / 3 < scopes.len() {
+                    ["meshservices", "accessrules", "pods"][id % 3]
+                } else {
+                    "namespaces"
+                };
+                let message = format!("{resource}: {e}");
                 ctx.statuses.update(SOURCE, |s| s.error = Some(message));
             }
             Ok(event) => {
@@ -148,6 +191,7 @@ fn handle(
     let p = &mut progress[id];
     let mut keys = Vec::new();
     let mut relisted = false;
+    let mut listed = false;
     {
         let mut store = ctx.store.lock().unwrap_or_else(|e| e.into_inner());
         match event {
@@ -181,7 +225,20 @@ fn handle(
             Watched::Pod(Event::Delete(o)) => {
                 keys = store.delete_pod(&o.namespace, &o.name);
             }
+            Watched::Namespace(Event::Init) => p.namespaces = Some(BTreeMap::new()),
+            Watched::Namespace(Event::InitApply((name, labels))) => {
+                p.namespaces.get_or_insert_default().insert(name, labels);
+            }
+            Watched::Namespace(Event::InitDone) => {
+                store.replace_namespaces(p.namespaces.take().unwrap_or_default());
+                listed = true;
+            }
+            Watched::Namespace(Event::Apply((name, labels))) => {
+                store.set_namespace(&name, Some(labels))
+            }
+            Watched::Namespace(Event::Delete((name, _))) => store.set_namespace(&name, None),
         }
+        listed |= relisted;
         let changed = {
             let mut index = ctx.index.lock().unwrap_or_else(|e| e.into_inner());
             if relisted {
@@ -203,7 +260,7 @@ fn handle(
         ctx.metrics.kube_pods.set(store.pod_count() as i64);
     }
     ctx.store_epoch.send_modify(|e| *e += 1);
-    if relisted && !p.listed {
+    if listed && !p.listed {
         p.listed = true;
         if progress.iter().all(|p| p.listed) {
             info!(
@@ -221,7 +278,7 @@ fn handle(
             });
             ctx.synced.send_replace(true);
         }
-    } else if relisted {
+    } else if listed {
         let now = crate::sources::now_secs();
         ctx.statuses.update(SOURCE, |s| s.last_sync = Some(now));
     }

@@ -96,6 +96,7 @@ pub struct KubeStore {
     services: BTreeMap<ObjectKey, ServiceEntry>,
     rules: BTreeMap<ObjectKey, RuleEntry>,
     pods: BTreeMap<String, BTreeMap<String, PodInfo>>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Index key of a MeshService.
@@ -248,6 +249,44 @@ impl KubeStore {
                 .or_default()
                 .insert(pod.name.clone(), pod);
         }
+    }
+
+    /// A namespace was added or its labels changed (`None`: deleted).
+    pub fn set_namespace(&mut self, name: &str, labels: Option<BTreeMap<String, String>>) {
+        match labels {
+            Some(l) => {
+                self.namespaces.insert(name.to_string(), l);
+            }
+            None => {
+                self.namespaces.remove(name);
+            }
+        }
+    }
+
+    /// Every namespace is in `namespaces` (after a relist).
+    pub fn replace_namespaces(&mut self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
+        self.namespaces = namespaces;
+    }
+
+    /// The labels of a namespace, if it is known.
+    pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(name)
+    }
+
+    /// The mesh-wide name of the MeshService (its spec in force) in `namespace` selecting a
+    /// pod with `labels`; the oldest claim when several do.
+    pub fn service_for_pod(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        self.services
+            .iter()
+            .filter(|(k, _)| k.namespace == namespace)
+            .filter_map(|(_, e)| e.in_force.as_ref())
+            .filter(|o| selects(o.spec.selector.as_ref(), labels))
+            .min_by_key(|o| precedence(o))
+            .and_then(convert::service_name)
     }
 
     fn selecting(&self, pod: &PodInfo) -> Vec<String> {

@@ -1,0 +1,244 @@
+//! AdmissionReview handling (pure): a request body in, an HTTP status and body out.
+//!
+//! Follows `admission.k8s.io/v1`
+//! (<https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#request>):
+//! the response echoes `request.uid`; a mutation is a base64 JSON Patch with
+//! `patchType: JSONPatch`; a refusal carries a `status` with code and message; `warnings`
+//! reach the user (`kubectl` prints them). A body that is not an AdmissionReview gets HTTP 400
+//! naming the problem (the API server then applies the webhook's `failurePolicy`).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{Value, json};
+
+use super::inject::{self, ANNOTATION_INJECT, InjectSettings, Outcome};
+use crate::api::{AccessRule, MeshService};
+use crate::index::convert;
+
+/// Namespace label opting every pod of the namespace in (`enabled`).
+pub const NAMESPACE_LABEL: &str = "meshbridge.io/inject";
+
+/// An HTTP answer: status code and JSON body.
+pub type Answer = (u16, Value);
+
+fn review(response: Value) -> Answer {
+    (
+        200,
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
+    )
+}
+
+fn malformed(message: String) -> Answer {
+    (400, json!({"error": message}))
+}
+
+/// The `request` of an AdmissionReview, or why the body is not one.
+fn parse_request(body: &[u8]) -> Result<Value, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("request body is not JSON: {e}"))?;
+    let (api_version, kind) = (
+        v["apiVersion"].as_str().unwrap_or(""),
+        v["kind"].as_str().unwrap_or(""),
+    );
+    if (api_version, kind) != ("admission.k8s.io/v1", "AdmissionReview") {
+        return Err(format!(
+            "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {api_version:?} kind {kind:?}"
+        ));
+    }
+    let request = v
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or("the AdmissionReview has no request")?;
+    if request["uid"].as_str().is_none_or(str::is_empty) {
+        return Err("request.uid is missing".to_string());
+    }
+    Ok(request.clone())
+}
+
+fn allowed(uid: &Value, warnings: Vec<String>) -> Value {
+    let mut r = json!({"uid": uid, "allowed": true});
+    if !warnings.is_empty() {
+        r["warnings"] = json!(warnings);
+    }
+    r
+}
+
+fn denied(uid: &Value, code: u16, reason: &str, message: String) -> Value {
+    json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": code, "reason": reason, "message": message},
+    })
+}
+
+/// What the injection webhook needs to know about the cluster.
+pub struct InjectContext<'a> {
+    /// Sidecar settings.
+    pub settings: &'a InjectSettings,
+    /// Labels of the namespace the pod is created in (`None`: unknown).
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+    /// The mesh-wide name of the MeshService selecting the pod, if one does.
+    pub service: Option<String>,
+    /// Refuse a pod that cannot be injected rather than admit it without a sidecar.
+    pub fail_closed: bool,
+}
+
+/// The namespace and labels of the pod in an AdmissionReview body (so the caller can look
+/// up the namespace and the MeshService selecting it), or `None` when the body is not a
+/// pod review.
+pub fn pod_of(body: &[u8]) -> Option<(String, BTreeMap<String, String>)> {
+    let request = parse_request(body).ok()?;
+    let namespace = request["namespace"]
+        .as_str()
+        .or(request["object"]["metadata"]["namespace"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let labels =
+        serde_json::from_value(request["object"]["metadata"]["labels"].clone()).unwrap_or_default();
+    Some((namespace, labels))
+}
+
+/// Whether a pod asks for the sidecar: its annotation `meshbridge.io/inject` (`"true"` or
+/// `"false"`) wins, else its namespace's label `meshbridge.io/inject=enabled`.
+pub fn wants_sidecar(
+    annotations: Option<&BTreeMap<String, String>>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    match annotations
+        .and_then(|a| a.get(ANNOTATION_INJECT))
+        .map(String::as_str)
+    {
+        Some("true") => true,
+        Some(_) => false,
+        None => namespace_labels
+            .and_then(|l| l.get(NAMESPACE_LABEL))
+            .is_some_and(|v| v == "enabled"),
+    }
+}
+
+/// The mutating webhook: injects the sidecar into a Pod on CREATE.
+pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
+    let request = match parse_request(body) {
+        Ok(r) => r,
+        Err(e) => return malformed(e),
+    };
+    let uid = &request["uid"];
+    let kind = &request["kind"];
+    if (kind["group"].as_str(), kind["kind"].as_str()) != (Some(""), Some("Pod")) {
+        return review(allowed(
+            uid,
+            vec![format!(
+                "meshbridge injects Pods only; {}/{} admitted unchanged",
+                kind["group"].as_str().unwrap_or("?"),
+                kind["kind"].as_str().unwrap_or("?")
+            )],
+        ));
+    }
+    if request["operation"] != "CREATE" {
+        return review(allowed(uid, vec![]));
+    }
+    let object = &request["object"];
+    let parsed: Result<(ObjectMeta, PodSpec), String> = (|| {
+        let meta = serde_json::from_value(object["metadata"].clone())
+            .map_err(|e| format!("request.object.metadata: {e}"))?;
+        let spec = serde_json::from_value(object["spec"].clone())
+            .map_err(|e| format!("request.object.spec: {e}"))?;
+        Ok((meta, spec))
+    })();
+    let (mut meta, mut spec) = match parsed {
+        Ok(p) => p,
+        Err(e) => return malformed(e),
+    };
+    if !wants_sidecar(meta.annotations.as_ref(), ctx.namespace_labels) {
+        return review(allowed(uid, vec![]));
+    }
+    match inject::inject(&mut meta, &mut spec, ctx.settings, ctx.service.as_deref()) {
+        Ok(Outcome::Injected) => {
+            let mut after = object.clone();
+            // Serializing Kubernetes types cannot fail.
+            after["metadata"] = serde_json::to_value(&meta).unwrap_or_default();
+            after["spec"] = serde_json::to_value(&spec).unwrap_or_default();
+            let patch = inject::json_patch(object, &after);
+            let encoded = base64::engine::general_purpose::STANDARD
+                .encode(serde_json::to_vec(&patch).unwrap_or_default());
+            let mut r = allowed(uid, vec![]);
+            r["patchType"] = json!("JSONPatch");
+            r["patch"] = json!(encoded);
+            review(r)
+        }
+        Ok(Outcome::Unchanged(_)) => review(allowed(uid, vec![])),
+        Err(e) if ctx.fail_closed => review(denied(
+            uid,
+            400,
+            "BadRequest",
+            format!("meshbridge cannot inject the sidecar: {e}"),
+        )),
+        Err(e) => review(allowed(
+            uid,
+            vec![format!(
+                "meshbridge did not inject the sidecar: {e}; the pod runs without it"
+            )],
+        )),
+    }
+}
+
+/// The validating webhook: runs the index's own validation on MeshServices and AccessRules,
+/// so what is admitted is what meshbridge can use.
+pub fn review_validate(body: &[u8]) -> Answer {
+    let request = match parse_request(body) {
+        Ok(r) => r,
+        Err(e) => return malformed(e),
+    };
+    let uid = &request["uid"];
+    if request["operation"] == "DELETE" {
+        return review(allowed(uid, vec![]));
+    }
+    let kind = request["kind"]["kind"].as_str().unwrap_or("");
+    let object = &request["object"];
+    let name = format!(
+        "{}/{}",
+        request["namespace"].as_str().unwrap_or(""),
+        object["metadata"]["name"].as_str().unwrap_or("")
+    );
+    let errors: Vec<String> = match kind {
+        "MeshService" => match serde_path_to_error::deserialize::<_, MeshService>(object.clone()) {
+            Err(e) => vec![format!("{}: {}", e.path(), e.inner())],
+            Ok(o) => convert::mesh_service(&o, String::new())
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        },
+        "AccessRule" => match serde_path_to_error::deserialize::<_, AccessRule>(object.clone()) {
+            Err(e) => vec![format!("{}: {}", e.path(), e.inner())],
+            Ok(o) => convert::access_rule(&o, name.clone())
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        },
+        other => {
+            return review(allowed(
+                uid,
+                vec![format!(
+                    "meshbridge validates MeshServices and AccessRules only; {other} admitted"
+                )],
+            ));
+        }
+    };
+    if errors.is_empty() {
+        review(allowed(uid, vec![]))
+    } else {
+        review(denied(
+            uid,
+            422,
+            "Invalid",
+            format!("{kind} {name} is invalid: {}", errors.join("; ")),
+        ))
+    }
+}

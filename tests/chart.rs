@@ -1,0 +1,1061 @@
+//! The Helm chart (`charts/meshbridge`): the real Helm SDK lints and renders it
+//! (`tests/support/helm_chart.py` under `.venv/bin/python`), the real `kubernetes-validate
+//! --strict` accepts every rendered document, and what the chart tells meshbridge to do is
+//! what the real binary accepts.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Longest any one tool run may take before the test kills it and fails.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Release name and namespace every render uses.
+const RELEASE: &str = "meshbridge";
+const NAMESPACE: &str = "mesh-system";
+
+/// The admission webhook with the certificate Helm generates (the webhook's default mode).
+const WEBHOOK_HELM_CERTS: &str = "
+webhook:
+  enabled: true
+";
+
+/// The admission webhook with cert-manager issuing the certificate.
+const WEBHOOK_CERT_MANAGER: &str = "
+webhook:
+  enabled: true
+  failurePolicy: Fail
+  certManager:
+    enabled: true
+";
+
+/// The admission webhook with meshbridge managing its own certificate, and an xDS Service
+/// reachable from legacy hosts outside the cluster.
+const WEBHOOK_SELF_MANAGED: &str = "
+webhook:
+  enabled: true
+  selfManaged: true
+  inject:
+    namespaceSelector:
+      matchLabels: null
+    excludeNamespaces: [kube-system, kube-public]
+service:
+  xds:
+    type: LoadBalancer
+    annotations: {service.beta.kubernetes.io/aws-load-balancer-internal: \"true\"}
+    loadBalancerSourceRanges: [10.0.0.0/8]
+";
+
+/// Consul with an ACL token and a CA from Secrets, two datacenters, restricted namespaces,
+/// a ServiceMonitor and a single replica.
+const CONSUL: &str = "
+replicaCount: 1
+watchNamespaces: [payments, orders]
+allowWildcard: [gateway, \"edge-*\"]
+consul:
+  addr: https://$(HOST_IP):8501
+  datacenters: [dc1, dc2]
+  token:
+    secretName: consul-acl
+    key: meshbridge-token
+  ca:
+    secretName: consul-ca
+serviceMonitor:
+  enabled: true
+  labels: {release: prometheus}
+";
+
+/// Every value set the tests render: (name, values YAML).
+const VALUE_SETS: &[(&str, &str)] = &[
+    ("default", ""),
+    ("webhook-helm-certs", WEBHOOK_HELM_CERTS),
+    ("webhook-cert-manager", WEBHOOK_CERT_MANAGER),
+    ("webhook-self-managed", WEBHOOK_SELF_MANAGED),
+    ("consul", CONSUL),
+];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    repo().join("charts/meshbridge")
+}
+
+fn venv_tool(name: &str) -> PathBuf {
+    let p = repo().join(".venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `make test`, which installs it into .venv",
+        p.display()
+    );
+    p
+}
+
+/// Runs `cmd` to completion, killing it and failing the test after [`TOOL_TIMEOUT`].
+fn run_bounded(cmd: &mut Command, what: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).unwrap();
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + TOOL_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {TOOL_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs the helper with `command` (`lint` or `render`), the values YAML and `--set`s.
+fn helm(command: &str, values_yaml: &str, sets: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, values_yaml).unwrap();
+    let mut cmd = Command::new(venv_tool("python"));
+    cmd.arg(repo().join("tests/support/helm_chart.py"))
+        .arg(command)
+        .arg(chart_dir())
+        .args(["--name", RELEASE, "--namespace", NAMESPACE])
+        .arg("-f")
+        .arg(&values);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    run_bounded(&mut cmd, &format!("helm {command}"))
+}
+
+/// What the helper prints for `render`.
+#[derive(Deserialize)]
+struct RenderOutput {
+    manifests: BTreeMap<String, String>,
+    notes: String,
+    crds: Vec<Value>,
+}
+
+/// A rendered chart: the templates' text and their documents.
+struct Rendered {
+    /// Template path (e.g. `meshbridge/templates/deployment.yaml`) → rendered text, for the
+    /// templates that produced at least one document.
+    manifests: BTreeMap<String, String>,
+    /// Every document, parsed.
+    docs: Vec<Value>,
+    notes: String,
+    /// The files Helm installs from the chart's `crds/`.
+    crd_files: Vec<String>,
+}
+
+impl Rendered {
+    fn of_kind(&self, kind: &str) -> Vec<&Value> {
+        self.docs.iter().filter(|d| d["kind"] == kind).collect()
+    }
+
+    /// The only document of `kind`.
+    fn one(&self, kind: &str) -> &Value {
+        let found = self.of_kind(kind);
+        assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
+        found[0]
+    }
+
+    fn kinds(&self) -> BTreeSet<String> {
+        self.docs
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn container(&self) -> &Value {
+        let containers = &self.one("Deployment")["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers.as_array().unwrap().len(), 1);
+        &containers[0]
+    }
+
+    fn args(&self) -> Vec<String> {
+        self.container()["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().expect("every arg is a string").to_string())
+            .collect()
+    }
+}
+
+/// Every document of a multi-document YAML text, empty ones left out.
+fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// Renders the chart with `values_yaml`; fails the test when Helm refuses.
+fn render(values_yaml: &str) -> Rendered {
+    let out = helm("render", values_yaml, &[]);
+    assert!(out.status.success(), "helm render failed: {}", text(&out));
+    let parsed: RenderOutput = serde_json::from_slice(&out.stdout).unwrap();
+    let mut manifests = BTreeMap::new();
+    let mut docs = Vec::new();
+    for (template, text) in parsed.manifests {
+        let found = yaml_documents(&text);
+        if !found.is_empty() {
+            docs.extend(found);
+            manifests.insert(template, text);
+        }
+    }
+    Rendered {
+        manifests,
+        docs,
+        notes: parsed.notes,
+        crd_files: parsed
+            .crds
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect(),
+    }
+}
+
+/// The value that follows `flag` in `args`, for a flag given once.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let values = flag_values(args, flag);
+    assert!(values.len() <= 1, "{flag} given {} times", values.len());
+    values.first().copied()
+}
+
+/// Every value that follows `flag` in `args`.
+fn flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+        .collect()
+}
+
+/// The flags `meshbridge run --help` lists.
+fn run_flags() -> BTreeSet<String> {
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_meshbridge")).args(["run", "--help"]),
+        "meshbridge run --help",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let help = String::from_utf8(out.stdout).unwrap();
+    let flags: BTreeSet<String> = help
+        .lines()
+        .map(str::trim_start)
+        .filter(|line| line.starts_with('-'))
+        .flat_map(|line| line.split([' ', ',', '=']))
+        .filter(|word| word.starts_with("--"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        flags.contains("--xds-addr") && flags.contains("--drain"),
+        "cannot read the flags of `meshbridge run --help`:\n{help}"
+    );
+    flags
+}
+
+#[test]
+fn the_chart_lints_cleanly_with_every_value_set() {
+    for (name, values) in VALUE_SETS {
+        let out = helm("lint", values, &[]);
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{name}: lint printed no report ({e}): {}", text(&out)));
+        assert!(out.status.success(), "{name}: lint failed: {report:#}");
+        assert_eq!(report["total_charts_linted"], 1, "{name}: {report:#}");
+        // Strict lint; only informational findings (severity 1, e.g. "icon is recommended").
+        let findings: Vec<&Value> = report["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["severity"].as_u64() != Some(1))
+            .collect();
+        assert!(findings.is_empty(), "{name}: lint findings: {findings:#?}");
+    }
+}
+
+/// Kinds that kubernetes-validate has no schema for, hence cannot check.
+const UNKNOWN_TO_KUBERNETES_VALIDATE: &[&str] = &["Certificate", "Issuer", "ServiceMonitor"];
+
+#[test]
+fn every_rendered_document_passes_kubernetes_validate_strict() {
+    for (name, values) in VALUE_SETS {
+        let rendered = render(values);
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        // The templates' text as Helm rendered it (what kubectl would receive), one file each.
+        for (template, text) in &rendered.manifests {
+            let file = dir.path().join(template.replace('/', "_"));
+            std::fs::write(&file, text).unwrap();
+            files.push(file);
+        }
+        // Each version's schemas: the oldest Kubernetes the chart supports, and the newest.
+        let versions = ["1.27.0", "1.37.0"];
+        let mut cmd = Command::new(venv_tool("kubernetes-validate"));
+        cmd.arg("--strict");
+        for v in versions {
+            cmd.args(["-k", v]);
+        }
+        let out = run_bounded(cmd.args(&files), "kubernetes-validate");
+        let report = text(&out);
+        assert!(out.status.success(), "{name}:\n{report}");
+        assert!(!report.contains("ERROR"), "{name}:\n{report}");
+
+        let expected_unknown: Vec<&Value> = rendered
+            .docs
+            .iter()
+            .filter(|d| UNKNOWN_TO_KUBERNETES_VALIDATE.contains(&d["kind"].as_str().unwrap()))
+            .collect();
+        let passed = report.matches(" passed for resource ").count();
+        assert_eq!(
+            passed,
+            (rendered.docs.len() - expected_unknown.len()) * versions.len(),
+            "{name}: not every document was validated:\n{report}"
+        );
+        // What was skipped is exactly the kinds it cannot know, each document once per version.
+        let mut skipped: Vec<String> = report
+            .lines()
+            .filter(|l| l.starts_with("WARN"))
+            .map(|l| {
+                let kind = l
+                    .split("schema for kind ")
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("{name}: unexpected warning: {l}"));
+                kind.split(' ').next().unwrap().to_string()
+            })
+            .collect();
+        skipped.sort();
+        let mut expected: Vec<String> = expected_unknown
+            .iter()
+            .flat_map(|d| versions.map(|_| d["kind"].as_str().unwrap().to_string()))
+            .collect();
+        expected.sort();
+        assert_eq!(skipped, expected, "{name}:\n{report}");
+    }
+}
+
+#[test]
+fn value_sets_render_what_they_promise() {
+    let default = render("");
+    assert_eq!(
+        default.kinds(),
+        BTreeSet::from(
+            [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Deployment",
+                "MutatingWebhookConfiguration",
+                "PodDisruptionBudget",
+                "Secret",
+                "Service",
+                "ServiceAccount",
+                "ValidatingWebhookConfiguration",
+            ]
+            .map(String::from)
+        ),
+        "the webhooks are on by default, with a certificate Helm generates"
+    );
+    assert_eq!(default.of_kind("Service").len(), 3);
+    assert_eq!(default.one("Deployment")["spec"]["replicas"], 2);
+    assert_eq!(
+        default.one("PodDisruptionBudget")["spec"]["minAvailable"],
+        1
+    );
+
+    let consul = render(CONSUL);
+    assert!(
+        consul.of_kind("PodDisruptionBudget").is_empty(),
+        "one replica: no PDB"
+    );
+    let monitor = consul.one("ServiceMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "http-admin");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    // The ServiceMonitor selects the admin Service, and only it.
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    let selected: Vec<&Value> = consul
+        .of_kind("Service")
+        .into_iter()
+        .filter(|s| {
+            selector
+                .iter()
+                .all(|(k, v)| &s["metadata"]["labels"][k] == v)
+        })
+        .collect();
+    assert_eq!(selected.len(), 1);
+    assert_eq!(selected[0]["spec"]["ports"][0]["port"], 9090);
+    assert_eq!(selected[0]["spec"]["ports"][0]["name"], "http-admin");
+}
+
+#[test]
+fn the_chart_crds_are_the_repository_crds_byte_for_byte() {
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let ours = repo().join("crds");
+    let charts = chart_dir().join("crds");
+    assert_eq!(names(&charts), names(&ours));
+    for name in names(&ours) {
+        assert!(
+            std::fs::read(ours.join(&name)).unwrap() == std::fs::read(charts.join(&name)).unwrap(),
+            "charts/meshbridge/crds/{name} differs from crds/{name}: copy it over"
+        );
+    }
+    // And Helm installs them from there.
+    let rendered = render("");
+    let mut installed = rendered.crd_files.clone();
+    installed.sort();
+    let expected: Vec<String> = names(&ours).iter().map(|n| format!("crds/{n}")).collect();
+    assert_eq!(installed, expected);
+}
+
+#[test]
+fn the_cluster_role_carries_exactly_the_rules_of_files_rbac_rules_yaml() {
+    let file = std::fs::read_to_string(chart_dir().join("files/rbac-rules.yaml")).unwrap();
+    let rules: Value = serde_norway::from_str(&file).unwrap();
+    assert!(
+        rules.as_array().is_some_and(|r| !r.is_empty()),
+        "files/rbac-rules.yaml must be a non-empty list of rules"
+    );
+    for (name, values) in VALUE_SETS {
+        let rendered = render(values);
+        // Self-managed webhook certificates need rights of their own, in a separate role.
+        let role = rendered
+            .of_kind("ClusterRole")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == RELEASE)
+            .unwrap_or_else(|| panic!("{name}: no ClusterRole named {RELEASE}"));
+        assert_eq!(role["rules"], rules, "{name}");
+        // Bound to the ServiceAccount the Deployment runs as.
+        let binding = rendered
+            .of_kind("ClusterRoleBinding")
+            .into_iter()
+            .find(|b| b["roleRef"]["name"] == RELEASE)
+            .unwrap();
+        let account = &rendered.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"];
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]),
+            "{name}"
+        );
+        assert_eq!(rendered.one("ServiceAccount")["metadata"]["name"], *account);
+    }
+}
+
+#[test]
+fn every_flag_in_the_rendered_args_is_one_meshbridge_run_has() {
+    let known = run_flags();
+    for (name, values) in VALUE_SETS {
+        let args = render(values).args();
+        assert_eq!(args[0], "run", "{name}: {args:?}");
+        for arg in args.iter().filter(|a| a.starts_with("--")) {
+            let flag = arg.split('=').next().unwrap();
+            assert!(
+                known.contains(flag),
+                "{name}: the chart passes {flag}, which `meshbridge run --help` does not list"
+            );
+        }
+        assert_eq!(flag_value(&args, "--kube"), Some("auto"), "{name}");
+        assert_eq!(flag_value(&args, "--xds-addr"), Some("0.0.0.0:18000"));
+        assert_eq!(flag_value(&args, "--admin-addr"), Some("0.0.0.0:9090"));
+        assert_eq!(flag_value(&args, "--webhook-addr"), Some("0.0.0.0:9443"));
+        assert_eq!(
+            flag_value(&args, "--leader-election-namespace"),
+            Some(NAMESPACE)
+        );
+    }
+
+    let consul = render(CONSUL).args();
+    assert_eq!(flag_values(&consul, "--namespace"), ["payments", "orders"]);
+    assert_eq!(flag_values(&consul, "--consul-datacenter"), ["dc1", "dc2"]);
+    assert_eq!(
+        flag_values(&consul, "--allow-wildcard"),
+        ["gateway", "edge-*"]
+    );
+    assert_eq!(
+        flag_value(&consul, "--consul-addr"),
+        Some("https://$(HOST_IP):8501")
+    );
+    let default = render("").args();
+    assert!(
+        flag_values(&default, "--namespace").is_empty(),
+        "all namespaces"
+    );
+    assert!(flag_value(&default, "--consul-addr").is_none());
+}
+
+/// The mount whose directory holds `file`, and the volume behind it.
+fn volume_for<'a>(rendered: &'a Rendered, file: &str) -> (&'a Value, &'a Value) {
+    let mount = rendered.container()["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(file).parent() == Some(Path::new(m["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("nothing is mounted where {file} is"));
+    assert_eq!(mount["readOnly"], true, "{mount}");
+    let volume = rendered.one("Deployment")["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    (mount, volume)
+}
+
+#[test]
+fn consul_token_and_ca_files_come_from_their_secrets() {
+    let rendered = render(CONSUL);
+    let args = rendered.args();
+    let token = flag_value(&args, "--consul-token-file").unwrap();
+    assert_eq!(token, "/etc/meshbridge/consul/token");
+    let (_, volume) = volume_for(&rendered, token);
+    assert_eq!(volume["secret"]["secretName"], "consul-acl");
+    assert_eq!(
+        volume["secret"]["items"],
+        json!([{"key": "meshbridge-token", "path": "token"}])
+    );
+    let ca = flag_value(&args, "--consul-ca-file").unwrap();
+    let (_, volume) = volume_for(&rendered, ca);
+    assert_eq!(volume["secret"]["secretName"], "consul-ca");
+    assert_eq!(
+        volume["secret"]["items"],
+        json!([{"key": "ca.crt", "path": "ca.crt"}])
+    );
+    // $(HOST_IP) in --consul-addr is expanded by Kubernetes from the container's env.
+    let env = rendered.container()["env"].as_array().unwrap();
+    let host_ip = env.iter().find(|e| e["name"] == "HOST_IP").unwrap();
+    assert_eq!(
+        host_ip["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+
+    let default = render("");
+    assert!(flag_value(&default.args(), "--consul-token-file").is_none());
+    let mounts = default.container()["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        mounts
+            .iter()
+            .all(|m| !m["mountPath"].as_str().unwrap_or("").contains("consul")),
+        "{mounts:?}"
+    );
+}
+
+/// Kills the process on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Status code of `GET path` on 127.0.0.1:`port`, or `None` when nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_default_args_start_the_real_binary_and_its_probes_answer() {
+    let rendered = render("");
+    let mut args = rendered.args();
+    // The same arguments, with the listeners moved to free loopback ports.
+    let mut ports = BTreeMap::new();
+    for flag in ["--xds-addr", "--admin-addr", "--webhook-addr"] {
+        let i = args.iter().position(|a| a == flag).unwrap() + 1;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        args[i] = format!("127.0.0.1:{port}");
+        ports.insert(flag, port);
+    }
+    // The webhook certificate the chart mounts: made here with openssl.
+    let certs = tempfile::tempdir().unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=meshbridge-webhook.mesh-system.svc"])
+        .args(["-keyout", "tls.key", "-out", "tls.crt"])
+        .current_dir(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let i = args.iter().position(|a| a == "--webhook-cert-dir").unwrap() + 1;
+    args[i] = certs.path().display().to_string();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+    cmd.args(&args)
+        // Outside a cluster: --kube auto finds no Kubernetes configuration.
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAME", "meshbridge-0")
+        .env("POD_NAMESPACE", NAMESPACE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MESHBRIDGE_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut running = Running(cmd.spawn().unwrap());
+    let probes = &rendered.container();
+    let admin = ports["--admin-addr"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let path = probes[probe]["httpGet"]["path"].as_str().unwrap();
+        loop {
+            if let Some(status) = running.0.try_wait().unwrap() {
+                panic!(
+                    "meshbridge {args:?} exited with {status}: {}",
+                    std::fs::read_to_string(log.path()).unwrap()
+                );
+            }
+            if http_status(admin, path) == Some(200) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} {path} never answered 200: {}",
+                std::fs::read_to_string(log.path()).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn probes_resources_and_security_context_are_as_promised() {
+    let rendered = render("");
+    let container = rendered.container();
+    let admin_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "http-admin")
+        .unwrap();
+    assert_eq!(admin_port["containerPort"], 9090);
+    let args = rendered.args();
+    assert!(
+        flag_value(&args, "--admin-addr")
+            .unwrap()
+            .ends_with(":9090")
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["port"], "http-admin", "{probe}");
+    }
+    let xds = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc-xds")
+        .unwrap();
+    assert_eq!(xds["containerPort"], 18000);
+
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["runAsUser"], 65532);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    let pod = &rendered.one("Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+
+    // The kubelet must not kill meshbridge while it drains.
+    let drain_ms: u64 = flag_value(&args, "--drain").unwrap().parse().unwrap();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace * 1000 > drain_ms,
+        "grace {grace}s, drain {drain_ms}ms"
+    );
+    let out = helm(
+        "render",
+        "",
+        &["drainMs=30000,terminationGracePeriodSeconds=30"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("terminationGracePeriodSeconds"),
+        "{}",
+        text(&out)
+    );
+
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    );
+    assert_eq!(
+        container["image"], "ghcr.io/meshbridge/meshbridge:0.1.0",
+        "the tag defaults to the appVersion"
+    );
+    let env: Vec<&Value> = container["env"].as_array().unwrap().iter().collect();
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let e = env.iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
+    assert_eq!(
+        anti[0]["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+}
+
+/// Decodes standard base64 (what Kubernetes Secret data and caBundle hold).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c:?}"),
+        }
+    };
+    let digits: Vec<u8> = text.bytes().filter(|c| *c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0, |n, (i, c)| n | (value(*c) << (18 - 6 * i)));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+fn openssl(args: &[&str], dir: &Path) -> String {
+    let out = run_bounded(
+        Command::new("openssl").args(args).current_dir(dir),
+        "openssl",
+    );
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// The two webhook configurations, checked for what does not depend on the certificate mode.
+fn check_webhook_configurations<'a>(rendered: &'a Rendered, what: &str) -> (&'a Value, &'a Value) {
+    let service = rendered
+        .of_kind("Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "meshbridge-webhook")
+        .unwrap_or_else(|| panic!("{what}: no webhook Service"));
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([{"name": "https-webhook", "port": 443, "targetPort": "https-webhook", "protocol": "TCP"}])
+    );
+    let webhook_port = rendered.container()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https-webhook")
+        .unwrap();
+    assert_eq!(webhook_port["containerPort"], 9443);
+
+    let mutating = rendered.one("MutatingWebhookConfiguration");
+    assert_eq!(mutating["metadata"]["name"], "meshbridge-inject");
+    let inject = &mutating["webhooks"][0];
+    assert_eq!(inject["clientConfig"]["service"]["path"], "/inject");
+    assert_eq!(
+        inject["clientConfig"]["service"]["name"],
+        "meshbridge-webhook"
+    );
+    assert_eq!(inject["clientConfig"]["service"]["namespace"], NAMESPACE);
+    assert_eq!(
+        inject["rules"],
+        json!([{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                "operations": ["CREATE"], "scope": "Namespaced"}])
+    );
+    assert_eq!(inject["sideEffects"], "None");
+    assert_eq!(inject["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(inject["timeoutSeconds"], 5);
+    assert_eq!(inject["reinvocationPolicy"], "Never");
+    let excluded = inject["namespaceSelector"]["matchExpressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "kubernetes.io/metadata.name")
+        .unwrap();
+    assert_eq!(excluded["operator"], "NotIn");
+    let excluded: Vec<&str> = excluded["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        excluded.contains(&NAMESPACE) && excluded.contains(&"kube-system"),
+        "{what}: {excluded:?}"
+    );
+
+    let validating = rendered.one("ValidatingWebhookConfiguration");
+    assert_eq!(validating["metadata"]["name"], "meshbridge-validate");
+    let validate = &validating["webhooks"][0];
+    assert_eq!(validate["clientConfig"]["service"]["path"], "/validate");
+    assert_eq!(
+        validate["rules"],
+        json!([{"apiGroups": ["meshbridge.io"], "apiVersions": ["v1alpha1"],
+                "resources": ["meshservices", "accessrules"],
+                "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}])
+    );
+    assert_eq!(
+        validate["failurePolicy"], "Fail",
+        "bad manifests are refused"
+    );
+    assert_eq!(validate["sideEffects"], "None");
+    (inject, validate)
+}
+
+#[test]
+fn webhook_with_helm_certificates_trusts_the_ca_that_signed_the_mounted_certificate() {
+    let rendered = render(WEBHOOK_HELM_CERTS);
+    let (inject, validate) = check_webhook_configurations(&rendered, "helm certs");
+    assert_eq!(inject["failurePolicy"], "Ignore");
+    // Every namespace but the opted-out ones reaches the webhook, which decides from the
+    // pod's annotation and its namespace's label.
+    assert!(inject["namespaceSelector"]["matchLabels"].is_null());
+    assert!(
+        inject["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .contains(
+                &json!({"key": "meshbridge.io/inject", "operator": "NotIn", "values": ["disabled"]})
+            ),
+        "{inject}"
+    );
+    let args = rendered.args();
+    let cert_dir = flag_value(&args, "--webhook-cert-dir").unwrap();
+    assert_eq!(cert_dir, "/etc/meshbridge/webhook");
+    let (_, volume) = volume_for(&rendered, &format!("{cert_dir}/tls.crt"));
+    let secret = rendered.one("Secret");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert_eq!(volume["secret"]["secretName"], secret["metadata"]["name"]);
+    let ca = secret["data"]["ca.crt"].as_str().unwrap();
+    assert_eq!(inject["clientConfig"]["caBundle"], ca);
+    assert_eq!(validate["clientConfig"]["caBundle"], ca);
+
+    let dir = tempfile::tempdir().unwrap();
+    for (key, file) in [
+        ("ca.crt", "ca.pem"),
+        ("tls.crt", "tls.pem"),
+        ("tls.key", "key.pem"),
+    ] {
+        let data = base64_decode(secret["data"][key].as_str().unwrap());
+        std::fs::write(dir.path().join(file), data).unwrap();
+    }
+    let d = dir.path();
+    let verified = openssl(&["verify", "-CAfile", "ca.pem", "tls.pem"], d);
+    assert!(verified.contains("tls.pem: OK"), "{verified}");
+    let san = openssl(
+        &["x509", "-in", "tls.pem", "-noout", "-ext", "subjectAltName"],
+        d,
+    );
+    for name in [
+        "DNS:meshbridge-webhook.mesh-system.svc",
+        "DNS:meshbridge-webhook.mesh-system.svc.cluster.local",
+    ] {
+        assert!(san.contains(name), "{name} missing: {san}");
+    }
+    let cert_key = openssl(&["x509", "-in", "tls.pem", "-noout", "-pubkey"], d);
+    let key = openssl(&["pkey", "-in", "key.pem", "-pubout"], d);
+    assert_eq!(cert_key, key, "tls.key is not the certificate's key");
+}
+
+#[test]
+fn webhook_with_cert_manager_lets_cert_manager_issue_and_inject_the_ca() {
+    let rendered = render(WEBHOOK_CERT_MANAGER);
+    let (inject, validate) = check_webhook_configurations(&rendered, "cert-manager");
+    assert_eq!(inject["failurePolicy"], "Fail", "from values");
+    assert!(
+        rendered.of_kind("Secret").is_empty(),
+        "cert-manager writes it"
+    );
+    assert!(inject["clientConfig"].get("caBundle").is_none());
+    assert!(validate["clientConfig"].get("caBundle").is_none());
+    let certificate = rendered.one("Certificate");
+    let issuer = rendered.one("Issuer");
+    assert_eq!(issuer["spec"], json!({"selfSigned": {}}));
+    assert_eq!(
+        certificate["spec"]["issuerRef"]["name"],
+        issuer["metadata"]["name"]
+    );
+    assert_eq!(
+        certificate["spec"]["dnsNames"],
+        json!([
+            "meshbridge-webhook.mesh-system.svc",
+            "meshbridge-webhook.mesh-system.svc.cluster.local"
+        ])
+    );
+    let from = format!(
+        "{NAMESPACE}/{}",
+        certificate["metadata"]["name"].as_str().unwrap()
+    );
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        assert_eq!(
+            rendered.one(kind)["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            from.as_str(),
+            "{kind}"
+        );
+    }
+    let args = rendered.args();
+    let (_, volume) = volume_for(
+        &rendered,
+        &format!(
+            "{}/tls.crt",
+            flag_value(&args, "--webhook-cert-dir").unwrap()
+        ),
+    );
+    assert_eq!(
+        volume["secret"]["secretName"],
+        certificate["spec"]["secretName"]
+    );
+}
+
+#[test]
+fn webhook_self_managed_leaves_certificate_and_ca_bundle_to_meshbridge() {
+    let rendered = render(WEBHOOK_SELF_MANAGED);
+    let (inject, validate) = check_webhook_configurations(&rendered, "self-managed");
+    let args = rendered.args();
+    assert!(args.iter().any(|a| a == "--webhook-self-managed"));
+    assert!(flag_value(&args, "--webhook-cert-dir").is_none());
+    assert!(rendered.of_kind("Secret").is_empty());
+    assert!(rendered.of_kind("Certificate").is_empty());
+    assert!(inject["clientConfig"].get("caBundle").is_none());
+    assert!(validate["clientConfig"].get("caBundle").is_none());
+    assert!(rendered.container().get("volumeMounts").is_none());
+    // matchLabels: null selects every namespace but the excluded ones.
+    assert!(inject["namespaceSelector"].get("matchLabels").is_none());
+    let xds = rendered
+        .of_kind("Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "meshbridge-xds")
+        .unwrap();
+    assert_eq!(xds["spec"]["type"], "LoadBalancer");
+    assert_eq!(xds["spec"]["ports"][0]["port"], 18000);
+    assert_eq!(xds["spec"]["ports"][0]["name"], "grpc-xds");
+}
+
+#[test]
+fn values_schema_rejects_typos_naming_them() {
+    for (set, named) in [
+        ("replicaCount=two", "replicaCount"),
+        ("replicaCont=3", "replicaCont"),
+        ("consul.adress=http://consul:8500", "adress"),
+        ("consul.addr=consul:8500", "addr"),
+        ("webhook.failurePolicy=Sometimes", "failurePolicy"),
+        ("drainMs=900000", "drainMs"),
+    ] {
+        let out = helm("render", "", &[set]);
+        let message = text(&out);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            message.contains(named) && message.contains("schema"),
+            "--set {set}: the error does not name {named}: {message}"
+        );
+        let lint = helm("lint", "", &[set]);
+        assert!(!lint.status.success(), "lint accepted --set {set}");
+        assert!(text(&lint).contains(named), "{}", text(&lint));
+    }
+}
+
+#[test]
+fn notes_tell_how_to_check_reach_and_connect() {
+    let default = render("");
+    let notes = &default.notes;
+    assert!(
+        notes.contains("rollout status deployment/meshbridge"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("port-forward service/meshbridge-admin"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("--xds-addr meshbridge-xds.mesh-system.svc:18000"),
+        "{notes}"
+    );
+    let off = render("webhook: {enabled: false}\n");
+    assert!(
+        !off.notes.contains("kubectl label namespace"),
+        "{}",
+        off.notes
+    );
+    let webhook = render(WEBHOOK_HELM_CERTS);
+    assert!(
+        webhook
+            .notes
+            .contains("kubectl label namespace <namespace> meshbridge.io/inject=enabled"),
+        "{}",
+        webhook.notes
+    );
+}
