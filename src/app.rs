@@ -208,8 +208,12 @@ pub async fn run(
             crate::webhook::server::ReloadingCert::new(dir)
                 .map_err(|e| BadConfig(format!("--webhook-cert-dir: {e}")))?,
         )),
+        // Filled in by the self-managed loop once the Kubernetes client exists.
+        None if args.webhook_self_managed => {
+            Some(Arc::new(crate::webhook::server::ReloadingCert::empty()))
+        }
         None => {
-            info!("admission webhook off (no --webhook-cert-dir)");
+            info!("admission webhook off (no --webhook-cert-dir or --webhook-self-managed)");
             None
         }
     };
@@ -223,6 +227,31 @@ pub async fn run(
     };
     if kube_client.is_none() {
         info!("no Kubernetes source (--kube off, or neither in a cluster nor KUBECONFIG set)");
+    }
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "meshbridge".into());
+    if args.webhook_self_managed {
+        let (Some(client), Some(cert)) = (&kube_client, &webhook_cert) else {
+            return Err(BadConfig(
+                "--webhook-self-managed keeps its certificate in Kubernetes: it needs --kube auto with a cluster or KUBECONFIG".into(),
+            )
+            .into());
+        };
+        let self_managed = crate::webhook::certs::SelfManaged {
+            namespace: namespace.clone(),
+            secret: args.webhook_secret.clone(),
+            dns_names: crate::webhook::certs::SelfManaged::service_names(
+                &args.webhook_service,
+                &namespace,
+            ),
+            mutating: args.webhook_mutating_configuration.clone(),
+            validating: args.webhook_validating_configuration.clone(),
+        };
+        tokio::spawn(crate::webhook::certs::run(
+            client.clone(),
+            self_managed,
+            cert.clone(),
+            stop_rx.clone(),
+        ));
     }
     let identity = args.identity.clone().unwrap_or_else(|| {
         let name = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
@@ -423,7 +452,6 @@ pub async fn run(
             .await
             .with_context(|| format!("--webhook-addr {}: cannot listen", args.webhook_addr))?;
         addrs.webhook = Some(listener.local_addr()?);
-        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "meshbridge".into());
         let settings = crate::webhook::InjectSettings {
             image: args.sidecar_image.clone(),
             init_image: args.sidecar_init_image.clone(),

@@ -116,6 +116,36 @@ pub struct RunArgs {
     /// Generate and manage the webhook's CA and serving certificate.
     #[arg(long, env = "MESHBRIDGE_WEBHOOK_SELF_MANAGED")]
     pub webhook_self_managed: bool,
+    /// With --webhook-self-managed: the Secret (in this pod's namespace) holding the CA and
+    /// serving certificate.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_WEBHOOK_SECRET",
+        default_value = "meshbridge-webhook-tls"
+    )]
+    pub webhook_secret: String,
+    /// With --webhook-self-managed: the webhook Service (the certificate is for
+    /// `<service>.<namespace>.svc`).
+    #[arg(
+        long,
+        env = "MESHBRIDGE_WEBHOOK_SERVICE",
+        default_value = "meshbridge-webhook"
+    )]
+    pub webhook_service: String,
+    /// With --webhook-self-managed: the MutatingWebhookConfiguration whose caBundle is set.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_WEBHOOK_MUTATING_CONFIGURATION",
+        default_value = "meshbridge-inject"
+    )]
+    pub webhook_mutating_configuration: String,
+    /// With --webhook-self-managed: the ValidatingWebhookConfiguration whose caBundle is set.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_WEBHOOK_VALIDATING_CONFIGURATION",
+        default_value = "meshbridge-validate"
+    )]
+    pub webhook_validating_configuration: String,
     /// Refuse a pod the injector cannot handle (bad annotations) instead of admitting it
     /// without a sidecar and a warning.
     #[arg(long, env = "MESHBRIDGE_INJECT_FAIL_CLOSED")]
@@ -261,11 +291,12 @@ impl RunArgs {
                 ),
             });
         }
-        if self.webhook_self_managed {
+        if self.webhook_self_managed && self.webhook_cert_dir.is_some() {
             return Err(ConfigError {
                 flag: "webhook-self-managed",
-                message: "not available in this version of meshbridge; use --webhook-cert-dir"
-                    .into(),
+                message:
+                    "and --webhook-cert-dir are exclusive: choose who provides the certificate"
+                        .into(),
             });
         }
         if let Some(dir) = &self.webhook_cert_dir {

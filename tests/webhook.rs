@@ -451,3 +451,144 @@ fn a_missing_certificate_refuses_to_start_naming_the_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls.key"));
 }
+
+fn webhook_configuration(kind: &str, name: &str, path: &str) -> Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": format!("{path}.meshbridge.io").trim_start_matches('/').to_string(),
+            "clientConfig": {"service": {"namespace": "meshbridge", "name": "meshbridge-webhook", "path": path}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"]}],
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Ignore",
+        }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_managed_certificates_live_in_a_secret_and_fill_the_ca_bundles() {
+    let kube = FakeKube::start().await;
+    // meshbridge's namespace (POD_NAMESPACE, default "meshbridge").
+    kube.apply(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "meshbridge"}}),
+    );
+    // As the chart installs them in self-managed mode: no caBundle.
+    kube.apply(webhook_configuration(
+        "MutatingWebhookConfiguration",
+        "meshbridge-inject",
+        "/inject",
+    ));
+    kube.apply(webhook_configuration(
+        "ValidatingWebhookConfiguration",
+        "meshbridge-validate",
+        "/validate",
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--webhook-self-managed", "--webhook-addr", &addr];
+    let mut cp = ControlPlane::start_kube(&kubeconfig, "", &args);
+    cp.wait_ready().await;
+    let ca_bundle = |kind: &str, name: &str| {
+        kube.get("admissionregistration.k8s.io/v1", kind, None, name)
+            .and_then(|c| {
+                c["webhooks"][0]["clientConfig"]["caBundle"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+    };
+    let bundle = eventually(LIMIT, "the caBundles are set", || async {
+        let m = ca_bundle("MutatingWebhookConfiguration", "meshbridge-inject")?;
+        let v = ca_bundle("ValidatingWebhookConfiguration", "meshbridge-validate")?;
+        (m == v).then_some(m)
+    })
+    .await;
+    let secret = kube
+        .get("v1", "Secret", Some("meshbridge"), "meshbridge-webhook-tls")
+        .unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(&bundle)
+        .unwrap();
+    let stored_ca = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["ca.crt"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(ca, stored_ca, "the caBundle is the Secret's CA");
+
+    // The API server's view: trust the caBundle, call the Service's DNS name.
+    let call = |ca: Vec<u8>| {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .tls_built_in_root_certs(false)
+            .resolve(
+                "meshbridge-webhook.meshbridge.svc",
+                format!("127.0.0.1:{port}").parse().unwrap(),
+            )
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        async move {
+            let r = client
+                .post(format!(
+                    "https://meshbridge-webhook.meshbridge.svc:{port}/inject"
+                ))
+                .json(&pod_review("shop", json!({"meshbridge.io/inject": "true"})))
+                .send()
+                .await
+                .ok()?;
+            let v: Value = r.json().await.ok()?;
+            v["response"]["patch"].is_string().then_some(())
+        }
+    };
+    eventually(LIMIT, "the webhook serves the Secret's certificate", || {
+        call(ca.clone())
+    })
+    .await;
+
+    // A restart (or a second replica) serves the same certificate and writes nothing.
+    let writes = |kube: &FakeKube| {
+        kube.requests()
+            .iter()
+            .filter(|r| {
+                r.resource == "secrets" && ["create", "update", "patch"].contains(&r.verb.as_str())
+            })
+            .count()
+    };
+    let before = writes(&kube);
+    assert_eq!(before, 1, "one Secret written");
+    cp.kill();
+    let mut cp = ControlPlane::start_kube(&kubeconfig, "", &args);
+    cp.wait_ready().await;
+    eventually(
+        LIMIT,
+        "the restarted webhook serves the same certificate",
+        || call(ca.clone()),
+    )
+    .await;
+    assert_eq!(writes(&kube), before, "no new certificate after a restart");
+    assert_eq!(
+        ca_bundle("MutatingWebhookConfiguration", "meshbridge-inject"),
+        Some(bundle)
+    );
+    cp.kill();
+    // Within what the chart's self-managed Role and ClusterRole grant.
+    for r in kube.requests() {
+        let allowed: &[&str] = match r.resource.as_str() {
+            "secrets" => &["get", "create", "update", "patch"],
+            "mutatingwebhookconfigurations" | "validatingwebhookconfigurations" => {
+                &["get", "patch"]
+            }
+            _ => continue,
+        };
+        assert!(
+            allowed.contains(&r.verb.as_str()),
+            "{} {}",
+            r.verb,
+            r.resource
+        );
+    }
+}

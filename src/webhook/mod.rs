@@ -2,6 +2,7 @@
 //! manifests (Pods and the pod templates of workloads).
 
 pub mod admission;
+pub mod certs;
 pub mod inject;
 pub mod server;
 

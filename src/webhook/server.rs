@@ -32,40 +32,52 @@ use crate::sources::kube::KubeStore;
 /// Largest review accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-/// A certificate that follows its files.
+/// The serving certificate: from files it follows, or set by the self-managed loop.
 #[derive(Debug)]
 pub struct ReloadingCert {
-    dir: PathBuf,
-    current: RwLock<(Vec<u8>, Arc<CertifiedKey>)>,
+    dir: Option<PathBuf>,
+    current: RwLock<Option<(Vec<u8>, Arc<CertifiedKey>)>>,
 }
 
-fn load(dir: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>), String> {
+type Loaded = (Vec<u8>, Arc<CertifiedKey>);
+
+fn load(dir: &Path) -> Result<Loaded, String> {
     let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
     let cert_pem =
         std::fs::read(&cert_file).map_err(|e| format!("{}: {e}", cert_file.display()))?;
     let key_pem = std::fs::read(&key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    parse(
+        cert_pem,
+        &key_pem,
+        &cert_file.display().to_string(),
+        &key_file.display().to_string(),
+    )
+}
+
+/// A PEM certificate chain and key; errors name `cert_name` or `key_name`.
+fn parse(
+    cert_pem: Vec<u8>,
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<Loaded, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+        .map_err(|e| format!("{cert_name}: {e}"))?;
     if chain.is_empty() {
-        return Err(format!("{}: no certificate", cert_file.display()));
+        return Err(format!("{cert_name}: no certificate"));
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("{key_name}: {e}"))?;
     let signer = default_provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        .map_err(|e| format!("{key_name}: {e}"))?;
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} and {} do not match: {e}",
-            cert_file.display(),
-            key_file.display()
-        )
-    })?;
+    certified
+        .keys_match()
+        .map_err(|e| format!("{cert_name} and {key_name} do not match: {e}"))?;
     let mut fingerprint = cert_pem;
-    fingerprint.extend_from_slice(&key_pem);
+    fingerprint.extend_from_slice(key_pem);
     Ok((fingerprint, Arc::new(certified)))
 }
 
@@ -73,33 +85,49 @@ impl ReloadingCert {
     /// Loads the pair in `dir`; fails naming the file at fault.
     pub fn new(dir: &Path) -> Result<Self, String> {
         Ok(ReloadingCert {
-            dir: dir.to_path_buf(),
-            current: RwLock::new(load(dir)?),
+            dir: Some(dir.to_path_buf()),
+            current: RwLock::new(Some(load(dir)?)),
         })
     }
 
+    /// No certificate yet (handshakes fail until [`Self::set`]).
+    pub fn empty() -> Self {
+        ReloadingCert {
+            dir: None,
+            current: RwLock::new(None),
+        }
+    }
+
+    /// Serves this pair from now on.
+    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+        let loaded = parse(cert_pem.to_vec(), key_pem, "certificate", "key")?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+        Ok(())
+    }
+
     /// Re-reads the files; returns whether the certificate changed. A pair that does not
-    /// load leaves the current one in force.
+    /// load leaves the current one in force. Without files, there is nothing to do.
     pub fn reload(&self) -> Result<bool, String> {
-        let (fingerprint, key) = load(&self.dir)?;
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let (fingerprint, key) = load(dir)?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.0 == fingerprint {
+        if current.as_ref().is_some_and(|c| c.0 == fingerprint) {
             return Ok(false);
         }
-        *current = (fingerprint, key);
+        *current = Some((fingerprint, key));
         Ok(true)
     }
 }
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .1
-                .clone(),
-        )
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.1.clone())
     }
 }
 
