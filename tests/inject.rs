@@ -365,3 +365,32 @@ async fn the_injected_sidecar_is_a_working_envoy() {
         });
     assert_eq!(proxy["service"], "orders");
 }
+
+#[test]
+fn every_injected_sidecar_passes_envoy_validate() {
+    let settings = InjectSettings::default();
+    let transparent = json!({"meshbridge.io/transparent": "true", "meshbridge.io/dependencies": "payments,https://api.example.com"});
+    for pod in [
+        injected(pod(json!({})), &settings),
+        injected(pod(transparent), &settings),
+        injected(
+            pod(json!({"meshbridge.io/log-level": "debug", "meshbridge.io/ingress-port": "16000"})),
+            &InjectSettings {
+                native_sidecar: true,
+                ..settings.clone()
+            },
+        ),
+    ] {
+        let out = Command::new(support::envoy_bin())
+            .args(sidecar_command(&pod))
+            .args(["--mode", "validate"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
