@@ -55,34 +55,23 @@ enum Watched {
     Namespace(Event<(String, BTreeMap<String, String>)>),
 }
 
-/// Keeps a namespace's name and labels.
-fn namespace_labels(
-    event: Event<PartialObjectMeta<Namespace>>,
-) -> Event<(String, BTreeMap<String, String>)> {
-    let slim = |n: PartialObjectMeta<Namespace>| {
-        (
-            n.metadata.name.unwrap_or_default(),
-            n.metadata.labels.unwrap_or_default(),
-        )
-    };
+/// The same event about something else (what meshbridge keeps of the object).
+fn map_event<A, B>(event: Event<A>, f: impl Fn(A) -> B) -> Event<B> {
     match event {
-        Event::Apply(n) => Event::Apply(slim(n)),
-        Event::Delete(n) => Event::Delete(slim(n)),
+        Event::Apply(o) => Event::Apply(f(o)),
+        Event::Delete(o) => Event::Delete(f(o)),
         Event::Init => Event::Init,
-        Event::InitApply(n) => Event::InitApply(slim(n)),
+        Event::InitApply(o) => Event::InitApply(f(o)),
         Event::InitDone => Event::InitDone,
     }
 }
 
-/// Keeps only what meshbridge needs of a pod, as soon as it arrives.
-fn slim(event: Event<Pod>) -> Event<PodInfo> {
-    match event {
-        Event::Apply(p) => Event::Apply(pod_info(&p)),
-        Event::Delete(p) => Event::Delete(pod_info(&p)),
-        Event::Init => Event::Init,
-        Event::InitApply(p) => Event::InitApply(pod_info(&p)),
-        Event::InitDone => Event::InitDone,
-    }
+/// A namespace's name and labels.
+fn namespace_labels(n: PartialObjectMeta<Namespace>) -> (String, BTreeMap<String, String>) {
+    (
+        n.metadata.name.unwrap_or_default(),
+        n.metadata.labels.unwrap_or_default(),
+    )
 }
 
 /// Relist buffers and sync progress of one watcher.
@@ -96,8 +85,8 @@ struct Progress {
 }
 
 /// Runs the watchers (cluster-wide, or one set per namespace in `namespaces`) until the
-/// process ends. With `namespace_labels`, namespaces' labels are watched too (metadata only;
-/// the injection webhook reads `meshbridge.io/inject`).
+/// process ends. With `namespace_labels_too`, namespaces' labels are watched too (metadata
+/// only; the injection webhook reads `meshbridge.io/inject`).
 pub async fn run(
     client: Client,
     namespaces: Vec<String>,
@@ -139,7 +128,12 @@ pub async fn run(
         streams.push(
             watcher::watcher(pods, config())
                 .default_backoff()
-                .map(move |e| (3 * i + 2, e.map(|e| Watched::Pod(slim(e)))))
+                .map(move |e| {
+                    (
+                        3 * i + 2,
+                        e.map(|e| Watched::Pod(map_event(e, |p| pod_info(&p)))),
+                    )
+                })
                 .boxed(),
         );
     }
@@ -149,7 +143,12 @@ pub async fn run(
         streams.push(
             watcher::watcher(api, watcher::Config::default())
                 .default_backoff()
-                .map(move |e| (id, e.map(|e| Watched::Namespace(namespace_labels(e)))))
+                .map(move |e| {
+                    (
+                        id,
+                        e.map(|e| Watched::Namespace(map_event(e, namespace_labels))),
+                    )
+                })
                 .boxed(),
         );
     }
