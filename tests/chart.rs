@@ -7,18 +7,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// Longest any one tool run may take before the test kills it and fails.
-const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Release name and namespace every render uses.
-const RELEASE: &str = "meshbridge";
-const NAMESPACE: &str = "mesh-system";
+#[path = "support/helm.rs"]
+mod helm;
+
+use helm::{
+    NAMESPACE, RELEASE, Rendered, chart_dir, helm, render, repo, run_bounded, text, venv_tool,
+};
 
 /// The admission webhook with the certificate Helm generates (the webhook's default mode).
 const WEBHOOK_HELM_CERTS: &str = "
@@ -79,175 +79,6 @@ const VALUE_SETS: &[(&str, &str)] = &[
     ("webhook-self-managed", WEBHOOK_SELF_MANAGED),
     ("consul", CONSUL),
 ];
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn chart_dir() -> PathBuf {
-    repo().join("charts/meshbridge")
-}
-
-fn venv_tool(name: &str) -> PathBuf {
-    let p = repo().join(".venv/bin").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `make test`, which installs it into .venv",
-        p.display()
-    );
-    p
-}
-
-/// Runs `cmd` to completion, killing it and failing the test after [`TOOL_TIMEOUT`].
-fn run_bounded(cmd: &mut Command, what: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            pipe.read_to_end(&mut bytes).unwrap();
-            bytes
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + TOOL_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {TOOL_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Runs the helper with `command` (`lint` or `render`), the values YAML and `--set`s.
-fn helm(command: &str, values_yaml: &str, sets: &[&str]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let values = dir.path().join("values.yaml");
-    std::fs::write(&values, values_yaml).unwrap();
-    let mut cmd = Command::new(venv_tool("python"));
-    cmd.arg(repo().join("tests/support/helm_chart.py"))
-        .arg(command)
-        .arg(chart_dir())
-        .args(["--name", RELEASE, "--namespace", NAMESPACE])
-        .arg("-f")
-        .arg(&values);
-    for set in sets {
-        cmd.args(["--set", set]);
-    }
-    run_bounded(&mut cmd, &format!("helm {command}"))
-}
-
-/// What the helper prints for `render`.
-#[derive(Deserialize)]
-struct RenderOutput {
-    manifests: BTreeMap<String, String>,
-    notes: String,
-    crds: Vec<Value>,
-}
-
-/// A rendered chart: the templates' text and their documents.
-struct Rendered {
-    /// Template path (e.g. `meshbridge/templates/deployment.yaml`) → rendered text, for the
-    /// templates that produced at least one document.
-    manifests: BTreeMap<String, String>,
-    /// Every document, parsed.
-    docs: Vec<Value>,
-    notes: String,
-    /// The files Helm installs from the chart's `crds/`.
-    crd_files: Vec<String>,
-}
-
-impl Rendered {
-    fn of_kind(&self, kind: &str) -> Vec<&Value> {
-        self.docs.iter().filter(|d| d["kind"] == kind).collect()
-    }
-
-    /// The only document of `kind`.
-    fn one(&self, kind: &str) -> &Value {
-        let found = self.of_kind(kind);
-        assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
-        found[0]
-    }
-
-    fn kinds(&self) -> BTreeSet<String> {
-        self.docs
-            .iter()
-            .map(|d| d["kind"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn container(&self) -> &Value {
-        let containers = &self.one("Deployment")["spec"]["template"]["spec"]["containers"];
-        assert_eq!(containers.as_array().unwrap().len(), 1);
-        &containers[0]
-    }
-
-    fn args(&self) -> Vec<String> {
-        self.container()["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().expect("every arg is a string").to_string())
-            .collect()
-    }
-}
-
-/// Every document of a multi-document YAML text, empty ones left out.
-fn yaml_documents(text: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).unwrap())
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-/// Renders the chart with `values_yaml`; fails the test when Helm refuses.
-fn render(values_yaml: &str) -> Rendered {
-    let out = helm("render", values_yaml, &[]);
-    assert!(out.status.success(), "helm render failed: {}", text(&out));
-    let parsed: RenderOutput = serde_json::from_slice(&out.stdout).unwrap();
-    let mut manifests = BTreeMap::new();
-    let mut docs = Vec::new();
-    for (template, text) in parsed.manifests {
-        let found = yaml_documents(&text);
-        if !found.is_empty() {
-            docs.extend(found);
-            manifests.insert(template, text);
-        }
-    }
-    Rendered {
-        manifests,
-        docs,
-        notes: parsed.notes,
-        crd_files: parsed
-            .crds
-            .iter()
-            .map(|c| c["name"].as_str().unwrap().to_string())
-            .collect(),
-    }
-}
 
 /// The value that follows `flag` in `args`, for a flag given once.
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {

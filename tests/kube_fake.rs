@@ -1,6 +1,7 @@
 //! Pins the semantics of the fake Kubernetes API server (`tests/support/kube_fake.rs`)
 //! through real clients: kube-rs (`Api`, `watcher`, `reflector`, `Discovery`) and raw HTTP
-//! (reqwest). Every wait is bounded.
+//! (reqwest), and its admission chain against a tiny HTTPS webhook served here (certificates
+//! made by `openssl`). Every wait is bounded.
 #![allow(clippy::unwrap_used)]
 
 mod support {
@@ -18,7 +19,7 @@ use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Config, Discovery, ResourceExt};
 use meshbridge::api::mesh_service::{MeshService, MeshServiceSpec};
 use serde_json::{Value, json};
-use support::kube_fake::FakeKube;
+use support::kube_fake::{AdmissionCall, FakeKube};
 
 /// Bound of every single wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -1667,4 +1668,959 @@ async fn scale() {
     eprintln!("scale: seeded 6000 objects in {seeded:?}, listed in {listed:?}");
     assert!(seeded < Duration::from_secs(20), "seeding took {seeded:?}");
     assert!(listed < Duration::from_secs(20), "listing took {listed:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Admission webhooks
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use http_body_util::BodyExt;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`{name}-ca.pem`) and a certificate it signs (`{name}.pem`, `{name}.key`) for
+/// `subject_alt_name`, in `dir` (P-256 keys: quick to make). As `issue_cert` in
+/// `tests/support/mod.rs`.
+fn issue_cert(dir: &Path, name: &str, subject_alt_name: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca_key, ca_pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    let subject = format!("/CN={name}-ca");
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-days", "1", "-subj", &subject, "-keyout", &ca_key, "-out", &ca_pem,
+    ]);
+    openssl(dir, &args);
+    let subject = format!("/CN={name}");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-subj", &subject, "-keyout", &key, "-out", &csr]);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={subject_alt_name}\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+/// `(HTTP status, body)` a test webhook answers to `(path, review)`.
+type Answer = Arc<dyn Fn(&str, &Value) -> (u16, Value) + Send + Sync>;
+
+/// A tiny HTTPS admission webhook on 127.0.0.1, serving `hook.pem` from `dir`. It records
+/// every review; a review POSTed to `/slow` is answered after 3 s.
+struct TestHook {
+    addr: SocketAddr,
+    reviews: Arc<Mutex<Vec<(String, Value)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestHook {
+    async fn start(dir: &Path, answer: Answer) -> TestHook {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(dir.join("hook.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("hook.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reviews = Arc::new(Mutex::new(Vec::new()));
+        let recorded = reviews.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, reviews, answer) =
+                    (acceptor.clone(), recorded.clone(), answer.clone());
+                conns.spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (reviews, answer) = (reviews.clone(), answer.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let review: Value =
+                                    serde_json::from_slice(&body).unwrap_or(Value::Null);
+                                reviews.lock().unwrap().push((path.clone(), review.clone()));
+                                if path == "/slow" {
+                                    tokio::time::sleep(Duration::from_secs(3)).await;
+                                }
+                                let (status, out) = answer(&path, &review);
+                                let resp = hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                                        serde_json::to_vec(&out).unwrap(),
+                                    )))
+                                    .unwrap();
+                                Ok::<_, Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        TestHook {
+            addr,
+            reviews,
+            task,
+        }
+    }
+
+    /// The reviews POSTed to `path`, oldest first.
+    fn reviews(&self, path: &str) -> Vec<Value> {
+        self.reviews
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+}
+
+impl Drop for TestHook {
+    fn drop(&mut self) {
+        // Dropping the accept loop's JoinSet aborts every connection.
+        self.task.abort();
+    }
+}
+
+/// The AdmissionReview answering `review`: `response` with its uid added.
+fn reply(review: &Value, mut response: Value) -> (u16, Value) {
+    response["uid"] = review["request"]["uid"].clone();
+    (
+        200,
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
+    )
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// A JSONPatch response adding `ops`.
+fn patched(review: &Value, ops: Value, warnings: &[&str]) -> (u16, Value) {
+    reply(
+        review,
+        json!({"allowed": true, "patchType": "JSONPatch",
+               "patch": b64(&serde_json::to_vec(&ops).unwrap()), "warnings": warnings}),
+    )
+}
+
+/// Certificates for the test webhook (`hook.pem` for `hooks.test.svc` and 127.0.0.1) and an
+/// unrelated CA (`other-ca.pem`), with the caBundles of both.
+struct Certs {
+    dir: tempfile::TempDir,
+    ca_bundle: String,
+    other_ca_bundle: String,
+}
+
+fn certs() -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    issue_cert(dir.path(), "hook", "DNS:hooks.test.svc,IP:127.0.0.1");
+    issue_cert(dir.path(), "other", "DNS:other.test.svc");
+    let read = |f: &str| b64(&std::fs::read(dir.path().join(f)).unwrap());
+    Certs {
+        ca_bundle: read("hook-ca.pem"),
+        other_ca_bundle: read("other-ca.pem"),
+        dir,
+    }
+}
+
+fn pod_rule(operations: &[&str]) -> Value {
+    json!([{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+            "operations": operations, "scope": "Namespaced"}])
+}
+
+/// A webhook configuration of `kind` with one webhook per `(name, webhook fields)`.
+fn hook_config(kind: &str, name: &str, webhooks: Vec<(&str, Value)>) -> Value {
+    let webhooks: Vec<Value> = webhooks
+        .into_iter()
+        .map(|(n, mut w)| {
+            w["name"] = json!(n);
+            w["admissionReviewVersions"] = json!(["v1"]);
+            if w.get("sideEffects").is_none() {
+                w["sideEffects"] = json!("None");
+            }
+            w
+        })
+        .collect();
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+           "metadata": {"name": name}, "webhooks": webhooks})
+}
+
+fn calls_of(fake: &FakeKube, webhook: &str) -> Vec<AdmissionCall> {
+    fake.admission_calls()
+        .into_iter()
+        .filter(|c| c.webhook == webhook)
+        .collect()
+}
+
+fn labelled_pod(name: &str, namespace: &str, labels: Value) -> Pod {
+    let mut p = pod(name, labels);
+    p.metadata.namespace = Some(namespace.to_string());
+    p
+}
+
+#[tokio::test]
+async fn admission_webhooks_patch_deny_and_warn_in_order() {
+    let certs = certs();
+    let answer: Answer = Arc::new(|path: &str, review: &Value| {
+        let object = &review["request"]["object"];
+        match path {
+            // Adds a label and warns.
+            "/first" => patched(
+                review,
+                json!([{"op": "add", "path": "/metadata/labels/first", "value": "yes"}]),
+                &["first was here"],
+            ),
+            // Copies the first webhook's label into an annotation: it ran second.
+            "/second" => {
+                let seen = object["metadata"]["labels"]["first"]
+                    .as_str()
+                    .unwrap_or("no")
+                    .to_string();
+                let mut ops = Vec::new();
+                if object["metadata"]["annotations"].is_null() {
+                    ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+                }
+                ops.push(json!({"op": "add", "path": "/metadata/annotations/second-saw-first", "value": seen}));
+                patched(review, json!(ops), &[])
+            }
+            "/validate" if object["metadata"]["name"] == "forbidden" => reply(
+                review,
+                json!({"allowed": false, "status": {"code": 403, "reason": "Forbidden",
+                       "message": "pods named forbidden are not welcome"},
+                       "warnings": ["denial warning"]}),
+            ),
+            _ => reply(review, json!({"allowed": true})),
+        }
+    });
+    let hook = TestHook::start(certs.dir.path(), answer).await;
+    let fake = FakeKube::start().await;
+    fake.route_service("test", "hooks", 8443, hook.addr);
+    let service = |path: &str| {
+        json!({"service": {"namespace": "test", "name": "hooks", "port": 8443, "path": path},
+               "caBundle": certs.ca_bundle})
+    };
+    // Applied out of order: configurations are called by name.
+    fake.apply(hook_config(
+        "MutatingWebhookConfiguration",
+        "b-second",
+        vec![(
+            "second.test.io",
+            json!({"clientConfig": service("/second"), "rules": pod_rule(&["CREATE"])}),
+        )],
+    ));
+    fake.apply(hook_config(
+        "MutatingWebhookConfiguration",
+        "a-first",
+        vec![(
+            "first.test.io",
+            json!({"clientConfig": service("/first"), "rules": pod_rule(&["CREATE"])}),
+        )],
+    ));
+    let url = format!("https://127.0.0.1:{}/validate", hook.addr.port());
+    fake.apply(hook_config(
+        "ValidatingWebhookConfiguration",
+        "validate",
+        vec![(
+            "validate.test.io",
+            json!({"clientConfig": {"url": url, "caBundle": certs.ca_bundle},
+                   "rules": pod_rule(&["CREATE", "UPDATE"]), "failurePolicy": "Fail"}),
+        )],
+    ));
+
+    let pods: Api<Pod> = Api::namespaced(client(&fake), "default");
+    let created = timed(
+        "create",
+        pods.create(&PostParams::default(), &pod("web", json!({"app": "web"}))),
+    )
+    .await
+    .unwrap();
+    let labels = created.labels();
+    assert_eq!(labels.get("first").map(String::as_str), Some("yes"));
+    assert_eq!(
+        created
+            .annotations()
+            .get("second-saw-first")
+            .map(String::as_str),
+        Some("yes"),
+        "the second configuration saw the first one's patch"
+    );
+    let stored = fake.get("v1", "Pod", None, "web").unwrap();
+    assert_eq!(stored["metadata"]["labels"]["first"], "yes");
+    let order: Vec<(String, bool, bool)> = fake
+        .admission_calls()
+        .iter()
+        .map(|c| (c.webhook.clone(), c.mutating, c.patched))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("first.test.io".to_string(), true, true),
+            ("second.test.io".to_string(), true, true),
+            ("validate.test.io".to_string(), false, false),
+        ]
+    );
+    let first = &calls_of(&fake, "first.test.io")[0];
+    assert_eq!(
+        (
+            first.operation.as_str(),
+            first.resource.as_str(),
+            first.namespace.as_deref(),
+            first.name.as_deref(),
+            first.configuration.as_str()
+        ),
+        ("CREATE", "pods", Some("default"), Some("web"), "a-first")
+    );
+    assert!(first.allowed && first.error.is_none());
+    assert_eq!(first.warnings, ["first was here"]);
+
+    // The review is an admission.k8s.io/v1 AdmissionReview with a fresh uid per call; the
+    // validating webhook sees the object as stored (identity set, patches applied).
+    let review = &hook.reviews("/first")[0];
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    let request = &review["request"];
+    assert_eq!(
+        request["kind"],
+        json!({"group": "", "version": "v1", "kind": "Pod"})
+    );
+    assert_eq!(
+        request["resource"],
+        json!({"group": "", "version": "v1", "resource": "pods"})
+    );
+    assert_eq!(request["requestKind"], request["kind"]);
+    assert_eq!(request["requestResource"], request["resource"]);
+    assert_eq!(
+        (
+            &request["namespace"],
+            &request["name"],
+            &request["operation"]
+        ),
+        (&json!("default"), &json!("web"), &json!("CREATE"))
+    );
+    assert!(request["oldObject"].is_null());
+    assert_eq!(request["dryRun"], false);
+    assert_eq!(request["options"]["kind"], "CreateOptions");
+    assert!(request["userInfo"]["username"].is_string());
+    assert!(
+        request["object"]["metadata"]["uid"].is_null(),
+        "mutating webhooks see the object before the server sets its identity"
+    );
+    let validated = &hook.reviews("/validate")[0]["request"];
+    assert_ne!(validated["uid"], request["uid"]);
+    assert_eq!(validated["uid"].as_str().unwrap().len(), 36);
+    assert_eq!(
+        validated["object"]["metadata"]["uid"],
+        stored["metadata"]["uid"]
+    );
+    assert_eq!(validated["object"]["metadata"]["labels"]["first"], "yes");
+
+    // A refusal: the webhook's code, the server's wording, nothing stored; its warnings
+    // still reach the client.
+    let e = api_err(
+        pods.create(
+            &PostParams::default(),
+            &pod("forbidden", json!({"app": "web"})),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 403);
+    assert_eq!(e.reason, "Forbidden");
+    assert_eq!(
+        e.message,
+        "admission webhook \"validate.test.io\" denied the request: pods named forbidden are not welcome"
+    );
+    assert!(fake.get("v1", "Pod", None, "forbidden").is_none());
+    let denied = calls_of(&fake, "validate.test.io").pop().unwrap();
+    assert!(!denied.allowed && !denied.patched && denied.error.is_none());
+    assert_eq!(denied.warnings, ["denial warning"]);
+
+    // Warnings come back as `Warning: 299 - "<text>"` headers.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/v1/namespaces/default/pods", fake.url()))
+        .json(&pod("forbidden", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let warnings: Vec<String> = r
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        warnings,
+        ["299 - \"first was here\"", "299 - \"denial warning\""]
+    );
+
+    // generateName: mutating webhooks see no name yet, validating ones the generated one.
+    fake.clear_admission_calls();
+    let mut unnamed = pod("", json!({"app": "web"}));
+    unnamed.metadata.name = None;
+    unnamed.metadata.generate_name = Some("web-".into());
+    let made = pods.create(&PostParams::default(), &unnamed).await.unwrap();
+    let calls = fake.admission_calls();
+    assert_eq!(calls[0].name, None);
+    assert_eq!(calls[2].name, made.metadata.name);
+
+    // UPDATE: only the webhook whose rules list it; the old object comes along.
+    fake.clear_admission_calls();
+    let mut changed = pods.get("web").await.unwrap();
+    changed.labels_mut().insert("tier".into(), "front".into());
+    pods.replace("web", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    let calls = fake.admission_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        (calls[0].webhook.as_str(), calls[0].operation.as_str()),
+        ("validate.test.io", "UPDATE")
+    );
+    let update = hook.reviews("/validate").pop().unwrap();
+    assert_eq!(update["request"]["options"]["kind"], "UpdateOptions");
+    assert!(update["request"]["oldObject"]["metadata"]["labels"]["tier"].is_null());
+    assert_eq!(
+        update["request"]["object"]["metadata"]["labels"]["tier"],
+        "front"
+    );
+}
+
+#[tokio::test]
+async fn failure_policies_tls_and_bad_responses() {
+    let certs = certs();
+    let answer: Answer = Arc::new(|path: &str, review: &Value| match path {
+        "/wrong-uid" => (
+            200,
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                   "response": {"uid": "not-the-uid", "allowed": true}}),
+        ),
+        "/error" => (500, json!({"error": "boom"})),
+        "/not-a-review" => (200, json!({"hello": "world"})),
+        _ => reply(review, json!({"allowed": true})),
+    });
+    let hook = TestHook::start(certs.dir.path(), answer).await;
+    let fake = FakeKube::start().await;
+    fake.route_service("test", "hooks", 443, hook.addr);
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Nothing listens there any more.
+    let pods: Api<Pod> = Api::namespaced(client(&fake), "default");
+    let mut n = 0;
+    let mut create = async |config: Value| -> kube::Result<Pod> {
+        fake.apply(config);
+        n += 1;
+        let r = pods
+            .create(&PostParams::default(), &pod(&format!("p{n}"), json!({})))
+            .await;
+        assert!(fake.delete(
+            "admissionregistration.k8s.io/v1",
+            "ValidatingWebhookConfiguration",
+            None,
+            "policy"
+        ));
+        r
+    };
+    let config = |policy: &str, client_config: Value, timeout: u64| {
+        hook_config(
+            "ValidatingWebhookConfiguration",
+            "policy",
+            vec![(
+                "policy.test.io",
+                json!({"clientConfig": client_config, "rules": pod_rule(&["*"]),
+                       "failurePolicy": policy, "timeoutSeconds": timeout}),
+            )],
+        )
+    };
+    let url = |port: u16, path: &str| format!("https://127.0.0.1:{port}{path}");
+    let cases: Vec<(&str, Value, u64, &str)> = vec![
+        (
+            "connection refused",
+            json!({"url": url(down.port(), "/"), "caBundle": certs.ca_bundle}),
+            10,
+            "failed to call webhook",
+        ),
+        (
+            "caBundle of another CA",
+            json!({"url": url(hook.addr.port(), "/"), "caBundle": certs.other_ca_bundle}),
+            10,
+            "certificate",
+        ),
+        (
+            "service not routed",
+            json!({"service": {"namespace": "test", "name": "elsewhere", "port": 443},
+                   "caBundle": certs.ca_bundle}),
+            10,
+            "not routed",
+        ),
+        (
+            "timeout",
+            json!({"url": url(hook.addr.port(), "/slow"), "caBundle": certs.ca_bundle}),
+            1,
+            "timed out",
+        ),
+        (
+            "non-200",
+            json!({"url": url(hook.addr.port(), "/error"), "caBundle": certs.ca_bundle}),
+            10,
+            "HTTP 500",
+        ),
+        (
+            "uid mismatch",
+            json!({"url": url(hook.addr.port(), "/wrong-uid"), "caBundle": certs.ca_bundle}),
+            10,
+            "expected response.uid",
+        ),
+        (
+            "not a review",
+            json!({"url": url(hook.addr.port(), "/not-a-review"), "caBundle": certs.ca_bundle}),
+            10,
+            "expected webhook response of admission.k8s.io/v1",
+        ),
+    ];
+    for (what, client_config, timeout, why) in cases {
+        let started = Instant::now();
+        // Ignore: the write goes on; the failure is recorded.
+        fake.clear_admission_calls();
+        let r = create(config("Ignore", client_config.clone(), timeout)).await;
+        assert!(r.is_ok(), "{what}: {r:?}");
+        let call = fake.admission_calls().pop().unwrap();
+        let error = call.error.clone().unwrap_or_default();
+        assert!(call.allowed && error.contains(why), "{what}: {call:?}");
+        // Fail: the write fails with a 500 naming the webhook.
+        let e = api_err(create(config("Fail", client_config, timeout)).await);
+        assert_eq!(
+            (e.code, e.reason.as_str()),
+            (500, "InternalError"),
+            "{what}"
+        );
+        assert!(
+            e.message
+                .contains("failed calling webhook \"policy.test.io\": ")
+                && e.message.contains(why),
+            "{what}: {}",
+            e.message
+        );
+        let call = fake.admission_calls().pop().unwrap();
+        assert!(!call.allowed && call.error.is_some(), "{what}: {call:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+    // failurePolicy defaults to Fail; the same certificate through the routed service name
+    // is trusted.
+    let mut no_policy = config(
+        "Fail",
+        json!({"url": url(down.port(), "/"), "caBundle": certs.ca_bundle}),
+        10,
+    );
+    no_policy["webhooks"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("failurePolicy");
+    assert_eq!(api_err(create(no_policy).await).code, 500);
+    let routed = config(
+        "Fail",
+        json!({"service": {"namespace": "test", "name": "hooks"}, "caBundle": certs.ca_bundle}),
+        10,
+    );
+    assert!(create(routed).await.is_ok());
+    let pods_stored = fake.list("v1", "Pod").len();
+    assert_eq!(pods_stored, 8, "each Ignore case and the routed one");
+    // The TLS failure is a certificate verification failure, for the DNS name too.
+    let mut wrong_name = config(
+        "Fail",
+        json!({"service": {"namespace": "test", "name": "hooks", "port": 443},
+               "caBundle": certs.ca_bundle}),
+        10,
+    );
+    fake.route_service("other", "hooks", 443, hook.addr);
+    wrong_name["webhooks"][0]["clientConfig"]["service"]["namespace"] = json!("other");
+    let e = api_err(create(wrong_name).await);
+    assert!(
+        e.message.contains("hooks.other.svc") && e.message.contains("certificate"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn namespace_and_object_selectors_choose_the_webhooks() {
+    let certs = certs();
+    let answer: Answer =
+        Arc::new(|_: &str, review: &Value| reply(review, json!({"allowed": true})));
+    let hook = TestHook::start(certs.dir.path(), answer).await;
+    let fake = FakeKube::start().await;
+    fake.route_service("test", "hooks", 443, hook.addr);
+    let client_config =
+        json!({"service": {"namespace": "test", "name": "hooks"}, "caBundle": certs.ca_bundle});
+    let webhook = |selectors: Value| {
+        let mut w = json!({"clientConfig": client_config, "rules": pod_rule(&["CREATE"])});
+        for (k, v) in selectors.as_object().unwrap() {
+            w[k] = v.clone();
+        }
+        w
+    };
+    for (ns, labels) in [
+        ("prod-a", json!({"env": "prod"})),
+        ("dev-a", json!({"env": "dev"})),
+        ("plain", json!({})),
+    ] {
+        fake.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": ns, "labels": labels}}));
+    }
+    // The server's own label is there, and stays through a replace that drops it.
+    fake.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                      "metadata": {"name": "dev-a", "labels": {"env": "dev"}}}));
+    let dev = fake.get("v1", "Namespace", None, "dev-a").unwrap();
+    assert_eq!(
+        dev["metadata"]["labels"],
+        json!({"env": "dev", "kubernetes.io/metadata.name": "dev-a"})
+    );
+    fake.apply(hook_config(
+        "MutatingWebhookConfiguration",
+        "selectors",
+        vec![
+            (
+                "prod-web.test.io",
+                webhook(json!({
+                    "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]},
+                    "objectSelector": {"matchLabels": {"app": "web"}},
+                })),
+            ),
+            (
+                "not-dev.test.io",
+                webhook(json!({
+                    "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]},
+                    "objectSelector": {"matchExpressions": [{"key": "skip", "operator": "DoesNotExist"}]},
+                })),
+            ),
+            (
+                "labelled.test.io",
+                webhook(json!({
+                    "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "Exists"}]},
+                })),
+            ),
+            (
+                "by-name.test.io",
+                webhook(json!({
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dev-a"}},
+                })),
+            ),
+        ],
+    ));
+    let client = client(&fake);
+    let cases = [
+        (
+            "prod-a",
+            json!({"app": "web"}),
+            vec!["prod-web", "not-dev", "labelled"],
+        ),
+        ("prod-a", json!({"app": "db"}), vec!["not-dev", "labelled"]),
+        (
+            "prod-a",
+            json!({"app": "web", "skip": "1"}),
+            vec!["prod-web", "labelled"],
+        ),
+        ("dev-a", json!({"app": "web"}), vec!["labelled", "by-name"]),
+        ("plain", json!({"app": "web"}), vec!["not-dev"]),
+    ];
+    for (i, (ns, labels, want)) in cases.into_iter().enumerate() {
+        fake.clear_admission_calls();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.create(
+            &PostParams::default(),
+            &labelled_pod(&format!("p{i}"), ns, labels.clone()),
+        )
+        .await
+        .unwrap();
+        let called: Vec<String> = fake
+            .admission_calls()
+            .iter()
+            .map(|c| c.webhook.trim_end_matches(".test.io").to_string())
+            .collect();
+        assert_eq!(called, want, "{ns} {labels}");
+    }
+    // Test-side writes do not go through admission.
+    fake.clear_admission_calls();
+    fake.apply(json!({"apiVersion": "v1", "kind": "Pod",
+                      "metadata": {"name": "side", "namespace": "prod-a", "labels": {"app": "web"}},
+                      "spec": {"containers": [{"name": "app", "image": "busybox"}]}}));
+    assert!(fake.admission_calls().is_empty());
+    drop(hook);
+}
+
+#[tokio::test]
+async fn rules_operations_subresources_apply_and_dry_run() {
+    let certs = certs();
+    let answer: Answer =
+        Arc::new(|_: &str, review: &Value| reply(review, json!({"allowed": true})));
+    let hook = TestHook::start(certs.dir.path(), answer).await;
+    let fake = FakeKube::start().await;
+    let url = format!("https://127.0.0.1:{}/", hook.addr.port());
+    let cc = json!({"url": url, "caBundle": certs.ca_bundle});
+    fake.apply(hook_config(
+        "ValidatingWebhookConfiguration",
+        "rules",
+        vec![(
+            "rules.test.io",
+            json!({"clientConfig": cc, "rules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"], "operations": ["CREATE"]},
+                {"apiGroups": ["meshbridge.io"], "apiVersions": ["*"], "resources": ["meshservices/status"], "operations": ["UPDATE"]},
+                {"apiGroups": ["*"], "apiVersions": ["*"], "resources": ["namespaces"], "operations": ["*"], "scope": "Namespaced"},
+                {"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods/*"], "operations": ["UPDATE"], "scope": "Namespaced"},
+            ]}),
+        )],
+    ));
+    let client = client(&fake);
+    let seen = |fake: &FakeKube| -> Vec<(String, String)> {
+        let calls = fake.admission_calls();
+        fake.clear_admission_calls();
+        calls
+            .into_iter()
+            .map(|c| (c.operation, c.resource))
+            .collect()
+    };
+    // Server-side apply of a missing object is a CREATE; of an existing one an UPDATE.
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let apply = |data: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": data}});
+    let pp = PatchParams::apply("test");
+    cms.patch("c", &pp, &Patch::Apply(apply("1")))
+        .await
+        .unwrap();
+    assert_eq!(seen(&fake), [("CREATE".into(), "configmaps".into())]);
+    let review = hook.reviews("/").pop().unwrap();
+    assert_eq!(review["request"]["options"]["kind"], "PatchOptions");
+    assert_eq!(review["request"]["options"]["fieldManager"], "test");
+    cms.patch("c", &pp, &Patch::Apply(apply("2")))
+        .await
+        .unwrap();
+    assert!(
+        seen(&fake).is_empty(),
+        "UPDATE is not in the configmaps rule"
+    );
+    // A subresource matches only a rule naming it (or `res/*`, which also covers `res`).
+    let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
+    msvcs
+        .create(&PostParams::default(), &mesh_service("m", "m"))
+        .await
+        .unwrap();
+    assert!(seen(&fake).is_empty());
+    msvcs
+        .patch_status(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"observedGeneration": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(&fake),
+        [("UPDATE".into(), "meshservices/status".into())]
+    );
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &pod("p", json!({})))
+        .await
+        .unwrap();
+    assert!(seen(&fake).is_empty());
+    pods.patch_status(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap();
+    pods.patch(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        seen(&fake),
+        [
+            ("UPDATE".into(), "pods/status".into()),
+            ("UPDATE".into(), "pods".into())
+        ]
+    );
+    // Scope: a Namespaced rule never matches a Namespace (cluster-scoped).
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "fresh"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(seen(&fake).is_empty());
+
+    // Dry run: a webhook without side effects is called with dryRun and nothing is stored;
+    // one that may have side effects refuses the request without being called.
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let before = fake.resource_version();
+    let cm = |name: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    };
+    cms.create(&dry, &cm("dry")).await.unwrap();
+    assert_eq!(fake.resource_version(), before);
+    assert!(fake.get("v1", "ConfigMap", None, "dry").is_none());
+    let calls = fake.admission_calls();
+    assert!(calls[0].dry_run, "{calls:?}");
+    assert_eq!(hook.reviews("/").pop().unwrap()["request"]["dryRun"], true);
+    seen(&fake);
+    let mut unsafe_hook = fake
+        .get(
+            "admissionregistration.k8s.io/v1",
+            "ValidatingWebhookConfiguration",
+            None,
+            "rules",
+        )
+        .unwrap();
+    unsafe_hook["webhooks"][0]["sideEffects"] = json!("Some");
+    fake.apply(unsafe_hook);
+    let e = api_err(cms.create(&dry, &cm("dry")).await);
+    assert_eq!(e.code, 400);
+    assert_eq!(
+        e.message,
+        "admission webhook \"rules.test.io\" does not support dry run"
+    );
+    assert!(seen(&fake).is_empty());
+    // Webhook configurations are not themselves sent to webhooks.
+    let star = json!([{"apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*"], "operations": ["*"]}]);
+    let everything = hook_config(
+        "ValidatingWebhookConfiguration",
+        "everything",
+        vec![(
+            "everything.test.io",
+            json!({"clientConfig": cc, "rules": star}),
+        )],
+    );
+    let configs: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<
+            k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+        >(&()),
+    );
+    configs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(everything.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+    configs
+        .patch(
+            "everything",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"changed": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    assert!(seen(&fake).is_empty());
+    cms.create(&PostParams::default(), &cm("seen"))
+        .await
+        .unwrap();
+    assert_eq!(calls_of(&fake, "everything.test.io").len(), 1);
+    seen(&fake);
+    fake.delete(
+        "admissionregistration.k8s.io/v1",
+        "ValidatingWebhookConfiguration",
+        None,
+        "everything",
+    );
+    // Without configurations, nothing is called.
+    fake.delete(
+        "admissionregistration.k8s.io/v1",
+        "ValidatingWebhookConfiguration",
+        None,
+        "rules",
+    );
+    cms.create(&PostParams::default(), &cm("plain"))
+        .await
+        .unwrap();
+    assert!(seen(&fake).is_empty());
 }

@@ -21,6 +21,8 @@
 //!   <https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#status-subresource>
 //! - request verbs (as recorded in the request log):
 //!   <https://kubernetes.io/docs/reference/access-authn-authz/authorization/#determine-the-request-verb>
+//! - admission webhooks (the chain described below):
+//!   <https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/>
 //!
 //! The model: one global resource-version counter (etcd's revision) moves on every write, in
 //! any resource; every write appends an event to a bounded history ([`HISTORY_CAP`] events;
@@ -32,8 +34,9 @@
 //! write, so lists and watches of thousands of objects stay cheap.
 //!
 //! Simplifications (each documented where it applies):
-//! - no authentication, authorization or admission webhooks; the namespaces `default`,
-//!   `kube-system`, `kube-public` and `kube-node-lease` exist from the start, creating a
+//! - no authentication or authorization (admission webhooks see every caller as
+//!   `system:admin`); the namespaces `default`, `kube-system`, `kube-public` and
+//!   `kube-node-lease` exist from the start, creating a
 //!   namespaced object over HTTP in a missing namespace is `404` (the test-side
 //!   [`FakeKube::apply`] creates the namespace instead); deleting a namespace deletes only the
 //!   Namespace object (no cascade, no `Terminating` phase);
@@ -53,6 +56,36 @@
 //! - bookmarks are sent every [`BOOKMARK_INTERVAL`] (the real server sends them about once a
 //!   minute), which makes them observable in tests.
 //!
+//! Admission webhooks: creates, updates and patches (server-side apply included) made over
+//! HTTP go through the chain the API server runs, built from the stored
+//! MutatingWebhookConfigurations and ValidatingWebhookConfigurations (test-side
+//! [`FakeKube::apply`] and deletions do not). Every webhook of every mutating configuration,
+//! in configuration-name order then webhook order, whose `rules` (operations, apiGroups,
+//! apiVersions, resources with `*` and `res/sub` forms, scope), `namespaceSelector` (on the
+//! namespace's labels, `kubernetes.io/metadata.name` included; on the object's own labels for
+//! a Namespace; not applied to other cluster-scoped objects) and `objectSelector` (new or old
+//! object) match is POSTed an `admission.k8s.io/v1` AdmissionReview over HTTPS, trusting only
+//! `clientConfig.caBundle` when given: at `clientConfig.url`, or at
+//! `https://<name>.<namespace>.svc<path>` for `clientConfig.service`, connected to the address
+//! [`FakeKube::route_service`] gives (the certificate is still verified for that DNS name).
+//! Each call is bounded by `timeoutSeconds` (default 10, at most 30). A JSONPatch a mutating
+//! webhook returns is applied before the next webhook; then validating webhooks see the
+//! object as it would be stored (name generated, defaults and identity set), one after the
+//! other (the real server calls them in parallel). A refusal fails the write with the
+//! webhook's `status` code (at least 400) and `admission webhook "<name>" denied the request:
+//! <message>`; a failed call (connection, TLS, timeout, non-200, a malformed or mismatched
+//! review) is skipped under `failurePolicy: Ignore` and fails the write with a 500 under
+//! `Fail` (the default); a patch that does not apply is a 500 whatever the policy. `warnings`
+//! reach the client as `Warning: 299 - "<text>"` headers. A dry-run request matching a webhook
+//! whose `sideEffects` is not `None`/`NoneOnDryRun` fails with 400 without calling it, as
+//! documented. Writes to webhook configurations are not admitted by webhooks (as documented).
+//! Calls are recorded ([`FakeKube::admission_calls`]). A write whose object
+//! changed while webhooks ran is re-admitted (at most [`ADMISSION_ATTEMPTS`] times, then 409).
+//! Not modelled: `reinvocationPolicy` (no webhook is called twice), `matchPolicy` (one
+//! version per resource), `matchConditions` (not evaluated: treated as holding), DELETE and
+//! CONNECT admission, the built-in admission plugins; configurations are not validated when
+//! stored (an unparsable selector fails the matching write with a 500).
+//!
 //! Discovery requests (`/version`, `/api`, `/apis`, `/api/v1`, `/apis/{g}`, `/apis/{g}/{v}`)
 //! are logged with verb `get` and resource `""` and are exempt from [`FakeKube::fail_next`].
 //!
@@ -61,6 +94,7 @@
 //! `stop()` ends every connection.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -68,10 +102,11 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
@@ -95,11 +130,21 @@ pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
 /// `gitVersion` of `GET /version`.
 pub const GIT_VERSION: &str = "v1.34.0";
+/// User-Agent of a test's own API clients (standing for a controller or `kubectl`):
+/// [`assert_rbac_covers`] leaves their requests out.
+pub const TEST_USER_AGENT: &str = "kube-fake-test-client";
 /// Namespaces that exist from the start, as in a fresh cluster.
 pub const DEFAULT_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-public", "kube-node-lease"];
 /// Objects per chunk of the synthetic ADDED events that start a watch from "now".
 const WATCH_CHUNK: usize = 500;
+/// Admission calls kept for [`FakeKube::admission_calls`] (the oldest are dropped).
+pub const ADMISSION_LOG_CAP: usize = 10_000;
+/// Times a write is admitted again when its object changed while webhooks ran.
+pub const ADMISSION_ATTEMPTS: usize = 5;
+/// `timeoutSeconds` of a webhook when absent, and its maximum (as on the real server).
+pub const WEBHOOK_DEFAULT_TIMEOUT: u64 = 10;
+pub const WEBHOOK_MAX_TIMEOUT: u64 = 30;
 
 /// A resource the fake serves.
 #[derive(Debug, Clone, Copy)]
@@ -289,6 +334,8 @@ pub const RESOURCES: &[ResourceDef] = &[
 ];
 
 const NAMESPACES: usize = 1;
+const MUTATING: usize = 9;
+const VALIDATING: usize = 10;
 const VERBS: &[&str] = &[
     "create",
     "delete",
@@ -392,6 +439,9 @@ struct State {
     log: VecDeque<Recorded>,
     serial: u64,
     seed: u64,
+    /// `route_service`: (namespace, name, port) of a Service → where to connect.
+    routes: BTreeMap<(String, String, u16), SocketAddr>,
+    admission: VecDeque<AdmissionCall>,
 }
 
 struct Shared {
@@ -436,6 +486,8 @@ impl FakeKube {
     /// Starts serving on 127.0.0.1 on a port chosen by the OS, with the namespaces of
     /// [`DEFAULT_NAMESPACES`].
     pub async fn start() -> FakeKube {
+        assert_eq!(RESOURCES[MUTATING].kind, "MutatingWebhookConfiguration");
+        assert_eq!(RESOURCES[VALIDATING].kind, "ValidatingWebhookConfiguration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seed = RandomState::new().build_hasher().finish();
@@ -452,6 +504,8 @@ impl FakeKube {
                 log: VecDeque::new(),
                 serial: 0,
                 seed,
+                routes: BTreeMap::new(),
+                admission: VecDeque::new(),
             }),
             changed: watch::channel(0).0,
             open_watches: AtomicUsize::new(0),
@@ -651,6 +705,27 @@ impl FakeKube {
     pub fn clear_requests(&self) {
         self.shared.lock().log.clear();
     }
+
+    /// Where a webhook's `clientConfig.service` (`namespace`, `name`, `port`) is reached, in
+    /// place of cluster DNS and kube-proxy: the call connects to `to` and still verifies the
+    /// certificate for `<name>.<namespace>.svc`. A Service without a route fails the call
+    /// (its `failurePolicy` applies).
+    pub fn route_service(&self, namespace: &str, name: &str, port: u16, to: SocketAddr) {
+        self.shared
+            .lock()
+            .routes
+            .insert((namespace.to_string(), name.to_string(), port), to);
+    }
+
+    /// Every admission webhook call so far, oldest first (at most [`ADMISSION_LOG_CAP`]).
+    pub fn admission_calls(&self) -> Vec<AdmissionCall> {
+        self.shared.lock().admission.iter().cloned().collect()
+    }
+
+    /// Empties the admission call log.
+    pub fn clear_admission_calls(&self) {
+        self.shared.lock().admission.clear();
+    }
 }
 
 impl Drop for FakeKube {
@@ -679,7 +754,7 @@ fn key_for(api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -
 #[derive(Debug)]
 struct ApiError {
     code: u16,
-    reason: &'static str,
+    reason: Cow<'static, str>,
     message: String,
     details: Option<Value>,
 }
@@ -688,7 +763,7 @@ impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             code,
-            reason,
+            reason: Cow::Borrowed(reason),
             message: message.into(),
             details: None,
         }
@@ -784,6 +859,15 @@ fn conflict(def: &ResourceDef, name: &str, why: &str) -> ApiError {
     .about(def, name)
 }
 
+fn already_exists(def: &ResourceDef, name: &str) -> ApiError {
+    ApiError::new(
+        409,
+        "AlreadyExists",
+        format!("{} \"{name}\" already exists", def.qualified()),
+    )
+    .about(def, name)
+}
+
 const MODIFIED: &str =
     "the object has been modified; please apply your changes to the latest version and try again";
 
@@ -830,6 +914,7 @@ fn too_large(rv: u64, current: u64) -> ApiError {
 // Writes
 
 /// Who writes, and how.
+#[derive(Clone)]
 struct Ctx {
     /// Recorded in `managedFields` when set.
     manager: Option<String>,
@@ -870,14 +955,7 @@ impl State {
     fn uid(&mut self) -> String {
         let a = self.random();
         let b = self.random();
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0xfff,
-            0x8000 | ((b >> 48) & 0x3fff),
-            b & 0xffff_ffff_ffff
-        )
+        format_uid(a, b)
     }
 
     fn ensure_namespace(&mut self, ns: &str) {
@@ -1020,12 +1098,7 @@ impl State {
         }
         let key = (ns, name.clone());
         if self.objects[r].contains_key(&key) {
-            return Err(ApiError::new(
-                409,
-                "AlreadyExists",
-                format!("{} \"{name}\" already exists", def.qualified()),
-            )
-            .about(def, &name));
+            return Err(already_exists(def, &name));
         }
         let uid = self.uid();
         let meta = body["metadata"].as_object_mut().unwrap();
@@ -1152,6 +1225,10 @@ impl State {
         }
         if let Some(m) = &ctx.manager {
             upsert_managed(meta, m, ctx, def, fields.unwrap_or_else(|| json!({})));
+        }
+        if r == NAMESPACES {
+            let name = old_meta["name"].as_str().unwrap_or_default().to_string();
+            namespace_name_label(&mut result, &name);
         }
         let old_gen = old_meta
             .get("generation")
@@ -1341,11 +1418,7 @@ fn apply_defaults(def: &ResourceDef, obj: &mut Map<String, Value>, name: &str) {
             obj.insert("status".into(), json!({"phase": "Pending"}));
         }
         ("", "namespaces") => {
-            let meta = obj["metadata"].as_object_mut().unwrap();
-            let labels = meta.entry("labels").or_insert_with(|| json!({}));
-            if labels.is_object() {
-                labels["kubernetes.io/metadata.name"] = json!(name);
-            }
+            namespace_name_label(obj, name);
             obj.entry("spec")
                 .or_insert_with(|| json!({"finalizers": ["kubernetes"]}));
             if !obj.get("status").is_some_and(Value::is_object) {
@@ -1354,6 +1427,43 @@ fn apply_defaults(def: &ResourceDef, obj: &mut Map<String, Value>, name: &str) {
         }
         _ => {}
     }
+}
+
+/// The label `kubernetes.io/metadata.name` the real server keeps on every Namespace (set on
+/// create and on every update, whatever the client sent).
+fn namespace_name_label(obj: &mut Map<String, Value>, name: &str) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    if !labels.is_object() {
+        *labels = json!({});
+    }
+    labels["kubernetes.io/metadata.name"] = json!(name);
+}
+
+/// A version-4 UUID from two random words.
+fn format_uid(a: u64, b: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | ((b >> 48) & 0x3fff),
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// A fresh UUID without the state's lock (admission request uids).
+fn fresh_uid() -> String {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let word = || {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(SERIAL.fetch_add(1, Ordering::Relaxed));
+        h.finish()
+    };
+    let a = word();
+    format_uid(a, word())
 }
 
 /// Equal outside `metadata`, `status`, `apiVersion` and `kind` (the "spec" for the purpose
@@ -1859,6 +1969,845 @@ fn parse_fields(def: &ResourceDef, s: &str) -> Result<Vec<FieldReq>, String> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Admission webhooks
+
+/// One call of an admission webhook, as [`FakeKube::admission_calls`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionCall {
+    /// The webhook's `name` (e.g. `inject.meshbridge.io`).
+    pub webhook: String,
+    /// The `metadata.name` of its configuration.
+    pub configuration: String,
+    /// From a MutatingWebhookConfiguration (else a ValidatingWebhookConfiguration).
+    pub mutating: bool,
+    /// `CREATE` or `UPDATE`.
+    pub operation: String,
+    /// Plural resource, with `/subresource` for a write to one (`pods/status`).
+    pub resource: String,
+    /// The object's namespace (for a Namespace, its own name; None for other cluster-scoped
+    /// objects).
+    pub namespace: Option<String>,
+    /// The object's name as the webhook saw it: None in mutating calls on a create by
+    /// `generateName` (the real server names the object after mutating admission).
+    pub name: Option<String>,
+    pub dry_run: bool,
+    /// Whether the write went on past this webhook (a failed call under `Ignore` did).
+    pub allowed: bool,
+    /// A mutating webhook's JSONPatch was applied.
+    pub patched: bool,
+    /// The response's `warnings`.
+    pub warnings: Vec<String>,
+    /// Why the call failed (connection, TLS, timeout, non-200, malformed or mismatched
+    /// review, a patch that does not apply).
+    pub error: Option<String>,
+}
+
+/// A write as planned under the lock from the request and the stored object, before
+/// admission.
+struct Plan {
+    op: PlanOp,
+    ctx: Ctx,
+    fields: Option<Value>,
+    /// `CreateOptions`, `UpdateOptions` or `PatchOptions` (the review's `options`).
+    options: &'static str,
+}
+
+enum PlanOp {
+    /// Create `body`; `ns_path` is the namespace in the URL, `ns` the resolved namespace
+    /// (`""` for a cluster-scoped object).
+    Create {
+        ns_path: Option<String>,
+        ns: String,
+        body: Value,
+    },
+    /// Replace `old` by `body`, the whole new object.
+    Update { old: Arc<Obj>, body: Value },
+}
+
+impl Plan {
+    /// The write as without admission webhooks: at once, in the caller's critical section.
+    fn execute(self, st: &mut State, r: usize) -> Result<(u16, Arc<Obj>), ApiError> {
+        match self.op {
+            PlanOp::Create { ns_path, body, .. } => st
+                .create_obj(r, ns_path.as_deref(), body, &self.ctx, self.fields)
+                .map(|o| (201, o)),
+            PlanOp::Update { old, body } => st
+                .finish_update(r, &old, body, &self.ctx, self.fields)
+                .map(|o| (200, o)),
+        }
+    }
+}
+
+/// What `create_obj` refuses before anything else (the real server: decoding and the
+/// NamespaceLifecycle plugin, both before webhooks). Returns the object's namespace (`""`
+/// for a cluster-scoped one).
+fn precheck_create(
+    st: &State,
+    r: usize,
+    ns_path: Option<&str>,
+    body: &Value,
+    ctx: &Ctx,
+) -> Result<String, ApiError> {
+    let def = &RESOURCES[r];
+    check_type(def, body)?;
+    let meta = &body["metadata"];
+    if !meta.is_null() && !meta.is_object() {
+        return Err(bad_request("metadata must be an object"));
+    }
+    if !def.namespaced {
+        return Ok(String::new());
+    }
+    let in_body = meta["namespace"].as_str().filter(|s| !s.is_empty());
+    let ns = match (ns_path, in_body) {
+        (Some(p), Some(b)) if p != b => {
+            return Err(bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        (Some(p), _) => p.to_string(),
+        (None, Some(b)) => b.to_string(),
+        (None, None) => "default".to_string(),
+    };
+    if !ctx.admin && !st.objects[NAMESPACES].contains_key(&(String::new(), ns.clone())) {
+        return Err(not_found(&RESOURCES[NAMESPACES], &ns));
+    }
+    Ok(ns)
+}
+
+/// The webhooks and what matching them needs, copied under the lock.
+struct Hooks {
+    /// (configuration name, webhook), in call order.
+    mutating: Vec<(String, Value)>,
+    validating: Vec<(String, Value)>,
+    /// Labels of the write's namespace (null when cluster-scoped or missing).
+    namespace_labels: Value,
+    routes: BTreeMap<(String, String, u16), SocketAddr>,
+}
+
+impl Hooks {
+    fn capture(st: &State, ns: &str) -> Hooks {
+        // The map is ordered by (namespace "", name): configuration-name order.
+        let collect = |r: usize| -> Vec<(String, Value)> {
+            st.objects[r]
+                .values()
+                .flat_map(|o| {
+                    let cfg = o.value["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    o.value["webhooks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(move |w| (cfg.clone(), w.clone()))
+                })
+                .collect()
+        };
+        let namespace_labels = st.objects[NAMESPACES]
+            .get(&(String::new(), ns.to_string()))
+            .map(|o| o.value["metadata"]["labels"].clone())
+            .unwrap_or(Value::Null);
+        Hooks {
+            mutating: collect(MUTATING),
+            validating: collect(VALIDATING),
+            namespace_labels,
+            routes: st.routes.clone(),
+        }
+    }
+}
+
+/// The attributes of a write under admission.
+struct Attrs<'a> {
+    r: usize,
+    sub: Option<&'a str>,
+    operation: &'static str,
+    /// `""` for a cluster-scoped object.
+    namespace: String,
+    dry_run: bool,
+    options: Value,
+    old: Option<Value>,
+}
+
+/// Runs a write through the admission chain (or straight, when no webhook configuration
+/// exists) and answers it, webhook warnings in `Warning` headers.
+async fn admit_write(
+    shared: &Arc<Shared>,
+    r: usize,
+    sub: Option<&str>,
+    plan: impl Fn(&State) -> Result<Plan, ApiError>,
+) -> Resp {
+    let mut warnings = Vec::new();
+    let out = admit(shared, r, sub, plan, &mut warnings).await;
+    let mut resp = match out {
+        Ok((code, o)) => json_resp(code, o.json.clone()),
+        Err(e) => error_resp(&e),
+    };
+    for w in &warnings {
+        if let Ok(v) = header::HeaderValue::from_str(&warning_header(w)) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
+/// `299 - "text"`, as the real server writes a warning (RFC 7234 quoted string).
+fn warning_header(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.push(' '),
+            c => quoted.push(c),
+        }
+    }
+    format!("299 - \"{quoted}\"")
+}
+
+async fn admit(
+    shared: &Arc<Shared>,
+    r: usize,
+    sub: Option<&str>,
+    plan: impl Fn(&State) -> Result<Plan, ApiError>,
+    warnings: &mut Vec<String>,
+) -> Result<(u16, Arc<Obj>), ApiError> {
+    let def = &RESOURCES[r];
+    let mut name = String::new();
+    for _ in 0..ADMISSION_ATTEMPTS {
+        warnings.clear();
+        let step = shared.write(|st| -> Result<Result<_, (Plan, Hooks)>, ApiError> {
+            let p = plan(st)?;
+            // Webhook configurations themselves are never admitted by webhooks (so a broken
+            // webhook cannot lock its own configuration), as on the real server.
+            let exempt = r == MUTATING || r == VALIDATING;
+            if exempt || (st.objects[MUTATING].is_empty() && st.objects[VALIDATING].is_empty()) {
+                return p.execute(st, r).map(Ok);
+            }
+            let ns = match &p.op {
+                PlanOp::Create { ns, .. } => ns.clone(),
+                PlanOp::Update { old, .. } => obj_key(def, &old.value).0,
+            };
+            let hooks = Hooks::capture(st, &ns);
+            Ok(Err((p, hooks)))
+        })?;
+        let (p, hooks) = match step {
+            Ok(done) => return Ok(done),
+            Err(admission) => admission,
+        };
+        if let PlanOp::Update { old, .. } = &p.op {
+            name = obj_key(def, &old.value).1;
+        }
+        if let Some(out) = admit_once(shared, r, sub, p, &hooks, warnings).await {
+            return out;
+        }
+    }
+    Err(conflict(def, &name, MODIFIED))
+}
+
+/// One pass of the chain; None when the stored object changed meanwhile (admit again).
+async fn admit_once(
+    shared: &Arc<Shared>,
+    r: usize,
+    sub: Option<&str>,
+    plan: Plan,
+    hooks: &Hooks,
+    warnings: &mut Vec<String>,
+) -> Option<Result<(u16, Arc<Obj>), ApiError>> {
+    let def = &RESOURCES[r];
+    let Plan {
+        op,
+        ctx,
+        fields,
+        options,
+    } = plan;
+    let (operation, namespace, old, mut object) = match &op {
+        PlanOp::Create { ns, body, .. } => ("CREATE", ns.clone(), None, body.clone()),
+        PlanOp::Update { old, body } => (
+            "UPDATE",
+            obj_key(def, &old.value).0,
+            Some(old.value.clone()),
+            body.clone(),
+        ),
+    };
+    if let Some(o) = object.as_object_mut() {
+        o.insert("apiVersion".into(), json!(def.api_version()));
+        o.insert("kind".into(), json!(def.kind));
+        let meta = o.entry("metadata").or_insert_with(|| json!({}));
+        if meta.is_null() {
+            *meta = json!({});
+        }
+        if def.namespaced && meta.is_object() {
+            meta["namespace"] = json!(namespace);
+        }
+    }
+    let mut options = json!({"apiVersion": "meta.k8s.io/v1", "kind": options});
+    if let Some(m) = &ctx.manager {
+        options["fieldManager"] = json!(m);
+    }
+    if ctx.dry_run {
+        options["dryRun"] = json!(["All"]);
+    }
+    let attrs = Attrs {
+        r,
+        sub,
+        operation,
+        namespace,
+        dry_run: ctx.dry_run,
+        options,
+        old,
+    };
+    for (cfg, hook) in &hooks.mutating {
+        match run_hook(shared, &attrs, cfg, hook, true, &object, hooks, warnings).await {
+            Ok(Some(patched)) => object = patched,
+            Ok(None) => {}
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    // The object as it would be stored (name generated, identity and defaults set).
+    let mut dry = ctx.clone();
+    dry.dry_run = true;
+    let unchanged = |st: &State, old: &Arc<Obj>| {
+        st.objects[r]
+            .get(&obj_key(def, &old.value))
+            .is_some_and(|cur| Arc::ptr_eq(cur, old))
+    };
+    let stored = shared.write(|st| match &op {
+        PlanOp::Create { ns_path, .. } => {
+            Some(st.create_obj(r, ns_path.as_deref(), object.clone(), &dry, fields.clone()))
+        }
+        PlanOp::Update { old, .. } => unchanged(st, old)
+            .then(|| st.finish_update(r, old, object.clone(), &dry, fields.clone())),
+    })?;
+    let stored = match stored {
+        Ok(o) => o,
+        Err(e) => return Some(Err(e)),
+    };
+    for (cfg, hook) in &hooks.validating {
+        if let Err(e) = run_hook(
+            shared,
+            &attrs,
+            cfg,
+            hook,
+            false,
+            &stored.value,
+            hooks,
+            warnings,
+        )
+        .await
+        {
+            return Some(Err(e));
+        }
+    }
+    let code = match &op {
+        PlanOp::Create { .. } => 201,
+        PlanOp::Update { .. } => 200,
+    };
+    if ctx.dry_run {
+        return Some(Ok((code, stored)));
+    }
+    shared.write(|st| match &op {
+        PlanOp::Create { .. } => {
+            let key = obj_key(def, &stored.value);
+            if def.namespaced
+                && !st.objects[NAMESPACES].contains_key(&(String::new(), key.0.clone()))
+            {
+                return Some(Err(not_found(&RESOURCES[NAMESPACES], &key.0)));
+            }
+            if st.objects[r].contains_key(&key) {
+                return Some(Err(already_exists(def, &key.1)));
+            }
+            Some(Ok((code, st.commit(r, key, stored.value.clone(), false))))
+        }
+        PlanOp::Update { old, .. } => {
+            if !unchanged(st, old) {
+                return None;
+            }
+            if same_object(&old.value, &stored.value) {
+                return Some(Ok((code, old.clone())));
+            }
+            let finished = stored.value["metadata"].get("deletionTimestamp").is_some()
+                && stored.value["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty());
+            let key = obj_key(def, &old.value);
+            Some(Ok((
+                code,
+                st.commit(r, key, stored.value.clone(), finished),
+            )))
+        }
+    })
+}
+
+/// Calls one webhook if it matches the write. Returns the patched object of a mutating
+/// webhook that patched it; an error fails the write.
+#[allow(clippy::too_many_arguments)]
+async fn run_hook(
+    shared: &Arc<Shared>,
+    attrs: &Attrs<'_>,
+    configuration: &str,
+    hook: &Value,
+    mutating: bool,
+    object: &Value,
+    hooks: &Hooks,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Value>, ApiError> {
+    let name = hook["name"].as_str().unwrap_or_default();
+    let internal = |why: String| {
+        let mut e = ApiError::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {why}"),
+        );
+        e.details = Some(json!({"causes": [{"message": why}]}));
+        e
+    };
+    let matched = hook_matches(hook, attrs, object, &hooks.namespace_labels)
+        .map_err(|e| internal(format!("webhook \"{name}\": {e}")))?;
+    if !matched {
+        return Ok(None);
+    }
+    if attrs.dry_run && !matches!(hook["sideEffects"].as_str(), Some("None" | "NoneOnDryRun")) {
+        return Err(bad_request(format!(
+            "admission webhook \"{name}\" does not support dry run"
+        )));
+    }
+    let def = &RESOURCES[attrs.r];
+    let uid = fresh_uid();
+    let review = review_of(attrs, &uid, object);
+    let mut call = AdmissionCall {
+        webhook: name.to_string(),
+        configuration: configuration.to_string(),
+        mutating,
+        operation: attrs.operation.to_string(),
+        resource: match attrs.sub {
+            Some(s) => format!("{}/{s}", def.resource),
+            None => def.resource.to_string(),
+        },
+        namespace: review["request"]["namespace"].as_str().map(str::to_string),
+        name: object["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_string),
+        dry_run: attrs.dry_run,
+        allowed: true,
+        patched: false,
+        warnings: Vec::new(),
+        error: None,
+    };
+    let out = match call_webhook(hook, &hooks.routes, &review, &uid, mutating).await {
+        Err(why) => {
+            let ignore = hook["failurePolicy"] == "Ignore";
+            call.allowed = ignore;
+            call.error = Some(why.clone());
+            if ignore {
+                Ok(None)
+            } else {
+                Err(internal(format!(
+                    "failed calling webhook \"{name}\": {why}"
+                )))
+            }
+        }
+        Ok(response) => {
+            call.warnings = response["warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            warnings.extend(call.warnings.iter().cloned());
+            let patch = response["patch"].as_str().filter(|p| !p.is_empty());
+            if response["allowed"] != true {
+                call.allowed = false;
+                Err(denied(name, &response["status"]))
+            } else if let Some(patch) = patch {
+                match apply_webhook_patch(object, patch) {
+                    Ok(patched) => {
+                        call.patched = true;
+                        Ok(Some(patched))
+                    }
+                    Err(why) => {
+                        call.allowed = false;
+                        call.error = Some(why.clone());
+                        Err(internal(why))
+                    }
+                }
+            } else {
+                Ok(None)
+            }
+        }
+    };
+    let mut st = shared.lock();
+    if st.admission.len() >= ADMISSION_LOG_CAP {
+        st.admission.pop_front();
+    }
+    st.admission.push_back(call);
+    out
+}
+
+/// `admission webhook "<name>" denied the request: <message>`, with the webhook's code (at
+/// least 400) and reason, as the real server words a refusal.
+fn denied(name: &str, status: &Value) -> ApiError {
+    let code = status["code"]
+        .as_u64()
+        .and_then(|c| u16::try_from(c).ok())
+        .filter(|c| *c >= 400)
+        .unwrap_or(400);
+    let by = format!("admission webhook \"{name}\" denied the request");
+    let message = match (status["message"].as_str(), status["reason"].as_str()) {
+        (Some(m), _) if !m.is_empty() => format!("{by}: {m}"),
+        (_, Some(r)) if !r.is_empty() => format!("{by}: {r}"),
+        _ => format!("{by} without explanation"),
+    };
+    let mut e = ApiError::new(code, "", message);
+    e.reason = Cow::Owned(status["reason"].as_str().unwrap_or_default().to_string());
+    if let Some(d) = status.get("details").filter(|d| d.is_object()) {
+        e.details = Some(d.clone());
+    }
+    e
+}
+
+fn hook_matches(
+    hook: &Value,
+    attrs: &Attrs<'_>,
+    object: &Value,
+    namespace_labels: &Value,
+) -> Result<bool, String> {
+    let def = &RESOURCES[attrs.r];
+    let rules = hook["rules"].as_array().into_iter().flatten();
+    if !rules
+        .into_iter()
+        .any(|rule| rule_matches(rule, attrs.operation, def, attrs.sub))
+    {
+        return Ok(false);
+    }
+    let ns_ok = if attrs.r == NAMESPACES {
+        // A Namespace is matched on its own labels.
+        selector_matches(&hook["namespaceSelector"], &object["metadata"]["labels"])
+            .map_err(|e| format!("namespaceSelector: {e}"))?
+    } else if !def.namespaced {
+        true
+    } else {
+        selector_matches(&hook["namespaceSelector"], namespace_labels)
+            .map_err(|e| format!("namespaceSelector: {e}"))?
+    };
+    if !ns_ok {
+        return Ok(false);
+    }
+    let on = |v: &Value| {
+        selector_matches(&hook["objectSelector"], &v["metadata"]["labels"])
+            .map_err(|e| format!("objectSelector: {e}"))
+    };
+    // The new object or the old one, as the real server matches objectSelector.
+    Ok(on(object)? || attrs.old.as_ref().map(on).transpose()?.unwrap_or(false))
+}
+
+/// A `RuleWithOperations` against a write: operations, apiGroups, apiVersions and resources
+/// (`*`, `res`, `res/sub`, `res/*`, `*/sub`; a `*` subresource also matches the resource
+/// itself, as in the real server's matcher), and scope.
+fn rule_matches(rule: &Value, operation: &str, def: &ResourceDef, sub: Option<&str>) -> bool {
+    let has = |field: &str, want: &str| {
+        rule[field]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|v| v == "*" || v == want))
+    };
+    let resource_ok = rule["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .any(|pattern| {
+            let (res, s) = pattern.split_once('/').unwrap_or((pattern, ""));
+            (res == "*" || res == def.resource) && (s == "*" || s == sub.unwrap_or_default())
+        });
+    let scope_ok = match rule["scope"].as_str().unwrap_or("*") {
+        "Cluster" => !def.namespaced,
+        "Namespaced" => def.namespaced,
+        _ => true,
+    };
+    has("operations", operation)
+        && has("apiGroups", def.group)
+        && has("apiVersions", def.version)
+        && resource_ok
+        && scope_ok
+}
+
+/// A `metav1.LabelSelector` (matchLabels, matchExpressions with In, NotIn, Exists,
+/// DoesNotExist) against labels; null or `{}` selects everything.
+fn selector_matches(selector: &Value, labels: &Value) -> Result<bool, String> {
+    if selector.is_null() {
+        return Ok(true);
+    }
+    if !selector.is_object() {
+        return Err("a label selector must be an object".into());
+    }
+    let mut reqs = Vec::new();
+    if let Some(m) = selector["matchLabels"].as_object() {
+        for (k, v) in m {
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("matchLabels[{k}] must be a string"))?;
+            reqs.push(LabelReq::Eq(k.clone(), v.to_string()));
+        }
+    }
+    for e in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = e["key"]
+            .as_str()
+            .ok_or("matchExpressions: key is required")?
+            .to_string();
+        let values: Vec<String> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        let op = e["operator"].as_str().unwrap_or_default();
+        reqs.push(match op {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(format!("{key}: values must be non-empty for operator {op}"));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(format!("{key}: values must be empty for operator {op}"));
+            }
+            "In" => LabelReq::In(key, values),
+            "NotIn" => LabelReq::NotIn(key, values),
+            "Exists" => LabelReq::Exists(key),
+            "DoesNotExist" => LabelReq::NotExists(key),
+            other => return Err(format!("{other:?} is not a valid label selector operator")),
+        });
+    }
+    let sel = Selector {
+        labels: reqs,
+        fields: Vec::new(),
+    };
+    Ok(sel.matches(&json!({"metadata": {"labels": labels}})))
+}
+
+/// The `admission.k8s.io/v1` AdmissionReview of a write.
+fn review_of(attrs: &Attrs<'_>, uid: &str, object: &Value) -> Value {
+    let def = &RESOURCES[attrs.r];
+    let kind = json!({"group": def.group, "version": def.version, "kind": def.kind});
+    let resource = json!({"group": def.group, "version": def.version, "resource": def.resource});
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let mut request = json!({
+        "uid": uid,
+        "kind": kind,
+        "resource": resource,
+        "requestKind": kind,
+        "requestResource": resource,
+        "name": name,
+        "operation": attrs.operation,
+        // The fake authenticates nobody: every caller is an administrator.
+        "userInfo": {"username": "system:admin", "groups": ["system:masters", "system:authenticated"]},
+        "object": object,
+        "oldObject": attrs.old.clone().unwrap_or(Value::Null),
+        "dryRun": attrs.dry_run,
+        "options": attrs.options,
+    });
+    if attrs.r == NAMESPACES {
+        // The real server gives a Namespace's own name as the request's namespace.
+        request["namespace"] = json!(name);
+    } else if def.namespaced {
+        request["namespace"] = json!(attrs.namespace);
+    }
+    if let Some(s) = attrs.sub {
+        request["subResource"] = json!(s);
+        request["requestSubResource"] = json!(s);
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request})
+}
+
+/// An error and its sources, `a: b: c` (repeats left out).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// POSTs `review` to the webhook; the verified `response`, or why the call failed.
+async fn call_webhook(
+    hook: &Value,
+    routes: &BTreeMap<(String, String, u16), SocketAddr>,
+    review: &Value,
+    uid: &str,
+    mutating: bool,
+) -> Result<Value, String> {
+    let cc = &hook["clientConfig"];
+    let timeout = Duration::from_secs(
+        hook["timeoutSeconds"]
+            .as_u64()
+            .unwrap_or(WEBHOOK_DEFAULT_TIMEOUT)
+            .clamp(1, WEBHOOK_MAX_TIMEOUT),
+    );
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_max_idle_per_host(0);
+    if let Some(ca) = cc["caBundle"].as_str().filter(|s| !s.is_empty()) {
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(ca.trim())
+            .map_err(|e| format!("clientConfig.caBundle is not base64: {e}"))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("clientConfig.caBundle: {}", error_chain(&e)))?;
+        builder = builder.tls_built_in_root_certs(false);
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    let url = if let Some(url) = cc["url"].as_str() {
+        if !url.starts_with("https://") {
+            return Err(format!("clientConfig.url {url:?} is not an https:// URL"));
+        }
+        url.to_string()
+    } else if cc["service"].is_object() {
+        let svc = &cc["service"];
+        let ns = svc["namespace"].as_str().unwrap_or_default();
+        let name = svc["name"].as_str().unwrap_or_default();
+        let port = svc["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(443);
+        let path = svc["path"].as_str().unwrap_or("/");
+        let host = format!("{name}.{ns}.svc");
+        let to = routes
+            .get(&(ns.to_string(), name.to_string(), port))
+            .ok_or_else(|| {
+                format!(
+                    "failed to call webhook: service {ns}/{name} port {port} is not routed \
+                     (FakeKube::route_service): lookup {host}: no such host"
+                )
+            })?;
+        // The URL carries no port, so the connection goes to `to` as given.
+        builder = builder.resolve(&host, *to);
+        format!("https://{host}{path}")
+    } else {
+        return Err("clientConfig has neither url nor service".into());
+    };
+    let client = builder
+        .build()
+        .map_err(|e| format!("cannot build the webhook client: {}", error_chain(&e)))?;
+    let call = async {
+        let mut resp = client
+            .post(&url)
+            .header(header::ACCEPT, "application/json")
+            .json(review)
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "failed to call webhook: Post \"{url}\": {}",
+                    error_chain(&e)
+                )
+            })?;
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            format!(
+                "failed to call webhook: reading the response: {}",
+                error_chain(&e)
+            )
+        })? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_BODY {
+                return Err(format!(
+                    "the webhook response is larger than {MAX_BODY} bytes"
+                ));
+            }
+        }
+        if status != 200 {
+            let text = String::from_utf8_lossy(&body);
+            let text: String = text.chars().take(200).collect();
+            return Err(format!(
+                "received invalid webhook response: the server responded with HTTP {status}: {text}"
+            ));
+        }
+        verify_review(&body, uid, mutating)
+    };
+    // reqwest's timeout covers the body too; this bounds anything else.
+    tokio::time::timeout(timeout + Duration::from_secs(1), call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "failed to call webhook: timed out after {timeout:?}"
+            ))
+        })
+}
+
+/// The `response` of a webhook's AdmissionReview, checked as the real server checks it.
+fn verify_review(body: &[u8], uid: &str, mutating: bool) -> Result<Value, String> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("received invalid webhook response: {e}"))?;
+    if v["apiVersion"] != "admission.k8s.io/v1" || v["kind"] != "AdmissionReview" {
+        return Err(format!(
+            "expected webhook response of admission.k8s.io/v1, Kind=AdmissionReview, got {}, Kind={}",
+            v["apiVersion"].as_str().unwrap_or_default(),
+            v["kind"].as_str().unwrap_or_default()
+        ));
+    }
+    let response = v
+        .get("response")
+        .filter(|r| r.is_object())
+        .ok_or("webhook response was absent")?;
+    let got = response["uid"].as_str().unwrap_or_default();
+    if got != uid {
+        return Err(format!("expected response.uid=\"{uid}\", got \"{got}\""));
+    }
+    let patch = response["patch"].as_str().is_some_and(|p| !p.is_empty());
+    let patch_type = response["patchType"].as_str();
+    if !mutating && patch {
+        return Err("validating webhook may not return response.patch".into());
+    }
+    if !mutating && patch_type.is_some() {
+        return Err("validating webhook may not return response.patchType".into());
+    }
+    if patch && patch_type.is_none() {
+        return Err("webhook returned response.patch but not response.patchType".into());
+    }
+    if let Some(t) = patch_type
+        && t != "JSONPatch"
+    {
+        return Err(format!(
+            "webhook returned invalid response.patchType of {t:?}"
+        ));
+    }
+    Ok(response.clone())
+}
+
+/// Applies a webhook's base64 JSON Patch to `object`; it must stay the same kind of object.
+fn apply_webhook_patch(object: &Value, patch: &str) -> Result<Value, String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(patch.trim())
+        .map_err(|e| format!("the webhook's patch is not base64: {e}"))?;
+    let ops: json_patch::Patch = serde_json::from_slice(&raw)
+        .map_err(|e| format!("the webhook's patch is not a JSON Patch: {e}"))?;
+    let mut doc = object.clone();
+    json_patch::patch(&mut doc, &ops)
+        .map_err(|e| format!("the webhook's JSON Patch does not apply: {e}"))?;
+    if !doc.is_object()
+        || doc["apiVersion"] != object["apiVersion"]
+        || doc["kind"] != object["kind"]
+    {
+        return Err("the webhook's JSON Patch changed the object's apiVersion or kind".into());
+    }
+    Ok(doc)
+}
+
+// ---------------------------------------------------------------------------------------
 // HTTP
 
 type Resp = Response<UnsyncBoxBody<Bytes, Infallible>>;
@@ -2191,7 +3140,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         user_agent,
         body,
     };
-    match dispatch(&shared, &method, req, watch_param) {
+    match dispatch(&shared, &method, req, watch_param).await {
         Ok(r) => r,
         Err(e) => error_resp(&e),
     }
@@ -2286,7 +3235,7 @@ impl Req {
     }
 }
 
-fn dispatch(
+async fn dispatch(
     shared: &Arc<Shared>,
     method: &Method,
     req: Req,
@@ -2317,19 +3266,30 @@ fn dispatch(
                 return Err(method_not_allowed());
             }
             let body = req.object_body()?;
-            let fields = field_set(&body, def, &req.ctx("Update"));
             let ctx = req.ctx("Update");
-            let o = shared.write(|st| {
-                st.create_obj(r, req.t.namespace.as_deref(), body, &ctx, Some(fields))
-            })?;
-            Ok(json_resp(201, o.json.clone()))
+            let fields = field_set(&body, def, &ctx);
+            let ns_path = req.t.namespace.clone();
+            let plan = |st: &State| {
+                let ns = precheck_create(st, r, ns_path.as_deref(), &body, &ctx)?;
+                Ok(Plan {
+                    op: PlanOp::Create {
+                        ns_path: ns_path.clone(),
+                        ns,
+                        body: body.clone(),
+                    },
+                    ctx: ctx.clone(),
+                    fields: Some(fields.clone()),
+                    options: "CreateOptions",
+                })
+            };
+            Ok(admit_write(shared, r, req.t.sub.as_deref(), plan).await)
         }
         Method::PUT if has_name => {
             let body = req.object_body()?;
             let ctx = req.ctx("Update");
             let fields = field_set(&body, def, &ctx);
             let key = req.key();
-            let o = shared.write(|st| -> Result<Arc<Obj>, ApiError> {
+            let plan = |st: &State| -> Result<Plan, ApiError> {
                 let old = st.objects[r]
                     .get(&key)
                     .cloned()
@@ -2353,11 +3313,19 @@ fn dispatch(
                     ));
                 }
                 check_precondition(def, &old, &body)?;
-                st.finish_update(r, &old, body, &ctx, Some(fields))
-            })?;
-            Ok(json_resp(200, o.json.clone()))
+                Ok(Plan {
+                    op: PlanOp::Update {
+                        old,
+                        body: body.clone(),
+                    },
+                    ctx: ctx.clone(),
+                    fields: Some(fields.clone()),
+                    options: "UpdateOptions",
+                })
+            };
+            Ok(admit_write(shared, r, req.t.sub.as_deref(), plan).await)
         }
-        Method::PATCH if has_name => patch(shared, &req),
+        Method::PATCH if has_name => patch(shared, &req).await,
         Method::DELETE if has_name && !is_sub => {
             let options = if req.body.iter().all(u8::is_ascii_whitespace) {
                 None
@@ -2407,7 +3375,7 @@ fn check_precondition(def: &ResourceDef, old: &Obj, body: &Value) -> Result<(), 
     Ok(())
 }
 
-fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
+async fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
     let r = req.t.res;
     let def = &RESOURCES[r];
     let key = req.key();
@@ -2481,19 +3449,29 @@ fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
         Kind::Json(_) => ("Update", json!({})),
     };
     let ctx = req.ctx(operation);
-    let (code, o) = shared.write(|st| -> Result<(u16, Arc<Obj>), ApiError> {
+    let plan = |st: &State| -> Result<Plan, ApiError> {
         let Some(old) = st.objects[r].get(&key).cloned() else {
-            return match kind {
-                Kind::Apply(mut v) if !ctx.status_only() => {
+            return match &kind {
+                Kind::Apply(v) if !ctx.status_only() => {
+                    let mut v = v.clone();
                     if let Some(m) = v["metadata"].as_object_mut() {
                         m.remove("resourceVersion");
                     }
                     if v["metadata"]["name"].is_null() {
                         v["metadata"]["name"] = json!(key.1);
                     }
-                    let ns = def.namespaced.then_some(key.0.as_str());
-                    st.create_obj(r, ns, v, &ctx, Some(fields))
-                        .map(|o| (201, o))
+                    let ns_path = def.namespaced.then(|| key.0.clone());
+                    let ns = precheck_create(st, r, ns_path.as_deref(), &v, &ctx)?;
+                    Ok(Plan {
+                        op: PlanOp::Create {
+                            ns_path,
+                            ns,
+                            body: v,
+                        },
+                        ctx: ctx.clone(),
+                        fields: Some(fields.clone()),
+                        options: "PatchOptions",
+                    })
                 }
                 _ => Err(not_found(def, &key.1)),
             };
@@ -2511,10 +3489,14 @@ fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
             }
         };
         check_precondition(def, &old, &precondition)?;
-        st.finish_update(r, &old, doc, &ctx, Some(fields))
-            .map(|o| (200, o))
-    })?;
-    Ok(json_resp(code, o.json.clone()))
+        Ok(Plan {
+            op: PlanOp::Update { old, body: doc },
+            ctx: ctx.clone(),
+            fields: Some(fields.clone()),
+            options: "PatchOptions",
+        })
+    };
+    Ok(admit_write(shared, r, req.t.sub.as_deref(), plan).await)
 }
 
 /// A `continue` token: hex of `{"rv":N,"ns":..,"name":..}`.
@@ -3065,7 +4047,8 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// Fails the test unless every (verb, resource) meshbridge requested from `kube` is granted
 /// by the ClusterRole rules the Helm chart ships (`charts/meshbridge/files/rbac-rules.yaml`).
-/// Discovery requests need no grant.
+/// Discovery requests need no grant; requests of the test's own clients (User-Agent
+/// starting with [`TEST_USER_AGENT`]) are not meshbridge's.
 pub fn assert_rbac_covers(kube: &FakeKube) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -3080,7 +4063,11 @@ pub fn assert_rbac_covers(kube: &FakeKube) {
     };
     let mut missing = std::collections::BTreeSet::new();
     for r in kube.requests() {
-        if r.resource.is_empty() {
+        let test_client = r
+            .user_agent
+            .as_deref()
+            .is_some_and(|ua| ua.starts_with(TEST_USER_AGENT));
+        if r.resource.is_empty() || test_client {
             continue;
         }
         let resource = match &r.subresource {
