@@ -7,6 +7,8 @@
 //!    Pods ──watchers───────────────────┤   (sync,     (one state per      (pure: model +    (per proxy group,     gRPC, tonic
 //!  --config-dir manifests ──file watch─┘    pure)      window)             group → Envoy)    versioned per
 //!                                                                                            resource)
+//!  Pod CREATE ──► webhook ──► inject (pure: pod template → sidecar)
+//!  published state ──► status (leader), consul_sync (leader: pods → Consul)
 //!  index, cache, streams ──► admin API + /metrics
 //! ```
 //!
