@@ -452,6 +452,22 @@ pub async fn run(
             .await
             .with_context(|| format!("--webhook-addr {}: cannot listen", args.webhook_addr))?;
         addrs.webhook = Some(listener.local_addr()?);
+        // Native sidecars where the cluster runs them; a regular container before 1.29.
+        let mut native_sidecars_supported = true;
+        if let (Some(client), false) = (&kube_client, args.no_native_sidecar) {
+            match client.apiserver_version().await {
+                Ok(v) => {
+                    native_sidecars_supported =
+                        crate::webhook::inject::supports_native_sidecars(&v.major, &v.minor);
+                    if !native_sidecars_supported {
+                        info!(version = %v.git_version, "Kubernetes before 1.29: sidecars are injected as regular containers");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the Kubernetes version; injecting native sidecars")
+                }
+            }
+        }
         let settings = crate::webhook::InjectSettings {
             image: args.sidecar_image.clone(),
             init_image: args.sidecar_init_image.clone(),
@@ -460,7 +476,7 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(|| format!("meshbridge-xds.{namespace}.svc:18000")),
             log_level: args.sidecar_log_level.clone(),
-            native_sidecar: !args.no_native_sidecar,
+            native_sidecar: !args.no_native_sidecar && native_sidecars_supported,
             cpu: args.sidecar_cpu.clone(),
             memory: args.sidecar_memory.clone(),
             memory_limit: args.sidecar_memory_limit.clone(),

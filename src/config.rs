@@ -192,8 +192,8 @@ pub struct RunArgs {
     /// Port of injected sidecars' readiness listener (`GET /ready` only).
     #[arg(long, env = "MESHBRIDGE_SIDECAR_READY_PORT", default_value_t = 15021)]
     pub sidecar_ready_port: u16,
-    /// Inject the sidecar as a regular container (clusters before Kubernetes 1.29) rather
-    /// than a native sidecar init container.
+    /// Inject the sidecar as a regular container rather than a native sidecar init container
+    /// (chosen by itself on clusters before Kubernetes 1.29, from the API server's version).
     #[arg(long, env = "MESHBRIDGE_NO_NATIVE_SIDECAR")]
     pub no_native_sidecar: bool,
     /// SPIFFE trust domain of service identities.

@@ -96,6 +96,22 @@ impl Default for InjectSettings {
     }
 }
 
+/// Whether a Kubernetes version (`major`, `minor` as `/version` reports them, e.g. `"1"`,
+/// `"28+"`) runs native sidecars: init containers with `restartPolicy: Always`, on by
+/// default since 1.29.
+pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
+    let number = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .ok()
+    };
+    match (number(major), number(minor)) {
+        (Some(1), Some(minor)) => minor >= 29,
+        (Some(major), _) => major > 1,
+        _ => true,
+    }
+}
+
 /// What injection did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -485,4 +501,22 @@ pub fn json_patch(before: &serde_json::Value, after: &serde_json::Value) -> serd
         }
     }
     serde_json::Value::Array(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supports_native_sidecars;
+
+    #[test]
+    fn native_sidecars_from_kubernetes_1_29() {
+        assert!(!supports_native_sidecars("1", "28"));
+        assert!(!supports_native_sidecars("1", "27+"));
+        assert!(supports_native_sidecars("1", "29"));
+        assert!(supports_native_sidecars("1", "34+"));
+        assert!(supports_native_sidecars("2", "0"));
+        assert!(
+            supports_native_sidecars("", ""),
+            "unknown: assume a current cluster"
+        );
+    }
 }
