@@ -442,6 +442,9 @@ pub async fn run(
     let admin_listener = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+    // Stops the admin server and the webhook after the drain: `/readyz` answers 503 and the
+    // API server can still reach the webhook while the Service forgets this replica.
+    let (admin_stop_tx, late_stop) = watch::channel(false);
     let mut addrs = BoundAddrs {
         xds: xds_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
@@ -489,6 +492,7 @@ pub async fn run(
             settings: Arc::new(settings),
             store: store.clone(),
             fail_closed: args.inject_fail_closed,
+            synced: kube_client.as_ref().map(|_| synced_rx.clone()),
             metrics: cp.metrics.clone(),
         };
         tokio::spawn(crate::webhook::server::serve(
@@ -496,7 +500,7 @@ pub async fn run(
             cert,
             state,
             std::time::Duration::from_secs(2),
-            stop_rx.clone(),
+            late_stop.clone(),
         ));
     }
     info!(xds = %addrs.xds, admin = %addrs.admin, webhook = ?addrs.webhook, "meshbridge listening");
@@ -532,8 +536,7 @@ pub async fn run(
         let cp = cp.clone();
         tokio::spawn(async move { cp.become_ready().await });
     }
-    // The admin server outlives the drain, so `/readyz` answers 503 meanwhile.
-    let (admin_stop_tx, mut admin_stop) = watch::channel(false);
+    let mut admin_stop = late_stop.clone();
     let admin = tokio::spawn(async move {
         axum::serve(admin_listener, router)
             .with_graceful_shutdown(async move {

@@ -394,3 +394,14 @@ fn every_injected_sidecar_passes_envoy_validate() {
         );
     }
 }
+
+#[test]
+fn a_workload_without_a_pod_template_is_refused_not_a_crash() {
+    let mut broken = workload("Deployment", "apps/v1");
+    broken["spec"] = json!(3);
+    let err = inject_manifest(broken, &InjectSettings::default()).unwrap_err();
+    assert!(err.to_string().contains("spec.template"), "{err}");
+    let mut cron = workload("CronJob", "batch/v1");
+    cron["spec"]["jobTemplate"] = json!(["not", "an", "object"]);
+    assert!(inject_manifest(cron, &InjectSettings::default()).is_err());
+}

@@ -496,7 +496,7 @@ async fn pods_are_registered_in_consul_and_a_restart_does_not_flap() {
 
     // Drift is repaired: a registration deleted behind meshbridge's back comes back.
     let regs = consul.catalog_registers();
-    consul.deregister("dc1", "orders-shop-orders-a");
+    consul.deregister("dc1", "orders:shop:orders-a");
     assert!(registered().is_empty());
     eventually(LIMIT, "re-registered by the resync", || async {
         (registered() == vec![31001]).then_some(())

@@ -77,7 +77,8 @@ pub fn desired(instances: &[PodInstance]) -> BTreeMap<String, Registration> {
     instances
         .iter()
         .map(|i| {
-            let id = format!("{}-{}-{}", i.service, i.namespace, i.pod);
+            // Service names cannot contain ':', namespaces and pod names neither: unambiguous.
+            let id = format!("{}:{}:{}", i.service, i.namespace, i.pod);
             let mut tags: BTreeSet<String> = i.tags.clone();
             tags.insert(K8S_TAG.to_string());
             let meta = BTreeMap::from([
@@ -246,7 +247,13 @@ async fn apply(
     existing: &mut BTreeMap<String, Registration>,
 ) -> BTreeMap<ObjectKey, String> {
     let mut problems = BTreeMap::new();
+    // Only the leader writes: a replica that lost the Lease mid-pass stops at once, so it
+    // never acts on a stale plan next to the new leader.
+    let leading = || *ctx.leader.borrow();
     for r in plan.register {
+        if !leading() {
+            return problems;
+        }
         let body = json!({
             "Node": settings.node,
             "Address": "127.0.0.1",
@@ -275,6 +282,9 @@ async fn apply(
         }
     }
     for id in plan.deregister {
+        if !leading() {
+            return problems;
+        }
         let body = json!({"Node": settings.node, "ServiceID": id});
         match client.put("/v1/catalog/deregister", &body).await {
             Ok(_) => {
@@ -372,7 +382,7 @@ mod tests {
     #[test]
     fn registrations_carry_the_k8s_tag_and_pod_meta() {
         let d = desired(&[instance("orders-1", "10.0.0.1")]);
-        let r = &d["orders-shop-orders-1"];
+        let r = &d["orders:shop:orders-1"];
         assert_eq!(r.tags, vec!["blue".to_string(), "k8s".to_string()]);
         assert_eq!(r.meta["k8s-pod"], "orders-1");
         assert_eq!(r.meta["k8s-namespace"], "shop");
@@ -394,17 +404,17 @@ mod tests {
             "a restart must not flap"
         );
         // Someone else's entry on the node and a stale one of ours.
-        let mut foreign = wanted["orders-shop-orders-1"].clone();
+        let mut foreign = wanted["orders:shop:orders-1"].clone();
         foreign.id = "hand-made".into();
         foreign.meta.clear();
         existing.insert(foreign.id.clone(), foreign);
-        let mut stale = wanted["orders-shop-orders-1"].clone();
-        stale.id = "orders-shop-orders-0".into();
+        let mut stale = wanted["orders:shop:orders-1"].clone();
+        stale.id = "orders:shop:orders-0".into();
         existing.insert(stale.id.clone(), stale);
         // A changed address is re-registered.
-        existing.get_mut("orders-shop-orders-2").unwrap().address = "10.0.0.9".into();
+        existing.get_mut("orders:shop:orders-2").unwrap().address = "10.0.0.9".into();
         let p = plan(&wanted, &existing);
-        assert_eq!(p.deregister, vec!["orders-shop-orders-0".to_string()]);
+        assert_eq!(p.deregister, vec!["orders:shop:orders-0".to_string()]);
         assert_eq!(p.register.len(), 1);
         assert_eq!(p.register[0].address, "10.0.0.2");
     }

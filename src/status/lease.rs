@@ -92,9 +92,19 @@ pub async fn run(
     let mut last_renewal: Option<tokio::time::Instant> = None;
     let mut holder_seen = String::new();
     loop {
-        match try_acquire_or_renew(&api, &settings).await {
+        // Taken before the request: the renewTime written is no older than this. A request
+        // may not outlast the renew deadline, so a hung API call cannot keep a stale leader.
+        let attempt = tokio::time::Instant::now();
+        let bound = match (last_renewal, *leader.borrow()) {
+            (Some(t), true) => renew_deadline.saturating_sub(t.elapsed()),
+            _ => renew_deadline,
+        };
+        let round = tokio::time::timeout(bound, try_acquire_or_renew(&api, &settings))
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("the Lease request timed out".into())));
+        match round {
             Ok(Decision::Acquire | Decision::Renew) => {
-                last_renewal = Some(tokio::time::Instant::now());
+                last_renewal = Some(attempt);
                 if !*leader.borrow() {
                     info!(lease = %settings.name, identity = %settings.identity, "became leader");
                     leader.send_replace(true);
@@ -119,9 +129,21 @@ pub async fn run(
                 }
             }
         }
+        // A leader also steps down on time while it waits for the next round.
+        let step_down_at = match (last_renewal, *leader.borrow()) {
+            (Some(t), true) => Some(t + renew_deadline),
+            _ => None,
+        };
+        let wait = step_down_at.map_or(period, |at| {
+            period.min(at.saturating_duration_since(tokio::time::Instant::now()))
+        });
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => break,
+        }
+        if step_down_at.is_some_and(|at| tokio::time::Instant::now() >= at) && *leader.borrow() {
+            warn!("the Lease was not renewed in time; stepping down");
+            leader.send_replace(false);
         }
     }
     if *leader.borrow() {

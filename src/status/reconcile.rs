@@ -170,6 +170,19 @@ impl HasConditions for AccessRuleStatus {
 
 type Written<S> = Mutex<HashMap<ObjectKey, (Option<String>, S)>>;
 
+/// What we last wrote for `key`, if the object we see is still the one it was computed from
+/// (our write has not come back through the watch yet).
+fn written_since<S: Clone>(
+    written: &Written<S>,
+    key: &ObjectKey,
+    version: &Option<String>,
+) -> Option<S> {
+    lock(written)
+        .get(key)
+        .filter(|(v, _)| v == version)
+        .map(|(_, s)| s.clone())
+}
+
 /// Writes `desired` to the object's status subresource unless it already carries it (or
 /// carries the state our last, not yet observed, write was computed from), then records
 /// Events for the conditions that changed.
@@ -211,7 +224,13 @@ where
         source,
     })?;
     ctx.metrics.status_writes.inc();
-    let previous = current.map(HasConditions::conditions).unwrap_or(&[]);
+    // Transitions against what the object had, or against our own write it has not shown yet.
+    let last = written_since(written, &key, &version);
+    let previous = last
+        .as_ref()
+        .or(current)
+        .map(HasConditions::conditions)
+        .unwrap_or(&[]);
     record(ctx, object, &transitions(previous, desired.conditions())).await;
     lock(written).insert(key, (version, desired));
     Ok(Action::await_change())
@@ -239,12 +258,19 @@ async fn reconcile_service(
         now: &now,
     };
     let current = object.status.as_ref();
+    // Stamp transition times against our own unseen write, if any, so a second pass before
+    // the watch catches up computes the very same status.
+    let unseen = written_since(
+        &ctx.written_services,
+        &key,
+        &object.metadata.resource_version,
+    );
     let desired = mesh_service_status(
         &entry,
         &counts,
         registration_error.as_deref(),
         view,
-        current,
+        unseen.as_ref().or(current),
     );
     write_status(
         &ctx,
@@ -272,7 +298,8 @@ async fn reconcile_rule(
         now: &now,
     };
     let current = object.status.as_ref();
-    let desired = access_rule_status(&key, &entry, view, current);
+    let unseen = written_since(&ctx.written_rules, &key, &object.metadata.resource_version);
+    let desired = access_rule_status(&key, &entry, view, unseen.as_ref().or(current));
     write_status(&ctx, object.as_ref(), current, desired, &ctx.written_rules).await
 }
 

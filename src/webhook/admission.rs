@@ -109,7 +109,7 @@ pub fn wants_sidecar(
 ) -> bool {
     match annotations
         .and_then(|a| a.get(ANNOTATION_INJECT))
-        .map(String::as_str)
+        .map(|v| v.trim())
     {
         Some("true") => true,
         Some(_) => false,
@@ -141,6 +141,13 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
         return review(allowed(uid, vec![]));
     }
     let object = &request["object"];
+    // Decided from the raw annotations first: a pod that does not ask for the sidecar is
+    // admitted whatever else it carries.
+    let annotations: Option<BTreeMap<String, String>> =
+        serde_json::from_value(object["metadata"]["annotations"].clone()).ok();
+    if !wants_sidecar(annotations.as_ref(), ctx.namespace_labels) {
+        return review(allowed(uid, vec![]));
+    }
     let parsed: Result<(ObjectMeta, PodSpec), String> = (|| {
         let meta = serde_json::from_value(object["metadata"].clone())
             .map_err(|e| format!("request.object.metadata: {e}"))?;
@@ -152,9 +159,6 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
         Ok(p) => p,
         Err(e) => return malformed(e),
     };
-    if !wants_sidecar(meta.annotations.as_ref(), ctx.namespace_labels) {
-        return review(allowed(uid, vec![]));
-    }
     match inject::inject(&mut meta, &mut spec, ctx.settings, ctx.service.as_deref()) {
         Ok(Outcome::Injected) => {
             let mut after = object.clone();

@@ -423,9 +423,12 @@ pub fn inject(
         init.extend(existing);
         spec.init_containers = Some(init);
     } else {
+        // The sidecar is not running yet while init containers run: the redirection goes
+        // last, so their traffic is not sent to a listener that does not exist yet.
         if !init.is_empty() {
-            init.extend(spec.init_containers.take().unwrap_or_default());
-            spec.init_containers = Some(init);
+            let mut all = spec.init_containers.take().unwrap_or_default();
+            all.extend(init);
+            spec.init_containers = Some(all);
         }
         spec.containers.insert(0, sidecar);
     }
@@ -441,19 +444,20 @@ pub fn inject(
 fn redirect_container(settings: &InjectSettings, ingress: u16, egress: u16) -> Container {
     let admin = settings.admin_port;
     let ready = settings.ready_port;
+    // Idempotent: a restarted init container (same network namespace) finds its chains.
     let script = format!(
         "set -e\n\
-         iptables -t nat -N MESHBRIDGE_IN\n\
+         iptables -t nat -N MESHBRIDGE_IN 2>/dev/null || iptables -t nat -F MESHBRIDGE_IN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ingress} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ready} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {admin} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp -j REDIRECT --to-ports {ingress}\n\
-         iptables -t nat -A PREROUTING -p tcp -j MESHBRIDGE_IN\n\
-         iptables -t nat -N MESHBRIDGE_OUT\n\
+         iptables -t nat -C PREROUTING -p tcp -j MESHBRIDGE_IN 2>/dev/null || iptables -t nat -A PREROUTING -p tcp -j MESHBRIDGE_IN\n\
+         iptables -t nat -N MESHBRIDGE_OUT 2>/dev/null || iptables -t nat -F MESHBRIDGE_OUT\n\
          iptables -t nat -A MESHBRIDGE_OUT -m owner --uid-owner {PROXY_UID} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_OUT -d 127.0.0.1/32 -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_OUT -p tcp --dport 80 -j REDIRECT --to-ports {egress}\n\
-         iptables -t nat -A OUTPUT -p tcp -j MESHBRIDGE_OUT\n"
+         iptables -t nat -C OUTPUT -p tcp -j MESHBRIDGE_OUT 2>/dev/null || iptables -t nat -A OUTPUT -p tcp -j MESHBRIDGE_OUT\n"
     );
     Container {
         name: INIT_CONTAINER.to_string(),

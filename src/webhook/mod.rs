@@ -40,14 +40,17 @@ pub fn inject_manifest(
             Outcome::Unchanged(format!("kind {kind:?} has no pod template")),
         ));
     };
-    let mut template = &mut doc;
-    for key in path {
-        template = &mut template[*key];
-    }
     let field = if path.is_empty() {
         String::new()
     } else {
         format!("{}.", path.join("."))
+    };
+    let pointer: String = path.iter().map(|k| format!("/{k}")).collect();
+    let Some(template) = doc.pointer_mut(&pointer).filter(|t| t.is_object()) else {
+        return Err(InjectError {
+            field: path.join("."),
+            message: format!("a {kind} needs an object here"),
+        });
     };
     let mut meta: ObjectMeta = if template["metadata"].is_null() {
         ObjectMeta::default()

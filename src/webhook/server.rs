@@ -140,6 +140,9 @@ pub struct WebhookState {
     pub store: Arc<Mutex<KubeStore>>,
     /// Refuse pods that cannot be injected.
     pub fail_closed: bool,
+    /// With a Kubernetes source: true once it has listed everything (namespace labels and
+    /// MeshServices decide injection, so no pod is answered before).
+    pub synced: Option<watch::Receiver<bool>>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -165,6 +168,11 @@ fn answer(
 
 async fn inject(State(state): State<WebhookState>, body: Bytes) -> Response {
     let started = Instant::now();
+    if state.synced.as_ref().is_some_and(|s| !*s.borrow()) {
+        // The API server applies the webhook's failurePolicy.
+        let body = serde_json::json!({"error": "meshbridge has not listed namespaces and MeshServices yet"});
+        return answer(&state, "/inject", started, (503, body));
+    }
     let (labels, service) = match pod_of(&body) {
         Some((namespace, pod_labels)) => {
             let store = state.store.lock().unwrap_or_else(|e| e.into_inner());

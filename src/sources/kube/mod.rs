@@ -191,6 +191,7 @@ fn handle(
     let mut keys = Vec::new();
     let mut relisted = false;
     let mut listed = false;
+    let mut namespace_changed = false;
     {
         let mut store = ctx.store.lock().unwrap_or_else(|e| e.into_inner());
         match event {
@@ -233,9 +234,13 @@ fn handle(
                 listed = true;
             }
             Watched::Namespace(Event::Apply((name, labels))) => {
-                store.set_namespace(&name, Some(labels))
+                store.set_namespace(&name, Some(labels));
+                namespace_changed = true;
             }
-            Watched::Namespace(Event::Delete((name, _))) => store.set_namespace(&name, None),
+            Watched::Namespace(Event::Delete((name, _))) => {
+                store.set_namespace(&name, None);
+                namespace_changed = true;
+            }
         }
         listed |= relisted;
         let changed = {
@@ -258,7 +263,10 @@ fn handle(
         }
         ctx.metrics.kube_pods.set(store.pod_count() as i64);
     }
-    ctx.store_epoch.send_modify(|e| *e += 1);
+    // Status and Consul registration follow real changes only (not identical pod updates).
+    if !keys.is_empty() || listed || namespace_changed {
+        ctx.store_epoch.send_modify(|e| *e += 1);
+    }
     if listed && !p.listed {
         p.listed = true;
         if progress.iter().all(|p| p.listed) {

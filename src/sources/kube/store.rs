@@ -398,13 +398,30 @@ impl KubeStore {
         counts
     }
 
-    /// Ready pod instances of MeshServices with `spec.consul.register`.
+    /// Ready pod instances of MeshServices with `spec.consul.register`. Of two MeshServices
+    /// claiming one name, only the oldest (the one in force) registers.
     pub fn consul_instances(&self) -> Vec<PodInstance> {
+        let mut winners: BTreeMap<String, String> = BTreeMap::new();
+        for object in self.services.values().filter_map(|e| e.in_force.as_ref()) {
+            if let Some(name) = convert::service_name(object) {
+                let p = precedence(object);
+                let w = winners.entry(name).or_insert_with(|| p.clone());
+                if p < *w {
+                    *w = p;
+                }
+            }
+        }
         let mut out = Vec::new();
         for (key, entry) in &self.services {
             let Some(object) = &entry.in_force else {
                 continue;
             };
+            let won = convert::service_name(object)
+                .and_then(|n| winners.get(&n))
+                .is_some_and(|w| *w == precedence(object));
+            if !won {
+                continue;
+            }
             let Some(consul) = object.spec.consul.as_ref().filter(|c| c.register) else {
                 continue;
             };
@@ -599,6 +616,15 @@ mod tests {
                 no_port: 0
             }
         );
+        // A younger MeshService claiming the same name registers nothing.
+        let mut copy = service(
+            "orders-copy",
+            json!({"serviceName": "orders", "selector": {"app": "orders"}, "ports": [{"port": 80}], "consul": {"register": true}}),
+            1,
+        );
+        copy.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2030-01-01T00:00:00Z")).unwrap());
+        store.apply_service(copy);
         let instances = store.consul_instances();
         assert_eq!(instances.len(), 1);
         assert_eq!((instances[0].pod.as_str(), instances[0].port), ("o1", 80));
