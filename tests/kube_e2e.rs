@@ -146,6 +146,17 @@ async fn ready_pods_become_endpoints_and_leave_when_unready_or_deleted() {
         (seen.len() == 1 && seen.contains("hello from orders pod-b")).then_some(())
     })
     .await;
+    // Still listed, as unhealthy, like a Consul instance whose checks fail.
+    let services = cp.admin_json("/api/services").await;
+    let listed: Vec<(u64, bool)> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "orders")
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .map(|i| (i["port"].as_u64().unwrap(), i["healthy"].as_bool().unwrap()))
+        .collect();
+    assert!(listed.contains(&(u64::from(a.port), false)), "{listed:?}");
     // Deleted: the service has no instance left; callers get a local reply, not a hang.
     kube.delete("v1", "Pod", Some("shop"), "orders-b");
     eventually(LIMIT, "the deleted pod leaves", || async {

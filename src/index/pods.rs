@@ -3,7 +3,9 @@
 //! A pod selected by a MeshService is an endpoint while it has `status.podIP`, phase
 //! `Running`, condition `Ready=True` and no `deletionTimestamp`. Its port is the sidecar's
 //! ingress port when the pod carries the injected sidecar, otherwise the MeshService's first
-//! port's `targetPort` (default: `port`). Only the few fields meshbridge needs are kept, so
+//! port's `targetPort` (default: `port`). A selected pod with an IP that is not ready is
+//! listed unhealthy (no traffic), as Consul instances with failing checks are. Only the few
+//! fields meshbridge needs are kept, so
 //! thousands of pods cost little memory.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,7 +101,20 @@ pub enum NotAnEndpoint {
     NoPort,
 }
 
-/// The endpoint a selected pod gives a MeshService.
+/// The endpoint a selected pod gives a MeshService: healthy while the pod is ready, listed
+/// unhealthy (no traffic, but shown in `/api/services`) while it has an IP and is not.
+pub fn pod_instance(spec: &MeshServiceSpec, pod: &PodInfo) -> Option<Endpoint> {
+    let as_ready = PodInfo {
+        ready: true,
+        ..pod.clone()
+    };
+    pod_endpoint(spec, &as_ready).ok().map(|e| Endpoint {
+        healthy: pod.ready,
+        ..e
+    })
+}
+
+/// The endpoint a selected, ready pod gives a MeshService.
 pub fn pod_endpoint(spec: &MeshServiceSpec, pod: &PodInfo) -> Result<Endpoint, NotAnEndpoint> {
     let (Some(ip), true) = (&pod.ip, pod.ready) else {
         return Err(NotAnEndpoint::NotReady);
@@ -233,6 +248,22 @@ mod tests {
             pod_endpoint(&MeshServiceSpec::default(), &pod(ready_pod(json!({})))),
             Err(NotAnEndpoint::NoPort)
         );
+    }
+
+    #[test]
+    fn a_pod_with_an_ip_that_is_not_ready_is_listed_unhealthy() {
+        let s = spec(80, None);
+        let unready = pod(ready_pod(
+            json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+        ));
+        let e = pod_instance(&s, &unready).unwrap();
+        assert!(!e.healthy);
+        assert!(
+            pod_instance(&s, &pod(ready_pod(json!({}))))
+                .unwrap()
+                .healthy
+        );
+        assert!(pod_instance(&s, &pod(ready_pod(json!({"status": {"podIP": ""}})))).is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::{AccessRule, MeshService};
 use crate::index::convert::{self, FieldError};
-use crate::index::pods::{NotAnEndpoint, PodInfo, pod_endpoint, selects};
+use crate::index::pods::{NotAnEndpoint, PodInfo, pod_endpoint, pod_instance, selects};
 use crate::index::{AccessDeclaration, IndexObject};
 use crate::model::Endpoint;
 
@@ -317,7 +317,7 @@ impl KubeStore {
     /// The endpoints a MeshService's pods give it.
     fn pod_endpoints(&self, key: &ObjectKey, object: &MeshService) -> Vec<Endpoint> {
         self.selected_pods(key, object)
-            .filter_map(|p| pod_endpoint(&object.spec, p).ok())
+            .filter_map(|p| pod_instance(&object.spec, p))
             .collect()
     }
 
