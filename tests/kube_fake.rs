@@ -4,9 +4,9 @@
 //! made by `openssl`). Every wait is bounded.
 #![allow(clippy::unwrap_used)]
 
-mod support {
-    pub mod kube_fake;
-}
+#[path = "support/kube_fake.rs"]
+mod kube_fake;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,10 @@ use kube::api::{
 };
 use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Config, Discovery, ResourceExt};
+use kube_fake::{AdmissionCall, FakeKube};
 use meshbridge::api::mesh_service::{MeshService, MeshServiceSpec};
 use serde_json::{Value, json};
-use support::kube_fake::{AdmissionCall, FakeKube};
+use support::issue_cert;
 
 /// Bound of every single wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -1680,76 +1681,6 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use http_body_util::BodyExt;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`{name}-ca.pem`) and a certificate it signs (`{name}.pem`, `{name}.key`) for
-/// `subject_alt_name`, in `dir` (P-256 keys: quick to make). As `issue_cert` in
-/// `tests/support/mod.rs`.
-fn issue_cert(dir: &Path, name: &str, subject_alt_name: &str) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let (ca_key, ca_pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
-    let (key, csr, pem, ext) = (
-        format!("{name}.key"),
-        format!("{name}.csr"),
-        format!("{name}.pem"),
-        format!("{name}.ext"),
-    );
-    let subject = format!("/CN={name}-ca");
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-days", "1", "-subj", &subject, "-keyout", &ca_key, "-out", &ca_pem,
-    ]);
-    openssl(dir, &args);
-    let subject = format!("/CN={name}");
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend(["-subj", &subject, "-keyout", &key, "-out", &csr]);
-    openssl(dir, &args);
-    std::fs::write(
-        dir.join(&ext),
-        format!("subjectAltName={subject_alt_name}\n"),
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &ext,
-            "-out",
-            &pem,
-        ],
-    );
-}
 
 /// `(HTTP status, body)` a test webhook answers to `(path, review)`.
 type Answer = Arc<dyn Fn(&str, &Value) -> (u16, Value) + Send + Sync>;

@@ -74,31 +74,18 @@ fn denied(uid: &Value, code: u16, reason: &str, message: String) -> Value {
     })
 }
 
-/// What the injection webhook needs to know about the cluster.
+/// What the cluster says of a pod: its namespace's labels (`None`: unknown) and the
+/// mesh-wide name of the MeshService selecting it, if one does.
+pub type PodContext = (Option<BTreeMap<String, String>>, Option<String>);
+
+/// What the injection webhook needs to know.
 pub struct InjectContext<'a> {
     /// Sidecar settings.
     pub settings: &'a InjectSettings,
-    /// Labels of the namespace the pod is created in (`None`: unknown).
-    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
-    /// The mesh-wide name of the MeshService selecting the pod, if one does.
-    pub service: Option<String>,
+    /// Looks a pod up by namespace and labels (a read of the Kubernetes source's store).
+    pub lookup: &'a dyn Fn(&str, &BTreeMap<String, String>) -> PodContext,
     /// Refuse a pod that cannot be injected rather than admit it without a sidecar.
     pub fail_closed: bool,
-}
-
-/// The namespace and labels of the pod in an AdmissionReview body (so the caller can look
-/// up the namespace and the MeshService selecting it), or `None` when the body is not a
-/// pod review.
-pub fn pod_of(body: &[u8]) -> Option<(String, BTreeMap<String, String>)> {
-    let request = parse_request(body).ok()?;
-    let namespace = request["namespace"]
-        .as_str()
-        .or(request["object"]["metadata"]["namespace"].as_str())
-        .unwrap_or("")
-        .to_string();
-    let labels =
-        serde_json::from_value(request["object"]["metadata"]["labels"].clone()).unwrap_or_default();
-    Some((namespace, labels))
 }
 
 /// Whether a pod asks for the sidecar: its annotation `meshbridge.io/inject` (`"true"` or
@@ -145,7 +132,14 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
     // admitted whatever else it carries.
     let annotations: Option<BTreeMap<String, String>> =
         serde_json::from_value(object["metadata"]["annotations"].clone()).ok();
-    if !wants_sidecar(annotations.as_ref(), ctx.namespace_labels) {
+    let namespace = request["namespace"]
+        .as_str()
+        .or(object["metadata"]["namespace"].as_str())
+        .unwrap_or("");
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default();
+    let (namespace_labels, service) = (ctx.lookup)(namespace, &labels);
+    if !wants_sidecar(annotations.as_ref(), namespace_labels.as_ref()) {
         return review(allowed(uid, vec![]));
     }
     let parsed: Result<(ObjectMeta, PodSpec), String> = (|| {
@@ -159,7 +153,7 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
         Ok(p) => p,
         Err(e) => return malformed(e),
     };
-    match inject::inject(&mut meta, &mut spec, ctx.settings, ctx.service.as_deref()) {
+    match inject::inject(&mut meta, &mut spec, ctx.settings, service.as_deref()) {
         Ok(Outcome::Injected) => {
             let mut after = object.clone();
             // Serializing Kubernetes types cannot fail.

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::admission::{InjectContext, pod_of, review_inject, review_validate};
+use super::admission::{InjectContext, review_inject, review_validate};
 use super::inject::InjectSettings;
 use crate::sources::kube::KubeStore;
 
@@ -173,20 +173,16 @@ async fn inject(State(state): State<WebhookState>, body: Bytes) -> Response {
         let body = serde_json::json!({"error": "meshbridge has not listed namespaces and MeshServices yet"});
         return answer(&state, "/inject", started, (503, body));
     }
-    let (labels, service) = match pod_of(&body) {
-        Some((namespace, pod_labels)) => {
-            let store = state.store.lock().unwrap_or_else(|e| e.into_inner());
-            (
-                store.namespace_labels(&namespace).cloned(),
-                store.service_for_pod(&namespace, &pod_labels),
-            )
-        }
-        None => (None, None),
+    let lookup = |namespace: &str, labels: &std::collections::BTreeMap<String, String>| {
+        let store = state.store.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            store.namespace_labels(namespace).cloned(),
+            store.service_for_pod(namespace, labels),
+        )
     };
     let ctx = InjectContext {
         settings: &state.settings,
-        namespace_labels: labels.as_ref(),
-        service,
+        lookup: &lookup,
         fail_closed: state.fail_closed,
     };
     let out = review_inject(&body, &ctx);
