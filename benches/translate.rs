@@ -31,6 +31,8 @@ fn bench(c: &mut Criterion) {
         datacenters: vec!["dc1".into(), "dc2".into()],
         trust_domain: "mesh.local".into(),
         external_ca_file: None,
+        source_ip_identity: true,
+        ..Default::default()
     };
     let groups = mesh_gen::groups(SERVICES, GROUPS);
 

@@ -487,6 +487,7 @@ pub async fn run(
             egress_port: args.sidecar_egress_port,
             admin_port: args.sidecar_admin_port,
             ready_port: args.sidecar_ready_port,
+            tls_secret: args.sidecar_tls_secret.clone(),
         };
         let state = crate::webhook::server::WebhookState {
             settings: Arc::new(settings),

@@ -2,7 +2,9 @@
 //!
 //! The bootstrap only tells Envoy who it is (node metadata) and where the control plane is
 //! (ADS over gRPC); everything else arrives over xDS. With TLS files, it also declares the
-//! static secrets `server_cert` and `validation_context` the host's certificates live in.
+//! static secrets `server_cert` and `validation_context` the host's certificates live in, and
+//! says so in the node metadata (`tls: true`), so the control plane only configures mutual TLS
+//! on proxies that can do it.
 
 use std::path::PathBuf;
 
@@ -104,6 +106,9 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         }
     }
     metadata.insert("dependencies".into(), json!(o.dependencies));
+    if o.tls_cert.is_some() {
+        metadata.insert("tls".into(), json!(true));
+    }
     let is_ip = host.parse::<std::net::IpAddr>().is_ok();
     let mut bootstrap = json!({
         "node": {"id": o.node_id, "cluster": o.service, "metadata": metadata},

@@ -196,9 +196,31 @@ pub struct RunArgs {
     /// (chosen by itself on clusters before Kubernetes 1.29, from the API server's version).
     #[arg(long, env = "MESHBRIDGE_NO_NATIVE_SIDECAR")]
     pub no_native_sidecar: bool,
+    /// Secret holding injected sidecars' certificates (`tls.crt`, `tls.key`, `ca.crt`);
+    /// `{service}` stands for the pod's service. A pod may name its own by annotation
+    /// `meshbridge.io/tls-secret`. Without either, sidecars get no certificate.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_TLS_SECRET")]
+    pub sidecar_tls_secret: Option<String>,
     /// SPIFFE trust domain of service identities.
     #[arg(long, env = "MESHBRIDGE_TRUST_DOMAIN", default_value = "mesh.local")]
     pub trust_domain: String,
+    /// A service that no AccessRule targets refuses every call (default: it accepts every
+    /// call until an AccessRule names its callers).
+    #[arg(long, env = "MESHBRIDGE_DEFAULT_DENY")]
+    pub default_deny: bool,
+    /// Identify callers without a certificate by their source IP, matched against the
+    /// addresses of known instances (legacy hosts without certificates). Weaker than mTLS:
+    /// every process that can send from that address is taken for that service.
+    #[arg(long, env = "MESHBRIDGE_SOURCE_IP_IDENTITY")]
+    pub source_ip_identity: bool,
+    /// Services (globs allowed, repeatable) whose proxies may assert the caller in the
+    /// `x-client-name` header, e.g. an edge gateway; from anyone else that header is removed.
+    #[arg(
+        long = "identity-header-from",
+        env = "MESHBRIDGE_IDENTITY_HEADER_FROM",
+        value_delimiter = ','
+    )]
+    pub identity_header_from: Vec<String>,
     /// Changes arriving within this many milliseconds of the first one of a batch are pushed
     /// together, at most this long after that first change.
     #[arg(long, env = "MESHBRIDGE_DEBOUNCE", default_value_t = 100)]
@@ -339,12 +361,17 @@ impl RunArgs {
                 message: format!("{} ms is outside 10..=600000", self.config_poll),
             });
         }
-        for g in &self.allow_wildcard {
-            if g.is_empty() || !crate::model::valid_service_name(&g.replace('*', "x")) {
-                return Err(ConfigError {
-                    flag: "allow-wildcard",
-                    message: format!("{g:?} is not a service name or glob"),
-                });
+        for (flag, globs) in [
+            ("allow-wildcard", &self.allow_wildcard),
+            ("identity-header-from", &self.identity_header_from),
+        ] {
+            for g in globs {
+                if g.is_empty() || !crate::model::valid_service_name(&g.replace('*', "x")) {
+                    return Err(ConfigError {
+                        flag,
+                        message: format!("{g:?} is not a service name or glob"),
+                    });
+                }
             }
         }
         if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
@@ -359,6 +386,9 @@ impl RunArgs {
                 datacenters: self.consul_datacenters.clone(),
                 trust_domain: self.trust_domain.clone(),
                 external_ca_file: Some(self.external_ca_file.clone()),
+                default_deny: self.default_deny,
+                source_ip_identity: self.source_ip_identity,
+                identity_header_from: self.identity_header_from.clone(),
             },
             debounce: Duration::from_millis(self.debounce),
             config_poll: Duration::from_millis(self.config_poll),

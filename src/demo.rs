@@ -45,7 +45,9 @@ const APPS: [(&str, &str, u16, Option<u16>); 3] = [
     ("billing", "v1", 18083, None),
 ];
 
-/// A tiny HTTP application answering with who it is.
+/// A tiny HTTP application answering with who it is. It echoes the caller identity its
+/// proxy asserted (request header `x-client-name`) in the response header
+/// `x-client-name-seen`, absent when the request had none.
 pub async fn serve_app(listener: TcpListener, service: String, instance: String) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -59,8 +61,13 @@ pub async fn serve_app(listener: TcpListener, service: String, instance: String)
                     req.method(),
                     req.uri().path()
                 );
+                let client_name = req.headers().get("x-client-name").cloned();
                 async move {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    if let Some(name) = client_name {
+                        response.headers_mut().insert("x-client-name-seen", name);
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -181,6 +188,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sidecar_xds_addr: None,
         sidecar_log_level: "info".into(),
         no_native_sidecar: false,
+        sidecar_tls_secret: None,
+        default_deny: false,
+        source_ip_identity: false,
+        identity_header_from: vec![],
         sidecar_cpu: "100m".into(),
         sidecar_memory: "128Mi".into(),
         sidecar_memory_limit: "256Mi".into(),

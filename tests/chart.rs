@@ -26,13 +26,16 @@ webhook:
   enabled: true
 ";
 
-/// The admission webhook with cert-manager issuing the certificate.
+/// The admission webhook with cert-manager issuing the certificate, and sidecars mounting
+/// the mesh certificates cert-manager keeps in one Secret per service.
 const WEBHOOK_CERT_MANAGER: &str = "
 webhook:
   enabled: true
   failurePolicy: Fail
   certManager:
     enabled: true
+sidecar:
+  tlsSecret: \"{service}-mesh-tls\"
 ";
 
 /// The admission webhook with meshbridge managing its own certificate, and an xDS Service
@@ -53,9 +56,13 @@ service:
 ";
 
 /// Consul with an ACL token and a CA from Secrets, two datacenters, restricted namespaces,
-/// a ServiceMonitor and a single replica.
+/// a ServiceMonitor, a single replica, and access control for legacy hosts.
 const CONSUL: &str = "
 replicaCount: 1
+accessControl:
+  defaultDeny: true
+  sourceIpIdentity: true
+  identityHeaderFrom: [edge, \"gw-*\"]
 watchNamespaces: [payments, orders]
 allowWildcard: [gateway, \"edge-*\"]
 consul:
@@ -226,6 +233,20 @@ fn value_sets_render_what_they_promise() {
     );
 
     let consul = render(CONSUL);
+    let args = consul.args();
+    assert!(args.iter().any(|a| a == "--default-deny"), "{args:?}");
+    assert!(args.iter().any(|a| a == "--source-ip-identity"), "{args:?}");
+    assert_eq!(
+        flag_values(&args, "--identity-header-from"),
+        ["edge", "gw-*"]
+    );
+    let default_args = default.args();
+    assert!(
+        !default_args
+            .iter()
+            .any(|a| a == "--default-deny" || a == "--source-ip-identity"),
+        "access control is opt-in: {default_args:?}"
+    );
     assert!(
         consul.of_kind("PodDisruptionBudget").is_empty(),
         "one replica: no PDB"
@@ -354,6 +375,33 @@ fn every_flag_in_the_rendered_args_is_one_meshbridge_run_has() {
         "all namespaces"
     );
     assert!(flag_value(&default, "--consul-addr").is_none());
+}
+
+#[test]
+fn the_sidecar_tls_secret_reaches_the_injector_only_when_set() {
+    let args = render(WEBHOOK_CERT_MANAGER).args();
+    assert_eq!(
+        flag_value(&args, "--sidecar-tls-secret"),
+        Some("{service}-mesh-tls")
+    );
+    assert!(
+        run_flags().contains("--sidecar-tls-secret"),
+        "`meshbridge run --help` does not list --sidecar-tls-secret"
+    );
+    for (what, values) in [
+        ("default", ""),
+        ("empty", "sidecar: {tlsSecret: \"\"}\n"),
+        (
+            "webhook off",
+            "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls}\n",
+        ),
+    ] {
+        let args = render(values).args();
+        assert!(
+            flag_value(&args, "--sidecar-tls-secret").is_none(),
+            "{what}: {args:?}"
+        );
+    }
 }
 
 /// The mount whose directory holds `file`, and the volume behind it.
@@ -845,6 +893,7 @@ fn values_schema_rejects_typos_naming_them() {
         ("consul.addr=consul:8500", "addr"),
         ("webhook.failurePolicy=Sometimes", "failurePolicy"),
         ("drainMs=900000", "drainMs"),
+        ("sidecar.tlsSecret=Orders_TLS", "tlsSecret"),
     ] {
         let out = helm("render", "", &[set]);
         let message = text(&out);

@@ -167,36 +167,61 @@ fn arb_annotations() -> impl Strategy<Value = Value> {
         prop::option::of(prop::sample::select(vec!["true", "false"])),
         prop::option::of(prop::sample::select(vec!["info", "debug"])),
         any::<bool>(),
+        prop::option::of(prop::sample::select(vec![
+            "orders-tls",
+            "{service}-mtls",
+            "",
+        ])),
     )
-        .prop_map(|(service, deps, ingress, transparent, level, http_proxy)| {
-            let mut a = serde_json::Map::new();
-            if let Some(s) = service {
-                a.insert("meshbridge.io/service".into(), json!(s));
-            }
-            if let Some(d) = deps {
-                a.insert("meshbridge.io/dependencies".into(), json!(d));
-            }
-            if let Some(p) = ingress {
-                a.insert("meshbridge.io/ingress-port".into(), json!(p.to_string()));
-            }
-            if let Some(t) = transparent {
-                a.insert("meshbridge.io/transparent".into(), json!(t));
-            }
-            if let Some(l) = level {
-                a.insert("meshbridge.io/log-level".into(), json!(l));
-            }
-            if !http_proxy {
-                a.insert("meshbridge.io/http-proxy".into(), json!("false"));
-            }
-            Value::Object(a)
-        })
+        .prop_map(
+            |(service, deps, ingress, transparent, level, http_proxy, tls)| {
+                let mut a = serde_json::Map::new();
+                if let Some(s) = service {
+                    a.insert("meshbridge.io/service".into(), json!(s));
+                }
+                if let Some(d) = deps {
+                    a.insert("meshbridge.io/dependencies".into(), json!(d));
+                }
+                if let Some(p) = ingress {
+                    a.insert("meshbridge.io/ingress-port".into(), json!(p.to_string()));
+                }
+                if let Some(t) = transparent {
+                    a.insert("meshbridge.io/transparent".into(), json!(t));
+                }
+                if let Some(l) = level {
+                    a.insert("meshbridge.io/log-level".into(), json!(l));
+                }
+                if !http_proxy {
+                    a.insert("meshbridge.io/http-proxy".into(), json!("false"));
+                }
+                if let Some(t) = tls {
+                    a.insert("meshbridge.io/tls-secret".into(), json!(t));
+                }
+                Value::Object(a)
+            },
+        )
 }
 
 proptest! {
     #[test]
-    fn injecting_twice_equals_injecting_once(annotations in arb_annotations(), native in any::<bool>()) {
-        let settings = InjectSettings { native_sidecar: native, ..InjectSettings::default() };
-        let (once, outcome) = inject_manifest(pod(annotations), &settings).unwrap();
+    fn injecting_twice_equals_injecting_once(
+        annotations in arb_annotations(),
+        native in any::<bool>(),
+        tls in prop::option::of(prop::sample::select(vec!["{service}-mesh-tls", "mesh-tls"])),
+    ) {
+        let settings = InjectSettings {
+            native_sidecar: native,
+            tls_secret: tls.map(str::to_string),
+            ..InjectSettings::default()
+        };
+        let (once, outcome) = match inject_manifest(pod(annotations), &settings) {
+            Ok(injected) => injected,
+            // "a.b_c" is a service name but, in "{service}-…", no Secret name.
+            Err(e) => {
+                prop_assert!(e.message.contains("\"a.b_c-"), "{}", e);
+                return Ok(());
+            }
+        };
         prop_assert_eq!(outcome, Outcome::Injected);
         let (twice, again) = inject_manifest(once.clone(), &settings).unwrap();
         prop_assert!(matches!(again, Outcome::Unchanged(_)));
@@ -214,6 +239,7 @@ fn venv_tool(name: &str) -> std::path::PathBuf {
 fn injected_manifests_pass_the_kubernetes_schema() {
     let mut docs = vec![
         pod(json!({"meshbridge.io/transparent": "true"})),
+        pod(json!({"meshbridge.io/tls-secret": "orders-mesh-tls"})),
         workload("Deployment", "apps/v1"),
         workload("StatefulSet", "apps/v1"),
         workload("DaemonSet", "apps/v1"),
@@ -373,6 +399,12 @@ fn every_injected_sidecar_passes_envoy_validate() {
     for pod in [
         injected(pod(json!({})), &settings),
         injected(pod(transparent), &settings),
+        // The static secrets read the mounted Secret's files (only once a listener or
+        // cluster uses them: validation does not open them).
+        injected(
+            pod(json!({"meshbridge.io/tls-secret": "orders-mesh-tls"})),
+            &settings,
+        ),
         injected(
             pod(json!({"meshbridge.io/log-level": "debug", "meshbridge.io/ingress-port": "16000"})),
             &InjectSettings {
@@ -404,4 +436,234 @@ fn a_workload_without_a_pod_template_is_refused_not_a_crash() {
     let mut cron = workload("CronJob", "batch/v1");
     cron["spec"]["jobTemplate"] = json!(["not", "an", "object"]);
     assert!(inject_manifest(cron, &InjectSettings::default()).is_err());
+}
+
+/// The sidecar container of an injected pod (native or regular).
+fn sidecar(pod: &Value) -> &Value {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(pod["spec"]["containers"].as_array())
+        .flatten()
+        .find(|c| c["name"] == "meshbridge-proxy")
+        .unwrap()
+}
+
+/// The bootstrap the sidecar runs (the argument after `--config-yaml`).
+fn sidecar_bootstrap(pod: &Value) -> Value {
+    let args = sidecar(pod)["args"].as_array().unwrap();
+    let i = args.iter().position(|a| a == "--config-yaml").unwrap();
+    serde_norway::from_str(args[i + 1].as_str().unwrap()).unwrap()
+}
+
+/// The static secrets of a bootstrap: name → the file names it reads.
+fn static_secrets(bootstrap: &Value) -> Vec<(String, Vec<String>)> {
+    let mut secrets: Vec<(String, Vec<String>)> = bootstrap["static_resources"]["secrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let mut files = Vec::new();
+            collect_filenames(s, &mut files);
+            files.sort();
+            (s["name"].as_str().unwrap().to_string(), files)
+        })
+        .collect();
+    secrets.sort();
+    secrets
+}
+
+fn collect_filenames(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match v.as_str() {
+                    Some(f) if k == "filename" => out.push(f.to_string()),
+                    _ => collect_filenames(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| collect_filenames(v, out)),
+        _ => {}
+    }
+}
+
+/// What a pod says about its TLS: the Secret of its volume `meshbridge-tls` with the mode
+/// of its files, the sidecar's mounts, and the recorded annotation.
+fn tls_of(pod: &Value) -> (Option<(String, u64)>, Value, Option<String>) {
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "meshbridge-tls")
+        .map(|v| {
+            (
+                v["secret"]["secretName"].as_str().unwrap().to_string(),
+                v["secret"]["defaultMode"].as_u64().unwrap(),
+            )
+        });
+    let mounts = sidecar(pod)["volumeMounts"].clone();
+    let recorded = pod["metadata"]["annotations"]["meshbridge.io/tls-secret"]
+        .as_str()
+        .map(str::to_string);
+    (volume, mounts, recorded)
+}
+
+#[test]
+fn a_pod_naming_a_tls_secret_gets_it_mounted_into_the_sidecar() {
+    for native in [true, false] {
+        let settings = InjectSettings {
+            native_sidecar: native,
+            ..InjectSettings::default()
+        };
+        let mut doc = pod(json!({"meshbridge.io/tls-secret": "orders-mesh-tls"}));
+        doc["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        let out = injected(doc, &settings);
+        if native {
+            insta::assert_snapshot!("pod_tls", yaml(&out));
+        }
+        let (volume, mounts, recorded) = tls_of(&out);
+        // Readable by the sidecar's user 1337 without an fsGroup.
+        assert_eq!(volume, Some(("orders-mesh-tls".to_string(), 0o444)));
+        assert_eq!(
+            mounts,
+            json!([{"name": "meshbridge-tls", "mountPath": "/etc/meshbridge/tls", "readOnly": true}])
+        );
+        assert_eq!(recorded.as_deref(), Some("orders-mesh-tls"));
+        // The pod's own volumes and containers are untouched by it.
+        assert_eq!(out["spec"]["volumes"][0]["name"], "data");
+        let app = out["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "app")
+            .unwrap();
+        assert!(app.get("volumeMounts").is_none(), "{app}");
+        // Envoy reads the mounted files as the static secrets the mesh's TLS refers to.
+        assert_eq!(
+            static_secrets(&sidecar_bootstrap(&out)),
+            [
+                (
+                    "server_cert".to_string(),
+                    vec![
+                        "/etc/meshbridge/tls/tls.crt".to_string(),
+                        "/etc/meshbridge/tls/tls.key".to_string()
+                    ]
+                ),
+                (
+                    "validation_context".to_string(),
+                    vec!["/etc/meshbridge/tls/ca.crt".to_string()]
+                ),
+            ]
+        );
+    }
+    // Without a Secret: no volume, no mount, no static secrets, nothing recorded.
+    let plain = injected(pod(json!({})), &InjectSettings::default());
+    assert_eq!(tls_of(&plain), (None, Value::Null, None));
+    assert!(plain["spec"].get("volumes").is_none());
+    assert_eq!(static_secrets(&sidecar_bootstrap(&plain)), []);
+}
+
+#[test]
+fn the_tls_secret_setting_names_one_secret_per_service_and_the_pod_overrides_it() {
+    let settings = InjectSettings {
+        tls_secret: Some("{service}-mesh-tls".into()),
+        ..InjectSettings::default()
+    };
+    let secret = |annotations: Value| tls_of(&injected(pod(annotations), &settings)).0;
+    assert_eq!(
+        secret(json!({})),
+        Some(("orders-mesh-tls".to_string(), 0o444))
+    );
+    assert_eq!(
+        secret(json!({"meshbridge.io/service": "billing"})),
+        Some(("billing-mesh-tls".to_string(), 0o444)),
+        "{{service}} is the pod's service"
+    );
+    assert_eq!(
+        secret(json!({"meshbridge.io/tls-secret": "shared-tls"})),
+        Some(("shared-tls".to_string(), 0o444)),
+        "the annotation wins"
+    );
+    let out = injected(pod(json!({})), &settings);
+    assert_eq!(tls_of(&out).2.as_deref(), Some("orders-mesh-tls"));
+
+    // The same through `meshbridge inject --tls-secret`, on a Deployment's template.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.yaml");
+    std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["inject", "--tls-secret", "{service}-mesh-tls", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployment: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let template = &deployment["spec"]["template"];
+    let (volume, mounts, recorded) = tls_of(template);
+    assert_eq!(volume, Some(("billing-mesh-tls".to_string(), 0o444)));
+    assert_eq!(mounts[0]["mountPath"], "/etc/meshbridge/tls");
+    assert_eq!(recorded.as_deref(), Some("billing-mesh-tls"));
+}
+
+#[test]
+fn an_empty_tls_secret_annotation_turns_tls_off_for_the_pod() {
+    let settings = InjectSettings {
+        tls_secret: Some("{service}-mesh-tls".into()),
+        ..InjectSettings::default()
+    };
+    for empty in ["", "  "] {
+        let out = injected(pod(json!({"meshbridge.io/tls-secret": empty})), &settings);
+        let (volume, mounts, recorded) = tls_of(&out);
+        assert_eq!((volume, mounts), (None, Value::Null), "{empty:?}");
+        // The pod's own (empty) value stays: it still says "no TLS".
+        assert_eq!(recorded.as_deref(), Some(empty));
+        assert_eq!(static_secrets(&sidecar_bootstrap(&out)), []);
+    }
+    // An empty setting is no setting.
+    let none = InjectSettings {
+        tls_secret: Some(String::new()),
+        ..InjectSettings::default()
+    };
+    assert_eq!(
+        tls_of(&injected(pod(json!({})), &none)),
+        (None, Value::Null, None)
+    );
+}
+
+#[test]
+fn a_bad_tls_secret_name_is_refused_naming_where_it_came_from() {
+    let settings = InjectSettings::default();
+    for bad in ["Orders_TLS", "orders-", "a/b", &"a".repeat(254)] {
+        let err =
+            inject_manifest(pod(json!({"meshbridge.io/tls-secret": bad})), &settings).unwrap_err();
+        assert_eq!(err.field, "metadata.annotations[meshbridge.io/tls-secret]");
+        assert!(err.to_string().contains("Secret name"), "{err}");
+    }
+    let err = inject_manifest(
+        pod(json!({"meshbridge.io/tls-secret": &"a".repeat(254)})),
+        &settings,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most 253"), "{err}");
+
+    // From the setting: the flag is named, and the name after {service} is replaced.
+    let templated = InjectSettings {
+        tls_secret: Some("{service}-tls".into()),
+        ..InjectSettings::default()
+    };
+    let err =
+        inject_manifest(pod(json!({"meshbridge.io/service": "a.b_c"})), &templated).unwrap_err();
+    assert!(err.field.contains("--sidecar-tls-secret"), "{err}");
+    assert!(err.to_string().contains("\"a.b_c-tls\""), "{err}");
+
+    // A volume of the pod's own already named meshbridge-tls.
+    let mut clash = pod(json!({"meshbridge.io/tls-secret": "orders-tls"}));
+    clash["spec"]["volumes"] = json!([{"name": "meshbridge-tls", "emptyDir": {}}]);
+    let err = inject_manifest(clash, &settings).unwrap_err();
+    assert_eq!(err.field, "spec.volumes");
 }

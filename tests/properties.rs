@@ -52,6 +52,7 @@ struct GenEndpoint {
     canary: bool,
     weight_tag: Option<u32>,
     weight: Option<u32>,
+    mtls: bool,
 }
 
 impl GenEndpoint {
@@ -69,6 +70,9 @@ impl GenEndpoint {
         }
         if let Some(w) = self.weight_tag {
             tags.push(format!("'weight:{w}'"));
+        }
+        if self.mtls {
+            tags.push("mtls".to_string());
         }
         if !tags.is_empty() {
             writeln!(s, "      tags: [{}]", tags.join(", ")).unwrap();
@@ -97,6 +101,7 @@ struct GenDependency {
 #[derive(Clone, Debug)]
 struct GenService {
     name: &'static str,
+    mtls: Option<&'static str>,
     endpoints: Vec<GenEndpoint>,
     dependencies: Vec<GenDependency>,
 }
@@ -108,6 +113,9 @@ impl GenService {
             "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {}\nspec:\n",
             self.name
         );
+        if let Some(mode) = self.mtls {
+            writeln!(s, "  mtls: {mode}").unwrap();
+        }
         if !endpoints.is_empty() {
             s.push_str("  endpoints:\n");
             for e in endpoints {
@@ -159,6 +167,9 @@ impl GenDiscovered {
                     if let Some(w) = e.weight_tag {
                         tags.insert(format!("weight:{w}"));
                     }
+                    if e.mtls {
+                        tags.insert("mtls".to_string());
+                    }
                     Endpoint {
                         address: format!("10.1.0.{}", e.host),
                         port: e.port,
@@ -174,10 +185,105 @@ impl GenDiscovered {
     }
 }
 
+/// Callers an access rule may name: services, unknown ones, globs and everyone.
+const CALLERS: &[&str] = &[
+    "orders", "billing", "admin-*", "*", "ghost", "Orders", "b*g",
+];
+const PATHS: &[GenPath] = &[
+    GenPath::Exact("/health"),
+    GenPath::Prefix("/api/"),
+    GenPath::Regex("/v[0-9]+/.*"),
+];
+const METHODS: &[&str] = &["GET", "POST", "DELETE"];
+
+#[derive(Clone, Copy, Debug)]
+enum GenPath {
+    Exact(&'static str),
+    Prefix(&'static str),
+    Regex(&'static str),
+}
+
+impl GenPath {
+    fn matches(self, path: &str) -> bool {
+        match self {
+            GenPath::Exact(p) => path == p,
+            GenPath::Prefix(p) => path.starts_with(p),
+            GenPath::Regex(r) => regex::Regex::new(&format!("^(?:{r})$"))
+                .unwrap()
+                .is_match(path),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct GenRule {
+    from: Vec<&'static str>,
+    paths: Vec<GenPath>,
+    methods: Vec<&'static str>,
+}
+
+/// An AccessRule manifest.
+#[derive(Clone, Debug)]
+struct GenAccess {
+    target: &'static str,
+    log: bool,
+    rules: Vec<GenRule>,
+}
+
+impl GenAccess {
+    fn yaml_with(&self, i: usize, rules: &[GenRule]) -> String {
+        let mut s = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata:\n  name: access-{i}\nspec:\n  target: {:?}\n  action: {}\n  rules:\n",
+            self.target,
+            if self.log { "log" } else { "deny" }
+        );
+        for r in rules {
+            let from: Vec<String> = r.from.iter().map(|f| format!("{f:?}")).collect();
+            writeln!(s, "    - from: [{}]", from.join(", ")).unwrap();
+            if !r.paths.is_empty() {
+                s.push_str("      paths:\n");
+                for p in &r.paths {
+                    match p {
+                        GenPath::Exact(v) => writeln!(s, "        - exact: {v:?}"),
+                        GenPath::Prefix(v) => writeln!(s, "        - prefix: {v:?}"),
+                        GenPath::Regex(v) => writeln!(s, "        - regex: {v:?}"),
+                    }
+                    .unwrap();
+                }
+            }
+            if !r.methods.is_empty() {
+                writeln!(s, "      methods: [{}]", r.methods.join(", ")).unwrap();
+            }
+        }
+        s
+    }
+}
+
+fn access_rule() -> impl Strategy<Value = GenAccess> {
+    let rule = (
+        prop::sample::subsequence(CALLERS.to_vec(), 1..3),
+        prop::sample::subsequence(PATHS.to_vec(), 0..3),
+        prop::sample::subsequence(METHODS.to_vec(), 0..3),
+    )
+        .prop_map(|(from, paths, methods)| GenRule {
+            from,
+            paths,
+            methods,
+        });
+    (
+        prop::sample::select([NAMES, UNKNOWN].concat()),
+        prop::bool::weighted(0.3),
+        prop::collection::vec(rule, 1..4),
+    )
+        .prop_map(|(target, log, rules)| GenAccess { target, log, rules })
+}
+
 #[derive(Clone, Debug)]
 struct GenMesh {
     /// One manifest file each (`svc-NN.yaml`); names may repeat (the first file wins).
     services: Vec<GenService>,
+    /// One manifest file each (`access-NN.yaml`); several may target one service.
+    access: Vec<GenAccess>,
     discovered: Vec<GenDiscovered>,
     settings: MeshSettings,
     groups: Vec<ProxyGroup>,
@@ -195,15 +301,17 @@ fn endpoint() -> impl Strategy<Value = GenEndpoint> {
         prop::bool::weighted(0.3),
         prop::option::weighted(0.3, 0u32..300),
         prop::option::weighted(0.3, 1u32..=128),
+        prop::bool::weighted(0.2),
     )
         .prop_map(
-            |(host, port, datacenter, canary, weight_tag, weight)| GenEndpoint {
+            |(host, port, datacenter, canary, weight_tag, weight, mtls)| GenEndpoint {
                 host,
                 port,
                 datacenter,
                 canary,
                 weight_tag,
                 weight,
+                mtls,
             },
         )
 }
@@ -244,11 +352,17 @@ fn dependencies() -> impl Strategy<Value = Vec<GenDependency>> {
 fn service() -> impl Strategy<Value = GenService> {
     (
         prop::sample::select(NAMES.to_vec()),
+        prop::option::of(prop::sample::select(vec![
+            "disabled",
+            "permissive",
+            "strict",
+        ])),
         prop::collection::vec(endpoint(), 0..5),
         dependencies(),
     )
-        .prop_map(|(name, endpoints, dependencies)| GenService {
+        .prop_map(|(name, mtls, endpoints, dependencies)| GenService {
             name,
+            mtls,
             endpoints,
             dependencies,
         })
@@ -270,15 +384,17 @@ fn group() -> impl Strategy<Value = ProxyGroup> {
         prop::option::of(3000u16..3002),
         prop::option::weighted(0.8, Just(15001u16)),
         prop::sample::subsequence(all_targets(), 0..4),
+        any::<bool>(),
     )
         .prop_map(
-            |(service, ingress_port, ingress_host, app_port, egress_port, deps)| ProxyGroup {
+            |(service, ingress_port, ingress_host, app_port, egress_port, deps, tls)| ProxyGroup {
                 service: service.to_string(),
                 ingress_port,
                 ingress_host: ingress_host.map(str::to_string),
                 app_port,
                 egress_port,
                 dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
+                tls,
             },
         )
 }
@@ -291,24 +407,36 @@ fn settings() -> impl Strategy<Value = MeshSettings> {
             vec!["*".to_string()],
         ]),
         prop::sample::select(vec![vec![], vec!["dc1".to_string(), "dc2".to_string()]]),
+        any::<bool>(),
+        any::<bool>(),
+        prop::sample::select(vec![vec![], vec!["admin-*".to_string()]]),
     )
-        .prop_map(|(allow_wildcard, datacenters)| MeshSettings {
-            allow_wildcard,
-            datacenters,
-            trust_domain: "mesh.test".into(),
-            external_ca_file: None,
-        })
+        .prop_map(
+            |(allow_wildcard, datacenters, default_deny, source_ip_identity, header_from)| {
+                MeshSettings {
+                    allow_wildcard,
+                    datacenters,
+                    trust_domain: "mesh.test".into(),
+                    external_ca_file: None,
+                    default_deny,
+                    source_ip_identity,
+                    identity_header_from: header_from,
+                }
+            },
+        )
 }
 
 fn gen_mesh() -> impl Strategy<Value = GenMesh> {
     (
         prop::collection::vec(service(), 0..6),
+        prop::collection::vec(access_rule(), 0..4),
         prop::collection::vec(discovered(), 0..3),
         settings(),
         prop::collection::vec(group(), 1..4),
     )
-        .prop_map(|(services, discovered, settings, groups)| GenMesh {
+        .prop_map(|(services, access, discovered, settings, groups)| GenMesh {
             services,
+            access,
             discovered,
             settings,
             groups,
@@ -361,6 +489,14 @@ fn applications(mesh: &GenMesh, seed: Option<u64>) -> Vec<Application> {
             None => s.yaml(),
         };
         let file = file_name(i);
+        out.push(("config".to_string(), file.clone(), parse(&file, &text)));
+    }
+    for (i, a) in mesh.access.iter().enumerate() {
+        let text = match seed.as_mut() {
+            Some(seed) => a.yaml_with(i, &shuffle(&a.rules, seed)),
+            None => a.yaml_with(i, &a.rules),
+        };
+        let file = format!("access-{i:02}.yaml");
         out.push(("config".to_string(), file.clone(), parse(&file, &text)));
     }
     for (i, d) in mesh.discovered.iter().enumerate() {
@@ -722,5 +858,281 @@ fn generated_names_are_valid() {
     }
     for d in DOMAINS {
         assert!(matches!(d.parse(), Ok(DependencyTarget::Domain(_))), "{d}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Access control: the RBAC Envoy gets, evaluated like Envoy evaluates it.
+// ---------------------------------------------------------------------------------------
+
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType as FilterConfig;
+use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal};
+use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_filter::ConfigType as HttpFilterConfig,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    StringMatcher, path_matcher, string_matcher::MatchPattern,
+};
+use meshbridge::model::glob_match;
+
+/// What the callee's Envoy knows about one request.
+#[derive(Clone, Debug)]
+struct Request {
+    /// URI SAN of a verified client certificate.
+    san: Option<String>,
+    /// The connection's source address.
+    source_ip: String,
+    /// `x-client-name` as RBAC sees it.
+    client_name: Option<String>,
+    path: String,
+    method: String,
+}
+
+fn string_matches(m: &StringMatcher, value: &str) -> bool {
+    assert!(!m.ignore_case, "case-insensitive matching is not generated");
+    match m.match_pattern.as_ref().expect("empty string matcher") {
+        MatchPattern::Exact(e) => value == e,
+        MatchPattern::Prefix(p) => value.starts_with(p.as_str()),
+        // Envoy's safe_regex must match the whole value.
+        MatchPattern::SafeRegex(r) => regex::Regex::new(&format!("^(?:{})$", r.regex))
+            .unwrap()
+            .is_match(value),
+        other => panic!("matcher not evaluated by this test: {other:?}"),
+    }
+}
+
+fn principal_admits(p: &Principal, r: &Request) -> bool {
+    use principal::Identifier;
+    match p.identifier.as_ref().expect("empty principal") {
+        Identifier::Any(any) => *any,
+        Identifier::OrIds(set) => set.ids.iter().any(|p| principal_admits(p, r)),
+        Identifier::AndIds(set) => set.ids.iter().all(|p| principal_admits(p, r)),
+        Identifier::Authenticated(a) => match (&r.san, &a.principal_name) {
+            (Some(san), Some(m)) => string_matches(m, san),
+            (Some(_), None) => true,
+            (None, _) => false,
+        },
+        Identifier::DirectRemoteIp(cidr) => {
+            let full = if cidr.address_prefix.contains(':') {
+                128
+            } else {
+                32
+            };
+            assert_eq!(cidr.prefix_len.as_ref().map(|l| l.value), Some(full));
+            cidr.address_prefix == r.source_ip
+        }
+        Identifier::Header(h) => {
+            assert_eq!(
+                h.name, "x-client-name",
+                "only the identity header is a principal"
+            );
+            match (&r.client_name, &h.header_match_specifier) {
+                (Some(v), Some(HeaderMatchSpecifier::StringMatch(m))) => string_matches(m, v),
+                (None, _) => false,
+                (_, other) => panic!("header matcher not evaluated by this test: {other:?}"),
+            }
+        }
+        other => panic!("principal not evaluated by this test: {other:?}"),
+    }
+}
+
+fn permission_admits(p: &Permission, r: &Request) -> bool {
+    use permission::Rule;
+    match p.rule.as_ref().expect("empty permission") {
+        Rule::Any(any) => *any,
+        Rule::OrRules(set) => set.rules.iter().any(|p| permission_admits(p, r)),
+        Rule::AndRules(set) => set.rules.iter().all(|p| permission_admits(p, r)),
+        Rule::UrlPath(m) => match &m.rule {
+            Some(path_matcher::Rule::Path(s)) => string_matches(s, &r.path),
+            other => panic!("path matcher not evaluated by this test: {other:?}"),
+        },
+        Rule::Header(h) if h.name == ":method" => match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(m)) => string_matches(m, &r.method),
+            other => panic!("method matcher not evaluated by this test: {other:?}"),
+        },
+        other => panic!("permission not evaluated by this test: {other:?}"),
+    }
+}
+
+/// The RBAC filter of a snapshot's ingress listener, if it has one.
+fn ingress_rbac(s: &Snapshot) -> Option<Option<HttpRbac>> {
+    let r = s.resources(ResourceType::Listener).get("ingress")?;
+    let listener = Listener::decode(r.body.value.as_slice()).unwrap();
+    let mut found = Vec::new();
+    for chain in &listener.filter_chains {
+        for f in &chain.filters {
+            let Some(FilterConfig::TypedConfig(any)) = &f.config_type else {
+                continue;
+            };
+            let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+            let rbac = hcm.http_filters.iter().find_map(|h| match &h.config_type {
+                Some(HttpFilterConfig::TypedConfig(any)) if h.name == "envoy.filters.http.rbac" => {
+                    Some(HttpRbac::decode(any.value.as_slice()).unwrap())
+                }
+                _ => None,
+            });
+            found.push(rbac);
+        }
+    }
+    // Every filter chain (plaintext and TLS) enforces the same policy.
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "filter chains differ"
+    );
+    found.into_iter().next()
+}
+
+/// Whether the RBAC admits the request, in enforced and in shadow mode; `None` for no rules.
+fn rbac_admits(rbac: &HttpRbac, r: &Request) -> (Option<bool>, Option<bool>) {
+    let eval = |rules: &Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>| {
+        rules.as_ref().map(|rules| {
+            assert_eq!(rules.action, 0, "only ALLOW policies are generated");
+            rules.policies.values().any(|p| {
+                p.permissions.iter().any(|x| permission_admits(x, r))
+                    && p.principals.iter().any(|x| principal_admits(x, r))
+            })
+        })
+    };
+    (eval(&rbac.rules), eval(&rbac.shadow_rules))
+}
+
+/// Who may be calling, as generated.
+#[derive(Clone, Debug)]
+enum Caller {
+    /// A verified certificate for this service name.
+    Certificate(&'static str),
+    /// No certificate, from this address.
+    Address(String),
+}
+
+fn caller() -> impl Strategy<Value = (Caller, Option<&'static str>)> {
+    let who = prop_oneof![
+        prop::sample::select([NAMES, UNKNOWN, &["intruder", "admin-panel"]].concat())
+            .prop_map(Caller::Certificate),
+        (0u8..2, 1u8..7).prop_map(|(net, host)| Caller::Address(format!("10.{net}.0.{host}"))),
+    ];
+    (
+        who,
+        prop::option::weighted(
+            0.3,
+            prop::sample::select(vec!["orders", "billing", "admin"]),
+        ),
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// (v) No generated RBAC policy admits a caller that no AccessRule names: a request the
+    /// target's Envoy lets through (or, in `log` mode, would) comes from a caller one of the
+    /// target's rules names — by certificate, by a registered address with source-IP
+    /// identity, or asserted by a peer trusted to do so — on a path and method that rule
+    /// allows. And the converse for certificates: a named caller on an allowed path passes.
+    #[test]
+    fn no_rbac_admits_a_caller_no_access_rule_names(
+        mesh in gen_mesh(),
+        (who, asserted) in caller(),
+        path in prop::sample::select(vec!["/", "/health", "/healthz", "/api/x", "/v2/a", "/v/a"]),
+        method in prop::sample::select(METHODS.to_vec()),
+    ) {
+        // Every target of a rule (and one service without rules) gets an ingress proxy.
+        let mut mesh = mesh;
+        let targets: BTreeSet<&str> = mesh.access.iter().map(|a| a.target).chain(["shop"]).collect();
+        mesh.groups = targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| ProxyGroup {
+                service: t.to_string(),
+                ingress_port: Some(15006),
+                app_port: Some(3000),
+                tls: i % 2 == 0,
+                ..ProxyGroup::default()
+            })
+            .collect();
+        let built = build_all(&mesh, index_of(&applications(&mesh, None)).state());
+        let settings = &mesh.settings;
+        let prefix = format!("spiffe://{}/service/", settings.trust_domain);
+        // Names the peer is proven to have.
+        let proven: Vec<String> = match &who {
+            Caller::Certificate(n) => vec![n.to_string()],
+            Caller::Address(ip) if settings.source_ip_identity => built
+                .state
+                .services
+                .values()
+                .filter(|s| s.endpoints.iter().any(|e| &e.address == ip))
+                .map(|s| s.name.clone())
+                .collect(),
+            Caller::Address(_) => Vec::new(),
+        };
+        let trusted = proven
+            .iter()
+            .any(|n| settings.identity_header_from.iter().any(|g| glob_match(g, n)));
+        let mut names = proven.clone();
+        if let (Some(a), true) = (asserted, trusted) {
+            names.push(a.to_string());
+        }
+        let request = Request {
+            san: match &who {
+                Caller::Certificate(n) => Some(format!("{prefix}{n}")),
+                Caller::Address(_) => None,
+            },
+            source_ip: match &who {
+                Caller::Certificate(_) => "192.0.2.1".to_string(),
+                Caller::Address(ip) => ip.clone(),
+            },
+            client_name: asserted.map(str::to_string).or_else(|| proven.first().cloned()),
+            path: path.to_string(),
+            method: method.to_string(),
+        };
+        for (g, s) in mesh.groups.iter().zip(&built.snapshots) {
+            let Some(rbac) = ingress_rbac(s) else { continue };
+            let target = g.service.as_str();
+            let rules: Vec<&GenRule> = mesh
+                .access
+                .iter()
+                .filter(|a| a.target == target)
+                .flat_map(|a| &a.rules)
+                .collect();
+            let any_log_only = !rules.is_empty()
+                && mesh.access.iter().filter(|a| a.target == target).all(|a| a.log);
+            let named = |r: &GenRule| {
+                r.from.iter().any(|f| *f == "*" || names.iter().any(|n| glob_match(f, n)))
+            };
+            let allowed_call = |r: &GenRule| {
+                (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(path)))
+                    && (r.methods.is_empty() || r.methods.contains(&method))
+            };
+            let justified = rules.iter().any(|r| named(r) && allowed_call(r));
+            match rbac {
+                None => {
+                    // No RBAC: only where nothing targets the service and the mesh allows.
+                    prop_assert!(rules.is_empty() && !settings.default_deny, "{} has rules but no RBAC", target);
+                }
+                Some(rbac) => {
+                    let (enforced, shadow) = rbac_admits(&rbac, &request);
+                    prop_assert_eq!(shadow.is_some(), any_log_only, "log mode of {}", target);
+                    prop_assert_eq!(enforced.is_some(), !any_log_only, "deny mode of {}", target);
+                    let admitted = enforced.or(shadow).unwrap();
+                    prop_assert!(
+                        !admitted || justified,
+                        "{} admitted {:?} (names {:?}) on {} {} without a rule naming it; rules {:?}",
+                        target, who, names, method, path, rules
+                    );
+                    if let Caller::Certificate(n) = who {
+                        let named_by_certificate = rules.iter().any(|r| {
+                            allowed_call(r) && r.from.iter().any(|f| *f == "*" || glob_match(f, n))
+                        });
+                        prop_assert!(
+                            !named_by_certificate || admitted,
+                            "{} refused {} on {} {} although a rule names it",
+                            target, n, method, path
+                        );
+                    }
+                }
+            }
+        }
     }
 }

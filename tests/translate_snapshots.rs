@@ -37,11 +37,17 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
     http_connection_manager::StripPortMode,
 };
+use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfig;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    UpstreamTlsContext, common_tls_context::ValidationContextType,
-    subject_alt_name_matcher::SanType,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate,
+    UpstreamTlsContext, secret,
+    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    StringMatcher, path_matcher, string_matcher::MatchPattern,
+};
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use prost::{Message, Name};
 
@@ -179,16 +185,167 @@ fn lb_endpoints(a: &ClusterLoadAssignment) -> Vec<(u32, String, String, u32)> {
     out
 }
 
+/// The HTTP connection manager of a listener (every filter chain carries the same one).
 fn hcm(l: &Listener) -> HttpConnectionManager {
-    let filters: Vec<_> = l.filter_chains.iter().flat_map(|c| &c.filters).collect();
-    assert_eq!(filters.len(), 1, "listener {}", l.name);
-    match &filters[0].config_type {
-        Some(FilterConfig::TypedConfig(any)) => {
-            assert_eq!(any.type_url, HttpConnectionManager::type_url());
-            HttpConnectionManager::decode(any.value.as_slice()).unwrap()
-        }
-        other => panic!("unexpected filter config {other:?}"),
+    let all: Vec<HttpConnectionManager> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            assert_eq!(c.filters.len(), 1, "listener {}", l.name);
+            match &c.filters[0].config_type {
+                Some(FilterConfig::TypedConfig(any)) => {
+                    assert_eq!(any.type_url, HttpConnectionManager::type_url());
+                    HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+                }
+                other => panic!("unexpected filter config {other:?}"),
+            }
+        })
+        .collect();
+    assert!(
+        all.windows(2).all(|w| w[0] == w[1]),
+        "filter chains of {} differ",
+        l.name
+    );
+    all.into_iter().next().expect("no filter chain")
+}
+
+/// The RBAC filter of a listener's HTTP connection manager.
+fn rbac_of(l: &Listener) -> Option<HttpRbac> {
+    hcm(l)
+        .http_filters
+        .iter()
+        .find_map(|f| match &f.config_type {
+            Some(HttpFilterConfig::TypedConfig(any)) if f.name == "envoy.filters.http.rbac" => {
+                Some(HttpRbac::decode(any.value.as_slice()).unwrap())
+            }
+            _ => None,
+        })
+}
+
+fn render_string_matcher(m: &Option<StringMatcher>) -> String {
+    match m.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+        Some(MatchPattern::Exact(s)) => format!("={s}"),
+        Some(MatchPattern::Prefix(s)) => format!("^{s}"),
+        Some(MatchPattern::SafeRegex(r)) => format!("~/{}/", r.regex),
+        other => format!("{other:?}"),
     }
+}
+
+fn render_principal(p: &Principal) -> String {
+    use principal::Identifier;
+    match p.identifier.as_ref().unwrap() {
+        Identifier::Any(_) => "any".into(),
+        Identifier::OrIds(s) => format!(
+            "or({})",
+            s.ids
+                .iter()
+                .map(render_principal)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Identifier::AndIds(s) => format!(
+            "and({})",
+            s.ids
+                .iter()
+                .map(render_principal)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Identifier::Authenticated(a) => {
+            format!("san{}", render_string_matcher(&a.principal_name))
+        }
+        Identifier::DirectRemoteIp(c) => format!(
+            "ip={}/{}",
+            c.address_prefix,
+            c.prefix_len.as_ref().map_or(0, |l| l.value)
+        ),
+        Identifier::Header(h) => match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(m)) => {
+                format!(
+                    "header {}{}",
+                    h.name,
+                    render_string_matcher(&Some(m.clone()))
+                )
+            }
+            other => format!("header {} {other:?}", h.name),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+fn render_permission(p: &Permission) -> String {
+    use permission::Rule;
+    match p.rule.as_ref().unwrap() {
+        Rule::Any(_) => "any".into(),
+        Rule::OrRules(s) => format!(
+            "or({})",
+            s.rules
+                .iter()
+                .map(render_permission)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Rule::AndRules(s) => format!(
+            "and({})",
+            s.rules
+                .iter()
+                .map(render_permission)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Rule::UrlPath(m) => match &m.rule {
+            Some(path_matcher::Rule::Path(s)) => {
+                format!("path{}", render_string_matcher(&Some(s.clone())))
+            }
+            other => format!("{other:?}"),
+        },
+        Rule::Header(h) => match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(m)) => {
+                format!(
+                    "header {}{}",
+                    h.name,
+                    render_string_matcher(&Some(m.clone()))
+                )
+            }
+            other => format!("header {} {other:?}", h.name),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+fn render_rbac(r: &HttpRbac) -> String {
+    let mut out = String::new();
+    for (mode, rules, prefix) in [
+        ("enforced", &r.rules, &r.rules_stat_prefix),
+        ("shadow", &r.shadow_rules, &r.shadow_rules_stat_prefix),
+    ] {
+        let Some(rules) = rules else { continue };
+        writeln!(
+            out,
+            "rbac {mode}, stat prefix {prefix:?}, {} policies",
+            rules.policies.len()
+        )
+        .unwrap();
+        let sorted: std::collections::BTreeMap<_, _> = rules.policies.iter().collect();
+        for (name, p) in sorted {
+            writeln!(
+                out,
+                "  {name}: principals [{}] permissions [{}]",
+                p.principals
+                    .iter()
+                    .map(render_principal)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.permissions
+                    .iter()
+                    .map(render_permission)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .unwrap();
+        }
+    }
+    out
 }
 
 fn rds_name(l: &Listener) -> String {
@@ -342,6 +499,41 @@ fn render_cluster(c: &Cluster) -> String {
             other => writeln!(out, "  validation: {other:?}").unwrap(),
         }
     }
+    for m in &c.transport_socket_matches {
+        let socket = match m
+            .transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.as_ref())
+        {
+            Some(TransportConfig::TypedConfig(any)) => {
+                let u = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+                format!(
+                    "sni={} {}",
+                    u.sni,
+                    render_tls(u.common_tls_context.as_ref().unwrap())
+                )
+            }
+            other => format!("{other:?}"),
+        };
+        let keys: Vec<&String> = m.r#match.iter().flat_map(|s| s.fields.keys()).collect();
+        writeln!(out, "transport match {:?} on {keys:?}: {socket}", m.name).unwrap();
+    }
+    out
+}
+
+/// Addresses of the instances an assignment marks for mutual TLS.
+fn mtls_marked(a: &ClusterLoadAssignment) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in a.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
+        let marked = e.metadata.as_ref().is_some_and(|m| {
+            m.filter_metadata
+                .get("envoy.transport_socket_match")
+                .is_some_and(|s| s.fields.contains_key("mtls"))
+        });
+        if marked && let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier {
+            out.push(addr(&ep.address));
+        }
+    }
     out
 }
 
@@ -350,10 +542,16 @@ fn render_assignment(a: &ClusterLoadAssignment) -> String {
     if a.endpoints.is_empty() {
         out.push_str("(no endpoints)\n");
     }
+    let marked = mtls_marked(a);
     for (priority, zone, address, weight) in lb_endpoints(a) {
+        let tls = if marked.contains(&address) {
+            " mtls"
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "priority {priority} zone {zone:?}: {address} weight {weight}"
+            "priority {priority} zone {zone:?}: {address} weight {weight}{tls}"
         )
         .unwrap();
     }
@@ -367,12 +565,80 @@ fn render_listener(l: &Listener) -> String {
         h.strip_port_mode,
         Some(StripPortMode::StripAnyHostPort(true))
     );
-    format!(
+    let mut out = format!(
         "address: {}\nhcm stat_prefix {}, rds {:?}, strip_any_host_port {strip}, http_filters {filters:?}\n",
         addr(&l.address),
         h.stat_prefix,
         rds_name(l),
-    )
+    );
+    if !l.listener_filters.is_empty() {
+        let names: Vec<&str> = l.listener_filters.iter().map(|f| f.name.as_str()).collect();
+        writeln!(out, "listener filters {names:?}").unwrap();
+    }
+    for c in &l.filter_chains {
+        let matched = c
+            .filter_chain_match
+            .as_ref()
+            .map_or("any", |m| m.transport_protocol.as_str());
+        let transport = match &c.transport_socket {
+            None => "plaintext".to_string(),
+            Some(t) => match &t.config_type {
+                Some(TransportConfig::TypedConfig(any)) => {
+                    let d = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+                    render_tls(d.common_tls_context.as_ref().unwrap())
+                        + &format!(
+                            ", client certificate required {:?}",
+                            d.require_client_certificate.map(|b| b.value)
+                        )
+                }
+                other => format!("{other:?}"),
+            },
+        };
+        writeln!(out, "chain (transport {matched}): {transport}").unwrap();
+    }
+    if !h.access_log.is_empty() {
+        let names: Vec<&str> = h.access_log.iter().map(|a| a.name.as_str()).collect();
+        writeln!(out, "access logs {names:?}").unwrap();
+    }
+    if let Some(r) = rbac_of(l) {
+        out.push_str(&render_rbac(&r));
+    }
+    out
+}
+
+/// Secrets named and the peer SAN required by a TLS context.
+fn render_tls(c: &CommonTlsContext) -> String {
+    let certs: Vec<&str> = c
+        .tls_certificate_sds_secret_configs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    let validation = match &c.validation_context_type {
+        Some(ValidationContextType::CombinedValidationContext(v)) => format!(
+            "ca secret {:?}, peer {}",
+            v.validation_context_sds_secret_config
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            v.default_validation_context
+                .as_ref()
+                .map(|d| {
+                    d.match_typed_subject_alt_names
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{:?}{}",
+                                SanType::try_from(m.san_type).unwrap(),
+                                render_string_matcher(&m.matcher)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                })
+                .unwrap_or_default()
+        ),
+        other => format!("{other:?}"),
+    };
+    format!("mtls cert secrets {certs:?}, {validation}")
 }
 
 fn render_routes(rc: &RouteConfiguration) -> String {
@@ -1161,6 +1427,291 @@ fn d_names_that_collide_in_envoy_get_one_vhost() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Access control and mutual TLS.
+// ---------------------------------------------------------------------------------------
+
+fn access_rule(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata:\n  name: {name}\nspec:\n{body}"
+    )
+}
+
+fn access_settings() -> MeshSettings {
+    MeshSettings {
+        trust_domain: "mesh.local".into(),
+        source_ip_identity: true,
+        identity_header_from: vec!["edge".into()],
+        ..Default::default()
+    }
+}
+
+fn access_mesh() -> MeshState {
+    let orders = mesh_service(
+        "orders",
+        "  mtls: strict\n  endpoints:\n    - {address: 10.0.0.1, port: 15006}\n",
+    );
+    let billing = mesh_service(
+        "billing",
+        "  endpoints:\n    - {address: 10.0.0.9, port: 80}\n    - {address: 10.0.0.10, port: 80}\n",
+    );
+    let payments = mesh_service(
+        "payments",
+        "  mtls: permissive\n  endpoints:\n    - {address: 10.0.0.5, port: 80}\n    - {address: 10.0.0.6, port: 80, tags: [mtls]}\n",
+    );
+    let first = access_rule(
+        "orders-api",
+        "  target: orders\n  rules:\n    - from: [checkout, billing]\n      paths: [{prefix: /api/}]\n      methods: [GET, POST]\n",
+    );
+    let second = access_rule(
+        "orders-ops",
+        "  target: orders\n  action: log\n  rules:\n    - from: [\"admin-*\"]\n      paths: [{exact: /status}, {regex: \"/debug/[a-z]+\"}]\n    - from: [\"*\"]\n      paths: [{exact: /health}]\n",
+    );
+    let shadow = access_rule(
+        "payments",
+        "  target: payments\n  action: log\n  rules:\n    - from: [checkout]\n",
+    );
+    mesh(&[
+        ("orders.yaml", &orders),
+        ("billing.yaml", &billing),
+        ("payments.yaml", &payments),
+        ("orders-api.yaml", &first),
+        ("orders-ops.yaml", &second),
+        ("payments-rule.yaml", &shadow),
+    ])
+}
+
+fn ingress_group(service: &str, tls: bool) -> ProxyGroup {
+    ProxyGroup {
+        service: service.into(),
+        ingress_port: Some(15006),
+        app_port: Some(8080),
+        tls,
+        ..Default::default()
+    }
+}
+
+fn scenario_access_strict() -> Snapshot {
+    snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &ingress_group("orders", true),
+    )
+}
+
+#[test]
+fn h_access_rules_merge_into_enforced_rbac_over_strict_mtls() {
+    let state = access_mesh();
+    // Two AccessRules, one target: the union of their rules, `deny` because one says so.
+    let policy = &state.access["orders"];
+    assert_eq!(policy.sources, ["orders-api.yaml#1", "orders-ops.yaml#1"]);
+    assert_eq!(policy.rules.len(), 3);
+    let snap = scenario_access_strict();
+    insta::assert_snapshot!(render(&snap));
+
+    let l = listener(&snap, "ingress");
+    // Strict: one chain, TLS only, client certificate of the trust domain required.
+    assert_eq!(l.filter_chains.len(), 1);
+    assert!(l.filter_chains[0].transport_socket.is_some());
+    assert!(l.listener_filters.is_empty());
+    let rendered = render_listener(&l);
+    assert!(
+        rendered.contains("client certificate required Some(true)"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("peer Uri^spiffe://mesh.local/service/"),
+        "{rendered}"
+    );
+    // Identity first, then RBAC, then the router; every call logged.
+    let h = hcm(&l);
+    let filters: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.http.lua",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.router"
+        ]
+    );
+    assert_eq!(h.access_log[0].name, "envoy.access_loggers.stdout");
+    let rbac = rbac_of(&l).unwrap();
+    assert!(rbac.shadow_rules.is_none());
+    let rules = rbac.rules.unwrap();
+    assert_eq!(rules.policies.len(), 3);
+    assert_eq!(rbac.rules_stat_prefix, "orders.");
+    // billing, hosts without a certificate, is known by its instances' IPs.
+    let text = render_rbac(&rbac_of(&l).unwrap());
+    assert!(text.contains("ip=10.0.0.9/32"), "{text}");
+    assert!(text.contains("ip=10.0.0.10/32"), "{text}");
+    // The trusted edge may assert callers.
+    assert!(text.contains("header x-client-name=checkout"), "{text}");
+}
+
+#[test]
+fn h_log_mode_is_shadow_rbac_over_permissive_mtls() {
+    let snap = snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &ingress_group("payments", true),
+    );
+    insta::assert_snapshot!(render(&snap));
+    let l = listener(&snap, "ingress");
+    // Permissive with a certificate: a TLS chain and a plaintext chain, told apart by the
+    // TLS inspector.
+    let matches: Vec<&str> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .unwrap()
+                .transport_protocol
+                .as_str()
+        })
+        .collect();
+    assert_eq!(matches, ["tls", "raw_buffer"]);
+    assert!(l.filter_chains[0].transport_socket.is_some());
+    assert!(l.filter_chains[1].transport_socket.is_none());
+    assert_eq!(
+        l.listener_filters[0].name,
+        "envoy.filters.listener.tls_inspector"
+    );
+    let rbac = rbac_of(&l).unwrap();
+    assert!(rbac.rules.is_none(), "log mode enforces nothing");
+    assert_eq!(rbac.shadow_rules.unwrap().policies.len(), 1);
+    assert_eq!(rbac.shadow_rules_stat_prefix, "payments.");
+
+    // The same service on a proxy without a certificate: plaintext only.
+    let plain = snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &ingress_group("payments", false),
+    );
+    let l = listener(&plain, "ingress");
+    assert_eq!(l.filter_chains.len(), 1);
+    assert!(l.filter_chains[0].transport_socket.is_none());
+}
+
+#[test]
+fn h_strict_service_on_a_proxy_without_certificate_refuses_calls_and_says_why() {
+    let snap = snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &ingress_group("orders", false),
+    );
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.contains("requires mutual TLS")),
+        "{:?}",
+        snap.warnings
+    );
+    let rc = route_config(&snap, "ingress");
+    let (status, body, reason) = direct_response(&rc.virtual_hosts[0].routes[0]);
+    assert_eq!(status, 503);
+    assert_eq!(reason, "mtls-without-certificate");
+    assert!(body.contains("no certificate"), "{body}");
+}
+
+#[test]
+fn h_default_deny_refuses_a_service_without_rules() {
+    let settings = MeshSettings {
+        default_deny: true,
+        ..access_settings()
+    };
+    let snap = snapshot(&access_mesh(), &settings, &ingress_group("billing", false));
+    let rbac = rbac_of(&listener(&snap, "ingress")).unwrap();
+    assert!(
+        rbac.rules.unwrap().policies.is_empty(),
+        "an empty enforced policy set admits nothing"
+    );
+    // Without the option, no RBAC at all.
+    let snap = snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &ingress_group("billing", false),
+    );
+    assert!(rbac_of(&listener(&snap, "ingress")).is_none());
+}
+
+fn scenario_caller_tls() -> Snapshot {
+    let mut group = egress_group("checkout", &["orders", "payments", "billing"]);
+    group.tls = true;
+    snapshot(&access_mesh(), &access_settings(), &group)
+}
+
+#[test]
+fn h_callers_with_certificates_originate_mtls_where_needed() {
+    let snap = scenario_caller_tls();
+    insta::assert_snapshot!(render(&snap));
+    // Strict orders: every instance over mTLS, verifying exactly orders' identity.
+    let orders = cluster(&snap, "orders");
+    assert_eq!(orders.transport_socket_matches.len(), 1);
+    let text = render_cluster(&orders);
+    assert!(
+        text.contains("peer Uri=spiffe://mesh.local/service/orders"),
+        "{text}"
+    );
+    assert_eq!(mtls_marked(&cla(&snap, "orders")), ["10.0.0.1:15006"]);
+    // Permissive payments: only the instance tagged mtls.
+    assert_eq!(mtls_marked(&cla(&snap, "payments")), ["10.0.0.6:80"]);
+    assert_eq!(cluster(&snap, "payments").transport_socket_matches.len(), 1);
+    // billing needs no TLS at all: the plain cluster.
+    assert!(
+        cluster(&snap, "billing")
+            .transport_socket_matches
+            .is_empty()
+    );
+
+    // A caller without a certificate gets no TLS (it could not present one): strict orders
+    // is refused locally, with the reason; payments stays reachable in plaintext.
+    let plain = snapshot(
+        &access_mesh(),
+        &access_settings(),
+        &egress_group("checkout", &["orders", "payments"]),
+    );
+    assert!(!names(&plain, ResourceType::Cluster).contains(&"orders".to_string()));
+    assert!(
+        cluster(&plain, "payments")
+            .transport_socket_matches
+            .is_empty()
+    );
+    let rc = route_config(&plain, "egress");
+    let (status, _, reason) = direct_response(&vhost(&rc, "orders").routes[0]);
+    assert_eq!((status, reason.as_str()), (503, "mtls-required"));
+}
+
+/// The static secrets a bootstrap made with `meshbridge bootstrap --tls-*` declares, over
+/// certificate files in `dir`.
+fn static_secrets(dir: &std::path::Path) -> Vec<Secret> {
+    use envoy_types::pb::envoy::config::core::v3::DataSource;
+    support::issue_cert(dir, "orders", "URI:spiffe://mesh.local/service/orders");
+    let file = |name: &str| DataSource {
+        specifier: Some(Specifier::Filename(dir.join(name).display().to_string())),
+        ..Default::default()
+    };
+    vec![
+        Secret {
+            name: "server_cert".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: Some(file("orders.pem")),
+                private_key: Some(file("orders.key")),
+                ..Default::default()
+            })),
+        },
+        Secret {
+            name: "validation_context".into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(file("orders-ca.pem")),
+                    ..Default::default()
+                },
+            )),
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
 // Envoy itself accepts every scenario.
 // ---------------------------------------------------------------------------------------
 
@@ -1184,7 +1735,9 @@ fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
         let rc = route_config(snap, &rds_name(&l));
         let mut h = hcm(&l);
         h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
-        l.filter_chains[0].filters[0].config_type = Some(FilterConfig::TypedConfig(pack_any(h)));
+        for chain in &mut l.filter_chains {
+            chain.filters[0].config_type = Some(FilterConfig::TypedConfig(pack_any(h.clone())));
+        }
         listeners.push(l);
     }
     Bootstrap {
@@ -1225,12 +1778,27 @@ fn envoy_accepts_every_scenario() {
         ("f", scenario_f()),
         ("collide", scenario_collide()),
         ("ingress_and_egress", both),
+        ("access_strict", scenario_access_strict()),
+        (
+            "access_shadow_permissive",
+            snapshot(
+                &access_mesh(),
+                &access_settings(),
+                &ingress_group("payments", true),
+            ),
+        ),
+        ("caller_tls", scenario_caller_tls()),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();
+    let secrets = static_secrets(dir.path());
     for (name, snap) in scenarios {
         let path = dir.path().join(format!("{name}.pb"));
-        std::fs::write(&path, static_bootstrap(&snap).encode_to_vec()).unwrap();
+        let mut bootstrap = static_bootstrap(&snap);
+        if let Some(r) = bootstrap.static_resources.as_mut() {
+            r.secrets = secrets.clone();
+        }
+        std::fs::write(&path, bootstrap.encode_to_vec()).unwrap();
         let out = Command::new(&envoy)
             .args(["--mode", "validate", "--disable-hot-restart", "-c"])
             .arg(&path)

@@ -1,5 +1,7 @@
 //! Synthetic meshes for the benchmarks: `services` services with `instances` endpoints
-//! each, every service depending on a few others, as MeshService manifests.
+//! each, every service depending on a few others, as MeshService manifests; every third
+//! service `strict` mTLS, and every service protected by an AccessRule naming its callers
+//! (half by name, some by glob, plus `"*"` on a health path).
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -31,8 +33,9 @@ pub fn manifests(services: usize, instances: usize) -> String {
     let mut rng = Rng::new(7);
     let mut out = String::new();
     for i in 0..services {
+        let mtls = if i % 3 == 0 { "strict" } else { "permissive" };
         out.push_str(&format!(
-            "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: {}}}\nspec:\n  endpoints:\n",
+            "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: {}}}\nspec:\n  mtls: {mtls}\n  endpoints:\n",
             service(i)
         ));
         for j in 0..instances {
@@ -63,6 +66,13 @@ pub fn manifests(services: usize, instances: usize) -> String {
                 service(d)
             ));
         }
+        out.push_str(&format!(
+            "---\napiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata: {{name: {name}}}\nspec:\n  target: {name}\n  action: {}\n  rules:\n    - from: [{}, {}, \"svc-00*\"]\n      paths: [{{prefix: /api/}}]\n      methods: [GET, POST]\n    - from: [\"*\"]\n      paths: [{{exact: /health}}]\n",
+            if i % 4 == 0 { "log" } else { "deny" },
+            service(rng.next(services)),
+            service(rng.next(services)),
+            name = service(i),
+        ));
     }
     out
 }
@@ -87,6 +97,7 @@ pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
                 app_port: Some(8080 + (g / services) as u16),
                 egress_port: Some(15001),
                 dependencies,
+                tls: g % 2 == 0,
             }
         })
         .collect()

@@ -51,6 +51,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/sources", get(sources))
         .route("/api/snapshot", get(snapshot))
         .route("/api/state", get(mesh_state))
+        .route("/api/access", get(access))
         .with_state(state)
 }
 
@@ -136,6 +137,37 @@ pub fn services_view(state: &MeshState) -> Value {
         })
         .collect();
     Value::Array(list)
+}
+
+/// `GET /api/access`: the merged access policy of every target, with the callers its rules
+/// name split into known and unknown services.
+pub fn access_view(state: &MeshState) -> Value {
+    let list: Vec<Value> = state
+        .access
+        .values()
+        .map(|p| {
+            let (resolved, unknown) = state.resolve_callers(p.rules.iter().flat_map(|r| {
+                r.from.iter().map(|c| match c {
+                    crate::model::CallerMatch::Any => "*",
+                    crate::model::CallerMatch::Service(s) => s.as_str(),
+                })
+            }));
+            json!({
+                "target": p.target,
+                "target_known": state.services.contains_key(&p.target),
+                "action": p.action,
+                "sources": p.sources,
+                "rules": p.rules,
+                "resolved_callers": resolved,
+                "unknown_callers": unknown,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+async fn access(State(s): State<AdminState>) -> Json<Value> {
+    Json(access_view(&s.cache.state()))
 }
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {

@@ -4,9 +4,10 @@
 //! `Running`, condition `Ready=True` and no `deletionTimestamp`. Its port is the sidecar's
 //! ingress port when the pod carries the injected sidecar, otherwise the MeshService's first
 //! port's `targetPort` (default: `port`). A selected pod with an IP that is not ready is
-//! listed unhealthy (no traffic), as Consul instances with failing checks are. Only the few
-//! fields meshbridge needs are kept, so
-//! thousands of pods cost little memory.
+//! listed unhealthy (no traffic), as Consul instances with failing checks are. A pod whose
+//! injected sidecar holds certificates (annotation `meshbridge.io/tls-secret`, non-empty, set
+//! by the injector) gets the tag `mtls`: callers originate mutual TLS to it. Only the few
+//! fields meshbridge needs are kept, so thousands of pods cost little memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,9 +15,10 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::api::mesh_service::MeshServiceSpec;
 use crate::api::{
-    ANNOTATION_INGRESS_PORT, ANNOTATION_TAGS, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER,
+    ANNOTATION_INGRESS_PORT, ANNOTATION_TAGS, ANNOTATION_TLS_SECRET, DEFAULT_INGRESS_PORT,
+    SIDECAR_CONTAINER,
 };
-use crate::model::{Endpoint, Origin};
+use crate::model::{Endpoint, MTLS_TAG, Origin};
 
 /// What meshbridge keeps of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +37,9 @@ pub struct PodInfo {
     pub sidecar_port: Option<u16>,
     /// Tags from the `meshbridge.io/tags` annotation.
     pub tags: BTreeSet<String>,
+    /// The pod carries the injected sidecar and it holds certificates (non-empty annotation
+    /// `meshbridge.io/tls-secret`): its endpoint accepts mutual TLS.
+    pub tls: bool,
 }
 
 /// Extracts what meshbridge needs from a pod.
@@ -62,6 +67,10 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             .filter(|p| *p != 0)
             .unwrap_or(DEFAULT_INGRESS_PORT)
     });
+    let tls = has_sidecar
+        && annotations
+            .and_then(|a| a.get(ANNOTATION_TLS_SECRET))
+            .is_some_and(|s| !s.trim().is_empty());
     let tags = annotations
         .and_then(|a| a.get(ANNOTATION_TAGS))
         .map(|t| {
@@ -80,6 +89,7 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
         ip,
         sidecar_port,
         tags,
+        tls,
     }
 }
 
@@ -129,13 +139,17 @@ pub fn pod_endpoint(spec: &MeshServiceSpec, pod: &PodInfo) -> Result<Endpoint, N
             .filter(|p| *p != 0)
             .ok_or(NotAnEndpoint::NoPort)?,
     };
+    let mut tags = pod.tags.clone();
+    if pod.tls {
+        tags.insert(MTLS_TAG.to_string());
+    }
     Ok(Endpoint {
         address: ip.clone(),
         port,
         origin: Origin::Kubernetes,
         datacenter: None,
         weight: Endpoint::weight_from_tags(&pod.tags).unwrap_or(1),
-        tags: pod.tags.clone(),
+        tags,
         healthy: true,
     })
 }
@@ -274,6 +288,50 @@ mod tests {
         let e = pod_endpoint(&spec(80, None), &p).unwrap();
         assert!(e.is_canary());
         assert_eq!(e.weight, 5);
+    }
+
+    #[test]
+    fn an_injected_pod_holding_certificates_is_an_mtls_endpoint() {
+        let s = spec(80, None);
+        let injected = |annotations: serde_json::Value| {
+            pod(ready_pod(json!({
+                "metadata": {"annotations": annotations},
+                "spec": {"initContainers": [{"name": SIDECAR_CONTAINER, "restartPolicy": "Always"}]}
+            })))
+        };
+        let with_tls =
+            injected(json!({ANNOTATION_TLS_SECRET: "orders-tls", ANNOTATION_TAGS: "canary"}));
+        assert!(with_tls.tls);
+        let e = pod_endpoint(&s, &with_tls).unwrap();
+        assert!(e.tags.contains(MTLS_TAG), "{:?}", e.tags);
+        assert!(e.is_canary(), "its own tags are kept");
+        assert_eq!(e.port, DEFAULT_INGRESS_PORT);
+        assert!(
+            pod_instance(&s, &with_tls).unwrap().tags.contains(MTLS_TAG),
+            "unhealthy listing too"
+        );
+
+        // No certificates: an empty annotation (TLS turned off for the pod) or none at all.
+        for annotations in [
+            json!({ANNOTATION_TLS_SECRET: ""}),
+            json!({ANNOTATION_TLS_SECRET: "  "}),
+            json!({}),
+        ] {
+            let p = injected(annotations.clone());
+            assert!(!p.tls, "{annotations}");
+            assert!(
+                !pod_endpoint(&s, &p).unwrap().tags.contains(MTLS_TAG),
+                "{annotations}"
+            );
+        }
+        // Without the sidecar nothing terminates TLS for the pod, whatever it says.
+        let bare = pod(ready_pod(
+            json!({"metadata": {"annotations": {ANNOTATION_TLS_SECRET: "orders-tls"}}}),
+        ));
+        assert!(!bare.tls);
+        let e = pod_endpoint(&s, &bare).unwrap();
+        assert!(!e.tags.contains(MTLS_TAG));
+        assert_eq!(e.port, 80);
     }
 
     #[test]

@@ -131,6 +131,29 @@ pub struct MeshState {
     pub access: BTreeMap<String, AccessPolicy>,
 }
 
+impl MeshState {
+    /// Splits caller names (service names, globs, `"*"`) into those that match a known service
+    /// (`"*"` always does) and those that match none, each sorted and without repeats.
+    pub fn resolve_callers<'a>(
+        &self,
+        callers: impl IntoIterator<Item = &'a str>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut resolved = BTreeSet::new();
+        let mut unknown = BTreeSet::new();
+        for caller in callers {
+            if caller == "*" || self.services.keys().any(|s| glob_match(caller, s)) {
+                resolved.insert(caller.to_string());
+            } else {
+                unknown.insert(caller.to_string());
+            }
+        }
+        (
+            resolved.into_iter().collect(),
+            unknown.into_iter().collect(),
+        )
+    }
+}
+
 /// Operator settings that shape translation (from `meshbridge run` flags).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshSettings {
@@ -143,6 +166,16 @@ pub struct MeshSettings {
     /// CA bundle, on the proxies' hosts, that verifies external `https://` domains (default
     /// the Debian/Alpine system bundle).
     pub external_ca_file: Option<String>,
+    /// A service no AccessRule targets refuses every call (otherwise it accepts every call).
+    pub default_deny: bool,
+    /// Callers without a certificate are identified by their source IP, matched against the
+    /// addresses of every known instance. Weaker than mTLS: anyone who can send from that
+    /// address (a shared host, a reused pod IP) is taken for that service.
+    pub source_ip_identity: bool,
+    /// Globs of services whose proxies may assert the caller's identity in the
+    /// `x-client-name` header (an edge gateway that authenticated the caller itself). The peer
+    /// itself must be identified first (certificate, or source IP when enabled).
+    pub identity_header_from: Vec<String>,
 }
 
 impl MeshSettings {
@@ -213,14 +246,23 @@ pub struct ProxyGroup {
     pub egress_port: Option<u16>,
     /// Dependencies named in the node metadata.
     pub dependencies: BTreeSet<DependencyTarget>,
+    /// Whether the proxy holds a certificate (node metadata `tls`: the static secrets
+    /// `server_cert` and `validation_context` exist in its bootstrap), so it can accept and
+    /// originate mutual TLS.
+    pub tls: bool,
 }
 
 impl ProxyGroup {
     /// A short stable identifier of the group, for logs and the admin API.
     pub fn id(&self) -> String {
         let mut text = format!(
-            "{}|{:?}|{:?}|{:?}|{:?}",
-            self.service, self.ingress_port, self.ingress_host, self.app_port, self.egress_port
+            "{}|{:?}|{:?}|{:?}|{:?}{}",
+            self.service,
+            self.ingress_port,
+            self.ingress_host,
+            self.app_port,
+            self.egress_port,
+            if self.tls { "|tls" } else { "" }
         );
         for d in &self.dependencies {
             text.push('|');

@@ -125,6 +125,8 @@ pub struct EncodedMesh {
     pub clusters: BTreeMap<String, Arc<Resource>>,
     /// Assignments by cluster name.
     pub assignments: BTreeMap<String, Arc<Resource>>,
+    /// Mutual-TLS variants of clusters, for callers holding a certificate, by name.
+    pub tls_clusters: BTreeMap<String, Arc<Resource>>,
 }
 
 /// Encodes the shared mesh resources, each once.
@@ -139,6 +141,11 @@ pub fn encode_mesh(mesh: &MeshResources) -> EncodedMesh {
             .assignments
             .iter()
             .map(|(n, a)| (n.clone(), encode(n, a)))
+            .collect(),
+        tls_clusters: mesh
+            .tls_clusters
+            .iter()
+            .map(|(n, c)| (n.clone(), encode(n, c)))
             .collect(),
     }
 }
@@ -204,7 +211,14 @@ pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, Inc
     let mut clusters: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
     let mut assignments: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
     for name in &group.mesh_clusters {
-        match (mesh.clusters.get(name), mesh.assignments.get(name)) {
+        let cluster = match group.originate_tls {
+            true => mesh
+                .tls_clusters
+                .get(name)
+                .or_else(|| mesh.clusters.get(name)),
+            false => mesh.clusters.get(name),
+        };
+        match (cluster, mesh.assignments.get(name)) {
             (Some(c), Some(a)) => {
                 clusters.insert(name.clone(), c.clone());
                 assignments.insert(name.clone(), a.clone());

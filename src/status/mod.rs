@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use crate::api::access_rule::AccessRuleStatus;
 use crate::api::mesh_service::{Condition, MeshServiceStatus};
 use crate::index::NameConflict;
-use crate::model::{MeshState, glob_match};
+use crate::model::MeshState;
 use crate::sources::kube::store::{ObjectKey, PodCounts, RuleEntry, ServiceEntry, precedence};
 
 /// What a status is computed from, besides the object itself.
@@ -188,22 +188,13 @@ pub fn access_rule_status(
     previous: Option<&AccessRuleStatus>,
 ) -> AccessRuleStatus {
     let object = &entry.object;
-    let known =
-        |caller: &str| caller == "*" || view.state.services.keys().any(|s| glob_match(caller, s));
-    let mut resolved = Vec::new();
-    let mut unknown = Vec::new();
-    for caller in object.spec.rules.iter().flat_map(|r| r.from.iter()) {
-        let list = if known(caller) {
-            &mut resolved
-        } else {
-            &mut unknown
-        };
-        if !list.contains(caller) {
-            list.push(caller.clone());
-        }
-    }
-    resolved.sort();
-    unknown.sort();
+    let (resolved, unknown) = view.state.resolve_callers(
+        object
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| r.from.iter().map(String::as_str)),
+    );
     let mut conditions = Vec::new();
     if entry.errors.is_empty() {
         conditions.push(condition(

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration as StdDuration;
 
+use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster,
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Locality, SocketAddress,
-    TransportSocket, address, config_source::ConfigSourceSpecifier, data_source,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Locality, Metadata,
+    SocketAddress, TransportSocket, address, config_source::ConfigSourceSpecifier, data_source,
     socket_address::PortSpecifier, transport_socket::ConfigType,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -22,10 +23,10 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
 use envoy_types::util::pack_any;
 
-use crate::model::{Endpoint, ExternalDomain, MeshSettings, Service};
+use crate::model::{Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service};
 
 use super::names;
 
@@ -74,12 +75,39 @@ pub fn eds_cluster(name: &str) -> Cluster {
     }
 }
 
+/// Whether callers reach this instance of `service` over mutual TLS: the service is `strict`,
+/// or the instance carries the `mtls` tag.
+pub fn calls_need_tls(service: &Service, endpoint: &Endpoint) -> bool {
+    service.mtls == MtlsMode::Strict || endpoint.tags.contains(MTLS_TAG)
+}
+
+/// Whether some instance of `service` is reached over mutual TLS.
+pub fn service_uses_tls(service: &Service) -> bool {
+    service.mtls == MtlsMode::Strict || service.endpoints.iter().any(|e| calls_need_tls(service, e))
+}
+
+/// The `{mtls: true}` struct that marks an instance (and matches the TLS transport socket).
+fn mtls_marker() -> Struct {
+    Struct {
+        fields: [(
+            names::MTLS_MATCH.to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(true)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
 /// The endpoint assignment of a cluster: healthy instances grouped by datacenter, the local
 /// datacenter at priority 0 and the others after it, densely numbered as Envoy requires.
+/// Instances for which `tls` holds are marked for the cluster's mutual-TLS transport socket.
 pub fn assignment<'a>(
     cluster: &str,
     endpoints: impl Iterator<Item = &'a Endpoint>,
     settings: &MeshSettings,
+    tls: impl Fn(&Endpoint) -> bool,
 ) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<(u32, String), Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints.filter(|e| e.healthy) {
@@ -93,6 +121,12 @@ pub fn assignment<'a>(
                     ..Default::default()
                 })),
                 load_balancing_weight: Some(UInt32Value { value: e.weight }),
+                metadata: tls(e).then(|| Metadata {
+                    filter_metadata: [(TRANSPORT_SOCKET_MATCH.to_string(), mtls_marker())]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             });
     }
@@ -128,6 +162,21 @@ pub fn empty_assignment(cluster: &str) -> ClusterLoadAssignment {
     }
 }
 
+/// Endpoint metadata namespace Envoy matches `transport_socket_matches` against.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+/// The variant of a mesh cluster for callers holding a certificate: instances marked in the
+/// assignment are called over mutual TLS verifying the callee's identity, the others in
+/// plaintext.
+pub fn with_upstream_tls(mut cluster: Cluster, trust_domain: &str, service: &str) -> Cluster {
+    cluster.transport_socket_matches = vec![TransportSocketMatch {
+        name: names::MTLS_MATCH.to_string(),
+        r#match: Some(mtls_marker()),
+        transport_socket: Some(super::tls::upstream_tls(trust_domain, service)),
+    }];
+    cluster
+}
+
 /// The clusters and assignments of one service: all instances, plus a canary cluster when
 /// some healthy instance carries the `canary` tag.
 pub fn service_clusters(
@@ -135,9 +184,10 @@ pub fn service_clusters(
     settings: &MeshSettings,
 ) -> Vec<(Cluster, ClusterLoadAssignment)> {
     let name = names::service_cluster(&service.name);
+    let tls = |e: &Endpoint| calls_need_tls(service, e);
     let mut out = vec![(
         eds_cluster(&name),
-        assignment(&name, service.endpoints.iter(), settings),
+        assignment(&name, service.endpoints.iter(), settings, tls),
     )];
     if service.has_canary() {
         let canary = names::canary_cluster(&service.name);
@@ -147,6 +197,7 @@ pub fn service_clusters(
                 &canary,
                 service.endpoints.iter().filter(|e| e.is_canary()),
                 settings,
+                tls,
             ),
         ));
     }

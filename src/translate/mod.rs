@@ -6,9 +6,11 @@
 //! listeners, routes, local and external clusters — and names the mesh clusters it needs.
 //! Encoding and versioning happen in [`crate::snapshot`].
 
+pub mod access;
 pub mod clusters;
 pub mod listeners;
 pub mod names;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,7 +20,8 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use crate::model::{
-    DependencySettings, DependencyTarget, ExternalDomain, MeshSettings, MeshState, ProxyGroup,
+    DependencySettings, DependencyTarget, ExternalDomain, MeshSettings, MeshState, MtlsMode,
+    ProxyGroup,
 };
 
 /// Clusters and assignments of every service in the mesh, shared by all groups.
@@ -28,14 +31,28 @@ pub struct MeshResources {
     pub clusters: BTreeMap<String, Cluster>,
     /// Their assignments by cluster name.
     pub assignments: BTreeMap<String, ClusterLoadAssignment>,
+    /// For clusters with instances called over mutual TLS: the variant given to callers that
+    /// hold a certificate (the plain one goes to the others), by name.
+    pub tls_clusters: BTreeMap<String, Cluster>,
 }
 
 /// Builds the clusters and assignments of every service.
 pub fn mesh_resources(state: &MeshState, settings: &MeshSettings) -> MeshResources {
     let mut out = MeshResources::default();
     for service in state.services.values() {
+        let uses_tls = clusters::service_uses_tls(service);
         for (cluster, assignment) in clusters::service_clusters(service, settings) {
             out.assignments.insert(cluster.name.clone(), assignment);
+            if uses_tls {
+                out.tls_clusters.insert(
+                    cluster.name.clone(),
+                    clusters::with_upstream_tls(
+                        cluster.clone(),
+                        &settings.trust_domain,
+                        &service.name,
+                    ),
+                );
+            }
             out.clusters.insert(cluster.name.clone(), cluster);
         }
     }
@@ -53,6 +70,8 @@ pub struct GroupResources {
     pub clusters: Vec<Cluster>,
     /// Names of the [`MeshResources`] clusters (and assignments) the group uses.
     pub mesh_clusters: BTreeSet<String>,
+    /// Whether the group holds a certificate and gets the mutual-TLS variant of mesh clusters.
+    pub originate_tls: bool,
     /// Things an operator should know: dependencies ignored and why.
     pub warnings: Vec<String>,
 }
@@ -120,24 +139,22 @@ pub fn group_resources(
     settings: &MeshSettings,
     group: &ProxyGroup,
 ) -> GroupResources {
-    let mut out = GroupResources::default();
+    let mut out = GroupResources {
+        originate_tls: group.tls,
+        ..Default::default()
+    };
     if let (Some(ingress_port), Some(app_port)) = (group.ingress_port, group.app_port) {
-        let host = group.ingress_host.as_deref().unwrap_or("0.0.0.0");
-        out.listeners.push(listeners::http_listener(
-            names::INGRESS_LISTENER,
-            host,
-            ingress_port,
-            names::INGRESS_ROUTE,
-            false,
-        ));
-        out.routes.push(listeners::ingress_route());
+        let ingress = access::ingress(state, settings, group, ingress_port);
+        out.listeners.push(ingress.listener);
+        out.routes.push(ingress.route);
+        out.warnings.extend(ingress.warnings);
         out.clusters.push(clusters::local_app_cluster(app_port));
     }
     let Some(egress_port) = group.egress_port else {
         return out;
     };
     let deps = resolve_dependencies(state, settings, group);
-    out.warnings = deps.warnings;
+    out.warnings.extend(deps.warnings);
     let mut vhosts: Vec<VirtualHost> = Vec::new();
     // Envoy compares vhost domains case-insensitively and rejects the whole route
     // configuration when one repeats, so names that differ only in case share one entry.
@@ -151,6 +168,21 @@ pub fn group_resources(
             continue;
         }
         match state.services.get(name) {
+            Some(service) if service.mtls == MtlsMode::Strict && !group.tls => {
+                out.warnings.push(format!(
+                    "dependency {name} refused locally: it accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)"
+                ));
+                vhosts.push(listeners::local_reply_vhost(
+                    name,
+                    vec![name.clone()],
+                    503,
+                    "mtls-required",
+                    format!(
+                        "meshbridge: {name} accepts only mutual TLS and this proxy ({}) has no certificate (meshbridge bootstrap --tls-*)\n",
+                        group.service
+                    ),
+                ));
+            }
             Some(service) => {
                 let has_canary = service.has_canary();
                 out.mesh_clusters.insert(names::service_cluster(name));

@@ -21,6 +21,24 @@ pub const UNDECLARED_VHOST: &str = "undeclared|*";
 pub const REASON_HEADER: &str = "x-meshbridge-reason";
 /// Request header asking for a canary instance.
 pub const CANARY_HEADER: &str = "x-canary";
+/// Request header carrying the caller's service name to the application (set by the callee's
+/// proxy; a value sent by the caller is removed unless the caller may assert identities).
+pub const IDENTITY_HEADER: &str = "x-client-name";
+/// Dynamic metadata namespace of the identity filter (`caller`, `identity`), for access logs.
+pub const IDENTITY_METADATA: &str = "meshbridge";
+/// Endpoint metadata key (under `envoy.transport_socket_match`) marking instances that are
+/// called over mutual TLS.
+pub const MTLS_MATCH: &str = "mtls";
+
+/// The SPIFFE id of a service: `spiffe://<trust-domain>/service/<name>`.
+pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/service/{service}")
+}
+
+/// The prefix every SPIFFE id of the trust domain's services starts with.
+pub fn spiffe_prefix(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/service/")
+}
 
 /// Cluster of all healthy instances of a mesh service.
 pub fn service_cluster(service: &str) -> String {

@@ -1,7 +1,7 @@
 //! Sidecar injection (pure): a pod template and settings in, the injected template out.
 //!
 //! The sidecar is Envoy with the bootstrap `meshbridge bootstrap` would print, passed as
-//! `--config-yaml` (no volume, no extra image); its node id is set per pod with
+//! `--config-yaml` (no config volume, no extra image); its node id is set per pod with
 //! `--service-node $(POD_NAME).$(POD_NAMESPACE)`. By default it is a native sidecar (an init
 //! container with `restartPolicy: Always`), so it starts before the application and stops
 //! after it. The application gets explicit egress: `MESHBRIDGE_EGRESS_ADDR` and `HTTP_PROXY`
@@ -21,18 +21,35 @@
 //! | `meshbridge.io/log-level` | Envoy's log level |
 //! | `meshbridge.io/http-proxy: "false"` | no `HTTP_PROXY` env for the application |
 //! | `meshbridge.io/transparent: "true"` | iptables redirection (init container with `NET_ADMIN`) |
+//! | `meshbridge.io/tls-secret` | Secret with the pod's mesh certificate (overrides [`InjectSettings::tls_secret`]; `""`: no TLS) |
+//!
+//! ## Mesh identity (TLS)
+//!
+//! Certificates (SAN URI `spiffe://<trust-domain>/service/<name>`) come from the deployment
+//! system, e.g. cert-manager, never from meshbridge. When a Secret applies to a pod (the
+//! annotation `meshbridge.io/tls-secret`, else [`InjectSettings::tls_secret`]), it is mounted
+//! read-only into the sidecar at [`TLS_DIR`] (volume [`TLS_VOLUME`]) and the bootstrap declares
+//! the static secrets `server_cert` (`tls.crt`, `tls.key`) and `validation_context`
+//! (`ca.crt`). The Secret's files are mode `0444` ([`TLS_FILE_MODE`]): the sidecar runs as
+//! user [`PROXY_UID`] and the pod gets no `fsGroup`, so group-only modes would leave Envoy
+//! unable to read its key; the pod is the trust boundary (every container of the pod could
+//! mount the Secret anyway). The injected pod carries the annotation with the Secret actually
+//! mounted, which is how the index knows its proxy accepts mutual TLS.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, Probe, ResourceRequirements, SecurityContext,
+    ObjectFieldSelector, PodSpec, Probe, ResourceRequirements, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api::{ANNOTATION_INGRESS_PORT, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
+use crate::api::{
+    ANNOTATION_INGRESS_PORT, ANNOTATION_TLS_SECRET, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER,
+};
 use crate::bootstrap::{BootstrapOptions, bootstrap_yaml};
 
 /// Pod annotation asking for (`"true"`) or refusing (`"false"`) the sidecar.
@@ -43,6 +60,17 @@ pub const ANNOTATION_STATUS: &str = "meshbridge.io/injected";
 pub const INIT_CONTAINER: &str = "meshbridge-init";
 /// User the sidecar runs as (its own traffic is not redirected).
 pub const PROXY_UID: i64 = 1337;
+/// Name of the pod volume holding the sidecar's TLS Secret.
+pub const TLS_VOLUME: &str = "meshbridge-tls";
+/// Where the TLS Secret is mounted (read-only) in the sidecar.
+pub const TLS_DIR: &str = "/etc/meshbridge/tls";
+/// File mode of the mounted Secret's files (`0444`): readable by the sidecar's user
+/// [`PROXY_UID`] without an `fsGroup`.
+pub const TLS_FILE_MODE: i32 = 0o444;
+/// The placeholder in [`InjectSettings::tls_secret`] replaced by the pod's service name.
+pub const SERVICE_PLACEHOLDER: &str = "{service}";
+/// What names the cluster-wide TLS Secret setting in errors.
+const TLS_SECRET_SETTING: &str = "--sidecar-tls-secret (meshbridge inject: --tls-secret)";
 const LOG_LEVELS: &[&str] = &[
     "trace", "debug", "info", "warning", "warn", "error", "critical", "off",
 ];
@@ -75,6 +103,12 @@ pub struct InjectSettings {
     /// Native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.29);
     /// otherwise the first regular container.
     pub native_sidecar: bool,
+    /// Name of the Secret holding the sidecar's certificate in the cert-manager layout
+    /// (`tls.crt`, `tls.key`, `ca.crt`), in the pod's namespace; `{service}` in it is replaced
+    /// by the pod's service name (e.g. `{service}-mesh-tls`). A pod's annotation
+    /// `meshbridge.io/tls-secret` overrides it (`""`: no TLS for that pod). `None` (or empty):
+    /// no TLS unless the pod asks for it.
+    pub tls_secret: Option<String>,
 }
 
 impl Default for InjectSettings {
@@ -92,6 +126,7 @@ impl Default for InjectSettings {
             memory: "128Mi".into(),
             memory_limit: "256Mi".into(),
             native_sidecar: true,
+            tls_secret: None,
         }
     }
 }
@@ -158,6 +193,58 @@ fn port_annotation(meta: &ObjectMeta, key: &str) -> Result<Option<u16>, InjectEr
             })
         })
         .transpose()
+}
+
+/// Why `name` is not a DNS-1123 subdomain (what Kubernetes requires of a Secret's name).
+fn dns_subdomain_problem(name: &str) -> Option<&'static str> {
+    if name.len() > 253 {
+        return Some("must be at most 253 characters");
+    }
+    let label_ok = |label: &str| {
+        let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        label.starts_with(alnum)
+            && label.ends_with(alnum)
+            && label.chars().all(|c| alnum(c) || c == '-')
+    };
+    (!name.split('.').all(label_ok)).then_some(
+        "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+    )
+}
+
+/// The TLS Secret that applies to a pod of `service`: its annotation (`""`: none), else the
+/// setting; `{service}` replaced, and the result checked to be a Secret name.
+fn tls_secret(
+    meta: &ObjectMeta,
+    settings: &InjectSettings,
+    service: &str,
+) -> Result<Option<String>, InjectError> {
+    let from_annotation = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TLS_SECRET))
+        .map(|v| v.trim());
+    let (template, field) = match from_annotation {
+        Some("") => return Ok(None),
+        Some(name) => (
+            name,
+            format!("metadata.annotations[{ANNOTATION_TLS_SECRET}]"),
+        ),
+        None => match settings.tls_secret.as_deref().map(str::trim) {
+            None | Some("") => return Ok(None),
+            Some(name) => (name, TLS_SECRET_SETTING.to_string()),
+        },
+    };
+    let name = template.replace(SERVICE_PLACEHOLDER, service);
+    match dns_subdomain_problem(&name) {
+        None => Ok(Some(name)),
+        Some(problem) if name == template => {
+            Err(bad(&field, format!("Secret name {name:?} {problem}")))
+        }
+        Some(problem) => Err(bad(
+            &field,
+            format!("Secret name {name:?} (from {template:?}) {problem}"),
+        )),
+    }
 }
 
 fn has_sidecar(spec: &PodSpec) -> bool {
@@ -246,6 +333,20 @@ pub fn inject(
             format!("{log_level:?} is not one of {}", LOG_LEVELS.join(", ")),
         ));
     }
+    let tls_secret = tls_secret(meta, settings, &service)?;
+    if tls_secret.is_some() && spec.volumes.iter().flatten().any(|v| v.name == TLS_VOLUME) {
+        return Err(bad(
+            "spec.volumes",
+            format!(
+                "a volume named {TLS_VOLUME} already exists; the sidecar's TLS Secret needs that name"
+            ),
+        ));
+    }
+    let tls_file = |file: &str| {
+        tls_secret
+            .as_ref()
+            .map(|_| std::path::PathBuf::from(format!("{TLS_DIR}/{file}")))
+    };
     let dependencies: Vec<String> = annotation(meta, "meshbridge.io/dependencies")
         .map(|d| {
             d.split(',')
@@ -266,6 +367,9 @@ pub fn inject(
         admin_port: settings.admin_port,
         ready_port: Some(settings.ready_port),
         dependencies,
+        tls_cert: tls_file("tls.crt"),
+        tls_key: tls_file("tls.key"),
+        tls_ca: tls_file("ca.crt"),
         ..Default::default()
     };
     let bootstrap =
@@ -385,6 +489,14 @@ pub fn inject(
             ..Default::default()
         }),
         restart_policy: settings.native_sidecar.then(|| "Always".to_string()),
+        volume_mounts: tls_secret.as_ref().map(|_| {
+            vec![VolumeMount {
+                name: TLS_VOLUME.to_string(),
+                mount_path: TLS_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            }]
+        }),
         ..Default::default()
     };
 
@@ -433,9 +545,24 @@ pub fn inject(
         spec.containers.insert(0, sidecar);
     }
 
+    if let Some(secret) = &tls_secret {
+        spec.volumes.get_or_insert_default().push(Volume {
+            name: TLS_VOLUME.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(TLS_FILE_MODE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
     let annotations = meta.annotations.get_or_insert_default();
     annotations.insert(ANNOTATION_STATUS.to_string(), settings.image.clone());
     annotations.insert(ANNOTATION_INGRESS_PORT.to_string(), ingress.to_string());
+    if let Some(secret) = tls_secret {
+        annotations.insert(ANNOTATION_TLS_SECRET.to_string(), secret);
+    }
     Ok(Outcome::Injected)
 }
 
@@ -509,7 +636,34 @@ pub fn json_patch(before: &serde_json::Value, after: &serde_json::Value) -> serd
 
 #[cfg(test)]
 mod tests {
-    use super::supports_native_sidecars;
+    use super::{dns_subdomain_problem, supports_native_sidecars};
+
+    #[test]
+    fn secret_names_are_dns_1123_subdomains() {
+        for ok in [
+            "orders-tls",
+            "a",
+            "orders.mesh-tls",
+            "0rders9",
+            &"a".repeat(253),
+        ] {
+            assert_eq!(dns_subdomain_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "Orders",
+            "orders_tls",
+            "-orders",
+            "orders-",
+            "orders..tls",
+            ".orders",
+            "orders tls",
+            "{service}-tls",
+            &"a".repeat(254),
+        ] {
+            assert!(dns_subdomain_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn native_sidecars_from_kubernetes_1_29() {

@@ -158,6 +158,11 @@ pub struct InjectArgs {
     /// instead of a native sidecar init container.
     #[arg(long)]
     pub no_native_sidecar: bool,
+    /// Secret (in the pod's namespace) holding the sidecar's certificate: `tls.crt`,
+    /// `tls.key`, `ca.crt`, as cert-manager writes them; `{service}` is replaced by the
+    /// service name. A pod's annotation `meshbridge.io/tls-secret` overrides it (`""`: no TLS).
+    #[arg(long, value_name = "NAME")]
+    pub tls_secret: Option<String>,
 }
 
 impl InjectArgs {
@@ -169,6 +174,7 @@ impl InjectArgs {
             init_image: self.init_image.clone(),
             log_level: self.log_level.clone(),
             native_sidecar: !self.no_native_sidecar,
+            tls_secret: self.tls_secret.clone(),
             ..InjectSettings::default()
         }
     }

@@ -98,6 +98,7 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
             app_port: port(meta, "app_port")?,
             egress_port: port(meta, "egress_port")?,
             dependencies,
+            tls: flag(meta, "tls")?,
         },
     })
 }
@@ -116,6 +117,25 @@ fn string(meta: &Struct, key: &'static str) -> Result<Option<String>, NodeError>
         Some(_) => Err(NodeError::BadMetadata {
             key,
             reason: "expected a string".into(),
+        }),
+    }
+}
+
+fn flag(meta: &Struct, key: &'static str) -> Result<bool, NodeError> {
+    match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => Ok(false),
+        Some(Kind::BoolValue(b)) => Ok(*b),
+        Some(Kind::StringValue(s)) => match s.trim() {
+            "true" => Ok(true),
+            "false" | "" => Ok(false),
+            other => Err(NodeError::BadMetadata {
+                key,
+                reason: format!("{other:?} is not true or false"),
+            }),
+        },
+        Some(_) => Err(NodeError::BadMetadata {
+            key,
+            reason: "expected true or false".into(),
         }),
     }
 }
