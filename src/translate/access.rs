@@ -143,7 +143,7 @@ pub fn ingress(
         (Some(_), Some(AccessAction::Log)) => "log",
         (Some(_), _) => "deny",
     };
-    let mut http_filters = vec![identity_filter(&group.service, policy, state, settings)];
+    let mut http_filters = vec![identity_filter(policy, state, settings)];
     if let Some(rbac) = &rbac {
         http_filters.push(HttpFilter {
             name: "envoy.filters.http.rbac".to_string(),
@@ -625,7 +625,6 @@ end
 }
 
 fn identity_filter(
-    _target: &str,
     policy: Option<&AccessPolicy>,
     state: &MeshState,
     settings: &MeshSettings,
