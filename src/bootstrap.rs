@@ -72,6 +72,9 @@ pub enum BootstrapError {
     EmptyNodeId,
 }
 
+/// Largest RE2 program (path rules of AccessRules) the proxies accept.
+pub const RE2_MAX_PROGRAM_SIZE: u32 = 1000;
+
 /// Name of the static cluster pointing at the control plane.
 pub const XDS_CLUSTER: &str = "meshbridge_xds";
 
@@ -145,6 +148,17 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             }]
         }
     });
+    // Envoy refuses a regular expression whose RE2 program is larger than 100 by default,
+    // which a path rule like `/orders/[a-z0-9-]{1,36}/items` already is; a refused listener
+    // would leave the previous one (and its access rules) in force. The admin layer keeps
+    // `/runtime_modify` working.
+    bootstrap["layered_runtime"] = json!({"layers": [
+        {"name": "meshbridge", "static_layer": {
+            "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
+            "re2.max_program_size.warn_level": RE2_MAX_PROGRAM_SIZE
+        }},
+        {"name": "admin", "admin_layer": {}}
+    ]});
     if let Some(ready_port) = o.ready_port {
         add_ready_listener(&mut bootstrap, ready_port, o.admin_port);
     }

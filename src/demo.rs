@@ -49,8 +49,9 @@ const APPS: [(&str, &str, u16, Option<u16>); 3] = [
 ];
 
 /// A tiny HTTP application answering with who it is. It echoes the caller identity its
-/// proxy asserted (request header `x-client-name`) in the response header
-/// `x-client-name-seen`, absent when the request had none.
+/// proxy asserted (request header `x-client-name`, or any spelling a CGI-style server would
+/// read as it, such as `x_client_name`) in the response header `x-client-name-seen`, values
+/// joined by `,`, absent when the request had none.
 pub async fn serve_app(listener: TcpListener, service: String, instance: String) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -64,11 +65,18 @@ pub async fn serve_app(listener: TcpListener, service: String, instance: String)
                     req.method(),
                     req.uri().path()
                 );
-                let client_name = req.headers().get("x-client-name").cloned();
+                let names: Vec<String> = req
+                    .headers()
+                    .iter()
+                    .filter(|(k, _)| k.as_str().replace('_', "-") == "x-client-name")
+                    .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
                 async move {
                     let mut response = Response::new(Full::new(Bytes::from(body)));
-                    if let Some(name) = client_name {
-                        response.headers_mut().insert("x-client-name-seen", name);
+                    if !names.is_empty()
+                        && let Ok(value) = hyper::header::HeaderValue::from_str(&names.join(","))
+                    {
+                        response.headers_mut().insert("x-client-name-seen", value);
                     }
                     Ok::<_, std::convert::Infallible>(response)
                 }

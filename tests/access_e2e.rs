@@ -449,10 +449,19 @@ async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
     denied(&outside_path, "checkout, path outside the rule");
     let outside_method = via(&checkout, "POST", "orders", "/api/orders", &[]).await;
     denied(&outside_method, "checkout, method outside the rule");
+    // A path that only looks like it is inside the rule is judged as the app would read it.
+    let dot_dot = via(&checkout, "GET", "orders", "/api/../admin", &[]).await;
+    denied(&dot_dot, "checkout, /api/../admin is /admin");
+    let escaped = via(&checkout, "GET", "orders", "/api%2F..%2Fadmin", &[]).await;
+    assert_ne!(
+        escaped.status, 200,
+        "an escaped slash must not reach the app: {escaped:?}"
+    );
 
-    // The callee counts its decisions: checkout's two calls allowed, three refusals.
+    // The callee counts its decisions: checkout's two calls allowed, four refusals (the
+    // escaped slash is redirected before RBAC).
     assert_eq!(stat(&orders, &rbac_stat("orders", "allowed")).await, 2);
-    assert_eq!(stat(&orders, &rbac_stat("orders", "denied")).await, 3);
+    assert_eq!(stat(&orders, &rbac_stat("orders", "denied")).await, 4);
 
     // ...and logs who was refused, how it was identified, and why.
     let entry = access_entry(&orders, "GET", "/api/from-billing").await;
@@ -532,7 +541,8 @@ async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() 
         mesh_service("billing", "{dependencies: [{service: orders}]}"),
         access_rule(
             "checkout-reads",
-            "{target: orders, rules: [{from: [checkout], paths: [{prefix: /a/}]}]}",
+            // A regex beyond Envoy's default RE2 size limit (100): still enforced.
+            "{target: orders, rules: [{from: [checkout], paths: [{prefix: /a/}, {regex: '/orders/[a-z0-9-]{1,36}/items/[0-9]+'}]}]}",
         ),
         access_rule(
             "billing-reports",
@@ -562,6 +572,26 @@ async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() 
         .await
         .unwrap();
     denied(&r, "billing on checkout's path");
+    let r = tls_request(
+        addr,
+        &checkout.cert,
+        &checkout.key,
+        "/orders/ab-12/items/7",
+        &[],
+    )
+    .await
+    .unwrap();
+    reached_app(&r, "orders", "GET", "/orders/ab-12/items/7");
+    let r = tls_request(
+        addr,
+        &checkout.cert,
+        &checkout.key,
+        "/orders/AB/items/7",
+        &[],
+    )
+    .await
+    .unwrap();
+    denied(&r, "checkout on a path the regex does not match");
 
     let access = cp.admin_json("/api/access").await;
     let orders = access
@@ -666,7 +696,8 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
             "GET",
             "orders",
             "/plain",
-            &[(CLIENT_NAME, "checkout")],
+            // Also the spelling CGI-style servers read as the same header.
+            &[(CLIENT_NAME, "checkout"), ("x_client_name", "checkout")],
         )
         .await
         .ok()

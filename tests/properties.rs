@@ -910,6 +910,7 @@ fn principal_admits(p: &Principal, r: &Request) -> bool {
         Identifier::Any(any) => *any,
         Identifier::OrIds(set) => set.ids.iter().any(|p| principal_admits(p, r)),
         Identifier::AndIds(set) => set.ids.iter().all(|p| principal_admits(p, r)),
+        Identifier::NotId(p) => !principal_admits(p, r),
         Identifier::Authenticated(a) => match (&r.san, &a.principal_name) {
             (Some(san), Some(m)) => string_matches(m, san),
             (Some(_), None) => true,
@@ -1067,9 +1068,9 @@ proptest! {
                 .collect(),
             Caller::Address(_) => Vec::new(),
         };
-        let trusted = proven
-            .iter()
-            .any(|n| settings.identity_header_from.iter().any(|g| glob_match(g, n)));
+        // Only a peer proven by its certificate may assert the caller.
+        let trusted = matches!(who, Caller::Certificate(n)
+            if settings.identity_header_from.iter().any(|g| glob_match(g, n)));
         let mut names = proven.clone();
         if let (Some(a), true) = (asserted, trusted) {
             names.push(a.to_string());
@@ -1096,7 +1097,9 @@ proptest! {
                 .filter(|a| a.target == target)
                 .flat_map(|a| &a.rules)
                 .collect();
+            // `log` only shadows when every rule says so and the mesh is not default-deny.
             let any_log_only = !rules.is_empty()
+                && !settings.default_deny
                 && mesh.access.iter().filter(|a| a.target == target).all(|a| a.log);
             let named = |r: &GenRule| {
                 r.from.iter().any(|f| *f == "*" || names.iter().any(|n| glob_match(f, n)))

@@ -251,6 +251,8 @@ fn render_principal(p: &Principal) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+        Identifier::NotId(p) => format!("not({})", render_principal(p)),
+        Identifier::Authenticated(a) if a.principal_name.is_none() => "any certificate".into(),
         Identifier::Authenticated(a) => {
             format!("san{}", render_string_matcher(&a.principal_name))
         }

@@ -45,13 +45,14 @@ use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRba
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{PathWithEscapedSlashesAction, RouteSpecifier},
     http_filter::ConfigType as HttpFilterConfig,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
-use envoy_types::pb::google::protobuf::{Any, Struct, UInt32Value, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value::Kind};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
@@ -138,10 +139,10 @@ pub fn ingress(
     };
     let policy = state.access.get(&group.service);
     let rbac = rbac_config(&group.service, policy, state, settings);
-    let mode_name = match (&rbac, policy.map(|p| p.action)) {
-        (None, _) => "off",
-        (Some(_), Some(AccessAction::Log)) => "log",
-        (Some(_), _) => "deny",
+    let mode_name = match &rbac {
+        None => "off",
+        Some(r) if r.rules.is_none() => "log",
+        Some(_) => "deny",
     };
     let mut http_filters = vec![identity_filter(policy, state, settings)];
     if let Some(rbac) = &rbac {
@@ -164,6 +165,12 @@ pub fn ingress(
         })),
         http_filters,
         access_log: vec![access_log(&group.service, mode_name)],
+        // Paths are matched by RBAC as the application will read them: `/api/../admin` and
+        // `//admin` are normalized first, and an escaped slash (`/api%2F..%2Fadmin`) is
+        // unescaped and the caller redirected, as Envoy advises for path-based access rules.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
         ..Default::default()
     };
     let filters = vec![Filter {
@@ -219,8 +226,9 @@ pub fn ingress(
 /// Each merged rule becomes one ALLOW policy `rule-N` (N its position in the merged, sorted
 /// rules): any of its callers, and any of its paths (all when none), and any of its methods
 /// (all when none). With `deny` the policies are enforced: a call none of them admits gets 403.
-/// With `log` they are shadow rules. Default-deny without a rule is an enforced empty policy
-/// set, which admits nothing.
+/// With `log` they are shadow rules, unless the mesh is default-deny, where `log` is enforced
+/// like `deny` (a team's rule cannot open what the operator closed). Default-deny without a
+/// rule is an enforced empty policy set, which admits nothing.
 pub fn rbac_config(
     target: &str,
     policy: Option<&AccessPolicy>,
@@ -228,6 +236,8 @@ pub fn rbac_config(
     settings: &MeshSettings,
 ) -> Option<HttpRbac> {
     let (action, rules): (AccessAction, &[AccessRuleSet]) = match policy {
+        // Under default-deny, `log` cannot open a service: calls no rule allows are refused.
+        Some(p) if settings.default_deny => (AccessAction::Deny, &p.rules),
         Some(p) => (p.action, &p.rules),
         None if settings.default_deny => (AccessAction::Deny, &[]),
         None => return None,
@@ -381,13 +391,47 @@ pub fn caller_principal(
         }
         CallerMatch::Service(glob) => glob,
     };
-    let mut ids = vec![proven_principal(glob, state, settings)];
+    let mut ids = vec![certificate_principal(glob, settings)];
+    if settings.source_ip_identity {
+        let addresses: Vec<Principal> = source_addresses(glob, state)
+            .into_keys()
+            .map(|ip| Principal {
+                identifier: Some(principal::Identifier::DirectRemoteIp(CidrRange {
+                    address_prefix: ip.to_string(),
+                    prefix_len: Some(UInt32Value {
+                        value: if ip.is_ipv4() { 32 } else { 128 },
+                    }),
+                })),
+            })
+            .collect();
+        if !addresses.is_empty() {
+            // Only for a connection without a certificate: one that presents a certificate
+            // is whoever the certificate says, wherever it connects from.
+            ids.push(Principal {
+                identifier: Some(principal::Identifier::AndIds(principal::Set {
+                    ids: vec![
+                        Principal {
+                            identifier: Some(principal::Identifier::NotId(Box::new(Principal {
+                                identifier: Some(principal::Identifier::Authenticated(
+                                    principal::Authenticated {
+                                        principal_name: None,
+                                    },
+                                )),
+                            }))),
+                        },
+                        any_principal(addresses),
+                    ],
+                })),
+            });
+        }
+    }
     if !settings.identity_header_from.is_empty() {
+        // A peer may assert identities only when its own is proven by a certificate.
         let trusted = any_principal(
             settings
                 .identity_header_from
                 .iter()
-                .map(|peer| proven_principal(peer, state, settings))
+                .map(|peer| certificate_principal(peer, settings))
                 .collect(),
         );
         ids.push(Principal {
@@ -407,10 +451,9 @@ pub fn caller_principal(
     any_principal(ids)
 }
 
-/// A peer proven to be a service matching `glob` by its certificate, or by its source address
-/// when source-IP identity is on.
-fn proven_principal(glob: &str, state: &MeshState, settings: &MeshSettings) -> Principal {
-    let mut ids = vec![Principal {
+/// A peer whose verified certificate names a service matching `glob`.
+fn certificate_principal(glob: &str, settings: &MeshSettings) -> Principal {
+    Principal {
         identifier: Some(principal::Identifier::Authenticated(
             principal::Authenticated {
                 principal_name: Some(exact_or_glob(
@@ -419,19 +462,7 @@ fn proven_principal(glob: &str, state: &MeshState, settings: &MeshSettings) -> P
                 )),
             },
         )),
-    }];
-    if settings.source_ip_identity {
-        for ip in source_addresses(glob, state).into_keys() {
-            let prefix_len = if ip.is_ipv4() { 32 } else { 128 };
-            ids.push(Principal {
-                identifier: Some(principal::Identifier::DirectRemoteIp(CidrRange {
-                    address_prefix: ip.to_string(),
-                    prefix_len: Some(UInt32Value { value: prefix_len }),
-                })),
-            });
-        }
     }
-    any_principal(ids)
 }
 
 /// The instance addresses (IPs only) of services matching `glob`, with the services at each.
@@ -519,7 +550,7 @@ fn lua_pattern(glob: &str) -> String {
     let mut out = String::from("^");
     for c in glob.chars() {
         match c {
-            '*' => out.push_str(".*"),
+            '*' => out.push_str("[^/,]*"),
             '^' | '$' | '(' | ')' | '%' | '.' | '[' | ']' | '+' | '-' | '?' => {
                 out.push('%');
                 out.push(c);
@@ -537,9 +568,9 @@ pub fn identity_script(
     state: &MeshState,
     settings: &MeshSettings,
 ) -> String {
-    // Source addresses of the callers this target's rules name (and of trusted peers): the
-    // table only holds what authorization can use, so that an instance change elsewhere in the
-    // mesh does not change this proxy's configuration.
+    // Source addresses of the callers this target's rules name: the table only holds what
+    // authorization can use, so that an instance change elsewhere in the mesh does not change
+    // this proxy's configuration.
     let mut by_ip: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
     if settings.source_ip_identity {
         let globs = policy
@@ -549,8 +580,7 @@ pub fn identity_script(
             .filter_map(|c| match c {
                 CallerMatch::Service(g) => Some(g.as_str()),
                 CallerMatch::Any => None,
-            })
-            .chain(settings.identity_header_from.iter().map(String::as_str));
+            });
         for glob in globs {
             for (ip, services) in source_addresses(glob, state) {
                 by_ip.entry(ip).or_default().extend(services);
@@ -589,7 +619,17 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   local asserted = headers:get(header)
-  headers:remove(header)
+  -- Remove every spelling an application could read as this header (x_client_name
+  -- becomes HTTP_X_CLIENT_NAME in CGI-style servers).
+  local spellings = {{}}
+  for name, _ in pairs(headers) do
+    if string.gsub(string.lower(name), "_", "-") == header then
+      spellings[#spellings + 1] = name
+    end
+  end
+  for _, name in ipairs(spellings) do
+    headers:remove(name)
+  end
   local caller, how = nil, "none"
   local ssl = handle:streamInfo():downstreamSslConnection()
   if ssl ~= nil then
@@ -607,7 +647,7 @@ function envoy_on_request(handle)
       caller, how = by_ip[ip], "source-ip"
     end
   end
-  if caller ~= nil and asserted ~= nil and asserted ~= "" and is_trusted(caller) then
+  if how == "mtls" and asserted ~= nil and asserted ~= "" and is_trusted(caller) then
     caller, how = asserted, "header"
   end
   if caller ~= nil then
