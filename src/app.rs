@@ -117,6 +117,14 @@ impl ControlPlane {
                 .map(|s| s.endpoints.len() as i64)
                 .sum(),
         );
+        self.metrics.access_policies.set(state.access.len() as i64);
+        self.metrics.access_unknown_callers.set(
+            state
+                .access
+                .values()
+                .map(|p| state.resolve_callers(p.caller_names()).1.len() as i64)
+                .sum(),
+        );
         *previous = state.clone();
         let view = Arc::new(Published {
             state: state.clone(),

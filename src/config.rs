@@ -213,8 +213,9 @@ pub struct RunArgs {
     /// every process that can send from that address is taken for that service.
     #[arg(long, env = "MESHBRIDGE_SOURCE_IP_IDENTITY")]
     pub source_ip_identity: bool,
-    /// Services (globs allowed, repeatable) whose proxies may assert the caller in the
-    /// `x-client-name` header, e.g. an edge gateway; from anyone else that header is removed.
+    /// Services (globs allowed, repeatable) whose proxies, proven by their certificate, may
+    /// assert the caller in the `x-client-name` header, e.g. an edge gateway that authenticates
+    /// its callers itself; from anyone else that header is removed.
     #[arg(
         long = "identity-header-from",
         env = "MESHBRIDGE_IDENTITY_HEADER_FROM",

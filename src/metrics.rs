@@ -36,6 +36,10 @@ pub struct Metrics {
     pub services: Gauge,
     /// Endpoints in the mesh state (healthy or not).
     pub endpoints: Gauge,
+    /// Services protected by at least one AccessRule.
+    pub access_policies: Gauge,
+    /// Callers named by AccessRules that match no known service (see `/api/access`).
+    pub access_unknown_callers: Gauge,
     /// Manifest files currently rejected (their last good state stays in force).
     pub config_errors: Gauge,
     /// Services that lost every instance in one change (applied, but worth a look).
@@ -80,6 +84,8 @@ impl Metrics {
             debounce_batches: Counter::default(),
             services: Gauge::default(),
             endpoints: Gauge::default(),
+            access_policies: Gauge::default(),
+            access_unknown_callers: Gauge::default(),
             config_errors: Gauge::default(),
             services_emptied: Counter::default(),
             consul_requests: Family::default(),
@@ -140,6 +146,16 @@ impl Metrics {
             "endpoints",
             "Endpoints in the mesh state",
             m.endpoints.clone(),
+        );
+        m.registry.register(
+            "access_policies",
+            "Services protected by at least one AccessRule",
+            m.access_policies.clone(),
+        );
+        m.registry.register(
+            "access_unknown_callers",
+            "Callers named by AccessRules that match no known service",
+            m.access_unknown_callers.clone(),
         );
         m.registry.register(
             "config_errors",

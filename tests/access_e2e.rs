@@ -614,6 +614,16 @@ async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() 
         names("unknown_callers").contains(&"ghost".into()),
         "{orders}"
     );
+    // ...and counted for alerting: one protected service, one caller nobody knows.
+    let metrics = cp.metrics().await;
+    assert!(
+        metrics.contains("meshbridge_access_policies 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshbridge_access_unknown_callers 1\n"),
+        "{metrics}"
+    );
     assert!(
         !names("unknown_callers").contains(&"billing".into()),
         "{orders}"

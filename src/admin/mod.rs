@@ -146,12 +146,7 @@ pub fn access_view(state: &MeshState) -> Value {
         .access
         .values()
         .map(|p| {
-            let (resolved, unknown) = state.resolve_callers(p.rules.iter().flat_map(|r| {
-                r.from.iter().map(|c| match c {
-                    crate::model::CallerMatch::Any => "*",
-                    crate::model::CallerMatch::Service(s) => s.as_str(),
-                })
-            }));
+            let (resolved, unknown) = state.resolve_callers(p.caller_names());
             json!({
                 "target": p.target,
                 "target_known": state.services.contains_key(&p.target),

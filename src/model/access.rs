@@ -61,3 +61,15 @@ pub struct AccessPolicy {
     /// The resources this policy was merged from (`namespace/name` or `file#doc`).
     pub sources: Vec<String>,
 }
+
+impl AccessPolicy {
+    /// The callers its rules name, as written (`"*"` for every caller).
+    pub fn caller_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().flat_map(|r| {
+            r.from.iter().map(|c| match c {
+                CallerMatch::Any => "*",
+                CallerMatch::Service(s) => s.as_str(),
+            })
+        })
+    }
+}

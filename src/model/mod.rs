@@ -174,7 +174,7 @@ pub struct MeshSettings {
     pub source_ip_identity: bool,
     /// Globs of services whose proxies may assert the caller's identity in the
     /// `x-client-name` header (an edge gateway that authenticated the caller itself). The peer
-    /// itself must be identified first (certificate, or source IP when enabled).
+    /// must itself present a certificate naming such a service.
     pub identity_header_from: Vec<String>,
 }
 

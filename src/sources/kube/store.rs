@@ -432,8 +432,10 @@ impl KubeStore {
                 let Ok(endpoint) = pod_endpoint(&object.spec, pod) else {
                     continue;
                 };
+                // The pod's own tags, and `mtls` when its sidecar holds certificates, so that
+                // Consul's other consumers know to call it over mutual TLS.
                 let mut tags: BTreeSet<String> = consul.tags.iter().cloned().collect();
-                tags.extend(pod.tags.iter().cloned());
+                tags.extend(endpoint.tags.iter().cloned());
                 out.push(PodInstance {
                     service: service.clone(),
                     namespace: pod.namespace.clone(),
@@ -629,5 +631,13 @@ mod tests {
         assert_eq!(instances.len(), 1);
         assert_eq!((instances[0].pod.as_str(), instances[0].port), ("o1", 80));
         assert!(instances[0].tags.contains("blue"));
+        assert!(!instances[0].tags.contains("mtls"));
+        // A pod whose sidecar holds certificates is registered as one to call over mTLS.
+        let mut with_certs = pod("o1", "orders", "10.0.0.1", true);
+        with_certs.tls = true;
+        with_certs.sidecar_port = Some(15006);
+        store.apply_pod(with_certs);
+        let instances = store.consul_instances();
+        assert!(instances[0].tags.contains("mtls"), "{:?}", instances[0]);
     }
 }
