@@ -141,14 +141,15 @@ pub fn ingress(
         listeners::ingress_route()
     };
     let policy = state.access.get(&group.service);
-    let rbac = rbac_config(&group.service, policy, state, settings);
+    let addresses = CallerAddresses::new(policy, state, settings);
+    let rbac = rbac_config_with(&group.service, policy, settings, &addresses);
     let mode_name = match &rbac {
         None => "off",
         Some(r) if r.rules.is_none() => "log",
         Some(_) => "deny",
     };
-    let mut http_filters = vec![identity_filter(policy, state, settings)];
-    if let Some(rbac) = &rbac {
+    let mut http_filters = vec![identity_filter(settings, &addresses)];
+    if let Some(rbac) = rbac {
         http_filters.push(HttpFilter {
             name: "envoy.filters.http.rbac".to_string(),
             config_type: Some(HttpFilterConfig::TypedConfig(encode_rbac(rbac))),
@@ -238,6 +239,16 @@ pub fn rbac_config(
     state: &MeshState,
     settings: &MeshSettings,
 ) -> Option<HttpRbac> {
+    let addresses = CallerAddresses::new(policy, state, settings);
+    rbac_config_with(target, policy, settings, &addresses)
+}
+
+fn rbac_config_with(
+    target: &str,
+    policy: Option<&AccessPolicy>,
+    settings: &MeshSettings,
+    addresses: &CallerAddresses<'_>,
+) -> Option<HttpRbac> {
     let (action, rules): (AccessAction, &[AccessRuleSet]) = match policy {
         // Under default-deny, `log` cannot open a service: calls no rule allows are refused.
         Some(p) if settings.default_deny => (AccessAction::Deny, &p.rules),
@@ -248,7 +259,7 @@ pub fn rbac_config(
     let policies: HashMap<String, Policy> = rules
         .iter()
         .enumerate()
-        .map(|(i, rule)| (format!("rule-{i}"), rule_policy(rule, state, settings)))
+        .map(|(i, rule)| (format!("rule-{i}"), rule_policy(rule, settings, addresses)))
         .collect();
     let config = Rbac {
         action: RbacAction::Allow as i32,
@@ -270,7 +281,11 @@ pub fn rbac_config(
     })
 }
 
-fn rule_policy(rule: &AccessRuleSet, state: &MeshState, settings: &MeshSettings) -> Policy {
+fn rule_policy(
+    rule: &AccessRuleSet,
+    settings: &MeshSettings,
+    addresses: &CallerAddresses<'_>,
+) -> Policy {
     let mut checks = Vec::new();
     if !rule.paths.is_empty() {
         checks.push(any_permission(
@@ -308,7 +323,7 @@ fn rule_policy(rule: &AccessRuleSet, state: &MeshState, settings: &MeshSettings)
     let callers = rule
         .from
         .iter()
-        .map(|c| caller_principal(c, state, settings))
+        .map(|c| caller_principal(c, settings, addresses))
         .collect();
     Policy {
         permissions: vec![permission],
@@ -381,10 +396,10 @@ fn exact_or_glob(glob: &str, prefix: &str) -> StringMatcher {
 /// The principal of callers matching `caller`: its certificate names a matching service; or,
 /// with source-IP identity, it connects from an instance address of a matching service; or a
 /// trusted peer asserts a matching name in `x-client-name`.
-pub fn caller_principal(
+fn caller_principal(
     caller: &CallerMatch,
-    state: &MeshState,
     settings: &MeshSettings,
+    addresses: &CallerAddresses<'_>,
 ) -> Principal {
     let glob = match caller {
         CallerMatch::Any => {
@@ -396,8 +411,9 @@ pub fn caller_principal(
     };
     let mut ids = vec![certificate_principal(glob, settings)];
     if settings.source_ip_identity {
-        let addresses: Vec<Principal> = source_addresses(glob, state)
-            .into_keys()
+        let addresses: Vec<Principal> = addresses
+            .of(glob)
+            .iter()
             .map(|ip| Principal {
                 identifier: Some(principal::Identifier::DirectRemoteIp(CidrRange {
                     address_prefix: ip.to_string(),
@@ -468,43 +484,94 @@ fn certificate_principal(glob: &str, settings: &MeshSettings) -> Principal {
     }
 }
 
-/// The instance addresses (IPs only) of services matching `glob`, with the services at each.
-pub fn source_addresses(glob: &str, state: &MeshState) -> BTreeMap<IpAddr, BTreeSet<String>> {
-    let mut out: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
-    for service in state
-        .services
-        .values()
-        .filter(|s| glob_match(glob, &s.name))
-    {
-        for e in &service.endpoints {
-            if let Ok(ip) = e.address.parse::<IpAddr>() {
-                out.entry(ip).or_default().insert(service.name.clone());
-            }
+/// With source-IP identity, the instance addresses (IPs only) of the callers one target's
+/// rules name, looked up once per ingress and shared by RBAC and the identity filter. Only
+/// named callers are looked up, so that an instance change elsewhere in the mesh does not
+/// change this proxy's configuration.
+#[derive(Debug, Default)]
+pub struct CallerAddresses<'a> {
+    by_glob: BTreeMap<&'a str, Vec<IpAddr>>,
+    by_ip: BTreeMap<IpAddr, BTreeSet<&'a str>>,
+}
+
+impl<'a> CallerAddresses<'a> {
+    /// Looks up the callers `policy` names (nothing without source-IP identity).
+    pub fn new(
+        policy: Option<&'a AccessPolicy>,
+        state: &'a MeshState,
+        settings: &MeshSettings,
+    ) -> Self {
+        let mut out = CallerAddresses::default();
+        if !settings.source_ip_identity {
+            return out;
         }
+        let globs = policy
+            .into_iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.from)
+            .filter_map(|c| match c {
+                CallerMatch::Service(g) => Some(g.as_str()),
+                CallerMatch::Any => None,
+            });
+        for glob in globs {
+            if out.by_glob.contains_key(glob) {
+                continue;
+            }
+            let services: Vec<&'a crate::model::Service> = if glob.contains('*') {
+                state
+                    .services
+                    .values()
+                    .filter(|s| glob_match(glob, &s.name))
+                    .collect()
+            } else {
+                state.services.get(glob).into_iter().collect()
+            };
+            let mut ips = Vec::new();
+            for service in services {
+                for e in &service.endpoints {
+                    if let Ok(ip) = e.address.parse::<IpAddr>() {
+                        ips.push(ip);
+                        out.by_ip.entry(ip).or_default().insert(&service.name);
+                    }
+                }
+            }
+            ips.sort_unstable();
+            ips.dedup();
+            out.by_glob.insert(glob, ips);
+        }
+        out
     }
-    out
+
+    /// The addresses of services matching `glob`, sorted.
+    pub fn of(&self, glob: &str) -> &[IpAddr] {
+        self.by_glob.get(glob).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Encodes an RBAC filter configuration with its policies in name order. Protobuf maps have no
 /// defined order and prost writes a `HashMap` in iteration order, which differs between runs;
 /// a resource's version is the hash of its bytes, so each policy is written as a separate
 /// message and the messages concatenated, which protobuf parsers merge (maps accumulate).
-pub fn encode_rbac(config: &HttpRbac) -> Any {
-    let mut base = config.clone();
-    for rules in [&mut base.rules, &mut base.shadow_rules]
-        .into_iter()
-        .flatten()
-    {
-        rules.policies.clear();
-    }
-    let mut value = base.encode_to_vec();
-    for (shadow, rules) in [(false, &config.rules), (true, &config.shadow_rules)] {
-        let Some(rules) = rules else { continue };
-        let sorted: BTreeMap<&String, &Policy> = rules.policies.iter().collect();
+pub fn encode_rbac(mut config: HttpRbac) -> Any {
+    let rules = config
+        .rules
+        .as_mut()
+        .map(|r| (r.action, std::mem::take(&mut r.policies)));
+    let shadow_rules = config
+        .shadow_rules
+        .as_mut()
+        .map(|r| (r.action, std::mem::take(&mut r.policies)));
+    // The configuration without policies (an enforced empty set stays: it denies everything).
+    let mut value = config.encode_to_vec();
+    for (shadow, rules) in [(false, rules), (true, shadow_rules)] {
+        let Some((action, policies)) = rules else {
+            continue;
+        };
+        let sorted: BTreeMap<String, Policy> = policies.into_iter().collect();
         for (name, policy) in sorted {
             let one = Rbac {
-                action: rules.action,
-                policies: HashMap::from([(name.clone(), policy.clone())]),
+                action,
+                policies: HashMap::from([(name, policy)]),
                 ..Default::default()
             };
             let part = if shadow {
@@ -566,30 +633,8 @@ fn lua_pattern(glob: &str) -> String {
 }
 
 /// The Lua source of the identity filter of `target`.
-pub fn identity_script(
-    policy: Option<&AccessPolicy>,
-    state: &MeshState,
-    settings: &MeshSettings,
-) -> String {
-    // Source addresses of the callers this target's rules name: the table only holds what
-    // authorization can use, so that an instance change elsewhere in the mesh does not change
-    // this proxy's configuration.
-    let mut by_ip: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
-    if settings.source_ip_identity {
-        let globs = policy
-            .into_iter()
-            .flat_map(|p| &p.rules)
-            .flat_map(|r| &r.from)
-            .filter_map(|c| match c {
-                CallerMatch::Service(g) => Some(g.as_str()),
-                CallerMatch::Any => None,
-            });
-        for glob in globs {
-            for (ip, services) in source_addresses(glob, state) {
-                by_ip.entry(ip).or_default().extend(services);
-            }
-        }
-    }
+pub fn identity_script(settings: &MeshSettings, addresses: &CallerAddresses<'_>) -> String {
+    use std::fmt::Write as _;
     let mut s = String::new();
     s.push_str("-- meshbridge: who is calling (see the translate::access module)\n");
     s.push_str(&format!(
@@ -597,13 +642,10 @@ pub fn identity_script(
         lua_string(&names::spiffe_prefix(&settings.trust_domain))
     ));
     s.push_str("local by_ip = {\n");
-    for (ip, services) in &by_ip {
-        let joined: Vec<&str> = services.iter().map(String::as_str).collect();
-        s.push_str(&format!(
-            "  [{}] = {},\n",
-            lua_string(&ip.to_string()),
-            lua_string(&joined.join(","))
-        ));
+    for (ip, services) in &addresses.by_ip {
+        let joined: Vec<&str> = services.iter().copied().collect();
+        // An IP needs no escaping.
+        let _ = writeln!(s, "  [\"{ip}\"] = {},", lua_string(&joined.join(",")));
     }
     s.push_str("}\nlocal trusted = {");
     for glob in &settings.identity_header_from {
@@ -667,15 +709,11 @@ end
     s
 }
 
-fn identity_filter(
-    policy: Option<&AccessPolicy>,
-    state: &MeshState,
-    settings: &MeshSettings,
-) -> HttpFilter {
+fn identity_filter(settings: &MeshSettings, addresses: &CallerAddresses<'_>) -> HttpFilter {
     let lua = Lua {
         default_source_code: Some(DataSource {
             specifier: Some(Specifier::InlineString(identity_script(
-                policy, state, settings,
+                settings, addresses,
             ))),
             ..Default::default()
         }),
