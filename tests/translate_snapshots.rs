@@ -231,26 +231,17 @@ fn render_string_matcher(m: &Option<StringMatcher>) -> String {
     }
 }
 
+/// Each item rendered, joined by commas.
+fn joined<T>(items: &[T], render: fn(&T) -> String) -> String {
+    items.iter().map(render).collect::<Vec<_>>().join(", ")
+}
+
 fn render_principal(p: &Principal) -> String {
     use principal::Identifier;
     match p.identifier.as_ref().unwrap() {
         Identifier::Any(_) => "any".into(),
-        Identifier::OrIds(s) => format!(
-            "or({})",
-            s.ids
-                .iter()
-                .map(render_principal)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Identifier::AndIds(s) => format!(
-            "and({})",
-            s.ids
-                .iter()
-                .map(render_principal)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Identifier::OrIds(s) => format!("or({})", joined(&s.ids, render_principal)),
+        Identifier::AndIds(s) => format!("and({})", joined(&s.ids, render_principal)),
         Identifier::NotId(p) => format!("not({})", render_principal(p)),
         Identifier::Authenticated(a) if a.principal_name.is_none() => "any certificate".into(),
         Identifier::Authenticated(a) => {
@@ -279,22 +270,8 @@ fn render_permission(p: &Permission) -> String {
     use permission::Rule;
     match p.rule.as_ref().unwrap() {
         Rule::Any(_) => "any".into(),
-        Rule::OrRules(s) => format!(
-            "or({})",
-            s.rules
-                .iter()
-                .map(render_permission)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Rule::AndRules(s) => format!(
-            "and({})",
-            s.rules
-                .iter()
-                .map(render_permission)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Rule::OrRules(s) => format!("or({})", joined(&s.rules, render_permission)),
+        Rule::AndRules(s) => format!("and({})", joined(&s.rules, render_permission)),
         Rule::UrlPath(m) => match &m.rule {
             Some(path_matcher::Rule::Path(s)) => {
                 format!("path{}", render_string_matcher(&Some(s.clone())))
