@@ -686,3 +686,84 @@ async fn namespaces_can_be_restricted() {
     );
     assert_rbac_covers(&kube);
 }
+
+/// The operator's path: a MeshService and an AccessRule written to Kubernetes are enforced
+/// by real Envoys over mutual TLS, and follow the AccessRule as it is edited and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_rule_in_kubernetes_is_enforced_over_mtls_and_follows_edits() {
+    let kube = FakeKube::start().await;
+    let certs = tempfile::tempdir().unwrap();
+    let identity =
+        |service: &str| support::issue_identity(certs.path(), "mesh", service, "mesh.local");
+    let app = Backend::start("orders", "pod-a").await;
+    let ingress = support::free_port();
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}, "ports": [{"port": 8080}], "mtls": "strict"}),
+    ));
+    let mut orders_pod = pod("orders-a", "orders", ingress, true);
+    orders_pod["metadata"]["annotations"]["meshbridge.io/tls-secret"] = json!("orders-tls");
+    kube.apply(orders_pod);
+    let rule = |from: &[&str]| {
+        json!({
+            "apiVersion": MS, "kind": "AccessRule",
+            "metadata": {"name": "orders-callers", "namespace": "shop"},
+            "spec": {"target": "orders", "rules": [{"from": from, "methods": ["GET"]}]},
+        })
+    };
+    kube.apply(rule(&["checkout"]));
+    let cp = start(&kube, &[]).await;
+    // The pod's sidecar, holding the pod's certificate.
+    let _sidecar = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "orders".into(),
+            ingress_port: Some(ingress),
+            app_port: Some(app.port),
+            tls: Some(identity("orders")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let caller = |service: &str| EnvoyOptions {
+        service: service.into(),
+        dependencies: vec!["orders".into()],
+        egress: true,
+        tls: Some(identity(service)),
+        ..Default::default()
+    };
+    let checkout = Envoy::start(&cp, caller("checkout")).await;
+    let billing = Envoy::start(&cp, caller("billing")).await;
+
+    let ok = checkout
+        .wait_call("orders", "checkout reaches orders", |r| r.status == 200)
+        .await;
+    assert!(ok.body.starts_with("hello from orders pod-a"), "{ok:?}");
+    assert_eq!(ok.header("x-client-name-seen"), Some("checkout"));
+    let refused = billing
+        .wait_call("orders", "billing is answered by orders", |r| {
+            r.status == 403 || r.status == 200
+        })
+        .await;
+    assert_eq!(refused.status, 403, "billing is not named: {refused:?}");
+    assert_eq!(refused.body, "RBAC: access denied");
+
+    // Edited: billing too.
+    kube.apply(rule(&["checkout", "billing"]));
+    let ok = billing
+        .wait_call("orders", "billing allowed after the edit", |r| {
+            r.status == 200
+        })
+        .await;
+    assert_eq!(ok.header("x-client-name-seen"), Some("billing"));
+    // Deleted: no AccessRule, no RBAC (the mesh is not default-deny); still only over mTLS.
+    kube.delete(MS, "AccessRule", Some("shop"), "orders-callers");
+    eventually(LIMIT, "the policy is gone from /api/access", || async {
+        let access = cp.admin_json("/api/access").await;
+        access.as_array().unwrap().is_empty().then_some(())
+    })
+    .await;
+    let r = checkout.call("orders", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_rbac_covers(&kube);
+}
