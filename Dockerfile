@@ -14,7 +14,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && for b in translate ads_load consul_load kube_load webhook_load; do echo 'fn main() {}' > "benches/$b.rs"; done \
+    && for b in translate ads_load consul_load kube_load webhook_load access_load; do echo 'fn main() {}' > "benches/$b.rs"; done \
     && cargo build --release --locked --bin meshbridge \
     && rm -rf src benches \
     && rm -f target/release/meshbridge target/release/deps/meshbridge-* target/release/deps/libmeshbridge-*

@@ -26,6 +26,7 @@ bench: $(VENV_STAMP)
 	cargo bench --bench translate
 	cargo bench --bench ads_load
 	cargo bench --bench consul_load
+	cargo bench --bench access_load
 
 crds:
 	cargo run --quiet -- crds --out-dir crds
