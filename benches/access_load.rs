@@ -5,28 +5,14 @@
 //! identity filter and an enforced AccessRule. Reports latency p50/p99 of each.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "support/processes.rs"]
 mod processes;
 
-use processes::{KillOnDrop, free_port, start_meshbridge, wait_ready};
+use processes::{KillOnDrop, free_port, openssl, start_envoy_with, start_meshbridge, wait_ready};
 
 const REQUESTS: usize = 5_000;
-
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("openssl: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A CA (`ca.pem`) and, per service, `<service>.pem`/`.key` for its SPIFFE id.
 fn identities(dir: &Path, services: &[&str]) {
@@ -98,38 +84,20 @@ fn identities(dir: &Path, services: &[&str]) {
     }
 }
 
-/// A real Envoy for `service`, bootstrapped by `meshbridge bootstrap` with `args`.
+/// A real Envoy for `service` with `args`, holding its certificate from `dir` when `tls`.
 fn envoy(xds: u16, service: &str, args: &[String], tls: bool, dir: &Path) -> KillOnDrop {
-    let envoy_bin = std::env::var("ENVOY_BIN")
-        .unwrap_or_else(|_| format!("{}/.venv/bin/envoy", env!("CARGO_MANIFEST_DIR")));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
-    cmd.args(["bootstrap", "--service", service, "--node-id", service])
-        .args(["--xds-addr", &format!("127.0.0.1:{xds}")])
-        .args(["--admin-port", &free_port().to_string()])
-        .args(args);
+    let mut args = args.to_vec();
     if tls {
-        cmd.arg("--tls-cert")
-            .arg(dir.join(format!("{service}.pem")))
-            .arg("--tls-key")
-            .arg(dir.join(format!("{service}.key")))
-            .arg("--tls-ca")
-            .arg(dir.join("ca.pem"));
+        for (flag, file) in [
+            ("--tls-cert", format!("{service}.pem")),
+            ("--tls-key", format!("{service}.key")),
+            ("--tls-ca", "ca.pem".to_string()),
+        ] {
+            args.push(flag.to_string());
+            args.push(dir.join(file).display().to_string());
+        }
     }
-    let bootstrap = cmd.output().unwrap_or_else(|e| panic!("{e}"));
-    assert!(bootstrap.status.success());
-    let file = dir.join(format!("{service}-{tls}.yaml"));
-    std::fs::write(&file, &bootstrap.stdout).unwrap_or_else(|e| panic!("{e}"));
-    KillOnDrop(
-        Command::new(&envoy_bin)
-            .arg("-c")
-            .arg(&file)
-            .args(["--disable-hot-restart", "--concurrency", "1"])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {envoy_bin}: {e}")),
-    )
+    start_envoy_with(xds, service, &args, dir)
 }
 
 fn manifests(ingress: u16, enforced: bool) -> String {

@@ -8,21 +8,8 @@ use std::time::{Duration, Instant};
 #[path = "support/processes.rs"]
 mod processes;
 
-use processes::{free_port, start_meshbridge, wait_ready};
+use processes::{free_port, openssl, start_meshbridge, wait_ready};
 use serde_json::json;
-
-fn openssl(args: &[&str], dir: &std::path::Path) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("openssl: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn review(i: usize) -> serde_json::Value {
     json!({

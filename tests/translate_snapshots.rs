@@ -30,7 +30,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType as FilterConfig};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteConfiguration, VirtualHost, header_matcher::HeaderMatchSpecifier, route::Action,
+    HeaderMatcher, Route, RouteConfiguration, VirtualHost, header_matcher::HeaderMatchSpecifier,
+    route::Action,
     route_action::ClusterSpecifier, route_match::PathSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -252,17 +253,21 @@ fn render_principal(p: &Principal) -> String {
             c.address_prefix,
             c.prefix_len.as_ref().map_or(0, |l| l.value)
         ),
-        Identifier::Header(h) => match &h.header_match_specifier {
-            Some(HeaderMatchSpecifier::StringMatch(m)) => {
-                format!(
-                    "header {}{}",
-                    h.name,
-                    render_string_matcher(&Some(m.clone()))
-                )
-            }
-            other => format!("header {} {other:?}", h.name),
-        },
+        Identifier::Header(h) => render_header(h),
         other => format!("{other:?}"),
+    }
+}
+
+fn render_header(h: &HeaderMatcher) -> String {
+    match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(m)) => {
+            format!(
+                "header {}{}",
+                h.name,
+                render_string_matcher(&Some(m.clone()))
+            )
+        }
+        other => format!("header {} {other:?}", h.name),
     }
 }
 
@@ -278,16 +283,7 @@ fn render_permission(p: &Permission) -> String {
             }
             other => format!("{other:?}"),
         },
-        Rule::Header(h) => match &h.header_match_specifier {
-            Some(HeaderMatchSpecifier::StringMatch(m)) => {
-                format!(
-                    "header {}{}",
-                    h.name,
-                    render_string_matcher(&Some(m.clone()))
-                )
-            }
-            other => format!("header {} {other:?}", h.name),
-        },
+        Rule::Header(h) => render_header(h),
         other => format!("{other:?}"),
     }
 }

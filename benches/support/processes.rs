@@ -65,17 +65,38 @@ pub async fn wait_ready(admin_url: &str, started: Instant, limit: Duration) -> D
 /// Starts a real Envoy (node `bench-1`) bootstrapped by `meshbridge bootstrap` to depend on
 /// `dependency`, with its files in `dir`.
 pub fn start_envoy(xds: u16, dependency: &str, dir: &Path) -> KillOnDrop {
+    let args = [
+        "--node-id",
+        "bench-1",
+        "--egress-port",
+        &free_port().to_string(),
+        "--dependency",
+        dependency,
+    ]
+    .map(String::from);
+    start_envoy_with(xds, "bench", &args, dir)
+}
+
+/// Starts a real Envoy for `service` bootstrapped by `meshbridge bootstrap` with `args` (node
+/// id `service` unless `args` names one), its admin on a free port, its files in `dir`.
+pub fn start_envoy_with(xds: u16, service: &str, args: &[String], dir: &Path) -> KillOnDrop {
     let envoy_bin = std::env::var("ENVOY_BIN")
         .unwrap_or_else(|_| format!("{}/.venv/bin/envoy", env!("CARGO_MANIFEST_DIR")));
-    let bootstrap = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-        .args(["bootstrap", "--service", "bench", "--node-id", "bench-1"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+    cmd.args(["bootstrap", "--service", service])
         .args(["--xds-addr", &format!("127.0.0.1:{xds}")])
-        .args(["--egress-port", &free_port().to_string()])
         .args(["--admin-port", &free_port().to_string()])
-        .args(["--dependency", dependency])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("envoy.yaml");
+        .args(args);
+    if !args.iter().any(|a| a == "--node-id") {
+        cmd.args(["--node-id", service]);
+    }
+    let bootstrap = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        bootstrap.status.success(),
+        "bootstrap: {}",
+        String::from_utf8_lossy(&bootstrap.stderr)
+    );
+    let file = dir.join(format!("{service}-envoy.yaml"));
     std::fs::write(&file, &bootstrap.stdout).unwrap_or_else(|e| panic!("{e}"));
     KillOnDrop(
         Command::new(&envoy_bin)
@@ -88,10 +109,25 @@ pub fn start_envoy(xds: u16, dependency: &str, dir: &Path) -> KillOnDrop {
                 "--log-level",
                 "warn",
             ])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {envoy_bin}: {e}")),
     )
+}
+
+/// Runs `openssl` in `dir`; panics with its message on an error.
+pub fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl: {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits until the one connected proxy has ACKed an EDS version other than `previous`.
