@@ -49,20 +49,26 @@ pub struct ControlPlane {
     pub ready: Arc<AtomicBool>,
     /// The last published state and its name conflicts (for status).
     pub published_view: watch::Sender<Arc<Published>>,
+    /// Recent published changes (`/api/changes`).
+    pub changes: Arc<crate::admin::changes::BoundedLog<crate::admin::changes::Change>>,
 }
 
 impl ControlPlane {
     fn new(config: &RunConfig) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let sources = Arc::new(SourceStatuses::default());
+        sources.attach_metrics(metrics.clone());
         ControlPlane {
             index: Arc::new(Mutex::new(Index::new())),
             changed: Arc::new(Notify::new()),
             cache: Arc::new(SnapshotCache::new(config.settings.clone())),
             registry: Arc::new(ProxyRegistry::default()),
-            sources: Arc::new(SourceStatuses::default()),
-            metrics: Arc::new(Metrics::new()),
+            sources,
+            metrics,
             published: AtomicU64::new(0),
             ready: Arc::new(AtomicBool::new(false)),
             published_view: watch::channel(Arc::new(Published::default())).0,
+            changes: Arc::default(),
         }
     }
 
@@ -93,11 +99,13 @@ impl ControlPlane {
 
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
-        let (state, conflicts, generation) = {
+        let (state, conflicts, generation, sizes) = {
             let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
             let (state, conflicts) = index.build();
-            (state, conflicts, index.generation())
+            (state, conflicts, index.generation(), index.sizes())
         };
+        admin::record_index_sizes(&self.metrics, &sizes);
+        let diff = crate::admin::changes::diff_states(previous, &state);
         for (name, old) in &previous.services {
             let had = old.healthy_endpoints().count();
             let now = state
@@ -134,9 +142,18 @@ impl ControlPlane {
         let started = Instant::now();
         match tokio::task::spawn_blocking(move || cache.update(state)).await {
             Ok(report) => {
+                let build = started.elapsed();
                 self.metrics
                     .snapshot_build_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(build.as_secs_f64());
+                admin::record_change(
+                    &self.changes,
+                    &self.metrics,
+                    diff,
+                    generation,
+                    &report,
+                    build,
+                );
                 self.metrics
                     .snapshot_inconsistent
                     .inc_by(report.inconsistent.len() as u64);
@@ -495,6 +512,8 @@ pub async fn run(
             egress_port: args.sidecar_egress_port,
             admin_port: args.sidecar_admin_port,
             ready_port: args.sidecar_ready_port,
+            diagnostics_port: (args.sidecar_diagnostics_port != 0)
+                .then_some(args.sidecar_diagnostics_port),
             tls_secret: args.sidecar_tls_secret.clone(),
         };
         let state = crate::webhook::server::WebhookState {
@@ -533,14 +552,30 @@ pub async fn run(
             ),
     );
     let draining = Arc::new(AtomicBool::new(false));
-    let router = admin::router(AdminState {
-        cache: cp.cache.clone(),
-        registry: cp.registry.clone(),
-        sources: cp.sources.clone(),
-        metrics: cp.metrics.clone(),
+    let admin_state = AdminState {
         ready: cp.ready.clone(),
         draining: draining.clone(),
-    });
+        changes: cp.changes.clone(),
+        diagnostics_timeout: std::time::Duration::from_millis(args.diagnostics_timeout),
+        peers: Arc::new(admin::compare::PeerSettings {
+            urls: args.peers.clone(),
+            dns: args.peers_dns.clone(),
+            instance: identity.clone(),
+        }),
+        ..AdminState::new(
+            cp.cache.clone(),
+            cp.registry.clone(),
+            cp.sources.clone(),
+            cp.metrics.clone(),
+        )
+    };
+    if args.peer_check_interval > 0 {
+        tokio::spawn(admin::compare::check_periodically(
+            admin_state.clone(),
+            std::time::Duration::from_secs(args.peer_check_interval),
+        ));
+    }
+    let router = admin::router(admin_state);
     {
         let cp = cp.clone();
         tokio::spawn(async move { cp.become_ready().await });

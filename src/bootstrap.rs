@@ -38,6 +38,11 @@ pub struct BootstrapOptions {
     /// interface (for a kubelet readiness probe; the admin interface stays on 127.0.0.1).
     #[arg(long)]
     pub ready_port: Option<u16>,
+    /// Port of a listener on all addresses through which the control plane reads this
+    /// Envoy's config dump, stats, clusters and server info and changes its log level; every
+    /// other admin path is refused (403). Announced as node metadata `diagnostics_port`.
+    #[arg(long)]
+    pub diagnostics_port: Option<u16>,
     /// A dependency: service name, "*" (where allowed) or https://host[:port]; repeatable.
     #[arg(long = "dependency")]
     pub dependencies: Vec<String>,
@@ -103,6 +108,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         ("app_port", o.app_port),
         ("egress_port", o.egress_port),
         ("admin_port", Some(o.admin_port)),
+        ("diagnostics_port", o.diagnostics_port),
     ] {
         if let Some(v) = value {
             metadata.insert(key.into(), json!(v));
@@ -159,8 +165,28 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         }},
         {"name": "admin", "admin_layer": {}}
     ]});
-    if let Some(ready_port) = o.ready_port {
-        add_ready_listener(&mut bootstrap, ready_port, o.admin_port);
+    let mut admin_views = Vec::new();
+    if let Some(port) = o.ready_port {
+        admin_views.push(admin_view_listener(
+            "meshbridge_ready",
+            port,
+            &READY_ROUTES,
+            404,
+        ));
+    }
+    if let Some(port) = o.diagnostics_port {
+        admin_views.push(admin_view_listener(
+            "meshbridge_diagnostics",
+            port,
+            &DIAGNOSTICS_ROUTES,
+            403,
+        ));
+    }
+    if !admin_views.is_empty() {
+        bootstrap["static_resources"]["listeners"] = Value::Array(admin_views);
+        if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+            clusters.push(admin_cluster(o.admin_port));
+        }
     }
     if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
         bootstrap["static_resources"]["secrets"] = json!([
@@ -179,35 +205,64 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
 /// Name of the static cluster pointing at Envoy's own admin interface.
 pub const ADMIN_CLUSTER: &str = "meshbridge_admin";
 
-/// A listener on `0.0.0.0:port` forwarding exactly `GET /ready` to the admin interface;
-/// anything else gets 404, so the admin interface is not exposed.
-fn add_ready_listener(bootstrap: &mut Value, port: u16, admin_port: u16) {
+/// What the readiness listener forwards to the admin interface: `GET /ready`.
+const READY_ROUTES: [(&str, &str, bool); 1] = [("GET", "/ready", false)];
+
+/// What the diagnostics listener forwards (method, path, whether a prefix): read-only views
+/// and log level changes. Not `/quitquitquit`, `/drain_listeners`, `/healthcheck/fail`,
+/// `/runtime_modify`, `/reset_counters`, … .
+const DIAGNOSTICS_ROUTES: [(&str, &str, bool); 6] = [
+    ("GET", "/config_dump", false),
+    ("GET", "/stats", true),
+    ("GET", "/clusters", false),
+    ("GET", "/server_info", false),
+    ("GET", "/ready", false),
+    ("POST", "/logging", false),
+];
+
+/// A listener on `0.0.0.0:port` forwarding exactly `routes` to the admin interface; anything
+/// else gets `refused`, so the rest of the admin interface is not exposed.
+fn admin_view_listener(
+    name: &str,
+    port: u16,
+    routes: &[(&str, &str, bool)],
+    refused: u32,
+) -> Value {
     let router = json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     });
-    let listener = json!({
-        "name": "meshbridge_ready",
+    let mut route_list: Vec<Value> = routes
+        .iter()
+        .map(|(method, path, prefix)| {
+            let key = if *prefix { "prefix" } else { "path" };
+            json!({"match": {key: path, "headers": [{"name": ":method", "string_match": {"exact": method}}]},
+                   "route": {"cluster": ADMIN_CLUSTER}})
+        })
+        .collect();
+    route_list.push(json!({"match": {"prefix": "/"}, "direct_response": {"status": refused}}));
+    json!({
+        "name": name,
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "meshbridge_ready",
+                "stat_prefix": name,
                 "route_config": {"virtual_hosts": [{
-                    "name": "ready",
+                    "name": name,
                     "domains": ["*"],
-                    "routes": [
-                        {"match": {"path": "/ready", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-                         "route": {"cluster": ADMIN_CLUSTER}},
-                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
-                    ]
+                    "routes": route_list
                 }]},
                 "http_filters": [router]
             }
         }]}]
-    });
-    let cluster = json!({
+    })
+}
+
+/// The static cluster pointing at Envoy's own admin interface.
+fn admin_cluster(admin_port: u16) -> Value {
+    json!({
         "name": ADMIN_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -217,11 +272,7 @@ fn add_ready_listener(bootstrap: &mut Value, port: u16, admin_port: u16) {
                 "socket_address": {"address": "127.0.0.1", "port_value": admin_port}
             }}}]}]
         }
-    });
-    bootstrap["static_resources"]["listeners"] = json!([listener]);
-    if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
-        clusters.push(cluster);
-    }
+    })
 }
 
 /// The bootstrap as YAML.

@@ -192,6 +192,11 @@ pub struct RunArgs {
     /// Port of injected sidecars' readiness listener (`GET /ready` only).
     #[arg(long, env = "MESHBRIDGE_SIDECAR_READY_PORT", default_value_t = 15021)]
     pub sidecar_ready_port: u16,
+    /// Port of injected sidecars' diagnostics listener, through which this control plane
+    /// reads their config dump, stats and clusters and changes their log level (the rest of
+    /// Envoy's admin interface stays on 127.0.0.1); 0: none.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_DIAGNOSTICS_PORT", default_value_t = crate::webhook::inject::DEFAULT_DIAGNOSTICS_PORT)]
+    pub sidecar_diagnostics_port: u16,
     /// Inject the sidecar as a regular container rather than a native sidecar init container
     /// (chosen by itself on clusters before Kubernetes 1.29, from the API server's version).
     #[arg(long, env = "MESHBRIDGE_NO_NATIVE_SIDECAR")]
@@ -238,6 +243,21 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub allow_wildcard: Vec<String>,
+    /// Admin URL of another meshbridge instance to compare with (`/api/compare`), e.g.
+    /// `http://10.0.0.5:9090`; repeatable.
+    #[arg(long = "peer", env = "MESHBRIDGE_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// HOST:PORT whose DNS name lists every meshbridge instance's admin address (a headless
+    /// Service); every address but this instance's own is a peer.
+    #[arg(long, env = "MESHBRIDGE_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+    /// Seconds between background comparisons with the peers (`meshbridge_peer_agree`);
+    /// 0 compares only when asked.
+    #[arg(long, env = "MESHBRIDGE_PEER_CHECK_INTERVAL", default_value_t = 60)]
+    pub peer_check_interval: u64,
+    /// Time limit for one request to an Envoy's admin interface or to a peer, in ms.
+    #[arg(long, env = "MESHBRIDGE_DIAGNOSTICS_TIMEOUT", default_value_t = 5000)]
+    pub diagnostics_timeout: u64,
 }
 
 /// Validated run configuration.
@@ -374,6 +394,34 @@ impl RunArgs {
                     });
                 }
             }
+        }
+        for peer in &self.peers {
+            let ok = reqwest::Url::parse(peer)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !ok {
+                return Err(ConfigError {
+                    flag: "peer",
+                    message: format!("{peer:?} is not an http:// or https:// URL"),
+                });
+            }
+        }
+        if let Some(dns) = &self.peers_dns {
+            let port = dns.rsplit_once(':').and_then(|(h, p)| {
+                (!h.is_empty()).then_some(())?;
+                p.parse::<u16>().ok()
+            });
+            if port.is_none() {
+                return Err(ConfigError {
+                    flag: "peers-dns",
+                    message: format!("{dns:?} is not HOST:PORT"),
+                });
+            }
+        }
+        if !(100..=120_000).contains(&self.diagnostics_timeout) {
+            return Err(ConfigError {
+                flag: "diagnostics-timeout",
+                message: format!("{} ms is outside 100..=120000", self.diagnostics_timeout),
+            });
         }
         if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
             return Err(ConfigError {

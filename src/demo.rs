@@ -254,9 +254,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sidecar_egress_port: 15001,
         sidecar_admin_port: 15000,
         sidecar_ready_port: 15021,
+        sidecar_diagnostics_port: 0,
         trust_domain: "mesh.local".into(),
         debounce: 100,
         allow_wildcard: vec![],
+        peers: vec![],
+        peers_dns: None,
+        peer_check_interval: 0,
+        diagnostics_timeout: 5000,
         external_ca_file: crate::model::DEFAULT_EXTERNAL_CA_FILE.into(),
     };
     let config = run_args.validate()?;

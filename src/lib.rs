@@ -22,6 +22,7 @@ pub mod app;
 pub mod bootstrap;
 pub mod config;
 pub mod consul_sync;
+pub mod ctl;
 pub mod demo;
 pub mod index;
 pub mod metrics;

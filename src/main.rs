@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use meshbridge::{api, app, bootstrap, config, demo, webhook};
+use meshbridge::{api, app, bootstrap, config, ctl, demo, webhook};
 
 /// meshbridge: one Envoy control plane for Kubernetes pods and Consul-registered legacy hosts.
 #[derive(Parser)]
@@ -32,6 +32,9 @@ enum Command {
     },
     /// Run a self-contained local mesh on this machine (no cluster needed).
     Demo(demo::DemoArgs),
+    /// Query a running meshbridge through its admin API: services, proxies, sources,
+    /// changes, peers, and Envoy diagnostics (config dump, stats, log level).
+    Ctl(ctl::CtlArgs),
 }
 
 fn init_tracing() {
@@ -40,6 +43,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
             init_tracing();
             runtime(|| demo::run(args))
         }
+        Command::Ctl(args) => runtime(|| ctl::run(args)),
     }
 }
 

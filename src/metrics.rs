@@ -59,6 +59,39 @@ pub struct Metrics {
     pub webhook_requests: Family<Labels, Counter>,
     /// Time to answer an admission review.
     pub webhook_seconds: Histogram,
+    /// Whether a source completed its first sync (1) or not (0), by source.
+    pub source_synced: Family<Labels, Gauge>,
+    /// Seconds since a source last synced successfully, by source (set when scraped).
+    pub source_staleness_seconds: Family<Labels, Gauge>,
+    /// Errors a source met (a failed request, a rejected manifest, a broken watch).
+    pub source_errors: Family<Labels, Counter>,
+    /// Time one sync round of a source took (a Consul fetch round, a config-dir scan, a
+    /// Kubernetes relist), by source.
+    pub source_sync_seconds: Family<Labels, Histogram>,
+    /// Objects each source holds in the index.
+    pub index_objects: Family<Labels, Gauge>,
+    /// Time to build and encode one group's snapshot.
+    pub snapshot_group_build_seconds: Histogram,
+    /// Group snapshots that changed and woke their streams.
+    pub snapshot_group_pushes: Counter,
+    /// Streams subscribed to a resource type, by type and mode.
+    pub xds_subscriptions: Family<Labels, Gauge>,
+    /// Time from sending a response to its ACK or NACK, by type.
+    pub xds_ack_seconds: Family<Labels, Histogram>,
+    /// Envoy admin requests made for the admin API, by action and result.
+    pub diagnostics_requests: Family<Labels, Counter>,
+    /// Whether a peer meshbridge instance agrees with this one (1) or not (0), by peer.
+    pub peer_agree: Family<Labels, Gauge>,
+    /// Always 1, labelled with the version.
+    pub build_info: Family<Labels, Gauge>,
+}
+
+fn sync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn ack_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -95,6 +128,18 @@ impl Metrics {
             kube_pods: Gauge::default(),
             webhook_requests: Family::default(),
             webhook_seconds: Histogram::new(exponential_buckets(0.00002, 2.0, 14)),
+            source_synced: Family::default(),
+            source_staleness_seconds: Family::default(),
+            source_errors: Family::default(),
+            source_sync_seconds: Family::new_with_constructor(sync_histogram),
+            index_objects: Family::default(),
+            snapshot_group_build_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
+            snapshot_group_pushes: Counter::default(),
+            xds_subscriptions: Family::default(),
+            xds_ack_seconds: Family::new_with_constructor(ack_histogram),
+            diagnostics_requests: Family::default(),
+            peer_agree: Family::default(),
+            build_info: Family::default(),
         };
         m.registry.register(
             "xds_streams",
@@ -202,7 +247,111 @@ impl Metrics {
             "Time to answer an admission review",
             m.webhook_seconds.clone(),
         );
+        m.registry.register(
+            "source_synced",
+            "Whether a source completed its first sync",
+            m.source_synced.clone(),
+        );
+        m.registry.register(
+            "source_staleness_seconds",
+            "Seconds since a source last synced successfully",
+            m.source_staleness_seconds.clone(),
+        );
+        m.registry.register(
+            "source_errors",
+            "Errors a source met",
+            m.source_errors.clone(),
+        );
+        m.registry.register(
+            "source_sync_seconds",
+            "Time one sync round of a source took",
+            m.source_sync_seconds.clone(),
+        );
+        m.registry.register(
+            "index_objects",
+            "Objects each source holds in the index",
+            m.index_objects.clone(),
+        );
+        m.registry.register(
+            "snapshot_group_build_seconds",
+            "Time to build and encode one group's snapshot",
+            m.snapshot_group_build_seconds.clone(),
+        );
+        m.registry.register(
+            "snapshot_group_pushes",
+            "Group snapshots that changed and woke their streams",
+            m.snapshot_group_pushes.clone(),
+        );
+        m.registry.register(
+            "xds_subscriptions",
+            "Streams subscribed to a resource type",
+            m.xds_subscriptions.clone(),
+        );
+        m.registry.register(
+            "xds_ack_seconds",
+            "Time from sending an xDS response to its ACK or NACK",
+            m.xds_ack_seconds.clone(),
+        );
+        m.registry.register(
+            "diagnostics_requests",
+            "Envoy admin requests made for the admin API by action and result",
+            m.diagnostics_requests.clone(),
+        );
+        m.registry.register(
+            "peer_agree",
+            "Whether a peer meshbridge instance agrees with this one",
+            m.peer_agree.clone(),
+        );
+        m.registry
+            .register("build_info", "meshbridge version", m.build_info.clone());
+        m.build_info
+            .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+            .set(1);
+        m.preset_series();
         m
+    }
+
+    /// Creates the series whose label values are known in advance at zero, so rates and
+    /// alerts work before the first event and every family is listed from the start.
+    fn preset_series(&self) {
+        const TYPES: [&str; 4] = ["cds", "eds", "lds", "rds"];
+        const MODES: [&str; 2] = ["sotw", "delta"];
+        for mode in MODES {
+            let _ = self.xds_streams.get_or_create(&labels(&[("mode", mode)]));
+            for t in TYPES {
+                let l = labels(&[("type", t), ("mode", mode)]);
+                let _ = self.xds_subscriptions.get_or_create(&l);
+                let _ = self.xds_responses.get_or_create(&l);
+            }
+        }
+        for t in TYPES {
+            let l = labels(&[("type", t)]);
+            let _ = self.xds_bytes.get_or_create(&l);
+            let _ = self.xds_acks.get_or_create(&l);
+            let _ = self.xds_nacks.get_or_create(&l);
+            let _ = self.xds_ack_seconds.get_or_create(&l);
+        }
+        for action in ["config_dump", "stats", "clusters", "logging", "diff"] {
+            for result in ["ok", "refused", "unreachable"] {
+                let _ = self
+                    .diagnostics_requests
+                    .get_or_create(&labels(&[("action", action), ("result", result)]));
+            }
+        }
+        for operation in ["register", "deregister"] {
+            for result in ["ok", "error"] {
+                let _ = self
+                    .consul_registrations
+                    .get_or_create(&labels(&[("operation", operation), ("result", result)]));
+            }
+        }
+        for path in ["/inject", "/validate"] {
+            for result in ["patched", "allowed", "denied", "malformed"] {
+                let _ = self
+                    .webhook_requests
+                    .get_or_create(&labels(&[("path", path), ("result", result)]));
+            }
+        }
     }
 
     /// Records one admission review.

@@ -939,3 +939,214 @@ fn notes_tell_how_to_check_reach_and_connect() {
         webhook.notes
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Grafana dashboards (`charts/meshbridge/dashboards/*.json`, `templates/dashboards.yaml`)
+
+/// The dashboards as ConfigMaps for the Grafana sidecar, with the defaults.
+const DASHBOARDS: &str = "
+dashboards:
+  enabled: true
+";
+
+/// Largest ConfigMap the API server stores (its data, in bytes).
+const CONFIG_MAP_LIMIT: usize = 1024 * 1024;
+
+/// The chart's dashboard files: file name → contents.
+fn dashboard_files() -> BTreeMap<String, String> {
+    let dir = chart_dir().join("dashboards");
+    let files: BTreeMap<String, String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    assert!(
+        files.contains_key("meshbridge-overview.json")
+            && files.contains_key("meshbridge-service.json"),
+        "{:?}",
+        files.keys()
+    );
+    files
+}
+
+/// The ConfigMaps of a render, by name.
+fn config_maps(rendered: &Rendered) -> BTreeMap<String, &Value> {
+    rendered
+        .of_kind("ConfigMap")
+        .into_iter()
+        .map(|m| (m["metadata"]["name"].as_str().unwrap().to_string(), m))
+        .collect()
+}
+
+#[test]
+fn dashboards_render_one_config_map_per_file_holding_it_byte_for_byte() {
+    let files = dashboard_files();
+    let rendered = render(DASHBOARDS);
+    let maps = config_maps(&rendered);
+    assert_eq!(
+        maps.keys().collect::<Vec<_>>(),
+        [
+            "meshbridge-dashboard-overview",
+            "meshbridge-dashboard-service"
+        ],
+        "one ConfigMap per dashboard file"
+    );
+    let mut carried = BTreeMap::new();
+    for (name, map) in &maps {
+        assert_eq!(map["apiVersion"], "v1");
+        assert_eq!(map["metadata"]["namespace"], NAMESPACE, "{name}");
+        let labels = &map["metadata"]["labels"];
+        assert_eq!(labels["grafana_dashboard"], "1", "{name}: {labels}");
+        assert_eq!(labels["app.kubernetes.io/instance"], RELEASE, "{name}");
+        assert!(map["metadata"].get("annotations").is_none(), "{name}");
+        assert!(map.get("binaryData").is_none(), "{name}");
+        let data = map["data"].as_object().unwrap();
+        assert_eq!(data.len(), 1, "{name}: one dashboard each");
+        let (file, text) = data.iter().next().unwrap();
+        let text = text.as_str().unwrap();
+        assert!(
+            text == files[file.as_str()],
+            "{name}: data {file} differs from dashboards/{file}"
+        );
+        assert!(
+            text.len() < CONFIG_MAP_LIMIT,
+            "{name}: {} bytes",
+            text.len()
+        );
+        carried.insert(file.clone(), name.clone());
+    }
+    assert_eq!(
+        carried.keys().collect::<Vec<_>>(),
+        files.keys().collect::<Vec<_>>(),
+        "every dashboard file is carried once"
+    );
+
+    // Every setting reaches every ConfigMap.
+    let custom = render(
+        "
+dashboards:
+  enabled: true
+  label: grafana.example.com/dashboard
+  labelValue: mesh
+  namespace: monitoring
+  annotations: {grafana_folder: Mesh}
+",
+    );
+    let maps = config_maps(&custom);
+    assert_eq!(maps.len(), files.len());
+    for (name, map) in maps {
+        let meta = &map["metadata"];
+        assert_eq!(meta["namespace"], "monitoring", "{name}");
+        assert_eq!(meta["labels"]["grafana.example.com/dashboard"], "mesh");
+        assert!(meta["labels"].get("grafana_dashboard").is_none(), "{name}");
+        assert_eq!(meta["annotations"], json!({"grafana_folder": "Mesh"}));
+    }
+}
+
+#[test]
+fn dashboards_disabled_render_nothing() {
+    for values in [
+        "",
+        "dashboards: {enabled: false, annotations: {grafana_folder: Mesh}}\n",
+    ] {
+        let rendered = render(values);
+        assert!(rendered.of_kind("ConfigMap").is_empty(), "{values}");
+        assert!(
+            !rendered
+                .manifests
+                .keys()
+                .any(|t| t.ends_with("templates/dashboards.yaml")),
+            "{values}: {:?}",
+            rendered.manifests.keys()
+        );
+    }
+}
+
+#[test]
+fn dashboards_lint_cleanly_and_pass_kubernetes_validate_strict() {
+    let out = helm("lint", DASHBOARDS, &[]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("lint printed no report ({e}): {}", text(&out)));
+    assert!(out.status.success(), "lint failed: {report:#}");
+    let findings: Vec<&Value> = report["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["severity"].as_u64() != Some(1))
+        .collect();
+    assert!(findings.is_empty(), "lint findings: {findings:#?}");
+
+    let rendered = render(DASHBOARDS);
+    assert!(
+        rendered
+            .manifests
+            .contains_key("meshbridge/templates/dashboards.yaml"),
+        "{:?}",
+        rendered.manifests.keys()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = rendered
+        .manifests
+        .iter()
+        .map(|(template, text)| {
+            let file = dir.path().join(template.replace('/', "_"));
+            std::fs::write(&file, text).unwrap();
+            file
+        })
+        .collect();
+    let versions = ["1.27.0", "1.37.0"];
+    let mut cmd = Command::new(venv_tool("kubernetes-validate"));
+    cmd.arg("--strict");
+    for v in versions {
+        cmd.args(["-k", v]);
+    }
+    let out = run_bounded(cmd.args(&files), "kubernetes-validate");
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        !report.contains("ERROR") && !report.contains("WARN"),
+        "{report}"
+    );
+    // Every document, the ConfigMaps included, was checked against each version's schemas.
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        rendered.docs.len() * versions.len(),
+        "{report}"
+    );
+    let config_map_passes = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource configmap/"))
+        .count();
+    assert_eq!(
+        config_map_passes,
+        rendered.of_kind("ConfigMap").len() * versions.len(),
+        "{report}"
+    );
+}
+
+#[test]
+fn dashboards_values_schema_rejects_typos_naming_them() {
+    for (set, named) in [
+        ("dashboards.enable=true", "enable"),
+        ("dashboards.enabled=yes", "enabled"),
+        ("dashboards.labelvalue=1", "labelvalue"),
+        ("dashboards.label=grafana dashboard", "label"),
+        ("dashboards.namespace=Monitoring", "namespace"),
+        (
+            "dashboards.annotations.grafana_folder=null",
+            "grafana_folder",
+        ),
+    ] {
+        let out = helm("render", "", &[set]);
+        let message = text(&out);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            message.contains(named) && message.contains("schema"),
+            "--set {set}: the error does not name {named}: {message}"
+        );
+    }
+}

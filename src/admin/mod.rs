@@ -1,12 +1,19 @@
-//! The admin API on `--admin-addr`: health, readiness, metrics and JSON views of the model,
-//! the sources, the connected proxies and their snapshots.
+//! The admin API on `--admin-addr`: health, readiness, metrics, JSON views of the model,
+//! the sources, the connected proxies and their snapshots, Envoy diagnostics through the
+//! control plane, comparison with peer instances, and the web UI.
 
+pub mod changes;
+pub mod compare;
+pub mod diagnostics;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -16,8 +23,8 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::metrics::Metrics;
-use crate::model::MeshState;
+use crate::metrics::{Metrics, labels};
+use crate::model::{DependencyTarget, MeshSettings, MeshState};
 use crate::snapshot::{Resource, ResourceType};
 use crate::sources::SourceStatuses;
 use crate::xds::cache::SnapshotCache;
@@ -38,6 +45,59 @@ pub struct AdminState {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// Set when shutdown starts: `/readyz` fails while existing streams drain.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Recent published changes.
+    pub changes: Arc<changes::BoundedLog<changes::Change>>,
+    /// Actions taken through this API.
+    pub audit: Arc<changes::BoundedLog<changes::AuditEntry>>,
+    /// Client for Envoy admin interfaces and peers.
+    pub http: reqwest::Client,
+    /// Time limit of one such request.
+    pub diagnostics_timeout: Duration,
+    /// Where the peer instances are.
+    pub peers: Arc<compare::PeerSettings>,
+}
+
+impl AdminState {
+    /// Admin state over the given parts, with empty logs and no peers.
+    pub fn new(
+        cache: Arc<SnapshotCache>,
+        registry: Arc<ProxyRegistry>,
+        sources: Arc<SourceStatuses>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        AdminState {
+            cache,
+            registry,
+            sources,
+            metrics,
+            ready: Arc::default(),
+            draining: Arc::default(),
+            changes: Arc::default(),
+            audit: Arc::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+            diagnostics_timeout: Duration::from_secs(5),
+            peers: Arc::default(),
+        }
+    }
+}
+
+/// The web UI, embedded in the binary.
+const UI_INDEX: &str = include_str!("ui/index.html");
+const UI_SCRIPT: &str = include_str!("ui/app.js");
+const UI_STYLE: &str = include_str!("ui/app.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// The admin router.
@@ -47,11 +107,36 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/services", get(services))
+        .route("/api/services/{name}", get(service))
         .route("/api/proxies", get(proxies))
+        .route("/api/proxies/{node}", get(proxy))
+        .route(
+            "/api/proxies/{node}/config_dump",
+            get(diagnostics::config_dump),
+        )
+        .route("/api/proxies/{node}/stats", get(diagnostics::stats))
+        .route("/api/proxies/{node}/clusters", get(diagnostics::clusters))
+        .route("/api/proxies/{node}/logging", post(diagnostics::logging))
+        .route("/api/proxies/{node}/diff", get(diagnostics::diff))
         .route("/api/sources", get(sources))
         .route("/api/snapshot", get(snapshot))
         .route("/api/state", get(mesh_state))
         .route("/api/access", get(access))
+        .route("/api/changes", get(recent_changes))
+        .route("/api/audit", get(audit))
+        .route("/api/compare", get(compare::compare))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", UI_INDEX) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", UI_SCRIPT) }),
+        )
+        .route(
+            "/ui/app.css",
+            get(|| async { asset("text/css; charset=utf-8", UI_STYLE) }),
+        )
         .with_state(state)
 }
 
@@ -87,10 +172,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    s.sources.refresh_metrics();
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // The encoder writes OpenMetrics (`# EOF`, counters as `x_total` under `# TYPE x
+            // counter`); read as the older text format, counters would become untyped.
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         s.metrics.render(),
     )
@@ -108,35 +196,115 @@ struct InstanceView<'a> {
     healthy: bool,
 }
 
+/// The services that declare a dependency on each service (directly, or through `"*"` where
+/// the operator allows it).
+pub fn dependents(
+    state: &MeshState,
+    settings: &MeshSettings,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in state.services.values() {
+        for d in &s.dependencies {
+            match &d.target {
+                DependencyTarget::Service(t) => {
+                    out.entry(t.clone()).or_default().insert(s.name.clone());
+                }
+                DependencyTarget::All if settings.wildcard_allowed(&s.name) => {
+                    for t in state.services.keys().filter(|t| **t != s.name) {
+                        out.entry(t.clone()).or_default().insert(s.name.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn service_json(s: &crate::model::Service, dependents: Option<&BTreeSet<String>>) -> Value {
+    let instances: Vec<InstanceView<'_>> = s
+        .endpoints
+        .iter()
+        .map(|e| InstanceView {
+            address: &e.address,
+            port: e.port,
+            origin: e.origin.to_string(),
+            datacenter: e.datacenter.as_deref(),
+            tags: e.tags.iter().map(String::as_str).collect(),
+            weight: e.weight,
+            healthy: e.healthy,
+        })
+        .collect();
+    json!({
+        "name": s.name,
+        "declared": s.declared,
+        "mtls": s.mtls,
+        "dependencies": s.dependencies.iter().map(|d| d.target.to_string()).collect::<Vec<_>>(),
+        "dependents": dependents.map(|d| d.iter().collect::<Vec<_>>()).unwrap_or_default(),
+        "instances": instances,
+    })
+}
+
 /// `GET /api/services`.
-pub fn services_view(state: &MeshState) -> Value {
+pub fn services_view(state: &MeshState, settings: &MeshSettings) -> Value {
+    let dependents = dependents(state, settings);
     let list: Vec<Value> = state
         .services
         .values()
-        .map(|s| {
-            let instances: Vec<InstanceView<'_>> = s
-                .endpoints
-                .iter()
-                .map(|e| InstanceView {
-                    address: &e.address,
-                    port: e.port,
-                    origin: e.origin.to_string(),
-                    datacenter: e.datacenter.as_deref(),
-                    tags: e.tags.iter().map(String::as_str).collect(),
-                    weight: e.weight,
-                    healthy: e.healthy,
-                })
-                .collect();
-            json!({
-                "name": s.name,
-                "declared": s.declared,
-                "mtls": s.mtls,
-                "dependencies": s.dependencies.iter().map(|d| d.target.to_string()).collect::<Vec<_>>(),
-                "instances": instances,
-            })
-        })
+        .map(|s| service_json(s, dependents.get(&s.name)))
         .collect();
     Value::Array(list)
+}
+
+/// `GET /api/services/{name}`: one service with its instances by origin, what depends on it
+/// (services, and connected proxies whose configuration routes to it) and its access policy.
+pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<Value> {
+    let service = state.services.get(name)?;
+    let settings = s.cache.settings();
+    let dependents = dependents(state, settings);
+    let mut view = service_json(service, dependents.get(name));
+    let mut origins: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for e in &service.endpoints {
+        let o = origins.entry(e.origin.to_string()).or_default();
+        o.0 += 1;
+        o.1 += usize::from(e.healthy);
+    }
+    let cluster = crate::translate::names::service_cluster(name);
+    let proxies: Vec<Value> = s
+        .registry
+        .list()
+        .into_iter()
+        .filter(|p| {
+            s.cache
+                .snapshot(&p.group_key)
+                .is_some_and(|snap| snap.resources(ResourceType::Cluster).contains_key(&cluster))
+        })
+        .map(|p| json!({"node": p.node, "service": p.service, "group": p.group, "mode": p.mode}))
+        .collect();
+    view["origins"] = origins
+        .into_iter()
+        .map(|(o, (total, healthy))| (o, json!({"total": total, "healthy": healthy})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    view["dependents"] = json!({"services": view["dependents"].take(), "proxies": proxies});
+    view["access"] = state
+        .access
+        .get(name)
+        .map_or(Value::Null, |p| access_json(state, p));
+    Some(view)
+}
+
+async fn service(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, diagnostics::ApiError> {
+    let state = s.cache.state();
+    service_detail(&s, &state, &name).map(Json).ok_or_else(|| {
+        diagnostics::ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no service named {name:?} in the mesh"),
+        )
+    })
 }
 
 /// `GET /api/access`: the merged access policy of every target, with the callers its rules
@@ -145,20 +313,22 @@ pub fn access_view(state: &MeshState) -> Value {
     let list: Vec<Value> = state
         .access
         .values()
-        .map(|p| {
-            let (resolved, unknown) = state.resolve_callers(p.caller_names());
-            json!({
-                "target": p.target,
-                "target_known": state.services.contains_key(&p.target),
-                "action": p.action,
-                "sources": p.sources,
-                "rules": p.rules,
-                "resolved_callers": resolved,
-                "unknown_callers": unknown,
-            })
-        })
+        .map(|p| access_json(state, p))
         .collect();
     Value::Array(list)
+}
+
+fn access_json(state: &MeshState, p: &crate::model::AccessPolicy) -> Value {
+    let (resolved, unknown) = state.resolve_callers(p.caller_names());
+    json!({
+        "target": p.target,
+        "target_known": state.services.contains_key(&p.target),
+        "action": p.action,
+        "sources": p.sources,
+        "rules": p.rules,
+        "resolved_callers": resolved,
+        "unknown_callers": unknown,
+    })
 }
 
 async fn access(State(s): State<AdminState>) -> Json<Value> {
@@ -166,11 +336,57 @@ async fn access(State(s): State<AdminState>) -> Json<Value> {
 }
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {
-    Json(services_view(&s.cache.state()))
+    Json(services_view(&s.cache.state(), s.cache.settings()))
 }
 
 async fn proxies(State(s): State<AdminState>) -> Json<Value> {
     Json(serde_json::to_value(s.registry.list()).unwrap_or(Value::Null))
+}
+
+/// `GET /api/proxies/{node}`: the stream's status and what its group gets.
+async fn proxy(
+    State(s): State<AdminState>,
+    Path(node): Path<String>,
+) -> Result<Json<Value>, diagnostics::ApiError> {
+    let Some((proxy, group)) = s.registry.find(&node) else {
+        return Err(diagnostics::ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no connected proxy with node id {node:?}"),
+        ));
+    };
+    let mut view = serde_json::to_value(&proxy).unwrap_or(Value::Null);
+    view["dependencies"] = json!(
+        group
+            .dependencies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    );
+    let snap = s.cache.snapshot(&group);
+    view["warnings"] = json!(
+        snap.as_ref()
+            .map(|s| s.warnings.clone())
+            .unwrap_or_default()
+    );
+    let mut resources = serde_json::Map::new();
+    if let Some(snap) = &snap {
+        for t in ResourceType::ALL {
+            resources.insert(
+                t.type_url().to_string(),
+                json!({"version": snap.version(t), "names": snap.resources(t).keys().collect::<Vec<_>>()}),
+            );
+        }
+    }
+    view["resources"] = resources.into();
+    Ok(Json(view))
+}
+
+async fn recent_changes(State(s): State<AdminState>) -> Json<Value> {
+    Json(serde_json::to_value(s.changes.newest_first()).unwrap_or(Value::Null))
+}
+
+async fn audit(State(s): State<AdminState>) -> Json<Value> {
+    Json(serde_json::to_value(s.audit.newest_first()).unwrap_or(Value::Null))
 }
 
 async fn sources(State(s): State<AdminState>) -> Json<Value> {
@@ -237,18 +453,147 @@ async fn snapshot(State(s): State<AdminState>, Query(q): Query<NodeQuery>) -> Re
     .into_response()
 }
 
-/// A digest of the whole model: equal on two instances that see the same sources.
-pub fn state_digest(state: &MeshState) -> String {
-    let text = serde_json::to_vec(state).unwrap_or_default();
+fn digest<T: Serialize>(value: &T) -> String {
+    let text = serde_json::to_vec(value).unwrap_or_default();
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text))
 }
 
-async fn mesh_state(State(s): State<AdminState>) -> Json<Value> {
-    let state = s.cache.state();
-    Json(json!({
-        "digest": state_digest(&state),
+/// What an access policy enforces, without where it was merged from (`sources` names
+/// manifest paths, which differ between replicas reading the same manifests from different
+/// directories).
+fn access_digest(p: &crate::model::AccessPolicy) -> String {
+    digest(&(&p.target, &p.action, &p.rules))
+}
+
+/// A digest of the whole model: equal on two instances that see the same sources.
+pub fn state_digest(state: &MeshState) -> String {
+    let access: BTreeMap<&String, String> = state
+        .access
+        .iter()
+        .map(|(t, p)| (t, access_digest(p)))
+        .collect();
+    digest(&(&state.services, access))
+}
+
+fn state_summary(state: &MeshState, instance: &str) -> Value {
+    json!({
+        "digest": state_digest(state),
+        "instance": instance,
         "services": state.services.len(),
         "endpoints": state.services.values().map(|s| s.endpoints.len()).sum::<usize>(),
         "access_policies": state.access.len(),
-    }))
+    })
+}
+
+/// The summary with a digest per service and per access target, for comparison.
+pub fn state_detail(state: &MeshState, instance: &str) -> Value {
+    let mut v = state_summary(state, instance);
+    v["service_digests"] = state
+        .services
+        .iter()
+        .map(|(n, s)| (n.clone(), Value::String(digest(s))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    v["access_digests"] = state
+        .access
+        .iter()
+        .map(|(n, p)| (n.clone(), Value::String(access_digest(p))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    v
+}
+
+#[derive(Deserialize)]
+struct StateQuery {
+    detail: Option<String>,
+}
+
+async fn mesh_state(State(s): State<AdminState>, Query(q): Query<StateQuery>) -> Json<Value> {
+    let state = s.cache.state();
+    let detail = q.detail.is_some_and(|d| d != "false" && d != "0");
+    Json(if detail {
+        state_detail(&state, &s.peers.instance)
+    } else {
+        state_summary(&state, &s.peers.instance)
+    })
+}
+
+/// Records what one published state changed (for `/api/changes`) and its build metrics.
+pub fn record_change(
+    changes: &changes::BoundedLog<changes::Change>,
+    metrics: &Metrics,
+    diff: changes::StateDiff,
+    generation: u64,
+    report: &crate::xds::cache::UpdateReport,
+    build: Duration,
+) {
+    for seconds in &report.build_seconds {
+        metrics.snapshot_group_build_seconds.observe(*seconds);
+    }
+    metrics
+        .snapshot_group_pushes
+        .inc_by(report.pushed.len() as u64);
+    if diff.is_empty() && report.pushed.is_empty() {
+        return;
+    }
+    changes.push(changes::Change {
+        at: crate::sources::now_secs(),
+        generation,
+        services_added: diff.added,
+        services_removed: diff.removed,
+        services_changed: diff.changed,
+        access_changed: diff.access_changed,
+        groups_rebuilt: report.groups,
+        groups_pushed: report
+            .pushed
+            .iter()
+            .take(changes::GROUPS_LISTED)
+            .cloned()
+            .collect(),
+        groups_pushed_count: report.pushed.len(),
+        build_ms: build.as_secs_f64() * 1000.0,
+    });
+}
+
+/// Sets the per-source index size gauges.
+pub fn record_index_sizes(metrics: &Metrics, sizes: &BTreeMap<String, usize>) {
+    for (source, n) in sizes {
+        metrics
+            .index_objects
+            .get_or_create(&labels(&[("source", source)]))
+            .set(*n as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AccessAction, AccessPolicy};
+
+    fn state(sources: &[&str], action: AccessAction) -> MeshState {
+        let mut s = MeshState::default();
+        s.access.insert(
+            "orders".into(),
+            AccessPolicy {
+                target: "orders".into(),
+                action,
+                sources: sources.iter().map(|x| x.to_string()).collect(),
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn digests_ignore_where_a_policy_came_from_but_not_what_it_enforces() {
+        let a = state(&["/etc/a/mesh.yaml#1"], AccessAction::Deny);
+        let b = state(&["/srv/b/mesh.yaml#1"], AccessAction::Deny);
+        let c = state(&["/etc/a/mesh.yaml#1"], AccessAction::Log);
+        assert_eq!(state_digest(&a), state_digest(&b));
+        assert_ne!(state_digest(&a), state_digest(&c));
+        assert_eq!(
+            state_detail(&a, "x")["access_digests"],
+            state_detail(&b, "y")["access_digests"]
+        );
+    }
 }

@@ -94,6 +94,14 @@ impl Index {
         self.generation
     }
 
+    /// How many objects each source holds.
+    pub fn sizes(&self) -> BTreeMap<String, usize> {
+        self.sources
+            .iter()
+            .map(|(source, entries)| (source.clone(), entries.values().map(Vec::len).sum()))
+            .collect()
+    }
+
     /// Sets the objects `source` has under `key`. Returns whether anything changed.
     pub fn apply(&mut self, source: &str, key: &str, objects: Vec<IndexObject>) -> bool {
         let entries = self.sources.entry(source.to_string()).or_default();

@@ -584,6 +584,7 @@ enum DcEvent {
     Fetched {
         service: String,
         result: Result<Vec<Endpoint>, ConsulError>,
+        elapsed: Duration,
     },
     Retry(String),
     Resync,
@@ -701,6 +702,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
         let own_node = ctx.own_node.clone();
         tasks.spawn(async move {
             let path = format!("/v1/health/service/{service}");
+            let started = std::time::Instant::now();
             let result = client
                 .get(&path, Some(&dc), 0, 0)
                 .await
@@ -712,7 +714,14 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                         }
                     })
                 });
-            let _ = tx.send(DcEvent::Fetched { service, result }).await;
+            let elapsed = started.elapsed();
+            let _ = tx
+                .send(DcEvent::Fetched {
+                    service,
+                    result,
+                    elapsed,
+                })
+                .await;
         });
     };
     loop {
@@ -771,8 +780,15 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                 }
                 catalog = Some(new);
             }
-            DcEvent::Fetched { service, result } => {
+            DcEvent::Fetched {
+                service,
+                result,
+                elapsed,
+            } => {
                 in_flight.remove(&service);
+                if result.is_ok() {
+                    ctx.statuses.observe_sync(&source, elapsed);
+                }
                 let listed = catalog.as_ref().is_some_and(|c| c.contains_key(&service));
                 match result {
                     Ok(mut endpoints) if listed => {

@@ -391,6 +391,7 @@ impl ConfigDirSource {
         statuses: &SourceStatuses,
     ) -> ScanReport {
         let mut report = ScanReport::default();
+        let started = std::time::Instant::now();
         let listed = match list_files(&self.dir) {
             Ok(l) => l,
             Err(e) => {
@@ -409,12 +410,16 @@ impl ConfigDirSource {
         }
         self.empty_once = false;
         let mut seen = Vec::new();
+        // New files left for the next scan: until they are read, the source is not synced.
+        let mut deferred = 0;
         for path in listed {
             if recently_modified(&path) {
                 // Possibly still being written (not every writer renames into place): read it
                 // on the next scan, and keep what it had meanwhile.
                 if self.files.contains_key(&path) {
                     seen.push(path);
+                } else {
+                    deferred += 1;
                 }
                 continue;
             }
@@ -473,10 +478,11 @@ impl ConfigDirSource {
             .map(|d| d.as_secs())
             .unwrap_or_default();
         statuses.update(&self.name, |s| {
-            s.synced = true;
+            s.synced |= deferred == 0;
             s.last_sync = Some(now);
             s.error = (!errors.is_empty()).then(|| errors.join("\n"));
         });
+        statuses.observe_sync(&self.name, started.elapsed());
         report
     }
 

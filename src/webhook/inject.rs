@@ -92,6 +92,10 @@ pub struct InjectSettings {
     pub admin_port: u16,
     /// Port of the readiness listener (`GET /ready` only).
     pub ready_port: u16,
+    /// Port of the diagnostics listener through which the control plane reads the sidecar's
+    /// config dump, stats and clusters and changes its log level; `None`: no such listener
+    /// (diagnostics of the pod's proxy are then unavailable).
+    pub diagnostics_port: Option<u16>,
     /// Default Envoy log level.
     pub log_level: String,
     /// Default CPU request, memory request and memory limit.
@@ -111,6 +115,9 @@ pub struct InjectSettings {
     pub tls_secret: Option<String>,
 }
 
+/// Default port of the sidecar's diagnostics listener.
+pub const DEFAULT_DIAGNOSTICS_PORT: u16 = 15002;
+
 impl Default for InjectSettings {
     fn default() -> Self {
         InjectSettings {
@@ -121,6 +128,7 @@ impl Default for InjectSettings {
             egress_port: 15001,
             admin_port: 15000,
             ready_port: 15021,
+            diagnostics_port: Some(DEFAULT_DIAGNOSTICS_PORT),
             log_level: "info".into(),
             cpu: "100m".into(),
             memory: "128Mi".into(),
@@ -314,14 +322,21 @@ pub fn inject(
             .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .and_then(|p| u16::try_from(p.container_port).ok()),
     };
-    let reserved = [ingress, egress, settings.admin_port, settings.ready_port];
+    let reserved = [
+        Some(ingress),
+        Some(egress),
+        Some(settings.admin_port),
+        Some(settings.ready_port),
+        settings.diagnostics_port,
+    ];
     for (i, p) in reserved.iter().enumerate() {
-        if reserved[..i].contains(p) || app_port == Some(*p) {
+        let Some(p) = p else { continue };
+        if reserved[..i].contains(&Some(*p)) || app_port == Some(*p) {
             return Err(bad(
                 "metadata.annotations",
                 format!(
-                    "port {p} is used twice (application {app_port:?}, ingress {ingress}, egress {egress}, admin {}, ready {})",
-                    settings.admin_port, settings.ready_port
+                    "port {p} is used twice (application {app_port:?}, ingress {ingress}, egress {egress}, admin {}, ready {}, diagnostics {:?})",
+                    settings.admin_port, settings.ready_port, settings.diagnostics_port
                 ),
             ));
         }
@@ -366,6 +381,7 @@ pub fn inject(
         egress_port: Some(egress),
         admin_port: settings.admin_port,
         ready_port: Some(settings.ready_port),
+        diagnostics_port: settings.diagnostics_port,
         dependencies,
         tls_cert: tls_file("tls.crt"),
         tls_key: tls_file("tls.key"),
@@ -447,10 +463,16 @@ pub fn inject(
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
-        ports: Some(vec![
-            port("mesh-ingress", ingress),
-            port("mesh-ready", settings.ready_port),
-        ]),
+        ports: Some(
+            [
+                Some(port("mesh-ingress", ingress)),
+                Some(port("mesh-ready", settings.ready_port)),
+                settings.diagnostics_port.map(|p| port("mesh-diag", p)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/ready".into()),
@@ -571,6 +593,10 @@ pub fn inject(
 fn redirect_container(settings: &InjectSettings, ingress: u16, egress: u16) -> Container {
     let admin = settings.admin_port;
     let ready = settings.ready_port;
+    let diagnostics = settings
+        .diagnostics_port
+        .map(|p| format!("iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {p} -j RETURN\n"))
+        .unwrap_or_default();
     // Idempotent: a restarted init container (same network namespace) finds its chains.
     let script = format!(
         "set -e\n\
@@ -578,6 +604,7 @@ fn redirect_container(settings: &InjectSettings, ingress: u16, egress: u16) -> C
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ingress} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {ready} -j RETURN\n\
          iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {admin} -j RETURN\n\
+         {diagnostics}\
          iptables -t nat -A MESHBRIDGE_IN -p tcp -j REDIRECT --to-ports {ingress}\n\
          iptables -t nat -C PREROUTING -p tcp -j MESHBRIDGE_IN 2>/dev/null || iptables -t nat -A PREROUTING -p tcp -j MESHBRIDGE_IN\n\
          iptables -t nat -N MESHBRIDGE_OUT 2>/dev/null || iptables -t nat -F MESHBRIDGE_OUT\n\

@@ -25,7 +25,7 @@ struct Inner {
 }
 
 /// What a state update did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct UpdateReport {
     /// Groups whose snapshot was rebuilt.
     pub groups: usize,
@@ -33,6 +33,10 @@ pub struct UpdateReport {
     pub changed: usize,
     /// Groups whose new snapshot was inconsistent (the previous one stays in force).
     pub inconsistent: Vec<(String, String)>,
+    /// Ids of the groups whose snapshot changed.
+    pub pushed: Vec<String>,
+    /// Time each group's snapshot took to build, in seconds.
+    pub build_seconds: Vec<f64>,
 }
 
 /// Snapshots per proxy group.
@@ -141,7 +145,9 @@ impl SnapshotCache {
         let built: Vec<(ProxyGroup, Result<Snapshot, _>)> = groups
             .into_iter()
             .map(|g| {
+                let started = std::time::Instant::now();
                 let s = self.build(&state, &mesh, &g);
+                report.build_seconds.push(started.elapsed().as_secs_f64());
                 (g, s)
             })
             .collect();
@@ -164,6 +170,7 @@ impl SnapshotCache {
                     tracing::debug!(group = %group.id(), changed, version = %snap.version_all(), "group snapshot rebuilt");
                     if changed {
                         report.changed += 1;
+                        report.pushed.push(group.id());
                     }
                 }
                 Err(e) => {

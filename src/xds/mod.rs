@@ -189,7 +189,20 @@ struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.ctx.cache.unsubscribe(&self.group);
-        self.ctx.registry.unregister(self.id);
+        if let Some(status) = self.ctx.registry.unregister(self.id) {
+            for (type_url, t) in &status.types {
+                if t.subscribed {
+                    self.ctx
+                        .metrics
+                        .xds_subscriptions
+                        .get_or_create(&labels(&[
+                            ("type", short_type(type_url)),
+                            ("mode", self.mode),
+                        ]))
+                        .dec();
+                }
+            }
+        }
         self.ctx
             .metrics
             .xds_streams
@@ -232,13 +245,17 @@ async fn drive<P: Protocol>(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let admin_port = P::node(&first).and_then(node::admin_port);
+    let diagnostics_port = P::node(&first).and_then(node::diagnostics_port);
     let id = ctx.registry.register(ProxyStatus {
         node: identity.node_id.clone(),
         service: identity.group.service.clone(),
         group: identity.group.id(),
         mode: P::MODE,
         peer: peer.map(|p| p.to_string()),
-        admin_port: P::node(&first).and_then(node::admin_port),
+        admin_port,
+        diagnostics_port,
+        admin: registry::admin_address(peer, admin_port, diagnostics_port).map(|a| a.to_string()),
         connected_at,
         types: Default::default(),
         group_key: identity.group.clone(),
@@ -262,7 +279,7 @@ async fn drive<P: Protocol>(
     loop {
         let responses = if let Some(req) = pending.take() {
             let (kind, responses) = proto.on_request(&req, &snap);
-            record_request(&ctx, id, P::type_url(&req), &kind);
+            record_request(&ctx, id, P::type_url(&req), P::MODE, &kind);
             responses
         } else {
             tokio::select! {
@@ -291,8 +308,7 @@ async fn drive<P: Protocol>(
                 .get_or_create(&labels(&[("type", short)]))
                 .inc_by(bytes as u64);
             let version = version.to_string();
-            ctx.registry
-                .update(id, type_url, |s| s.sent = Some(version));
+            ctx.registry.update(id, type_url, |s| s.sent_now(version));
             if tx.send(Ok(resp)).await.is_err() {
                 return;
             }
@@ -310,20 +326,35 @@ fn short_type(type_url: &str) -> &'static str {
     }
 }
 
-fn record_request(ctx: &XdsContext, id: u64, type_url: &str, kind: &RequestKind) {
+fn record_request(
+    ctx: &XdsContext,
+    id: u64,
+    type_url: &str,
+    mode: &'static str,
+    kind: &RequestKind,
+) {
     let short = short_type(type_url);
+    let observe_latency = |latency: Option<Option<std::time::Duration>>| {
+        if let Some(Some(d)) = latency {
+            ctx.metrics
+                .xds_ack_seconds
+                .get_or_create(&labels(&[("type", short)]))
+                .observe(d.as_secs_f64());
+        }
+    };
     match kind {
         RequestKind::Ack(version) => {
             ctx.metrics
                 .xds_acks
                 .get_or_create(&labels(&[("type", short)]))
                 .inc();
-            ctx.registry.update(id, type_url, |s| {
+            observe_latency(ctx.registry.update(id, type_url, |s| {
                 if !version.is_empty() {
                     s.acked = s.sent.clone();
                 }
                 s.nack = None;
-            });
+                s.answered()
+            }));
         }
         RequestKind::Nack { version, message } => {
             ctx.metrics
@@ -332,13 +363,26 @@ fn record_request(ctx: &XdsContext, id: u64, type_url: &str, kind: &RequestKind)
                 .inc();
             warn!(type_url, version, error = %message, "proxy rejected configuration (NACK)");
             let message = message.clone();
-            ctx.registry
-                .update(id, type_url, |s| s.nack = Some(message));
+            observe_latency(ctx.registry.update(id, type_url, |s| {
+                s.nack = Some(message);
+                s.answered()
+            }));
         }
         RequestKind::Stale => debug!(type_url, "stale request ignored"),
         RequestKind::UnknownType => {
             debug!(type_url, "request for a type meshbridge does not serve")
         }
-        RequestKind::Initial => debug!(type_url, "subscribed"),
+        RequestKind::Initial => {
+            debug!(type_url, "subscribed");
+            let first = ctx.registry.update(id, type_url, |s| {
+                !std::mem::replace(&mut s.subscribed, true)
+            });
+            if first == Some(true) {
+                ctx.metrics
+                    .xds_subscriptions
+                    .get_or_create(&labels(&[("type", short), ("mode", mode)]))
+                    .inc();
+            }
+        }
     }
 }

@@ -110,6 +110,14 @@ pub fn admin_port(node: &Node) -> Option<u16> {
         .and_then(|m| port(m, "admin_port").ok().flatten())
 }
 
+/// The announced port of the proxy's diagnostics listener (a restricted view of its admin
+/// interface reachable from the control plane), if any.
+pub fn diagnostics_port(node: &Node) -> Option<u16> {
+    node.metadata
+        .as_ref()
+        .and_then(|m| port(m, "diagnostics_port").ok().flatten())
+}
+
 fn string(meta: &Struct, key: &'static str) -> Result<Option<String>, NodeError> {
     match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
         None | Some(Kind::NullValue(_)) => Ok(None),

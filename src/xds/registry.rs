@@ -1,8 +1,10 @@
 //! What every connected proxy has been sent and has acknowledged, for the admin API.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -17,6 +19,25 @@ pub struct TypeStatus {
     pub acked: Option<String>,
     /// Error detail of the last NACK, cleared by a later ACK.
     pub nack: Option<String>,
+    /// When the last response was sent and not yet answered.
+    #[serde(skip)]
+    pub sent_at: Option<Instant>,
+    /// Whether the proxy subscribed to this type.
+    #[serde(skip)]
+    pub subscribed: bool,
+}
+
+impl TypeStatus {
+    /// Records a response sent now.
+    pub fn sent_now(&mut self, version: String) {
+        self.sent = Some(version);
+        self.sent_at = Some(Instant::now());
+    }
+
+    /// Takes the time since the unanswered response was sent.
+    pub fn answered(&mut self) -> Option<Duration> {
+        self.sent_at.take().map(|t| t.elapsed())
+    }
 }
 
 /// One connected stream.
@@ -34,6 +55,12 @@ pub struct ProxyStatus {
     pub peer: Option<String>,
     /// Announced Envoy admin port, when any.
     pub admin_port: Option<u16>,
+    /// Announced diagnostics listener port, when any.
+    pub diagnostics_port: Option<u16>,
+    /// Where meshbridge reaches this proxy's admin interface: the stream's peer address
+    /// with the diagnostics port, else with the admin port; none without a peer address or
+    /// an announced port.
+    pub admin: Option<String>,
     /// Seconds since the Unix epoch when the stream started.
     pub connected_at: u64,
     /// By type URL.
@@ -62,16 +89,21 @@ impl ProxyRegistry {
         id
     }
 
-    /// Forgets a stream.
-    pub fn unregister(&self, id: u64) {
-        self.lock().remove(&id);
+    /// Forgets a stream and returns what was known of it.
+    pub fn unregister(&self, id: u64) -> Option<ProxyStatus> {
+        self.lock().remove(&id)
     }
 
     /// Updates the status of one type of one stream.
-    pub fn update(&self, id: u64, type_url: &str, f: impl FnOnce(&mut TypeStatus)) {
-        if let Some(s) = self.lock().get_mut(&id) {
-            f(s.types.entry(type_url.to_string()).or_default());
-        }
+    pub fn update<R>(
+        &self,
+        id: u64,
+        type_url: &str,
+        f: impl FnOnce(&mut TypeStatus) -> R,
+    ) -> Option<R> {
+        self.lock()
+            .get_mut(&id)
+            .map(|s| f(s.types.entry(type_url.to_string()).or_default()))
     }
 
     /// Every connected stream, sorted by node id.
@@ -102,5 +134,50 @@ impl ProxyRegistry {
     /// Whether no stream is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Where the control plane reaches a proxy's admin interface: the host of the stream's peer
+/// address, and the diagnostics port when announced, else the admin port. Only connected
+/// proxies have one, so the admin API never reaches an address a caller chose.
+pub fn admin_address(
+    peer: Option<SocketAddr>,
+    admin_port: Option<u16>,
+    diagnostics_port: Option<u16>,
+) -> Option<SocketAddr> {
+    let port = diagnostics_port.or(admin_port)?;
+    let ip = peer?.ip();
+    // An IPv4 peer seen on a dual-stack socket is reached over IPv4.
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_address_prefers_the_diagnostics_port_and_needs_a_peer() {
+        let peer: SocketAddr = "10.0.0.7:41000".parse().unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            admin_address(Some(peer), Some(9901), Some(15002)).map(|a| a.to_string()),
+            Some("10.0.0.7:15002".to_string())
+        );
+        assert_eq!(
+            admin_address(Some(peer), Some(9901), None).map(|a| a.to_string()),
+            Some("10.0.0.7:9901".to_string())
+        );
+        assert_eq!(admin_address(None, Some(9901), None), None);
+        assert_eq!(admin_address(Some(peer), None, None), None);
+        let mapped: SocketAddr = "[::ffff:10.0.0.8]:4000"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            admin_address(Some(mapped), Some(9901), None).map(|a| a.to_string()),
+            Some("10.0.0.8:9901".to_string())
+        );
     }
 }

@@ -476,6 +476,8 @@ pub struct EnvoyOptions {
     pub without_service_name: bool,
     /// The proxy's certificate, key and CA, passed as `--tls-cert/--tls-key/--tls-ca`.
     pub tls: Option<TlsFiles>,
+    /// Port of the diagnostics listener (`--diagnostics-port`).
+    pub diagnostics_port: Option<u16>,
 }
 
 /// A real Envoy configured by `meshbridge bootstrap`.
@@ -509,6 +511,9 @@ impl Envoy {
         }
         for d in &o.dependencies {
             cmd.args(["--dependency", d]);
+        }
+        if let Some(p) = o.diagnostics_port {
+            cmd.args(["--diagnostics-port", &p.to_string()]);
         }
         if o.delta {
             cmd.arg("--delta");
@@ -633,6 +638,11 @@ impl Envoy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// The Envoy process id (to pause it with SIGSTOP, as a hung Envoy would be).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What Envoy wrote to stdout so far (its access log). Envoy flushes access logs about

@@ -155,6 +155,7 @@ pub async fn run(
     let mut progress: Vec<Progress> = (0..streams.len()).map(|_| Progress::default()).collect();
     let mut all = futures::stream::select_all(streams);
     let mut failing: BTreeSet<usize> = BTreeSet::new();
+    let (started, mut initial_sync_seen) = (std::time::Instant::now(), false);
     while let Some((id, item)) = all.next().await {
         let scope = scopes.get(id / 3).and_then(|s| s.as_deref());
         match item {
@@ -175,6 +176,10 @@ pub async fn run(
                     ctx.statuses.update(SOURCE, |s| s.error = None);
                 }
                 handle(&ctx, &mut progress, id, scope, event);
+                if !initial_sync_seen && ctx.statuses.is_synced(SOURCE) {
+                    initial_sync_seen = true;
+                    ctx.statuses.observe_sync(SOURCE, started.elapsed());
+                }
             }
         }
     }

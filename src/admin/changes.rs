@@ -1,0 +1,267 @@
+//! What changed and who did what: a bounded in-memory log of published mesh states (which
+//! services changed, which groups were pushed) and an audit log of actions taken through
+//! the admin API. Both keep the newest entries only, so memory stays bounded however long
+//! the process runs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::model::MeshState;
+
+/// How many entries each log keeps.
+pub const LOG_CAPACITY: usize = 256;
+
+/// How many pushed group ids one change entry lists (the count is always exact).
+pub const GROUPS_LISTED: usize = 50;
+
+/// A log that keeps the newest `capacity` entries.
+pub struct BoundedLog<T> {
+    capacity: usize,
+    entries: Mutex<VecDeque<T>>,
+}
+
+impl<T: Clone> BoundedLog<T> {
+    /// An empty log.
+    pub fn new(capacity: usize) -> Self {
+        BoundedLog {
+            capacity,
+            entries: Mutex::new(VecDeque::with_capacity(capacity.min(64))),
+        }
+    }
+
+    /// Adds an entry, dropping the oldest beyond capacity.
+    pub fn push(&self, entry: T) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() == self.capacity {
+            entries.pop_front();
+        }
+        entries.push_back(entry);
+    }
+
+    /// Every entry, newest first.
+    pub fn newest_first(&self) -> Vec<T> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.iter().rev().cloned().collect()
+    }
+}
+
+impl<T: Clone> Default for BoundedLog<T> {
+    fn default() -> Self {
+        Self::new(LOG_CAPACITY)
+    }
+}
+
+/// What one published state changed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Change {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// Index generation the state was built from.
+    pub generation: u64,
+    /// Services that appeared.
+    pub services_added: Vec<String>,
+    /// Services that left.
+    pub services_removed: Vec<String>,
+    /// Services whose settings or instances changed.
+    pub services_changed: Vec<String>,
+    /// Targets whose access policy appeared, changed or left.
+    pub access_changed: Vec<String>,
+    /// Connected groups rebuilt.
+    pub groups_rebuilt: usize,
+    /// Groups whose snapshot changed and was pushed (at most [`GROUPS_LISTED`] named).
+    pub groups_pushed: Vec<String>,
+    /// How many groups were pushed.
+    pub groups_pushed_count: usize,
+    /// Time to rebuild the groups, in milliseconds.
+    pub build_ms: f64,
+}
+
+/// The model-level difference between two states (pure).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateDiff {
+    /// Services only in the new state.
+    pub added: Vec<String>,
+    /// Services only in the old state.
+    pub removed: Vec<String>,
+    /// Services in both, different.
+    pub changed: Vec<String>,
+    /// Access targets added, removed or different.
+    pub access_changed: Vec<String>,
+}
+
+impl StateDiff {
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.access_changed.is_empty()
+    }
+}
+
+/// Compares two states by service and by access target.
+pub fn diff_states(old: &MeshState, new: &MeshState) -> StateDiff {
+    let (added, removed, changed) = diff_maps(&old.services, &new.services);
+    let (a, r, c) = diff_maps(&old.access, &new.access);
+    let access_changed: BTreeSet<String> = a.into_iter().chain(r).chain(c).collect();
+    StateDiff {
+        added,
+        removed,
+        changed,
+        access_changed: access_changed.into_iter().collect(),
+    }
+}
+
+fn diff_maps<V: PartialEq>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let added = new
+        .keys()
+        .filter(|k| !old.contains_key(*k))
+        .cloned()
+        .collect();
+    let removed = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    (added, removed, changed)
+}
+
+/// One action taken through the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// Who asked, when the request said (see [`requester`]).
+    pub who: Option<String>,
+    /// What was done, e.g. `log-level`.
+    pub action: String,
+    /// The proxy acted on.
+    pub node: String,
+    /// The arguments, e.g. `level=debug`.
+    pub detail: String,
+    /// `ok`, or the error.
+    pub result: String,
+}
+
+/// Who made an admin request: the user an authenticating proxy in front of the admin API
+/// names (`X-Forwarded-User`, `X-Remote-User`, `X-Auth-Request-User`), else the mesh caller
+/// (`x-client-name`, set by a sidecar from the caller's certificate), else the user a Basic
+/// authorization header names, else nothing.
+pub fn requester(headers: &axum::http::HeaderMap) -> Option<String> {
+    for name in [
+        "x-forwarded-user",
+        "x-remote-user",
+        "x-auth-request-user",
+        "x-client-name",
+    ] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            let v = v.trim();
+            if !v.is_empty() {
+                return Some(v.chars().take(128).collect());
+            }
+        }
+    }
+    let basic = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?;
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split(':').next()?.trim();
+    (!user.is_empty()).then(|| user.chars().take(128).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Origin, Service};
+
+    fn service(name: &str, addresses: &[&str]) -> Service {
+        Service {
+            name: name.into(),
+            endpoints: addresses
+                .iter()
+                .map(|a| Endpoint {
+                    address: (*a).into(),
+                    port: 80,
+                    origin: Origin::Config,
+                    datacenter: None,
+                    tags: Default::default(),
+                    healthy: true,
+                    weight: 1,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn state(services: &[Service]) -> MeshState {
+        MeshState {
+            services: services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_diff_names_added_removed_and_changed_services() {
+        let old = state(&[service("a", &["10.0.0.1"]), service("b", &["10.0.0.2"])]);
+        let new = state(&[
+            service("b", &["10.0.0.2", "10.0.0.3"]),
+            service("c", &["10.0.0.4"]),
+        ]);
+        let d = diff_states(&old, &new);
+        assert_eq!(d.added, vec!["c"]);
+        assert_eq!(d.removed, vec!["a"]);
+        assert_eq!(d.changed, vec!["b"]);
+        assert!(diff_states(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn the_log_keeps_the_newest_entries_newest_first() {
+        let log = BoundedLog::new(3);
+        for i in 0..5 {
+            log.push(i);
+        }
+        assert_eq!(log.newest_first(), vec![4, 3, 2]);
+    }
+
+    #[test]
+    fn the_requester_comes_from_a_forwarded_user_a_mesh_caller_or_basic_auth() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(requester(&h), None);
+        h.insert(
+            "authorization",
+            "Basic YWxpY2U6c2VjcmV0"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(requester(&h).as_deref(), Some("alice"));
+        h.insert(
+            "x-client-name",
+            "ops-console".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(requester(&h).as_deref(), Some("ops-console"));
+        h.insert(
+            "x-forwarded-user",
+            "bob".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(requester(&h).as_deref(), Some("bob"));
+    }
+}
