@@ -20,6 +20,7 @@ demo: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	bash tests/ui/setup.sh
 	ENVOY_BIN=$(abspath $(ENVOY)) cargo test
 
 bench: $(VENV_STAMP)
@@ -27,6 +28,7 @@ bench: $(VENV_STAMP)
 	cargo bench --bench ads_load
 	cargo bench --bench consul_load
 	cargo bench --bench access_load
+	cargo bench --bench admin
 
 crds:
 	cargo run --quiet -- crds --out-dir crds

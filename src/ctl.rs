@@ -104,6 +104,19 @@ pub enum CtlCommand {
     Sources,
     /// Recent model changes and the rebuilds and pushes they caused, newest first.
     Changes,
+    /// What meshbridge sent the proxy against what its Envoy holds, per type (exit 0 either
+    /// way: a report, not a check).
+    Diff {
+        /// Node id of the proxy.
+        node: String,
+    },
+    /// The proxy's Envoy /clusters (clusters, their hosts and host stats), as Envoy answers.
+    Clusters {
+        /// Node id of the proxy.
+        node: String,
+    },
+    /// Actions taken through the admin API (log level changes), newest first.
+    Audit,
 }
 
 /// Parses `--admin`: an http(s) URL, or `host:port` meaning `http://host:port`.
@@ -186,13 +199,9 @@ pub fn call_for(command: &CtlCommand, output: Output) -> Call {
             if let Some(f) = filter {
                 c.query.push(("filter".into(), Some(f.clone())));
             }
-            if output == Output::Json {
-                c.query.push(("format".into(), Some("json".into())));
-            } else {
-                c.json = false;
-            }
-            c
+            envoy_format(c, output)
         }
+        CtlCommand::Clusters { node } => envoy_format(get(proxy(node, "clusters")), output),
         CtlCommand::LogLevel {
             node,
             level,
@@ -209,7 +218,20 @@ pub fn call_for(command: &CtlCommand, output: Output) -> Call {
         CtlCommand::Compare => get(seg(&["api", "compare"])),
         CtlCommand::Sources => get(seg(&["api", "sources"])),
         CtlCommand::Changes => get(seg(&["api", "changes"])),
+        CtlCommand::Diff { node } => get(proxy(node, "diff")),
+        CtlCommand::Audit => get(seg(&["api", "audit"])),
     }
+}
+
+/// An Envoy admin answer relayed as is: Envoy's JSON (`format=json`) for `-o json`, else its
+/// text, printed as fetched.
+fn envoy_format(mut c: Call, output: Output) -> Call {
+    if output == Output::Json {
+        c.query.push(("format".into(), Some("json".into())));
+    } else {
+        c.json = false;
+    }
+    c
 }
 
 /// The URL of `call` under the admin URL `base` (which may carry a path prefix).
@@ -234,18 +256,22 @@ pub fn url_for(base: &Url, call: &Call) -> Url {
 
 /// The table output of `command` for the API's answer `body` (JSON answers), at `now`
 /// (seconds since the Unix epoch, for ages). Commands whose answer is printed as fetched
-/// (`config-dump`, `stats`) are not rendered here.
+/// (`config-dump`, `stats`, `clusters`) are not rendered here.
 pub fn render(command: &CtlCommand, body: &Value, now: u64) -> String {
     match command {
         CtlCommand::Services { name: None } => render_services(body),
         CtlCommand::Services { name: Some(_) } => render_service(body),
         CtlCommand::Proxies => render_proxies(body, now),
         CtlCommand::Proxy { .. } => render_proxy(body, now),
-        CtlCommand::ConfigDump { .. } | CtlCommand::Stats { .. } => pretty_json(&body.to_string()),
+        CtlCommand::ConfigDump { .. } | CtlCommand::Stats { .. } | CtlCommand::Clusters { .. } => {
+            pretty_json(&body.to_string())
+        }
         CtlCommand::LogLevel { .. } => render_log_level(body),
         CtlCommand::Compare => render_compare(body),
         CtlCommand::Sources => render_sources(body, now),
         CtlCommand::Changes => render_changes(body, now),
+        CtlCommand::Diff { .. } => render_diff(body),
+        CtlCommand::Audit => render_audit(body, now),
     }
 }
 
@@ -986,6 +1012,147 @@ pub fn render_changes(v: &Value, now: u64) -> String {
     t.render()
 }
 
+/// `ctl diff NODE`: a verdict line (`NODE in sync`, or `NODE OUT OF SYNC` with the types
+/// that differ), one row per type, then the names behind every non-zero count.
+pub fn render_diff(v: &Value) -> String {
+    let node = cell(&v["node"]);
+    let mut types: Vec<&Value> = array(&v["types"]).iter().collect();
+    let rank = |t: &Value| {
+        let name = t["type"].as_str().unwrap_or_default();
+        TYPE_ORDER.iter().position(|x| *x == name).unwrap_or(9)
+    };
+    types.sort_by_key(|t| rank(t));
+    let name_of = |t: &Value| match t["type"].as_str() {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => type_name(t["type_url"].as_str().unwrap_or("?")),
+    };
+    let list = |t: &Value, key: &str| -> Vec<String> {
+        array(&t[key])
+            .iter()
+            .map(|x| match x {
+                Value::Object(_) => format!("{}: {}", cell(&x["name"]), cell(&x["details"])),
+                other => cell(other),
+            })
+            .collect()
+    };
+
+    // Why each type differs, for the verdict line.
+    let mut reasons: Vec<String> = Vec::new();
+    for t in &types {
+        let mut why: Vec<String> = Vec::new();
+        for (key, label) in [
+            ("only_sent", "only sent"),
+            ("only_envoy", "only in Envoy"),
+            ("warming", "warming"),
+            ("errors", "failed"),
+        ] {
+            let n = array(&t[key]).len();
+            if n > 0 {
+                why.push(format!("{n} {label}"));
+            }
+        }
+        if !t["nack"].is_null() {
+            why.push("NACK".into());
+        } else if t["sent_version"] != t["acked_version"] {
+            why.push("awaiting ACK".into());
+        }
+        if !why.is_empty() {
+            reasons.push(format!("{} {}", name_of(t), why.join(", ")));
+        }
+    }
+    let in_sync = v["in_sync"].as_bool().unwrap_or(reasons.is_empty());
+    let mut out = if in_sync {
+        format!("{node} in sync\n")
+    } else if reasons.is_empty() {
+        format!("{node} OUT OF SYNC\n")
+    } else {
+        format!("{node} OUT OF SYNC: {}\n", reasons.join("; "))
+    };
+    if types.is_empty() {
+        out.push_str("nothing sent yet\n");
+        return out;
+    }
+
+    let mut t = Table::new(&[
+        "TYPE",
+        "SENT VERSION",
+        "ACKED VERSION",
+        "SENT",
+        "ENVOY",
+        "ONLY SENT",
+        "ONLY ENVOY",
+        "WARMING",
+        "ERRORS",
+    ]);
+    for ty in &types {
+        let mut acked = short(&ty["acked_version"]);
+        if !ty["nack"].is_null() {
+            acked.push_str(" NACK");
+        }
+        t.row(vec![
+            name_of(ty),
+            short(&ty["sent_version"]),
+            acked,
+            cell(&ty["sent"]),
+            cell(&ty["envoy"]),
+            array(&ty["only_sent"]).len().to_string(),
+            array(&ty["only_envoy"]).len().to_string(),
+            array(&ty["warming"]).len().to_string(),
+            array(&ty["errors"]).len().to_string(),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+
+    for ty in &types {
+        let mut lines: Vec<(&str, String)> = Vec::new();
+        for (key, label) in [
+            ("only_sent", "only sent"),
+            ("only_envoy", "only in Envoy"),
+            ("warming", "warming"),
+        ] {
+            let names = list(ty, key);
+            if !names.is_empty() {
+                lines.push((label, names.join(", ")));
+            }
+        }
+        for e in list(ty, "errors") {
+            lines.push(("failed", e));
+        }
+        if let Some(msg) = ty["nack"].as_str() {
+            lines.push(("last NACK", msg.to_string()));
+        }
+        if !lines.is_empty() {
+            let _ = write!(out, "\n{}:\n{}", name_of(ty), indent(&fields(&lines), "  "));
+        }
+    }
+    out
+}
+
+/// `ctl audit`: admin actions, newest first.
+pub fn render_audit(v: &Value, now: u64) -> String {
+    let entries = array(v);
+    if entries.is_empty() {
+        return "no admin actions recorded\n".into();
+    }
+    let mut t = Table::new(&["AT", "WHO", "ACTION", "NODE", "DETAIL", "RESULT"]);
+    for e in entries {
+        let at = match e["at"].as_u64() {
+            Some(t) => format!("{} ago", format_age(now.saturating_sub(t))),
+            None => "-".into(),
+        };
+        t.row(vec![
+            at,
+            cell(&e["who"]),
+            cell(&e["action"]),
+            cell(&e["node"]),
+            cell(&e["detail"]),
+            cell(&e["result"]),
+        ]);
+    }
+    t.render()
+}
+
 /// Re-indents JSON text (two spaces, `"key": value`) keeping its key order and number
 /// spelling: the answer's content unchanged, only its whitespace. `text` must be valid JSON.
 pub fn pretty_json(text: &str) -> String {
@@ -1319,10 +1486,26 @@ mod tests {
             "http://mb.example:9090/prefix/api/proxies/n1/logging?level=debug&logger=http"
         );
         assert!(!call_for(&parse(&["stats", "n"]).command, Output::Table).json);
+        assert_eq!(
+            url(&["diff", "n1"]),
+            "http://mb.example:9090/prefix/api/proxies/n1/diff"
+        );
+        assert_eq!(
+            url(&["clusters", "n1"]),
+            "http://mb.example:9090/prefix/api/proxies/n1/clusters"
+        );
+        assert_eq!(
+            url(&["clusters", "n1", "-o", "json"]),
+            "http://mb.example:9090/prefix/api/proxies/n1/clusters?format=json"
+        );
+        assert!(!call_for(&parse(&["clusters", "n"]).command, Output::Table).json);
+        assert!(call_for(&parse(&["clusters", "n"]).command, Output::Json).json);
+        assert!(call_for(&parse(&["diff", "n"]).command, Output::Table).json);
         for (cmd, path) in [
             ("compare", "compare"),
             ("sources", "sources"),
             ("changes", "changes"),
+            ("audit", "audit"),
         ] {
             assert_eq!(
                 url(&[cmd]),
@@ -1343,6 +1526,9 @@ mod tests {
         assert!(P::try_parse_from(["ctl", "-o", "yaml", "proxies"]).is_err());
         assert!(P::try_parse_from(["ctl", "--admin", "ftp://x", "proxies"]).is_err());
         assert!(P::try_parse_from(["ctl", "proxy"]).is_err());
+        assert!(P::try_parse_from(["ctl", "diff"]).is_err());
+        assert!(P::try_parse_from(["ctl", "clusters"]).is_err());
+        assert!(P::try_parse_from(["ctl", "audit", "n"]).is_err());
     }
 
     fn services() -> Value {
@@ -1585,6 +1771,93 @@ AGE  GENERATION  ADDED             REMOVED  CHANGED  ACCESS  REBUILT  PUSHED  BU
 ";
         assert_eq!(render_changes(&v, 1000), expected);
         assert_eq!(render_changes(&json!([]), 0), "no changes recorded\n");
+    }
+
+    fn diff_type(t: &str, url: &str, version: &str, names: &[&str]) -> Value {
+        json!({"type": t, "type_url": url, "sent_version": version, "acked_version": version,
+               "nack": null, "sent": names.len(), "envoy": names.len(), "only_sent": [],
+               "only_envoy": [], "warming": [], "errors": []})
+    }
+
+    #[test]
+    fn diff_in_sync() {
+        // As the API answers for a frontend with egress to orders (types in its order).
+        let v = json!({"node": "frontend-1", "mode": "sotw", "in_sync": true, "types": [
+            diff_type("cds", CDS, "5f0c2a9d81e4b7c3", &["meshbridge_admin", "orders"]),
+            diff_type("eds", EDS, "77aa01bc9d3e4f50", &["orders"]),
+            diff_type("lds", LDS, "0b1c2d3e4f5a6b7c", &["egress", "ingress"]),
+            diff_type("rds", RDS, "d00dfeedcafe0001", &["egress"]),
+        ]});
+        let expected = "\
+frontend-1 in sync
+
+TYPE  SENT VERSION  ACKED VERSION  SENT  ENVOY  ONLY SENT  ONLY ENVOY  WARMING  ERRORS
+cds   5f0c2a9d      5f0c2a9d       2     2      0          0           0        0
+eds   77aa01bc      77aa01bc       1     1      0          0           0        0
+lds   0b1c2d3e      0b1c2d3e       2     2      0          0           0        0
+rds   d00dfeed      d00dfeed       1     1      0          0           0        0
+";
+        assert_eq!(render_diff(&v), expected);
+        assert_eq!(
+            render(&CtlCommand::Diff { node: "x".into() }, &v, 0),
+            expected
+        );
+    }
+
+    #[test]
+    fn diff_out_of_sync_names_what_differs() {
+        let mut cds = diff_type("cds", CDS, "c2", &["orders", "billing", "meshbridge_admin"]);
+        cds["envoy"] = json!(2);
+        cds["only_sent"] = json!(["billing"]);
+        cds["only_envoy"] = json!(["payments"]);
+        cds["warming"] = json!(["billing"]);
+        let mut lds = diff_type("lds", LDS, "l2", &["egress"]);
+        lds["acked_version"] = json!("l1");
+        lds["nack"] = json!("egress: invalid route");
+        lds["errors"] = json!([{"name": "egress", "details": "invalid route"}]);
+        let mut rds = diff_type("rds", RDS, "r2", &["egress"]);
+        rds["acked_version"] = Value::Null;
+        let v = json!({"node": "frontend-1", "mode": "delta", "in_sync": false, "types": [
+            rds, lds, diff_type("eds", EDS, "e1", &["orders"]), cds]});
+        let expected = "\
+frontend-1 OUT OF SYNC: cds 1 only sent, 1 only in Envoy, 1 warming; lds 1 failed, NACK; rds awaiting ACK
+
+TYPE  SENT VERSION  ACKED VERSION  SENT  ENVOY  ONLY SENT  ONLY ENVOY  WARMING  ERRORS
+cds   c2            c2             3     2      1          1           1        0
+eds   e1            e1             1     1      0          0           0        0
+lds   l2            l1 NACK        1     1      0          0           0        1
+rds   r2            -              1     1      0          0           0        0
+
+cds:
+  only sent:      billing
+  only in Envoy:  payments
+  warming:        billing
+
+lds:
+  failed:     egress: invalid route
+  last NACK:  egress: invalid route
+";
+        assert_eq!(render_diff(&v), expected);
+        let none = json!({"node": "n", "mode": "sotw", "in_sync": false, "types": []});
+        assert_eq!(render_diff(&none), "n OUT OF SYNC\nnothing sent yet\n");
+    }
+
+    #[test]
+    fn audit() {
+        let v = json!([
+            {"at": 990, "who": "alice", "action": "log-level", "node": "frontend-1",
+             "detail": "http=warning",
+             "result": "Envoy admin at 127.0.0.1:15000 is unreachable: connection refused"},
+            {"at": 700, "who": null, "action": "log-level", "node": "frontend-1",
+             "detail": "level=debug", "result": "ok"},
+        ]);
+        let expected = "\
+AT         WHO    ACTION     NODE        DETAIL        RESULT
+10s ago    alice  log-level  frontend-1  http=warning  Envoy admin at 127.0.0.1:15000 is unreachable: connection refused
+5m00s ago  -      log-level  frontend-1  level=debug   ok
+";
+        assert_eq!(render_audit(&v, 1000), expected);
+        assert_eq!(render_audit(&json!([]), 0), "no admin actions recorded\n");
     }
 
     #[test]

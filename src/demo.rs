@@ -363,6 +363,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
          \x20 curl -s http://{}/api/access                                            # AccessRules as enforced\n\
          \x20 curl -s http://{}/api/services                                          # the model\n\
          \x20 curl -s http://{}/api/proxies                                           # connected Envoys\n\
+         Operate it:\n\
+         \x20 open http://{}/ in a browser                              # services, proxies, Envoy diagnostics, sources, changes\n\
+         \x20 meshbridge ctl --admin {} services orders                # its instances and who calls it\n\
+         \x20 meshbridge ctl --admin {} config-dump frontend-1 | head  # Envoy's own config, through meshbridge\n\
+         \x20 meshbridge ctl --admin {} log-level orders-v1 debug      # audited: see `meshbridge ctl audit`\n\
          Edit {} (e.g. add billing to frontend's dependencies) and the Envoys follow within a second.\n\
          Ctrl-C stops everything.",
         bound.admin,
@@ -371,6 +376,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         canary_body.trim(),
         refused_body.trim(),
         denied_body.trim(),
+        bound.admin,
+        bound.admin,
+        bound.admin,
+        bound.admin,
         bound.admin,
         bound.admin,
         bound.admin,

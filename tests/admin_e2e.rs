@@ -118,6 +118,7 @@ async fn an_operator_finds_a_services_instances_and_the_envoys_that_call_it() {
     let proxies = orders["dependents"]["proxies"].as_array().unwrap();
     assert_eq!(proxies.len(), 1, "{orders:#}");
     assert_eq!(proxies[0]["node"], json!(envoy.node_id));
+    assert_eq!(proxies[0]["reaches"], true);
     // billing: nobody depends on it, and its canary tag shows.
     let billing = json_of(&get(admin, "/api/services/billing").await);
     assert_eq!(
@@ -163,6 +164,7 @@ async fn an_operator_finds_a_services_instances_and_the_envoys_that_call_it() {
         "{clusters:?}"
     );
     assert_eq!(proxy["dependencies"], json!(["orders"]));
+    assert_eq!(proxy["announced_dependencies"], json!(["orders"]));
     assert!(proxy["connected_at"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(get(admin, "/api/proxies/ghost-node").await.status, 404);
 

@@ -225,7 +225,40 @@ fn value_sets_render_what_they_promise() {
         ),
         "the webhooks are on by default, with a certificate Helm generates"
     );
-    assert_eq!(default.of_kind("Service").len(), 3);
+    assert_eq!(default.of_kind("Service").len(), 4);
+    // The replicas find each other through a headless Service of their admin port.
+    let peers_dns = flag_value(&default.args(), "--peers-dns")
+        .unwrap()
+        .to_string();
+    let (host, port) = peers_dns.rsplit_once(':').unwrap();
+    let peers = default
+        .of_kind("Service")
+        .into_iter()
+        .find(|s| {
+            format!(
+                "{}.{NAMESPACE}.svc",
+                s["metadata"]["name"].as_str().unwrap()
+            ) == host
+        })
+        .unwrap_or_else(|| panic!("no Service behind --peers-dns {peers_dns}"));
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    assert_eq!(peers["spec"]["ports"][0]["port"].to_string(), port);
+    let pod_labels = &default.one("Deployment")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in peers["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &pod_labels[k], v,
+            "the peers Service selects the meshbridge pods"
+        );
+    }
+    let admin_port =
+        default.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "http-admin")
+            .unwrap()["containerPort"]
+            .clone();
+    assert_eq!(admin_port.to_string(), port);
     assert_eq!(default.one("Deployment")["spec"]["replicas"], 2);
     assert_eq!(
         default.one("PodDisruptionBudget")["spec"]["minAvailable"],

@@ -544,6 +544,168 @@ async fn stats_and_log_level_reach_envoy() {
     assert!(msg.contains("no-such-node"), "{msg}");
 }
 
+/// `ctl diff NODE` on a connected Envoy: in sync, four types, the counts Envoy holds being
+/// what meshbridge sent; the table agrees with the API's own JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_of_a_connected_envoy_is_in_sync() {
+    let (cp, envoy, proxy) = mesh_with_envoy().await;
+    let node = envoy.node_id.as_str();
+
+    let json = ctl(&cp, &["-o", "json", "diff", node]).await.json();
+    assert_eq!(
+        json,
+        cp.admin_json(&format!("/api/proxies/{node}/diff")).await
+    );
+    assert_eq!(json["node"], node);
+    assert_eq!(json["in_sync"], true, "{json}");
+    let types = json["types"].as_array().unwrap();
+    assert_eq!(types.len(), 4, "{json}");
+
+    let diff = ctl(&cp, &["diff", node]).await;
+    let out = diff.ok();
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("{node} in sync").as_str()),
+        "{out}"
+    );
+    assert!(!out.contains("OUT OF SYNC"), "{out}");
+    let header = row(out, "TYPE");
+    assert!(header.contains("ONLY SENT"), "{out}");
+    for t in types {
+        let name = t["type"].as_str().unwrap();
+        let line = row(out, name);
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        // TYPE, SENT VERSION, ACKED VERSION, SENT, ENVOY, ONLY SENT, ONLY ENVOY, WARMING, ERRORS
+        assert_eq!(cells.len(), 9, "{line}");
+        let sent = t["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{name}: nothing sent: {json}");
+        assert_eq!(cells[3], sent.to_string(), "{line}");
+        assert_eq!(
+            cells[4],
+            sent.to_string(),
+            "{name}: Envoy holds another count: {line}"
+        );
+        assert_eq!(&cells[5..], ["0", "0", "0", "0"], "{line}");
+        // The versions are the ones /api/proxies reports ACKed.
+        let acked = proxy["types"][t["type_url"].as_str().unwrap()]["acked"]
+            .as_str()
+            .unwrap();
+        let short: String = acked.chars().take(8).collect();
+        assert_eq!(cells[1], short, "{line}");
+        assert_eq!(cells[2], short, "{line}");
+    }
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            ["cds", "eds", "lds", "rds"].contains(&l.split_whitespace().next().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+
+    let unknown = ctl(&cp, &["diff", "no-such-node"]).await;
+    let msg = unknown.failed();
+    assert!(msg.contains("404"), "{msg}");
+    assert!(msg.contains("/api/proxies/no-such-node/diff"), "{msg}");
+}
+
+/// `ctl clusters NODE` is Envoy's /clusters: the dependency's cluster with the addresses of
+/// its instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_show_a_dependency_and_its_instances() {
+    let (cp, envoy, _) = mesh_with_envoy().await;
+    let node = envoy.node_id.as_str();
+    let detail = cp.admin_json(&format!("/api/proxies/{node}")).await;
+    let cluster = detail["resources"][CDS]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|n| n.contains("orders"))
+        .unwrap_or_else(|| panic!("no orders cluster: {detail}"))
+        .to_string();
+
+    // Envoy adds hosts as EDS arrives: wait for both instances.
+    let out = eventually(
+        Duration::from_secs(20),
+        "Envoy lists both orders hosts",
+        || async {
+            let out = ctl(&cp, &["clusters", node]).await;
+            let text = out.ok().to_string();
+            ["127.0.0.1:41001", "127.0.0.1:41002"]
+                .iter()
+                .all(|a| text.contains(&format!("{cluster}::{a}::")))
+                .then_some(text)
+        },
+    )
+    .await;
+    // Printed as Envoy answers it.
+    let own = envoy_admin(&envoy, "/clusters").await;
+    let names = |text: &str| -> Vec<String> {
+        let mut v: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split("::").next().map(str::to_string))
+            .collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(names(&out), names(&own));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{cluster}::127.0.0.1:41002::health_flags::"))),
+        "{out}"
+    );
+
+    // -o json: Envoy's JSON (format=json), the same hosts.
+    let json = ctl(&cp, &["-o", "json", "clusters", node]).await.json();
+    let status = json["cluster_statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster.as_str())
+        .unwrap_or_else(|| panic!("no {cluster} in {json}"));
+    let mut ports: Vec<u64> = status["host_statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h["address"]["socket_address"]["port_value"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [41001, 41002], "{status}");
+}
+
+/// `ctl audit` lists a log level change made through `ctl log-level`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lists_a_log_level_change() {
+    let (cp, envoy, _) = mesh_with_envoy().await;
+    let node = envoy.node_id.as_str();
+
+    let empty = ctl(&cp, &["audit"]).await;
+    assert_eq!(empty.ok(), "no admin actions recorded\n");
+
+    ctl(&cp, &["log-level", node, "debug"]).await.ok();
+    let audit = ctl(&cp, &["audit"]).await;
+    let out = audit.ok();
+    assert!(out.starts_with("AT "), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(node)).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    let cells: Vec<&str> = rows[0].split_whitespace().collect();
+    // AT is `Ns ago`: two words.
+    assert_eq!(cells[1], "ago", "{out}");
+    assert_eq!(
+        &cells[2..],
+        ["-", "log-level", node, "level=debug", "ok"],
+        "{out}"
+    );
+
+    let json = ctl(&cp, &["-o", "json", "audit"]).await.json();
+    assert_eq!(json, cp.admin_json("/api/audit").await);
+    assert_eq!(json[0]["detail"], "level=debug");
+}
+
 /// Unreachable admin, a non-JSON answer, the environment default, bad usage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_name_the_address_and_exit_1() {
@@ -634,6 +796,16 @@ async fn diagnostics_errors_name_the_proxy_and_envoy_address() {
     assert!(msg.contains(&format!("127.0.0.1:{announced}")), "{msg}");
     let level = ctl(&cp, &["log-level", "frontend-elsewhere", "debug"]).await;
     assert!(level.failed().contains("502"));
+    let diff = ctl(&cp, &["diff", "frontend-elsewhere"]).await;
+    let msg = diff.failed();
+    assert!(msg.contains("502"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{announced}")), "{msg}");
+    assert!(
+        ctl(&cp, &["clusters", "frontend-silent"])
+            .await
+            .failed()
+            .contains("409")
+    );
 
     let none = ctl(&cp, &["stats", "frontend-silent"]).await;
     let msg = none.failed();

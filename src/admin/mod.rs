@@ -269,17 +269,36 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<V
         o.0 += 1;
         o.1 += usize::from(e.healthy);
     }
+    // Connected proxies whose dependencies name it (their own, their MeshService's, or "*"
+    // where allowed), and whether their configuration actually routes to it (not, e.g., a
+    // caller without a certificate towards a `strict` service).
     let cluster = crate::translate::names::service_cluster(name);
+    let target = DependencyTarget::Service(name.to_string());
+    let mut reaches_by_group: BTreeMap<String, bool> = BTreeMap::new();
     let proxies: Vec<Value> = s
         .registry
         .list()
         .into_iter()
         .filter(|p| {
-            s.cache
-                .snapshot(&p.group_key)
-                .is_some_and(|snap| snap.resources(ResourceType::Cluster).contains_key(&cluster))
+            let g = &p.group_key;
+            let declared = state
+                .services
+                .get(&g.service)
+                .is_some_and(|own| own.dependencies.iter().any(|d| d.target == target || (d.target == DependencyTarget::All && settings.wildcard_allowed(&g.service))));
+            g.service != name
+                && (declared
+                    || g.dependencies.contains(&target)
+                    || (g.dependencies.contains(&DependencyTarget::All)
+                        && settings.wildcard_allowed(&g.service)))
         })
-        .map(|p| json!({"node": p.node, "service": p.service, "group": p.group, "mode": p.mode}))
+        .map(|p| {
+            let reaches = *reaches_by_group.entry(p.group.clone()).or_insert_with(|| {
+                s.cache.snapshot(&p.group_key).is_some_and(|snap| {
+                    snap.resources(ResourceType::Cluster).contains_key(&cluster)
+                })
+            });
+            json!({"node": p.node, "service": p.service, "group": p.group, "mode": p.mode, "reaches": reaches})
+        })
         .collect();
     view["origins"] = origins
         .into_iter()
@@ -355,13 +374,14 @@ async fn proxy(
         ));
     };
     let mut view = serde_json::to_value(&proxy).unwrap_or(Value::Null);
-    view["dependencies"] = json!(
-        group
-            .dependencies
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    );
+    let announced: BTreeSet<String> = group.dependencies.iter().map(ToString::to_string).collect();
+    // What translation uses: the node's own, merged with its MeshService's.
+    let mut effective = announced.clone();
+    if let Some(service) = s.cache.state().services.get(&group.service) {
+        effective.extend(service.dependencies.iter().map(|d| d.target.to_string()));
+    }
+    view["dependencies"] = json!(effective);
+    view["announced_dependencies"] = json!(announced);
     let snap = s.cache.snapshot(&group);
     view["warnings"] = json!(
         snap.as_ref()

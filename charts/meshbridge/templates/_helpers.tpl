@@ -78,6 +78,10 @@ Names of the Services and webhook objects.
 {{- printf "%s-admin" (include "meshbridge.fullname" .) }}
 {{- end }}
 
+{{- define "meshbridge.peersServiceName" -}}
+{{- printf "%s-peers" (include "meshbridge.fullname" .) }}
+{{- end }}
+
 {{- define "meshbridge.webhookServiceName" -}}
 {{- printf "%s-webhook" (include "meshbridge.fullname" .) }}
 {{- end }}

@@ -115,10 +115,11 @@
   }
 
   /** A version string, shortened, full text in the tooltip. */
-  function version(v) {
+  function version(v, max) {
     if (v === null || v === undefined || v === '') return muted('—');
     const s = String(v);
-    return mono(s.length > 16 ? s.slice(0, 14) + '…' : s, s);
+    const n = max || 16;
+    return mono(s.length > n ? s.slice(0, n - 1) + '…' : s, s);
   }
 
   function bytes(n) {
@@ -387,16 +388,16 @@
     const nack = st.nack !== null && st.nack !== undefined;
     const pending = !nack && st.sent !== st.acked;
     return h('span', { class: 'versions' + (nack ? ' nack' : pending ? ' pending' : ''), title: nack ? 'NACK: ' + st.nack : pending ? 'waiting for ACK' : 'acknowledged' },
-      version(st.sent), ' / ', version(st.acked), nack ? [' ', badge('NACK', 'bad', { testid: 'nack' })] : null);
+      version(st.sent, 9), ' / ', version(st.acked, 9), nack ? [' ', badge('NACK', 'bad', { testid: 'nack' })] : null);
   }
 
   // #/proxies
   async function pageProxies() {
     const proxies = await api('/api/proxies');
     const rows = proxies.map((p) => h('tr', { testid: 'proxy-row', data: { node: p.node }, class: Object.values(p.types || {}).some((t) => t.nack) ? 'row-nack' : null },
-      h('td', null, link(proxyHref(p.node), p.node)),
+      h('td', { class: 'nowrap' }, link(proxyHref(p.node), p.node)),
       h('td', null, serviceLink(p.service)),
-      h('td', null, mono(p.group.length > 20 ? p.group.slice(0, 18) + '…' : p.group, p.group)),
+      h('td', { class: 'nowrap' }, mono(p.group.length > 24 ? p.group.slice(0, 23) + '…' : p.group, p.group)),
       h('td', null, badge(p.mode, 'plain')),
       h('td', null, ago(p.connected_at)),
       TYPES.map(([, url]) => h('td', null, typeCell((p.types || {})[url])))));
@@ -446,7 +447,8 @@
           ['Peer', p.peer ? mono(p.peer) : muted('unknown')],
           ['Connected', ago(p.connected_at)],
           ['Envoy admin', hasAdmin ? mono(p.admin) : muted('not announced')],
-          ['Announced dependencies', h('span', { title: 'Named in the node metadata (bootstrap --dependency); those of its service are on the service page' }, dependencyLinks(p.dependencies))],
+          ['Dependencies', h('span', { title: 'Named in the node metadata (bootstrap --dependency) or by its MeshService' }, dependencyLinks(p.dependencies))],
+          ['Announced by the proxy', dependencyLinks(p.announced_dependencies)],
         ])),
         section('Versions', { id: 'proxy-versions' },
           table({ id: 'versions-table', testid: 'versions-table', class: 'grid' }, ['Type', 'Sent', 'Acked', 'State', 'Last NACK'], versionRows, 'Nothing sent yet.'),

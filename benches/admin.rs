@@ -1,0 +1,130 @@
+//! What the admin API costs on a large mesh: 1,000 services × 5 instances, 500 proxy groups
+//! and 5,000 connected proxies. The views are what the UI and `meshbridge ctl` fetch:
+//! the services list, one service's page (which scans every connected proxy's snapshot for
+//! dependents), the per-service digests a peer comparison reads, and `/metrics`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+use meshbridge::admin::{self, AdminState};
+use meshbridge::index::Index;
+use meshbridge::metrics::Metrics;
+use meshbridge::model::MeshSettings;
+use meshbridge::sources::SourceStatuses;
+use meshbridge::xds::cache::SnapshotCache;
+use meshbridge::xds::registry::{ProxyRegistry, ProxyStatus};
+
+#[path = "support/mesh_gen.rs"]
+mod mesh_gen;
+
+const SERVICES: usize = 1000;
+const INSTANCES: usize = 5;
+const GROUPS: usize = 500;
+const PROXIES: usize = 5000;
+
+fn bench(c: &mut Criterion) {
+    let objects = meshbridge::sources::files::parse_manifests(
+        "bench.yaml",
+        &mesh_gen::manifests(SERVICES, INSTANCES),
+    )
+    .unwrap_or_else(|e| panic!("generated manifests are valid: {e:?}"));
+    let mut index = Index::new();
+    index.apply("config", "bench.yaml", objects);
+    let state = index.state();
+    let settings = MeshSettings {
+        allow_wildcard: vec!["*".into()],
+        trust_domain: "mesh.local".into(),
+        ..Default::default()
+    };
+    let cache = Arc::new(SnapshotCache::new(settings.clone()));
+    let groups = mesh_gen::groups(SERVICES, GROUPS);
+    // Streams subscribe before the state arrives, as proxies connected to a running
+    // control plane would; the update then builds every group once.
+    let _subscriptions: Vec<_> = groups.iter().map(|g| cache.subscribe(g)).collect();
+    cache.update(state.clone());
+    let registry = Arc::new(ProxyRegistry::default());
+    for i in 0..PROXIES {
+        let group = &groups[i % GROUPS];
+        registry.register(ProxyStatus {
+            node: format!("{}-{i}", group.service),
+            service: group.service.clone(),
+            group: group.id(),
+            mode: "sotw",
+            peer: Some(format!("10.0.{}.{}:40000", i / 250, i % 250)),
+            admin_port: Some(9901),
+            diagnostics_port: None,
+            admin: Some(format!("10.0.{}.{}:9901", i / 250, i % 250)),
+            connected_at: 1_700_000_000,
+            types: Default::default(),
+            group_key: group.clone(),
+        });
+    }
+    let metrics = Arc::new(Metrics::new());
+    let s = AdminState::new(
+        cache.clone(),
+        registry,
+        Arc::new(SourceStatuses::default()),
+        metrics.clone(),
+    );
+    // The shared dependency every group calls: the widest dependents scan.
+    let shared = mesh_gen::service(0);
+    let detail = admin::service_detail(&s, &state, &shared).unwrap_or_default();
+    let dependents = detail["dependents"]["proxies"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(
+        dependents,
+        PROXIES - PROXIES / GROUPS,
+        "every proxy but {shared}'s own calls {shared}"
+    );
+
+    let mut g = c.benchmark_group("admin_1000x5_proxies_5000");
+    g.sample_size(20);
+    g.bench_function("services_list_json", |b| {
+        b.iter(|| {
+            let v = admin::services_view(&state, &settings);
+            black_box(serde_json::to_vec(&v).map_or(0, |b| b.len()))
+        })
+    });
+    g.bench_function("service_page_json_5000_dependent_proxies", |b| {
+        b.iter(|| {
+            let v = admin::service_detail(&s, &state, &shared);
+            black_box(serde_json::to_vec(&v).map_or(0, |b| b.len()))
+        })
+    });
+    g.bench_function("state_detail_digests", |b| {
+        b.iter(|| {
+            let v = admin::state_detail(&state, "bench");
+            black_box(serde_json::to_vec(&v).map_or(0, |b| b.len()))
+        })
+    });
+    g.bench_function("proxies_list_json", |b| {
+        b.iter(|| black_box(serde_json::to_vec(&s.registry.list()).map_or(0, |b| b.len())))
+    });
+    g.bench_function("metrics_render", |b| {
+        b.iter(|| black_box(metrics.render().len()))
+    });
+    g.finish();
+    let sizes = [
+        (
+            "services list",
+            serde_json::to_vec(&admin::services_view(&state, &settings)).map_or(0, |b| b.len()),
+        ),
+        (
+            "service page",
+            serde_json::to_vec(&detail).map_or(0, |b| b.len()),
+        ),
+        (
+            "state detail",
+            serde_json::to_vec(&admin::state_detail(&state, "bench")).map_or(0, |b| b.len()),
+        ),
+    ];
+    for (what, bytes) in sizes {
+        println!("{what}: {} KiB of JSON", bytes / 1024);
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,266 @@
+//! End to end: the admin web UI in a real headless Chromium, against the real `meshbridge`
+//! binary configuring a real Envoy. `tests/ui/ui.mjs` (playwright-core) drives the browser:
+//! every page is loaded and checked, the proxy's diagnostics buttons are clicked, and a
+//! full-page screenshot of each page is kept in `<target dir>/ui-screenshots/`.
+//!
+//! Needs Chromium (`/usr/bin/chromium`, or `CHROMIUM_BIN`), Node.js and
+//! `tests/ui/node_modules`: `make test` installs them with `tests/ui/setup.sh`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually, http_request};
+
+/// The most the browser script may take, start to end.
+const UI_LIMIT: Duration = Duration::from_secs(150);
+/// How long a configuration change may take to reach the Envoy.
+const LIMIT: Duration = Duration::from_secs(20);
+/// A tag that is HTML: the UI must show it as text.
+const HTML_TAG: &str = "<img src=nope>";
+/// Every page's screenshot (`error` is the page of a service that does not exist).
+const SCREENSHOTS: &[&str] = &[
+    "services",
+    "service",
+    "proxies",
+    "proxy-stats",
+    "proxy",
+    "sources",
+    "compare",
+    "changes",
+    "error",
+];
+
+/// frontend calls orders and billing; orders' AccessRule names frontend and a caller no
+/// service matches. Documents are separated by `---` lines (the peer drops some).
+fn mesh(orders_port: u16, billing_port: u16) -> String {
+    format!(
+        "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: frontend}}
+spec:
+  dependencies:
+    - service: orders
+    - service: billing
+---
+apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: orders}}
+spec:
+  mtls: permissive
+  endpoints:
+    - {{address: 127.0.0.1, port: {orders_port}, datacenter: dc1, tags: [canary, \"{HTML_TAG}\"]}}
+---
+apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: billing}}
+spec:
+  endpoints:
+    - {{address: 127.0.0.1, port: {billing_port}, weight: 5}}
+---
+apiVersion: meshbridge.io/v1alpha1
+kind: AccessRule
+metadata: {{name: orders}}
+spec:
+  target: orders
+  action: deny
+  rules:
+    - from: [frontend, legacy-batch]
+      paths: [{{prefix: /hello}}]
+      methods: [GET]
+"
+    )
+}
+
+/// `CARGO_TARGET_DIR` if set, else `target/` of this crate.
+fn target_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// Fails, naming the fix, when the browser test's tools are not installed.
+fn require_browser_tools(ui_dir: &Path) {
+    const FIX: &str = "run `make test`, or `bash tests/ui/setup.sh`, to install them";
+    let chromium = std::env::var_os("CHROMIUM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        chromium.is_file(),
+        "Chromium not found at {} (set CHROMIUM_BIN to use another): {FIX}",
+        chromium.display()
+    );
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "Node.js (`node`) is not installed: {FIX} ({node:?})"
+    );
+    assert!(
+        ui_dir
+            .join("node_modules/playwright-core/package.json")
+            .is_file(),
+        "tests/ui/node_modules has no playwright-core: {FIX}"
+    );
+}
+
+/// Envoy's own view of its log levels: `POST /logging` without a level lists every logger.
+async fn envoy_log_levels(envoy: &Envoy) -> Vec<(String, String)> {
+    let r = http_request(
+        envoy.admin_addr(),
+        "POST",
+        "localhost",
+        "/logging",
+        &[("content-length", "0")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "Envoy POST /logging: {}", r.body);
+    r.body
+        .lines()
+        .skip_while(|l| !l.starts_with("active loggers"))
+        .skip(1)
+        .filter_map(|l| l.trim().split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ui_dir = root.join("tests/ui");
+    require_browser_tools(&ui_dir);
+
+    let orders = Backend::start("orders", "a").await;
+    let billing = Backend::start("billing", "a").await;
+    // A peer replica that sees only frontend and orders: the compare page shows how it differs.
+    let peer_mesh: String = mesh(orders.port, billing.port)
+        .split("---\n")
+        .filter(|d| d.contains("kind: MeshService") && !d.contains("name: billing"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let peer = ControlPlane::start(&peer_mesh, &[]).await;
+    let peer_url = format!("http://{}", peer.admin_addr());
+    let cp = ControlPlane::start(&mesh(orders.port, billing.port), &["--peer", &peer_url]).await;
+    let envoy = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "frontend".into(),
+            egress: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let node = envoy.node_id.clone();
+    // Traffic flows, so the proxy has its whole configuration and stats about orders.
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    // The browser checks that meshbridge and Envoy agree: wait for it first.
+    eventually(LIMIT, "the config diff in sync", || async {
+        let r = support::http_get(
+            cp.admin_addr(),
+            "localhost",
+            &format!("/api/proxies/{node}/diff"),
+            &[],
+        )
+        .await
+        .ok()?;
+        let diff: Value = serde_json::from_str(&r.body).ok()?;
+        (r.status == 200 && diff["in_sync"] == true).then_some(())
+    })
+    .await;
+    let before = envoy_log_levels(&envoy).await;
+    assert!(
+        before.iter().any(|(_, level)| level != "debug"),
+        "Envoy already logs at debug: {before:?}"
+    );
+
+    let shots = target_dir().join("ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    for entry in std::fs::read_dir(&shots).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "png") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let expectations = json!({
+        "url": format!("http://{}/", cp.admin_addr()),
+        "screenshots": shots,
+        "services": ["billing", "frontend", "orders"],
+        "search": {"query": "ORD", "match": ["orders"], "hidden": ["billing", "frontend"]},
+        "service": {
+            "name": "orders",
+            "instances": 1,
+            "dependent_proxy": node,
+            "dependent_services": ["frontend"],
+            "access_action": "deny",
+            "unknown_callers": ["legacy-batch"],
+            "text": [format!("127.0.0.1:{}", orders.port), "permissive", "dc1", "canary", "prefix /hello"],
+            "escaped": HTML_TAG,
+        },
+        "proxy": node,
+        "stats": {"filter": "^cluster\\.orders\\.membership_", "expect": "cluster.orders.membership_healthy: 1"},
+        "clusters": "orders::",
+        "log_level": "debug",
+        "compare": {"overall": "peers disagree", "peers": 1, "text": [peer_url, "billing"]},
+        "missing_service": "no-such-service",
+        "changes_min": 1,
+    });
+
+    let started = Instant::now();
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(ui_dir.join("ui.mjs"))
+        .arg(expectations.to_string())
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(UI_LIMIT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("tests/ui/ui.mjs took longer than {UI_LIMIT:?}"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tests/ui/ui.mjs failed ({}); screenshots in {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status,
+        shots.display()
+    );
+    eprintln!(
+        "{stdout}browser checks took {:.1}s; screenshots in {}",
+        started.elapsed().as_secs_f64(),
+        shots.display()
+    );
+
+    for name in SCREENSHOTS {
+        let file = shots.join(format!("{name}.png"));
+        let bytes = std::fs::read(&file)
+            .unwrap_or_else(|e| panic!("screenshot {} missing: {e}", file.display()));
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 5_000,
+            "{} is not a real PNG screenshot ({} bytes)",
+            file.display(),
+            bytes.len()
+        );
+    }
+
+    // The "Apply" button changed the level in Envoy itself, as Envoy's own admin tells.
+    let after = envoy_log_levels(&envoy).await;
+    assert!(after.len() > 10, "too few loggers listed: {after:?}");
+    let not_debug: Vec<_> = after.iter().filter(|(_, l)| l != "debug").collect();
+    assert!(not_debug.is_empty(), "loggers not at debug: {not_debug:?}");
+    // And the change was audited.
+    let audit = cp.admin_json("/api/audit").await;
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["node"] == node.as_str() && e.to_string().contains("debug")),
+        "no audit entry for the log level change: {audit}"
+    );
+}
