@@ -9,7 +9,6 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use meshbridge::admin::{self, AdminState};
-use meshbridge::index::Index;
 use meshbridge::metrics::Metrics;
 use meshbridge::model::MeshSettings;
 use meshbridge::sources::SourceStatuses;
@@ -25,14 +24,7 @@ const GROUPS: usize = 500;
 const PROXIES: usize = 5000;
 
 fn bench(c: &mut Criterion) {
-    let objects = meshbridge::sources::files::parse_manifests(
-        "bench.yaml",
-        &mesh_gen::manifests(SERVICES, INSTANCES),
-    )
-    .unwrap_or_else(|e| panic!("generated manifests are valid: {e:?}"));
-    let mut index = Index::new();
-    index.apply("config", "bench.yaml", objects);
-    let state = index.state();
+    let state = mesh_gen::index(SERVICES, INSTANCES).state();
     let settings = MeshSettings {
         allow_wildcard: vec!["*".into()],
         trust_domain: "mesh.local".into(),

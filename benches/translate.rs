@@ -5,7 +5,6 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-use meshbridge::index::Index;
 use meshbridge::model::MeshSettings;
 use meshbridge::snapshot;
 use meshbridge::translate;
@@ -18,13 +17,7 @@ const INSTANCES: usize = 5;
 const GROUPS: usize = 500;
 
 fn bench(c: &mut Criterion) {
-    let objects = meshbridge::sources::files::parse_manifests(
-        "bench.yaml",
-        &mesh_gen::manifests(SERVICES, INSTANCES),
-    )
-    .unwrap_or_else(|e| panic!("generated manifests are valid: {e:?}"));
-    let mut index = Index::new();
-    index.apply("config", "bench.yaml", objects);
+    let index = mesh_gen::index(SERVICES, INSTANCES);
     let state = index.state();
     let settings = MeshSettings {
         allow_wildcard: vec!["*".into()],

@@ -514,6 +514,7 @@ pub async fn run(
             ready_port: args.sidecar_ready_port,
             diagnostics_port: (args.sidecar_diagnostics_port != 0)
                 .then_some(args.sidecar_diagnostics_port),
+            diagnostics_allow: args.sidecar_diagnostics_allow.clone(),
             tls_secret: args.sidecar_tls_secret.clone(),
         };
         let state = crate::webhook::server::WebhookState {
@@ -582,11 +583,14 @@ pub async fn run(
     }
     let mut admin_stop = late_stop.clone();
     let admin = tokio::spawn(async move {
-        axum::serve(admin_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
+        axum::serve(
+            admin_listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        })
+        .await
     });
     if let Some(tx) = bound {
         let _ = tx.send(addrs);

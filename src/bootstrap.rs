@@ -41,8 +41,12 @@ pub struct BootstrapOptions {
     /// Port of a listener on all addresses through which the control plane reads this
     /// Envoy's config dump, stats, clusters and server info and changes its log level; every
     /// other admin path is refused (403). Announced as node metadata `diagnostics_port`.
-    #[arg(long)]
+    #[arg(long, requires = "diagnostics_allow")]
     pub diagnostics_port: Option<u16>,
+    /// Address range (CIDR) allowed to use the diagnostics listener: the control plane's, and
+    /// a metrics scraper's; repeatable. Anything else gets 403.
+    #[arg(long = "diagnostics-allow", value_name = "CIDR")]
+    pub diagnostics_allow: Vec<String>,
     /// A dependency: service name, "*" (where allowed) or https://host[:port]; repeatable.
     #[arg(long = "dependency")]
     pub dependencies: Vec<String>,
@@ -75,6 +79,34 @@ pub enum BootstrapError {
     /// An empty node id.
     #[error("--node-id must not be empty")]
     EmptyNodeId,
+    /// A diagnostics listener open to everyone, or an address range that does not parse.
+    #[error("--diagnostics-allow {0:?}: {1}")]
+    BadDiagnosticsAllow(String, String),
+}
+
+/// Parses `ADDRESS/LEN` (or a bare address: one host) into Envoy's CidrRange JSON.
+pub fn cidr_range(text: &str) -> Result<Value, BootstrapError> {
+    let bad = |why: &str| BootstrapError::BadDiagnosticsAllow(text.to_string(), why.to_string());
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| bad("not an IP address or CIDR"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u32 = match len {
+        Some(l) => l
+            .trim()
+            .parse()
+            .map_err(|_| bad("the prefix length is not a number"))?,
+        None => max,
+    };
+    if len > max {
+        return Err(bad("the prefix length is too long for the address"));
+    }
+    Ok(json!({"address_prefix": ip.to_string(), "prefix_len": len}))
 }
 
 /// Largest RE2 program (path rules of AccessRules) the proxies accept.
@@ -175,12 +207,21 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         ));
     }
     if let Some(port) = o.diagnostics_port {
-        admin_views.push(admin_view_listener(
-            "meshbridge_diagnostics",
-            port,
-            &DIAGNOSTICS_ROUTES,
-            403,
-        ));
+        if o.diagnostics_allow.is_empty() {
+            return Err(BootstrapError::BadDiagnosticsAllow(
+                String::new(),
+                "--diagnostics-port needs at least one range: who may read this Envoy's configuration and change its log level".into(),
+            ));
+        }
+        let ranges = o
+            .diagnostics_allow
+            .iter()
+            .map(|c| cidr_range(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut listener =
+            admin_view_listener("meshbridge_diagnostics", port, &DIAGNOSTICS_ROUTES, 403);
+        restrict_to(&mut listener, &ranges);
+        admin_views.push(listener);
     }
     if !admin_views.is_empty() {
         bootstrap["static_resources"]["listeners"] = Value::Array(admin_views);
@@ -208,17 +249,42 @@ pub const ADMIN_CLUSTER: &str = "meshbridge_admin";
 /// What the readiness listener forwards to the admin interface: `GET /ready`.
 const READY_ROUTES: [(&str, &str, bool); 1] = [("GET", "/ready", false)];
 
-/// What the diagnostics listener forwards (method, path, whether a prefix): read-only views
-/// and log level changes. Not `/quitquitquit`, `/drain_listeners`, `/healthcheck/fail`,
-/// `/runtime_modify`, `/reset_counters`, … .
-const DIAGNOSTICS_ROUTES: [(&str, &str, bool); 6] = [
+/// What the diagnostics listener forwards (method, exact path): read-only views and log
+/// level changes. Not `/quitquitquit`, `/drain_listeners`, `/healthcheck/fail`,
+/// `/runtime_modify`, `/reset_counters`, `/certs`, … .
+const DIAGNOSTICS_ROUTES: [(&str, &str, bool); 7] = [
     ("GET", "/config_dump", false),
-    ("GET", "/stats", true),
+    ("GET", "/stats", false),
+    ("GET", "/stats/prometheus", false),
     ("GET", "/clusters", false),
     ("GET", "/server_info", false),
     ("GET", "/ready", false),
     ("POST", "/logging", false),
 ];
+
+/// Admits only connections from `ranges` to an admin view listener (RBAC on the direct
+/// peer address; anything else gets 403).
+fn restrict_to(listener: &mut Value, ranges: &[Value]) {
+    let principals: Vec<Value> = ranges
+        .iter()
+        .map(|r| json!({"direct_remote_ip": r}))
+        .collect();
+    let rbac = json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"control-plane": {
+                "permissions": [{"any": true}],
+                "principals": principals
+            }}}
+        }
+    });
+    if let Some(filters) =
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"].as_array_mut()
+    {
+        filters.insert(0, rbac);
+    }
+}
 
 /// A listener on `0.0.0.0:port` forwarding exactly `routes` to the admin interface; anything
 /// else gets `refused`, so the rest of the admin interface is not exposed.
@@ -249,6 +315,11 @@ fn admin_view_listener(
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": name,
+                // Envoy's admin interface resolves `..` and `//` itself: resolve them here
+                // first, so `/stats/../certs` cannot match `/stats`.
+                "normalize_path": true,
+                "merge_slashes": true,
+                "path_with_escaped_slashes_action": "REJECT_REQUEST",
                 "route_config": {"virtual_hosts": [{
                     "name": name,
                     "domains": ["*"],

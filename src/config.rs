@@ -192,11 +192,20 @@ pub struct RunArgs {
     /// Port of injected sidecars' readiness listener (`GET /ready` only).
     #[arg(long, env = "MESHBRIDGE_SIDECAR_READY_PORT", default_value_t = 15021)]
     pub sidecar_ready_port: u16,
-    /// Port of injected sidecars' diagnostics listener, through which this control plane
-    /// reads their config dump, stats and clusters and changes their log level (the rest of
-    /// Envoy's admin interface stays on 127.0.0.1); 0: none.
-    #[arg(long, env = "MESHBRIDGE_SIDECAR_DIAGNOSTICS_PORT", default_value_t = crate::webhook::inject::DEFAULT_DIAGNOSTICS_PORT)]
+    /// Port of injected sidecars' diagnostics listener (e.g. 15002), through which this
+    /// control plane reads their config dump, stats and clusters and changes their log level
+    /// (the rest of Envoy's admin interface stays on 127.0.0.1); 0: none. Needs
+    /// --sidecar-diagnostics-allow.
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_DIAGNOSTICS_PORT", default_value_t = 0)]
     pub sidecar_diagnostics_port: u16,
+    /// Address range (CIDR) allowed to use the sidecars' diagnostics listener: where the
+    /// control plane's pods (and a metrics scraper) run; repeatable.
+    #[arg(
+        long = "sidecar-diagnostics-allow",
+        env = "MESHBRIDGE_SIDECAR_DIAGNOSTICS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub sidecar_diagnostics_allow: Vec<String>,
     /// Inject the sidecar as a regular container rather than a native sidecar init container
     /// (chosen by itself on clusters before Kubernetes 1.29, from the API server's version).
     #[arg(long, env = "MESHBRIDGE_NO_NATIVE_SIDECAR")]
@@ -416,6 +425,20 @@ impl RunArgs {
                     message: format!("{dns:?} is not HOST:PORT"),
                 });
             }
+        }
+        for cidr in &self.sidecar_diagnostics_allow {
+            if let Err(e) = crate::bootstrap::cidr_range(cidr) {
+                return Err(ConfigError {
+                    flag: "sidecar-diagnostics-allow",
+                    message: e.to_string(),
+                });
+            }
+        }
+        if self.sidecar_diagnostics_port != 0 && self.sidecar_diagnostics_allow.is_empty() {
+            return Err(ConfigError {
+                flag: "sidecar-diagnostics-port",
+                message: "needs --sidecar-diagnostics-allow CIDR: who may read the sidecars' configuration and change their log level".into(),
+            });
         }
         if !(100..=120_000).contains(&self.diagnostics_timeout) {
             return Err(ConfigError {

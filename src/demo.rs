@@ -255,6 +255,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sidecar_admin_port: 15000,
         sidecar_ready_port: 15021,
         sidecar_diagnostics_port: 0,
+        sidecar_diagnostics_allow: vec![],
         trust_domain: "mesh.local".into(),
         debounce: 100,
         allow_wildcard: vec![],

@@ -63,10 +63,11 @@ pub struct Metrics {
     pub source_synced: Family<Labels, Gauge>,
     /// Seconds since a source last synced successfully, by source (set when scraped).
     pub source_staleness_seconds: Family<Labels, Gauge>,
-    /// Errors a source met (a failed request, a rejected manifest, a broken watch).
+    /// Times a source entered an error or its error changed (a failed request, a rejected
+    /// manifest, a broken watch).
     pub source_errors: Family<Labels, Counter>,
-    /// Time one sync round of a source took (a Consul fetch round, a config-dir scan, a
-    /// Kubernetes relist), by source.
+    /// Time one sync step of a source took (a config-dir scan, a Consul service fetch, the
+    /// Kubernetes initial list), by source.
     pub source_sync_seconds: Family<Labels, Histogram>,
     /// Objects each source holds in the index.
     pub index_objects: Family<Labels, Gauge>,
@@ -259,12 +260,12 @@ impl Metrics {
         );
         m.registry.register(
             "source_errors",
-            "Errors a source met",
+            "Times a source entered an error or its error changed",
             m.source_errors.clone(),
         );
         m.registry.register(
             "source_sync_seconds",
-            "Time one sync round of a source took",
+            "Time one sync step of a source took: a config-dir scan, a Consul service fetch, the Kubernetes initial list",
             m.source_sync_seconds.clone(),
         );
         m.registry.register(

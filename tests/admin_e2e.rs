@@ -264,6 +264,16 @@ async fn envoy_config_dump_stats_and_clusters_through_meshbridge_match_envoys_ow
     assert_eq!(via.status, 200, "{}", via.body);
     assert_eq!(via.body.trim(), format!("{stat}: 2"));
     assert_eq!(envoy.stat(&stat).await, Some(2));
+    // Only JSON or text comes back, whatever Envoy could render.
+    let html = get(admin, &format!("/api/proxies/{node}/stats?format=html")).await;
+    assert_eq!(html.status, 400, "{}", html.body);
+    let text = get(admin, &format!("/api/proxies/{node}/stats")).await;
+    assert!(
+        text.header("content-type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(text.header("x-content-type-options"), Some("nosniff"));
     let bad = get(admin, &format!("/api/proxies/{node}/stats?filter=%28")).await;
     assert_eq!(bad.status, 400);
     assert!(
@@ -303,22 +313,12 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// Envoy's own view of its loggers: `POST /logging` without arguments lists them.
-async fn envoy_levels(envoy: &Envoy) -> Vec<(String, String)> {
-    let r = post(envoy.admin_addr(), "/logging", &[]).await;
-    r.body
-        .lines()
-        .filter_map(|l| l.trim().split_once(": "))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_log_level_change_reaches_envoy_and_is_audited() {
     let (_a, _b, cp, envoy) = running_mesh(&[], frontend()).await;
     let admin = cp.admin_addr();
     let node = &envoy.node_id;
-    assert!(envoy_levels(&envoy).await.iter().all(|(_, l)| l != "debug"));
+    assert!(envoy.log_levels().await.iter().all(|(_, l)| l != "debug"));
 
     let r = post(
         admin,
@@ -328,7 +328,7 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(json_of(&r)["level"], "debug");
-    let levels = envoy_levels(&envoy).await;
+    let levels = envoy.log_levels().await;
     assert!(levels.len() > 10, "{levels:?}");
     assert!(levels.iter().all(|(_, l)| l == "debug"), "{levels:?}");
 
@@ -340,7 +340,7 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let levels = envoy_levels(&envoy).await;
+    let levels = envoy.log_levels().await;
     assert!(levels.contains(&("upstream".to_string(), "trace".to_string())));
     assert!(levels.contains(&("config".to_string(), "debug".to_string())));
 
@@ -373,13 +373,34 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
             .unwrap()
             .contains("ghost")
     );
-    assert_eq!(
-        json_of(&get(admin, "/api/audit").await)
-            .as_array()
-            .unwrap()
-            .len(),
-        2
+    // A page on another site cannot change levels through an operator's browser.
+    let forged = post(
+        admin,
+        &format!("/api/proxies/{node}/logging?level=trace"),
+        &[("origin", "http://evil.example")],
+    )
+    .await;
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert!(
+        envoy
+            .log_levels()
+            .await
+            .contains(&("config".to_string(), "debug".to_string())),
+        "the forged request changed nothing"
     );
+    // Every attempt is audited, refused ones too, with the address it came from.
+    let audit = json_of(&get(admin, "/api/audit").await);
+    let results: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results.len(), 5, "{audit:#}");
+    assert!(results[0].contains("cross-site"), "{results:?}");
+    assert!(results[1].contains("ghost"), "{results:?}");
+    assert!(results[2].contains("loud"), "{results:?}");
+    assert!(audit[0]["from"].as_str().unwrap().starts_with("127.0.0.1:"));
 }
 
 #[tokio::test]
@@ -408,25 +429,43 @@ async fn the_diagnostics_listener_serves_the_control_plane_and_refuses_the_rest(
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        envoy_levels(&envoy)
-            .await
-            .iter()
-            .all(|(_, l)| l == "warning")
-    );
+    assert!(envoy.log_levels().await.iter().all(|(_, l)| l == "warning"));
 
-    // Anyone else reaching the port gets only the read-only views.
+    // Even an allowed address gets only the read-only views, however the path is spelt.
     let port = SocketAddr::from(([127, 0, 0, 1], diagnostics));
     for path in [
         "/quitquitquit",
         "/healthcheck/fail",
         "/runtime_modify?x=1",
         "/reset_counters",
+        "/logging/../quitquitquit",
     ] {
         assert_eq!(post(port, path, &[]).await.status, 403, "{path}");
     }
-    assert_eq!(get(port, "/certs").await.status, 403);
+    for path in [
+        "/certs",
+        "/stats/../certs",
+        "//certs",
+        "/stats/%2E%2E/certs",
+        "/stats%2F..%2Fcerts",
+    ] {
+        let status = get(port, path).await.status;
+        assert!(status == 403 || status == 400, "{path}: {status}");
+    }
     assert_eq!(get(port, "/server_info").await.status, 200);
+    assert_eq!(get(port, "/stats/prometheus").await.status, 200);
+    // Another address is refused outright.
+    let other = support::http_request_from(
+        std::net::IpAddr::from([127, 0, 0, 2]),
+        port,
+        "GET",
+        "localhost",
+        "/config_dump",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.status, 403);
     assert_eq!(
         get(envoy.admin_addr(), "/ready").await.status,
         200,

@@ -7,8 +7,16 @@ mod support {
 }
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use meshbridge::metrics::Metrics;
+use meshbridge::model::MeshSettings;
+use meshbridge::xds::cache::SnapshotCache;
+use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
+use meshbridge::xds::{AdsService, XdsContext};
 use support::ads_client::*;
 use tonic::Code;
 
@@ -772,4 +780,260 @@ async fn a_stream_that_stops_reading_does_not_hold_up_the_others() {
         "the slow stream is still connected"
     );
     slow.close();
+}
+
+/// A server like [`TestServer`] whose metrics the test reads, with a bare delta stream.
+struct MeteredServer {
+    cache: Arc<SnapshotCache>,
+    registry: Arc<ProxyRegistry>,
+    metrics: Arc<Metrics>,
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MeteredServer {
+    async fn start(mesh: &Mesh<'_>) -> Self {
+        let cache = Arc::new(SnapshotCache::new(MeshSettings::default()));
+        cache.update(mesh_state(&mesh.yaml()));
+        let registry = Arc::new(ProxyRegistry::default());
+        let metrics = Arc::new(Metrics::new());
+        let ctx = Arc::new(XdsContext {
+            cache: cache.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            control_plane: "meshbridge-test".to_string(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(AdsService::new(ctx).into_server())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        MeteredServer {
+            cache,
+            registry,
+            metrics,
+            addr,
+            task,
+        }
+    }
+
+    fn update(&self, mesh: &Mesh<'_>) {
+        self.cache.update(mesh_state(&mesh.yaml()));
+    }
+
+    fn type_status(&self, node_id: &str, type_url: &str) -> Option<TypeStatus> {
+        self.registry
+            .list()
+            .into_iter()
+            .find(|s| s.node == node_id)
+            .and_then(|s| s.types.get(type_url).cloned())
+    }
+
+    /// The value of one sample of the rendered metrics, e.g.
+    /// `meshbridge_xds_acks_total{type="eds"}`; 0 when absent.
+    fn sample(&self, name: &str) -> f64 {
+        let text = self.metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// `(ACKs counted, ACK/NACK latency samples, NACKs counted)` of a type (`cds`, `eds`).
+    fn ack_metrics(&self, short: &str) -> (f64, f64, f64) {
+        (
+            self.sample(&format!("meshbridge_xds_acks_total{{type=\"{short}\"}}")),
+            self.sample(&format!(
+                "meshbridge_xds_ack_seconds_count{{type=\"{short}\"}}"
+            )),
+            self.sample(&format!("meshbridge_xds_nacks_total{{type=\"{short}\"}}")),
+        )
+    }
+
+    async fn delta(&self, node: envoy_types::pb::envoy::config::core::v3::Node) -> BareDelta {
+        use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+        let mut client = within(
+            "connecting to the ADS server",
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr)),
+        )
+        .await
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let response = within(
+            "the delta stream to open",
+            client.delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap();
+        BareDelta {
+            node: Some(node),
+            tx,
+            rx: response.into_inner(),
+        }
+    }
+}
+
+impl Drop for MeteredServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A fake proxy's delta stream on a [`MeteredServer`].
+struct BareDelta {
+    node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
+    tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl BareDelta {
+    async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
+        if let Some(node) = self.node.take() {
+            req.node = Some(node);
+        }
+        within("the request to be queued", self.tx.send(req))
+            .await
+            .unwrap();
+    }
+
+    async fn recv_type(&mut self, type_url: &str) -> DeltaDiscoveryResponse {
+        let resp = within("a response", self.rx.message())
+            .await
+            .unwrap()
+            .expect("stream ended while a response was expected");
+        assert_eq!(short(&resp.type_url), short(type_url), "{resp:?}");
+        resp
+    }
+
+    async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
+        self.send(delta_request(&resp.type_url, &[], &[], &resp.nonce))
+            .await;
+    }
+
+    async fn nack(&mut self, resp: &DeltaDiscoveryResponse, message: &str) {
+        self.send(DeltaDiscoveryRequest {
+            error_detail: Some(envoy_types::pb::google::rpc::Status {
+                code: Code::InvalidArgument as i32,
+                message: message.to_string(),
+                details: Vec::new(),
+            }),
+            ..delta_request(&resp.type_url, &[], &[], &resp.nonce)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack() {
+    let server = MeteredServer::start(&BASE).await;
+    let node = NodeBuilder::new("fe-d", "frontend")
+        .dependencies(&["orders", "billing"])
+        .build();
+    let mut d = server.delta(node).await;
+    d.send(delta_request(CDS, &[], &[], "")).await;
+    let cds = d.recv_type(CDS).await;
+    d.ack(&cds).await;
+
+    d.send(delta_request(EDS, &["orders"], &[], "")).await;
+    let eds1 = d.recv_type(EDS).await;
+    let message = "orders: rejected by the test";
+    d.nack(&eds1, message).await;
+    eventually("the registry to show the NACK", || {
+        server
+            .type_status("fe-d", EDS)
+            .is_some_and(|t| t.nack.as_deref() == Some(message))
+    })
+    .await;
+
+    // A new response is in flight when the proxy subscribes to another name, without a
+    // nonce, as Envoy does for EDS.
+    server.update(&Mesh {
+        orders_ports: &[18181, 18182],
+        ..BASE
+    });
+    let eds2 = d.recv_type(EDS).await;
+    assert_eq!(delta_names(&eds2), set(&["orders"]));
+    d.send(delta_request(EDS, &["billing"], &[], "")).await;
+    let eds3 = d.recv_type(EDS).await;
+    assert_eq!(delta_names(&eds3), set(&["billing"]));
+    // The subscription change was recorded before eds3 went out.
+    let status = server.type_status("fe-d", EDS).unwrap();
+    assert_eq!(
+        status.nack.as_deref(),
+        Some(message),
+        "a subscription change does not clear the NACK"
+    );
+    assert_eq!(status.acked, None, "a subscription change is no ACK");
+    assert_eq!(
+        server.ack_metrics("eds"),
+        (0.0, 1.0, 1.0),
+        "no ACK counted, one latency sample: the NACK's"
+    );
+
+    // The real ACK of the latest response counts, with its latency.
+    d.ack(&eds3).await;
+    eventually("the EDS ACK to be recorded", || {
+        server.ack_metrics("eds") == (1.0, 2.0, 1.0)
+    })
+    .await;
+    let status = server.type_status("fe-d", EDS).unwrap();
+    assert_eq!(status.nack, None);
+    assert_eq!(
+        status.acked.as_deref(),
+        Some(eds3.system_version_info.as_str())
+    );
+    assert_eq!(server.ack_metrics("cds"), (1.0, 1.0, 0.0));
+}
+
+#[tokio::test]
+async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
+    let server = MeteredServer::start(&BASE).await;
+    let mut d = server.delta(frontend("fe-d").build()).await;
+    d.send(delta_request(CDS, &[], &[], "")).await;
+    let cds = d.recv_type(CDS).await;
+    d.ack(&cds).await;
+
+    d.send(delta_request(EDS, &["orders"], &[], "")).await;
+    let eds1 = d.recv_type(EDS).await;
+    server.update(&Mesh {
+        orders_ports: &[18181, 18182],
+        ..BASE
+    });
+    let eds2 = d.recv_type(EDS).await;
+    assert_ne!(eds2.nonce, eds1.nonce);
+
+    // The proxy rejects the older response after the newer one went out.
+    d.nack(&eds1, "orders: rejected by the test").await;
+    // Requests are handled in order: once LDS is answered, the NACK was handled.
+    d.send(delta_request(LDS, &[], &[], "")).await;
+    let lds = d.recv_type(LDS).await;
+    let status = server.type_status("fe-d", EDS).unwrap();
+    assert_eq!(status.nack, None, "a stale NACK is not recorded");
+    assert_eq!(status.acked, None);
+    assert_eq!(
+        status.sent.as_deref(),
+        Some(eds2.system_version_info.as_str())
+    );
+    assert_eq!(
+        server.ack_metrics("eds"),
+        (0.0, 0.0, 0.0),
+        "a stale NACK is neither counted nor timed"
+    );
+
+    // The newer response's ACK still has its latency.
+    d.ack(&eds2).await;
+    d.ack(&lds).await;
+    eventually("the ACKs to be recorded", || {
+        server.ack_metrics("eds") == (1.0, 1.0, 0.0) && server.ack_metrics("lds") == (1.0, 1.0, 0.0)
+    })
+    .await;
+    let status = server.type_status("fe-d", EDS).unwrap();
+    assert_eq!(
+        status.acked.as_deref(),
+        Some(eds2.system_version_info.as_str())
+    );
+    assert_eq!(status.nack, None);
 }

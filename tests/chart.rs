@@ -76,6 +76,12 @@ consul:
 serviceMonitor:
   enabled: true
   labels: {release: prometheus}
+sidecar:
+  ports: {diagnostics: 15002}
+  diagnosticsAllowFrom: [10.42.0.0/16]
+sidecarPodMonitor:
+  enabled: true
+  labels: {release: prometheus}
 ";
 
 /// Every value set the tests render: (name, values YAML).
@@ -145,7 +151,8 @@ fn the_chart_lints_cleanly_with_every_value_set() {
 }
 
 /// Kinds that kubernetes-validate has no schema for, hence cannot check.
-const UNKNOWN_TO_KUBERNETES_VALIDATE: &[&str] = &["Certificate", "Issuer", "ServiceMonitor"];
+const UNKNOWN_TO_KUBERNETES_VALIDATE: &[&str] =
+    &["Certificate", "Issuer", "ServiceMonitor", "PodMonitor"];
 
 #[test]
 fn every_rendered_document_passes_kubernetes_validate_strict() {
@@ -1182,4 +1189,77 @@ fn dashboards_values_schema_rejects_typos_naming_them() {
             "--set {set}: the error does not name {named}: {message}"
         );
     }
+}
+
+#[test]
+fn the_sidecar_pod_monitor_scrapes_what_the_injector_exposes() {
+    let rendered = render(CONSUL);
+    let monitor = rendered.one("PodMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(monitor["spec"]["namespaceSelector"]["any"], true);
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/stats/prometheus");
+    // A pod injected with the settings the chart passes carries the selected label and
+    // names the diagnostics port as the PodMonitor does.
+    let args = rendered.args();
+    let port: u16 = flag_value(&args, "--sidecar-diagnostics-port")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        flag_values(&args, "--sidecar-diagnostics-allow"),
+        ["10.42.0.0/16"]
+    );
+    let settings = meshbridge::webhook::InjectSettings {
+        diagnostics_port: Some(port),
+        diagnostics_allow: vec!["10.42.0.0/16".into()],
+        ..Default::default()
+    };
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: orders-1, labels: {app: orders}}\nspec:\n  containers: [{name: app, image: orders, ports: [{containerPort: 8080}]}]\n";
+    let (injected, _) = meshbridge::webhook::inject_stream(pod, &settings).unwrap();
+    let injected: Value = serde_norway::from_str(&injected).unwrap();
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&injected["metadata"]["labels"][k], v, "{injected:#}");
+    }
+    let ports: Vec<&Value> = injected["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(injected["spec"]["containers"].as_array())
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .filter(|p| p["name"] == endpoint["port"])
+        .collect();
+    assert_eq!(ports.len(), 1, "{injected:#}");
+    assert_eq!(ports[0]["containerPort"], port);
+
+    assert!(
+        render("").of_kind("PodMonitor").is_empty(),
+        "off by default"
+    );
+    assert!(
+        flag_value(&render("").args(), "--sidecar-diagnostics-port").is_none(),
+        "sidecar diagnostics are opt-in"
+    );
+    let out = helm("render", "sidecar: {ports: {diagnostics: 15002}}\n", &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("diagnosticsAllowFrom"),
+        "{}",
+        text(&out)
+    );
+    let out = helm(
+        "render",
+        "sidecarPodMonitor: {enabled: true}\nsidecar: {ports: {diagnostics: 0}}\n",
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("sidecar.ports.diagnostics"),
+        "{}",
+        text(&out)
+    );
 }

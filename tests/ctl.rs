@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{ControlPlane, Envoy, EnvoyOptions, eventually, free_port, http_get, http_request};
+use support::{ControlPlane, Envoy, EnvoyOptions, eventually, free_port, http_get};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -187,26 +187,6 @@ async fn envoy_admin(envoy: &Envoy, path: &str) -> String {
         .unwrap();
     assert_eq!(r.status, 200, "Envoy {path}: {}", r.body);
     r.body
-}
-
-/// Envoy's loggers and their levels, from its own admin `/logging` (POST without a level
-/// lists them).
-async fn envoy_log_levels(envoy: &Envoy) -> Vec<(String, String)> {
-    let r = http_request(
-        envoy.admin_addr(),
-        "POST",
-        "localhost",
-        "/logging",
-        &[("content-length", "0")],
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "Envoy /logging: {}", r.body);
-    r.body
-        .lines()
-        .filter_map(|l| l.trim().split_once(": "))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +470,7 @@ async fn stats_and_log_level_reach_envoy() {
         serde_json::json!({"name": "server.live", "value": 1})
     );
 
-    let before = envoy_log_levels(&envoy).await;
+    let before = envoy.log_levels().await;
     assert!(before.iter().any(|(_, l)| l == "info"), "{before:?}");
 
     let set = ctl(&cp, &["log-level", node, "debug"]).await;
@@ -500,7 +480,7 @@ async fn stats_and_log_level_reach_envoy() {
         "{out}"
     );
     assert!(out.contains("Envoy reports debug: all "), "{out}");
-    let after = envoy_log_levels(&envoy).await;
+    let after = envoy.log_levels().await;
     assert!(!after.is_empty());
     assert!(
         after.iter().all(|(_, l)| l == "debug"),
@@ -524,7 +504,7 @@ async fn stats_and_log_level_reach_envoy() {
     .json();
     assert_eq!(json["node"], node);
     assert_eq!(json["level"], "warning");
-    let after = envoy_log_levels(&envoy).await;
+    let after = envoy.log_levels().await;
     assert!(
         after.contains(&("http".into(), "warning".into())),
         "{after:?}"

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually, http_request};
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 /// The most the browser script may take, start to end.
 const UI_LIMIT: Duration = Duration::from_secs(150);
@@ -108,27 +108,6 @@ fn require_browser_tools(ui_dir: &Path) {
     );
 }
 
-/// Envoy's own view of its log levels: `POST /logging` without a level lists every logger.
-async fn envoy_log_levels(envoy: &Envoy) -> Vec<(String, String)> {
-    let r = http_request(
-        envoy.admin_addr(),
-        "POST",
-        "localhost",
-        "/logging",
-        &[("content-length", "0")],
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "Envoy POST /logging: {}", r.body);
-    r.body
-        .lines()
-        .skip_while(|l| !l.starts_with("active loggers"))
-        .skip(1)
-        .filter_map(|l| l.trim().split_once(": "))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -174,7 +153,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
         (r.status == 200 && diff["in_sync"] == true).then_some(())
     })
     .await;
-    let before = envoy_log_levels(&envoy).await;
+    let before = envoy.log_levels().await;
     assert!(
         before.iter().any(|(_, level)| level != "debug"),
         "Envoy already logs at debug: {before:?}"
@@ -250,7 +229,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
     }
 
     // The "Apply" button changed the level in Envoy itself, as Envoy's own admin tells.
-    let after = envoy_log_levels(&envoy).await;
+    let after = envoy.log_levels().await;
     assert!(after.len() > 10, "too few loggers listed: {after:?}");
     let not_debug: Vec<_> = after.iter().filter(|(_, l)| l != "debug").collect();
     assert!(not_debug.is_empty(), "loggers not at debug: {not_debug:?}");

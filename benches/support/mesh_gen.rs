@@ -77,6 +77,16 @@ pub fn manifests(services: usize, instances: usize) -> String {
     out
 }
 
+/// The index holding [`manifests`], as a config directory fills it.
+pub fn index(services: usize, instances: usize) -> meshbridge::index::Index {
+    let objects =
+        meshbridge::sources::files::parse_manifests("bench.yaml", &manifests(services, instances))
+            .unwrap_or_else(|e| panic!("generated manifests are valid: {e:?}"));
+    let mut index = meshbridge::index::Index::new();
+    index.apply("config", "bench.yaml", objects);
+    index
+}
+
 /// `groups` distinct proxy groups, one in ten depending on `"*"`.
 pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
     let mut rng = Rng::new(11);

@@ -141,8 +141,11 @@ fn diff_maps<V: PartialEq>(
 pub struct AuditEntry {
     /// Seconds since the Unix epoch.
     pub at: u64,
-    /// Who asked, when the request said (see [`requester`]).
+    /// Who the request says asked (see [`requester`]): as trustworthy as whatever sets the
+    /// header in front of the admin API.
     pub who: Option<String>,
+    /// The address the request came from.
+    pub from: Option<String>,
     /// What was done, e.g. `log-level`.
     pub action: String,
     /// The proxy acted on.
@@ -153,17 +156,12 @@ pub struct AuditEntry {
     pub result: String,
 }
 
-/// Who made an admin request: the user an authenticating proxy in front of the admin API
-/// names (`X-Forwarded-User`, `X-Remote-User`, `X-Auth-Request-User`), else the mesh caller
-/// (`x-client-name`, set by a sidecar from the caller's certificate), else the user a Basic
-/// authorization header names, else nothing.
+/// Who an admin request says made it: the user an authenticating proxy in front of the
+/// admin API names (`X-Auth-Request-User`, `X-Forwarded-User`, `X-Remote-User`), else the
+/// user of a Basic authorization header, else nothing. meshbridge authenticates none of
+/// them: they are as good as the proxy that sets them (and strips them from clients).
 pub fn requester(headers: &axum::http::HeaderMap) -> Option<String> {
-    for name in [
-        "x-forwarded-user",
-        "x-remote-user",
-        "x-auth-request-user",
-        "x-client-name",
-    ] {
+    for name in ["x-auth-request-user", "x-forwarded-user", "x-remote-user"] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
             let v = v.trim();
             if !v.is_empty() {
@@ -243,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn the_requester_comes_from_a_forwarded_user_a_mesh_caller_or_basic_auth() {
+    fn the_requester_comes_from_an_authenticating_proxys_header_or_basic_auth() {
         let mut h = axum::http::HeaderMap::new();
         assert_eq!(requester(&h), None);
         h.insert(
@@ -254,14 +252,14 @@ mod tests {
         );
         assert_eq!(requester(&h).as_deref(), Some("alice"));
         h.insert(
-            "x-client-name",
-            "ops-console".parse().unwrap_or_else(|_| unreachable!()),
-        );
-        assert_eq!(requester(&h).as_deref(), Some("ops-console"));
-        h.insert(
             "x-forwarded-user",
             "bob".parse().unwrap_or_else(|_| unreachable!()),
         );
         assert_eq!(requester(&h).as_deref(), Some("bob"));
+        h.insert(
+            "x-auth-request-user",
+            "carol".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(requester(&h).as_deref(), Some("carol"));
     }
 }

@@ -7,10 +7,14 @@
 //! never from the request, so the admin API cannot be used to reach arbitrary addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
+use futures::{StreamExt, stream};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
 
 use super::{AdminState, service_detail, state_detail};
@@ -31,8 +35,27 @@ pub struct PeerSettings {
 /// How many differing services are examined instance by instance.
 const DETAILED_SERVICES: usize = 50;
 
-/// The peers' admin URLs now.
-pub async fn peer_urls(settings: &PeerSettings) -> (Vec<String>, Option<String>) {
+/// How many `/api/services/{name}` requests go to one peer at a time.
+const DETAIL_CONCURRENCY: usize = 8;
+
+/// How many peers are compared at a time.
+const PEER_CONCURRENCY: usize = 8;
+
+/// The largest answer read from a peer.
+const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
+
+/// The whole comparison's time limit, in request time limits.
+const OVERALL_LIMIT_FACTOR: u32 = 4;
+
+/// Peers whose `meshbridge_peer_agree` series were set, per [`crate::metrics::Metrics`]
+/// (by address), so that the series of peers that are gone can be removed.
+static PEER_SERIES: Mutex<BTreeMap<usize, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+
+/// The peers' admin URLs now; the DNS lookup is bounded by `timeout`.
+pub async fn peer_urls(
+    settings: &PeerSettings,
+    timeout: Duration,
+) -> (Vec<String>, Option<String>) {
     let mut urls: BTreeSet<String> = settings
         .urls
         .iter()
@@ -40,9 +63,10 @@ pub async fn peer_urls(settings: &PeerSettings) -> (Vec<String>, Option<String>)
         .collect();
     let mut error = None;
     if let Some(dns) = &settings.dns {
-        match tokio::net::lookup_host(dns.as_str()).await {
-            Ok(addrs) => urls.extend(addrs.map(|a| format!("http://{a}"))),
-            Err(e) => error = Some(format!("--peers-dns {dns}: {e}")),
+        match tokio::time::timeout(timeout, tokio::net::lookup_host(dns.as_str())).await {
+            Ok(Ok(addrs)) => urls.extend(addrs.map(|a| format!("http://{a}"))),
+            Ok(Err(e)) => error = Some(format!("--peers-dns {dns}: {e}")),
+            Err(_) => error = Some(format!("--peers-dns {dns}: no answer within {timeout:?}")),
         }
     }
     (urls.into_iter().collect(), error)
@@ -119,8 +143,18 @@ pub fn diff_service(name: &str, here: &Value, there: &Value) -> Value {
     })
 }
 
+/// `{peer}/api/services/{name}`, the name percent-encoded as one path segment.
+pub fn service_url(peer: &str, name: &str) -> Result<reqwest::Url, String> {
+    let mut url = reqwest::Url::parse(peer).map_err(|e| format!("{peer}: {e}"))?;
+    url.path_segments_mut()
+        .map_err(|()| format!("{peer}: not a base URL"))?
+        .pop_if_empty()
+        .extend(["api", "services", name]);
+    Ok(url)
+}
+
 async fn get_json(s: &AdminState, url: &str) -> Result<Value, String> {
-    let resp = s
+    let mut resp = s
         .http
         .get(url)
         .timeout(s.diagnostics_timeout)
@@ -131,18 +165,67 @@ async fn get_json(s: &AdminState, url: &str) -> Result<Value, String> {
     if !status.is_success() {
         return Err(format!("{url}: answered {status}"));
     }
-    resp.json::<Value>()
-        .await
-        .map_err(|e| format!("{url}: not JSON: {e}"))
+    let too_large = || format!("{url}: answer larger than {} MiB", MAX_PEER_BODY >> 20);
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_PEER_BODY as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        if body.len() + chunk.len() > MAX_PEER_BODY {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+}
+
+/// An entry of `services_changed` whose details could not be fetched.
+fn undetailed(name: &str, error: &str) -> Value {
+    json!({"name": name, "instances_only_here": [], "instances_only_there": [], "fields": [], "error": error})
+}
+
+/// The `differences` of a peer (pure): `details` are the peer's answers (or the errors
+/// fetching them) for the first [`DETAILED_SERVICES`] changed services, in order, paired
+/// with this instance's view. Returns the first error too.
+fn differences(
+    services: &DigestDiff,
+    access: &DigestDiff,
+    details: Vec<(Value, Result<Value, String>)>,
+) -> (Value, Option<String>) {
+    let mut error = None;
+    let changed: Vec<Value> = services
+        .changed
+        .iter()
+        .zip(details)
+        .map(|(name, (ours, theirs))| match theirs {
+            Ok(theirs) => diff_service(name, &ours, &theirs),
+            Err(e) => {
+                let entry = undetailed(name, &e);
+                error.get_or_insert(e);
+                entry
+            }
+        })
+        .collect();
+    let v = json!({
+        "services_only_here": services.only_here,
+        "services_only_there": services.only_there,
+        "services_changed": changed,
+        "services_changed_count": services.changed.len(),
+        "access_only_here": access.only_here,
+        "access_only_there": access.only_there,
+        "access_changed": access.changed,
+    });
+    (v, error)
 }
 
 /// Compares this instance's state with one peer's.
 pub async fn compare_peer(s: &AdminState, state: &MeshState, here: &Value, peer: &str) -> Value {
     let there = match get_json(s, &format!("{peer}/api/state?detail=true")).await {
         Ok(v) => v,
-        Err(e) => {
-            return json!({"peer": peer, "digest": null, "agree": false, "error": e, "differences": null});
-        }
+        Err(e) => return failed(peer, e),
     };
     if there.get("instance") == here.get("instance") {
         return json!({"peer": peer, "self": true});
@@ -151,57 +234,98 @@ pub async fn compare_peer(s: &AdminState, state: &MeshState, here: &Value, peer:
     let agree = digest == here["digest"];
     let services = diff_digests(&here["service_digests"], &there["service_digests"]);
     let access = diff_digests(&here["access_digests"], &there["access_digests"]);
-    let mut changed = Vec::new();
-    let mut error = None;
-    for name in services.changed.iter().take(DETAILED_SERVICES) {
-        let ours = service_detail(s, state, name).unwrap_or(Value::Null);
-        match get_json(s, &format!("{peer}/api/services/{name}")).await {
-            Ok(theirs) => changed.push(diff_service(name, &ours, &theirs)),
-            Err(e) => {
-                error = Some(e);
-                changed.push(json!({"name": name, "instances_only_here": [], "instances_only_there": [], "fields": []}));
-            }
-        }
-    }
-    for name in services.changed.iter().skip(DETAILED_SERVICES) {
-        changed.push(json!({"name": name, "instances_only_here": [], "instances_only_there": [], "fields": []}));
-    }
+    let detailed = &services.changed[..services.changed.len().min(DETAILED_SERVICES)];
+    let mut theirs: Vec<(usize, Result<Value, String>)> =
+        stream::iter(detailed.iter().cloned().enumerate())
+            .map(|(i, name)| async move {
+                let answer = match service_url(peer, &name) {
+                    Ok(url) => get_json(s, url.as_str()).await,
+                    Err(e) => Err(e),
+                };
+                (i, answer)
+            })
+            .buffer_unordered(DETAIL_CONCURRENCY)
+            .collect()
+            .await;
+    theirs.sort_by_key(|(i, _)| *i);
+    let details = detailed
+        .iter()
+        .zip(theirs)
+        .map(|(name, (_, t))| (service_detail(s, state, name).unwrap_or(Value::Null), t))
+        .collect();
+    let (differences, error) = differences(&services, &access, details);
     json!({
         "peer": peer,
         "digest": digest,
         "agree": agree,
         "error": error,
-        "differences": {
-            "services_only_here": services.only_here,
-            "services_only_there": services.only_there,
-            "services_changed": changed,
-            "access_only_here": access.only_here,
-            "access_only_there": access.only_there,
-            "access_changed": access.changed,
-        }
+        "differences": differences,
     })
 }
 
-/// Compares with every peer; sets `meshbridge_peer_agree`.
+/// A peer that could not be compared.
+fn failed(peer: &str, error: String) -> Value {
+    json!({"peer": peer, "digest": null, "agree": false, "error": error, "differences": null})
+}
+
+/// Sets `meshbridge_peer_agree` for `current` (peer, agrees) and removes the series of
+/// peers in `previous` that are not there any more; `previous` becomes the current peers.
+fn update_peer_series(
+    family: &Family<Vec<(String, String)>, Gauge>,
+    previous: &mut BTreeSet<String>,
+    current: &[(String, bool)],
+) {
+    let now: BTreeSet<String> = current.iter().map(|(p, _)| p.clone()).collect();
+    for (peer, agree) in current {
+        family
+            .get_or_create(&labels(&[("peer", peer)]))
+            .set(i64::from(*agree));
+    }
+    for gone in previous.difference(&now) {
+        family.remove(&labels(&[("peer", gone)]));
+    }
+    *previous = now;
+}
+
+/// Compares with every peer, within [`OVERALL_LIMIT_FACTOR`] request time limits; sets
+/// `meshbridge_peer_agree`.
 pub async fn compare_all(s: &AdminState) -> Value {
+    let limit = s.diagnostics_timeout * OVERALL_LIMIT_FACTOR;
+    let deadline = tokio::time::Instant::now() + limit;
     let state = s.cache.state();
     let here = state_detail(&state, &s.peers.instance);
-    let (urls, dns_error) = peer_urls(&s.peers).await;
+    let (urls, dns_error) = peer_urls(&s.peers, s.diagnostics_timeout).await;
+    let (state, here) = (&state, &here);
+    let results: Vec<Value> = stream::iter(urls.iter().cloned())
+        .map(|url| async move {
+            match tokio::time::timeout_at(deadline, compare_peer(s, state, here, &url)).await {
+                Ok(v) => v,
+                Err(_) => failed(
+                    &url,
+                    format!("{url}: not compared within {limit:?}, the time limit of a comparison"),
+                ),
+            }
+        })
+        .buffered(PEER_CONCURRENCY)
+        .collect()
+        .await;
     let mut peers = Vec::new();
-    for url in &urls {
-        let result = compare_peer(s, &state, &here, url).await;
+    let mut series = Vec::new();
+    for (url, result) in urls.iter().zip(results) {
         if result.get("self").is_some() {
             continue;
         }
         let agree = result["agree"].as_bool().unwrap_or(false);
-        s.metrics
-            .peer_agree
-            .get_or_create(&labels(&[("peer", url)]))
-            .set(i64::from(agree));
+        series.push((url.clone(), agree));
         if !agree {
             tracing::warn!(peer = %url, error = ?result["error"].as_str(), "a peer meshbridge instance disagrees with this one");
         }
         peers.push(result);
+    }
+    {
+        let mut all = PEER_SERIES.lock().unwrap_or_else(|e| e.into_inner());
+        let key = Arc::as_ptr(&s.metrics) as usize;
+        update_peer_series(&s.metrics.peer_agree, all.entry(key).or_default(), &series);
     }
     let configured = !s.peers.urls.is_empty() || s.peers.dns.is_some();
     let agree = configured.then(|| {
@@ -263,5 +387,233 @@ mod tests {
             d["fields"],
             json!(["mtls", "instances[10.0.0.1:80].healthy"])
         );
+    }
+
+    #[test]
+    fn only_the_detailed_services_are_listed_and_all_are_counted() {
+        let changed: Vec<String> = (0..120).map(|i| format!("svc-{i:03}")).collect();
+        let services = DigestDiff {
+            changed: changed.clone(),
+            ..Default::default()
+        };
+        let access = DigestDiff::default();
+        let details = changed
+            .iter()
+            .take(DETAILED_SERVICES)
+            .map(|_| (json!({"mtls": "strict"}), Ok(json!({"mtls": "disabled"}))))
+            .collect();
+        let (d, error) = differences(&services, &access, details);
+        assert_eq!(error, None);
+        assert_eq!(d["services_changed_count"], json!(120));
+        let listed = d["services_changed"].as_array().unwrap();
+        assert_eq!(listed.len(), DETAILED_SERVICES);
+        for (entry, name) in listed.iter().zip(&changed) {
+            assert_eq!(entry["name"], json!(name));
+            assert_eq!(entry["fields"], json!(["mtls"]), "no empty placeholder");
+        }
+    }
+
+    #[test]
+    fn a_service_that_could_not_be_fetched_says_why_and_the_first_error_is_the_peers() {
+        let services = DigestDiff {
+            changed: vec!["a".into(), "b".into(), "c".into()],
+            ..Default::default()
+        };
+        let details = vec![
+            (
+                json!({}),
+                Err("peer/api/services/a: answered 500".to_string()),
+            ),
+            (json!({"mtls": "strict"}), Ok(json!({"mtls": "strict"}))),
+            (json!({}), Err("peer/api/services/c: timed out".to_string())),
+        ];
+        let (d, error) = differences(&services, &DigestDiff::default(), details);
+        assert_eq!(error.as_deref(), Some("peer/api/services/a: answered 500"));
+        assert_eq!(d["services_changed_count"], json!(3));
+        let listed = d["services_changed"].as_array().unwrap();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(
+            listed[0]["error"],
+            json!("peer/api/services/a: answered 500")
+        );
+        assert_eq!(listed[1]["fields"], json!([]));
+        assert!(listed[1].get("error").is_none());
+        assert_eq!(listed[2]["error"], json!("peer/api/services/c: timed out"));
+    }
+
+    #[test]
+    fn service_names_are_percent_encoded_as_one_segment() {
+        assert_eq!(
+            service_url("http://10.0.0.1:9901", "orders")
+                .unwrap()
+                .as_str(),
+            "http://10.0.0.1:9901/api/services/orders"
+        );
+        assert_eq!(
+            service_url("http://peer:9901/prefix", "a/b c?d#e%")
+                .unwrap()
+                .as_str(),
+            "http://peer:9901/prefix/api/services/a%2Fb%20c%3Fd%23e%25"
+        );
+        assert!(service_url("not a url", "orders").is_err());
+    }
+
+    #[test]
+    fn series_of_peers_that_are_gone_are_removed() {
+        let family: Family<Vec<(String, String)>, Gauge> = Family::default();
+        let value = |peer: &str| family.get(&labels(&[("peer", peer)])).map(|g| g.get());
+        let mut previous = BTreeSet::new();
+        update_peer_series(
+            &family,
+            &mut previous,
+            &[("http://a".into(), true), ("http://b".into(), false)],
+        );
+        assert_eq!(value("http://a"), Some(1));
+        assert_eq!(value("http://b"), Some(0));
+        update_peer_series(
+            &family,
+            &mut previous,
+            &[("http://b".into(), true), ("http://c".into(), true)],
+        );
+        assert_eq!(value("http://a"), None);
+        assert_eq!(value("http://b"), Some(1));
+        assert_eq!(value("http://c"), Some(1));
+        assert_eq!(
+            previous,
+            BTreeSet::from(["http://b".into(), "http://c".into()])
+        );
+        update_peer_series(&family, &mut previous, &[]);
+        assert_eq!(value("http://b"), None);
+        assert_eq!(value("http://c"), None);
+        assert!(previous.is_empty());
+    }
+
+    fn admin_state() -> AdminState {
+        AdminState::new(
+            Arc::new(crate::xds::cache::SnapshotCache::new(
+                crate::model::MeshSettings::default(),
+            )),
+            Arc::default(),
+            Arc::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+    }
+
+    /// A peer answering every request with an endless chunked body.
+    async fn endless_peer() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, " ".repeat(1 << 20));
+                    while conn.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_peer_answer_is_size_capped() {
+        let peer = endless_peer().await;
+        let s = admin_state();
+        let e = get_json(&s, &format!("{peer}/api/state?detail=true"))
+            .await
+            .unwrap_err();
+        assert!(e.contains(&peer) && e.contains("larger than 32 MiB"), "{e}");
+    }
+
+    /// A peer whose state differs on every service of `names` and which never answers
+    /// `/api/services/{name}`.
+    async fn slow_detail_peer(names: Vec<String>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let digests: serde_json::Map<String, Value> =
+            names.into_iter().map(|n| (n, json!("theirs"))).collect();
+        let state =
+            json!({"instance": "peer", "digest": "theirs", "service_digests": digests}).to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if !buf[..n].starts_with(b"GET /api/state") {
+                        // Never answers, keeps the connection open.
+                        let _ = conn.read(&mut buf).await;
+                        return;
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{state}",
+                        state.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_comparison_is_bounded_as_a_whole() {
+        let names: Vec<String> = (0..DETAILED_SERVICES).map(|i| format!("svc-{i}")).collect();
+        let peer = slow_detail_peer(names.clone()).await;
+        let mut s = admin_state();
+        s.diagnostics_timeout = Duration::from_millis(200);
+        s.peers = Arc::new(PeerSettings {
+            urls: vec![peer.clone()],
+            dns: None,
+            instance: "here".into(),
+        });
+        s.cache.update(MeshState {
+            services: names
+                .iter()
+                .map(|n| {
+                    let service = crate::model::Service {
+                        name: n.clone(),
+                        ..Default::default()
+                    };
+                    (n.clone(), service)
+                })
+                .collect(),
+            ..Default::default()
+        });
+        // 50 detail requests, 8 at a time, each timing out after 200 ms: 1.4 s unbounded.
+        let started = std::time::Instant::now();
+        let v = compare_all(&s).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1300), "took {took:?}");
+        assert_eq!(v["agree"], json!(false));
+        let error = v["peers"][0]["error"].as_str().unwrap();
+        assert!(
+            error.contains(&peer) && error.contains("not compared within"),
+            "{error}"
+        );
+        assert!(
+            s.metrics
+                .render()
+                .contains(&format!("meshbridge_peer_agree{{peer=\"{peer}\"}} 0")),
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_urls_merge_the_flags_and_the_dns_answers() {
+        let settings = PeerSettings {
+            urls: vec!["http://x:1/".into()],
+            dns: Some("127.0.0.1:9901".into()),
+            instance: String::new(),
+        };
+        let (urls, error) = peer_urls(&settings, Duration::from_secs(5)).await;
+        assert_eq!(error, None);
+        assert_eq!(urls, ["http://127.0.0.1:9901", "http://x:1"]);
     }
 }

@@ -37,8 +37,29 @@ pub const LEVELS: [&str; 8] = [
     "trace", "debug", "info", "warning", "warn", "error", "critical", "off",
 ];
 
-/// The connected proxy `node` and its admin address.
+/// The connected proxy `node` and its admin address. Streams of one node id from different
+/// addresses are refused: either two proxies share an id, or something impersonates one
+/// (xDS clients name themselves), and meshbridge cannot tell which one is meant.
 fn target(s: &AdminState, node: &str) -> Result<(ProxyStatus, String), ApiError> {
+    let streams = s.registry.find_all(node);
+    let hosts: BTreeSet<String> = streams
+        .iter()
+        .map(|p| {
+            p.peer
+                .as_deref()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())
+        })
+        .collect();
+    if hosts.len() > 1 {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "node id {node:?} is used by streams from several addresses ({}): give each proxy its own node id",
+                hosts.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
     let Some((proxy, _)) = s.registry.find(node) else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -56,7 +77,12 @@ fn target(s: &AdminState, node: &str) -> Result<(ProxyStatus, String), ApiError>
     Ok((proxy, admin))
 }
 
-/// One request to an Envoy admin interface; the body as text, or an error naming the address.
+/// The most meshbridge reads of one Envoy admin answer (a config dump of a very large mesh
+/// is tens of MiB).
+const MAX_BODY: usize = 64 << 20;
+
+/// One request to an Envoy admin interface: its body when Envoy answered 2xx, else an error
+/// naming the address. Redirects are not followed (see [`super::AdminState::new`]).
 async fn envoy_request(
     s: &AdminState,
     action: &'static str,
@@ -64,35 +90,58 @@ async fn envoy_request(
     method: reqwest::Method,
     path: &str,
     query: &[(String, String)],
-) -> Result<(StatusCode, String, String), ApiError> {
+) -> Result<String, ApiError> {
     let url = format!("http://{admin}{path}");
-    let result = s
-        .http
-        .request(method, &url)
-        .query(query)
-        .timeout(s.diagnostics_timeout)
-        .send()
-        .await;
-    let outcome = match result {
-        Ok(resp) => {
-            let status = StatusCode::from_u16(resp.status().as_u16())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let content_type = resp
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("text/plain")
-                .to_string();
-            match resp.text().await {
-                Ok(body) => Ok((status, content_type, body)),
-                Err(e) => Err(unreachable(admin, path, &e, s.diagnostics_timeout)),
+    let exchange = async {
+        let mut resp = s
+            .http
+            .request(method, &url)
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| unreachable(admin, path, &e, s.diagnostics_timeout))?;
+        let status = resp.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| unreachable(admin, path, &e, s.diagnostics_timeout))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(ApiError(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "Envoy admin at {admin} ({path}): answer larger than {} MiB",
+                        MAX_BODY >> 20
+                    ),
+                ));
             }
+            body.extend_from_slice(&chunk);
         }
-        Err(e) => Err(unreachable(admin, path, &e, s.diagnostics_timeout)),
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let excerpt: String = body.trim().chars().take(300).collect();
+            Err(ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!("Envoy admin at {admin} answered {status} to {path}: {excerpt}"),
+            ))
+        }
+    };
+    let outcome = match tokio::time::timeout(s.diagnostics_timeout, exchange).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "Envoy admin at {admin} ({path}): no answer within {} ms",
+                s.diagnostics_timeout.as_millis()
+            ),
+        )),
     };
     let result = match &outcome {
-        Ok((status, _, _)) if status.is_success() => "ok",
-        Ok(_) => "refused",
+        Ok(_) => "ok",
+        Err(e) if e.1.contains(" answered ") => "refused",
         Err(_) => "unreachable",
     };
     s.metrics
@@ -100,6 +149,29 @@ async fn envoy_request(
         .get_or_create(&labels(&[("action", action), ("result", result)]))
         .inc();
     outcome
+}
+
+/// An Envoy admin answer relayed to the caller: always JSON or plain text (never what the
+/// other side claims, so nothing it sends runs as a page on this origin), not sniffed, and
+/// sandboxed should a browser open it directly.
+fn relayed(json: bool, body: String) -> Response {
+    let content_type = if json {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "sandbox; default-src 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn unreachable(admin: &str, path: &str, e: &reqwest::Error, limit: Duration) -> ApiError {
@@ -116,16 +188,42 @@ fn unreachable(admin: &str, path: &str, e: &reqwest::Error, limit: Duration) -> 
     )
 }
 
-fn passthrough(status: StatusCode, content_type: String, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-/// Query parameters forwarded to Envoy, by name.
-fn forwarded(q: &BTreeMap<String, String>, allowed: &[&str]) -> Vec<(String, String)> {
-    q.iter()
+/// A read-only view of a connected proxy's admin interface, answered verbatim: `action`
+/// names it in metrics, `path` is Envoy's, and only the `allowed` query parameters are
+/// passed on. `format` may only ask for JSON (or, for stats, Prometheus text).
+async fn read_only_view(
+    s: &AdminState,
+    node: &str,
+    action: &'static str,
+    path: &str,
+    q: &BTreeMap<String, String>,
+    allowed: &[&str],
+) -> Result<Response, ApiError> {
+    let format = q.get("format").map(String::as_str);
+    let formats: &[&str] = if path == "/stats" {
+        &["json", "prometheus"]
+    } else {
+        &["json"]
+    };
+    if let Some(f) = format
+        && !formats.contains(&f)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("format {f:?} is not one of {}", formats.join(", ")),
+        ));
+    }
+    let (_, admin) = target(s, node)?;
+    let query: Vec<(String, String)> = q
+        .iter()
         .filter(|(k, _)| allowed.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+        .collect();
+    let body = envoy_request(s, action, &admin, reqwest::Method::GET, path, &query).await?;
+    Ok(relayed(
+        path == "/config_dump" || format == Some("json"),
+        body,
+    ))
 }
 
 /// `GET /api/proxies/{node}/config_dump`: Envoy's own config dump, verbatim.
@@ -134,18 +232,8 @@ pub async fn config_dump(
     Path(node): Path<String>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (_, admin) = target(&s, &node)?;
-    let query = forwarded(&q, &["resource", "mask", "name_regex", "include_eds"]);
-    let (status, ct, body) = envoy_request(
-        &s,
-        "config_dump",
-        &admin,
-        reqwest::Method::GET,
-        "/config_dump",
-        &query,
-    )
-    .await?;
-    Ok(passthrough(status, ct, body))
+    let allowed = ["resource", "mask", "name_regex", "include_eds"];
+    read_only_view(&s, &node, "config_dump", "/config_dump", &q, &allowed).await
 }
 
 /// `GET /api/proxies/{node}/stats`: Envoy's stats, verbatim (`filter`, `format`, `usedonly`).
@@ -154,7 +242,6 @@ pub async fn stats(
     Path(node): Path<String>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (_, admin) = target(&s, &node)?;
     if let Some(f) = q.get("filter")
         && let Err(e) = regex::Regex::new(f)
     {
@@ -163,10 +250,8 @@ pub async fn stats(
             format!("filter {f:?} is not a regular expression: {e}"),
         ));
     }
-    let query = forwarded(&q, &["filter", "format", "usedonly", "type"]);
-    let (status, ct, body) =
-        envoy_request(&s, "stats", &admin, reqwest::Method::GET, "/stats", &query).await?;
-    Ok(passthrough(status, ct, body))
+    let allowed = ["filter", "format", "usedonly", "type"];
+    read_only_view(&s, &node, "stats", "/stats", &q, &allowed).await
 }
 
 /// `GET /api/proxies/{node}/clusters`: Envoy's clusters and their hosts, verbatim.
@@ -175,18 +260,7 @@ pub async fn clusters(
     Path(node): Path<String>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (_, admin) = target(&s, &node)?;
-    let query = forwarded(&q, &["format"]);
-    let (status, ct, body) = envoy_request(
-        &s,
-        "clusters",
-        &admin,
-        reqwest::Method::GET,
-        "/clusters",
-        &query,
-    )
-    .await?;
-    Ok(passthrough(status, ct, body))
+    read_only_view(&s, &node, "clusters", "/clusters", &q, &["format"]).await
 }
 
 /// Query of a log level change.
@@ -196,15 +270,99 @@ pub struct LevelQuery {
     logger: Option<String>,
 }
 
+/// Whether a browser sent this request from another site (a page the operator happened to
+/// open must not change log levels): a foreign `Origin`, or `Sec-Fetch-Site` other than
+/// `same-origin`/`none`. Clients that are not browsers send neither.
+fn cross_site(headers: &HeaderMap) -> Option<String> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Some(format!("Sec-Fetch-Site: {site}"));
+    }
+    let origin = get("origin")?;
+    let host = get("host").unwrap_or_default();
+    let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+    (origin_host != host).then(|| format!("Origin {origin} is not this server ({host})"))
+}
+
 /// `POST /api/proxies/{node}/logging?level=LEVEL[&logger=NAME]`: changes the proxy's log
-/// level (every logger, or one). Audited: logged with who asked, and kept in `/api/audit`.
+/// level (every logger, or one). Audited: every attempt, refused or not, is logged (target
+/// `meshbridge::audit`) with who the request says asked and where it came from, and kept in
+/// `/api/audit`; the change and its record complete even if the caller goes away.
 pub async fn logging(
     State(s): State<AdminState>,
     Path(node): Path<String>,
     Query(q): Query<LevelQuery>,
+    from: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let level = q.level.unwrap_or_default();
+    let level = q.level.clone().unwrap_or_default();
+    let detail = match &q.logger {
+        Some(l) => format!("{l}={level}"),
+        None => format!("level={level}"),
+    };
+    let record = Record {
+        who: requester(&headers),
+        from: from.map(|f| f.0.0.to_string()),
+        node: node.clone(),
+        detail,
+    };
+    let checked = check_level_request(&s, &node, &q, &headers);
+    let (admin, query) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            record.audit(&s, "-", &e.1);
+            return Err(e);
+        }
+    };
+    let task = {
+        let s = s.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let outcome = envoy_request(
+                &s,
+                "logging",
+                &admin,
+                reqwest::Method::POST,
+                "/logging",
+                &query,
+            )
+            .await;
+            let result = match &outcome {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.1.clone(),
+            };
+            record.audit(&s, &admin, &result);
+            outcome
+        })
+    };
+    let body = task.await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("log level change interrupted: {e}"),
+        )
+    })??;
+    Ok(Json(
+        json!({"node": node, "level": level, "logger": q.logger, "admin": admin, "output": body}),
+    )
+    .into_response())
+}
+
+/// Validates a log level request; the admin address and Envoy's query.
+fn check_level_request(
+    s: &AdminState,
+    node: &str,
+    q: &LevelQuery,
+    headers: &HeaderMap,
+) -> Result<(String, Vec<(String, String)>), ApiError> {
+    if let Some(why) = cross_site(headers) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("cross-site request refused ({why})"),
+        ));
+    }
+    let level = q.level.clone().unwrap_or_default();
     if !LEVELS.contains(&level.as_str()) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -222,59 +380,45 @@ pub async fn logging(
             format!("logger {l:?} is not a logger name"),
         ));
     }
-    let (_, admin) = target(&s, &node)?;
-    let who = requester(&headers);
+    let (_, admin) = target(s, node)?;
     let query = match &q.logger {
-        Some(l) => vec![(l.clone(), level.clone())],
-        None => vec![("level".to_string(), level.clone())],
+        Some(l) => vec![(l.clone(), level)],
+        None => vec![("level".to_string(), level)],
     };
-    let detail = match &q.logger {
-        Some(l) => format!("{l}={level}"),
-        None => format!("level={level}"),
-    };
-    let outcome = envoy_request(
-        &s,
-        "logging",
-        &admin,
-        reqwest::Method::POST,
-        "/logging",
-        &query,
-    )
-    .await;
-    let result = match &outcome {
-        Ok((status, _, _)) if status.is_success() => "ok".to_string(),
-        Ok((status, _, body)) => format!("Envoy answered {status}: {}", body.trim()),
-        Err(e) => e.1.clone(),
-    };
-    tracing::info!(
-        target: "meshbridge::audit",
-        who = %who.as_deref().unwrap_or("(unknown)"),
-        action = "log-level",
-        node = %node,
-        admin = %admin,
-        detail = %detail,
-        result = %result,
-        "admin action"
-    );
-    s.audit.push(AuditEntry {
-        at: crate::sources::now_secs(),
-        who,
-        action: "log-level".into(),
-        node: node.clone(),
-        detail,
-        result: result.clone(),
-    });
-    let (status, _, body) = outcome?;
-    if !status.is_success() {
-        return Err(ApiError(
-            StatusCode::BAD_GATEWAY,
-            format!("Envoy admin at {admin} refused the change: {result}"),
-        ));
+    Ok((admin, query))
+}
+
+/// What an audited action was.
+struct Record {
+    who: Option<String>,
+    from: Option<String>,
+    node: String,
+    detail: String,
+}
+
+impl Record {
+    fn audit(&self, s: &AdminState, admin: &str, result: &str) {
+        tracing::info!(
+            target: "meshbridge::audit",
+            who = %self.who.as_deref().unwrap_or("(not said)"),
+            from = %self.from.as_deref().unwrap_or("(unknown)"),
+            action = "log-level",
+            node = %self.node,
+            admin = %admin,
+            detail = %self.detail,
+            result = %result,
+            "admin action"
+        );
+        s.audit.push(AuditEntry {
+            at: crate::sources::now_secs(),
+            who: self.who.clone(),
+            from: self.from.clone(),
+            action: "log-level".into(),
+            node: self.node.clone(),
+            detail: self.detail.clone(),
+            result: result.to_string(),
+        });
     }
-    Ok(Json(
-        json!({"node": node, "level": level, "logger": q.logger, "admin": admin, "output": body}),
-    )
-    .into_response())
 }
 
 /// `GET /api/proxies/{node}/diff`: what meshbridge sent against what the proxy runs.
@@ -290,7 +434,7 @@ pub async fn diff(
         )
     })?;
     let query = vec![("include_eds".to_string(), String::new())];
-    let (status, _, body) = envoy_request(
+    let body = envoy_request(
         &s,
         "diff",
         &admin,
@@ -299,12 +443,6 @@ pub async fn diff(
         &query,
     )
     .await?;
-    if !status.is_success() {
-        return Err(ApiError(
-            StatusCode::BAD_GATEWAY,
-            format!("Envoy admin at {admin} answered {status} to /config_dump"),
-        ));
-    }
     let dump: Value = serde_json::from_str(&body).map_err(|e| {
         ApiError(
             StatusCode::BAD_GATEWAY,

@@ -256,13 +256,40 @@ pub fn services_view(state: &MeshState, settings: &MeshSettings) -> Value {
     Value::Array(list)
 }
 
+/// Whether `service`, declaring `declared`, depends on `target`: by name, or through "*"
+/// where the operator allows it (a service never counts as its own dependent).
+fn depends_on<'a>(
+    settings: &MeshSettings,
+    service: &str,
+    mut declared: impl Iterator<Item = &'a DependencyTarget>,
+    target: &DependencyTarget,
+) -> bool {
+    *target != DependencyTarget::Service(service.to_string())
+        && declared.any(|d| {
+            d == target || (*d == DependencyTarget::All && settings.wildcard_allowed(service))
+        })
+}
+
 /// `GET /api/services/{name}`: one service with its instances by origin, what depends on it
 /// (services, and connected proxies whose configuration routes to it) and its access policy.
 pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<Value> {
     let service = state.services.get(name)?;
     let settings = s.cache.settings();
-    let dependents = dependents(state, settings);
-    let mut view = service_json(service, dependents.get(name));
+    let target = DependencyTarget::Service(name.to_string());
+    let declaring: BTreeSet<String> = state
+        .services
+        .values()
+        .filter(|s| {
+            depends_on(
+                settings,
+                &s.name,
+                s.dependencies.iter().map(|d| &d.target),
+                &target,
+            )
+        })
+        .map(|s| s.name.clone())
+        .collect();
+    let mut view = service_json(service, Some(&declaring));
     let mut origins: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for e in &service.endpoints {
         let o = origins.entry(e.origin.to_string()).or_default();
@@ -273,7 +300,6 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<V
     // where allowed), and whether their configuration actually routes to it (not, e.g., a
     // caller without a certificate towards a `strict` service).
     let cluster = crate::translate::names::service_cluster(name);
-    let target = DependencyTarget::Service(name.to_string());
     let mut reaches_by_group: BTreeMap<String, bool> = BTreeMap::new();
     let proxies: Vec<Value> = s
         .registry
@@ -281,15 +307,8 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<V
         .into_iter()
         .filter(|p| {
             let g = &p.group_key;
-            let declared = state
-                .services
-                .get(&g.service)
-                .is_some_and(|own| own.dependencies.iter().any(|d| d.target == target || (d.target == DependencyTarget::All && settings.wildcard_allowed(&g.service))));
-            g.service != name
-                && (declared
-                    || g.dependencies.contains(&target)
-                    || (g.dependencies.contains(&DependencyTarget::All)
-                        && settings.wildcard_allowed(&g.service)))
+            declaring.contains(&g.service)
+                || depends_on(settings, &g.service, g.dependencies.iter(), &target)
         })
         .map(|p| {
             let reaches = *reaches_by_group.entry(p.group.clone()).or_insert_with(|| {

@@ -56,6 +56,8 @@ use crate::bootstrap::{BootstrapOptions, bootstrap_yaml};
 pub const ANNOTATION_INJECT: &str = "meshbridge.io/inject";
 /// Pod annotation meshbridge sets on an injected pod (the sidecar image).
 pub const ANNOTATION_STATUS: &str = "meshbridge.io/injected";
+/// Label an injected pod carries (value `injected`).
+pub const LABEL_SIDECAR: &str = "meshbridge.io/sidecar";
 /// Name of the iptables init container.
 pub const INIT_CONTAINER: &str = "meshbridge-init";
 /// User the sidecar runs as (its own traffic is not redirected).
@@ -96,6 +98,8 @@ pub struct InjectSettings {
     /// config dump, stats and clusters and changes its log level; `None`: no such listener
     /// (diagnostics of the pod's proxy are then unavailable).
     pub diagnostics_port: Option<u16>,
+    /// Address ranges (CIDR) allowed to use the diagnostics listener.
+    pub diagnostics_allow: Vec<String>,
     /// Default Envoy log level.
     pub log_level: String,
     /// Default CPU request, memory request and memory limit.
@@ -115,7 +119,7 @@ pub struct InjectSettings {
     pub tls_secret: Option<String>,
 }
 
-/// Default port of the sidecar's diagnostics listener.
+/// Port the chart gives the sidecar's diagnostics listener when it is turned on.
 pub const DEFAULT_DIAGNOSTICS_PORT: u16 = 15002;
 
 impl Default for InjectSettings {
@@ -128,7 +132,8 @@ impl Default for InjectSettings {
             egress_port: 15001,
             admin_port: 15000,
             ready_port: 15021,
-            diagnostics_port: Some(DEFAULT_DIAGNOSTICS_PORT),
+            diagnostics_port: None,
+            diagnostics_allow: Vec::new(),
             log_level: "info".into(),
             cpu: "100m".into(),
             memory: "128Mi".into(),
@@ -382,6 +387,7 @@ pub fn inject(
         admin_port: settings.admin_port,
         ready_port: Some(settings.ready_port),
         diagnostics_port: settings.diagnostics_port,
+        diagnostics_allow: settings.diagnostics_allow.clone(),
         dependencies,
         tls_cert: tls_file("tls.crt"),
         tls_key: tls_file("tls.key"),
@@ -579,6 +585,10 @@ pub fn inject(
         });
     }
 
+    // Selects injected pods, e.g. for a PodMonitor scraping the sidecars' metrics.
+    meta.labels
+        .get_or_insert_default()
+        .insert(LABEL_SIDECAR.to_string(), "injected".to_string());
     let annotations = meta.annotations.get_or_insert_default();
     annotations.insert(ANNOTATION_STATUS.to_string(), settings.image.clone());
     annotations.insert(ANNOTATION_INGRESS_PORT.to_string(), ingress.to_string());

@@ -7,6 +7,11 @@
 //! subscription produces the next response. Subscribed EDS names without a cluster get an
 //! empty assignment; when a cluster changes, its assignment is sent again so that Envoy
 //! never leaves it warming.
+//!
+//! ACK/NACK: a request answering the last nonce sent for its type ACKs or NACKs that
+//! response; one answering an older nonce is stale (a NACK too: it does not touch the state
+//! of the latest response); a later request with no nonce only changes the subscription.
+//! Subscription changes apply whatever the request's kind.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -73,14 +78,18 @@ impl DeltaState {
             st.wildcard = t.wildcard_by_default() && req.resource_names_subscribe.is_empty();
             RequestKind::Initial
         } else if req.response_nonce.is_empty() {
-            RequestKind::Ack(String::new())
+            // Answers no response: a subscription change (Envoy sends EDS subscriptions
+            // this way, often while a response is in flight).
+            RequestKind::SubscriptionChange
+        } else if req.response_nonce != st.nonce {
+            // Answers a response that is not the latest, even if it is a NACK: the state
+            // of the latest response is left alone. Its subscription changes still apply.
+            RequestKind::Stale
         } else if let Some(err) = &req.error_detail {
             RequestKind::Nack {
                 version: req.response_nonce.clone(),
                 message: err.message.clone(),
             }
-        } else if req.response_nonce != st.nonce {
-            RequestKind::Stale
         } else {
             RequestKind::Ack(req.response_nonce.clone())
         };

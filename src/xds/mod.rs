@@ -369,6 +369,7 @@ fn record_request(
             }));
         }
         RequestKind::Stale => debug!(type_url, "stale request ignored"),
+        RequestKind::SubscriptionChange => debug!(type_url, "subscription changed"),
         RequestKind::UnknownType => {
             debug!(type_url, "request for a type meshbridge does not serve")
         }

@@ -126,6 +126,15 @@ impl ProxyRegistry {
             .map(|s| (s.clone(), s.group_key.clone()))
     }
 
+    /// Every connected stream of a node (a reconnecting proxy briefly has two).
+    pub fn find_all(&self, node: &str) -> Vec<ProxyStatus> {
+        self.lock()
+            .values()
+            .filter(|s| s.node == node)
+            .cloned()
+            .collect()
+    }
+
     /// Number of connected streams.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -36,6 +36,9 @@ pub enum RequestKind {
     },
     /// Answers a response that is not the latest one; ignored.
     Stale,
+    /// Delta only: a later request answering no response (empty `response_nonce`), which
+    /// only changes the subscription; neither an ACK nor a NACK.
+    SubscriptionChange,
     /// A type meshbridge does not serve; ignored.
     UnknownType,
 }

@@ -513,7 +513,9 @@ impl Envoy {
             cmd.args(["--dependency", d]);
         }
         if let Some(p) = o.diagnostics_port {
-            cmd.args(["--diagnostics-port", &p.to_string()]);
+            // The control plane of the tests runs on 127.0.0.1.
+            cmd.args(["--diagnostics-port", &p.to_string()])
+                .args(["--diagnostics-allow", "127.0.0.1/32"]);
         }
         if o.delta {
             cmd.arg("--delta");
@@ -638,6 +640,28 @@ impl Envoy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Envoy's own view of its loggers and their levels: `POST /logging` without a level
+    /// lists them.
+    pub async fn log_levels(&self) -> Vec<(String, String)> {
+        let r = http_request(
+            self.admin_addr(),
+            "POST",
+            "localhost",
+            "/logging",
+            &[("content-length", "0")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "Envoy POST /logging: {}", r.body);
+        r.body
+            .lines()
+            .skip_while(|l| !l.starts_with("active loggers"))
+            .skip(1)
+            .filter_map(|l| l.trim().split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect()
     }
 
     /// The Envoy process id (to pause it with SIGSTOP, as a hung Envoy would be).
