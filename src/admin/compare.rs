@@ -7,7 +7,6 @@
 //! never from the request, so the admin API cannot be used to reach arbitrary addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -46,10 +45,6 @@ const MAX_PEER_BODY: usize = 32 * 1024 * 1024;
 
 /// The whole comparison's time limit, in request time limits.
 const OVERALL_LIMIT_FACTOR: u32 = 4;
-
-/// Peers whose `meshbridge_peer_agree` series were set, per [`crate::metrics::Metrics`]
-/// (by address), so that the series of peers that are gone can be removed.
-static PEER_SERIES: Mutex<BTreeMap<usize, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
 
 /// The peers' admin URLs now; the DNS lookup is bounded by `timeout`.
 pub async fn peer_urls(
@@ -323,9 +318,8 @@ pub async fn compare_all(s: &AdminState) -> Value {
         peers.push(result);
     }
     {
-        let mut all = PEER_SERIES.lock().unwrap_or_else(|e| e.into_inner());
-        let key = Arc::as_ptr(&s.metrics) as usize;
-        update_peer_series(&s.metrics.peer_agree, all.entry(key).or_default(), &series);
+        let mut previous = s.peer_series.lock().unwrap_or_else(|e| e.into_inner());
+        update_peer_series(&s.metrics.peer_agree, &mut previous, &series);
     }
     let configured = !s.peers.urls.is_empty() || s.peers.dns.is_some();
     let agree = configured.then(|| {
@@ -360,6 +354,7 @@ pub async fn check_periodically(s: AdminState, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn digests_split_into_only_here_only_there_and_changed() {

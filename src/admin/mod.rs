@@ -55,6 +55,9 @@ pub struct AdminState {
     pub diagnostics_timeout: Duration,
     /// Where the peer instances are.
     pub peers: Arc<compare::PeerSettings>,
+    /// Peers with a `meshbridge_peer_agree` series, so that those of peers that are gone
+    /// can be removed.
+    pub peer_series: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl AdminState {
@@ -80,6 +83,7 @@ impl AdminState {
                 .unwrap_or_default(),
             diagnostics_timeout: Duration::from_secs(5),
             peers: Arc::default(),
+            peer_series: Arc::default(),
         }
     }
 }
