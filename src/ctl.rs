@@ -898,6 +898,16 @@ pub fn render_compare(v: &Value) -> String {
                 let _ = writeln!(lines, "  {label}: {}", join(items, items.len()));
             }
         }
+        let listed = array(&d["services_changed"]).len();
+        let total = d["services_changed_count"]
+            .as_u64()
+            .map_or(listed, |n| n as usize);
+        if total > listed {
+            let _ = writeln!(
+                lines,
+                "  services changed: {total} (the first {listed} below)"
+            );
+        }
         for s in array(&d["services_changed"]) {
             let mut parts = Vec::new();
             for (key, label) in [
@@ -1739,6 +1749,14 @@ differences with http://c:9090:
   service orders changed: instances only here: 10.0.0.1:80; fields: mtls
 ";
         assert_eq!(render_compare(&v), expected);
+        // More changed services than the peer detailed: the total is said.
+        let mut many = v.clone();
+        many["peers"][1]["differences"]["services_changed_count"] = json!(120);
+        assert!(
+            render_compare(&many).contains("  services changed: 120 (the first 1 below)\n"),
+            "{}",
+            render_compare(&many)
+        );
     }
 
     #[test]

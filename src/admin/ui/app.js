@@ -615,7 +615,11 @@
       names('Services only here', d.services_only_here);
       names('Services only there', d.services_only_there);
       if ((d.services_changed || []).length) {
-        diffs.push(h('div', { class: 'diff-list wide' }, h('h4', null, 'Services changed'),
+        const total = d.services_changed_count || d.services_changed.length;
+        const title = total > d.services_changed.length
+          ? `Services changed (${total}; the first ${d.services_changed.length} in detail)`
+          : 'Services changed';
+        diffs.push(h('div', { class: 'diff-list wide' }, h('h4', null, title),
           table({ class: 'grid' }, ['Service', 'Instances only here', 'Instances only there', 'Fields'], d.services_changed.map((s) => [
             serviceLink(s.name), nameList(s.instances_only_here), nameList(s.instances_only_there), chips(s.fields),
           ]))));
