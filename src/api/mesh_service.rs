@@ -122,7 +122,7 @@ pub struct ConsulRegistration {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StaticEndpoint {
-    /// IP address (v4 or v6) or DNS name of the host.
+    /// IP address (v4 or v6) of the host (proxies take IP addresses only, not host names).
     #[schemars(length(min = 1))]
     pub address: String,
     /// Port on which the host serves the service (its Envoy ingress port, if it has one).

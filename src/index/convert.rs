@@ -109,10 +109,13 @@ pub fn mesh_service(
     let mut endpoints = Vec::new();
     for (i, e) in obj.spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
-        if e.address.trim().is_empty() || e.address.contains(char::is_whitespace) {
+        if e.address.trim().parse::<std::net::IpAddr>().is_err() {
             errors.push(err(
                 format!("{field}.address"),
-                format!("{:?} is not an address", e.address),
+                format!(
+                    "{:?} is not an IP address (proxies take IP addresses only; list each address of a host name)",
+                    e.address
+                ),
             ));
         }
         check_port(&mut errors, &format!("{field}.port"), e.port);

@@ -57,7 +57,7 @@ pub enum MtlsMode {
 /// One instance of a service, wherever it runs.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Endpoint {
-    /// IP address or DNS name.
+    /// IP address (host names are refused by validation, or left out for Consul).
     pub address: String,
     /// Port callers connect to.
     pub port: u16,

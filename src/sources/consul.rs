@@ -207,7 +207,15 @@ pub fn parse_health(
                 healthy,
             }
         })
-        .filter(|e| !e.address.is_empty())
+        .filter(|e| {
+            // Envoy's endpoint assignments take IP addresses only: one host name would make
+            // the proxy refuse the whole assignment, and every instance with it.
+            let ip = e.address.parse::<std::net::IpAddr>().is_ok();
+            if !ip && !e.address.is_empty() {
+                tracing::warn!(address = %e.address, port = e.port, "Consul instance with a host name for its address is left out: proxies need an IP address");
+            }
+            ip
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -1033,5 +1041,25 @@ mod tests {
         let w = parse_health(body, "dc1", HealthPolicy::PassingAndWarning, None).unwrap();
         assert!(w.iter().find(|x| x.port == 8081).unwrap().healthy);
         assert!(parse_health(b"{not json", "dc1", HealthPolicy::PassingOnly, None).is_err());
+    }
+
+    #[test]
+    fn an_instance_whose_address_is_a_host_name_is_left_out_and_the_others_stay() {
+        // Consul accepts host names as node or service addresses; Envoy would refuse the
+        // whole endpoint assignment for one of them.
+        let body = br#"[
+          {"Node": {"Node": "n1", "Address": "db-host.example.internal", "Datacenter": "dc1"},
+           "Service": {"ID": "a", "Service": "orders", "Address": "", "Port": 8080},
+           "Checks": [{"Status": "passing"}]},
+          {"Node": {"Node": "n2", "Address": "10.0.0.2", "Datacenter": "dc1"},
+           "Service": {"ID": "b", "Service": "orders", "Address": "orders-b.example", "Port": 8081},
+           "Checks": [{"Status": "passing"}]},
+          {"Node": {"Node": "n3", "Address": "10.0.0.3", "Datacenter": "dc1"},
+           "Service": {"ID": "c", "Service": "orders", "Address": "fd00::3", "Port": 8082},
+           "Checks": [{"Status": "passing"}]}
+        ]"#;
+        let e = parse_health(body, "dc1", HealthPolicy::PassingOnly, None).unwrap();
+        let kept: Vec<(&str, u16)> = e.iter().map(|x| (x.address.as_str(), x.port)).collect();
+        assert_eq!(kept, vec![("fd00::3", 8082)]);
     }
 }

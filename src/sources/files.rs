@@ -573,6 +573,27 @@ mod tests {
             "{error}"
         );
 
+        // A host name where an IP address belongs is refused, naming the field.
+        settled_write(
+            &file,
+            &ORDERS
+                .replace("port: 80", "port: 81")
+                .replace("address: 10.0.0.1", "address: orders.example.internal"),
+        );
+        assert_eq!(source.scan(&index, &statuses).bad_files, 1);
+        let error = statuses.list()[0].error.clone().unwrap();
+        assert!(
+            error.contains(
+                "spec.endpoints[0].address: \"orders.example.internal\" is not an IP address"
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            index.lock().unwrap().state().services["orders"].endpoints[0].port,
+            80,
+            "last good state in force"
+        );
+
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
         assert!(source.scan(&index, &statuses).changed);
         assert!(
