@@ -247,19 +247,19 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
 pub const ADMIN_CLUSTER: &str = "meshbridge_admin";
 
 /// What the readiness listener forwards to the admin interface: `GET /ready`.
-const READY_ROUTES: [(&str, &str, bool); 1] = [("GET", "/ready", false)];
+const READY_ROUTES: [(&str, &str); 1] = [("GET", "/ready")];
 
 /// What the diagnostics listener forwards (method, exact path): read-only views and log
 /// level changes. Not `/quitquitquit`, `/drain_listeners`, `/healthcheck/fail`,
 /// `/runtime_modify`, `/reset_counters`, `/certs`, … .
-const DIAGNOSTICS_ROUTES: [(&str, &str, bool); 7] = [
-    ("GET", "/config_dump", false),
-    ("GET", "/stats", false),
-    ("GET", "/stats/prometheus", false),
-    ("GET", "/clusters", false),
-    ("GET", "/server_info", false),
-    ("GET", "/ready", false),
-    ("POST", "/logging", false),
+const DIAGNOSTICS_ROUTES: [(&str, &str); 7] = [
+    ("GET", "/config_dump"),
+    ("GET", "/stats"),
+    ("GET", "/stats/prometheus"),
+    ("GET", "/clusters"),
+    ("GET", "/server_info"),
+    ("GET", "/ready"),
+    ("POST", "/logging"),
 ];
 
 /// Admits only connections from `ranges` to an admin view listener (RBAC on the direct
@@ -286,23 +286,17 @@ fn restrict_to(listener: &mut Value, ranges: &[Value]) {
     }
 }
 
-/// A listener on `0.0.0.0:port` forwarding exactly `routes` to the admin interface; anything
-/// else gets `refused`, so the rest of the admin interface is not exposed.
-fn admin_view_listener(
-    name: &str,
-    port: u16,
-    routes: &[(&str, &str, bool)],
-    refused: u32,
-) -> Value {
+/// A listener on `0.0.0.0:port` forwarding exactly `routes` (method, exact path) to the admin
+/// interface; anything else gets `refused`, so the rest of the admin interface is not exposed.
+fn admin_view_listener(name: &str, port: u16, routes: &[(&str, &str)], refused: u32) -> Value {
     let router = json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     });
     let mut route_list: Vec<Value> = routes
         .iter()
-        .map(|(method, path, prefix)| {
-            let key = if *prefix { "prefix" } else { "path" };
-            json!({"match": {key: path, "headers": [{"name": ":method", "string_match": {"exact": method}}]},
+        .map(|(method, path)| {
+            json!({"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": method}}]},
                    "route": {"cluster": ADMIN_CLUSTER}})
         })
         .collect();
