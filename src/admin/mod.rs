@@ -508,19 +508,42 @@ fn access_digest(p: &crate::model::AccessPolicy) -> String {
     digest(&(&p.target, &p.action, &p.rules))
 }
 
-/// A digest of the whole model: equal on two instances that see the same sources.
-pub fn state_digest(state: &MeshState) -> String {
-    let access: BTreeMap<&String, String> = state
-        .access
-        .iter()
-        .map(|(t, p)| (t, access_digest(p)))
-        .collect();
-    digest(&(&state.services, access))
+/// A digest per service and per access target.
+struct Digests<'a> {
+    services: BTreeMap<&'a str, String>,
+    access: BTreeMap<&'a str, String>,
 }
 
-fn state_summary(state: &MeshState, instance: &str) -> Value {
+impl<'a> Digests<'a> {
+    fn of(state: &'a MeshState) -> Self {
+        Digests {
+            services: state
+                .services
+                .iter()
+                .map(|(n, s)| (n.as_str(), digest(s)))
+                .collect(),
+            access: state
+                .access
+                .iter()
+                .map(|(t, p)| (t.as_str(), access_digest(p)))
+                .collect(),
+        }
+    }
+
+    /// The digest of the whole model, from the digests of its parts.
+    fn whole(&self) -> String {
+        digest(&(&self.services, &self.access))
+    }
+}
+
+/// A digest of the whole model: equal on two instances that see the same sources.
+pub fn state_digest(state: &MeshState) -> String {
+    Digests::of(state).whole()
+}
+
+fn state_summary(state: &MeshState, instance: &str, digest: String) -> Value {
     json!({
-        "digest": state_digest(state),
+        "digest": digest,
         "instance": instance,
         "services": state.services.len(),
         "endpoints": state.services.values().map(|s| s.endpoints.len()).sum::<usize>(),
@@ -530,19 +553,10 @@ fn state_summary(state: &MeshState, instance: &str) -> Value {
 
 /// The summary with a digest per service and per access target, for comparison.
 pub fn state_detail(state: &MeshState, instance: &str) -> Value {
-    let mut v = state_summary(state, instance);
-    v["service_digests"] = state
-        .services
-        .iter()
-        .map(|(n, s)| (n.clone(), Value::String(digest(s))))
-        .collect::<serde_json::Map<_, _>>()
-        .into();
-    v["access_digests"] = state
-        .access
-        .iter()
-        .map(|(n, p)| (n.clone(), Value::String(access_digest(p))))
-        .collect::<serde_json::Map<_, _>>()
-        .into();
+    let digests = Digests::of(state);
+    let mut v = state_summary(state, instance, digests.whole());
+    v["service_digests"] = json!(digests.services);
+    v["access_digests"] = json!(digests.access);
     v
 }
 
@@ -557,7 +571,7 @@ async fn mesh_state(State(s): State<AdminState>, Query(q): Query<StateQuery>) ->
     Json(if detail {
         state_detail(&state, &s.peers.instance)
     } else {
-        state_summary(&state, &s.peers.instance)
+        state_summary(&state, &s.peers.instance, state_digest(&state))
     })
 }
 
