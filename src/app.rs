@@ -61,7 +61,10 @@ impl ControlPlane {
         ControlPlane {
             index: Arc::new(Mutex::new(Index::new())),
             changed: Arc::new(Notify::new()),
-            cache: Arc::new(SnapshotCache::new(config.settings.clone())),
+            cache: Arc::new(
+                SnapshotCache::new(config.settings.clone())
+                    .with_build_counter(metrics.snapshot_group_builds.clone()),
+            ),
             registry: Arc::new(ProxyRegistry::default()),
             sources,
             metrics,
@@ -105,7 +108,6 @@ impl ControlPlane {
             (state, conflicts, index.generation(), index.sizes())
         };
         admin::record_index_sizes(&self.metrics, &sizes);
-        let diff = crate::admin::changes::diff_states(previous, &state);
         for (name, old) in &previous.services {
             let had = old.healthy_endpoints().count();
             let now = state
@@ -149,7 +151,7 @@ impl ControlPlane {
                 admin::record_change(
                     &self.changes,
                     &self.metrics,
-                    diff,
+                    report.diff.clone(),
                     generation,
                     &report,
                     build,
@@ -160,7 +162,8 @@ impl ControlPlane {
                 self.published.store(generation, Ordering::Release);
                 self.published_view.send_replace(view);
                 info!(
-                    groups = report.groups,
+                    groups = report.connected,
+                    built = report.groups,
                     changed = report.changed,
                     "mesh state published"
                 );

@@ -67,8 +67,10 @@ pub struct RunArgs {
     /// change: the standalone source, usable with or without Kubernetes.
     #[arg(long, env = "MESHBRIDGE_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
-    /// How often the config directory is scanned for changes, in milliseconds.
-    #[arg(long, env = "MESHBRIDGE_CONFIG_POLL", default_value_t = 1000)]
+    /// How often the config directory is rescanned in full, in milliseconds. Changes arrive
+    /// by file-system notification at once; the rescan is the fallback for file systems that
+    /// send none (a rescan only stats files that did not change).
+    #[arg(long, env = "MESHBRIDGE_CONFIG_POLL", default_value_t = 5000)]
     pub config_poll: u64,
     /// Consul HTTP API, e.g. http://127.0.0.1:8500.
     #[arg(long, env = "MESHBRIDGE_CONSUL_ADDR")]

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub snapshot_group_build_seconds: Histogram,
     /// Group snapshots that changed and woke their streams.
     pub snapshot_group_pushes: Counter,
+    /// Group snapshots built: a new group's first, and each one a change can affect.
+    pub snapshot_group_builds: Counter,
     /// Streams subscribed to a resource type, by type and mode.
     pub xds_subscriptions: Family<Labels, Gauge>,
     /// Time from sending a response to its ACK or NACK, by type.
@@ -136,6 +138,7 @@ impl Metrics {
             index_objects: Family::default(),
             snapshot_group_build_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             snapshot_group_pushes: Counter::default(),
+            snapshot_group_builds: Counter::default(),
             xds_subscriptions: Family::default(),
             xds_ack_seconds: Family::new_with_constructor(ack_histogram),
             diagnostics_requests: Family::default(),
@@ -282,6 +285,11 @@ impl Metrics {
             "snapshot_group_pushes",
             "Group snapshots that changed and woke their streams",
             m.snapshot_group_pushes.clone(),
+        );
+        m.registry.register(
+            "snapshot_group_builds",
+            "Group snapshots built (a new group's first, and each one a change can affect)",
+            m.snapshot_group_builds.clone(),
         );
         m.registry.register(
             "xds_subscriptions",

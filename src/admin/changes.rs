@@ -3,12 +3,10 @@
 //! the admin API. Both keep the newest entries only, so memory stays bounded however long
 //! the process runs.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use serde::Serialize;
-
-use crate::model::MeshState;
 
 /// How many entries each log keeps.
 pub const LOG_CAPACITY: usize = 256;
@@ -78,63 +76,7 @@ pub struct Change {
     pub build_ms: f64,
 }
 
-/// The model-level difference between two states (pure).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StateDiff {
-    /// Services only in the new state.
-    pub added: Vec<String>,
-    /// Services only in the old state.
-    pub removed: Vec<String>,
-    /// Services in both, different.
-    pub changed: Vec<String>,
-    /// Access targets added, removed or different.
-    pub access_changed: Vec<String>,
-}
-
-impl StateDiff {
-    /// Whether nothing differs.
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty()
-            && self.removed.is_empty()
-            && self.changed.is_empty()
-            && self.access_changed.is_empty()
-    }
-}
-
-/// Compares two states by service and by access target.
-pub fn diff_states(old: &MeshState, new: &MeshState) -> StateDiff {
-    let (added, removed, changed) = diff_maps(&old.services, &new.services);
-    let (a, r, c) = diff_maps(&old.access, &new.access);
-    let access_changed: BTreeSet<String> = a.into_iter().chain(r).chain(c).collect();
-    StateDiff {
-        added,
-        removed,
-        changed,
-        access_changed: access_changed.into_iter().collect(),
-    }
-}
-
-fn diff_maps<V: PartialEq>(
-    old: &BTreeMap<String, V>,
-    new: &BTreeMap<String, V>,
-) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let added = new
-        .keys()
-        .filter(|k| !old.contains_key(*k))
-        .cloned()
-        .collect();
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .cloned()
-        .collect();
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
-        .map(|(k, _)| k.clone())
-        .collect();
-    (added, removed, changed)
-}
+pub use crate::model::{StateDiff, diff_states};
 
 /// One action taken through the admin API.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -186,6 +128,7 @@ pub fn requester(headers: &axum::http::HeaderMap) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::MeshState;
     use crate::model::{Endpoint, Origin, Service};
 
     fn service(name: &str, addresses: &[&str]) -> Service {

@@ -11,9 +11,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 mod access;
+mod change;
 mod dependency;
 
 pub use access::{AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, PathMatch};
+pub use change::{StateDiff, diff_states};
 pub use dependency::{
     Dependency, DependencySettings, DependencyTarget, ExternalDomain, ParseDependencyError,
     RetryPolicy, valid_service_name,

@@ -19,7 +19,8 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::translate::{GroupResources, MeshResources, clusters::empty_assignment};
+use crate::model::{MeshSettings, MeshState, StateDiff};
+use crate::translate::{self, GroupResources, MeshResources};
 
 /// The four resource types meshbridge serves, in the order they are pushed (CDS, EDS, LDS,
 /// RDS), so that a listener never names a route or cluster Envoy does not have yet.
@@ -150,6 +151,36 @@ pub fn encode_mesh(mesh: &MeshResources) -> EncodedMesh {
     }
 }
 
+impl EncodedMesh {
+    /// The encoded mesh of `state`, given this one (of the state before) and what changed
+    /// since: only the changed services' clusters and assignments are built and encoded,
+    /// every other entry is shared. Equal to `encode_mesh(&mesh_resources(state, settings))`.
+    pub fn updated(
+        &self,
+        state: &MeshState,
+        settings: &MeshSettings,
+        diff: &StateDiff,
+    ) -> EncodedMesh {
+        let mut out = self.clone();
+        let mut fresh = MeshResources::default();
+        for name in diff.services() {
+            for cluster in translate::service_cluster_names(name) {
+                out.clusters.remove(&cluster);
+                out.assignments.remove(&cluster);
+                out.tls_clusters.remove(&cluster);
+            }
+            if let Some(service) = state.services.get(name) {
+                fresh.add_service(service, settings);
+            }
+        }
+        let encoded = encode_mesh(&fresh);
+        out.clusters.extend(encoded.clusters);
+        out.assignments.extend(encoded.assignments);
+        out.tls_clusters.extend(encoded.tls_clusters);
+        out
+    }
+}
+
 /// The resources of one proxy group, by type, with a version per type.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -203,15 +234,85 @@ pub struct InconsistentSnapshot {
     pub problems: Vec<String>,
 }
 
+/// One part of a group's configuration (its ingress or its egress), encoded, with the
+/// references the consistency check follows. Groups with the same part spec share one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EncodedPart {
+    /// Listeners.
+    pub listeners: Vec<Arc<Resource>>,
+    /// Route configurations.
+    pub routes: Vec<Arc<Resource>>,
+    /// Clusters built for this part only (local application, external domains).
+    pub clusters: Vec<Arc<Resource>>,
+    /// Of those, the ones whose endpoints come from EDS.
+    pub eds_clusters: Vec<String>,
+    /// Names of the shared mesh clusters (and assignments) the part uses.
+    pub mesh_clusters: BTreeSet<String>,
+    /// `(route/vhost/route, cluster)`: every cluster a route sends to.
+    pub route_clusters: Vec<(String, String)>,
+    /// `(listener, route configuration)`: every route configuration a listener loads.
+    pub listener_routes: Vec<(String, String)>,
+    /// Things an operator should know.
+    pub warnings: Vec<String>,
+}
+
+/// Encodes a part's resources, each once, and notes what they refer to.
+pub fn encode_part(group: &GroupResources) -> EncodedPart {
+    let mut out = EncodedPart {
+        mesh_clusters: group.mesh_clusters.clone(),
+        warnings: group.warnings.clone(),
+        ..Default::default()
+    };
+    for c in &group.clusters {
+        if c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
+            out.eds_clusters.push(c.name.clone());
+        }
+        out.clusters.push(encode(&c.name, c));
+    }
+    for r in &group.routes {
+        for vh in &r.virtual_hosts {
+            for route in &vh.routes {
+                if let Some(Action::Route(action)) = &route.action
+                    && let Some(ClusterSpecifier::Cluster(c)) = &action.cluster_specifier
+                {
+                    out.route_clusters
+                        .push((format!("{}/{}/{}", r.name, vh.name, route.name), c.clone()));
+                }
+            }
+        }
+        out.routes.push(encode(&r.name, r));
+    }
+    for l in &group.listeners {
+        for rds in listener_routes(l) {
+            out.listener_routes.push((l.name.clone(), rds));
+        }
+        out.listeners.push(encode(&l.name, l));
+    }
+    out
+}
+
 /// Checks a group's resources and assembles its snapshot from them and the shared mesh
 /// resources: every route names an existing cluster, every listener an existing route
 /// configuration, and every EDS cluster has an assignment.
 pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, InconsistentSnapshot> {
+    assemble(mesh, &[&encode_part(group)], group.originate_tls)
+}
+
+/// Assembles a group's snapshot from its encoded parts and the shared mesh resources (the
+/// mutual-TLS variant of a mesh cluster when `originate_tls`), with the checks of [`build`].
+/// Nothing is encoded here: every resource is shared with the parts and the mesh.
+pub fn assemble(
+    mesh: &EncodedMesh,
+    parts: &[&EncodedPart],
+    originate_tls: bool,
+) -> Result<Snapshot, InconsistentSnapshot> {
     let mut problems = Vec::new();
     let mut clusters: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
     let mut assignments: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-    for name in &group.mesh_clusters {
-        let cluster = match group.originate_tls {
+    let mesh_clusters: BTreeSet<&String> =
+        parts.iter().flat_map(|p| p.mesh_clusters.iter()).collect();
+    for name in mesh_clusters {
+        let cluster = match originate_tls {
             true => mesh
                 .tls_clusters
                 .get(name)
@@ -225,64 +326,43 @@ pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, Inc
             }
             (Some(c), None) => {
                 clusters.insert(name.clone(), c.clone());
-                assignments.insert(name.clone(), encode(name, &empty_assignment(name)));
                 problems.push(format!("cluster {name} has no assignment"));
             }
             (None, _) => problems.push(format!("mesh cluster {name} does not exist")),
         }
     }
-    let mut eds_clusters = BTreeSet::new();
-    for c in &group.clusters {
-        if c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
-            eds_clusters.insert(c.name.clone());
-        }
-        if clusters
-            .insert(c.name.clone(), encode(&c.name, c))
-            .is_some()
-        {
+    for c in parts.iter().flat_map(|p| &p.clusters) {
+        if clusters.insert(c.name.clone(), c.clone()).is_some() {
             problems.push(format!("cluster {} defined twice", c.name));
         }
     }
-    for name in eds_clusters {
-        if !assignments.contains_key(&name) {
+    for name in parts.iter().flat_map(|p| &p.eds_clusters) {
+        if !assignments.contains_key(name) {
             problems.push(format!("EDS cluster {name} has no assignment"));
         }
     }
-    let route_names: BTreeSet<&str> = group.routes.iter().map(|r| r.name.as_str()).collect();
-    for r in &group.routes {
-        for vh in &r.virtual_hosts {
-            for route in &vh.routes {
-                if let Some(Action::Route(action)) = &route.action
-                    && let Some(ClusterSpecifier::Cluster(c)) = &action.cluster_specifier
-                    && !clusters.contains_key(c)
-                {
-                    problems.push(format!(
-                        "route {}/{}/{} names missing cluster {c}",
-                        r.name, vh.name, route.name
-                    ));
-                }
-            }
+    for (route, cluster) in parts.iter().flat_map(|p| &p.route_clusters) {
+        if !clusters.contains_key(cluster) {
+            problems.push(format!("route {route} names missing cluster {cluster}"));
         }
     }
-    for l in &group.listeners {
-        for rds in listener_routes(l) {
-            if !route_names.contains(rds.as_str()) {
-                problems.push(format!("listener {} names missing route {rds}", l.name));
-            }
+    let routes: BTreeMap<String, Arc<Resource>> = parts
+        .iter()
+        .flat_map(|p| &p.routes)
+        .map(|r| (r.name.clone(), r.clone()))
+        .collect();
+    for (listener, rds) in parts.iter().flat_map(|p| &p.listener_routes) {
+        if !routes.contains_key(rds) {
+            problems.push(format!("listener {listener} names missing route {rds}"));
         }
     }
     if !problems.is_empty() {
         return Err(InconsistentSnapshot { problems });
     }
-    let listeners: BTreeMap<_, _> = group
-        .listeners
+    let listeners: BTreeMap<String, Arc<Resource>> = parts
         .iter()
-        .map(|l| (l.name.clone(), encode(&l.name, l)))
-        .collect();
-    let routes: BTreeMap<_, _> = group
-        .routes
-        .iter()
-        .map(|r| (r.name.clone(), encode(&r.name, r)))
+        .flat_map(|p| &p.listeners)
+        .map(|l| (l.name.clone(), l.clone()))
         .collect();
     let resources = [clusters, assignments, listeners, routes];
     let versions = std::array::from_fn(|i| {
@@ -295,7 +375,7 @@ pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, Inc
     Ok(Snapshot {
         resources,
         versions,
-        warnings: group.warnings.clone(),
+        warnings: parts.iter().flat_map(|p| p.warnings.clone()).collect(),
     })
 }
 

@@ -1,12 +1,16 @@
 //! The `--config-dir` source: MeshService and AccessRule manifests in a directory.
 //!
-//! The directory is scanned every `poll` interval (bounded, no inotify limits to hit, works
-//! on ConfigMap mounts whose files are swapped through symlinks). A file is parsed only when
-//! its bytes changed. A file with any bad document is rejected as a whole: its last good
+//! Changes arrive by file-system notification (inotify on Linux): a file renamed into place
+//! or closed after writing is read at once, anything else (a ConfigMap mount swapping its
+//! `..data` symlink, a file still open for writing) once it has been left alone for
+//! [`SETTLE`]. The directory is also rescanned every `poll` interval, for file systems that
+//! send no notifications and in case the watch cannot be set up (inotify limits). A scan
+//! only stats files whose stamp (inode, size, change time) is unchanged; a file is read when
+//! its stamp moved and parsed only when its bytes changed. A file with any bad document is rejected as a whole: its last good
 //! objects stay in force and the error — file, document, line and field — is logged and
 //! shown in `/api/sources`. A removed file removes its objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -334,20 +338,49 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Whether a file changed in the last [`SETTLE`], so it may be half written.
-fn recently_modified(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
+fn recently_modified(meta: &std::fs::Metadata) -> bool {
+    meta.modified()
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .is_some_and(|age| age < SETTLE)
 }
 
-/// How long a file must be left alone before it is read.
-const SETTLE: Duration = Duration::from_millis(50);
+/// How long a file must be left alone before it is read, unless a notification said its
+/// writer is done with it.
+pub const SETTLE: Duration = Duration::from_millis(50);
+
+/// At most this many paths are remembered as "written completely" between two scans; beyond
+/// that they are read after [`SETTLE`] like any other.
+const MAX_COMPLETE_HINTS: usize = 10_000;
 
 struct FileState {
     hash: u64,
+    stamp: Option<FileStamp>,
     errors: Vec<ManifestError>,
+}
+
+/// What tells that a file may have changed without reading it: device, inode, size,
+/// modification and change time (of the file a symlink points to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// The `--config-dir` source.
@@ -365,6 +398,8 @@ pub struct ScanReport {
     pub changed: bool,
     /// Files currently rejected.
     pub bad_files: usize,
+    /// Files left for a later scan because they may still be being written.
+    pub deferred: usize,
 }
 
 impl ConfigDirSource {
@@ -390,6 +425,17 @@ impl ConfigDirSource {
         index: &Mutex<crate::index::Index>,
         statuses: &SourceStatuses,
     ) -> ScanReport {
+        self.scan_with(index, statuses, &HashSet::new())
+    }
+
+    /// [`Self::scan`], reading at once the files in `complete` (their writer is known to be
+    /// done: renamed into place or closed after writing) even if they changed just now.
+    pub fn scan_with(
+        &mut self,
+        index: &Mutex<crate::index::Index>,
+        statuses: &SourceStatuses,
+        complete: &HashSet<PathBuf>,
+    ) -> ScanReport {
         let mut report = ScanReport::default();
         let started = std::time::Instant::now();
         let listed = match list_files(&self.dir) {
@@ -410,16 +456,37 @@ impl ConfigDirSource {
         }
         self.empty_once = false;
         let mut seen = Vec::new();
-        // New files left for the next scan: until they are read, the source is not synced.
-        let mut deferred = 0;
+        // Files left for the next scan; until the new ones among them are read, the source
+        // is not synced.
+        let (mut deferred, mut deferred_new) = (0, 0);
         for path in listed {
-            if recently_modified(&path) {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest; keeping its last good state");
+                    if self.files.contains_key(&path) {
+                        seen.push(path);
+                    }
+                    continue;
+                }
+            };
+            let stamp = FileStamp::of(&meta);
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|f| f.stamp == Some(stamp))
+            {
+                seen.push(path);
+                continue;
+            }
+            if recently_modified(&meta) && !complete.contains(&path) {
                 // Possibly still being written (not every writer renames into place): read it
                 // on the next scan, and keep what it had meanwhile.
+                deferred += 1;
                 if self.files.contains_key(&path) {
                     seen.push(path);
                 } else {
-                    deferred += 1;
+                    deferred_new += 1;
                 }
                 continue;
             }
@@ -435,7 +502,10 @@ impl ConfigDirSource {
             };
             seen.push(path.clone());
             let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
-            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+            if let Some(f) = self.files.get_mut(&path)
+                && f.hash == hash
+            {
+                f.stamp = Some(stamp);
                 continue;
             }
             let key = path.display().to_string();
@@ -453,7 +523,14 @@ impl ConfigDirSource {
                     errors
                 }
             };
-            self.files.insert(path, FileState { hash, errors });
+            self.files.insert(
+                path,
+                FileState {
+                    hash,
+                    stamp: Some(stamp),
+                    errors,
+                },
+            );
         }
         let gone: Vec<PathBuf> = self
             .files
@@ -478,15 +555,17 @@ impl ConfigDirSource {
             .map(|d| d.as_secs())
             .unwrap_or_default();
         statuses.update(&self.name, |s| {
-            s.synced |= deferred == 0;
+            s.synced |= deferred_new == 0;
             s.last_sync = Some(now);
             s.error = (!errors.is_empty()).then(|| errors.join("\n"));
         });
         statuses.observe_sync(&self.name, started.elapsed());
+        report.deferred = deferred;
         report
     }
 
-    /// Scans every `poll` forever, calling `on_change` when the index changed.
+    /// Watches the directory and scans it on every notification, and every `poll` in any
+    /// case, forever, calling `on_change` after each scan.
     pub async fn run(
         mut self,
         poll: Duration,
@@ -494,15 +573,32 @@ impl ConfigDirSource {
         statuses: Arc<SourceStatuses>,
         on_change: impl Fn(&ScanReport) + Send + 'static,
     ) {
-        let mut ticker = tokio::time::interval(poll);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let complete: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+        // Dropped (and the watch removed) when the loop ends.
+        let _watcher = match watch_directory(&self.dir, wake.clone(), complete.clone()) {
+            Ok(w) => {
+                tracing::info!(dir = %self.dir.display(), poll_ms = poll.as_millis() as u64, "watching the config directory for changes");
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, poll_ms = poll.as_millis() as u64, "cannot watch the config directory; scanning it every poll interval only");
+                None
+            }
+        };
+        // The first scan (before `run`) may have left files still being written.
+        let mut wait = SETTLE.min(poll);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let hints = std::mem::take(&mut *complete.lock().unwrap_or_else(|p| p.into_inner()));
             let (source, report) = {
                 let index = index.clone();
                 let statuses = statuses.clone();
                 match tokio::task::spawn_blocking(move || {
-                    let r = self.scan(&index, &statuses);
+                    let r = self.scan_with(&index, &statuses, &hints);
                     (self, r)
                 })
                 .await
@@ -515,9 +611,54 @@ impl ConfigDirSource {
                 }
             };
             self = source;
+            // A file that may still be being written is looked at again once it settled.
+            wait = if report.deferred > 0 {
+                SETTLE.min(poll)
+            } else {
+                poll
+            };
             on_change(&report);
         }
     }
+}
+
+/// Watches `dir` (recursively): every event wakes the scanner, and paths whose writer is
+/// done with them (renamed into place, closed after writing) are remembered in `complete`.
+fn watch_directory(
+    dir: &Path,
+    wake: Arc<tokio::sync::Notify>,
+    complete: Arc<Mutex<HashSet<PathBuf>>>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let event = match event {
+            Ok(e) => e,
+            // A rescan finds whatever a lost event was about.
+            Err(_) => {
+                wake.notify_one();
+                return;
+            }
+        };
+        let done = match event.kind {
+            // Reading a file or listing the directory (what a scan does) changes nothing:
+            // waking on it would scan forever.
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => event.paths.len(),
+            EventKind::Access(_) => return,
+            // The last path of a rename is where the file now is.
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => 1,
+            _ => 0,
+        };
+        if done > 0 {
+            let mut set = complete.lock().unwrap_or_else(|p| p.into_inner());
+            if set.len() < MAX_COMPLETE_HINTS {
+                set.extend(event.paths.iter().rev().take(done).cloned());
+            }
+        }
+        wake.notify_one();
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
 }
 
 #[cfg(test)]
@@ -559,7 +700,8 @@ mod tests {
             report,
             ScanReport {
                 changed: false,
-                bad_files: 1
+                bad_files: 1,
+                deferred: 0,
             }
         );
         let state = index.lock().unwrap().state();
@@ -683,5 +825,126 @@ mod tests {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n";
         let errs = parse_manifests("x.yaml", text).unwrap_err();
         assert_eq!(errs[0].field.as_deref(), Some("apiVersion"));
+    }
+
+    /// Runs the source with a poll interval no test waits for, so only notifications can
+    /// deliver a change; returns the index it feeds.
+    fn watched(dir: &Path) -> Arc<Mutex<crate::index::Index>> {
+        watched_counting(dir).0
+    }
+
+    /// [`watched`], also counting the scans.
+    fn watched_counting(
+        dir: &Path,
+    ) -> (
+        Arc<Mutex<crate::index::Index>>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let index = Arc::new(Mutex::new(crate::index::Index::new()));
+        let statuses = Arc::new(SourceStatuses::default());
+        let source = ConfigDirSource::new(dir.to_path_buf());
+        statuses.register(source.name(), "config");
+        let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = scans.clone();
+        tokio::spawn(source.run(
+            Duration::from_secs(3600),
+            index.clone(),
+            statuses,
+            move |_| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
+        ));
+        (index, scans)
+    }
+
+    #[tokio::test]
+    async fn scanning_does_not_wake_the_scanner() {
+        // A scan lists the directory and reads files; if those accesses woke the scanner, it
+        // would scan forever and burn a core.
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            std::fs::write(
+                dir.path().join(format!("s{i}.yaml")),
+                ORDERS.replace("orders", &format!("s{i}")),
+            )
+            .unwrap();
+        }
+        let (index, scans) = watched_counting(dir.path());
+        for _ in 0..500 {
+            if index.lock().unwrap().state().services.len() == 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(index.lock().unwrap().state().services.len(), 20);
+        let settled = scans.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later = scans.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            later <= settled + 1,
+            "an idle directory was scanned {} times in 500 ms",
+            later - settled
+        );
+    }
+
+    /// Waits (at most 10 s) until the index says `orders` has an endpoint on `port`.
+    async fn wait_for_port(index: &Mutex<crate::index::Index>, port: u16) {
+        for _ in 0..500 {
+            let state = index.lock().unwrap().state();
+            if state
+                .services
+                .get("orders")
+                .is_some_and(|s| s.endpoints.iter().any(|e| e.port == port))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("orders never got port {port} without a poll");
+    }
+
+    #[tokio::test]
+    async fn changes_arrive_by_notification_without_waiting_for_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = watched(dir.path());
+        // Let the first (empty) scan and the watch happen.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Renamed into place, as editors and deployment tools write.
+        let tmp = dir.path().join(".orders.yaml.tmp");
+        std::fs::write(&tmp, ORDERS).unwrap();
+        std::fs::rename(&tmp, dir.path().join("orders.yaml")).unwrap();
+        wait_for_port(&index, 80).await;
+        // Rewritten in place.
+        std::fs::write(
+            dir.path().join("orders.yaml"),
+            ORDERS.replace("port: 80", "port: 81"),
+        )
+        .unwrap();
+        wait_for_port(&index, 81).await;
+    }
+
+    #[tokio::test]
+    async fn a_configmap_volume_swapping_its_data_symlink_is_seen() {
+        // The kubelet's layout: files are symlinks through `..data`, which is itself a
+        // symlink to a timestamped directory, swapped atomically by renaming `..data_tmp`.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("..2026_12_06_01")).unwrap();
+        std::fs::write(root.join("..2026_12_06_01/orders.yaml"), ORDERS).unwrap();
+        std::os::unix::fs::symlink("..2026_12_06_01", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/orders.yaml", root.join("orders.yaml")).unwrap();
+        let index = watched(root);
+        wait_for_port(&index, 80).await;
+
+        std::fs::create_dir(root.join("..2026_12_06_02")).unwrap();
+        std::fs::write(
+            root.join("..2026_12_06_02/orders.yaml"),
+            ORDERS.replace("port: 80", "port: 82"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..2026_12_06_02", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        std::fs::remove_dir_all(root.join("..2026_12_06_01")).unwrap();
+        wait_for_port(&index, 82).await;
     }
 }

@@ -61,11 +61,11 @@ use prost::{Message, Name};
 
 use crate::model::{
     AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, MeshSettings, MeshState, MtlsMode,
-    PathMatch, ProxyGroup, glob_match,
+    PathMatch, glob_match,
 };
 
 use super::clusters::{ads_config_source, socket_address};
-use super::{listeners, names, tls};
+use super::{IngressSpec, listeners, names, tls};
 
 /// How the ingress listener treats the transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,14 +104,10 @@ pub struct Ingress {
     pub warnings: Vec<String>,
 }
 
-/// Builds the ingress of a group whose proxy listens on `port` for the application on
+/// Builds the ingress of `spec`: a listener on its port for the application on
 /// `127.0.0.1:app_port` (the local application cluster is built elsewhere).
-pub fn ingress(
-    state: &MeshState,
-    settings: &MeshSettings,
-    group: &ProxyGroup,
-    port: u16,
-) -> Ingress {
+pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Ingress {
+    let group = spec;
     let mode = state
         .services
         .get(&group.service)
@@ -206,7 +202,7 @@ pub fn ingress(
             }],
         ),
     };
-    let host = group.ingress_host.as_deref().unwrap_or("0.0.0.0");
+    let (host, port) = (spec.host.as_deref().unwrap_or("0.0.0.0"), spec.port);
     Ingress {
         listener: Listener {
             name: names::INGRESS_LISTENER.to_string(),

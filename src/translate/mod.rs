@@ -40,11 +40,19 @@ pub struct MeshResources {
 pub fn mesh_resources(state: &MeshState, settings: &MeshSettings) -> MeshResources {
     let mut out = MeshResources::default();
     for service in state.services.values() {
+        out.add_service(service, settings);
+    }
+    out
+}
+
+impl MeshResources {
+    /// Adds the clusters and assignments of one service.
+    pub fn add_service(&mut self, service: &crate::model::Service, settings: &MeshSettings) {
         let uses_tls = clusters::service_uses_tls(service);
         for (cluster, assignment) in clusters::service_clusters(service, settings) {
-            out.assignments.insert(cluster.name.clone(), assignment);
+            self.assignments.insert(cluster.name.clone(), assignment);
             if uses_tls {
-                out.tls_clusters.insert(
+                self.tls_clusters.insert(
                     cluster.name.clone(),
                     clusters::with_upstream_tls(
                         cluster.clone(),
@@ -53,10 +61,17 @@ pub fn mesh_resources(state: &MeshState, settings: &MeshSettings) -> MeshResourc
                     ),
                 );
             }
-            out.clusters.insert(cluster.name.clone(), cluster);
+            self.clusters.insert(cluster.name.clone(), cluster);
         }
     }
-    out
+}
+
+/// Names of every mesh cluster a service can have (whether or not it has them now).
+pub fn service_cluster_names(service: &str) -> [String; 2] {
+    [
+        names::service_cluster(service),
+        names::canary_cluster(service),
+    ]
 }
 
 /// What one proxy group gets besides shared mesh clusters.
@@ -87,6 +102,75 @@ pub struct ResolvedDependencies {
     pub warnings: Vec<String>,
 }
 
+/// Everything a group's ingress is made from besides the mesh state: groups with the same
+/// spec share one ingress (built and encoded once per mesh state).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IngressSpec {
+    /// The service the proxy runs beside.
+    pub service: String,
+    /// Port of the ingress listener.
+    pub port: u16,
+    /// Address it binds to (default `0.0.0.0`).
+    pub host: Option<String>,
+    /// Port of the local application.
+    pub app_port: u16,
+    /// Whether the proxy holds a certificate.
+    pub tls: bool,
+}
+
+/// Everything a group's egress is made from besides the mesh state. It does not name the
+/// group's service: every group calling the same dependencies with the same settings (all
+/// wildcard groups, typically) shares one egress listener and one route configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EgressSpec {
+    /// Port of the egress listener on 127.0.0.1.
+    pub port: u16,
+    /// Whether the proxy holds a certificate (and so gets mutual-TLS cluster variants).
+    pub tls: bool,
+    /// Dependencies from node metadata merged with those of the service's MeshService
+    /// (whose settings win).
+    pub dependencies: BTreeMap<DependencyTarget, DependencySettings>,
+    /// Whether the service may depend on every service (`--allow-wildcard`).
+    pub wildcard_allowed: bool,
+}
+
+impl ProxyGroup {
+    /// The spec of this group's ingress, when it has one (an ingress port and an app port).
+    pub fn ingress_spec(&self) -> Option<IngressSpec> {
+        Some(IngressSpec {
+            service: self.service.clone(),
+            port: self.ingress_port?,
+            host: self.ingress_host.clone(),
+            app_port: self.app_port?,
+            tls: self.tls,
+        })
+    }
+
+    /// The spec of this group's egress in `state`, when it has one: node-metadata
+    /// dependencies merged with those of the service's MeshService.
+    pub fn egress_spec(&self, state: &MeshState, settings: &MeshSettings) -> Option<EgressSpec> {
+        let port = self.egress_port?;
+        let mut dependencies: BTreeMap<DependencyTarget, DependencySettings> = self
+            .dependencies
+            .iter()
+            .map(|t| (t.clone(), DependencySettings::default()))
+            .collect();
+        if let Some(service) = state.services.get(&self.service) {
+            for d in &service.dependencies {
+                dependencies.insert(d.target.clone(), d.settings.clone());
+            }
+        }
+        let wildcard_allowed = dependencies.contains_key(&DependencyTarget::All)
+            && settings.wildcard_allowed(&self.service);
+        Some(EgressSpec {
+            port,
+            tls: self.tls,
+            dependencies,
+            wildcard_allowed,
+        })
+    }
+}
+
 /// Merges the dependencies from node metadata with those of the service's MeshService
 /// (whose settings win), and expands `"*"` where the operator allows it.
 pub fn resolve_dependencies(
@@ -94,22 +178,29 @@ pub fn resolve_dependencies(
     settings: &MeshSettings,
     group: &ProxyGroup,
 ) -> ResolvedDependencies {
-    let mut explicit: BTreeMap<DependencyTarget, DependencySettings> = group
-        .dependencies
-        .iter()
-        .map(|t| (t.clone(), DependencySettings::default()))
-        .collect();
-    if let Some(service) = state.services.get(&group.service) {
-        for d in &service.dependencies {
-            explicit.insert(d.target.clone(), d.settings.clone());
-        }
+    let spec = ProxyGroup {
+        // Resolved as an egress would, also for a group without an egress listener.
+        egress_port: Some(group.egress_port.unwrap_or_default()),
+        ..group.clone()
     }
+    .egress_spec(state, settings);
+    match spec {
+        Some(spec) => resolve_spec(state, &spec),
+        None => ResolvedDependencies {
+            services: BTreeMap::new(),
+            domains: BTreeMap::new(),
+            warnings: Vec::new(),
+        },
+    }
+}
+
+fn resolve_spec(state: &MeshState, spec: &EgressSpec) -> ResolvedDependencies {
     let mut out = ResolvedDependencies {
         services: BTreeMap::new(),
         domains: BTreeMap::new(),
         warnings: Vec::new(),
     };
-    for (target, s) in &explicit {
+    for (target, s) in &spec.dependencies {
         match target {
             DependencyTarget::Service(name) => {
                 out.services.insert(name.clone(), s.clone());
@@ -117,23 +208,124 @@ pub fn resolve_dependencies(
             DependencyTarget::Domain(d) => {
                 out.domains.insert(d.clone(), s.clone());
             }
-            DependencyTarget::All if settings.wildcard_allowed(&group.service) => {
+            DependencyTarget::All if spec.wildcard_allowed => {
                 for name in state.services.keys() {
                     out.services
                         .entry(name.clone())
                         .or_insert_with(|| s.clone());
                 }
             }
-            DependencyTarget::All => out.warnings.push(format!(
-                "dependency \"*\" of {} ignored: the service is not allowed to call every service (see --allow-wildcard)",
-                group.service
-            )),
+            DependencyTarget::All => out.warnings.push(
+                "dependency \"*\" ignored: this service is not allowed to call every service (see --allow-wildcard)"
+                    .to_string(),
+            ),
         }
     }
     out
 }
 
-/// Builds the listeners, routes and group-specific clusters of a proxy group.
+/// What a part of a group's configuration reads from the mesh state: a change to anything
+/// else leaves it as it is. Pure data, so the snapshot cache can keep a reverse index from
+/// each service and access target to the groups that read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// Services read by name (whether or not they exist).
+    pub services: BTreeSet<String>,
+    /// Reads every service (an allowed `"*"` dependency).
+    pub every_service: bool,
+    /// Access targets whose merged policy is read.
+    pub access: BTreeSet<String>,
+    /// Services read by glob (source-IP identity: the addresses of the callers a rule names).
+    pub service_globs: BTreeSet<String>,
+}
+
+impl Reads {
+    /// Adds what `other` reads.
+    pub fn extend(&mut self, other: &Reads) {
+        self.services.extend(other.services.iter().cloned());
+        self.every_service |= other.every_service;
+        self.access.extend(other.access.iter().cloned());
+        self.service_globs
+            .extend(other.service_globs.iter().cloned());
+    }
+
+    /// Whether a change to the services `services` and access targets `access` can change
+    /// what was built from these reads.
+    pub fn affected_by<'a>(
+        &self,
+        mut services: impl Iterator<Item = &'a String> + Clone,
+        mut access: impl Iterator<Item = &'a String>,
+    ) -> bool {
+        if self.every_service && services.clone().next().is_some() {
+            return true;
+        }
+        access.any(|t| self.access.contains(t))
+            || services.any(|s| {
+                self.services.contains(s)
+                    || self
+                        .service_globs
+                        .iter()
+                        .any(|g| crate::model::glob_match(g, s))
+            })
+    }
+}
+
+/// What the ingress of `spec` reads: its service (mTLS mode), the access policy targeting
+/// it, and with source-IP identity the services its rules name as callers.
+pub fn ingress_reads(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Reads {
+    let mut reads = Reads {
+        services: [spec.service.clone()].into(),
+        access: [spec.service.clone()].into(),
+        ..Default::default()
+    };
+    if settings.source_ip_identity
+        && let Some(policy) = state.access.get(&spec.service)
+    {
+        for caller in policy.rules.iter().flat_map(|r| &r.from) {
+            if let crate::model::CallerMatch::Service(glob) = caller {
+                if glob.contains('*') {
+                    reads.service_globs.insert(glob.clone());
+                } else {
+                    reads.services.insert(glob.clone());
+                }
+            }
+        }
+    }
+    reads
+}
+
+/// What the egress of `spec` reads: every service it calls (or every service at all).
+pub fn egress_reads(spec: &EgressSpec) -> Reads {
+    let mut reads = Reads {
+        every_service: spec.wildcard_allowed,
+        ..Default::default()
+    };
+    for target in spec.dependencies.keys() {
+        if let DependencyTarget::Service(name) = target {
+            reads.services.insert(name.clone());
+        }
+    }
+    reads
+}
+
+/// What a group reads: its ingress and egress reads, and its own service, whose
+/// MeshService dependencies shape the egress spec.
+pub fn group_reads(state: &MeshState, settings: &MeshSettings, group: &ProxyGroup) -> Reads {
+    let mut reads = Reads {
+        services: [group.service.clone()].into(),
+        ..Default::default()
+    };
+    if let Some(spec) = group.ingress_spec() {
+        reads.extend(&ingress_reads(state, settings, &spec));
+    }
+    if let Some(spec) = group.egress_spec(state, settings) {
+        reads.extend(&egress_reads(&spec));
+    }
+    reads
+}
+
+/// Builds the listeners, routes and group-specific clusters of a proxy group: its ingress
+/// and its egress, in that order.
 pub fn group_resources(
     state: &MeshState,
     settings: &MeshSettings,
@@ -143,17 +335,55 @@ pub fn group_resources(
         originate_tls: group.tls,
         ..Default::default()
     };
-    if let (Some(ingress_port), Some(app_port)) = (group.ingress_port, group.app_port) {
-        let ingress = access::ingress(state, settings, group, ingress_port);
-        out.listeners.push(ingress.listener);
-        out.routes.push(ingress.route);
-        out.warnings.extend(ingress.warnings);
-        out.clusters.push(clusters::local_app_cluster(app_port));
+    if let Some(spec) = group.ingress_spec() {
+        out.merge(ingress_resources(state, settings, &spec));
     }
-    let Some(egress_port) = group.egress_port else {
-        return out;
+    if let Some(spec) = group.egress_spec(state, settings) {
+        out.merge(egress_resources(state, settings, &spec));
+    }
+    out
+}
+
+impl GroupResources {
+    fn merge(&mut self, other: GroupResources) {
+        self.listeners.extend(other.listeners);
+        self.routes.extend(other.routes);
+        self.clusters.extend(other.clusters);
+        self.mesh_clusters.extend(other.mesh_clusters);
+        self.originate_tls |= other.originate_tls;
+        self.warnings.extend(other.warnings);
+    }
+}
+
+/// The ingress listener, its route configuration and the local application cluster.
+pub fn ingress_resources(
+    state: &MeshState,
+    settings: &MeshSettings,
+    spec: &IngressSpec,
+) -> GroupResources {
+    let ingress = access::ingress(state, settings, spec);
+    GroupResources {
+        listeners: vec![ingress.listener],
+        routes: vec![ingress.route],
+        clusters: vec![clusters::local_app_cluster(spec.app_port)],
+        warnings: ingress.warnings,
+        originate_tls: spec.tls,
+        ..Default::default()
+    }
+}
+
+/// The egress listener, its route configuration, the external-domain clusters, and the
+/// names of the mesh clusters it routes to.
+pub fn egress_resources(
+    state: &MeshState,
+    settings: &MeshSettings,
+    spec: &EgressSpec,
+) -> GroupResources {
+    let mut out = GroupResources {
+        originate_tls: spec.tls,
+        ..Default::default()
     };
-    let deps = resolve_dependencies(state, settings, group);
+    let deps = resolve_spec(state, spec);
     out.warnings.extend(deps.warnings);
     let mut vhosts: Vec<VirtualHost> = Vec::new();
     // Envoy compares vhost domains case-insensitively and rejects the whole route
@@ -168,7 +398,7 @@ pub fn group_resources(
             continue;
         }
         match state.services.get(name) {
-            Some(service) if service.mtls == MtlsMode::Strict && !group.tls => {
+            Some(service) if service.mtls == MtlsMode::Strict && !spec.tls => {
                 out.warnings.push(format!(
                     "dependency {name} refused locally: it accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)"
                 ));
@@ -178,8 +408,7 @@ pub fn group_resources(
                     503,
                     "mtls-required",
                     format!(
-                        "meshbridge: {name} accepts only mutual TLS and this proxy ({}) has no certificate (meshbridge bootstrap --tls-*)\n",
-                        group.service
+                        "meshbridge: {name} accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)\n"
                     ),
                 ));
             }
@@ -202,8 +431,7 @@ pub fn group_resources(
                 503,
                 "unknown-service",
                 format!(
-                    "meshbridge: {name} is a dependency of {} but no such service is known (no MeshService, no instances)\n",
-                    group.service
+                    "meshbridge: {name} is a declared dependency but no such service is known (no MeshService, no instances)\n"
                 ),
             )),
         }
@@ -247,15 +475,14 @@ pub fn group_resources(
         403,
         "undeclared-dependency",
         format!(
-            "meshbridge: this service is not a declared dependency of {}; declared: [{}]\n",
-            group.service,
+            "meshbridge: this host is not a declared dependency of the calling service; declared: [{}]\n",
             declared.join(", ")
         ),
     ));
     out.listeners.push(listeners::http_listener(
         names::EGRESS_LISTENER,
         "127.0.0.1",
-        egress_port,
+        spec.port,
         names::EGRESS_ROUTE,
         true,
     ));
