@@ -181,10 +181,15 @@ impl EncodedMesh {
     }
 }
 
-/// The resources of one proxy group, by type, with a version per type.
+/// Resources of one type, by name.
+pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// The resources of one proxy group, by type, with a version per type. Groups whose
+/// resources of a type are the same (every wildcard group's clusters and assignments) share
+/// one map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    resources: [BTreeMap<String, Arc<Resource>>; 4],
+    resources: [Arc<ResourceMap>; 4],
     versions: [String; 4],
     /// Dependencies ignored while translating, with the reason.
     pub warnings: Vec<String>,
@@ -192,7 +197,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The resources of one type, by name.
-    pub fn resources(&self, t: ResourceType) -> &BTreeMap<String, Arc<Resource>> {
+    pub fn resources(&self, t: ResourceType) -> &ResourceMap {
         &self.resources[t.index()]
     }
 
@@ -217,7 +222,7 @@ impl Snapshot {
 
     /// Number of resources of every type.
     pub fn len(&self) -> usize {
-        self.resources.iter().map(BTreeMap::len).sum()
+        self.resources.iter().map(|m| m.len()).sum()
     }
 
     /// Whether the snapshot holds nothing.
@@ -291,27 +296,33 @@ pub fn encode_part(group: &GroupResources) -> EncodedPart {
     out
 }
 
-/// Checks a group's resources and assembles its snapshot from them and the shared mesh
-/// resources: every route names an existing cluster, every listener an existing route
-/// configuration, and every EDS cluster has an assignment.
-pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, InconsistentSnapshot> {
-    assemble(mesh, &[&encode_part(group)], group.originate_tls)
+/// A part together with the shared mesh clusters and assignments it uses, checked as far as
+/// it can be on its own: ready to assemble into snapshots, as many as share it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResolvedPart {
+    /// Resources by type (push order), each sorted by name.
+    resources: [Vec<Arc<Resource>>; 4],
+    /// Dangling references found within the part.
+    problems: Vec<String>,
+    /// References to clusters the part does not define (another part may).
+    open_clusters: Vec<(String, String)>,
+    /// References to route configurations the part does not define.
+    open_routes: Vec<(String, String)>,
+    /// EDS clusters of the part without an assignment in it.
+    open_assignments: Vec<String>,
+    warnings: Vec<String>,
 }
 
-/// Assembles a group's snapshot from its encoded parts and the shared mesh resources (the
-/// mutual-TLS variant of a mesh cluster when `originate_tls`), with the checks of [`build`].
-/// Nothing is encoded here: every resource is shared with the parts and the mesh.
-pub fn assemble(
-    mesh: &EncodedMesh,
-    parts: &[&EncodedPart],
-    originate_tls: bool,
-) -> Result<Snapshot, InconsistentSnapshot> {
-    let mut problems = Vec::new();
-    let mut clusters: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-    let mut assignments: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-    let mesh_clusters: BTreeSet<&String> =
-        parts.iter().flat_map(|p| p.mesh_clusters.iter()).collect();
-    for name in mesh_clusters {
+/// Adds to `part` the mesh clusters (their mutual-TLS variant when `originate_tls`) and
+/// assignments it uses, and checks what refers to what within it.
+pub fn resolve_part(part: &EncodedPart, mesh: &EncodedMesh, originate_tls: bool) -> ResolvedPart {
+    let mut out = ResolvedPart {
+        warnings: part.warnings.clone(),
+        ..Default::default()
+    };
+    let mut clusters: BTreeMap<&str, Arc<Resource>> = BTreeMap::new();
+    let mut assignments: BTreeMap<&str, Arc<Resource>> = BTreeMap::new();
+    for name in &part.mesh_clusters {
         let cluster = match originate_tls {
             true => mesh
                 .tls_clusters
@@ -321,56 +332,167 @@ pub fn assemble(
         };
         match (cluster, mesh.assignments.get(name)) {
             (Some(c), Some(a)) => {
-                clusters.insert(name.clone(), c.clone());
-                assignments.insert(name.clone(), a.clone());
+                clusters.insert(name, c.clone());
+                assignments.insert(name, a.clone());
             }
             (Some(c), None) => {
-                clusters.insert(name.clone(), c.clone());
-                problems.push(format!("cluster {name} has no assignment"));
+                clusters.insert(name, c.clone());
+                out.problems
+                    .push(format!("cluster {name} has no assignment"));
             }
-            (None, _) => problems.push(format!("mesh cluster {name} does not exist")),
+            (None, _) => out
+                .problems
+                .push(format!("mesh cluster {name} does not exist")),
         }
     }
-    for c in parts.iter().flat_map(|p| &p.clusters) {
-        if clusters.insert(c.name.clone(), c.clone()).is_some() {
-            problems.push(format!("cluster {} defined twice", c.name));
+    for c in &part.clusters {
+        if clusters.insert(&c.name, c.clone()).is_some() {
+            out.problems
+                .push(format!("cluster {} defined twice", c.name));
         }
     }
-    for name in parts.iter().flat_map(|p| &p.eds_clusters) {
-        if !assignments.contains_key(name) {
-            problems.push(format!("EDS cluster {name} has no assignment"));
+    for name in &part.eds_clusters {
+        if !assignments.contains_key(name.as_str()) {
+            out.open_assignments.push(name.clone());
         }
     }
-    for (route, cluster) in parts.iter().flat_map(|p| &p.route_clusters) {
-        if !clusters.contains_key(cluster) {
-            problems.push(format!("route {route} names missing cluster {cluster}"));
+    for (route, cluster) in &part.route_clusters {
+        if !clusters.contains_key(cluster.as_str()) {
+            out.open_clusters.push((route.clone(), cluster.clone()));
         }
     }
-    let routes: BTreeMap<String, Arc<Resource>> = parts
+    for (listener, rds) in &part.listener_routes {
+        if !part.routes.iter().any(|r| &r.name == rds) {
+            out.open_routes.push((listener.clone(), rds.clone()));
+        }
+    }
+    let sorted = |mut v: Vec<Arc<Resource>>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    out.resources = [
+        clusters.into_values().collect(),
+        assignments.into_values().collect(),
+        sorted(part.listeners.clone()),
+        sorted(part.routes.clone()),
+    ];
+    out
+}
+
+/// Resource maps shared by content between the snapshots of one mesh state, keyed by type
+/// and set version.
+#[derive(Debug, Default)]
+pub struct SharedMaps {
+    maps: std::sync::Mutex<std::collections::HashMap<(ResourceType, String), Arc<ResourceMap>>>,
+}
+
+impl SharedMaps {
+    fn get_or_build(
+        &self,
+        t: ResourceType,
+        version: &str,
+        len: usize,
+        build: impl FnOnce() -> ResourceMap,
+    ) -> Arc<ResourceMap> {
+        let key = (t, version.to_string());
+        {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = maps.get(&key).filter(|m| m.len() == len) {
+                return m.clone();
+            }
+        }
+        let map = Arc::new(build());
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.entry(key).or_insert(map).clone()
+    }
+}
+
+/// The resources of one type of several parts in name order (each part's are sorted).
+fn merged<'a>(parts: &[&'a ResolvedPart], t: ResourceType) -> Vec<&'a Arc<Resource>> {
+    let lists: Vec<&[Arc<Resource>]> = parts
         .iter()
-        .flat_map(|p| &p.routes)
-        .map(|r| (r.name.clone(), r.clone()))
+        .map(|p| p.resources[t.index()].as_slice())
         .collect();
-    for (listener, rds) in parts.iter().flat_map(|p| &p.listener_routes) {
-        if !routes.contains_key(rds) {
-            problems.push(format!("listener {listener} names missing route {rds}"));
+    let mut heads = vec![0usize; lists.len()];
+    let mut out = Vec::with_capacity(lists.iter().map(|l| l.len()).sum());
+    loop {
+        let next = (0..lists.len())
+            .filter(|&i| heads[i] < lists[i].len())
+            .min_by(|&a, &b| lists[a][heads[a]].name.cmp(&lists[b][heads[b]].name));
+        let Some(i) = next else {
+            return out;
+        };
+        out.push(&lists[i][heads[i]]);
+        heads[i] += 1;
+    }
+}
+
+/// Checks a group's resources and assembles its snapshot from them and the shared mesh
+/// resources: every route names an existing cluster, every listener an existing route
+/// configuration, and every EDS cluster has an assignment.
+pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, InconsistentSnapshot> {
+    let part = resolve_part(&encode_part(group), mesh, group.originate_tls);
+    assemble(&[&part], &SharedMaps::default())
+}
+
+/// Assembles a group's snapshot from its resolved parts, with the checks of [`build`] across
+/// the parts. Nothing is encoded here; a map equal to one already in `maps` is shared.
+pub fn assemble(
+    parts: &[&ResolvedPart],
+    maps: &SharedMaps,
+) -> Result<Snapshot, InconsistentSnapshot> {
+    let mut problems: Vec<String> = parts.iter().flat_map(|p| p.problems.clone()).collect();
+    let lists: [Vec<&Arc<Resource>>; 4] =
+        std::array::from_fn(|i| merged(parts, ResourceType::ALL[i]));
+    for (t, list) in ResourceType::ALL.iter().zip(&lists) {
+        for pair in list.windows(2) {
+            if pair[0].name == pair[1].name {
+                problems.push(match t {
+                    ResourceType::Cluster => format!("cluster {} defined twice", pair[0].name),
+                    _ => format!("{t} {} defined twice", pair[0].name),
+                });
+            }
+        }
+    }
+    let has = |t: ResourceType, name: &str| {
+        lists[t.index()]
+            .binary_search_by(|r| r.name.as_str().cmp(name))
+            .is_ok()
+    };
+    for p in parts {
+        for name in &p.open_assignments {
+            if !has(ResourceType::Endpoint, name) {
+                problems.push(format!("EDS cluster {name} has no assignment"));
+            }
+        }
+        for (route, cluster) in &p.open_clusters {
+            if !has(ResourceType::Cluster, cluster) {
+                problems.push(format!("route {route} names missing cluster {cluster}"));
+            }
+        }
+        for (listener, rds) in &p.open_routes {
+            if !has(ResourceType::Route, rds) {
+                problems.push(format!("listener {listener} names missing route {rds}"));
+            }
         }
     }
     if !problems.is_empty() {
         return Err(InconsistentSnapshot { problems });
     }
-    let listeners: BTreeMap<String, Arc<Resource>> = parts
-        .iter()
-        .flat_map(|p| &p.listeners)
-        .map(|l| (l.name.clone(), l.clone()))
-        .collect();
-    let resources = [clusters, assignments, listeners, routes];
-    let versions = std::array::from_fn(|i| {
+    let versions: [String; 4] = std::array::from_fn(|i| {
         set_version(
-            resources[i]
+            lists[i]
                 .iter()
-                .map(|(n, r)| (n.as_str(), r.version.as_str())),
+                .map(|r| (r.name.as_str(), r.version.as_str())),
         )
+    });
+    let resources = std::array::from_fn(|i| {
+        let list = &lists[i];
+        maps.get_or_build(ResourceType::ALL[i], &versions[i], list.len(), || {
+            list.iter()
+                .map(|r| (r.name.clone(), (*r).clone()))
+                .collect()
+        })
     });
     Ok(Snapshot {
         resources,

@@ -455,7 +455,7 @@ impl ConfigDirSource {
             return report;
         }
         self.empty_once = false;
-        let mut seen = Vec::new();
+        let mut seen: HashSet<PathBuf> = HashSet::new();
         // Files left for the next scan; until the new ones among them are read, the source
         // is not synced.
         let (mut deferred, mut deferred_new) = (0, 0);
@@ -465,7 +465,7 @@ impl ConfigDirSource {
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest; keeping its last good state");
                     if self.files.contains_key(&path) {
-                        seen.push(path);
+                        seen.insert(path);
                     }
                     continue;
                 }
@@ -476,7 +476,7 @@ impl ConfigDirSource {
                 .get(&path)
                 .is_some_and(|f| f.stamp == Some(stamp))
             {
-                seen.push(path);
+                seen.insert(path);
                 continue;
             }
             if recently_modified(&meta) && !complete.contains(&path) {
@@ -484,7 +484,7 @@ impl ConfigDirSource {
                 // on the next scan, and keep what it had meanwhile.
                 deferred += 1;
                 if self.files.contains_key(&path) {
-                    seen.push(path);
+                    seen.insert(path);
                 } else {
                     deferred_new += 1;
                 }
@@ -495,12 +495,12 @@ impl ConfigDirSource {
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good state");
                     if self.files.contains_key(&path) {
-                        seen.push(path);
+                        seen.insert(path);
                     }
                     continue;
                 }
             };
-            seen.push(path.clone());
+            seen.insert(path.clone());
             let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
             if let Some(f) = self.files.get_mut(&path)
                 && f.hash == hash
@@ -535,7 +535,7 @@ impl ConfigDirSource {
         let gone: Vec<PathBuf> = self
             .files
             .keys()
-            .filter(|p| !seen.contains(p))
+            .filter(|p| !seen.contains(*p))
             .cloned()
             .collect();
         for path in gone {

@@ -19,11 +19,13 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
 use crate::model::{MeshSettings, MeshState, ProxyGroup, StateDiff, diff_states};
-use crate::snapshot::{self, EncodedMesh, EncodedPart, InconsistentSnapshot, Snapshot};
+use crate::snapshot::{
+    self, EncodedMesh, InconsistentSnapshot, ResolvedPart, SharedMaps, Snapshot,
+};
 use crate::translate::{self, EgressSpec, IngressSpec, Reads};
 
-/// One built part and what it read.
-type BuiltPart = (Arc<EncodedPart>, Reads);
+/// One built part, resolved against the state's mesh resources, and what it read.
+type BuiltPart = (Arc<ResolvedPart>, Reads);
 
 /// Ingress and egress parts of one mesh state, by spec. Each is built by the first group that
 /// needs it; groups asking at the same time wait for that one build.
@@ -69,6 +71,8 @@ struct World {
     state: Arc<MeshState>,
     mesh: Arc<EncodedMesh>,
     parts: PartMemo,
+    /// Per-type resource maps shared by the snapshots built in this state.
+    maps: SharedMaps,
 }
 
 struct GroupEntry {
@@ -206,6 +210,7 @@ impl SnapshotCache {
                     state: Arc::new(MeshState::default()),
                     mesh: Arc::new(EncodedMesh::default()),
                     parts: PartMemo::default(),
+                    maps: SharedMaps::default(),
                 }),
                 next_id: 0,
                 ids: HashMap::new(),
@@ -264,8 +269,9 @@ impl SnapshotCache {
         if let Some(spec) = &ingress_spec {
             parts.push(memo_get(&world.parts.ingress, spec, || {
                 let resources = translate::ingress_resources(state, settings, spec);
+                let part = snapshot::encode_part(&resources);
                 (
-                    Arc::new(snapshot::encode_part(&resources)),
+                    Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
                     translate::ingress_reads(state, settings, spec),
                 )
             }));
@@ -273,8 +279,9 @@ impl SnapshotCache {
         if let Some(spec) = &egress_spec {
             parts.push(memo_get(&world.parts.egress, spec, || {
                 let resources = translate::egress_resources(state, settings, spec);
+                let part = snapshot::encode_part(&resources);
                 (
-                    Arc::new(snapshot::encode_part(&resources)),
+                    Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
                     translate::egress_reads(spec),
                 )
             }));
@@ -282,8 +289,8 @@ impl SnapshotCache {
         for (_, r) in &parts {
             reads.extend(r);
         }
-        let encoded: Vec<&EncodedPart> = parts.iter().map(|(p, _)| &**p).collect();
-        let snapshot = snapshot::assemble(&world.mesh, &encoded, group.tls);
+        let resolved: Vec<&ResolvedPart> = parts.iter().map(|(p, _)| &**p).collect();
+        let snapshot = snapshot::assemble(&resolved, &world.maps);
         if snapshot.is_err() {
             // Rebuilt on every change until it is consistent again.
             reads.every_service = true;
@@ -429,6 +436,7 @@ impl SnapshotCache {
                     &live_egress.iter().collect(),
                 )),
             },
+            maps: SharedMaps::default(),
             state,
         });
         let (targets, connected) = {

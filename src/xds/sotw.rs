@@ -150,11 +150,15 @@ impl SotwState {
             return None;
         }
         let resources = select(t, st.names.as_ref(), snap);
-        let version = snapshot::set_version(
-            resources
-                .iter()
-                .map(|r| (r.name.as_str(), r.version.as_str())),
-        );
+        let version = match st.names {
+            // Everything of the type: the snapshot's own version of it.
+            None => snap.version(t).to_string(),
+            Some(_) => snapshot::set_version(
+                resources
+                    .iter()
+                    .map(|r| (r.name.as_str(), r.version.as_str())),
+            ),
+        };
         if st.sent_version.as_deref() == Some(version.as_str()) && !st.force {
             return None;
         }
