@@ -4,7 +4,7 @@ PYTHON     ?= python3
 ENVOY      := $(VENV)/bin/envoy
 VENV_STAMP := $(VENV)/.installed-2
 
-.PHONY: demo test bench crds venv clean
+.PHONY: demo test bench bench-scale crds venv clean
 
 $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(VENV_STAMP)
 	cargo bench --bench consul_load
 	cargo bench --bench access_load
 	cargo bench --bench admin
+
+# meshbridge beside the encode-once reference server at 2,000 and 5,000 proxies, SotW and
+# delta; PERF_KIT names the side-by-side harness directory (see benches/scale.sh).
+bench-scale:
+	bash benches/scale.sh
 
 crds:
 	cargo run --quiet -- crds --out-dir crds

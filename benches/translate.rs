@@ -1,5 +1,6 @@
 //! Translate + encode for 1,000 services × 5 endpoints and 500 distinct proxy groups (10%
-//! with `"*"`), against the floor: encoding the same resources once, without translating.
+//! with `"*"`), against the floor: encoding the same resources once, without translating;
+//! and what one endpoint change costs the snapshot cache with 5,000 groups connected.
 
 use std::hint::black_box;
 
@@ -8,6 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use meshbridge::model::MeshSettings;
 use meshbridge::snapshot;
 use meshbridge::translate;
+use meshbridge::xds::cache::SnapshotCache;
 
 #[path = "support/mesh_gen.rs"]
 mod mesh_gen;
@@ -88,6 +90,44 @@ fn bench(c: &mut Criterion) {
     one.sample_size(10);
     one.bench_function("index_build_state", |b| {
         b.iter(|| black_box(index.state().services.len()))
+    });
+
+    // One endpoint of one service moves, with 5,000 distinct groups connected (10% on "*"):
+    // the cache rebuilds the groups that read that service, not the other thousands.
+    let cache = SnapshotCache::new(settings.clone());
+    let many = mesh_gen::groups(SERVICES, 5000);
+    let _streams: Vec<_> = many.iter().map(|g| cache.subscribe(g)).collect();
+    cache.update(state.clone());
+    let mut moved = state.clone();
+    let changed = mesh_gen::service(500);
+    if let Some(s) = moved.services.get_mut(&changed) {
+        s.endpoints[0].port += 1;
+    }
+    let states = [moved, state.clone()];
+    let reads = many
+        .iter()
+        .filter(|g| {
+            translate::group_reads(&state, &settings, g)
+                .affected_by([&changed].into_iter(), std::iter::empty())
+        })
+        .count();
+    let before = cache.builds_total();
+    let report = cache.update(states[0].clone());
+    eprintln!(
+        "one endpoint of {changed} changed with {} groups connected: {} groups read it, {} built, {} pushed ({} builds counted)",
+        report.connected,
+        reads,
+        report.groups,
+        report.changed,
+        cache.builds_total() - before,
+    );
+    cache.update(states[1].clone());
+    let mut i = 0;
+    one.bench_function("one_endpoint_5000_groups", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(cache.update(states[i % 2].clone()).changed)
+        })
     });
     one.finish();
 }

@@ -149,8 +149,14 @@ impl SotwState {
         if !st.requested {
             return None;
         }
-        let resources = select(t, st.names.as_ref(), snap);
-        let version = match st.names {
+        let all = snap.resources(t);
+        // Names that are exactly the snapshot's (Envoy asks EDS for every cluster it has)
+        // select everything, like a wildcard: no lookups, and the snapshot's version.
+        let names = st.names.as_ref().filter(|names| {
+            names.len() != all.len() || !names.iter().eq(all.keys())
+        });
+        let resources = select(t, names, snap);
+        let version = match names {
             // Everything of the type: the snapshot's own version of it.
             None => snap.version(t).to_string(),
             Some(_) => snapshot::set_version(
