@@ -201,6 +201,12 @@ impl Snapshot {
         &self.resources[t.index()]
     }
 
+    /// The resources of one type as the shared map: the same map (by identity) means the
+    /// same resources.
+    pub fn resources_shared(&self, t: ResourceType) -> &Arc<ResourceMap> {
+        &self.resources[t.index()]
+    }
+
     /// The version of one type (all its resources).
     pub fn version(&self, t: ResourceType) -> &str {
         &self.versions[t.index()]
@@ -387,6 +393,20 @@ pub struct SharedMaps {
 }
 
 impl SharedMaps {
+    /// The maps of `self` some snapshot still uses, for the next state: a map whose content
+    /// did not change keeps its identity, so streams can tell at a glance that it did not.
+    pub fn carry(&self) -> SharedMaps {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        SharedMaps {
+            maps: std::sync::Mutex::new(
+                maps.iter()
+                    .filter(|(_, m)| Arc::strong_count(m) > 1)
+                    .map(|(k, m)| (k.clone(), m.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
     fn get_or_build(
         &self,
         t: ResourceType,

@@ -436,7 +436,7 @@ impl SnapshotCache {
                     &live_egress.iter().collect(),
                 )),
             },
-            maps: SharedMaps::default(),
+            maps: old.maps.carry(),
             state,
         });
         let (targets, connected) = {

@@ -20,7 +20,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
 
-use crate::snapshot::{self, ResourceType, Snapshot};
+use std::sync::Arc;
+
+use crate::snapshot::{self, ResourceMap, ResourceType, Snapshot};
 use crate::translate::clusters::empty_assignment;
 
 use super::sotw::RequestKind;
@@ -36,6 +38,9 @@ struct TypeState {
     /// Names to send even if the proxy reports them current in its first request (their
     /// cluster changed before this type was requested).
     resend: BTreeSet<String>,
+    /// The resources `known` was last compared with: while the snapshot has the same map and
+    /// nothing else moved `known` or the subscription, there is nothing to send.
+    seen: Option<Arc<ResourceMap>>,
 }
 
 /// The protocol state of one delta stream.
@@ -93,6 +98,8 @@ impl DeltaState {
         } else {
             RequestKind::Ack(req.response_nonce.clone())
         };
+        // Whatever the request, what the proxy has or wants may have moved.
+        st.seen = None;
         let mut subscription_changed = false;
         for name in &req.resource_names_subscribe {
             if name == "*" {
@@ -125,6 +132,15 @@ impl DeltaState {
         (kind, out)
     }
 
+    /// Forgets which resources the proxy's state was last compared with, so the next snapshot
+    /// is compared name by name (what the comparison of maps must equal; for tests).
+    #[doc(hidden)]
+    pub fn forget_compared(&mut self) {
+        for st in self.types.values_mut() {
+            st.seen = None;
+        }
+    }
+
     /// Handles a new snapshot: responses for every subscribed type that changed, in order
     /// CDS, EDS, LDS, RDS.
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
@@ -145,11 +161,34 @@ impl DeltaState {
         if !st.requested {
             return None;
         }
-        let all = snap.resources(t);
-        let mut candidates: BTreeSet<&String> = st.names.iter().chain(st.known.keys()).collect();
-        if st.wildcard {
-            candidates.extend(all.keys());
+        let shared = snap.resources_shared(t).clone();
+        let previous = match always {
+            true => None,
+            false => st.seen.replace(shared.clone()),
+        };
+        if previous.as_ref().is_some_and(|m| Arc::ptr_eq(m, &shared)) {
+            return None;
         }
+        st.seen = Some(shared.clone());
+        let all = &*shared;
+        let candidates: BTreeSet<&String> = match &previous {
+            // `known` agrees with the previous map for every name of interest: only the
+            // names whose resource differs between the two maps can need sending.
+            Some(previous) => changed_names(previous, all)
+                .filter(|n| {
+                    st.names.contains(*n)
+                        || st.known.contains_key(*n)
+                        || (st.wildcard && all.contains_key(*n))
+                })
+                .collect(),
+            None => {
+                let mut c: BTreeSet<&String> = st.names.iter().chain(st.known.keys()).collect();
+                if st.wildcard {
+                    c.extend(all.keys());
+                }
+                c
+            }
+        };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut updates: Vec<(String, Option<String>)> = Vec::new();
@@ -205,6 +244,7 @@ impl DeltaState {
             // Also before EDS is requested: a reconnecting proxy reports the assignment
             // versions it has right after CDS.
             let eds = self.types.entry(ResourceType::Endpoint).or_default();
+            eds.seen = None;
             for r in &resources {
                 eds.known.remove(&r.name);
                 if !eds.requested {
@@ -224,4 +264,50 @@ impl DeltaState {
             ..Default::default()
         })
     }
+}
+
+/// Names whose resource differs between two maps (present in one only, or another version).
+fn changed_names<'a>(
+    old: &'a ResourceMap,
+    new: &'a ResourceMap,
+) -> impl Iterator<Item = &'a String> {
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    std::iter::from_fn(move || {
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => return None,
+                (Some((n, _)), None) => {
+                    let n = *n;
+                    a.next();
+                    return Some(n);
+                }
+                (None, Some((n, _))) => {
+                    let n = *n;
+                    b.next();
+                    return Some(n);
+                }
+                (Some((na, ra)), Some((nb, rb))) => match na.cmp(nb) {
+                    std::cmp::Ordering::Less => {
+                        let n = *na;
+                        a.next();
+                        return Some(n);
+                    }
+                    std::cmp::Ordering::Greater => {
+                        let n = *nb;
+                        b.next();
+                        return Some(n);
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let same = Arc::ptr_eq(ra, rb) || ra.version == rb.version;
+                        let n = *nb;
+                        a.next();
+                        b.next();
+                        if !same {
+                            return Some(n);
+                        }
+                    }
+                },
+            }
+        }
+    })
 }

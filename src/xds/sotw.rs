@@ -17,7 +17,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::ControlPlane;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use crate::snapshot::{self, Resource, ResourceType, Snapshot};
+use crate::snapshot::{self, Resource, ResourceMap, ResourceType, Snapshot};
 use crate::translate::clusters::empty_assignment;
 
 /// What happened to a request, for the registry, logs and metrics.
@@ -51,6 +51,9 @@ struct TypeState {
     sent_version: Option<String>,
     requested: bool,
     force: bool,
+    /// The resources the last response was computed from: the same map again (and the same
+    /// subscription) gives the same response, so nothing is computed.
+    seen: Option<Arc<ResourceMap>>,
 }
 
 /// The protocol state of one SotW stream.
@@ -103,6 +106,9 @@ impl SotwState {
         };
         let names_changed = st.names != names;
         st.names = names;
+        if names_changed {
+            st.seen = None;
+        }
         if kind == RequestKind::Initial {
             st.requested = true;
             // A reconnecting proxy tells what it has; it needs nothing if that is current.
@@ -149,12 +155,18 @@ impl SotwState {
         if !st.requested {
             return None;
         }
+        let shared = snap.resources_shared(t);
+        if !st.force && st.seen.as_ref().is_some_and(|m| Arc::ptr_eq(m, shared)) {
+            return None;
+        }
+        st.seen = Some(shared.clone());
         let all = snap.resources(t);
         // Names that are exactly the snapshot's (Envoy asks EDS for every cluster it has)
         // select everything, like a wildcard: no lookups, and the snapshot's version.
-        let names = st.names.as_ref().filter(|names| {
-            names.len() != all.len() || !names.iter().eq(all.keys())
-        });
+        let names = st
+            .names
+            .as_ref()
+            .filter(|names| names.len() != all.len() || !names.iter().eq(all.keys()));
         let resources = select(t, names, snap);
         let version = match names {
             // Everything of the type: the snapshot's own version of it.
