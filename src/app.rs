@@ -102,6 +102,7 @@ impl ControlPlane {
 
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
+        let began = Instant::now();
         let (state, conflicts, generation, sizes) = {
             let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
             let (state, conflicts) = index.build();
@@ -165,6 +166,8 @@ impl ControlPlane {
                     groups = report.connected,
                     built = report.groups,
                     changed = report.changed,
+                    state_ms = (started - began).as_secs_f64() * 1000.0,
+                    build_ms = build.as_secs_f64() * 1000.0,
                     "mesh state published"
                 );
             }

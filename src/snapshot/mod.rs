@@ -92,19 +92,42 @@ pub struct Resource {
     pub version: String,
     /// The encoded message.
     pub body: Any,
+    /// Hash of the name and the encoded bytes, from which set versions are computed.
+    pub digest: u64,
 }
 
 /// Encodes a message into a shared resource whose version derives from its bytes.
 pub fn encode<M: Message + Name>(name: &str, message: &M) -> Arc<Resource> {
     let value = message.encode_to_vec();
+    let content = xxhash_rust::xxh3::xxh3_64(&value);
     Arc::new(Resource {
         name: name.to_string(),
-        version: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&value)),
+        version: format!("{content:016x}"),
         body: Any {
             type_url: M::type_url(),
             value,
         },
+        digest: xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), content),
     })
+}
+
+/// The version of a set of resources (in name order): changes when any member or the
+/// membership changes. One hash over the members' digests, so a set of a thousand resources
+/// costs microseconds.
+pub fn resources_version<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> String {
+    let mut hasher = Xxh3::new();
+    let mut chunk = [0u8; 512];
+    let mut len = 0;
+    for r in resources {
+        chunk[len..len + 8].copy_from_slice(&r.digest.to_le_bytes());
+        len += 8;
+        if len == chunk.len() {
+            hasher.update(&chunk);
+            len = 0;
+        }
+    }
+    hasher.update(&chunk[..len]);
+    format!("{:016x}", hasher.digest())
 }
 
 /// The version of a set of resources: changes when any member or the membership changes.
@@ -499,13 +522,8 @@ pub fn assemble(
     if !problems.is_empty() {
         return Err(InconsistentSnapshot { problems });
     }
-    let versions: [String; 4] = std::array::from_fn(|i| {
-        set_version(
-            lists[i]
-                .iter()
-                .map(|r| (r.name.as_str(), r.version.as_str())),
-        )
-    });
+    let versions: [String; 4] =
+        std::array::from_fn(|i| resources_version(lists[i].iter().map(|r| &***r)));
     let resources = std::array::from_fn(|i| {
         let list = &lists[i];
         maps.get_or_build(ResourceType::ALL[i], &versions[i], list.len(), || {

@@ -35,28 +35,33 @@ struct PartMemo {
     egress: Mutex<HashMap<EgressSpec, Arc<OnceLock<BuiltPart>>>>,
 }
 
+/// The memo cell of `key`, built by `build` if nobody built it yet.
 fn memo_get<K: Clone + Eq + std::hash::Hash>(
     map: &Mutex<HashMap<K, Arc<OnceLock<BuiltPart>>>>,
     key: &K,
     build: impl FnOnce() -> BuiltPart,
-) -> BuiltPart {
+) -> Arc<OnceLock<BuiltPart>> {
     let cell = {
         let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone()).or_default().clone()
+        match map.get(key) {
+            Some(cell) => cell.clone(),
+            None => map.entry(key.clone()).or_default().clone(),
+        }
     };
-    cell.get_or_init(build).clone()
+    cell.get_or_init(build);
+    cell
 }
 
-/// The parts of `map` still valid after `diff` and still used by a connected group.
+/// The parts of `map` still valid after `diff` and still used by a connected group (whose
+/// entry holds the cell).
 fn memo_carry<K: Clone + Eq + std::hash::Hash>(
     map: &Mutex<HashMap<K, Arc<OnceLock<BuiltPart>>>>,
     diff: &StateDiff,
-    live: &HashSet<&K>,
 ) -> HashMap<K, Arc<OnceLock<BuiltPart>>> {
     let map = map.lock().unwrap_or_else(|p| p.into_inner());
     map.iter()
-        .filter(|(k, cell)| {
-            live.contains(k)
+        .filter(|(_, cell)| {
+            Arc::strong_count(cell) > 1
                 && cell.get().is_some_and(|(_, reads)| {
                     !reads.affected_by(diff.services(), diff.access_changed.iter())
                 })
@@ -80,8 +85,9 @@ struct GroupEntry {
     tx: watch::Sender<Arc<Snapshot>>,
     streams: usize,
     reads: Reads,
-    ingress: Option<IngressSpec>,
-    egress: Option<EgressSpec>,
+    /// The memo cells of the parts the group uses: a part no group uses is not carried into
+    /// the next state.
+    parts: Vec<Arc<OnceLock<BuiltPart>>>,
 }
 
 /// From each service and access target to the groups whose snapshot reads it.
@@ -180,12 +186,11 @@ pub struct UpdateReport {
     pub diff: StateDiff,
 }
 
-/// A built group: its snapshot (or why it is inconsistent), what it read, its part specs.
+/// A built group: its snapshot (or why it is inconsistent), what it read, its parts.
 struct Built {
     snapshot: Result<Snapshot, InconsistentSnapshot>,
     reads: Reads,
-    ingress: Option<IngressSpec>,
-    egress: Option<EgressSpec>,
+    parts: Vec<Arc<OnceLock<BuiltPart>>>,
     seconds: f64,
 }
 
@@ -263,29 +268,28 @@ impl SnapshotCache {
             services: [group.service.clone()].into(),
             ..Default::default()
         };
-        let ingress_spec = group.ingress_spec();
-        let egress_spec = group.egress_spec(state, settings);
-        let mut parts = Vec::with_capacity(2);
-        if let Some(spec) = &ingress_spec {
-            parts.push(memo_get(&world.parts.ingress, spec, || {
-                let resources = translate::ingress_resources(state, settings, spec);
+        let mut cells = Vec::with_capacity(2);
+        if let Some(spec) = group.ingress_spec() {
+            cells.push(memo_get(&world.parts.ingress, &spec, || {
+                let resources = translate::ingress_resources(state, settings, &spec);
                 let part = snapshot::encode_part(&resources);
                 (
                     Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
-                    translate::ingress_reads(state, settings, spec),
+                    translate::ingress_reads(state, settings, &spec),
                 )
             }));
         }
-        if let Some(spec) = &egress_spec {
-            parts.push(memo_get(&world.parts.egress, spec, || {
-                let resources = translate::egress_resources(state, settings, spec);
+        if let Some(spec) = group.egress_spec(state, settings) {
+            cells.push(memo_get(&world.parts.egress, &spec, || {
+                let resources = translate::egress_resources(state, settings, &spec);
                 let part = snapshot::encode_part(&resources);
                 (
                     Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
-                    translate::egress_reads(spec),
+                    translate::egress_reads(&spec),
                 )
             }));
         }
+        let parts: Vec<&BuiltPart> = cells.iter().filter_map(|c| c.get()).collect();
         for (_, r) in &parts {
             reads.extend(r);
         }
@@ -299,8 +303,7 @@ impl SnapshotCache {
         Built {
             snapshot,
             reads,
-            ingress: ingress_spec,
-            egress: egress_spec,
+            parts: cells,
             seconds: started.elapsed().as_secs_f64(),
         }
     }
@@ -405,36 +408,15 @@ impl SnapshotCache {
     /// changed; only groups whose snapshot changed wake their streams.
     pub fn update(&self, state: MeshState) -> UpdateReport {
         let _serial = self.updating.lock().unwrap_or_else(|p| p.into_inner());
-        let (old, live_ingress, live_egress) = {
-            let inner = self.lock();
-            let ingress: HashSet<IngressSpec> = inner
-                .groups
-                .values()
-                .filter_map(|e| e.ingress.clone())
-                .collect();
-            let egress: HashSet<EgressSpec> = inner
-                .groups
-                .values()
-                .filter_map(|e| e.egress.clone())
-                .collect();
-            (inner.world.clone(), ingress, egress)
-        };
+        let old = self.lock().world.clone();
         let diff = diff_states(&old.state, &state);
         let state = Arc::new(state);
         let world = Arc::new(World {
             generation: old.generation + 1,
             mesh: Arc::new(old.mesh.updated(&state, &self.settings, &diff)),
             parts: PartMemo {
-                ingress: Mutex::new(memo_carry(
-                    &old.parts.ingress,
-                    &diff,
-                    &live_ingress.iter().collect(),
-                )),
-                egress: Mutex::new(memo_carry(
-                    &old.parts.egress,
-                    &diff,
-                    &live_egress.iter().collect(),
-                )),
+                ingress: Mutex::new(memo_carry(&old.parts.ingress, &diff)),
+                egress: Mutex::new(memo_carry(&old.parts.egress, &diff)),
             },
             maps: old.maps.carry(),
             state,
@@ -469,8 +451,7 @@ impl SnapshotCache {
             readers.remove(id, &entry.reads);
             readers.insert(id, &built.reads);
             entry.reads = built.reads;
-            entry.ingress = built.ingress;
-            entry.egress = built.egress;
+            entry.parts = built.parts;
             match built.snapshot {
                 Ok(snap) => {
                     let snap = Arc::new(snap);
@@ -526,8 +507,7 @@ impl Inner {
                 tx,
                 streams: 1,
                 reads: built.reads,
-                ingress: built.ingress,
-                egress: built.egress,
+                parts: built.parts,
             },
         );
         rx

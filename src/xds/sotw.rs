@@ -171,11 +171,7 @@ impl SotwState {
         let version = match names {
             // Everything of the type: the snapshot's own version of it.
             None => snap.version(t).to_string(),
-            Some(_) => snapshot::set_version(
-                resources
-                    .iter()
-                    .map(|r| (r.name.as_str(), r.version.as_str())),
-            ),
+            Some(_) => snapshot::resources_version(resources.iter().map(|r| &**r)),
         };
         if st.sent_version.as_deref() == Some(version.as_str()) && !st.force {
             return None;
