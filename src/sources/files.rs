@@ -345,6 +345,15 @@ fn recently_modified(meta: &std::fs::Metadata) -> bool {
         .is_some_and(|age| age < SETTLE)
 }
 
+/// Whether a file's data or metadata changed in the last [`SETTLE`] (change time).
+fn recently_changed(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let changed = UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
+    SystemTime::now()
+        .duration_since(changed)
+        .map_or(true, |age| age < SETTLE)
+}
+
 /// How long a file must be left alone before it is read, unless a notification said its
 /// writer is done with it.
 pub const SETTLE: Duration = Duration::from_millis(50);
@@ -470,12 +479,11 @@ impl ConfigDirSource {
                     continue;
                 }
             };
-            let stamp = FileStamp::of(&meta);
-            if self
-                .files
-                .get(&path)
-                .is_some_and(|f| f.stamp == Some(stamp))
-            {
+            // A stamp from a file changed in the last moments is not trusted: file times
+            // move in clock ticks of several milliseconds, so a second write of the same size
+            // in the same tick would leave it equal (git's "racily clean" entries).
+            let stamp = (!recently_changed(&meta)).then(|| FileStamp::of(&meta));
+            if stamp.is_some() && self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 seen.insert(path);
                 continue;
             }
@@ -505,7 +513,7 @@ impl ConfigDirSource {
             if let Some(f) = self.files.get_mut(&path)
                 && f.hash == hash
             {
-                f.stamp = Some(stamp);
+                f.stamp = stamp;
                 continue;
             }
             let key = path.display().to_string();
@@ -527,7 +535,7 @@ impl ConfigDirSource {
                 path,
                 FileState {
                     hash,
-                    stamp: Some(stamp),
+                    stamp,
                     errors,
                 },
             );
