@@ -11,12 +11,25 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A port free at the time of asking.
+///
+/// The kernel may hand the same free port to two binds in a row once the first socket is
+/// closed, so a port is never handed out twice in one test process: an Envoy whose admin
+/// and egress ports collide refuses its listener and the test waits in vain.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no port that was not handed out already in 1000 tries");
 }
 
 /// The Envoy binary: `ENVOY_BIN`, else `.venv/bin/envoy` (installed by `make test`).
