@@ -71,7 +71,7 @@ async fn routes_and_refuses(delta: bool) {
     assert!(
         refused
             .body
-            .contains("not a declared dependency of the calling service; declared: [orders]"),
+            .contains("not a declared dependency of the calling service; declared: [ghost, orders"),
         "{}",
         refused.body
     );
