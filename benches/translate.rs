@@ -129,6 +129,36 @@ fn bench(c: &mut Criterion) {
             black_box(cache.update(states[i % 2].clone()).changed)
         })
     });
+
+    // The side-by-side harness's population (every wildcard group shares one route): one
+    // endpoint of svc-0 moves with 5,000 proxies' groups connected.
+    let (index, groups) = mesh_gen::harness_population(SERVICES, 5000);
+    let state = index.state();
+    let cache = SnapshotCache::new(MeshSettings {
+        allow_wildcard: vec!["*".into()],
+        trust_domain: "mesh.local".into(),
+        ..Default::default()
+    });
+    cache.update(state.clone());
+    let _streams: Vec<_> = groups.iter().map(|g| cache.subscribe(g)).collect();
+    let mut moved = state.clone();
+    if let Some(s) = moved.services.get_mut("svc-0") {
+        s.endpoints[0].port += 1;
+    }
+    let states = [moved, state];
+    let report = cache.update(states[0].clone());
+    eprintln!(
+        "harness population: one endpoint of svc-0 changed with {} groups connected: {} built, {} pushed",
+        report.connected, report.groups, report.changed,
+    );
+    cache.update(states[1].clone());
+    let mut i = 0;
+    one.bench_function("one_endpoint_harness_population_5000", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(cache.update(states[i % 2].clone()).changed)
+        })
+    });
     one.finish();
 }
 

@@ -112,3 +112,49 @@ pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
         })
         .collect()
 }
+
+/// The side-by-side harness's population: `services` services `svc-<i>` with 5 instances and
+/// no dependencies of their own, and `proxies` proxies of service `svc-<p mod services>`, one
+/// in ten on `"*"`, the others on 5 random services. Returns the index and the groups.
+pub fn harness_population(
+    services: usize,
+    proxies: usize,
+) -> (meshbridge::index::Index, Vec<ProxyGroup>) {
+    let mut text = String::new();
+    for i in 0..services {
+        text.push_str(&format!(
+            "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: svc-{i}}}\nspec:\n  endpoints:\n"
+        ));
+        for j in 0..5 {
+            text.push_str(&format!(
+                "    - {{address: 10.{}.{}.{}, port: 8080, weight: 1}}\n",
+                (i >> 8) & 255,
+                i & 255,
+                j + 1
+            ));
+        }
+    }
+    let objects = meshbridge::sources::files::parse_manifests("harness.yaml", &text)
+        .unwrap_or_else(|e| panic!("generated manifests are valid: {e:?}"));
+    let mut index = meshbridge::index::Index::new();
+    index.apply("config", "harness.yaml", objects);
+    let mut rng = Rng::new(42);
+    let groups = (0..proxies)
+        .map(|p| ProxyGroup {
+            service: format!("svc-{}", p % services),
+            ingress_port: Some(15006),
+            ingress_host: None,
+            app_port: Some(8080),
+            egress_port: Some(15001),
+            dependencies: if rng.next(10) == 0 {
+                BTreeSet::from([DependencyTarget::All])
+            } else {
+                (0..5)
+                    .map(|_| DependencyTarget::Service(format!("svc-{}", rng.next(services))))
+                    .collect()
+            },
+            tls: false,
+        })
+        .collect();
+    (index, groups)
+}
