@@ -1,10 +1,13 @@
 //! Translation (pure): the mesh model and a proxy group become Envoy configuration.
 //!
-//! Split in two so that work is shared: [`mesh_resources`] builds, once per [`MeshState`],
-//! the clusters and endpoint assignments of every service (identical for every proxy that
-//! uses them); [`group_resources`] builds what is specific to one [`ProxyGroup`] — its
-//! listeners, routes, local and external clusters — and names the mesh clusters it needs.
-//! Encoding and versioning happen in [`crate::snapshot`].
+//! Split so that work is shared: [`mesh_resources`] builds, once per [`MeshState`], the
+//! clusters and endpoint assignments of every service (identical for every proxy that uses
+//! them); [`ingress_resources`] and [`egress_resources`] build a group's two parts from an
+//! [`IngressSpec`] and an [`EgressSpec`] — groups with equal specs get equal parts, so the
+//! snapshot cache builds each once — and name the mesh clusters they need;
+//! [`group_resources`] is both parts of one [`ProxyGroup`]. [`Reads`] says what a part reads
+//! from the state, so a change rebuilds only the parts that read it. Encoding and versioning
+//! happen in [`crate::snapshot`].
 
 pub mod access;
 pub mod clusters;
@@ -149,7 +152,10 @@ impl ProxyGroup {
     /// The spec of this group's egress in `state`, when it has one: node-metadata
     /// dependencies merged with those of the service's MeshService.
     pub fn egress_spec(&self, state: &MeshState, settings: &MeshSettings) -> Option<EgressSpec> {
-        let port = self.egress_port?;
+        Some(self.egress_spec_on(self.egress_port?, state, settings))
+    }
+
+    fn egress_spec_on(&self, port: u16, state: &MeshState, settings: &MeshSettings) -> EgressSpec {
         let mut dependencies: BTreeMap<DependencyTarget, DependencySettings> = self
             .dependencies
             .iter()
@@ -162,12 +168,12 @@ impl ProxyGroup {
         }
         let wildcard_allowed = dependencies.contains_key(&DependencyTarget::All)
             && settings.wildcard_allowed(&self.service);
-        Some(EgressSpec {
+        EgressSpec {
             port,
             tls: self.tls,
             dependencies,
             wildcard_allowed,
-        })
+        }
     }
 }
 
@@ -178,20 +184,9 @@ pub fn resolve_dependencies(
     settings: &MeshSettings,
     group: &ProxyGroup,
 ) -> ResolvedDependencies {
-    let spec = ProxyGroup {
-        // Resolved as an egress would, also for a group without an egress listener.
-        egress_port: Some(group.egress_port.unwrap_or_default()),
-        ..group.clone()
-    }
-    .egress_spec(state, settings);
-    match spec {
-        Some(spec) => resolve_spec(state, &spec),
-        None => ResolvedDependencies {
-            services: BTreeMap::new(),
-            domains: BTreeMap::new(),
-            warnings: Vec::new(),
-        },
-    }
+    // Resolved as an egress would, also for a group without an egress listener.
+    let spec = group.egress_spec_on(group.egress_port.unwrap_or_default(), state, settings);
+    resolve_spec(state, &spec)
 }
 
 fn resolve_spec(state: &MeshState, spec: &EgressSpec) -> ResolvedDependencies {
