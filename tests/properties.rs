@@ -1236,15 +1236,17 @@ proptest! {
     #![proptest_config(config())]
 
     /// (vi) A delta stream that finds what changed by comparing the snapshot's maps (the
-    /// fast path) sends exactly what comparing every subscribed name sends.
+    /// fast path) sends exactly what comparing every subscribed name sends; a SotW stream
+    /// that skips a type whose map did not change sends exactly what selecting it anew sends.
     #[test]
-    fn delta_comparison_of_maps_equals_comparison_by_name(
+    fn streams_comparing_maps_send_what_comparing_names_sends(
         mesh in gen_mesh(),
         other in gen_mesh(),
         steps in prop::collection::vec(step(), 1..10),
     ) {
-        use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+        use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
         use meshbridge::xds::delta::DeltaState;
+        use meshbridge::xds::sotw::SotwState;
         let cache = meshbridge::xds::cache::SnapshotCache::new(mesh.settings.clone());
         let groups = mesh.groups.clone();
         let _streams: Vec<_> = groups.iter().map(|g| cache.subscribe(g)).collect();
@@ -1252,9 +1254,11 @@ proptest! {
         cache.update(index.state());
         let pool: Vec<Application> = applications(&other, None);
         let mut streams: Vec<(DeltaState, DeltaState)> = Vec::new();
+        let mut sotw_streams: Vec<(SotwState, SotwState)> = Vec::new();
         for g in &groups {
             let snap = cache.snapshot(g).unwrap();
             let mut pair = (DeltaState::new("cp".into()), DeltaState::new("cp".into()));
+            let mut sotw = (SotwState::new("cp".into()), SotwState::new("cp".into()));
             for t in ResourceType::ALL {
                 let names: Vec<String> = match t {
                     ResourceType::Cluster | ResourceType::Listener => Vec::new(),
@@ -1276,8 +1280,17 @@ proptest! {
                 let a = pair.0.on_request(&req, &snap);
                 let b = pair.1.on_request(&req, &snap);
                 prop_assert_eq!(a, b);
+                let req = DiscoveryRequest {
+                    type_url: req.type_url.clone(),
+                    resource_names: req.resource_names_subscribe.clone(),
+                    ..Default::default()
+                };
+                let a = sotw.0.on_request(&req, &snap);
+                let b = sotw.1.on_request(&req, &snap);
+                prop_assert_eq!(a, b);
             }
             streams.push(pair);
+            sotw_streams.push(sotw);
         }
         for step in steps {
             match step {
@@ -1299,6 +1312,11 @@ proptest! {
             }
             cache.update(index.state());
             for (g, (fast, full)) in groups.iter().zip(streams.iter_mut()) {
+                let snap = cache.snapshot(g).unwrap();
+                full.forget_compared();
+                prop_assert_eq!(fast.on_snapshot(&snap), full.on_snapshot(&snap), "group {:?}", g);
+            }
+            for (g, (fast, full)) in groups.iter().zip(sotw_streams.iter_mut()) {
                 let snap = cache.snapshot(g).unwrap();
                 full.forget_compared();
                 prop_assert_eq!(fast.on_snapshot(&snap), full.on_snapshot(&snap), "group {:?}", g);

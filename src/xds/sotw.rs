@@ -128,6 +128,15 @@ impl SotwState {
         (kind, out)
     }
 
+    /// Forgets which resources each response was last computed from, so the next snapshot is
+    /// selected and versioned anew (what skipping an unchanged map must equal; for tests).
+    #[doc(hidden)]
+    pub fn forget_compared(&mut self) {
+        for st in self.types.values_mut() {
+            st.seen = None;
+        }
+    }
+
     /// Handles a new snapshot: responses for every requested type that changed, in order
     /// CDS, EDS, LDS, RDS.
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
