@@ -5,7 +5,7 @@
 //! mesh services are encoded once per mesh state ([`EncodedMesh`]) and shared by every group
 //! snapshot that uses them. [`build`] checks consistency before anything is published.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -268,63 +268,6 @@ pub struct InconsistentSnapshot {
     pub problems: Vec<String>,
 }
 
-/// One part of a group's configuration (its ingress or its egress), encoded, with the
-/// references the consistency check follows. Groups with the same part spec share one.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EncodedPart {
-    /// Listeners.
-    pub listeners: Vec<Arc<Resource>>,
-    /// Route configurations.
-    pub routes: Vec<Arc<Resource>>,
-    /// Clusters built for this part only (local application, external domains).
-    pub clusters: Vec<Arc<Resource>>,
-    /// Of those, the ones whose endpoints come from EDS.
-    pub eds_clusters: Vec<String>,
-    /// Names of the shared mesh clusters (and assignments) the part uses.
-    pub mesh_clusters: BTreeSet<String>,
-    /// `(route/vhost/route, cluster)`: every cluster a route sends to.
-    pub route_clusters: Vec<(String, String)>,
-    /// `(listener, route configuration)`: every route configuration a listener loads.
-    pub listener_routes: Vec<(String, String)>,
-    /// Things an operator should know.
-    pub warnings: Vec<String>,
-}
-
-/// Encodes a part's resources, each once, and notes what they refer to.
-pub fn encode_part(group: &GroupResources) -> EncodedPart {
-    let mut out = EncodedPart {
-        mesh_clusters: group.mesh_clusters.clone(),
-        warnings: group.warnings.clone(),
-        ..Default::default()
-    };
-    for c in &group.clusters {
-        if c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
-            out.eds_clusters.push(c.name.clone());
-        }
-        out.clusters.push(encode(&c.name, c));
-    }
-    for r in &group.routes {
-        for vh in &r.virtual_hosts {
-            for route in &vh.routes {
-                if let Some(Action::Route(action)) = &route.action
-                    && let Some(ClusterSpecifier::Cluster(c)) = &action.cluster_specifier
-                {
-                    out.route_clusters
-                        .push((format!("{}/{}/{}", r.name, vh.name, route.name), c.clone()));
-                }
-            }
-        }
-        out.routes.push(encode(&r.name, r));
-    }
-    for l in &group.listeners {
-        for rds in listener_routes(l) {
-            out.listener_routes.push((l.name.clone(), rds));
-        }
-        out.listeners.push(encode(&l.name, l));
-    }
-    out
-}
-
 /// A part together with the shared mesh clusters and assignments it uses, checked as far as
 /// it can be on its own: ready to assemble into snapshots, as many as share it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -342,9 +285,10 @@ pub struct ResolvedPart {
     warnings: Vec<String>,
 }
 
-/// Adds to `part` the mesh clusters (their mutual-TLS variant when `originate_tls`) and
-/// assignments it uses, and checks what refers to what within it.
-pub fn resolve_part(part: &EncodedPart, mesh: &EncodedMesh, originate_tls: bool) -> ResolvedPart {
+/// Encodes a part's resources (its ingress or its egress), each once, adds the mesh clusters
+/// (their mutual-TLS variant when the part originates mutual TLS) and assignments it uses,
+/// and checks what refers to what within it.
+pub fn resolve_part(part: &GroupResources, mesh: &EncodedMesh) -> ResolvedPart {
     let mut out = ResolvedPart {
         warnings: part.warnings.clone(),
         ..Default::default()
@@ -352,7 +296,7 @@ pub fn resolve_part(part: &EncodedPart, mesh: &EncodedMesh, originate_tls: bool)
     let mut clusters: BTreeMap<&str, Arc<Resource>> = BTreeMap::new();
     let mut assignments: BTreeMap<&str, Arc<Resource>> = BTreeMap::new();
     for name in &part.mesh_clusters {
-        let cluster = match originate_tls {
+        let cluster = match part.originate_tls {
             true => mesh
                 .tls_clusters
                 .get(name)
@@ -375,35 +319,50 @@ pub fn resolve_part(part: &EncodedPart, mesh: &EncodedMesh, originate_tls: bool)
         }
     }
     for c in &part.clusters {
-        if clusters.insert(&c.name, c.clone()).is_some() {
+        if clusters.insert(&c.name, encode(&c.name, c)).is_some() {
             out.problems
                 .push(format!("cluster {} defined twice", c.name));
         }
-    }
-    for name in &part.eds_clusters {
-        if !assignments.contains_key(name.as_str()) {
-            out.open_assignments.push(name.clone());
+        let eds = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+        if c.cluster_discovery_type == eds && !assignments.contains_key(c.name.as_str()) {
+            out.open_assignments.push(c.name.clone());
         }
     }
-    for (route, cluster) in &part.route_clusters {
-        if !clusters.contains_key(cluster.as_str()) {
-            out.open_clusters.push((route.clone(), cluster.clone()));
+    for r in &part.routes {
+        for vh in &r.virtual_hosts {
+            for route in &vh.routes {
+                if let Some(Action::Route(action)) = &route.action
+                    && let Some(ClusterSpecifier::Cluster(c)) = &action.cluster_specifier
+                    && !clusters.contains_key(c.as_str())
+                {
+                    let at = format!("{}/{}/{}", r.name, vh.name, route.name);
+                    out.open_clusters.push((at, c.clone()));
+                }
+            }
         }
     }
-    for (listener, rds) in &part.listener_routes {
-        if !part.routes.iter().any(|r| &r.name == rds) {
-            out.open_routes.push((listener.clone(), rds.clone()));
+    for l in &part.listeners {
+        for rds in listener_routes(l) {
+            if !part.routes.iter().any(|r| r.name == rds) {
+                out.open_routes.push((l.name.clone(), rds));
+            }
         }
     }
-    let sorted = |mut v: Vec<Arc<Resource>>| {
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
-    };
+    let listeners: BTreeMap<&str, Arc<Resource>> = part
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), encode(&l.name, l)))
+        .collect();
+    let routes: BTreeMap<&str, Arc<Resource>> = part
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), encode(&r.name, r)))
+        .collect();
     out.resources = [
         clusters.into_values().collect(),
         assignments.into_values().collect(),
-        sorted(part.listeners.clone()),
-        sorted(part.routes.clone()),
+        listeners.into_values().collect(),
+        routes.into_values().collect(),
     ];
     out
 }
@@ -474,8 +433,7 @@ fn merged<'a>(parts: &[&'a ResolvedPart], t: ResourceType) -> Vec<&'a Arc<Resour
 /// resources: every route names an existing cluster, every listener an existing route
 /// configuration, and every EDS cluster has an assignment.
 pub fn build(mesh: &EncodedMesh, group: &GroupResources) -> Result<Snapshot, InconsistentSnapshot> {
-    let part = resolve_part(&encode_part(group), mesh, group.originate_tls);
-    assemble(&[&part], &SharedMaps::default())
+    assemble(&[&resolve_part(group, mesh)], &SharedMaps::default())
 }
 
 /// Assembles a group's snapshot from its resolved parts, with the checks of [`build`] across

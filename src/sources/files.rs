@@ -428,6 +428,13 @@ impl ConfigDirSource {
         &self.name
     }
 
+    /// Counts a file not read in this scan as still there, so what it had stays in force.
+    fn keep_last_good(&self, seen: &mut HashSet<PathBuf>, path: PathBuf) {
+        if self.files.contains_key(&path) {
+            seen.insert(path);
+        }
+    }
+
     /// Reads the directory once and applies what changed to the index.
     pub fn scan(
         &mut self,
@@ -473,9 +480,7 @@ impl ConfigDirSource {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot stat manifest; keeping its last good state");
-                    if self.files.contains_key(&path) {
-                        seen.insert(path);
-                    }
+                    self.keep_last_good(&mut seen, path);
                     continue;
                 }
             };
@@ -491,20 +496,17 @@ impl ConfigDirSource {
                 // Possibly still being written (not every writer renames into place): read it
                 // on the next scan, and keep what it had meanwhile.
                 deferred += 1;
-                if self.files.contains_key(&path) {
-                    seen.insert(path);
-                } else {
+                if !self.files.contains_key(&path) {
                     deferred_new += 1;
                 }
+                self.keep_last_good(&mut seen, path);
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good state");
-                    if self.files.contains_key(&path) {
-                        seen.insert(path);
-                    }
+                    self.keep_last_good(&mut seen, path);
                     continue;
                 }
             };

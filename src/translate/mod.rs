@@ -306,17 +306,27 @@ pub fn egress_reads(spec: &EgressSpec) -> Reads {
 /// What a group reads: its ingress and egress reads, and its own service, whose
 /// MeshService dependencies shape the egress spec.
 pub fn group_reads(state: &MeshState, settings: &MeshSettings, group: &ProxyGroup) -> Reads {
-    let mut reads = Reads {
-        services: [group.service.clone()].into(),
-        ..Default::default()
-    };
-    if let Some(spec) = group.ingress_spec() {
-        reads.extend(&ingress_reads(state, settings, &spec));
+    let ingress = group
+        .ingress_spec()
+        .map(|spec| ingress_reads(state, settings, &spec));
+    let egress = group
+        .egress_spec(state, settings)
+        .map(|spec| egress_reads(&spec));
+    Reads::of_group(&group.service, ingress.iter().chain(&egress))
+}
+
+impl Reads {
+    /// What a group of `service` reads, given what its parts read.
+    pub fn of_group<'a>(service: &str, parts: impl IntoIterator<Item = &'a Reads>) -> Reads {
+        let mut reads = Reads {
+            services: [service.to_string()].into(),
+            ..Default::default()
+        };
+        for part in parts {
+            reads.extend(part);
+        }
+        reads
     }
-    if let Some(spec) = group.egress_spec(state, settings) {
-        reads.extend(&egress_reads(&spec));
-    }
-    reads
 }
 
 /// Builds the listeners, routes and group-specific clusters of a proxy group: its ingress

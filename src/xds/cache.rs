@@ -264,17 +264,12 @@ impl SnapshotCache {
     fn build(&self, world: &World, group: &ProxyGroup) -> Built {
         let started = std::time::Instant::now();
         let (state, settings) = (&*world.state, &self.settings);
-        let mut reads = Reads {
-            services: [group.service.clone()].into(),
-            ..Default::default()
-        };
         let mut cells = Vec::with_capacity(2);
         if let Some(spec) = group.ingress_spec() {
             cells.push(memo_get(&world.parts.ingress, &spec, || {
                 let resources = translate::ingress_resources(state, settings, &spec);
-                let part = snapshot::encode_part(&resources);
                 (
-                    Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
+                    Arc::new(snapshot::resolve_part(&resources, &world.mesh)),
                     translate::ingress_reads(state, settings, &spec),
                 )
             }));
@@ -282,17 +277,14 @@ impl SnapshotCache {
         if let Some(spec) = group.egress_spec(state, settings) {
             cells.push(memo_get(&world.parts.egress, &spec, || {
                 let resources = translate::egress_resources(state, settings, &spec);
-                let part = snapshot::encode_part(&resources);
                 (
-                    Arc::new(snapshot::resolve_part(&part, &world.mesh, spec.tls)),
+                    Arc::new(snapshot::resolve_part(&resources, &world.mesh)),
                     translate::egress_reads(&spec),
                 )
             }));
         }
         let parts: Vec<&BuiltPart> = cells.iter().filter_map(|c| c.get()).collect();
-        for (_, r) in &parts {
-            reads.extend(r);
-        }
+        let mut reads = Reads::of_group(&group.service, parts.iter().map(|(_, r)| r));
         let resolved: Vec<&ResolvedPart> = parts.iter().map(|(p, _)| &**p).collect();
         let snapshot = snapshot::assemble(&resolved, &world.maps);
         if snapshot.is_err() {
@@ -448,9 +440,11 @@ impl SnapshotCache {
             let Some(entry) = groups.get_mut(&id) else {
                 continue;
             };
-            readers.remove(id, &entry.reads);
-            readers.insert(id, &built.reads);
-            entry.reads = built.reads;
+            if entry.reads != built.reads {
+                readers.remove(id, &entry.reads);
+                readers.insert(id, &built.reads);
+                entry.reads = built.reads;
+            }
             entry.parts = built.parts;
             match built.snapshot {
                 Ok(snap) => {

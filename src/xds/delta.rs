@@ -162,14 +162,10 @@ impl DeltaState {
             return None;
         }
         let shared = snap.resources_shared(t).clone();
-        let previous = match always {
-            true => None,
-            false => st.seen.replace(shared.clone()),
-        };
+        let previous = st.seen.replace(shared.clone()).filter(|_| !always);
         if previous.as_ref().is_some_and(|m| Arc::ptr_eq(m, &shared)) {
             return None;
         }
-        st.seen = Some(shared.clone());
         let all = &*shared;
         let candidates: BTreeSet<&String> = match &previous {
             // `known` agrees with the previous map for every name of interest: only the
