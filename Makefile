@@ -27,11 +27,13 @@ bench: $(VENV_STAMP)
 	cargo bench --bench translate
 	cargo bench --bench ads_load
 	cargo bench --bench consul_load
+	cargo bench --bench consul_churn
 	cargo bench --bench access_load
 	cargo bench --bench admin
 
 # meshbridge beside the encode-once reference server at 2,000 and 5,000 proxies, SotW and
-# delta; PERF_KIT names the side-by-side harness directory (see benches/scale.sh).
+# delta, then the Consul churn bench; PERF_KIT names the side-by-side harness directory (see
+# benches/scale.sh).
 bench-scale:
 	bash benches/scale.sh
 

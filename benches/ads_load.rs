@@ -25,6 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 #[path = "support/mesh_gen.rs"]
 mod mesh_gen;
+#[path = "support/processes.rs"]
+mod processes;
+
+use processes::{KillOnDrop, free_port, status_kb};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -36,23 +40,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
-
-fn status_kb(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn node(group: &meshbridge::model::ProxyGroup, id: usize) -> Node {
@@ -92,16 +79,6 @@ fn node(group: &meshbridge::model::ProxyGroup, id: usize) -> Node {
             fields: fields.into_iter().collect(),
         }),
         ..Default::default()
-    }
-}
-
-/// Kills the control plane however the run ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -12,26 +12,7 @@ mod consul_fake;
 mod processes;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use processes::{ack_latencies, get_json, start_envoy, start_meshbridge, wait_ready};
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15; after the command they are at 11 and 12.
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-}
+use processes::{ack_latencies, cpu_ticks, get_json, start_envoy, start_meshbridge, wait_ready};
 
 fn instance(service: usize, i: usize) -> Instance {
     Instance::new(

@@ -16,6 +16,35 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// CPU time (user + system) of process `pid` so far, in clock ticks (`USER_HZ`, 100 a
+/// second on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // utime and stime are fields 14 and 15; after the command's closing parenthesis they are
+    // at 11 and 12.
+    let fields: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    fields.iter().sum()
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`"VmRSS:"`, `"VmHWM:"`).
+pub fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A port free on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -38,7 +67,10 @@ pub fn start_meshbridge(args: &[&str], env: &[(&str, &Path)]) -> (KillOnDrop, u1
         .args(args)
         .args(["--xds-addr", &format!("127.0.0.1:{xds}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .env("MESHBRIDGE_LOG", "warn")
+        .env(
+            "MESHBRIDGE_LOG",
+            std::env::var("MESHBRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);

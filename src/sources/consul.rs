@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::index::{EndpointSet, Index, IndexObject};
+use crate::index::{EndpointSet, IndexObject};
 use crate::model::{Endpoint, MAX_WEIGHT, Origin};
 
 use super::SourceStatuses;
@@ -424,9 +424,7 @@ impl ConsulClient {
 #[derive(Clone)]
 pub struct ConsulContext {
     /// The index sources apply into.
-    pub index: Arc<Mutex<Index>>,
-    /// Signalled when the index changed.
-    pub changed: Arc<Notify>,
+    pub index: super::IndexHandle,
     /// Source health.
     pub statuses: Arc<SourceStatuses>,
     /// Metrics.
@@ -771,10 +769,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                 let old = catalog.take().unwrap_or_default();
                 for (service, _) in old.iter().filter(|(s, _)| !new.contains_key(*s)) {
                     dampers.remove(service);
-                    let mut idx = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
-                    if idx.delete(&source, service) {
-                        ctx.changed.notify_one();
-                    }
+                    ctx.index.delete(&source, service);
                     tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
                 }
                 if pending_sync.is_none() {
@@ -814,14 +809,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                             service: service.clone(),
                             endpoints,
                         });
-                        let changed = ctx.index.lock().unwrap_or_else(|p| p.into_inner()).apply(
-                            &source,
-                            &service,
-                            vec![object],
-                        );
-                        if changed {
-                            ctx.changed.notify_one();
-                        }
+                        ctx.index.apply(&source, &service, vec![object]);
                         if let Some(set) = pending_sync.as_mut()
                             && set.remove(&service)
                         {

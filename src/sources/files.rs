@@ -436,11 +436,7 @@ impl ConfigDirSource {
     }
 
     /// Reads the directory once and applies what changed to the index.
-    pub fn scan(
-        &mut self,
-        index: &Mutex<crate::index::Index>,
-        statuses: &SourceStatuses,
-    ) -> ScanReport {
+    pub fn scan(&mut self, index: &super::IndexHandle, statuses: &SourceStatuses) -> ScanReport {
         self.scan_with(index, statuses, &HashSet::new())
     }
 
@@ -448,7 +444,7 @@ impl ConfigDirSource {
     /// done: renamed into place or closed after writing) even if they changed just now.
     pub fn scan_with(
         &mut self,
-        index: &Mutex<crate::index::Index>,
+        index: &super::IndexHandle,
         statuses: &SourceStatuses,
         complete: &HashSet<PathBuf>,
     ) -> ScanReport {
@@ -522,8 +518,7 @@ impl ConfigDirSource {
             let errors = match parse_manifests(&key, &text) {
                 Ok(objects) => {
                     tracing::info!(file = %key, objects = objects.len(), "manifest applied");
-                    let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
-                    report.changed |= idx.apply(SOURCE, &key, objects);
+                    report.changed |= index.apply(SOURCE, &key, objects);
                     Vec::new()
                 }
                 Err(errors) => {
@@ -550,8 +545,7 @@ impl ConfigDirSource {
             .collect();
         for path in gone {
             self.files.remove(&path);
-            let mut idx = index.lock().unwrap_or_else(|p| p.into_inner());
-            report.changed |= idx.delete(SOURCE, &path.display().to_string());
+            report.changed |= index.delete(SOURCE, &path.display().to_string());
             tracing::info!(file = %path.display(), "manifest file removed");
         }
         let errors: Vec<String> = self
@@ -579,7 +573,7 @@ impl ConfigDirSource {
     pub async fn run(
         mut self,
         poll: Duration,
-        index: Arc<Mutex<crate::index::Index>>,
+        index: super::IndexHandle,
         statuses: Arc<SourceStatuses>,
         on_change: impl Fn(&ScanReport) + Send + 'static,
     ) {
@@ -697,12 +691,12 @@ mod tests {
             &dir.path().join("b.yaml"),
             &ORDERS.replace("orders", "billing"),
         );
-        let index = Mutex::new(crate::index::Index::new());
+        let index = crate::sources::IndexHandle::new();
         let statuses = SourceStatuses::default();
         let mut source = ConfigDirSource::new(dir.path().to_path_buf());
         statuses.register(source.name(), "config");
         assert!(source.scan(&index, &statuses).changed);
-        assert_eq!(index.lock().unwrap().state().services.len(), 2);
+        assert_eq!(index.read(|i| i.state()).services.len(), 2);
 
         settled_write(&file, &ORDERS.replace("port: 80", "port: 0"));
         let report = source.scan(&index, &statuses);
@@ -714,7 +708,7 @@ mod tests {
                 deferred: 0,
             }
         );
-        let state = index.lock().unwrap().state();
+        let state = index.read(|i| i.state());
         assert_eq!(
             state.services["orders"].endpoints[0].port, 80,
             "last good state in force"
@@ -741,28 +735,21 @@ mod tests {
             "{error}"
         );
         assert_eq!(
-            index.lock().unwrap().state().services["orders"].endpoints[0].port,
+            index.read(|i| i.state()).services["orders"].endpoints[0].port,
             80,
             "last good state in force"
         );
 
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
         assert!(source.scan(&index, &statuses).changed);
-        assert!(
-            !index
-                .lock()
-                .unwrap()
-                .state()
-                .services
-                .contains_key("billing")
-        );
+        assert!(!index.read(|i| i.state()).services.contains_key("billing"));
     }
 
     #[test]
     fn an_emptied_directory_is_believed_on_the_second_scan() {
         let dir = tempfile::tempdir().unwrap();
         settled_write(&dir.path().join("a.yaml"), ORDERS);
-        let index = Mutex::new(crate::index::Index::new());
+        let index = crate::sources::IndexHandle::new();
         let statuses = SourceStatuses::default();
         let mut source = ConfigDirSource::new(dir.path().to_path_buf());
         source.scan(&index, &statuses);
@@ -771,9 +758,9 @@ mod tests {
             !source.scan(&index, &statuses).changed,
             "first empty scan is not trusted"
         );
-        assert_eq!(index.lock().unwrap().state().services.len(), 1);
+        assert_eq!(index.read(|i| i.state()).services.len(), 1);
         assert!(source.scan(&index, &statuses).changed);
-        assert!(index.lock().unwrap().state().services.is_empty());
+        assert!(index.read(|i| i.state()).services.is_empty());
     }
 
     #[test]
@@ -839,7 +826,7 @@ mod tests {
 
     /// Runs the source with a poll interval no test waits for, so only notifications can
     /// deliver a change; returns the index it feeds.
-    fn watched(dir: &Path) -> Arc<Mutex<crate::index::Index>> {
+    fn watched(dir: &Path) -> crate::sources::IndexHandle {
         watched_counting(dir).0
     }
 
@@ -847,10 +834,10 @@ mod tests {
     fn watched_counting(
         dir: &Path,
     ) -> (
-        Arc<Mutex<crate::index::Index>>,
+        crate::sources::IndexHandle,
         Arc<std::sync::atomic::AtomicUsize>,
     ) {
-        let index = Arc::new(Mutex::new(crate::index::Index::new()));
+        let index = crate::sources::IndexHandle::new();
         let statuses = Arc::new(SourceStatuses::default());
         let source = ConfigDirSource::new(dir.to_path_buf());
         statuses.register(source.name(), "config");
@@ -881,12 +868,12 @@ mod tests {
         }
         let (index, scans) = watched_counting(dir.path());
         for _ in 0..500 {
-            if index.lock().unwrap().state().services.len() == 20 {
+            if index.read(|i| i.state()).services.len() == 20 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(index.lock().unwrap().state().services.len(), 20);
+        assert_eq!(index.read(|i| i.state()).services.len(), 20);
         let settled = scans.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let later = scans.load(std::sync::atomic::Ordering::SeqCst);
@@ -898,9 +885,9 @@ mod tests {
     }
 
     /// Waits (at most 10 s) until the index says `orders` has an endpoint on `port`.
-    async fn wait_for_port(index: &Mutex<crate::index::Index>, port: u16) {
+    async fn wait_for_port(index: &crate::sources::IndexHandle, port: u16) {
         for _ in 0..500 {
-            let state = index.lock().unwrap().state();
+            let state = index.read(|i| i.state());
             if state
                 .services
                 .get("orders")

@@ -1,5 +1,6 @@
 //! Sources: where the model comes from. Each source moves data into the [`crate::index`]
-//! and reports its health here, for `/readyz` and `/api/sources`.
+//! through one [`IndexHandle`], and reports its health here, for `/readyz` and
+//! `/api/sources`.
 
 pub mod consul;
 pub mod files;
@@ -9,9 +10,68 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
+use crate::index::{Index, IndexObject};
 use crate::metrics::{Metrics, labels};
 
 use serde::Serialize;
+
+/// The one way into the index: every change applied through it signals the publisher, and
+/// only a change that moved the index does (an identical object applied again wakes
+/// nothing).
+#[derive(Clone, Default)]
+pub struct IndexHandle {
+    index: Arc<Mutex<Index>>,
+    changed: Arc<Notify>,
+}
+
+impl IndexHandle {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` on the index under its lock (several changes, one signal); signals when the
+    /// index generation moved. Returns `f`'s result.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
+        let (result, moved) = {
+            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            let before = index.generation();
+            let result = f(&mut index);
+            (result, index.generation() != before)
+        };
+        if moved {
+            self.changed.notify_one();
+        }
+        result
+    }
+
+    /// Sets what `source` says under `key`; whether that changed anything.
+    pub fn apply(&self, source: &str, key: &str, objects: Vec<IndexObject>) -> bool {
+        self.update(|i| i.apply(source, key, objects))
+    }
+
+    /// Removes what `source` said under `key`; whether there was anything.
+    pub fn delete(&self, source: &str, key: &str) -> bool {
+        self.update(|i| i.delete(source, key))
+    }
+
+    /// Reads the index under its lock.
+    pub fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
+        f(&self.index.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The index generation (moves with every change).
+    pub fn generation(&self) -> u64 {
+        self.read(Index::generation)
+    }
+
+    /// Signalled after changes (a burst of changes may signal once).
+    pub fn changes(&self) -> &Notify {
+        &self.changed
+    }
+}
 
 /// Health of one source.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -144,4 +204,47 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn orders(port: u16) -> Vec<IndexObject> {
+        let text = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: orders}}\nspec:\n  endpoints: [{{address: 10.0.0.1, port: {port}}}]\n"
+        );
+        files::parse_manifests("orders.yaml", &text).unwrap()
+    }
+
+    /// Whether the handle has signalled since the last call (a pending signal completes at
+    /// once; none does not complete within the paused clock's minute).
+    async fn signalled(handle: &IndexHandle) -> bool {
+        tokio::time::timeout(Duration::from_secs(60), handle.changes().notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_handle_signals_the_changes_that_moved_the_index_and_only_those() {
+        let handle = IndexHandle::new();
+        assert!(handle.apply("config", "orders.yaml", orders(80)));
+        assert!(signalled(&handle).await);
+        // The same objects again: nothing moved, nobody is woken.
+        assert!(!handle.apply("config", "orders.yaml", orders(80)));
+        assert!(!signalled(&handle).await);
+        // Several changes under one lock: one signal, and the index has them all.
+        handle.update(|i| {
+            i.apply("config", "orders.yaml", orders(81));
+            i.delete("config", "gone.yaml");
+        });
+        assert!(signalled(&handle).await);
+        assert!(!signalled(&handle).await);
+        let state = handle.read(|i| i.state());
+        assert_eq!(state.services["orders"].endpoints[0].port, 81);
+        assert!(handle.delete("config", "orders.yaml"));
+        assert!(signalled(&handle).await);
+        assert!(handle.read(|i| i.state()).services.is_empty());
+    }
 }

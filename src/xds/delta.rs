@@ -98,8 +98,6 @@ impl DeltaState {
         } else {
             RequestKind::Ack(req.response_nonce.clone())
         };
-        // Whatever the request, what the proxy has or wants may have moved.
-        st.seen = None;
         let mut subscription_changed = false;
         for name in &req.resource_names_subscribe {
             if name == "*" {
@@ -123,6 +121,9 @@ impl DeltaState {
         }
         let mut out = Vec::new();
         if kind == RequestKind::Initial || subscription_changed {
+            // What the proxy has or wants moved: the next comparison goes name by name. An
+            // ACK, NACK or stale answer moves neither (what was sent is already in `known`).
+            st.seen = None;
             let always = kind == RequestKind::Initial;
             out.extend(self.respond(t, snap, always));
             if t == ResourceType::Cluster {

@@ -637,6 +637,8 @@ struct State {
     strict_min_index: bool,
     requests: usize,
     by_path: HashMap<String, usize>,
+    /// Response body bytes of successful reads, by path (same keys as `by_path`).
+    bytes_by_path: HashMap<String, u64>,
     catalog_registers: usize,
     catalog_deregisters: usize,
     write_log: VecDeque<WriteRecord>,
@@ -742,6 +744,7 @@ impl FakeConsul {
                 strict_min_index: false,
                 requests: 0,
                 by_path: HashMap::new(),
+                bytes_by_path: HashMap::new(),
                 catalog_registers: 0,
                 catalog_deregisters: 0,
                 write_log: VecDeque::new(),
@@ -1095,6 +1098,18 @@ impl FakeConsul {
     /// Requests received so far (counted on arrival, whatever their outcome).
     pub fn requests(&self) -> usize {
         self.shared.lock().requests
+    }
+
+    /// Response body bytes of successful reads so far whose path (without query) starts
+    /// with `path_prefix` (`""` for all).
+    pub fn bytes_served_for(&self, path_prefix: &str) -> u64 {
+        self.shared
+            .lock()
+            .bytes_by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(path_prefix))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Requests received so far whose path (without query) starts with `path_prefix`.
@@ -1545,7 +1560,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             }
         },
     };
-    consul_json(idx, Bytes::from(body.to_string()))
+    drop(st);
+    let body = Bytes::from(body.to_string());
+    let mut st = shared.lock();
+    let key =
+        if st.bytes_by_path.len() >= MAX_COUNTED_PATHS && !st.bytes_by_path.contains_key(&path) {
+            "<other>".to_string()
+        } else {
+            path
+        };
+    *st.bytes_by_path.entry(key).or_insert(0) += body.len() as u64;
+    consul_json(idx, body)
 }
 
 /// A blocking read endpoint.

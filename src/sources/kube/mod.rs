@@ -16,11 +16,10 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{AccessRule, MeshService};
-use crate::index::Index;
 use crate::index::pods::{PodInfo, pod_info};
 use crate::sources::SourceStatuses;
 
@@ -33,9 +32,7 @@ pub const SOURCE: &str = "kubernetes";
 #[derive(Clone)]
 pub struct KubeContext {
     /// The index sources apply into.
-    pub index: Arc<Mutex<Index>>,
-    /// Signalled when the index changed.
-    pub changed: Arc<Notify>,
+    pub index: crate::sources::IndexHandle,
     /// Source health.
     pub statuses: Arc<SourceStatuses>,
     /// What the watchers have seen (read by the status reconcilers and the Consul sync).
@@ -248,24 +245,18 @@ fn handle(
             }
         }
         listed |= relisted;
-        let changed = {
-            let mut index = ctx.index.lock().unwrap_or_else(|e| e.into_inner());
+        ctx.index.update(|index| {
             if relisted {
-                index.reset(SOURCE, store.all_index_objects())
+                index.reset(SOURCE, store.all_index_objects());
             } else {
-                let mut changed = false;
                 for key in &keys {
-                    changed |= match store.index_objects(key) {
+                    match store.index_objects(key) {
                         Some(objects) => index.apply(SOURCE, key, objects),
                         None => index.delete(SOURCE, key),
                     };
                 }
-                changed
             }
-        };
-        if changed {
-            ctx.changed.notify_one();
-        }
+        });
         ctx.metrics.kube_pods.set(store.pod_count() as i64);
     }
     // Status and Consul registration follow real changes only (not identical pod updates).

@@ -1,0 +1,204 @@
+//! The servers a run listens with: ADS, the admin API (and UI), and the admission webhook.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::{BoundAddrs, ControlPlane};
+use crate::admin::{self, AdminState};
+use crate::config::RunArgs;
+use crate::sources::kube::KubeStore;
+use crate::webhook::server::ReloadingCert;
+use crate::xds::{AdsService, XdsContext};
+
+/// The bound listeners (bound before anything is served, so a port in use fails the start).
+pub(super) struct Listeners {
+    pub xds: TcpListener,
+    pub admin: TcpListener,
+    pub webhook: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `--xds-addr`, `--admin-addr` and, when the webhook is on, `--webhook-addr`.
+    pub(super) async fn bind(args: &RunArgs, webhook: bool) -> anyhow::Result<Self> {
+        let xds = TcpListener::bind(args.xds_addr)
+            .await
+            .with_context(|| format!("--xds-addr {}: cannot listen", args.xds_addr))?;
+        let admin = TcpListener::bind(args.admin_addr)
+            .await
+            .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+        let webhook = if webhook {
+            Some(
+                TcpListener::bind(args.webhook_addr)
+                    .await
+                    .with_context(|| {
+                        format!("--webhook-addr {}: cannot listen", args.webhook_addr)
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Listeners {
+            xds,
+            admin,
+            webhook,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub(super) fn addrs(&self) -> anyhow::Result<BoundAddrs> {
+        Ok(BoundAddrs {
+            xds: self.xds.local_addr()?,
+            admin: self.admin.local_addr()?,
+            webhook: self.webhook.as_ref().map(|l| l.local_addr()).transpose()?,
+        })
+    }
+}
+
+/// Serves ADS on `listener` until `stop` turns true; existing streams then drain.
+pub(super) fn spawn_xds(
+    cp: &ControlPlane,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let ctx = Arc::new(XdsContext {
+        cache: cp.cache.clone(),
+        registry: cp.registry.clone(),
+        metrics: cp.metrics.clone(),
+        control_plane: format!("meshbridge/{}", super::hostname()),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(AdsService::new(ctx).into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            ),
+    )
+}
+
+/// Serves the admin API and UI on `listener` until `stop` turns true, and checks the peer
+/// instances every `--peer-check-interval`.
+pub(super) fn spawn_admin(
+    cp: &ControlPlane,
+    args: &RunArgs,
+    identity: &str,
+    listener: TcpListener,
+    draining: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    let admin_state = AdminState {
+        ready: cp.ready.clone(),
+        draining,
+        changes: cp.changes.clone(),
+        diagnostics_timeout: std::time::Duration::from_millis(args.diagnostics_timeout),
+        peers: Arc::new(admin::compare::PeerSettings {
+            urls: args.peers.clone(),
+            dns: args.peers_dns.clone(),
+            instance: identity.to_string(),
+        }),
+        ..AdminState::new(
+            cp.cache.clone(),
+            cp.registry.clone(),
+            cp.sources.clone(),
+            cp.metrics.clone(),
+        )
+    };
+    if args.peer_check_interval > 0 {
+        tokio::spawn(admin::compare::check_periodically(
+            admin_state.clone(),
+            std::time::Duration::from_secs(args.peer_check_interval),
+        ));
+    }
+    let router = admin::router(admin_state);
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+    })
+}
+
+/// What the webhook reads from the Kubernetes side: the store, and whether it has listed
+/// (without Kubernetes: an empty store, always "listed").
+pub(super) struct WebhookInputs<'a> {
+    pub client: Option<&'a kube::Client>,
+    pub store: Arc<Mutex<KubeStore>>,
+    pub synced: Option<watch::Receiver<bool>>,
+}
+
+/// Serves the admission webhook on `listener` with `cert` until `stop` turns true.
+pub(super) async fn spawn_webhook(
+    cp: &ControlPlane,
+    args: &RunArgs,
+    namespace: &str,
+    listener: TcpListener,
+    cert: Arc<ReloadingCert>,
+    inputs: WebhookInputs<'_>,
+    stop: watch::Receiver<bool>,
+) {
+    // Native sidecars where the cluster runs them; a regular container before 1.29.
+    let mut native_sidecars_supported = true;
+    if let (Some(client), false) = (inputs.client, args.no_native_sidecar) {
+        match client.apiserver_version().await {
+            Ok(v) => {
+                native_sidecars_supported =
+                    crate::webhook::inject::supports_native_sidecars(&v.major, &v.minor);
+                if !native_sidecars_supported {
+                    info!(version = %v.git_version, "Kubernetes before 1.29: sidecars are injected as regular containers");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the Kubernetes version; injecting native sidecars")
+            }
+        }
+    }
+    let settings = crate::webhook::InjectSettings {
+        image: args.sidecar_image.clone(),
+        init_image: args.sidecar_init_image.clone(),
+        xds_addr: args
+            .sidecar_xds_addr
+            .clone()
+            .unwrap_or_else(|| format!("meshbridge-xds.{namespace}.svc:18000")),
+        log_level: args.sidecar_log_level.clone(),
+        native_sidecar: !args.no_native_sidecar && native_sidecars_supported,
+        cpu: args.sidecar_cpu.clone(),
+        memory: args.sidecar_memory.clone(),
+        memory_limit: args.sidecar_memory_limit.clone(),
+        ingress_port: args.sidecar_ingress_port,
+        egress_port: args.sidecar_egress_port,
+        admin_port: args.sidecar_admin_port,
+        ready_port: args.sidecar_ready_port,
+        diagnostics_port: (args.sidecar_diagnostics_port != 0)
+            .then_some(args.sidecar_diagnostics_port),
+        diagnostics_allow: args.sidecar_diagnostics_allow.clone(),
+        tls_secret: args.sidecar_tls_secret.clone(),
+    };
+    let state = crate::webhook::server::WebhookState {
+        settings: Arc::new(settings),
+        store: inputs.store,
+        fail_closed: args.inject_fail_closed,
+        synced: inputs.synced,
+        metrics: cp.metrics.clone(),
+    };
+    tokio::spawn(crate::webhook::server::serve(
+        listener,
+        cert,
+        state,
+        std::time::Duration::from_secs(2),
+        stop,
+    ));
+}

@@ -1,0 +1,113 @@
+//! The sources a run was given, each started with the index handle it feeds: the config
+//! directory (first scan before anything is served) and Consul (one watcher per datacenter).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::warn;
+
+use super::ControlPlane;
+use crate::config::RunArgs;
+use crate::sources::consul::{
+    ConsulClient, ConsulContext, ConsulSettings, HealthPolicy, watch_datacenter,
+};
+use crate::sources::files::ConfigDirSource;
+
+/// Scans `dir` once (so the first published state has its manifests), then watches it.
+pub(super) async fn spawn_config_dir(
+    cp: &ControlPlane,
+    dir: &Path,
+    poll: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut source = ConfigDirSource::new(dir.to_path_buf());
+    cp.sources.register(source.name(), "config");
+    let (index, sources) = (cp.index.clone(), cp.sources.clone());
+    let (source, report) = tokio::task::spawn_blocking(move || {
+        let r = source.scan(&index, &sources);
+        (source, r)
+    })
+    .await
+    .context("first scan of --config-dir")?;
+    cp.metrics.config_errors.set(report.bad_files as i64);
+    let metrics = cp.metrics.clone();
+    tokio::spawn(
+        source.run(poll, cp.index.clone(), cp.sources.clone(), move |report| {
+            metrics.config_errors.set(report.bad_files as i64);
+        }),
+    );
+    Ok(())
+}
+
+/// The Consul client for `--consul-*`, and the settings it was made from.
+pub(super) fn consul_client(
+    args: &RunArgs,
+    addr: &str,
+) -> anyhow::Result<(ConsulClient, ConsulSettings)> {
+    let settings = ConsulSettings {
+        addr: addr.to_string(),
+        datacenters: args.consul_datacenters.clone(),
+        token_file: args.consul_token_file.clone(),
+        ca_file: args.consul_ca_file.clone(),
+        health: if args.consul_include_warning {
+            HealthPolicy::PassingAndWarning
+        } else {
+            HealthPolicy::PassingOnly
+        },
+        wait: std::time::Duration::from_millis(args.consul_wait),
+        max_connections: args.consul_max_connections,
+    };
+    let client = ConsulClient::new(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((client, settings))
+}
+
+/// Watches every configured datacenter (or the agent's own, once learnt). `own_node` is the
+/// node Kubernetes instances are registered on, whose instances are not read back.
+pub(super) fn spawn_consul(
+    cp: &ControlPlane,
+    args: &RunArgs,
+    client: ConsulClient,
+    settings: ConsulSettings,
+    own_node: Option<String>,
+) {
+    let ctx = ConsulContext {
+        index: cp.index.clone(),
+        statuses: cp.sources.clone(),
+        metrics: cp.metrics.clone(),
+        health: settings.health,
+        flap_hold: std::time::Duration::from_millis(args.consul_flap_hold),
+        own_node,
+    };
+    // Registered before any request, so /readyz waits for every datacenter.
+    let pending = "consul:(agent datacenter)";
+    if settings.datacenters.is_empty() {
+        cp.sources.register(pending, "consul");
+    }
+    for dc in &settings.datacenters {
+        cp.sources
+            .register(&crate::sources::consul::source_name(dc), "consul");
+    }
+    let sources: Arc<_> = cp.sources.clone();
+    tokio::spawn(async move {
+        let mut datacenters = settings.datacenters.clone();
+        let mut failures = 0;
+        while datacenters.is_empty() {
+            match client.agent_datacenter().await {
+                Ok(dc) => {
+                    sources.register(&crate::sources::consul::source_name(&dc), "consul");
+                    sources.remove(pending);
+                    datacenters.push(dc);
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "cannot learn the Consul agent's datacenter; retrying");
+                    sources.update(pending, |s| s.error = Some(e.to_string()));
+                    tokio::time::sleep(crate::sources::consul::backoff(failures)).await;
+                }
+            }
+        }
+        for dc in datacenters {
+            tokio::spawn(watch_datacenter(client.clone(), dc, ctx.clone()));
+        }
+    });
+}
