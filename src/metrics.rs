@@ -341,7 +341,7 @@ impl Metrics {
             let _ = self.xds_ack_seconds.get_or_create(&l);
         }
         for action in ["config_dump", "stats", "clusters", "logging", "diff"] {
-            for result in ["ok", "refused", "unreachable"] {
+            for result in ["ok", "refused", "unreachable", "busy"] {
                 let _ = self
                     .diagnostics_requests
                     .get_or_create(&labels(&[("action", action), ("result", result)]));

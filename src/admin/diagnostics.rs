@@ -77,6 +77,10 @@ fn target(s: &AdminState, node: &str) -> Result<(ProxyStatus, String), ApiError>
     Ok((proxy, admin))
 }
 
+/// Envoy admin requests meshbridge makes at once, at most (each may buffer up to
+/// [`MAX_BODY`]).
+pub const MAX_IN_FLIGHT: usize = 8;
+
 /// The most meshbridge reads of one Envoy admin answer (a config dump of a very large mesh
 /// is tens of MiB).
 const MAX_BODY: usize = 64 << 20;
@@ -92,6 +96,18 @@ async fn envoy_request(
     query: &[(String, String)],
 ) -> Result<String, ApiError> {
     let url = format!("http://{admin}{path}");
+    let Ok(_permit) = s.diagnostics_permits.try_acquire() else {
+        s.metrics
+            .diagnostics_requests
+            .get_or_create(&labels(&[("action", action), ("result", "busy")]))
+            .inc();
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{MAX_IN_FLIGHT} Envoy admin requests are in flight already; try again shortly"
+            ),
+        ));
+    };
     let exchange = async {
         let mut resp = s
             .http
@@ -613,6 +629,79 @@ pub fn config_diff(proxy: &ProxyStatus, snap: &Snapshot, dump: &Value) -> Value 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn admin_state() -> AdminState {
+        AdminState::new(
+            Arc::new(crate::xds::cache::SnapshotCache::new(Default::default())),
+            Arc::default(),
+            Arc::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+    }
+
+    /// Serves `router` on a free 127.0.0.1 port; returns the address.
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_envoy_admin_redirecting_elsewhere_is_an_error_and_is_not_followed() {
+        // An internal endpoint that must never be read, and a proxy's "admin interface"
+        // redirecting every request to it.
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let internal = serve(axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { "internal secret" }
+        }))
+        .await;
+        let location = format!("http://{internal}/secret");
+        let admin = serve(axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move { (StatusCode::FOUND, [(header::LOCATION, location)], "") }
+        }))
+        .await;
+        let s = admin_state();
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let Err(ApiError(status, message)) =
+                envoy_request(&s, "config_dump", &admin, method, "/config_dump", &[]).await
+            else {
+                panic!("a redirect was relayed as an answer");
+            };
+            assert_eq!(status, StatusCode::BAD_GATEWAY);
+            assert!(message.contains("302"), "{message}");
+            assert!(!message.contains("internal secret"), "{message}");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn diagnostics_beyond_the_in_flight_bound_are_refused_at_once() {
+        let s = admin_state();
+        let _all = s
+            .diagnostics_permits
+            .try_acquire_many(MAX_IN_FLIGHT as u32)
+            .unwrap();
+        let Err(ApiError(status, message)) = envoy_request(
+            &s,
+            "stats",
+            "127.0.0.1:9",
+            reqwest::Method::GET,
+            "/stats",
+            &[],
+        )
+        .await
+        else {
+            panic!("a request beyond the bound was made");
+        };
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(message.contains("in flight"), "{message}");
+    }
 
     #[test]
     fn the_config_dump_is_read_per_type_with_warming_and_failed_resources() {

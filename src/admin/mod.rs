@@ -49,8 +49,12 @@ pub struct AdminState {
     pub changes: Arc<changes::BoundedLog<changes::Change>>,
     /// Actions taken through this API.
     pub audit: Arc<changes::BoundedLog<changes::AuditEntry>>,
-    /// Client for Envoy admin interfaces and peers.
+    /// Client for Envoy admin interfaces and peers. It follows no redirect: an answer
+    /// pointing elsewhere is relayed as an error, never fetched (a proxy must not be able
+    /// to make the control plane read an address of its choosing).
     pub http: reqwest::Client,
+    /// Envoy admin requests in flight at most; beyond, callers get 503 at once.
+    pub diagnostics_permits: Arc<tokio::sync::Semaphore>,
     /// Time limit of one such request.
     pub diagnostics_timeout: Duration,
     /// Where the peer instances are.
@@ -79,13 +83,25 @@ impl AdminState {
             audit: Arc::default(),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .unwrap_or_default(),
+                .unwrap_or_else(|_| unreachable_client()),
+            diagnostics_permits: Arc::new(tokio::sync::Semaphore::new(diagnostics::MAX_IN_FLIGHT)),
             diagnostics_timeout: Duration::from_secs(5),
             peers: Arc::default(),
             peer_series: Arc::default(),
         }
     }
+}
+
+/// A client that cannot reach anything (no redirects, no proxy), should building the
+/// configured one ever fail: never the default client, which follows redirects.
+fn unreachable_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap_or_else(|e| panic!("an HTTP client without options cannot be built: {e}"))
 }
 
 /// The web UI, embedded in the binary.

@@ -49,11 +49,20 @@ const RETRY_CONDITIONS: &[(&str, &str)] = &[
     ("resource-exhausted", "resource-exhausted"),
 ];
 
-/// Parses a duration such as `2s`, `1500ms` or `1m30s`.
+/// The longest timeout a manifest may set. A request timeout beyond a day is a mistake, and
+/// an unbounded one could overflow the signed seconds of Envoy's duration (Envoy refuses the
+/// whole route configuration of every caller then).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a duration such as `2s`, `1500ms` or `1m30s`, greater than zero and at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
     if d.is_zero() {
         return Err(format!("{text:?}: must be greater than zero"));
+    }
+    if d > MAX_DURATION {
+        return Err(format!("{text:?}: must be at most 24h"));
     }
     Ok(d)
 }
@@ -387,4 +396,38 @@ pub fn access_rule(obj: &AccessRule, source: String) -> Result<AccessDeclaration
         rules,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dependency_errors(timeout: &str, per_try: &str) -> Vec<String> {
+        let text = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: web}}\nspec:\n  dependencies:\n    - service: orders\n      timeout: {timeout}\n      retries: {{attempts: 2, perTryTimeout: {per_try}}}\n"
+        );
+        match crate::sources::files::parse_manifests("web.yaml", &text) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn durations_beyond_a_day_are_refused_naming_the_field() {
+        assert!(dependency_errors("24h", "1h").is_empty());
+        // One error for the document, naming its file, line and both fields.
+        let errors = dependency_errors("400000000000y", "20000y").join("\n");
+        assert!(errors.starts_with("web.yaml:"), "{errors}");
+        assert!(
+            errors.contains("spec.dependencies[0].timeout: \"400000000000y\": must be at most 24h"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(
+                "spec.dependencies[0].retries.perTryTimeout: \"20000y\": must be at most 24h"
+            ),
+            "{errors}"
+        );
+        assert!(parse_duration("24h1s").is_err());
+    }
 }

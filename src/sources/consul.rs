@@ -68,10 +68,20 @@ pub enum ConsulError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A body beyond [`MAX_BODY`].
+    #[error("{url} answered more than {} MiB; refused (the last known state stays)", MAX_BODY >> 20)]
+    TooLarge {
+        /// The URL.
+        url: String,
+    },
     /// A bad flag value.
     #[error("{0}")]
     Config(String),
 }
+
+/// The largest Consul answer read (`/v1/health/state/any` of a datacenter with 100,000
+/// instances is some 50 MiB).
+pub const MAX_BODY: usize = 128 << 20;
 
 /// The next index to block on, after a response carried `returned` (blocking-query rules:
 /// reset to 0 when the index goes backwards; never block on an index below 1).
@@ -293,7 +303,10 @@ impl ConsulClient {
             // limit on the agent's side), and idle ones close after 30 s.
             .pool_max_idle_per_host(settings.max_connections)
             .pool_idle_timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            // The token goes to the configured agent only: a redirect is an error, never
+            // followed (it would carry `X-Consul-Token` wherever it points).
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).map_err(|e| {
                 ConsulError::Config(format!("--consul-ca-file {}: {e}", ca.display()))
@@ -369,7 +382,7 @@ impl ConsulClient {
             url: url.clone(),
             source,
         };
-        let resp = req.send().await.map_err(transport)?;
+        let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let returned = resp
             .headers()
@@ -377,7 +390,14 @@ impl ConsulClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        let body = resp.bytes().await.map_err(transport)?;
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(ConsulError::TooLarge { url });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
         if status != 200 {
             let text = String::from_utf8_lossy(&body);
             return Err(ConsulError::Status {
@@ -891,6 +911,61 @@ fn record_error(ctx: &ConsulContext, dc: &str, e: &ConsulError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_token_never_follows_a_redirect() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Another host that must never see the token, and an "agent" redirecting to it.
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        tokio::spawn(async move {
+            let app = axum::Router::new().fallback(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { "[]" }
+            });
+            axum::serve(other, app).await
+        });
+        let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let location = format!("http://{other_addr}/v1/catalog/services");
+            let app = axum::Router::new().fallback(move || {
+                let location = location.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, location)],
+                        "",
+                    )
+                }
+            });
+            axum::serve(agent, app).await
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cr3t").unwrap();
+        let client = ConsulClient::new(&ConsulSettings {
+            addr: format!("http://{agent_addr}"),
+            datacenters: Vec::new(),
+            token_file: Some(token),
+            ca_file: None,
+            health: HealthPolicy::PassingOnly,
+            wait: Duration::from_secs(1),
+            max_connections: 4,
+        })
+        .unwrap();
+        let err = client
+            .get("/v1/catalog/services", Some("dc1"), 0, 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConsulError::Status { status: 307, .. }),
+            "{err}"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    }
 
     #[test]
     fn index_rules_follow_the_blocking_query_documentation() {

@@ -32,11 +32,19 @@ use super::names;
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
 
-/// Converts a std duration to the protobuf one.
+/// Converts a std duration to the protobuf one, saturating at the largest one protobuf
+/// allows (validation keeps manifest durations far below it).
 pub(crate) fn proto_duration(d: StdDuration) -> Duration {
-    Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
+    const MAX_SECONDS: i64 = 315_576_000_000;
+    match i64::try_from(d.as_secs()) {
+        Ok(seconds) if seconds <= MAX_SECONDS => Duration {
+            seconds,
+            nanos: d.subsec_nanos() as i32,
+        },
+        _ => Duration {
+            seconds: MAX_SECONDS,
+            nanos: 0,
+        },
     }
 }
 
