@@ -269,6 +269,33 @@ pub struct RunArgs {
     /// Time limit for one request to an Envoy's admin interface or to a peer, in ms.
     #[arg(long, env = "MESHBRIDGE_DIAGNOSTICS_TIMEOUT", default_value_t = 5000)]
     pub diagnostics_timeout: u64,
+    /// xDS streams served at once, at most (beyond: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "MESHBRIDGE_XDS_MAX_STREAMS", default_value_t = 20_000)]
+    pub xds_max_streams: usize,
+    /// xDS streams one HTTP/2 connection may carry at once (Envoy opens one).
+    #[arg(
+        long,
+        env = "MESHBRIDGE_XDS_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub xds_max_streams_per_connection: u32,
+    /// Distinct proxy groups (service, ports, dependencies) served at once, at most: each
+    /// has its own snapshot.
+    #[arg(long, env = "MESHBRIDGE_XDS_MAX_GROUPS", default_value_t = 10_000)]
+    pub xds_max_groups: usize,
+    /// Resource names one stream may subscribe to, over all types, at most.
+    #[arg(long, env = "MESHBRIDGE_XDS_MAX_NAMES", default_value_t = 20_000)]
+    pub xds_max_names: usize,
+    /// Largest xDS request accepted, in bytes.
+    #[arg(long, env = "MESHBRIDGE_XDS_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub xds_max_request_bytes: usize,
+    /// Time a new stream has to send its first request, in ms.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_XDS_FIRST_REQUEST_TIMEOUT",
+        default_value_t = 10_000
+    )]
+    pub xds_first_request_timeout: u64,
 }
 
 /// Validated run configuration.
@@ -282,6 +309,8 @@ pub struct RunConfig {
     pub debounce: Duration,
     /// Config directory scan interval.
     pub config_poll: Duration,
+    /// Bounds on what xDS clients can make the server hold.
+    pub xds_limits: crate::xds::XdsLimits,
 }
 
 /// A flag value that cannot work; the message names the flag.
@@ -448,6 +477,41 @@ impl RunArgs {
                 message: format!("{} ms is outside 100..=120000", self.diagnostics_timeout),
             });
         }
+        for (flag, value) in [
+            ("xds-max-streams", self.xds_max_streams),
+            (
+                "xds-max-streams-per-connection",
+                self.xds_max_streams_per_connection as usize,
+            ),
+            ("xds-max-groups", self.xds_max_groups),
+            ("xds-max-names", self.xds_max_names),
+        ] {
+            if value == 0 {
+                return Err(ConfigError {
+                    flag,
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        if !(4096..=(256 << 20)).contains(&self.xds_max_request_bytes) {
+            return Err(ConfigError {
+                flag: "xds-max-request-bytes",
+                message: format!(
+                    "{} is outside 4096..={}",
+                    self.xds_max_request_bytes,
+                    256 << 20
+                ),
+            });
+        }
+        if !(100..=600_000).contains(&self.xds_first_request_timeout) {
+            return Err(ConfigError {
+                flag: "xds-first-request-timeout",
+                message: format!(
+                    "{} ms is outside 100..=600000",
+                    self.xds_first_request_timeout
+                ),
+            });
+        }
         if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
             return Err(ConfigError {
                 flag: "trust-domain",
@@ -466,6 +530,13 @@ impl RunArgs {
             },
             debounce: Duration::from_millis(self.debounce),
             config_poll: Duration::from_millis(self.config_poll),
+            xds_limits: crate::xds::XdsLimits {
+                max_streams: self.xds_max_streams,
+                max_groups: self.xds_max_groups,
+                max_names: self.xds_max_names,
+                max_request_bytes: self.xds_max_request_bytes,
+                first_request_timeout: Duration::from_millis(self.xds_first_request_timeout),
+            },
             args: self,
         })
     }

@@ -263,6 +263,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         peers_dns: None,
         peer_check_interval: 0,
         diagnostics_timeout: 5000,
+        xds_max_streams: 20_000,
+        xds_max_streams_per_connection: 256,
+        xds_max_groups: 10_000,
+        xds_max_names: 20_000,
+        xds_max_request_bytes: 4 << 20,
+        xds_first_request_timeout: 10_000,
         external_ca_file: crate::model::DEFAULT_EXTERNAL_CA_FILE.into(),
     };
     let config = run_args.validate()?;

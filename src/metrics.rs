@@ -16,6 +16,10 @@ pub struct Metrics {
     pub xds_streams: Family<Labels, Gauge>,
     /// Streams refused (bad node metadata).
     pub xds_refused: Counter,
+    /// Streams ended by a limit, by limit (`streams`, `groups`, `names`, `first_request`).
+    pub xds_limited: Family<Labels, Counter>,
+    /// When each rate-limited log line was last written.
+    log_times: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
     /// Responses sent, by type and mode.
     pub xds_responses: Family<Labels, Counter>,
     /// Bytes of resources sent, by type.
@@ -104,12 +108,28 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Whether a log line of kind `key` may be written now: at most once per `every` (the
+    /// counters count every occurrence).
+    pub fn log_allowed(&self, key: &'static str, every: std::time::Duration) -> bool {
+        let now = std::time::Instant::now();
+        let mut times = self.log_times.lock().unwrap_or_else(|p| p.into_inner());
+        match times.get(key) {
+            Some(last) if now.duration_since(*last) < every => false,
+            _ => {
+                times.insert(key, now);
+                true
+            }
+        }
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut m = Metrics {
             registry: Registry::with_prefix("meshbridge"),
             xds_streams: Family::default(),
             xds_refused: Counter::default(),
+            xds_limited: Family::default(),
+            log_times: Default::default(),
             xds_responses: Family::default(),
             xds_bytes: Family::default(),
             xds_acks: Family::default(),
@@ -154,6 +174,11 @@ impl Metrics {
             "xds_refused_streams",
             "xDS streams refused for bad node metadata",
             m.xds_refused.clone(),
+        );
+        m.registry.register(
+            "xds_limited",
+            "xDS streams ended by a limit (the run flags --xds-max-*, --xds-first-request-timeout)",
+            m.xds_limited.clone(),
         );
         m.registry.register(
             "xds_responses",
@@ -339,6 +364,9 @@ impl Metrics {
             let _ = self.xds_acks.get_or_create(&l);
             let _ = self.xds_nacks.get_or_create(&l);
             let _ = self.xds_ack_seconds.get_or_create(&l);
+        }
+        for limit in crate::xds::LIMITS {
+            let _ = self.xds_limited.get_or_create(&labels(&[("limit", limit)]));
         }
         for action in ["config_dump", "stats", "clusters", "logging", "diff"] {
             for result in ["ok", "refused", "unreachable", "busy"] {

@@ -16,7 +16,7 @@ use meshbridge::metrics::Metrics;
 use meshbridge::model::MeshSettings;
 use meshbridge::xds::cache::SnapshotCache;
 use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
-use meshbridge::xds::{AdsService, XdsContext};
+use meshbridge::xds::{AdsService, XdsContext, XdsLimits};
 use support::ads_client::*;
 use tonic::Code;
 
@@ -802,6 +802,7 @@ impl MeteredServer {
             registry: registry.clone(),
             metrics: metrics.clone(),
             control_plane: "meshbridge-test".to_string(),
+            limits: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1036,4 +1037,121 @@ async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
         Some(eds2.system_version_info.as_str())
     );
     assert_eq!(status.nack, None);
+}
+
+/// A server over [`BASE`] with these limits.
+async fn limited(limits: XdsLimits) -> TestServer {
+    let server = TestServer::start_with_limits(limits).await;
+    server.update(&BASE.yaml());
+    server
+}
+
+fn limited_count(server: &TestServer, limit: &str) -> f64 {
+    let name = format!("meshbridge_xds_limited_total{{limit=\"{limit}\"}}");
+    server
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn streams_and_groups_beyond_their_limits_are_refused_and_counted() {
+    let server = limited(XdsLimits {
+        max_streams: 3,
+        max_groups: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for (id, service) in [("fe-1", "frontend"), ("or-1", "orders")] {
+        let mut s = SotwStream::open(&server, NodeBuilder::new(id, service).build()).await;
+        s.request(CDS, &[], "", "").await;
+        s.recv_type(CDS).await;
+        open.push(s);
+    }
+    // A third group: refused, the two others keep theirs.
+    let mut third = SotwStream::open(&server, NodeBuilder::new("bi-1", "billing").build()).await;
+    third.request(CDS, &[], "", "").await;
+    let status = third.recv_status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--xds-max-groups"), "{status:?}");
+    assert_eq!(server.cache.group_count(), 2);
+    assert_eq!(limited_count(&server, "groups"), 1.0);
+    // A stream of a group already served is a third stream: fine.
+    let mut same = SotwStream::open(&server, NodeBuilder::new("fe-2", "frontend").build()).await;
+    same.request(CDS, &[], "", "").await;
+    same.recv_type(CDS).await;
+    // A fourth stream: refused, whatever its group.
+    let mut fourth = SotwStream::open(&server, NodeBuilder::new("fe-3", "frontend").build()).await;
+    fourth.request(CDS, &[], "", "").await;
+    let status = fourth.recv_status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--xds-max-streams"), "{status:?}");
+    assert_eq!(server.registry.len(), 3);
+    assert_eq!(limited_count(&server, "streams"), 1.0);
+}
+
+#[tokio::test]
+async fn subscriptions_beyond_the_name_limit_end_the_stream() {
+    let server = limited(XdsLimits {
+        max_names: 3,
+        ..Default::default()
+    })
+    .await;
+    // Three names in one request, then a fourth in another type: over, over the stream.
+    let mut sotw = SotwStream::open(&server, frontend("fe-1").build()).await;
+    sotw.request(EDS, &["orders", "a", "b"], "", "").await;
+    sotw.recv_type(EDS).await;
+    sotw.request(RDS, &["egress"], "", "").await;
+    let status = sotw.recv_status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("subscribes to 4 resources"),
+        "{status:?}"
+    );
+    // One delta request naming too many at once.
+    let mut delta = DeltaStream::open(&server, frontend("fe-2").build()).await;
+    delta
+        .send(delta_request(EDS, &["a", "b", "c", "d"], &[], ""))
+        .await;
+    let status = delta.recv_status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("names 4 resources"), "{status:?}");
+    assert_eq!(limited_count(&server, "names"), 2.0);
+    assert_eq!(server.registry.len(), 0, "both streams are gone");
+}
+
+#[tokio::test]
+async fn a_stream_that_sends_nothing_is_closed_after_the_first_request_timeout() {
+    let server = limited(XdsLimits {
+        first_request_timeout: std::time::Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut silent = SotwStream::open(&server, frontend("fe-1").build()).await;
+    let status = silent.recv_status().await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("200 ms"), "{status:?}");
+    assert_eq!(limited_count(&server, "first_request"), 1.0);
+}
+
+#[tokio::test]
+async fn a_request_over_the_size_limit_is_refused_and_the_server_keeps_serving() {
+    let server = limited(XdsLimits {
+        max_request_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    // A node id of 100 KiB.
+    let big = "x".repeat(100 * 1024);
+    let mut s = SotwStream::open(&server, NodeBuilder::new(&big, "frontend").build()).await;
+    s.request(CDS, &[], "", "").await;
+    let status = s.recv_status().await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(server.registry.len(), 0);
+    let mut ok = SotwStream::open(&server, frontend("fe-1").build()).await;
+    ok.request(CDS, &[], "", "").await;
+    ok.recv_type(CDS).await;
 }

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::{BoundAddrs, ControlPlane};
 use crate::admin::{self, AdminState};
-use crate::config::RunArgs;
+use crate::config::{RunArgs, RunConfig};
 use crate::sources::kube::KubeStore;
 use crate::webhook::server::ReloadingCert;
 use crate::xds::{AdsService, XdsContext};
@@ -64,6 +64,7 @@ impl Listeners {
 /// Serves ADS on `listener` until `stop` turns true; existing streams then drain.
 pub(super) fn spawn_xds(
     cp: &ControlPlane,
+    config: &RunConfig,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
@@ -72,10 +73,12 @@ pub(super) fn spawn_xds(
         registry: cp.registry.clone(),
         metrics: cp.metrics.clone(),
         control_plane: format!("meshbridge/{}", super::hostname()),
+        limits: config.xds_limits.clone(),
     });
     tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .max_concurrent_streams(Some(config.args.xds_max_streams_per_connection))
             .add_service(AdsService::new(ctx).into_server())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -396,6 +396,11 @@ impl SnapshotCache {
         self.lock().groups.len()
     }
 
+    /// Whether `group` has a stream (and so a snapshot) now.
+    pub fn has_group(&self, group: &ProxyGroup) -> bool {
+        self.lock().ids.contains_key(group)
+    }
+
     /// Installs a new mesh state and rebuilds the connected groups that read something that
     /// changed; only groups whose snapshot changed wake their streams.
     pub fn update(&self, state: MeshState) -> UpdateReport {

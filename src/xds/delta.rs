@@ -142,6 +142,12 @@ impl DeltaState {
         }
     }
 
+    /// Resource names the proxy subscribed to by name, over all types (a wildcard counts
+    /// none).
+    pub fn subscribed(&self) -> usize {
+        self.types.values().map(|t| t.names.len()).sum()
+    }
+
     /// Handles a new snapshot: responses for every subscribed type that changed, in order
     /// CDS, EDS, LDS, RDS.
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DeltaDiscoveryResponse> {

@@ -44,6 +44,54 @@ pub struct XdsContext {
     pub metrics: Arc<Metrics>,
     /// Identifies this instance in responses (`control_plane.identifier`).
     pub control_plane: String,
+    /// What one client can make the server hold.
+    pub limits: XdsLimits,
+}
+
+/// Bounds on what clients can make the server hold (each a `run` flag). xDS clients name
+/// themselves, so without them any client could open streams, groups (each with its own
+/// snapshot) and subscriptions without end.
+#[derive(Clone, Debug)]
+pub struct XdsLimits {
+    /// Streams served at once.
+    pub max_streams: usize,
+    /// Distinct proxy groups served at once.
+    pub max_groups: usize,
+    /// Resource names one stream may subscribe to, over all types.
+    pub max_names: usize,
+    /// Largest request accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Time a stream has to send its first request.
+    pub first_request_timeout: std::time::Duration,
+}
+
+impl Default for XdsLimits {
+    fn default() -> Self {
+        XdsLimits {
+            max_streams: 20_000,
+            max_groups: 10_000,
+            max_names: 20_000,
+            max_request_bytes: 4 << 20,
+            first_request_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Names of the limits, as the `limit` label of `meshbridge_xds_limited_total` says them.
+pub const LIMITS: [&str; 4] = ["streams", "groups", "names", "first_request"];
+
+/// A client-supplied string made safe for a log line: control characters and quotes
+/// escaped, at most `max` characters kept (the cut is marked).
+pub fn loggable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push_str("…(cut)");
+    }
+    out
 }
 
 /// The tonic service.
@@ -58,10 +106,11 @@ impl AdsService {
         AdsService { ctx }
     }
 
-    /// The gRPC server wrapper, accepting large config pushes.
+    /// The gRPC server wrapper: requests up to the limit, large config pushes.
     pub fn into_server(self) -> AggregatedDiscoveryServiceServer<Self> {
+        let max_request = self.ctx.limits.max_request_bytes;
         AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(max_request)
             .max_encoding_message_size(256 * 1024 * 1024)
     }
 }
@@ -77,6 +126,10 @@ trait Protocol: Send + 'static {
     fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<Self::Resp>;
     /// `(type_url, version, nonce, encoded bytes)` of a response.
     fn describe(resp: &Self::Resp) -> (&str, &str, &str, usize);
+    /// Resource names a request carries.
+    fn names_in(req: &Self::Req) -> usize;
+    /// Resource names the stream subscribes to, over all types.
+    fn subscribed(&self) -> usize;
 }
 
 impl Protocol for sotw::SotwState {
@@ -98,6 +151,12 @@ impl Protocol for sotw::SotwState {
     fn describe(r: &Self::Resp) -> (&str, &str, &str, usize) {
         let bytes = r.resources.iter().map(|a| a.value.len()).sum();
         (&r.type_url, &r.version_info, &r.nonce, bytes)
+    }
+    fn names_in(req: &Self::Req) -> usize {
+        req.resource_names.len()
+    }
+    fn subscribed(&self) -> usize {
+        sotw::SotwState::subscribed(self)
     }
 }
 
@@ -125,6 +184,14 @@ impl Protocol for delta::DeltaState {
             .map(|a| a.value.len())
             .sum();
         (&r.type_url, &r.system_version_info, &r.nonce, bytes)
+    }
+    fn names_in(req: &Self::Req) -> usize {
+        req.resource_names_subscribe.len()
+            + req.resource_names_unsubscribe.len()
+            + req.initial_resource_versions.len()
+    }
+    fn subscribed(&self) -> usize {
+        delta::DeltaState::subscribed(self)
     }
 }
 
@@ -225,21 +292,59 @@ async fn drive<P: Protocol>(
     Streaming<P::Req>: futures::Stream<Item = Result<P::Req, Status>> + Unpin + Send,
     P::Req: prost::Message + Default,
 {
-    let first = match inbound.next().await {
-        Some(Ok(r)) => r,
-        _ => return,
+    let limits = &ctx.limits;
+    let first = match tokio::time::timeout(limits.first_request_timeout, inbound.next()).await {
+        Ok(Some(Ok(r))) => r,
+        // A request that cannot be read (over the size limit, not protobuf): the client
+        // learns why.
+        Ok(Some(Err(status))) => {
+            debug!(%status, "first request unreadable");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+        Ok(None) => return,
+        Err(_) => {
+            let message = format!(
+                "no request within {} ms of opening the stream",
+                limits.first_request_timeout.as_millis()
+            );
+            refuse(
+                &ctx,
+                &tx,
+                "first_request",
+                Status::deadline_exceeded(message),
+            )
+            .await;
+            return;
+        }
     };
     let identity = match node::parse_node(P::node(&first)) {
         Ok(i) => i,
         Err(e) => {
             ctx.metrics.xds_refused.inc();
-            let node_id = P::node(&first).map(|n| n.id.clone()).unwrap_or_default();
-            warn!(node = %node_id, error = %e, "refusing xDS stream");
+            let node_id = P::node(&first).map(|n| n.id.as_str()).unwrap_or_default();
+            warn!(node = %loggable(node_id, 256), error = %loggable(&e.to_string(), 512), "refusing xDS stream");
             let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
             return;
         }
     };
-    tracing::Span::current().record("node", identity.node_id.as_str());
+    if ctx.registry.len() >= limits.max_streams {
+        let message = format!(
+            "this control plane serves {} streams at most (--xds-max-streams)",
+            limits.max_streams
+        );
+        refuse(&ctx, &tx, "streams", Status::resource_exhausted(message)).await;
+        return;
+    }
+    if !ctx.cache.has_group(&identity.group) && ctx.cache.group_count() >= limits.max_groups {
+        let message = format!(
+            "this control plane serves {} distinct proxy groups at most (--xds-max-groups)",
+            limits.max_groups
+        );
+        refuse(&ctx, &tx, "groups", Status::resource_exhausted(message)).await;
+        return;
+    }
+    tracing::Span::current().record("node", loggable(&identity.node_id, 256).as_str());
     let mut snapshots = ctx.cache.subscribe(&identity.group);
     let connected_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -278,14 +383,36 @@ async fn drive<P: Protocol>(
     let mut pending = Some(first);
     loop {
         let responses = if let Some(req) = pending.take() {
+            if P::names_in(&req) > limits.max_names {
+                let message = format!(
+                    "a request names {} resources; at most {} (--xds-max-names)",
+                    P::names_in(&req),
+                    limits.max_names
+                );
+                refuse(&ctx, &tx, "names", Status::resource_exhausted(message)).await;
+                return;
+            }
             let (kind, responses) = proto.on_request(&req, &snap);
+            if proto.subscribed() > limits.max_names {
+                let message = format!(
+                    "the stream subscribes to {} resources; at most {} (--xds-max-names)",
+                    proto.subscribed(),
+                    limits.max_names
+                );
+                refuse(&ctx, &tx, "names", Status::resource_exhausted(message)).await;
+                return;
+            }
             record_request(&ctx, id, P::type_url(&req), P::MODE, &kind);
             responses
         } else {
             tokio::select! {
                 msg = inbound.next() => match msg {
                     Some(Ok(req)) => { pending = Some(req); continue; }
-                    Some(Err(status)) => { debug!(%status, "stream ended with error"); return; }
+                    Some(Err(status)) => {
+                        debug!(%status, "stream ended with error");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                     None => { info!("proxy disconnected"); return; }
                 },
                 changed = snapshots.changed() => {
@@ -314,6 +441,28 @@ async fn drive<P: Protocol>(
             }
         }
     }
+}
+
+/// Ends a stream over a limit: the client gets `status`, the refusal is counted, and
+/// logged at most once a minute per limit (a client retrying in a loop must not flood the
+/// log).
+async fn refuse<R>(
+    ctx: &XdsContext,
+    tx: &mpsc::Sender<Result<R, Status>>,
+    limit: &'static str,
+    status: Status,
+) {
+    ctx.metrics
+        .xds_limited
+        .get_or_create(&labels(&[("limit", limit)]))
+        .inc();
+    if ctx
+        .metrics
+        .log_allowed(limit, std::time::Duration::from_secs(60))
+    {
+        warn!(limit, reason = %status.message(), "xDS stream refused (logged once a minute per limit; meshbridge_xds_limited_total counts them all)");
+    }
+    let _ = tx.send(Err(status)).await;
 }
 
 fn short_type(type_url: &str) -> &'static str {
@@ -361,7 +510,7 @@ fn record_request(
                 .xds_nacks
                 .get_or_create(&labels(&[("type", short)]))
                 .inc();
-            warn!(type_url, version, error = %message, "proxy rejected configuration (NACK)");
+            warn!(type_url = %loggable(type_url, 128), version = %loggable(version, 64), error = %loggable(message, 1024), "proxy rejected configuration (NACK)");
             let message = message.clone();
             observe_latency(ctx.registry.update(id, type_url, |s| {
                 s.nack = Some(message);
@@ -385,5 +534,24 @@ fn record_request(
                     .inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable;
+
+    #[test]
+    fn client_strings_are_escaped_and_cut_before_they_reach_a_log_line() {
+        // A forged second log line stays on the first, quoted.
+        let forged = "n1\n2026-12-06T00:00:00Z  INFO meshbridge::audit: level changed";
+        let out = loggable(forged, 256);
+        assert!(!out.contains('\n'), "{out}");
+        assert!(out.starts_with("n1\\n2026"), "{out}");
+        assert_eq!(
+            loggable(&"x".repeat(5_000_000), 256).len(),
+            256 + "…(cut)".len()
+        );
+        assert_eq!(loggable("plain-node.ns", 256), "plain-node.ns");
     }
 }

@@ -19,6 +19,9 @@ pub enum NodeError {
     /// `service_name` is absent or empty.
     #[error("node metadata key 'service_name' is required (the service this proxy runs beside)")]
     MissingServiceName,
+    /// `node.id` is longer than [`MAX_NODE_ID`] bytes.
+    #[error("node id is {0} bytes long; at most {MAX_NODE_ID}")]
+    LongNodeId(usize),
     /// A metadata key has the wrong type or value.
     #[error("node metadata key '{key}': {reason}")]
     BadMetadata {
@@ -28,6 +31,12 @@ pub enum NodeError {
         reason: String,
     },
 }
+
+/// The longest node id accepted (a Kubernetes pod name and namespace fit many times).
+pub const MAX_NODE_ID: usize = 512;
+
+/// The most dependencies a node may announce.
+pub const MAX_DEPENDENCIES: usize = 4096;
 
 /// Identity of a connected proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +50,9 @@ pub struct ProxyIdentity {
 /// Parses a node into the proxy's identity and group.
 pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
     let node = node.ok_or(NodeError::MissingNode)?;
+    if node.id.len() > MAX_NODE_ID {
+        return Err(NodeError::LongNodeId(node.id.len()));
+    }
     let empty = Struct::default();
     let meta = node.metadata.as_ref().unwrap_or(&empty);
     let service = string(meta, SERVICE_NAME)?
@@ -70,6 +82,12 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
                 });
             }
         };
+        if items.len() > MAX_DEPENDENCIES {
+            return Err(NodeError::BadMetadata {
+                key: "dependencies",
+                reason: format!("{} entries; at most {MAX_DEPENDENCIES}", items.len()),
+            });
+        }
         for item in items {
             let Some(Kind::StringValue(text)) = &item.kind else {
                 return Err(NodeError::BadMetadata {
@@ -174,6 +192,28 @@ fn port(meta: &Struct, key: &'static str) -> Result<Option<u16>, NodeError> {
 mod tests {
     use super::*;
     use envoy_types::pb::google::protobuf::ListValue;
+
+    #[test]
+    fn long_node_ids_and_huge_dependency_lists_are_refused() {
+        let service = ("service_name", Kind::StringValue("web".into()));
+        let mut n = node(std::slice::from_ref(&service));
+        n.id = "x".repeat(MAX_NODE_ID + 1);
+        let e = parse_node(Some(&n)).unwrap_err().to_string();
+        assert!(e.contains("513 bytes long; at most 512"), "{e}");
+        n.id = "x".repeat(MAX_NODE_ID);
+        assert!(parse_node(Some(&n)).is_ok());
+        let many = Kind::ListValue(ListValue {
+            values: (0..=MAX_DEPENDENCIES)
+                .map(|i| Value {
+                    kind: Some(Kind::StringValue(format!("s{i}"))),
+                })
+                .collect(),
+        });
+        let e = parse_node(Some(&node(&[service, ("dependencies", many)])))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4097 entries"), "{e}");
+    }
 
     fn node(fields: &[(&str, Kind)]) -> Node {
         Node {

@@ -137,6 +137,14 @@ impl SotwState {
         }
     }
 
+    /// Resource names the proxy asked for by name, over all types (a wildcard counts none).
+    pub fn subscribed(&self) -> usize {
+        self.types
+            .values()
+            .map(|t| t.names.as_ref().map_or(0, BTreeSet::len))
+            .sum()
+    }
+
     /// Handles a new snapshot: responses for every requested type that changed, in order
     /// CDS, EDS, LDS, RDS.
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {

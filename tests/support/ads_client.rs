@@ -28,7 +28,7 @@ use meshbridge::metrics::Metrics;
 use meshbridge::model::{MeshSettings, MeshState};
 use meshbridge::xds::cache::SnapshotCache;
 use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
-use meshbridge::xds::{AdsService, XdsContext};
+use meshbridge::xds::{AdsService, XdsContext, XdsLimits};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -99,19 +99,28 @@ pub struct TestServer {
     pub registry: Arc<ProxyRegistry>,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
     task: JoinHandle<()>,
 }
 
 impl TestServer {
     /// Starts a server over an empty mesh.
     pub async fn start() -> Self {
+        Self::start_with_limits(XdsLimits::default()).await
+    }
+
+    /// Starts a server over an empty mesh with these limits.
+    pub async fn start_with_limits(limits: XdsLimits) -> Self {
         let cache = Arc::new(SnapshotCache::new(MeshSettings::default()));
         let registry = Arc::new(ProxyRegistry::default());
+        let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(XdsContext {
             cache: cache.clone(),
             registry: registry.clone(),
-            metrics: Arc::new(Metrics::new()),
+            metrics: metrics.clone(),
             control_plane: "meshbridge-test".to_string(),
+            limits,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -126,6 +135,7 @@ impl TestServer {
             cache,
             registry,
             addr,
+            metrics,
             task,
         }
     }
