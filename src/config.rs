@@ -103,6 +103,15 @@ pub struct RunArgs {
     /// long ago stays out of rotation even if they pass again (0: off).
     #[arg(long, env = "MESHBRIDGE_CONSUL_FLAP_HOLD", default_value_t = 1000)]
     pub consul_flap_hold: u64,
+    /// A Consul catalog answer removing more than half of a datacenter's services at once is
+    /// applied only once the same answer has held this long, in ms (the last known services
+    /// stay meanwhile).
+    #[arg(
+        long,
+        env = "MESHBRIDGE_CONSUL_CONFIRM_REMOVAL",
+        default_value_t = 30_000
+    )]
+    pub consul_confirm_removal: u64,
     /// gRPC ADS address (state-of-the-world and delta xDS).
     #[arg(long, env = "MESHBRIDGE_XDS_ADDR", default_value = "0.0.0.0:18000")]
     pub xds_addr: SocketAddr,

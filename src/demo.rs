@@ -228,6 +228,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         consul_max_connections: 64,
         consul_wait: 55_000,
         consul_flap_hold: 1000,
+        consul_confirm_removal: 30_000,
         xds_addr: SocketAddr::from(([127, 0, 0, 1], XDS)),
         admin_addr: SocketAddr::from(([127, 0, 0, 1], ADMIN)),
         webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),

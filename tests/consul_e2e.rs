@@ -702,3 +702,115 @@ async fn readyz_waits_for_the_first_full_consul_sync() {
         "ready means synced: {services}"
     );
 }
+
+/// The Consul source's current error, from `/api/sources`.
+async fn consul_error(cp: &ControlPlane) -> String {
+    let sources = cp.admin_json("/api/sources").await;
+    sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "consul")
+        .and_then(|s| s["error"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The services the published state holds.
+async fn services(cp: &ControlPlane) -> Vec<String> {
+    let state = cp.admin_json("/api/services").await;
+    let mut names: Vec<String> = state
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() {
+    let a = Backend::start("orders", "a").await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
+    );
+    for s in ["billing", "payments", "stock"] {
+        consul.register(
+            "dc1",
+            Instance::new(s, &format!("{s}-1"), "127.0.0.2", 8080).on_node("shared", "127.0.0.2"),
+        );
+    }
+    let cp = start(&consul, &["--consul-confirm-removal", "4000"]).await;
+    let envoy = Arc::new(Envoy::start(&cp, frontend(&[])).await);
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+    let all = services(&cp).await;
+    for s in ["billing", "orders", "payments", "stock"] {
+        assert!(all.contains(&s.to_string()), "{all:?}");
+    }
+    let traffic = support::Traffic::start(envoy.clone(), "orders", Duration::from_millis(50));
+
+    // The token loses its read rights: every list comes back empty, marked as filtered.
+    consul.set_acl_hidden(true);
+    eventually(
+        Duration::from_secs(20),
+        "the Consul source to say it holds a filtered answer",
+        || async {
+            consul_error(&cp)
+                .await
+                .contains("X-Consul-Results-Filtered-By-ACLs")
+                .then_some(())
+        },
+    )
+    .await;
+    // Longer than the confirmation: hidden is never taken for gone.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(services(&cp).await, all, "hidden services were removed");
+    consul.set_acl_hidden(false);
+    eventually(
+        Duration::from_secs(20),
+        "the hold to clear once Consul answers in full",
+        || async { consul_error(&cp).await.is_empty().then_some(()) },
+    )
+    .await;
+
+    // Three of five services (with Consul's own) leave in one answer: the node carrying them
+    // is deregistered.
+    let url = format!("{}/v1/catalog/deregister", consul.url());
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .json(&serde_json::json!({"Node": "shared"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually(
+        Duration::from_secs(20),
+        "the removal to be held",
+        || async {
+            consul_error(&cp)
+                .await
+                .contains("would remove 3 of 5 services at once")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(services(&cp).await, all, "a mass removal applied at once");
+    // Confirmed by the answers that follow (the wait is 2 s, the confirmation 4 s).
+    eventually(
+        Duration::from_secs(20),
+        "the confirmed removal to apply",
+        || async {
+            let left = services(&cp).await;
+            (left.len() == all.len() - 3 && !left.iter().any(|s| s == "billing")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(consul_error(&cp).await, "", "the hold cleared");
+    let (_, failed) = traffic.stop().await;
+    assert_eq!(failed, 0, "requests to orders failed meanwhile");
+}

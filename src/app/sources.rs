@@ -77,6 +77,7 @@ pub(super) fn spawn_consul(
         health: settings.health,
         flap_hold: std::time::Duration::from_millis(args.consul_flap_hold),
         own_node,
+        confirm_removal: std::time::Duration::from_millis(args.consul_confirm_removal),
     };
     // Registered before any request, so /readyz waits for every datacenter.
     let pending = "consul:(agent datacenter)";

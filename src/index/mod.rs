@@ -102,6 +102,11 @@ impl Index {
             .collect()
     }
 
+    /// The objects `source` has under `key`.
+    pub fn get(&self, source: &str, key: &str) -> Option<&[IndexObject]> {
+        self.sources.get(source)?.get(key).map(Vec::as_slice)
+    }
+
     /// Sets the objects `source` has under `key`. Returns whether anything changed.
     pub fn apply(&mut self, source: &str, key: &str, objects: Vec<IndexObject>) -> bool {
         let entries = self.sources.entry(source.to_string()).or_default();

@@ -340,6 +340,18 @@ impl ConsulClient {
         index: u64,
         jitter_seed: u64,
     ) -> Result<(u64, bytes::Bytes), ConsulError> {
+        let a = self.get_answer(path, dc, index, jitter_seed).await?;
+        Ok((a.index, a.body))
+    }
+
+    /// [`Self::get`], also telling whether Consul hid results from this token.
+    pub async fn get_answer(
+        &self,
+        path: &str,
+        dc: Option<&str>,
+        index: u64,
+        jitter_seed: u64,
+    ) -> Result<Answer, ConsulError> {
         let mut url = format!("{}{path}", self.base);
         let mut sep = if path.contains('?') { '&' } else { '?' };
         if let Some(dc) = dc {
@@ -362,13 +374,13 @@ impl ConsulClient {
         self.send(req, url).await
     }
 
-    /// Sends a request with the token, within the connection limit. Returns the
-    /// `X-Consul-Index` (0 when absent) and the body of a 200; anything else is an error.
+    /// Sends a request with the token, within the connection limit. Returns the answer to
+    /// a 200; anything else is an error.
     async fn send(
         &self,
         mut req: reqwest::RequestBuilder,
         url: String,
-    ) -> Result<(u64, bytes::Bytes), ConsulError> {
+    ) -> Result<Answer, ConsulError> {
         let token = self.token.current()?;
         let _permit = self
             .permits
@@ -390,6 +402,10 @@ impl ConsulClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        let acl_filtered = resp
+            .headers()
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let mut body = bytes::BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_BODY {
@@ -406,7 +422,11 @@ impl ConsulClient {
                 body: text.chars().take(200).collect(),
             });
         }
-        Ok((returned, body))
+        Ok(Answer {
+            index: returned,
+            body,
+            acl_filtered,
+        })
     }
 
     /// A PUT of a JSON body (catalog writes). Returns the response body.
@@ -421,7 +441,7 @@ impl ConsulClient {
             .put(&url)
             .timeout(Duration::from_secs(10))
             .json(body);
-        Ok(self.send(req, url).await?.1)
+        Ok(self.send(req, url).await?.body)
     }
 
     /// The agent's own datacenter (`/v1/agent/self`).
@@ -440,6 +460,18 @@ impl ConsulClient {
     }
 }
 
+/// A 200 answer of the agent.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// `X-Consul-Index` (0 when absent).
+    pub index: u64,
+    /// The body.
+    pub body: bytes::Bytes,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: Consul left out results this token may not
+    /// read (Consul 1.11+), so the answer is not the whole truth.
+    pub acl_filtered: bool,
+}
+
 /// What the Consul watchers share.
 #[derive(Clone)]
 pub struct ConsulContext {
@@ -456,6 +488,9 @@ pub struct ConsulContext {
     pub flap_hold: Duration,
     /// The node meshbridge registers Kubernetes instances on; its instances are skipped.
     pub own_node: Option<String>,
+    /// How long an answer removing most of a datacenter's services must hold before it is
+    /// applied.
+    pub confirm_removal: Duration,
 }
 
 /// Flap damping, like Consul's own `success_before_passing`: an instance whose checks
@@ -605,11 +640,15 @@ fn parse_catalog(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, serde_jso
 }
 
 enum DcEvent {
-    Catalog(BTreeMap<String, Vec<String>>),
+    Catalog {
+        services: BTreeMap<String, Vec<String>>,
+        acl_filtered: bool,
+    },
     Checks(CheckFingerprints),
     Fetched {
         service: String,
-        result: Result<Vec<Endpoint>, ConsulError>,
+        /// The instances, and whether Consul hid some from this token.
+        result: Result<(Vec<Endpoint>, bool), ConsulError>,
         elapsed: Duration,
     },
     Retry(String),
@@ -625,7 +664,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 struct BlockingQuery<T> {
     path: &'static str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
-    wrap: fn(T) -> DcEvent,
+    /// Makes the event of an answer (and whether Consul hid results from the token).
+    wrap: fn(T, bool) -> DcEvent,
     /// Pause after each answer (large answers are not fetched more often than this).
     pause: Duration,
 }
@@ -649,18 +689,18 @@ async fn blocking_watch<T: Send + 'static>(
     loop {
         round += 1;
         let result = client
-            .get(path, Some(&dc), index, seed(&dc) ^ seed(path) ^ round)
+            .get_answer(path, Some(&dc), index, seed(&dc) ^ seed(path) ^ round)
             .await
-            .and_then(|(i, body)| {
-                parse(&body)
-                    .map(|v| (i, v))
+            .and_then(|a| {
+                parse(&a.body)
+                    .map(|v| (a.index, v, a.acl_filtered))
                     .map_err(|source| ConsulError::Malformed {
                         url: format!("{path}?dc={dc}"),
                         source,
                     })
             });
         match result {
-            Ok((returned, value)) => {
+            Ok((returned, value, acl_filtered)) => {
                 failures = 0;
                 record_ok(&ctx, &dc);
                 tracing::debug!(dc = %dc, path, index, returned, "blocking query answered");
@@ -669,7 +709,7 @@ async fn blocking_watch<T: Send + 'static>(
                 // prove the same data (an index that went back and forward again while this
                 // watch was backing off looks unchanged), and a spurious wake-up compares
                 // equal and changes nothing.
-                if tx.send(wrap(value)).await.is_err() {
+                if tx.send(wrap(value, acl_filtered)).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(pause).await;
@@ -702,7 +742,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
         BlockingQuery {
             path: "/v1/health/state/any",
             parse: parse_checks,
-            wrap: DcEvent::Checks,
+            wrap: |checks, _| DcEvent::Checks(checks),
             pause: Duration::from_millis(100),
         },
         tx.clone(),
@@ -713,6 +753,8 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut failures: BTreeMap<String, u32> = BTreeMap::new();
+    // Catalog removals held back, and since when the same removal has been answered.
+    let mut held: Option<(BTreeSet<String>, tokio::time::Instant)> = None;
     let mut dampers: BTreeMap<String, FlapDamper> = BTreeMap::new();
     let started = tokio::time::Instant::now();
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
@@ -730,15 +772,15 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
             let path = format!("/v1/health/service/{service}");
             let started = std::time::Instant::now();
             let result = client
-                .get(&path, Some(&dc), 0, 0)
+                .get_answer(&path, Some(&dc), 0, 0)
                 .await
-                .and_then(|(_, body)| {
-                    parse_health(&body, &dc, policy, own_node.as_deref()).map_err(|source| {
-                        ConsulError::Malformed {
+                .and_then(|a| {
+                    parse_health(&a.body, &dc, policy, own_node.as_deref())
+                        .map(|endpoints| (endpoints, a.acl_filtered))
+                        .map_err(|source| ConsulError::Malformed {
                             url: format!("{path}?dc={dc}"),
                             source,
-                        }
-                    })
+                        })
                 });
             let elapsed = started.elapsed();
             let _ = tx
@@ -769,7 +811,10 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                             BlockingQuery {
                                 path: "/v1/catalog/services",
                                 parse: parse_catalog,
-                                wrap: DcEvent::Catalog,
+                                wrap: |services, acl_filtered| DcEvent::Catalog {
+                                    services,
+                                    acl_filtered,
+                                },
                                 pause: Duration::ZERO,
                             },
                             tx.clone(),
@@ -785,12 +830,47 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                     }
                 }
             }
-            DcEvent::Catalog(new) => {
+            DcEvent::Catalog {
+                services: mut new,
+                acl_filtered,
+            } => {
                 let old = catalog.take().unwrap_or_default();
-                for (service, _) in old.iter().filter(|(s, _)| !new.contains_key(*s)) {
-                    dampers.remove(service);
-                    ctx.index.delete(&source, service);
-                    tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
+                let leaving: BTreeSet<String> = old
+                    .keys()
+                    .filter(|s| !new.contains_key(*s))
+                    .cloned()
+                    .collect();
+                let held_for = held
+                    .as_ref()
+                    .filter(|(set, _)| *set == leaving)
+                    .map(|(_, since)| since.elapsed());
+                match removal_verdict(
+                    old.len(),
+                    leaving.len(),
+                    acl_filtered,
+                    held_for,
+                    ctx.confirm_removal,
+                ) {
+                    Verdict::Apply => {
+                        if held.take().is_some() {
+                            clear_hold(&ctx, &source);
+                        }
+                        for service in &leaving {
+                            dampers.remove(service);
+                            ctx.index.delete(&source, service);
+                            tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
+                        }
+                    }
+                    Verdict::Hold(why) => {
+                        // The services stay, as last known, until the answer is confirmed.
+                        for service in &leaving {
+                            new.insert(service.clone(), old[service].clone());
+                        }
+                        if held_for.is_none() {
+                            held = Some((leaving, tokio::time::Instant::now()));
+                        }
+                        hold(&ctx, &source, &dc, &why);
+                    }
                 }
                 if pending_sync.is_none() {
                     pending_sync = Some(new.keys().cloned().collect());
@@ -813,8 +893,38 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
                     ctx.statuses.observe_sync(&source, elapsed);
                 }
                 let listed = catalog.as_ref().is_some_and(|c| c.contains_key(&service));
+                let known_instances = || {
+                    ctx.index.read(|i| {
+                        i.get(&source, &service)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|o| match o {
+                                IndexObject::Endpoints(set) => set.endpoints.len(),
+                                _ => 0,
+                            })
+                            .sum::<usize>()
+                    })
+                };
                 match result {
-                    Ok(mut endpoints) if listed => {
+                    // A service whose removal from the catalog is held keeps its instances
+                    // too.
+                    Ok((endpoints, _))
+                        if endpoints.is_empty()
+                            && held.as_ref().is_some_and(|(set, _)| set.contains(&service)) => {}
+                    // Consul hid this service's instances from the token: the last known stay.
+                    Ok((endpoints, true))
+                        if listed && endpoints.is_empty() && known_instances() > 0 =>
+                    {
+                        hold(
+                            &ctx,
+                            &source,
+                            &dc,
+                            &format!(
+                                "Consul hid the instances of {service} from this token (X-Consul-Results-Filtered-By-ACLs); the last known stay (grant the token service:read and node:read)"
+                            ),
+                        );
+                    }
+                    Ok((mut endpoints, _)) if listed => {
                         failures.remove(&service);
                         let damper = dampers.entry(service.clone()).or_default();
                         let now = started.elapsed();
@@ -872,6 +982,70 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
     }
 }
 
+/// What to do with a catalog answer that removes services.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Apply it.
+    Apply,
+    /// Keep the last known services and say why.
+    Hold(String),
+}
+
+/// Judges a catalog answer removing `leaving` of the `known` services (pure). An answer
+/// Consul says it filtered by ACLs never removes anything: hidden is not gone. An answer
+/// removing more than half of at least four services at once is applied only once the
+/// same removal has been answered for `confirm` (a token losing rights on an older Consul,
+/// a restored snapshot, a wrong datacenter); anything smaller is applied at once.
+pub fn removal_verdict(
+    known: usize,
+    leaving: usize,
+    acl_filtered: bool,
+    held_for: Option<Duration>,
+    confirm: Duration,
+) -> Verdict {
+    if leaving == 0 {
+        return Verdict::Apply;
+    }
+    if acl_filtered {
+        return Verdict::Hold(format!(
+            "held: Consul hid results from this token (X-Consul-Results-Filtered-By-ACLs) and the answer would remove {leaving} of {known} services; the last known stay (grant the token service:read and node:read)"
+        ));
+    }
+    if known >= 4 && leaving * 2 > known && held_for.is_none_or(|h| h < confirm) {
+        return Verdict::Hold(format!(
+            "held: the catalog answer would remove {leaving} of {known} services at once; the last known stay until the same answer holds for {} s",
+            confirm.as_secs()
+        ));
+    }
+    Verdict::Apply
+}
+
+/// Marks the datacenter's source degraded with `why` (shown in `/api/sources`, counted in
+/// `meshbridge_source_errors_total`).
+fn hold(ctx: &ConsulContext, source: &str, dc: &str, why: &str) {
+    if ctx
+        .metrics
+        .log_allowed("consul-hold", Duration::from_secs(60))
+    {
+        tracing::warn!(
+            dc,
+            reason = why,
+            "Consul answer held back; last known instances stay in force"
+        );
+    }
+    ctx.statuses
+        .update(source, |s| s.error = Some(why.to_string()));
+}
+
+/// Clears a hold once Consul's answers apply again.
+fn clear_hold(ctx: &ConsulContext, source: &str) {
+    ctx.statuses.update(source, |s| {
+        if s.error.as_deref().is_some_and(|e| e.starts_with("held")) {
+            s.error = None;
+        }
+    });
+}
+
 fn mark_synced_if_done(pending: Option<&BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
     if pending.is_some_and(BTreeSet::is_empty) {
         let now = super::now_secs();
@@ -911,6 +1085,34 @@ fn record_error(ctx: &ConsulContext, dc: &str, e: &ConsulError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_or_mass_removals_are_held_and_small_ones_apply() {
+        let confirm = Duration::from_secs(30);
+        assert_eq!(removal_verdict(10, 0, true, None, confirm), Verdict::Apply);
+        assert_eq!(removal_verdict(10, 1, false, None, confirm), Verdict::Apply);
+        assert_eq!(removal_verdict(10, 5, false, None, confirm), Verdict::Apply);
+        // Hidden is never gone, however long it lasts.
+        let Verdict::Hold(why) = removal_verdict(10, 1, true, Some(confirm * 10), confirm) else {
+            panic!("an ACL-filtered removal applied");
+        };
+        assert!(why.contains("X-Consul-Results-Filtered-By-ACLs"), "{why}");
+        // Most of the catalog at once: held until confirmed.
+        let Verdict::Hold(why) = removal_verdict(10, 6, false, None, confirm) else {
+            panic!("a mass removal applied at once");
+        };
+        assert!(why.contains("would remove 6 of 10 services"), "{why}");
+        assert!(matches!(
+            removal_verdict(10, 6, false, Some(Duration::from_secs(29)), confirm),
+            Verdict::Hold(_)
+        ));
+        assert_eq!(
+            removal_verdict(10, 6, false, Some(confirm), confirm),
+            Verdict::Apply
+        );
+        // A tiny catalog changes freely.
+        assert_eq!(removal_verdict(3, 3, false, None, confirm), Verdict::Apply);
+    }
 
     #[tokio::test]
     async fn the_token_never_follows_a_redirect() {

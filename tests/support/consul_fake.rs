@@ -632,6 +632,7 @@ struct State {
     fail_next: usize,
     hang: bool,
     malformed: bool,
+    acl_hidden: bool,
     unreachable: BTreeSet<String>,
     token: Option<String>,
     strict_min_index: bool,
@@ -739,6 +740,7 @@ impl FakeConsul {
                 fail_next: 0,
                 hang: false,
                 malformed: false,
+                acl_hidden: false,
                 unreachable: BTreeSet::new(),
                 token: None,
                 strict_min_index: false,
@@ -1024,6 +1026,17 @@ impl FakeConsul {
     /// that is not valid JSON (and do not block). Catalog writes are still applied.
     pub fn set_malformed(&self, on: bool) {
         self.shared.lock().malformed = on;
+    }
+
+    /// While on, reads answer as to a token that lost its read rights: every list empty,
+    /// with `X-Consul-Results-Filtered-By-ACLs: true` (Consul 1.11+: "most list endpoints
+    /// support an `X-Consul-Results-Filtered-By-ACLs` HTTP response header", set when ACL
+    /// filtering left results out — <https://developer.hashicorp.com/consul/api-docs/api-structure>,
+    /// `agent/http.go` `setResultsFilteredByACLs`). Indexes still move with the store, as
+    /// they do in Consul (the index is the table's, not the filtered result's).
+    pub fn set_acl_hidden(&self, on: bool) {
+        self.shared.lock().acl_hidden = on;
+        self.shared.notify();
     }
 
     /// While on, requests for datacenter `dc` (by `?dc=` for reads, the body's `Datacenter`
@@ -1505,7 +1518,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let st = shared.lock();
     let idx = st.index(&dc, &key);
     let nodes = st.nodes(&dc);
+    let hidden = st.acl_hidden;
     let body = match &read {
+        Read::Catalog if hidden => json!({}),
+        Read::NodeServices(_) if hidden => json!({"Node": null, "Services": null}),
+        _ if hidden => json!([]),
         Read::Catalog => catalog_services(nodes),
         Read::State(state) => {
             let mut out = Vec::new();
@@ -1570,7 +1587,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             path
         };
     *st.bytes_by_path.entry(key).or_insert(0) += body.len() as u64;
-    consul_json(idx, body)
+    let mut r = consul_json(idx, body);
+    if hidden {
+        r.headers_mut().insert(
+            "X-Consul-Results-Filtered-By-ACLs",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    r
 }
 
 /// A blocking read endpoint.
