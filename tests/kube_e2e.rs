@@ -382,6 +382,72 @@ async fn status_is_written_once_by_the_leader_and_a_second_replica_takes_over() 
     assert_rbac_covers(&kube);
 }
 
+/// A Lease held by `ghost`, renewed at `renewed` (on ghost's clock), for 2 s.
+fn ghost_lease(renewed: k8s_openapi::jiff::Timestamp) -> Value {
+    let time = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        renewed,
+    ))
+    .unwrap();
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "meshbridge-leader", "namespace": "default"},
+        "spec": {
+            "holderIdentity": "ghost",
+            "leaseDurationSeconds": 2,
+            "acquireTime": time,
+            "renewTime": time,
+            "leaseTransitions": 0,
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewing_holder_with_a_skewed_clock_is_followed_until_it_stops_renewing() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let kube = FakeKube::start().await;
+    let a = Backend::start("orders", "pod-a").await;
+    kube.apply(mesh_service(
+        "orders",
+        json!({"selector": {"app": "orders"}}),
+    ));
+    kube.apply(pod("orders-a", "orders", a.port, true));
+    // ghost's clock runs minutes ahead of ours; it renews every 500 ms.
+    let base = Timestamp::now() + SignedDuration::from_mins(5);
+    let mut renewed = base;
+    kube.apply(ghost_lease(renewed));
+    let _cp = start(&kube, &["--lease-duration", "2", "--identity", "me"]).await;
+    // Three lease durations and more: meshbridge reads the Lease, never takes it, and never
+    // acts as leader.
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(lease_holder(&kube).as_deref(), Some("ghost"));
+        renewed += SignedDuration::from_millis(500);
+        kube.apply(ghost_lease(renewed));
+    }
+    assert!(
+        kube.count("get", "leases") > 0,
+        "meshbridge reads the Lease"
+    );
+    assert_eq!(lease_holder(&kube).as_deref(), Some("ghost"));
+    assert_eq!(
+        kube.count("patch", "meshservices/status"),
+        0,
+        "a follower writes no status"
+    );
+    // ghost stops renewing, its renewTime still minutes ahead: meshbridge takes the Lease
+    // once it has seen no change for a lease duration, and leads.
+    eventually(LIMIT, "me takes the Lease", || async {
+        (lease_holder(&kube).as_deref() == Some("me")).then_some(())
+    })
+    .await;
+    eventually(LIMIT, "the new leader writes status", || async {
+        (kube.count("patch", "meshservices/status") > 0).then_some(())
+    })
+    .await;
+    assert_rbac_covers(&kube);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_conflicts_and_unknown_callers_show_in_status() {
     let kube = FakeKube::start().await;

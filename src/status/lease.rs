@@ -1,10 +1,21 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, the way client-go's `leaderelection`
-//! does it: the holder renews `renewTime` every `duration / 3`; another replica takes the
-//! Lease once `renewTime + leaseDurationSeconds` has passed; every write carries the
-//! `resourceVersion` read, so two replicas racing for it cannot both win (the loser gets
-//! `409 Conflict`). A leader that cannot renew for two thirds of the duration steps down
-//! before anyone else may take over. On shutdown the leader releases the Lease (empty holder),
-//! so a successor takes over at once instead of waiting for expiry.
+//! does it. The holder renews `renewTime` every `duration / 3`. Another replica never compares
+//! the holder's `renewTime` with its own clock (replicas' clocks may disagree by seconds):
+//! like client-go's `observedRecord` / `observedTime`, it remembers the record it last read
+//! and the instant, on its own monotonic clock, at which it saw that record change. The
+//! holder counts as expired only once the record (the whole spec: holder, `renewTime`,
+//! `acquireTime`, transitions, `leaseDurationSeconds`) has stayed the same for
+//! `leaseDurationSeconds` since that local observation, whatever `renewTime` says. A record
+//! this replica has never seen counts as just observed, so a freshly started replica waits a
+//! full duration before taking over a holder it has not seen renew (client-go does the same).
+//! An empty holder (a released Lease) is taken at once.
+//!
+//! Every write carries the `resourceVersion` read, so two replicas racing for the Lease cannot
+//! both win (the loser gets `409 Conflict`). A leader that cannot renew for two thirds of the
+//! duration steps down; it counts from before its last successful write, and any other
+//! replica saw that write no earlier than it was made, so the leader steps down before anyone
+//! else may take over (clock rates aside, not clock values). On shutdown the leader releases
+//! the Lease (empty holder), so a successor takes over at once instead of waiting for expiry.
 //!
 //! Every replica serves xDS; only the leader writes status and registers into Consul.
 
@@ -12,10 +23,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// What to do with the Lease as read.
@@ -32,11 +44,41 @@ pub enum Decision {
     },
 }
 
-/// Decides from the Lease's spec (pure; the caller passes the time).
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+/// The Lease record this replica last read, and when (on this replica's monotonic clock) it
+/// saw that record change: client-go's `observedRecord` and `observedTime`.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    last: Option<(LeaseSpec, Instant)>,
+}
+
+impl Observed {
+    /// Records `spec` as read at `now`, keeping the earlier instant if it did not change.
+    /// Returns when the current record was first seen.
+    fn see(&mut self, spec: &LeaseSpec, now: Instant) -> Instant {
+        match &self.last {
+            Some((seen, at)) if seen == spec => *at,
+            _ => {
+                self.last = Some((spec.clone(), now));
+                now
+            }
+        }
+    }
+}
+
+/// Decides from the Lease's spec as read at `now` (pure; the caller passes the time and keeps
+/// `observed` from one round to the next). The holder's `renewTime` is never compared with
+/// `now`: only whether the record changed within the last `leaseDurationSeconds`.
+pub fn decide(
+    spec: Option<&LeaseSpec>,
+    me: &str,
+    observed: &mut Observed,
+    now: Instant,
+) -> Decision {
     let Some(spec) = spec else {
+        observed.last = None;
         return Decision::Acquire;
     };
+    let changed_at = observed.see(spec, now);
     let holder = spec.holder_identity.as_deref().unwrap_or("");
     if holder.is_empty() {
         return Decision::Acquire;
@@ -44,13 +86,8 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
     if holder == me {
         return Decision::Renew;
     }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-    let expired = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .is_none_or(|t| t.0 + duration < now);
-    if expired {
+    let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+    if now.saturating_duration_since(changed_at) >= Duration::from_secs(secs) {
         Decision::Acquire
     } else {
         Decision::Follow {
@@ -91,6 +128,7 @@ pub async fn run(
     let renew_deadline = settings.duration * 2 / 3;
     let mut last_renewal: Option<tokio::time::Instant> = None;
     let mut holder_seen = String::new();
+    let mut observed = Observed::default();
     loop {
         // Taken before the request: the renewTime written is no older than this. A request
         // may not outlast the renew deadline, so a hung API call cannot keep a stale leader.
@@ -99,9 +137,12 @@ pub async fn run(
             (Some(t), true) => renew_deadline.saturating_sub(t.elapsed()),
             _ => renew_deadline,
         };
-        let round = tokio::time::timeout(bound, try_acquire_or_renew(&api, &settings))
-            .await
-            .unwrap_or_else(|_| Err(kube::Error::Service("the Lease request timed out".into())));
+        let round =
+            tokio::time::timeout(bound, try_acquire_or_renew(&api, &settings, &mut observed))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kube::Error::Service("the Lease request timed out".into()))
+                });
         match round {
             Ok(Decision::Acquire | Decision::Renew) => {
                 last_renewal = Some(attempt);
@@ -159,13 +200,16 @@ pub async fn run(
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     settings: &LeaseSettings,
+    observed: &mut Observed,
 ) -> Result<Decision, kube::Error> {
     let now = Timestamp::now();
     let current = api.get_opt(&settings.name).await?;
+    // Seen once the answer is in: the later, the safer for a follower.
     let decision = decide(
         current.as_ref().and_then(|l| l.spec.as_ref()),
         &settings.identity,
-        now,
+        observed,
+        Instant::now(),
     );
     let lost = |holder: Option<&str>| Decision::Follow {
         holder: holder.unwrap_or("another replica").to_string(),
@@ -232,6 +276,8 @@ async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube:
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::SignedDuration;
+
     use super::*;
 
     fn spec(holder: Option<&str>, renewed: Timestamp, secs: i32) -> LeaseSpec {
@@ -243,30 +289,106 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_held_lease_is_followed_until_it_expires_then_taken() {
-        let t0: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
-        let s = spec(Some("a"), t0, 15);
-        let at = |secs| t0 + SignedDuration::from_secs(secs);
-        assert_eq!(
-            decide(Some(&s), "b", at(14)),
-            Decision::Follow { holder: "a".into() }
-        );
-        assert_eq!(decide(Some(&s), "b", at(16)), Decision::Acquire);
-        assert_eq!(decide(Some(&s), "a", at(100)), Decision::Renew);
+    fn minutes(m: i64) -> SignedDuration {
+        SignedDuration::from_mins(m)
     }
 
-    #[test]
-    fn a_missing_or_released_lease_is_taken_at_once() {
-        let t0: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
-        assert_eq!(decide(None, "b", t0), Decision::Acquire);
+    fn follow(holder: &str) -> Decision {
+        Decision::Follow {
+            holder: holder.into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewing_holder_is_followed_even_if_its_renew_time_is_long_past() {
+        let mut observed = Observed::default();
+        // The holder's clock is ten minutes behind ours, and it keeps renewing.
+        let mut renewed = Timestamp::now() - minutes(10);
+        for _ in 0..60 {
+            let s = spec(Some("a"), renewed, 15);
+            assert_eq!(
+                decide(Some(&s), "b", &mut observed, Instant::now()),
+                follow("a")
+            );
+            tokio::time::advance(Duration::from_secs(5)).await;
+            renewed += SignedDuration::from_secs(5);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_that_stops_renewing_is_taken_one_duration_after_its_last_change() {
+        let mut observed = Observed::default();
+        // The holder's clock is ten minutes ahead of ours.
+        let renewed = Timestamp::now() + minutes(10);
+        let first = spec(Some("a"), renewed, 15);
         assert_eq!(
-            decide(Some(&spec(None, t0, 15)), "b", t0),
+            decide(Some(&first), "b", &mut observed, Instant::now()),
+            follow("a")
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // It renews once more, then stops: the lease runs 15 s from when we saw that.
+        let last = spec(Some("a"), renewed + SignedDuration::from_secs(10), 15);
+        let changed = Instant::now();
+        assert_eq!(
+            decide(Some(&last), "b", &mut observed, changed),
+            follow("a")
+        );
+        for secs in [1, 5, 10, 14] {
+            let now = changed + Duration::from_secs(secs);
+            assert_eq!(
+                decide(Some(&last), "b", &mut observed, now),
+                follow("a"),
+                "{secs} s after the last change"
+            );
+        }
+        let now = changed + Duration::from_millis(14_999);
+        assert_eq!(decide(Some(&last), "b", &mut observed, now), follow("a"));
+        let now = changed + Duration::from_secs(15);
+        assert_eq!(
+            decide(Some(&last), "b", &mut observed, now),
+            Decision::Acquire
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_never_seen_before_is_not_taken_at_once_however_old() {
+        let mut observed = Observed::default();
+        let ancient: Timestamp = "2001-01-01T00:00:00Z".parse().unwrap();
+        let s = spec(Some("a"), ancient, 15);
+        let seen = Instant::now();
+        assert_eq!(decide(Some(&s), "b", &mut observed, seen), follow("a"));
+        let now = seen + Duration::from_secs(14);
+        assert_eq!(decide(Some(&s), "b", &mut observed, now), follow("a"));
+        let now = seen + Duration::from_secs(15);
+        assert_eq!(decide(Some(&s), "b", &mut observed, now), Decision::Acquire);
+        // Another holder's record counts as new again.
+        let other = spec(Some("c"), ancient, 15);
+        assert_eq!(decide(Some(&other), "b", &mut observed, now), follow("c"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_or_released_lease_is_taken_at_once_and_our_own_is_renewed() {
+        let t0: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let mut observed = Observed::default();
+        let now = Instant::now();
+        assert_eq!(decide(None, "b", &mut observed, now), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&spec(None, t0, 15)), "b", &mut observed, now),
             Decision::Acquire
         );
         assert_eq!(
-            decide(Some(&spec(Some(""), t0, 15)), "b", t0),
+            decide(Some(&spec(Some(""), t0, 15)), "b", &mut observed, now),
             Decision::Acquire
+        );
+        let mut fresh = Observed::default();
+        assert_eq!(
+            decide(Some(&spec(Some("b"), t0, 15)), "b", &mut fresh, now),
+            Decision::Renew
+        );
+        let later = now + Duration::from_secs(100);
+        assert_eq!(
+            decide(Some(&spec(Some("b"), t0, 15)), "b", &mut fresh, later),
+            Decision::Renew
         );
     }
 }
