@@ -45,6 +45,7 @@ fn bench(c: &mut Criterion) {
             group: group.id(),
             mode: "sotw",
             peer: Some(format!("10.0.{}.{}:40000", i / 250, i % 250)),
+            identity: None,
             admin_port: Some(9901),
             diagnostics_port: None,
             admin: Some(format!("10.0.{}.{}:9901", i / 250, i % 250)),

@@ -62,6 +62,11 @@ pub struct BootstrapOptions {
     /// CA bundle that verifies peers (PEM); declares the static secret `validation_context`.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
+    /// Reach the control plane over mutual TLS with the same files: this host's certificate
+    /// proves its service to meshbridge (`run --xds-client-auth`), and meshbridge's
+    /// certificate must chain to `--tls-ca`.
+    #[arg(long, requires = "tls_cert")]
+    pub xds_tls: bool,
 }
 
 /// A bootstrap option that cannot work.
@@ -82,6 +87,11 @@ pub enum BootstrapError {
     /// A diagnostics listener open to everyone, or an address range that does not parse.
     #[error("--diagnostics-allow {0:?}: {1}")]
     BadDiagnosticsAllow(String, String),
+    /// `--xds-tls` without the host's certificate files.
+    #[error(
+        "--xds-tls needs --tls-cert, --tls-key and --tls-ca: the host's certificate proves its service to the control plane"
+    )]
+    XdsTlsWithoutFiles,
 }
 
 /// Parses `ADDRESS/LEN` (or a bare address: one host) into Envoy's CidrRange JSON.
@@ -228,6 +238,25 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
             clusters.push(admin_cluster(o.admin_port));
         }
+    }
+    if o.xds_tls {
+        if o.tls_cert.is_none() {
+            return Err(BootstrapError::XdsTlsWithoutFiles);
+        }
+        // The static secrets below, referenced by name; a server name only for a host name
+        // (an address is not a valid SNI).
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": if is_ip { "" } else { host },
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificate_sds_secret_configs": [{"name": "server_cert"}],
+                    "validation_context_sds_secret_config": {"name": "validation_context"}
+                }
+            }
+        });
     }
     if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
         bootstrap["static_resources"]["secrets"] = json!([

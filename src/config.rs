@@ -278,6 +278,21 @@ pub struct RunArgs {
     /// Time limit for one request to an Envoy's admin interface or to a peer, in ms.
     #[arg(long, env = "MESHBRIDGE_DIAGNOSTICS_TIMEOUT", default_value_t = 5000)]
     pub diagnostics_timeout: u64,
+    /// The xDS server's certificate chain (PEM), re-read when it changes; with
+    /// `--xds-tls-key`, xDS is served over TLS only.
+    #[arg(long, env = "MESHBRIDGE_XDS_TLS_CERT", requires = "xds_tls_key")]
+    pub xds_tls_cert: Option<PathBuf>,
+    /// The xDS server's private key (PEM).
+    #[arg(long, env = "MESHBRIDGE_XDS_TLS_KEY", requires = "xds_tls_cert")]
+    pub xds_tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs the proxies' certificates (the data plane's host certificates).
+    #[arg(long, env = "MESHBRIDGE_XDS_CLIENT_CA")]
+    pub xds_client_ca: Option<PathBuf>,
+    /// `strict`: a stream without a client certificate, or whose certificate's service
+    /// (`spiffe://<trust domain>/service/<name>`) differs from its `service_name`, is refused;
+    /// `permissive`: served and counted; `none`: not checked.
+    #[arg(long, env = "MESHBRIDGE_XDS_CLIENT_AUTH", value_enum, default_value_t = crate::xds::ClientAuth::None)]
+    pub xds_client_auth: crate::xds::ClientAuth,
     /// xDS streams served at once, at most (beyond: RESOURCE_EXHAUSTED).
     #[arg(long, env = "MESHBRIDGE_XDS_MAX_STREAMS", default_value_t = 20_000)]
     pub xds_max_streams: usize,
@@ -484,6 +499,20 @@ impl RunArgs {
             return Err(ConfigError {
                 flag: "diagnostics-timeout",
                 message: format!("{} ms is outside 100..=120000", self.diagnostics_timeout),
+            });
+        }
+        if self.xds_client_ca.is_some() && self.xds_tls_cert.is_none() {
+            return Err(ConfigError {
+                flag: "xds-client-ca",
+                message:
+                    "needs --xds-tls-cert and --xds-tls-key: client certificates travel over TLS"
+                        .into(),
+            });
+        }
+        if self.xds_client_auth != crate::xds::ClientAuth::None && self.xds_client_ca.is_none() {
+            return Err(ConfigError {
+                flag: "xds-client-auth",
+                message: "needs --xds-client-ca (and --xds-tls-cert/--xds-tls-key): the CA that signs the proxies' certificates".into(),
             });
         }
         for (flag, value) in [

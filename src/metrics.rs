@@ -18,6 +18,9 @@ pub struct Metrics {
     pub xds_refused: Counter,
     /// Streams ended by a limit, by limit (`streams`, `groups`, `names`, `first_request`).
     pub xds_limited: Family<Labels, Counter>,
+    /// Streams checked against their client certificate, by result (`verified`, `absent`,
+    /// `mismatch`).
+    pub xds_identity: Family<Labels, Counter>,
     /// When each rate-limited log line was last written.
     log_times: std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>,
     /// Responses sent, by type and mode.
@@ -129,6 +132,7 @@ impl Metrics {
             xds_streams: Family::default(),
             xds_refused: Counter::default(),
             xds_limited: Family::default(),
+            xds_identity: Family::default(),
             log_times: Default::default(),
             xds_responses: Family::default(),
             xds_bytes: Family::default(),
@@ -179,6 +183,11 @@ impl Metrics {
             "xds_limited",
             "xDS streams ended by a limit (the run flags --xds-max-*, --xds-first-request-timeout)",
             m.xds_limited.clone(),
+        );
+        m.registry.register(
+            "xds_identity",
+            "xDS streams checked against their client certificate (--xds-client-auth), by result",
+            m.xds_identity.clone(),
         );
         m.registry.register(
             "xds_responses",
@@ -367,6 +376,11 @@ impl Metrics {
         }
         for limit in crate::xds::LIMITS {
             let _ = self.xds_limited.get_or_create(&labels(&[("limit", limit)]));
+        }
+        for result in ["verified", "absent", "mismatch"] {
+            let _ = self
+                .xds_identity
+                .get_or_create(&labels(&[("result", result)]));
         }
         for action in ["config_dump", "stats", "clusters", "logging", "diff"] {
             for result in ["ok", "refused", "unreachable", "busy"] {

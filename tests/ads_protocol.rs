@@ -803,6 +803,7 @@ impl MeteredServer {
             metrics: metrics.clone(),
             control_plane: "meshbridge-test".to_string(),
             limits: Default::default(),
+            client_auth: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

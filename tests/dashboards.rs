@@ -46,6 +46,7 @@ const MESHBRIDGE_LABELS: &[(&str, &[&str])] = &[
     ("meshbridge_xds_subscriptions", &["type", "mode"]),
     ("meshbridge_xds_refused_streams_total", &[]),
     ("meshbridge_xds_limited_total", &["limit"]),
+    ("meshbridge_xds_identity_total", &["result"]),
     ("meshbridge_xds_responses_total", &["type", "mode"]),
     ("meshbridge_xds_sent_bytes_total", &["type"]),
     ("meshbridge_xds_acks_total", &["type"]),

@@ -156,7 +156,7 @@ pub async fn run(
         .await;
     }
     info!(xds = %addrs.xds, admin = %addrs.admin, webhook = ?addrs.webhook, "meshbridge listening");
-    let xds = servers::spawn_xds(&cp, &config, xds, stop.clone());
+    let xds = servers::spawn_xds(&cp, &config, xds, stop.clone())?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin = servers::spawn_admin(
         &cp,

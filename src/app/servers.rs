@@ -1,6 +1,5 @@
 //! The servers a run listens with: ADS, the admin API (and UI), and the admission webhook.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{RunArgs, RunConfig};
 use crate::sources::kube::KubeStore;
 use crate::webhook::server::ReloadingCert;
+use crate::xds::conn::{XdsTls, incoming};
 use crate::xds::{AdsService, XdsContext};
 
 /// The bound listeners (bound before anything is served, so a port in use fails the start).
@@ -61,32 +61,62 @@ impl Listeners {
     }
 }
 
-/// Serves ADS on `listener` until `stop` turns true; existing streams then drain.
+/// Serves ADS on `listener` (over TLS with `--xds-tls-cert`) until `stop` turns true;
+/// existing streams then drain. Fails when the TLS files do not load.
 pub(super) fn spawn_xds(
     cp: &ControlPlane,
     config: &RunConfig,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
+) -> anyhow::Result<JoinHandle<Result<(), tonic::transport::Error>>> {
+    let args = &config.args;
+    let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {
+        (Some(cert), Some(key)) => {
+            let reloading = Arc::new(
+                ReloadingCert::from_files(cert, key)
+                    .map_err(|e| super::BadConfig(format!("--xds-tls-cert/--xds-tls-key: {e}")))?,
+            );
+            let server = crate::tls::server_config(
+                reloading.clone(),
+                args.xds_client_ca.as_deref(),
+                &[b"h2"],
+            )
+            .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?;
+            crate::tls::reload_periodically(
+                "xds",
+                reloading,
+                std::time::Duration::from_secs(2),
+                stop.clone(),
+            );
+            Some(XdsTls {
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+                trust_domain: config.settings.trust_domain.clone(),
+            })
+        }
+        _ => None,
+    };
+    info!(
+        tls = tls.is_some(),
+        client_auth = ?args.xds_client_auth,
+        "xDS server"
+    );
     let ctx = Arc::new(XdsContext {
         cache: cp.cache.clone(),
         registry: cp.registry.clone(),
         metrics: cp.metrics.clone(),
         control_plane: format!("meshbridge/{}", super::hostname()),
         limits: config.xds_limits.clone(),
+        client_auth: args.xds_client_auth,
     });
-    tokio::spawn(
+    Ok(tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .max_concurrent_streams(Some(config.args.xds_max_streams_per_connection))
+            .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
             .add_service(AdsService::new(ctx).into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ),
-    )
+            .serve_with_incoming_shutdown(incoming(listener, tls), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+    ))
 }
 
 /// Serves the admin API and UI on `listener` until `stop` turns true, and checks the peer
@@ -97,8 +127,8 @@ pub(super) fn spawn_admin(
     identity: &str,
     listener: TcpListener,
     draining: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<std::io::Result<()>> {
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     let admin_state = AdminState {
         ready: cp.ready.clone(),
         draining,
@@ -123,16 +153,15 @@ pub(super) fn spawn_admin(
         ));
     }
     let router = admin::router(admin_state);
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-    })
+    // Diagnostics and peer comparisons bound themselves (--diagnostics-timeout).
+    let limits = crate::serve::HttpLimits {
+        max_connections: 512,
+        header_timeout: std::time::Duration::from_secs(10),
+        request_timeout: None,
+    };
+    tokio::spawn(crate::serve::serve(
+        "admin", listener, router, None, limits, stop,
+    ))
 }
 
 /// What the webhook reads from the Kubernetes side: the store, and whether it has listed

@@ -6,12 +6,12 @@
 //! [`delta::DeltaState`]) decide what to send. The server never builds resources.
 
 pub mod cache;
+pub mod conn;
 pub mod delta;
 pub mod node;
 pub mod registry;
 pub mod sotw;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::metrics::{Metrics, labels};
 use crate::snapshot::{ResourceType, Snapshot};
 use cache::SnapshotCache;
+pub use conn::PeerInfo;
 use registry::{ProxyRegistry, ProxyStatus};
 use sotw::RequestKind;
 
@@ -46,6 +47,8 @@ pub struct XdsContext {
     pub control_plane: String,
     /// What one client can make the server hold.
     pub limits: XdsLimits,
+    /// What a stream's client certificate must prove.
+    pub client_auth: ClientAuth,
 }
 
 /// Bounds on what clients can make the server hold (each a `run` flag). xDS clients name
@@ -77,18 +80,39 @@ impl Default for XdsLimits {
     }
 }
 
+/// What the xDS server requires of a client certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientAuth {
+    /// Nothing: a stream is whatever its node says.
+    #[default]
+    None,
+    /// A stream without a certificate, or whose certificate proves another service than
+    /// its node's `service_name`, is served and counted.
+    Permissive,
+    /// Such a stream is refused.
+    Strict,
+}
+
 /// Names of the limits, as the `limit` label of `meshbridge_xds_limited_total` says them.
 pub const LIMITS: [&str; 4] = ["streams", "groups", "names", "first_request"];
 
-/// A client-supplied string made safe for a log line: control characters and quotes
-/// escaped, at most `max` characters kept (the cut is marked).
+/// A client-supplied string made safe for a log line: control characters (newlines
+/// included), backslashes and double quotes escaped, at most `max` characters kept (the cut
+/// is marked).
 pub fn loggable(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .take(max)
-        .flat_map(char::escape_debug)
-        .collect();
-    if text.chars().nth(max).is_some() {
+    let end = text.char_indices().nth(max).map_or(text.len(), |(i, _)| i);
+    let mut out = String::with_capacity(end);
+    for c in text[..end].chars() {
+        match c {
+            '\\' | '"' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    if end < text.len() {
         out.push_str("…(cut)");
     }
     out
@@ -204,7 +228,7 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = peer_info(&request);
         let proto = sotw::SotwState::new(self.ctx.control_plane.clone());
         Ok(Response::new(spawn_stream(
             self.ctx.clone(),
@@ -218,7 +242,7 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = peer_info(&request);
         let proto = delta::DeltaState::new(self.ctx.control_plane.clone());
         Ok(Response::new(spawn_stream(
             self.ctx.clone(),
@@ -229,18 +253,57 @@ impl AggregatedDiscoveryService for AdsService {
     }
 }
 
+/// What the connection tells about the client: from an [`conn::XdsConn`], else (a plain
+/// TCP listener, as in tests) just the address.
+fn peer_info<T>(request: &Request<T>) -> PeerInfo {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .unwrap_or_else(|| PeerInfo {
+            addr: request.remote_addr(),
+            ..Default::default()
+        })
+}
+
+/// Whether a stream's client proved the service its node claims (pure). Returns the result
+/// (`verified`, `absent`: no certificate proving a service, `mismatch`: it proves another)
+/// and, when the stream must be refused, the status to refuse it with.
+pub fn check_identity(
+    auth: ClientAuth,
+    proven: Option<&str>,
+    claimed: &str,
+) -> (&'static str, Option<Status>) {
+    let result = match proven {
+        Some(p) if p == claimed => "verified",
+        Some(_) => "mismatch",
+        None => "absent",
+    };
+    let refusal = match (auth, result) {
+        (ClientAuth::Strict, "absent") => Some(Status::unauthenticated(format!(
+            "a stream for service {claimed:?} needs a client certificate proving it (spiffe://<trust domain>/service/{claimed}); --xds-client-auth is strict"
+        ))),
+        (ClientAuth::Strict, "mismatch") => Some(Status::permission_denied(format!(
+            "the client certificate proves service {:?}, not {claimed:?} named in the node metadata; --xds-client-auth is strict",
+            proven.unwrap_or_default()
+        ))),
+        _ => None,
+    };
+    (result, refusal)
+}
+
 fn spawn_stream<P: Protocol>(
     ctx: Arc<XdsContext>,
     proto: P,
     inbound: Streaming<P::Req>,
-    peer: Option<SocketAddr>,
+    peer: PeerInfo,
 ) -> ReceiverStream<Result<P::Resp, Status>>
 where
     Streaming<P::Req>: futures::Stream<Item = Result<P::Req, Status>> + Unpin + Send,
     P::Req: prost::Message + Default,
 {
     let (tx, rx) = mpsc::channel(16);
-    let span = info_span!("xds", mode = P::MODE, node = tracing::field::Empty, peer = ?peer);
+    let span = info_span!("xds", mode = P::MODE, node = tracing::field::Empty, peer = ?peer.addr);
     tokio::spawn(drive(ctx, proto, inbound, tx, peer).instrument(span));
     ReceiverStream::new(rx)
 }
@@ -287,7 +350,7 @@ async fn drive<P: Protocol>(
     mut proto: P,
     mut inbound: Streaming<P::Req>,
     tx: mpsc::Sender<Result<P::Resp, Status>>,
-    peer: Option<SocketAddr>,
+    peer_info: PeerInfo,
 ) where
     Streaming<P::Req>: futures::Stream<Item = Result<P::Req, Status>> + Unpin + Send,
     P::Req: prost::Message + Default,
@@ -328,6 +391,36 @@ async fn drive<P: Protocol>(
             return;
         }
     };
+    if ctx.client_auth != ClientAuth::None {
+        let (result, refusal) = check_identity(
+            ctx.client_auth,
+            peer_info.service.as_deref(),
+            &identity.group.service,
+        );
+        ctx.metrics
+            .xds_identity
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+        if result != "verified"
+            && ctx
+                .metrics
+                .log_allowed(result, std::time::Duration::from_secs(60))
+        {
+            warn!(
+                node = %loggable(&identity.node_id, 256),
+                service = %identity.group.service,
+                proven = ?peer_info.service,
+                peer = ?peer_info.addr,
+                result,
+                refused = refusal.is_some(),
+                "xDS client identity not proven (logged once a minute per result; meshbridge_xds_identity_total counts them all)"
+            );
+        }
+        if let Some(status) = refusal {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    }
     if ctx.registry.len() >= limits.max_streams {
         let message = format!(
             "this control plane serves {} streams at most (--xds-max-streams)",
@@ -357,10 +450,12 @@ async fn drive<P: Protocol>(
         service: identity.group.service.clone(),
         group: identity.group.id(),
         mode: P::MODE,
-        peer: peer.map(|p| p.to_string()),
+        peer: peer_info.addr.map(|p| p.to_string()),
+        identity: peer_info.service.clone(),
         admin_port,
         diagnostics_port,
-        admin: registry::admin_address(peer, admin_port, diagnostics_port).map(|a| a.to_string()),
+        admin: registry::admin_address(peer_info.addr, admin_port, diagnostics_port)
+            .map(|a| a.to_string()),
         connected_at,
         types: Default::default(),
         group_key: identity.group.clone(),
@@ -539,7 +634,39 @@ fn record_request(
 
 #[cfg(test)]
 mod tests {
-    use super::loggable;
+    use super::{ClientAuth, check_identity, loggable};
+
+    #[test]
+    fn strict_refuses_what_permissive_counts() {
+        assert_eq!(
+            check_identity(ClientAuth::Strict, Some("web"), "web").0,
+            "verified"
+        );
+        assert!(
+            check_identity(ClientAuth::Strict, Some("web"), "web")
+                .1
+                .is_none()
+        );
+        let (result, refusal) = check_identity(ClientAuth::Strict, Some("billing"), "web");
+        assert_eq!(result, "mismatch");
+        let status = refusal.unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status
+                .message()
+                .contains("proves service \"billing\", not \"web\"")
+        );
+        let (result, refusal) = check_identity(ClientAuth::Strict, None, "web");
+        assert_eq!(result, "absent");
+        assert_eq!(refusal.unwrap().code(), tonic::Code::Unauthenticated);
+        for proven in [None, Some("billing")] {
+            assert!(
+                check_identity(ClientAuth::Permissive, proven, "web")
+                    .1
+                    .is_none()
+            );
+        }
+    }
 
     #[test]
     fn client_strings_are_escaped_and_cut_before_they_reach_a_log_line() {
@@ -553,5 +680,6 @@ mod tests {
             256 + "…(cut)".len()
         );
         assert_eq!(loggable("plain-node.ns", 256), "plain-node.ns");
+        assert_eq!(loggable("key 'service_name'", 256), "key 'service_name'");
     }
 }

@@ -53,6 +53,8 @@ pub struct ProxyStatus {
     pub mode: &'static str,
     /// Peer address of the stream, when known.
     pub peer: Option<String>,
+    /// The service the client certificate proved, when the stream came over TLS with one.
+    pub identity: Option<String>,
     /// Announced Envoy admin port, when any.
     pub admin_port: Option<u16>,
     /// Announced diagnostics listener port, when any.

@@ -121,6 +121,7 @@ impl TestServer {
             metrics: metrics.clone(),
             control_plane: "meshbridge-test".to_string(),
             limits,
+            client_auth: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

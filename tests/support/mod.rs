@@ -489,6 +489,8 @@ pub struct EnvoyOptions {
     pub without_service_name: bool,
     /// The proxy's certificate, key and CA, passed as `--tls-cert/--tls-key/--tls-ca`.
     pub tls: Option<TlsFiles>,
+    /// Reach the control plane over mutual TLS with those files (`--xds-tls`).
+    pub xds_tls: bool,
     /// Port of the diagnostics listener (`--diagnostics-port`).
     pub diagnostics_port: Option<u16>,
 }
@@ -540,6 +542,9 @@ impl Envoy {
                 .arg(&tls.key)
                 .arg("--tls-ca")
                 .arg(&tls.ca);
+        }
+        if o.xds_tls {
+            cmd.arg("--xds-tls");
         }
         let out = cmd.output().unwrap();
         assert!(

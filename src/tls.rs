@@ -1,0 +1,230 @@
+//! TLS shared by meshbridge's servers: serving certificates that follow their files (a bad
+//! new pair keeps the old one in force), client-certificate verification against a CA, and
+//! the SPIFFE identity a client certificate proves.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::crypto::ring::default_provider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A serving certificate: from files it follows, or set by the webhook's self-managed loop.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    /// Certificate chain and key files.
+    files: Option<(PathBuf, PathBuf)>,
+    current: RwLock<Option<(Vec<u8>, Arc<CertifiedKey>)>>,
+}
+
+type Loaded = (Vec<u8>, Arc<CertifiedKey>);
+
+fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, String> {
+    let cert_pem = std::fs::read(cert_file).map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    let key_pem = std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    parse(
+        cert_pem,
+        &key_pem,
+        &cert_file.display().to_string(),
+        &key_file.display().to_string(),
+    )
+}
+
+/// A PEM certificate chain and key; errors name `cert_name` or `key_name`.
+fn parse(
+    cert_pem: Vec<u8>,
+    key_pem: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<Loaded, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{cert_name}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert_name}: no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("{key_name}: {e}"))?;
+    let signer = default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{key_name}: {e}"))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{cert_name} and {key_name} do not match: {e}"))?;
+    let mut fingerprint = cert_pem;
+    fingerprint.extend_from_slice(key_pem);
+    Ok((fingerprint, Arc::new(certified)))
+}
+
+impl ReloadingCert {
+    /// Loads `tls.crt` and `tls.key` in `dir` (a Secret volume); fails naming the file at
+    /// fault.
+    pub fn new(dir: &Path) -> Result<Self, String> {
+        Self::from_files(&dir.join("tls.crt"), &dir.join("tls.key"))
+    }
+
+    /// Loads a certificate chain and key; fails naming the file at fault.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, String> {
+        Ok(ReloadingCert {
+            files: Some((cert.to_path_buf(), key.to_path_buf())),
+            current: RwLock::new(Some(load(cert, key)?)),
+        })
+    }
+
+    /// No certificate yet (handshakes fail until [`Self::set`]).
+    pub fn empty() -> Self {
+        ReloadingCert {
+            files: None,
+            current: RwLock::new(None),
+        }
+    }
+
+    /// Serves this pair from now on.
+    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+        let loaded = parse(cert_pem.to_vec(), key_pem, "certificate", "key")?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+        Ok(())
+    }
+
+    /// Re-reads the files; returns whether the certificate changed. A pair that does not
+    /// load leaves the current one in force. Without files, there is nothing to do.
+    pub fn reload(&self) -> Result<bool, String> {
+        let Some((cert, key)) = &self.files else {
+            return Ok(false);
+        };
+        let (fingerprint, key) = load(cert, key)?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| c.0 == fingerprint) {
+            return Ok(false);
+        }
+        *current = Some((fingerprint, key));
+        Ok(true)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.1.clone())
+    }
+}
+
+/// Re-reads `cert`'s files every `every` until `stop` turns true; `name` names the server in
+/// logs.
+pub fn reload_periodically(
+    name: &'static str,
+    cert: Arc<ReloadingCert>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+            match cert.reload() {
+                Ok(true) => info!("{name} certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "{name} certificate not reloaded; the current one stays")
+                }
+            }
+        }
+    });
+}
+
+/// A TLS server configuration serving `cert`, offering `alpn`. With `client_ca`, clients
+/// are asked for a certificate, and one they present must chain to that CA (a client
+/// without one is let through: what it may do is decided above TLS, where a refusal can
+/// say why).
+pub fn server_config(
+    cert: Arc<ReloadingCert>,
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no certificate", path.display()));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(cert);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The service a certificate proves: its URI SAN `spiffe://{trust_domain}/service/{name}`.
+/// None for a certificate without one (or for another trust domain).
+pub fn spiffe_service(cert_der: &[u8], trust_domain: &str) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let prefix = format!("spiffe://{trust_domain}/service/");
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => uri
+            .strip_prefix(prefix.as_str())
+            .filter(|s| crate::model::valid_service_name(s))
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(text: &str) -> rcgen::SanType {
+        rcgen::SanType::URI(text.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_certificate_proves_the_service_of_its_spiffe_uri_in_the_trust_domain() {
+        let der = cert_with(vec![
+            rcgen::SanType::DnsName("web.example".try_into().unwrap()),
+            uri("spiffe://mesh.local/service/web"),
+        ]);
+        assert_eq!(spiffe_service(&der, "mesh.local").as_deref(), Some("web"));
+        assert_eq!(spiffe_service(&der, "other.domain"), None);
+        let other = cert_with(vec![uri("spiffe://mesh.local/ns/default/sa/web")]);
+        assert_eq!(spiffe_service(&other, "mesh.local"), None);
+        let bad = cert_with(vec![uri("spiffe://mesh.local/service/../../x")]);
+        assert_eq!(spiffe_service(&bad, "mesh.local"), None);
+        assert_eq!(spiffe_service(b"not a certificate", "mesh.local"), None);
+    }
+}

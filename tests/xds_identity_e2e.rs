@@ -1,0 +1,163 @@
+//! End to end: xDS over mutual TLS with the data plane's own host certificates
+//! (`spiffe://<trust domain>/service/<name>`). Real Envoys bootstrapped with `--xds-tls`
+//! reach the real `meshbridge run --xds-tls-cert/--xds-tls-key/--xds-client-ca`; under
+//! `--xds-client-auth strict` a proxy whose certificate proves another service than its
+//! node claims is refused and counted, and under `permissive` it is served and counted.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{Backend, ControlPlane, Envoy, EnvoyOptions, TlsFiles, eventually};
+
+const TRUST_DOMAIN: &str = "mesh.local";
+
+/// frontend calls orders, which has one instance on `port`.
+fn mesh(port: u16) -> String {
+    format!(
+        "apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: orders}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {port}}}]
+---
+apiVersion: meshbridge.io/v1alpha1
+kind: MeshService
+metadata: {{name: frontend}}
+spec:
+  dependencies: [{{service: orders}}]
+"
+    )
+}
+
+/// The mesh CA in `dir`, the control plane's certificate (for 127.0.0.1) and the flags
+/// that serve xDS with it.
+fn control_plane_tls(dir: &Path, mode: &str) -> Vec<String> {
+    // The CA the host certificates come from signs the control plane's too.
+    support::issue_identity(dir, "mesh", "frontend", TRUST_DOMAIN);
+    support::sign_cert(dir, "mesh", "control-plane", "IP:127.0.0.1,DNS:localhost");
+    let path = |f: &str| dir.join(f).display().to_string();
+    vec![
+        "--xds-tls-cert".into(),
+        path("control-plane.pem"),
+        "--xds-tls-key".into(),
+        path("control-plane.key"),
+        "--xds-client-ca".into(),
+        path("mesh-ca.pem"),
+        "--xds-client-auth".into(),
+        mode.into(),
+    ]
+}
+
+/// A frontend Envoy reaching the control plane over mTLS with `identity`'s certificate.
+fn frontend(identity: TlsFiles) -> EnvoyOptions {
+    EnvoyOptions {
+        service: "frontend".into(),
+        egress: true,
+        tls: Some(identity),
+        xds_tls: true,
+        ..Default::default()
+    }
+}
+
+async fn identity_count(cp: &ControlPlane, result: &str) -> u64 {
+    let name = format!("meshbridge_xds_identity_total{{result=\"{result}\"}} ");
+    cp.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn start(dir: &Path, mode: &str, orders: &Backend) -> ControlPlane {
+    let flags = control_plane_tls(dir, mode);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    ControlPlane::start(&mesh(orders.port), &flags).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_serves_proven_proxies_and_refuses_impostors() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = Backend::start("orders", "a").await;
+    let cp = start(dir.path(), "strict", &orders).await;
+
+    // A proxy whose certificate proves frontend: configured over mTLS, traffic flows.
+    let proven = support::issue_identity(dir.path(), "mesh", "frontend", TRUST_DOMAIN);
+    let good = Envoy::start(&cp, frontend(proven)).await;
+    good.wait_call("orders", "orders through a proven proxy", |r| {
+        r.status == 200
+    })
+    .await;
+    assert_eq!(identity_count(&cp, "verified").await, 1);
+    let proxies = cp.admin_json("/api/proxies").await;
+    assert_eq!(proxies[0]["identity"], "frontend", "{proxies}");
+
+    // A proxy holding billing's certificate that says it is frontend: refused.
+    let billing = support::issue_identity(dir.path(), "mesh", "billing", TRUST_DOMAIN);
+    let impostor = Envoy::start(&cp, frontend(billing)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the impostor refused and counted",
+        || async { (identity_count(&cp, "mismatch").await > 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        cp.log().contains("xDS client identity not proven"),
+        "the refusal is logged"
+    );
+    assert!(
+        impostor.call("orders", "/").await.is_err(),
+        "the impostor got an egress listener"
+    );
+    assert_eq!(
+        cp.admin_json("/api/proxies")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "only the proven proxy is connected"
+    );
+
+    // A plaintext client does not get past the TLS port.
+    let plain = tokio::net::TcpStream::connect(cp.xds_addr()).await.unwrap();
+    drop(plain);
+    let mut client = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr()))
+        .await
+        .unwrap();
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "a plaintext stream was served on the TLS port"
+    );
+
+    // The proven proxy still follows changes.
+    let other = Backend::start("orders", "b").await;
+    cp.write_manifests(&mesh(other.port));
+    good.wait_call("orders", "orders b", |r| r.body.contains("orders b"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_impostors_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = Backend::start("orders", "a").await;
+    let cp = start(dir.path(), "permissive", &orders).await;
+    let billing = support::issue_identity(dir.path(), "mesh", "billing", TRUST_DOMAIN);
+    let envoy = Envoy::start(&cp, frontend(billing)).await;
+    envoy
+        .wait_call("orders", "orders through an unproven proxy", |r| {
+            r.status == 200
+        })
+        .await;
+    assert_eq!(identity_count(&cp, "mismatch").await, 1);
+    assert_eq!(identity_count(&cp, "verified").await, 0);
+}
