@@ -293,6 +293,13 @@ pub struct RunArgs {
     /// `permissive`: served and counted; `none`: not checked.
     #[arg(long, env = "MESHBRIDGE_XDS_CLIENT_AUTH", value_enum, default_value_t = crate::xds::ClientAuth::None)]
     pub xds_client_auth: crate::xds::ClientAuth,
+    /// Bearer tokens the admin API accepts, one per line (`TOKEN [USER] [read]`), re-read
+    /// when the file changes; without it the admin API is open to whoever reaches it.
+    #[arg(long, env = "MESHBRIDGE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// With `--admin-token-file`, `/metrics` needs a token too (default: open to scrapers).
+    #[arg(long, env = "MESHBRIDGE_ADMIN_METRICS_AUTH")]
+    pub admin_metrics_auth: bool,
     /// xDS streams served at once, at most (beyond: RESOURCE_EXHAUSTED).
     #[arg(long, env = "MESHBRIDGE_XDS_MAX_STREAMS", default_value_t = 20_000)]
     pub xds_max_streams: usize,

@@ -40,6 +40,9 @@ pub struct CtlArgs {
     /// Output format: aligned tables for people, or the API's JSON (pretty-printed).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// File whose first word is a bearer token of the admin API (`run --admin-token-file`).
+    #[arg(long, env = "MESHBRIDGE_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -1243,10 +1246,13 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         .user_agent(concat!("meshbridge-ctl/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| anyhow::anyhow!("cannot build an HTTP client: {}", error_chain(&e)))?;
-    let request = match call.method {
+    let mut request = match call.method {
         Method::Get => client.get(url.clone()),
         Method::Post => client.post(url.clone()),
     };
+    if let Some(path) = &args.token_file {
+        request = request.bearer_auth(read_token(path)?);
+    }
     let response = request
         .send()
         .await
@@ -1277,6 +1283,18 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let _ = stdout.write_all(text.as_bytes());
     let _ = stdout.flush();
     Ok(())
+}
+
+/// The first word of the first line that is not blank or a `#` comment.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("--token-file {}: no token in the file", path.display()))
 }
 
 fn ensure_newline(mut s: String) -> String {

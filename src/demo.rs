@@ -264,6 +264,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         peers_dns: None,
         peer_check_interval: 0,
         diagnostics_timeout: 5000,
+        admin_token_file: None,
+        admin_metrics_auth: false,
         xds_tls_cert: None,
         xds_tls_key: None,
         xds_client_ca: None,

@@ -747,3 +747,117 @@ print(json.dumps(out))
         assert!(samples > 0, "{name} has no samples:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn with_a_token_file_only_token_holders_use_the_api_and_read_tokens_only_read() {
+    let tokens = tempfile::tempdir().unwrap();
+    let file = tokens.path().join("tokens");
+    std::fs::write(
+        &file,
+        "# operators\nalice-0123456789abcdef alice\ngrafana-0123456789abcdef grafana read\n",
+    )
+    .unwrap();
+    let flag = file.display().to_string();
+    let (_a, _b, cp, envoy) = running_mesh(&["--admin-token-file", &flag], frontend()).await;
+    let admin = cp.admin_addr();
+    let alice = [("authorization", "Bearer alice-0123456789abcdef")];
+    let grafana = [("authorization", "Bearer grafana-0123456789abcdef")];
+    let get_as = |path: &'static str, who: &'static [(&'static str, &'static str)]| async move {
+        http_get(admin, "localhost", path, who).await.unwrap()
+    };
+
+    // Probes, the UI's files and /metrics stay open; the API does not.
+    for open in ["/healthz", "/readyz", "/", "/ui/app.js", "/metrics"] {
+        assert_eq!(get_as(open, &[]).await.status, 200, "{open}");
+    }
+    let r = get_as("/api/services", &[]).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(json_of(&r)["error"].as_str().unwrap().contains("Bearer"));
+    let r = get_as(
+        "/api/proxies",
+        &[("authorization", "Bearer not-a-token-at-all")],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        json_of(&r)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not one of")
+    );
+
+    // A read token reads but changes nothing; the refusal is audited with its user.
+    let r = http_get(admin, "localhost", "/api/services", &grafana)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let node = &envoy.node_id;
+    let path = format!("/api/proxies/{node}/logging?level=debug");
+    let mut headers = vec![("content-length", "0")];
+    headers.extend_from_slice(&grafana);
+    let r = support::http_request(admin, "POST", "localhost", &path, &headers)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(envoy.log_levels().await.iter().all(|(_, l)| l != "debug"));
+
+    // A write token changes the level; the audit names the authenticated user, not what a
+    // header claims.
+    let mut headers = vec![("content-length", "0"), ("x-forwarded-user", "mallory")];
+    headers.extend_from_slice(&alice);
+    let r = support::http_request(admin, "POST", "localhost", &path, &headers)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(envoy.log_levels().await.iter().all(|(_, l)| l == "debug"));
+    let audit = json_of(
+        &http_get(admin, "localhost", "/api/audit", &alice)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(audit[0]["who"], "alice", "{audit}");
+    assert_eq!(audit[0]["action"], "log-level");
+    let refusals: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "admin-call")
+        .collect();
+    assert_eq!(refusals.len(), 3, "{audit}");
+    assert_eq!(refusals[0]["who"], "grafana");
+    assert!(refusals[0]["result"].as_str().unwrap().starts_with("403"));
+    assert_eq!(refusals[2]["who"], Value::Null);
+    assert!(
+        refusals[2]["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("/api/services")
+    );
+
+    // `meshbridge ctl` sends the token from its file, and says why without one.
+    let ctl_token = tokens.path().join("ctl-token");
+    std::fs::write(&ctl_token, "alice-0123456789abcdef\n").unwrap();
+    let url = format!("http://{admin}");
+    let ctl = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+            .args(["ctl", "--admin", &url])
+            .args(extra)
+            .arg("services")
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["--token-file", ctl_token.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("orders"));
+    let out = ctl(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -149,13 +149,12 @@ pub fn service_url(peer: &str, name: &str) -> Result<reqwest::Url, String> {
 }
 
 async fn get_json(s: &AdminState, url: &str) -> Result<Value, String> {
-    let mut resp = s
-        .http
-        .get(url)
-        .timeout(s.diagnostics_timeout)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let mut req = s.http.get(url).timeout(s.diagnostics_timeout);
+    // Replicas share the token file: a peer accepts this instance's first token.
+    if let Some(token) = s.tokens.as_ref().and_then(|t| t.first_token()) {
+        req = req.bearer_auth(token);
+    }
+    let mut resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("{url}: answered {status}"));

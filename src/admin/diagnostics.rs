@@ -311,6 +311,7 @@ pub async fn logging(
     Path(node): Path<String>,
     Query(q): Query<LevelQuery>,
     from: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    principal: Option<axum::Extension<super::auth::Principal>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let level = q.level.clone().unwrap_or_default();
@@ -319,7 +320,8 @@ pub async fn logging(
         None => format!("level={level}"),
     };
     let record = Record {
-        who: requester(&headers),
+        // The authenticated user when tokens are on; else what the request says.
+        who: principal.map(|p| p.0.user).or_else(|| requester(&headers)),
         from: from.map(|f| f.0.0.to_string()),
         node: node.clone(),
         detail,

@@ -2,6 +2,7 @@
 //! the sources, the connected proxies and their snapshots, Envoy diagnostics through the
 //! control plane, comparison with peer instances, and the web UI.
 
+pub mod auth;
 pub mod changes;
 pub mod compare;
 pub mod diagnostics;
@@ -55,6 +56,10 @@ pub struct AdminState {
     pub http: reqwest::Client,
     /// Envoy admin requests in flight at most; beyond, callers get 503 at once.
     pub diagnostics_permits: Arc<tokio::sync::Semaphore>,
+    /// Bearer tokens (`--admin-token-file`); none: the API is open.
+    pub tokens: Option<Arc<auth::TokenFile>>,
+    /// Whether `/metrics` needs a token too (`--admin-metrics-auth`).
+    pub metrics_auth: bool,
     /// Time limit of one such request.
     pub diagnostics_timeout: Duration,
     /// Where the peer instances are.
@@ -87,6 +92,8 @@ impl AdminState {
                 .build()
                 .unwrap_or_else(|_| unreachable_client()),
             diagnostics_permits: Arc::new(tokio::sync::Semaphore::new(diagnostics::MAX_IN_FLIGHT)),
+            tokens: None,
+            metrics_auth: false,
             diagnostics_timeout: Duration::from_secs(5),
             peers: Arc::default(),
             peer_series: Arc::default(),
@@ -157,6 +164,10 @@ pub fn router(state: AdminState) -> Router {
             "/ui/app.css",
             get(|| async { asset("text/css; charset=utf-8", UI_STYLE) }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
         .with_state(state)
 }
 

@@ -165,7 +165,7 @@ pub async fn run(
         admin,
         draining.clone(),
         late_stop.clone(),
-    );
+    )?;
     {
         let cp = cp.clone();
         tokio::spawn(async move { cp.become_ready().await });

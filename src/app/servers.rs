@@ -128,8 +128,17 @@ pub(super) fn spawn_admin(
     listener: TcpListener,
     draining: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+) -> anyhow::Result<JoinHandle<()>> {
+    let tokens = match &args.admin_token_file {
+        Some(path) => Some(Arc::new(
+            admin::auth::TokenFile::new(path)
+                .map_err(|e| super::BadConfig(format!("--admin-token-file: {e}")))?,
+        )),
+        None => None,
+    };
     let admin_state = AdminState {
+        tokens,
+        metrics_auth: args.admin_metrics_auth,
         ready: cp.ready.clone(),
         draining,
         changes: cp.changes.clone(),
@@ -159,9 +168,9 @@ pub(super) fn spawn_admin(
         header_timeout: std::time::Duration::from_secs(10),
         request_timeout: None,
     };
-    tokio::spawn(crate::serve::serve(
+    Ok(tokio::spawn(crate::serve::serve(
         "admin", listener, router, None, limits, stop,
-    ))
+    )))
 }
 
 /// What the webhook reads from the Kubernetes side: the store, and whether it has listed

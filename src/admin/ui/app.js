@@ -132,15 +132,23 @@
 
   class ApiError extends Error {}
 
+  // The admin API token (`run --admin-token-file`), kept for this tab only.
+  const TOKEN_KEY = 'meshbridge-admin-token';
+
   /** Fetches an admin path; throws ApiError with the server's `{error}` text on failure. */
   async function api(path, opts) {
     const { method = 'GET', text = false } = opts || {};
+    const headers = { accept: text ? 'text/plain, */*' : 'application/json' };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.authorization = `Bearer ${token}`;
     let res;
     try {
-      res = await fetch(path, { method, headers: { accept: text ? 'text/plain, */*' : 'application/json' }, cache: 'no-store' });
+      res = await fetch(path, { method, headers, cache: 'no-store' });
     } catch (e) {
       throw new ApiError(`${method} ${path}: ${e.message} (is meshbridge running?)`);
     }
+    // The server wants a token: ask for one.
+    if (res.status === 401) $('#login').hidden = false;
     const body = await res.text();
     if (!res.ok) {
       let msg = body.trim();
@@ -234,6 +242,16 @@
 
   window.addEventListener('hashchange', route);
   $('#refresh').addEventListener('click', route);
+  $('#login').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const value = $('#token').value.trim();
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    $('#token').value = '';
+    $('#login').hidden = true;
+    clearErrors();
+    route();
+  });
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (e.key === 'r' && !e.ctrlKey && !e.metaKey && !e.altKey && !(t instanceof HTMLInputElement || t instanceof HTMLSelectElement || t instanceof HTMLTextAreaElement)) route();

@@ -1,0 +1,249 @@
+//! Who may use the admin API. Without `--admin-token-file` anyone who reaches the port may
+//! (README: bind it to loopback or the pod IP). With it, every `/api` call needs
+//! `Authorization: Bearer TOKEN` naming a line of the file; `/healthz`, `/readyz`, the UI's
+//! static files and (unless `--admin-metrics-auth`) `/metrics` stay open. Each line is
+//! `TOKEN [USER] [read]`: `read` tokens may not change anything (`POST`), and `USER` is who
+//! the audit names (else `token:<line>`). The file is re-read when it changes; a file that no
+//! longer reads keeps the tokens last read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AdminState;
+use super::changes::AuditEntry;
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// Who the audit names.
+    pub user: String,
+    /// Whether it may change things (`POST`), not only read.
+    pub write: bool,
+}
+
+/// Bearer tokens from a file, re-read when it changes.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<(Option<Stamp>, Tokens)>,
+}
+
+/// A file's length and modification time.
+type Stamp = (u64, SystemTime);
+
+/// Tokens and whom they name.
+type Tokens = Vec<(String, Principal)>;
+
+/// Parses a token file: `TOKEN [USER] [read]` per line, `#` comments and blank lines skipped.
+pub fn parse_tokens(text: &str) -> Result<Tokens, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let token = words.next().unwrap_or_default();
+        if token.len() < 16 {
+            return Err(format!(
+                "line {}: a token must be at least 16 characters",
+                i + 1
+            ));
+        }
+        let user = words
+            .next()
+            .map_or_else(|| format!("token:{}", i + 1), str::to_string);
+        let write = match words.next() {
+            None => true,
+            Some("read") => false,
+            Some(other) => {
+                return Err(format!(
+                    "line {}: {other:?}: the third word may only be `read`",
+                    i + 1
+                ));
+            }
+        };
+        out.push((token.to_string(), Principal { user, write }));
+    }
+    if out.is_empty() {
+        return Err("no token in the file".into());
+    }
+    Ok(out)
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// Compares without stopping at the first difference (no timing hint about the token).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl TokenFile {
+    /// Reads `path`; fails naming it and the line at fault.
+    pub fn new(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let tokens = parse_tokens(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            cached: Mutex::new((stamp(path), tokens)),
+        })
+    }
+
+    /// The file's first token (for calls to peer replicas, which share the file).
+    pub fn first_token(&self) -> Option<String> {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached.1.first().map(|(t, _)| t.clone())
+    }
+
+    /// The caller `token` names, reading the file again first if it changed.
+    pub fn principal(&self, token: &str) -> Option<Principal> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamp(&self.path);
+        if now != cached.0 {
+            match std::fs::read_to_string(&self.path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_tokens(&t))
+            {
+                Ok(tokens) => *cached = (now, tokens),
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "admin token file not re-read; the tokens last read stay");
+                    cached.0 = now;
+                }
+            }
+        }
+        cached
+            .1
+            .iter()
+            .find(|(t, _)| same(t.as_bytes(), token.as_bytes()))
+            .map(|(_, p)| p.clone())
+    }
+}
+
+/// Paths served to anyone: probes, the UI's static files, and `/metrics` unless it is
+/// protected too.
+fn open_path(path: &str, metrics_open: bool) -> bool {
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/" | "/ui/app.js" | "/ui/app.css"
+    ) || (metrics_open && path == "/metrics")
+}
+
+/// The middleware: lets open paths through, else authenticates and authorizes the caller,
+/// and hands the [`Principal`] to the handlers. Refusals are audited.
+pub async fn require(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let Some(tokens) = &s.tokens else {
+        return next.run(req).await;
+    };
+    if open_path(req.uri().path(), !s.metrics_auth) {
+        return next.run(req).await;
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let principal = bearer.and_then(|t| tokens.principal(t));
+    let refusal = match &principal {
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            if bearer.is_some() {
+                "the bearer token is not one of --admin-token-file".to_string()
+            } else {
+                "authentication required: send Authorization: Bearer <token> (meshbridge ctl --token-file, or the UI's token field)".to_string()
+            },
+        )),
+        Some(p) if !p.write && req.method() != Method::GET && req.method() != Method::HEAD => {
+            Some((
+                StatusCode::FORBIDDEN,
+                format!("{} may only read (a `read` token)", p.user),
+            ))
+        }
+        Some(_) => None,
+    };
+    if let Some((status, message)) = refusal {
+        let from = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string());
+        let entry = AuditEntry {
+            at: crate::sources::now_secs(),
+            who: principal.as_ref().map(|p| p.user.clone()),
+            from,
+            action: "admin-call".into(),
+            node: String::new(),
+            detail: format!("{} {}", req.method(), req.uri().path()),
+            result: format!("{}: {message}", status.as_u16()),
+        };
+        tracing::info!(target: "meshbridge::audit", who = ?entry.who, from = ?entry.from, detail = %entry.detail, result = %entry.result, "admin call refused");
+        s.audit.push(entry);
+        let mut r = (status, axum::Json(json!({"error": message}))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meshbridge\""),
+            );
+        }
+        return r;
+    }
+    if let Some(p) = principal {
+        req.extensions_mut().insert(p);
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lines_name_users_and_read_only_tokens() {
+        let t = parse_tokens(
+            "# operators\n0123456789abcdef alice\n\nfedcba9876543210 grafana read\n1111222233334444\n",
+        )
+        .unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t[0].1,
+            Principal {
+                user: "alice".into(),
+                write: true
+            }
+        );
+        assert!(!t[1].1.write);
+        assert_eq!(t[2].1.user, "token:5");
+        assert!(parse_tokens("short").unwrap_err().contains("line 1"));
+        assert!(
+            parse_tokens("0123456789abcdef bob admin")
+                .unwrap_err()
+                .contains("`read`")
+        );
+        assert!(parse_tokens("# nothing\n").is_err());
+    }
+
+    #[test]
+    fn the_file_is_re_read_when_it_changes_and_a_broken_one_keeps_the_last_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "0123456789abcdef alice\n").unwrap();
+        let f = TokenFile::new(&path).unwrap();
+        assert_eq!(f.principal("0123456789abcdef").unwrap().user, "alice");
+        assert!(f.principal("0123456789abcdeX").is_none());
+        std::fs::write(&path, "fedcba9876543210 bob with-more-bytes-now\n").ok();
+        // An invalid file (third word) keeps alice.
+        assert!(f.principal("0123456789abcdef").is_some());
+        std::fs::write(&path, "fedcba9876543210 bob\n").unwrap();
+        assert_eq!(f.principal("fedcba9876543210").unwrap().user, "bob");
+        assert!(f.principal("0123456789abcdef").is_none());
+    }
+}
