@@ -226,6 +226,10 @@ pub struct RunArgs {
     /// `meshbridge.io/tls-secret`. Without either, sidecars get no certificate.
     #[arg(long, env = "MESHBRIDGE_SIDECAR_TLS_SECRET")]
     pub sidecar_tls_secret: Option<String>,
+    /// Injected sidecars with a certificate reach the control plane over mutual TLS with it
+    /// (the xDS port then needs `--xds-tls-cert`; `--xds-client-auth` checks them).
+    #[arg(long, env = "MESHBRIDGE_SIDECAR_XDS_TLS")]
+    pub sidecar_xds_tls: bool,
     /// SPIFFE trust domain of service identities.
     #[arg(long, env = "MESHBRIDGE_TRUST_DOMAIN", default_value = "mesh.local")]
     pub trust_domain: String,

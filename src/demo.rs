@@ -245,6 +245,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sidecar_log_level: "info".into(),
         no_native_sidecar: false,
         sidecar_tls_secret: None,
+        sidecar_xds_tls: false,
         default_deny: false,
         source_ip_identity: false,
         identity_header_from: vec![],

@@ -611,6 +611,50 @@ fn the_tls_secret_setting_names_one_secret_per_service_and_the_pod_overrides_it(
 }
 
 #[test]
+fn with_xds_tls_a_sidecar_with_a_certificate_reaches_the_control_plane_over_mtls() {
+    let xds_tls_of = |settings: &InjectSettings, annotations: Value| {
+        let bootstrap = sidecar_bootstrap(&injected(pod(annotations), settings));
+        bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "meshbridge_xds")
+            .unwrap()["transport_socket"]
+            .clone()
+    };
+    let settings = InjectSettings {
+        tls_secret: Some("{service}-mesh-tls".into()),
+        xds_tls: true,
+        ..InjectSettings::default()
+    };
+    let socket = xds_tls_of(&settings, json!({}));
+    let context = &socket["typed_config"]["common_tls_context"];
+    assert_eq!(
+        context["tls_certificate_sds_secret_configs"][0]["name"],
+        "server_cert"
+    );
+    assert_eq!(
+        context["validation_context_sds_secret_config"]["name"],
+        "validation_context"
+    );
+    assert_eq!(
+        socket["typed_config"]["sni"], "meshbridge-xds.meshbridge.svc",
+        "the xDS host name"
+    );
+    // A pod without a certificate cannot prove anything: plaintext as before.
+    assert_eq!(
+        xds_tls_of(&settings, json!({"meshbridge.io/tls-secret": ""})),
+        Value::Null
+    );
+    // Off by default.
+    let off = InjectSettings {
+        tls_secret: Some("{service}-mesh-tls".into()),
+        ..InjectSettings::default()
+    };
+    assert_eq!(xds_tls_of(&off, json!({})), Value::Null);
+}
+
+#[test]
 fn an_empty_tls_secret_annotation_turns_tls_off_for_the_pod() {
     let settings = InjectSettings {
         tls_secret: Some("{service}-mesh-tls".into()),

@@ -161,3 +161,41 @@ async fn permissive_serves_impostors_and_counts_them() {
     assert_eq!(identity_count(&cp, "mismatch").await, 1);
     assert_eq!(identity_count(&cp, "verified").await, 0);
 }
+
+#[test]
+fn unreadable_tls_or_token_files_stop_the_start_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("tokens");
+    std::fs::write(&short, "too-short\n").unwrap();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let cases: [(Vec<String>, &str); 2] = [
+        (
+            vec![
+                "--xds-tls-cert".into(),
+                missing.clone(),
+                "--xds-tls-key".into(),
+                missing,
+            ],
+            "--xds-tls-cert/--xds-tls-key",
+        ),
+        (
+            vec!["--admin-token-file".into(), short.display().to_string()],
+            "--admin-token-file",
+        ),
+    ];
+    for (flags, named) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+            .args(["run", "--kube", "off", "--xds-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+        assert!(
+            !stderr.contains("meshbridge listening"),
+            "it listened before refusing: {stderr}"
+        );
+    }
+}

@@ -68,6 +68,9 @@ pub async fn run(
             None
         }
     };
+    // Files the servers need, read before anything starts: a bad one fails the start.
+    let xds_tls = servers::xds_tls(&config, stop.clone())?;
+    let admin_tokens = servers::admin_tokens(args)?;
     let kube_client = match args.kube {
         KubeMode::Off => None,
         KubeMode::Auto => crate::sources::kube::client_from_environment()
@@ -156,16 +159,17 @@ pub async fn run(
         .await;
     }
     info!(xds = %addrs.xds, admin = %addrs.admin, webhook = ?addrs.webhook, "meshbridge listening");
-    let xds = servers::spawn_xds(&cp, &config, xds, stop.clone())?;
+    let xds = servers::spawn_xds(&cp, &config, xds, xds_tls, stop.clone());
     let draining = Arc::new(AtomicBool::new(false));
     let admin = servers::spawn_admin(
         &cp,
         args,
         &identity,
         admin,
+        admin_tokens,
         draining.clone(),
         late_stop.clone(),
-    )?;
+    );
     {
         let cp = cp.clone();
         tokio::spawn(async move { cp.become_ready().await });

@@ -61,40 +61,52 @@ impl Listeners {
     }
 }
 
-/// Serves ADS on `listener` (over TLS with `--xds-tls-cert`) until `stop` turns true;
-/// existing streams then drain. Fails when the TLS files do not load.
+/// The xDS port's TLS, when `--xds-tls-cert` is given: the certificate (re-read every 2 s
+/// until `stop`) and the client CA. Fails naming the flag when a file does not load.
+pub(super) fn xds_tls(
+    config: &RunConfig,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<XdsTls>> {
+    let args = &config.args;
+    let (Some(cert), Some(key)) = (&args.xds_tls_cert, &args.xds_tls_key) else {
+        return Ok(None);
+    };
+    let reloading = Arc::new(
+        ReloadingCert::from_files(cert, key)
+            .map_err(|e| super::BadConfig(format!("--xds-tls-cert/--xds-tls-key: {e}")))?,
+    );
+    let server =
+        crate::tls::server_config(reloading.clone(), args.xds_client_ca.as_deref(), &[b"h2"])
+            .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?;
+    crate::tls::reload_periodically("xds", reloading, std::time::Duration::from_secs(2), stop);
+    Ok(Some(XdsTls {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        trust_domain: config.settings.trust_domain.clone(),
+    }))
+}
+
+/// The admin API's tokens, when `--admin-token-file` is given. Fails naming the flag when
+/// the file does not load.
+pub(super) fn admin_tokens(args: &RunArgs) -> anyhow::Result<Option<Arc<admin::auth::TokenFile>>> {
+    match &args.admin_token_file {
+        Some(path) => Ok(Some(Arc::new(
+            admin::auth::TokenFile::new(path)
+                .map_err(|e| super::BadConfig(format!("--admin-token-file: {e}")))?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Serves ADS on `listener` (over `tls` when given) until `stop` turns true; existing
+/// streams then drain.
 pub(super) fn spawn_xds(
     cp: &ControlPlane,
     config: &RunConfig,
     listener: TcpListener,
+    tls: Option<XdsTls>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<Result<(), tonic::transport::Error>>> {
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
     let args = &config.args;
-    let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {
-        (Some(cert), Some(key)) => {
-            let reloading = Arc::new(
-                ReloadingCert::from_files(cert, key)
-                    .map_err(|e| super::BadConfig(format!("--xds-tls-cert/--xds-tls-key: {e}")))?,
-            );
-            let server = crate::tls::server_config(
-                reloading.clone(),
-                args.xds_client_ca.as_deref(),
-                &[b"h2"],
-            )
-            .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?;
-            crate::tls::reload_periodically(
-                "xds",
-                reloading,
-                std::time::Duration::from_secs(2),
-                stop.clone(),
-            );
-            Some(XdsTls {
-                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-                trust_domain: config.settings.trust_domain.clone(),
-            })
-        }
-        _ => None,
-    };
     info!(
         tls = tls.is_some(),
         client_auth = ?args.xds_client_auth,
@@ -108,7 +120,7 @@ pub(super) fn spawn_xds(
         limits: config.xds_limits.clone(),
         client_auth: args.xds_client_auth,
     });
-    Ok(tokio::spawn(
+    tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
@@ -116,7 +128,7 @@ pub(super) fn spawn_xds(
             .serve_with_incoming_shutdown(incoming(listener, tls), async move {
                 let _ = stop.wait_for(|s| *s).await;
             }),
-    ))
+    )
 }
 
 /// Serves the admin API and UI on `listener` until `stop` turns true, and checks the peer
@@ -126,16 +138,10 @@ pub(super) fn spawn_admin(
     args: &RunArgs,
     identity: &str,
     listener: TcpListener,
+    tokens: Option<Arc<admin::auth::TokenFile>>,
     draining: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let tokens = match &args.admin_token_file {
-        Some(path) => Some(Arc::new(
-            admin::auth::TokenFile::new(path)
-                .map_err(|e| super::BadConfig(format!("--admin-token-file: {e}")))?,
-        )),
-        None => None,
-    };
+) -> JoinHandle<()> {
     let admin_state = AdminState {
         tokens,
         metrics_auth: args.admin_metrics_auth,
@@ -168,9 +174,9 @@ pub(super) fn spawn_admin(
         header_timeout: std::time::Duration::from_secs(10),
         request_timeout: None,
     };
-    Ok(tokio::spawn(crate::serve::serve(
+    tokio::spawn(crate::serve::serve(
         "admin", listener, router, None, limits, stop,
-    )))
+    ))
 }
 
 /// What the webhook reads from the Kubernetes side: the store, and whether it has listed
@@ -227,6 +233,7 @@ pub(super) async fn spawn_webhook(
             .then_some(args.sidecar_diagnostics_port),
         diagnostics_allow: args.sidecar_diagnostics_allow.clone(),
         tls_secret: args.sidecar_tls_secret.clone(),
+        xds_tls: args.sidecar_xds_tls,
     };
     let state = crate::webhook::server::WebhookState {
         settings: Arc::new(settings),

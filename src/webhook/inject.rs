@@ -117,6 +117,9 @@ pub struct InjectSettings {
     /// `meshbridge.io/tls-secret` overrides it (`""`: no TLS for that pod). `None` (or empty):
     /// no TLS unless the pod asks for it.
     pub tls_secret: Option<String>,
+    /// A sidecar with a certificate reaches the control plane over mutual TLS with it
+    /// (`run --sidecar-xds-tls`; the control plane's `--xds-client-auth` checks it).
+    pub xds_tls: bool,
 }
 
 /// Port the chart gives the sidecar's diagnostics listener when it is turned on.
@@ -140,6 +143,7 @@ impl Default for InjectSettings {
             memory_limit: "256Mi".into(),
             native_sidecar: true,
             tls_secret: None,
+            xds_tls: false,
         }
     }
 }
@@ -392,6 +396,7 @@ pub fn inject(
         tls_cert: tls_file("tls.crt"),
         tls_key: tls_file("tls.key"),
         tls_ca: tls_file("ca.crt"),
+        xds_tls: settings.xds_tls && tls_secret.is_some(),
         ..Default::default()
     };
     let bootstrap =
