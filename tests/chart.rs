@@ -84,6 +84,33 @@ sidecarPodMonitor:
   labels: {release: prometheus}
 ";
 
+/// Every security setting on: admin API tokens (also for /metrics, which the ServiceMonitor
+/// then scrapes with a token), a NetworkPolicy, xDS over TLS checking client certificates,
+/// and injected sidecars connecting over mutual TLS.
+const SECURED: &str = "
+admin:
+  tokenSecret: meshbridge-admin-tokens
+  tokenSecretKey: tokens.txt
+  metricsAuth: true
+serviceMonitor:
+  enabled: true
+  bearerTokenSecret: {name: prometheus-meshbridge, key: bearer}
+networkPolicy:
+  enabled: true
+  adminFrom:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}
+      podSelector: {matchLabels: {app.kubernetes.io/name: prometheus}}
+    - ipBlock: {cidr: 10.20.0.0/16}
+xds:
+  tls:
+    secretName: meshbridge-xds-tls
+    clientCaKey: mesh-ca.crt
+    clientAuth: strict
+sidecar:
+  tlsSecret: \"{service}-mesh-tls\"
+  xdsTls: true
+";
+
 /// Every value set the tests render: (name, values YAML).
 const VALUE_SETS: &[(&str, &str)] = &[
     ("default", ""),
@@ -92,6 +119,7 @@ const VALUE_SETS: &[(&str, &str)] = &[
     ("webhook-self-managed", WEBHOOK_SELF_MANAGED),
     ("consul", CONSUL),
     ("dashboards", DASHBOARDS),
+    ("secured", SECURED),
 ];
 
 /// The value that follows `flag` in `args`, for a flag given once.
@@ -110,6 +138,14 @@ fn flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
 }
 
 /// The flags `meshbridge run --help` lists.
+/// Fails unless `meshbridge run --help` lists `flag`.
+fn assert_run_has(flag: &str) {
+    assert!(
+        run_flags().contains(flag),
+        "`meshbridge run --help` does not list {flag}"
+    );
+}
+
 fn run_flags() -> BTreeSet<String> {
     let out = run_bounded(
         Command::new(env!("CARGO_BIN_EXE_meshbridge")).args(["run", "--help"]),
@@ -425,10 +461,7 @@ fn the_sidecar_tls_secret_reaches_the_injector_only_when_set() {
         flag_value(&args, "--sidecar-tls-secret"),
         Some("{service}-mesh-tls")
     );
-    assert!(
-        run_flags().contains("--sidecar-tls-secret"),
-        "`meshbridge run --help` does not list --sidecar-tls-secret"
-    );
+    assert_run_has("--sidecar-tls-secret");
     for (what, values) in [
         ("default", ""),
         ("empty", "sidecar: {tlsSecret: \"\"}\n"),
@@ -492,15 +525,272 @@ fn consul_token_and_ca_files_come_from_their_secrets() {
 
     let default = render("");
     assert!(flag_value(&default.args(), "--consul-token-file").is_none());
-    let mounts = default.container()["volumeMounts"]
+    assert_no_mount_containing(&default, "consul");
+}
+
+/// Fails if a volume mount of the rendered container has `part` in its path.
+fn assert_no_mount_containing(rendered: &Rendered, part: &str) {
+    let mounts = rendered.container()["volumeMounts"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     assert!(
         mounts
             .iter()
-            .all(|m| !m["mountPath"].as_str().unwrap_or("").contains("consul")),
+            .all(|m| !m["mountPath"].as_str().unwrap_or("").contains(part)),
         "{mounts:?}"
+    );
+}
+
+/// Renders `values` expecting Helm to refuse, with a message naming each of `named`.
+fn render_fails_naming(values: &str, named: &[&str]) {
+    let out = helm("render", values, &[]);
+    let message = text(&out);
+    assert!(!out.status.success(), "rendered:\n{values}");
+    for name in named {
+        assert!(
+            message.contains(name),
+            "{values}: the error does not name {name}: {message}"
+        );
+    }
+}
+
+/// The `items` of the Secret volume behind `file`, checked to hold `file` from `key`.
+fn secret_item<'a>(rendered: &'a Rendered, file: &str, key: &str) -> &'a Value {
+    let (_, volume) = volume_for(rendered, file);
+    let name = Path::new(file).file_name().unwrap().to_str().unwrap();
+    let items = &volume["secret"]["items"];
+    assert!(
+        items
+            .as_array()
+            .unwrap()
+            .contains(&json!({"key": key, "path": name})),
+        "{file} is not {key} of its Secret: {volume}"
+    );
+    volume
+}
+
+#[test]
+fn admin_tokens_come_from_their_secret_and_the_service_monitor_sends_one() {
+    let rendered = render(SECURED);
+    let args = rendered.args();
+    let tokens = flag_value(&args, "--admin-token-file").unwrap();
+    assert_eq!(tokens, "/etc/meshbridge/admin/tokens");
+    let volume = secret_item(&rendered, tokens, "tokens.txt");
+    assert_eq!(volume["secret"]["secretName"], "meshbridge-admin-tokens");
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    assert_eq!(volume["secret"]["items"].as_array().unwrap().len(), 1);
+    assert!(args.iter().any(|a| a == "--admin-metrics-auth"), "{args:?}");
+    // /metrics wants a token: Prometheus sends one from its Secret.
+    let endpoint = &rendered.one("ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(
+        endpoint["authorization"],
+        json!({"type": "Bearer", "credentials": {"name": "prometheus-meshbridge", "key": "bearer"}})
+    );
+
+    // Off by default; the key defaults to `tokens`; metrics stay open unless asked.
+    let default = render("").args();
+    assert!(flag_value(&default, "--admin-token-file").is_none());
+    assert!(!default.iter().any(|a| a == "--admin-metrics-auth"));
+    let tokens_only =
+        render("admin: {tokenSecret: admin-tokens}\nserviceMonitor: {enabled: true}\n");
+    let args = tokens_only.args();
+    assert!(
+        !args.iter().any(|a| a == "--admin-metrics-auth"),
+        "{args:?}"
+    );
+    let file = flag_value(&args, "--admin-token-file").unwrap();
+    secret_item(&tokens_only, file, "tokens");
+    let endpoint = &tokens_only.one("ServiceMonitor")["spec"]["endpoints"][0];
+    assert!(endpoint.get("authorization").is_none(), "{endpoint}");
+    let consul = render(CONSUL);
+    let endpoint = &consul.one("ServiceMonitor")["spec"]["endpoints"][0];
+    assert!(endpoint.get("authorization").is_none(), "{endpoint}");
+    // Without a ServiceMonitor, protected metrics need no bearer Secret.
+    let args = render("admin: {tokenSecret: admin-tokens, metricsAuth: true}\n").args();
+    assert!(args.iter().any(|a| a == "--admin-metrics-auth"), "{args:?}");
+
+    render_fails_naming(
+        "admin: {metricsAuth: true}\n",
+        &["admin.metricsAuth", "admin.tokenSecret"],
+    );
+    render_fails_naming(
+        "admin: {tokenSecret: admin-tokens, metricsAuth: true}\nserviceMonitor: {enabled: true}\n",
+        &["admin.metricsAuth", "serviceMonitor.bearerTokenSecret"],
+    );
+}
+
+#[test]
+fn xds_tls_files_come_from_their_secret() {
+    let rendered = render(SECURED);
+    let args = rendered.args();
+    let cert = flag_value(&args, "--xds-tls-cert").unwrap();
+    let key = flag_value(&args, "--xds-tls-key").unwrap();
+    let ca = flag_value(&args, "--xds-client-ca").unwrap();
+    for (file, item) in [(cert, "tls.crt"), (key, "tls.key"), (ca, "mesh-ca.crt")] {
+        let volume = secret_item(&rendered, file, item);
+        assert_eq!(volume["secret"]["secretName"], "meshbridge-xds-tls");
+        assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    }
+    assert_eq!(flag_value(&args, "--xds-client-auth"), Some("strict"));
+    assert!(args.iter().any(|a| a == "--sidecar-xds-tls"), "{args:?}");
+
+    // TLS without client certificates: no CA mounted or passed.
+    let server_only = render("xds: {tls: {secretName: xds-cert}}\n");
+    let args = server_only.args();
+    let cert = flag_value(&args, "--xds-tls-cert").unwrap();
+    let volume = secret_item(&server_only, cert, "tls.crt");
+    assert_eq!(
+        volume["secret"]["items"],
+        json!([{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}])
+    );
+    secret_item(
+        &server_only,
+        flag_value(&args, "--xds-tls-key").unwrap(),
+        "tls.key",
+    );
+    assert!(flag_value(&args, "--xds-client-ca").is_none(), "{args:?}");
+    assert!(flag_value(&args, "--xds-client-auth").is_none(), "{args:?}");
+    assert!(!args.iter().any(|a| a == "--sidecar-xds-tls"), "{args:?}");
+    // The CA under its default key.
+    let permissive = render("xds: {tls: {secretName: xds-cert, clientAuth: permissive}}\n");
+    let args = permissive.args();
+    assert_eq!(flag_value(&args, "--xds-client-auth"), Some("permissive"));
+    secret_item(
+        &permissive,
+        flag_value(&args, "--xds-client-ca").unwrap(),
+        "ca.crt",
+    );
+
+    let default = render("");
+    let args = default.args();
+    for flag in [
+        "--xds-tls-cert",
+        "--xds-tls-key",
+        "--xds-client-ca",
+        "--xds-client-auth",
+    ] {
+        assert!(flag_value(&args, flag).is_none(), "{flag}: {args:?}");
+    }
+    assert_no_mount_containing(&default, "xds");
+
+    render_fails_naming(
+        "xds: {tls: {clientAuth: strict}}\n",
+        &["xds.tls.clientAuth", "xds.tls.secretName"],
+    );
+}
+
+#[test]
+fn sidecars_reach_the_control_plane_over_tls_only_with_a_certificate_and_a_tls_server() {
+    let args = render(SECURED).args();
+    assert!(args.iter().any(|a| a == "--sidecar-xds-tls"), "{args:?}");
+    assert_eq!(
+        flag_value(&args, "--sidecar-tls-secret"),
+        Some("{service}-mesh-tls")
+    );
+    assert_run_has("--sidecar-xds-tls");
+    for (what, values) in [
+        ("default", ""),
+        ("certificate only", WEBHOOK_CERT_MANAGER),
+        (
+            "webhook off",
+            "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls, xdsTls: true}\n",
+        ),
+    ] {
+        let args = render(values).args();
+        assert!(
+            !args.iter().any(|a| a == "--sidecar-xds-tls"),
+            "{what}: {args:?}"
+        );
+    }
+    render_fails_naming(
+        "sidecar: {xdsTls: true}\nxds: {tls: {secretName: xds-cert}}\n",
+        &["sidecar.xdsTls", "sidecar.tlsSecret"],
+    );
+    render_fails_naming(
+        "sidecar: {xdsTls: true, tlsSecret: orders-tls}\n",
+        &["sidecar.xdsTls", "xds.tls.secretName"],
+    );
+}
+
+/// The container port named `name`.
+fn container_port(rendered: &Rendered, name: &str) -> u64 {
+    rendered.container()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The NetworkPolicy's ingress rules by the one container port each opens, checked to select
+/// the meshbridge pods, to restrict ingress only, and to open each port over TCP in one rule.
+fn ingress_rules(rendered: &Rendered) -> BTreeMap<u64, &Value> {
+    let policy = rendered.one("NetworkPolicy");
+    assert_eq!(policy["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
+    let deployment = rendered.one("Deployment");
+    assert_eq!(
+        policy["spec"]["podSelector"], deployment["spec"]["selector"],
+        "the policy selects the meshbridge pods"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    let mut rules = BTreeMap::new();
+    for rule in policy["spec"]["ingress"].as_array().unwrap() {
+        let ports = rule["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 1, "one port per rule: {rule}");
+        assert_eq!(ports[0]["protocol"], "TCP", "{rule}");
+        let port = ports[0]["port"].as_u64().unwrap();
+        assert!(rules.insert(port, rule).is_none(), "{port} opened twice");
+    }
+    rules
+}
+
+#[test]
+fn the_network_policy_opens_xds_and_the_webhook_to_all_and_admin_to_the_listed_peers() {
+    let rendered = render(SECURED);
+    let rules = ingress_rules(&rendered);
+    let (xds, webhook, admin) = (
+        container_port(&rendered, "grpc-xds"),
+        container_port(&rendered, "https-webhook"),
+        container_port(&rendered, "http-admin"),
+    );
+    assert_eq!(
+        rules.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([xds, webhook, admin]),
+        "only the three ports are opened"
+    );
+    // No `from`: every source (proxies on pods and hosts, the API server).
+    for port in [xds, webhook] {
+        assert!(rules[&port].get("from").is_none(), "{}", rules[&port]);
+    }
+    let replicas = json!({"podSelector": rendered.one("Deployment")["spec"]["selector"]});
+    assert_eq!(
+        rules[&admin]["from"],
+        json!([
+            replicas,
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+            {"ipBlock": {"cidr": "10.20.0.0/16"}}
+        ]),
+        "the admin port: the replicas (comparing their state) and adminFrom, nothing else"
+    );
+
+    // Without adminFrom, only the replicas reach the admin port; without the webhook, its
+    // port stays closed.
+    let closed = render("networkPolicy: {enabled: true}\nwebhook: {enabled: false}\n");
+    let rules = ingress_rules(&closed);
+    assert_eq!(
+        rules.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([xds, admin])
+    );
+    assert_eq!(rules[&admin]["from"], json!([replicas]));
+
+    assert!(
+        render("").of_kind("NetworkPolicy").is_empty(),
+        "off by default"
     );
 }
 
@@ -516,11 +806,18 @@ impl Drop for Running {
 
 /// Status code of `GET path` on 127.0.0.1:`port`, or `None` when nothing answers.
 fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_status_with(port, path, None)
+}
+
+/// Status code of `GET path` on 127.0.0.1:`port` with `Authorization: Bearer token` when
+/// given, or `None` when nothing answers.
+fn http_status_with(port: u16, path: &str, token: Option<&str>) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -528,11 +825,35 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     response.split(' ').nth(1)?.parse().ok()
 }
 
-#[test]
-fn the_default_args_start_the_real_binary_and_its_probes_answer() {
-    let rendered = render("");
+/// Writes a self-signed certificate (`tls.crt`) and its key (`tls.key`) into `dir`.
+fn self_signed(dir: &Path, subject: &str) {
+    let out = run_bounded(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", subject])
+            .args(["-keyout", "tls.key", "-out", "tls.crt"])
+            .current_dir(dir),
+        "openssl req",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The real binary started with a render's arguments, its listeners on free loopback ports.
+struct Started {
+    /// Killed on drop.
+    _running: Running,
+    /// Listener flag (`--admin-addr`, …) → its port.
+    ports: BTreeMap<&'static str, u16>,
+    log: tempfile::NamedTempFile,
+}
+
+/// Starts `meshbridge` with the arguments `rendered` passes, the listeners moved to free
+/// loopback ports and each flag of `files` given a local path instead of the mounted one, and
+/// waits (bounded) until the container's liveness and readiness probes answer 200.
+fn start_rendered(rendered: &Rendered, files: &[(&str, &Path)]) -> Started {
     let mut args = rendered.args();
-    // The same arguments, with the listeners moved to free loopback ports.
     let mut ports = BTreeMap::new();
     for flag in ["--xds-addr", "--admin-addr", "--webhook-addr"] {
         let i = args.iter().position(|a| a == flag).unwrap() + 1;
@@ -544,24 +865,14 @@ fn the_default_args_start_the_real_binary_and_its_probes_answer() {
         args[i] = format!("127.0.0.1:{port}");
         ports.insert(flag, port);
     }
-    // The webhook certificate the chart mounts: made here with openssl.
-    let certs = tempfile::tempdir().unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=meshbridge-webhook.mesh-system.svc"])
-        .args(["-keyout", "tls.key", "-out", "tls.crt"])
-        .current_dir(certs.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let i = args.iter().position(|a| a == "--webhook-cert-dir").unwrap() + 1;
-    args[i] = certs.path().display().to_string();
+    for (flag, path) in files {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("the chart does not pass {flag}: {args:?}"))
+            + 1;
+        args[i] = path.display().to_string();
+    }
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
     cmd.args(&args)
@@ -601,6 +912,59 @@ fn the_default_args_start_the_real_binary_and_its_probes_answer() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+    Started {
+        _running: running,
+        ports,
+        log,
+    }
+}
+
+#[test]
+fn the_default_args_start_the_real_binary_and_its_probes_answer() {
+    // The webhook certificate the chart mounts: made here with openssl.
+    let certs = tempfile::tempdir().unwrap();
+    self_signed(certs.path(), "/CN=meshbridge-webhook.mesh-system.svc");
+    let _started = start_rendered(&render(""), &[("--webhook-cert-dir", certs.path())]);
+}
+
+#[test]
+fn the_secured_args_start_the_real_binary_and_the_admin_api_wants_a_token() {
+    let rendered = render(SECURED);
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = dir.path().join("webhook");
+    let xds = dir.path().join("xds");
+    for (d, subject) in [
+        (&webhook, "/CN=meshbridge-webhook.mesh-system.svc"),
+        (&xds, "/CN=meshbridge-xds.mesh-system.svc"),
+    ] {
+        std::fs::create_dir(d).unwrap();
+        self_signed(d, subject);
+    }
+    let token = "0123456789abcdef-prometheus";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("# admin API\n{token} prometheus read\n")).unwrap();
+    let started = start_rendered(
+        &rendered,
+        &[
+            ("--webhook-cert-dir", &webhook),
+            ("--admin-token-file", &tokens),
+            ("--xds-tls-cert", &xds.join("tls.crt")),
+            ("--xds-tls-key", &xds.join("tls.key")),
+            // The serving certificate is self-signed: it stands for the proxies' CA too.
+            ("--xds-client-ca", &xds.join("tls.crt")),
+        ],
+    );
+    let admin = started.ports["--admin-addr"];
+    let log = || std::fs::read_to_string(started.log.path()).unwrap();
+    for path in ["/api/services", "/metrics"] {
+        assert_eq!(http_status(admin, path), Some(401), "{path}: {}", log());
+        assert_eq!(
+            http_status_with(admin, path, Some(token)),
+            Some(200),
+            "{path}: {}",
+            log()
+        );
     }
 }
 
@@ -943,6 +1307,31 @@ fn values_schema_rejects_typos_naming_them() {
         (
             "dashboards.annotations.grafana_folder=null",
             "grafana_folder",
+        ),
+        ("admin.tokenSecrets=admin-tokens", "tokenSecrets"),
+        ("admin.metricsAuth=yes", "metricsAuth"),
+        ("xds.tsl.secretName=xds-cert", "tsl"),
+        ("xds.tls.clientCA=ca.crt", "clientCA"),
+        ("xds.tls.clientAuth=required", "clientAuth"),
+        ("xds.tls.clientAuth=Strict", "clientAuth"),
+        ("sidecar.xdsTLS=true", "xdsTLS"),
+        (
+            "serviceMonitor.bearerTokenSecret.secretName=prom",
+            "secretName",
+        ),
+        ("networkPolicy.enabeld=true", "enabeld"),
+        (
+            "networkPolicy.adminfrom[0].ipBlock.cidr=10.0.0.0/8",
+            "adminfrom",
+        ),
+        (
+            "networkPolicy.adminFrom[0].podselector.matchLabels.app=prometheus",
+            "podselector",
+        ),
+        // An ipBlock peer may not also select pods or namespaces.
+        (
+            "networkPolicy.adminFrom[0].ipBlock.cidr=10.0.0.0/8,networkPolicy.adminFrom[0].podSelector.matchLabels.app=x",
+            "adminFrom",
         ),
     ] {
         let out = helm("render", "", &[set]);
