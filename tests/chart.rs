@@ -1377,6 +1377,16 @@ fn notes_tell_how_to_check_reach_and_connect() {
         "{}",
         webhook.notes
     );
+    // Secured: the examples carry the token and the xDS TLS flags.
+    assert!(!notes.contains("Authorization: Bearer"), "{notes}");
+    let secured = render(SECURED);
+    for needle in ["Authorization: Bearer", "--token-file", "--xds-tls"] {
+        assert!(
+            secured.notes.contains(needle),
+            "{needle}: {}",
+            secured.notes
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
