@@ -47,7 +47,7 @@ pub struct BootstrapOptions {
     /// a metrics scraper's; repeatable. Anything else gets 403.
     #[arg(long = "diagnostics-allow", value_name = "CIDR")]
     pub diagnostics_allow: Vec<String>,
-    /// A dependency: service name, "*" (where allowed) or https://host[:port]; repeatable.
+    /// A dependency: service name, "*" (where allowed) or `https://host[:port]`; repeatable.
     #[arg(long = "dependency")]
     pub dependencies: Vec<String>,
     /// Use incremental (delta) xDS instead of state-of-the-world.

@@ -281,7 +281,7 @@ fn update_peer_series(
     *previous = now;
 }
 
-/// Compares with every peer, within [`OVERALL_LIMIT_FACTOR`] request time limits; sets
+/// Compares with every peer, within `OVERALL_LIMIT_FACTOR` request time limits; sets
 /// `meshbridge_peer_agree`.
 pub async fn compare_all(s: &AdminState) -> Value {
     let limit = s.diagnostics_timeout * OVERALL_LIMIT_FACTOR;

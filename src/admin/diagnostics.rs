@@ -78,7 +78,7 @@ fn target(s: &AdminState, node: &str) -> Result<(ProxyStatus, String), ApiError>
 }
 
 /// Envoy admin requests meshbridge makes at once, at most (each may buffer up to
-/// [`MAX_BODY`]).
+/// `MAX_BODY`).
 pub const MAX_IN_FLIGHT: usize = 8;
 
 /// The most meshbridge reads of one Envoy admin answer (a config dump of a very large mesh

@@ -729,7 +729,7 @@ async fn blocking_watch<T: Send + 'static>(
 /// (`/v1/health/state/any`) tell which services' instances or health changed, the catalog
 /// (`/v1/catalog/services`) which services appeared, left or changed tags. Only those
 /// services are fetched (`/v1/health/service/<name>`, non-blocking, bounded by the client's
-/// permits); every [`RESYNC`] all are, repairing drift. The checks baseline is taken before
+/// permits); every `RESYNC` (5 minutes) all are, repairing drift. The checks baseline is taken before
 /// the first full fetch, so no change can fall between the two.
 pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulContext) {
     let source = source_name(&dc);

@@ -1,6 +1,6 @@
 //! State-of-the-world protocol state of one stream: subscriptions, nonces, ACK/NACK.
 //!
-//! Pure: requests and snapshots in, responses out. The driver in [`super::server`] only
+//! Pure: requests and snapshots in, responses out. The driver in the xDS server (`super`) only
 //! moves messages. Rules (xDS protocol, "ACK/NACK and resource type instance version"):
 //! - a request whose `response_nonce` is not the last one sent for its type is stale and
 //!   changes nothing;
