@@ -94,6 +94,16 @@ async fn strict_serves_proven_proxies_and_refuses_impostors() {
     assert_eq!(identity_count(&cp, "verified").await, 1);
     let proxies = cp.admin_json("/api/proxies").await;
     assert_eq!(proxies[0]["identity"], "frontend", "{proxies}");
+    // A proven proxy answers diagnostics.
+    let dump = support::http_get(
+        cp.admin_addr(),
+        "localhost",
+        &format!("/api/proxies/{}/config_dump", good.node_id),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(dump.status, 200, "{}", dump.body);
 
     // A proxy holding billing's certificate that says it is frontend: refused.
     let billing = support::issue_identity(dir.path(), "mesh", "billing", TRUST_DOMAIN);
@@ -160,6 +170,18 @@ async fn permissive_serves_impostors_and_counts_them() {
         .await;
     assert_eq!(identity_count(&cp, "mismatch").await, 1);
     assert_eq!(identity_count(&cp, "verified").await, 0);
+    // Served, but not asked for diagnostics: what it would answer is not proven to be
+    // frontend's.
+    let dump = support::http_get(
+        cp.admin_addr(),
+        "localhost",
+        &format!("/api/proxies/{}/config_dump", envoy.node_id),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(dump.status, 403, "{}", dump.body);
+    assert!(dump.body.contains("did not prove service"), "{}", dump.body);
 }
 
 #[test]

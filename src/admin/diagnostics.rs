@@ -66,6 +66,15 @@ fn target(s: &AdminState, node: &str) -> Result<(ProxyStatus, String), ApiError>
             format!("no connected proxy with node id {node:?}"),
         ));
     };
+    if s.diagnostics_need_identity && proxy.identity.as_deref() != Some(proxy.service.as_str()) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "proxy {node:?} did not prove service {:?} with a client certificate, so meshbridge does not ask it for diagnostics (--xds-client-auth)",
+                proxy.service
+            ),
+        ));
+    }
     let Some(admin) = proxy.admin.clone() else {
         return Err(ApiError(
             StatusCode::CONFLICT,

@@ -60,6 +60,9 @@ pub struct AdminState {
     pub tokens: Option<Arc<auth::TokenFile>>,
     /// Whether `/metrics` needs a token too (`--admin-metrics-auth`).
     pub metrics_auth: bool,
+    /// Diagnostics only reach proxies whose client certificate proved their service (set
+    /// when `--xds-client-auth` is on).
+    pub diagnostics_need_identity: bool,
     /// Time limit of one such request.
     pub diagnostics_timeout: Duration,
     /// Where the peer instances are.
@@ -94,6 +97,7 @@ impl AdminState {
             diagnostics_permits: Arc::new(tokio::sync::Semaphore::new(diagnostics::MAX_IN_FLIGHT)),
             tokens: None,
             metrics_auth: false,
+            diagnostics_need_identity: false,
             diagnostics_timeout: Duration::from_secs(5),
             peers: Arc::default(),
             peer_series: Arc::default(),

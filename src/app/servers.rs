@@ -145,6 +145,7 @@ pub(super) fn spawn_admin(
     let admin_state = AdminState {
         tokens,
         metrics_auth: args.admin_metrics_auth,
+        diagnostics_need_identity: args.xds_client_auth != crate::xds::ClientAuth::None,
         ready: cp.ready.clone(),
         draining,
         changes: cp.changes.clone(),
