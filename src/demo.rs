@@ -229,6 +229,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         consul_wait: 55_000,
         consul_flap_hold: 1000,
         consul_confirm_removal: 30_000,
+        consul_services_owned_by: vec![],
         xds_addr: SocketAddr::from(([127, 0, 0, 1], XDS)),
         admin_addr: SocketAddr::from(([127, 0, 0, 1], ADMIN)),
         webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -449,6 +449,63 @@ async fn a_renewing_holder_with_a_skewed_clock_is_followed_until_it_stops_renewi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_rule_from_another_namespace_is_ignored_and_says_so() {
+    let kube = FakeKube::start().await;
+    kube.apply(mesh_service(
+        "payments",
+        json!({"endpoints": [{"address": "10.0.0.1", "port": 80}]}),
+    ));
+    // A tenant opens payments to everyone from its own namespace.
+    kube.apply(json!({
+        "apiVersion": MS, "kind": "AccessRule",
+        "metadata": {"name": "open-payments", "namespace": "tenant"},
+        "spec": {"target": "payments", "rules": [{"from": ["*"]}]},
+    }));
+    // The owner's own rule.
+    kube.apply(json!({
+        "apiVersion": MS, "kind": "AccessRule",
+        "metadata": {"name": "payments-callers", "namespace": "shop"},
+        "spec": {"target": "payments", "action": "deny", "rules": [{"from": ["orders"]}]},
+    }));
+    let cp = start(&kube, &[]).await;
+    let degraded = eventually(LIMIT, "the tenant's rule is Degraded", || async {
+        let o = kube.get(MS, "AccessRule", Some("tenant"), "open-payments")?;
+        condition(&o, "Degraded").cloned()
+    })
+    .await;
+    assert_eq!(degraded["reason"], "ForeignTarget", "{degraded}");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace shop"),
+        "{degraded}"
+    );
+    // In force: the owner's rule only.
+    let access = cp.admin_json("/api/access").await;
+    let payments = access
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["target"] == "payments")
+        .cloned()
+        .unwrap_or_else(|| panic!("{access}"));
+    assert_eq!(
+        payments["sources"],
+        json!(["shop/payments-callers"]),
+        "{payments}"
+    );
+    let owner = kube
+        .get(MS, "AccessRule", Some("shop"), "payments-callers")
+        .unwrap();
+    assert_ne!(
+        condition(&owner, "Degraded").map(|c| c["reason"].clone()),
+        Some(json!("ForeignTarget")),
+        "{owner}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_conflicts_and_unknown_callers_show_in_status() {
     let kube = FakeKube::start().await;
     let mut older = mesh_service("orders", json!({"selector": {"app": "orders"}}));

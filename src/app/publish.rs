@@ -41,11 +41,13 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub(super) fn new(config: &RunConfig) -> Self {
+        let index = IndexHandle::new();
+        index.update(|i| i.set_consul_owners(config.args.consul_services_owned_by.clone()));
         let metrics = Arc::new(Metrics::new());
         let sources = Arc::new(SourceStatuses::default());
         sources.attach_metrics(metrics.clone());
         ControlPlane {
-            index: IndexHandle::new(),
+            index,
             cache: Arc::new(
                 SnapshotCache::new(config.settings.clone())
                     .with_build_counter(metrics.snapshot_group_builds.clone()),
@@ -85,9 +87,9 @@ impl ControlPlane {
     /// Builds the mesh state from the index and publishes it to every connected group.
     async fn publish(&self, previous: &mut MeshState) {
         let began = Instant::now();
-        let (state, conflicts, generation, sizes) = self.index.read(|index| {
-            let (state, conflicts) = index.build();
-            (state, conflicts, index.generation(), index.sizes())
+        let (state, conflicts, foreign, generation, sizes) = self.index.read(|index| {
+            let (state, conflicts, foreign) = index.build_full();
+            (state, conflicts, foreign, index.generation(), index.sizes())
         });
         admin::record_index_sizes(&self.metrics, &sizes);
         for (name, old) in &previous.services {
@@ -121,6 +123,7 @@ impl ControlPlane {
         let view = Arc::new(Published {
             state: state.clone(),
             conflicts,
+            foreign,
         });
         let cache = self.cache.clone();
         let started = Instant::now();

@@ -181,6 +181,7 @@ pub fn mesh_service(
         },
         dependencies,
         endpoints,
+        namespace: None,
     })
 }
 
@@ -395,6 +396,7 @@ pub fn access_rule(obj: &AccessRule, source: String) -> Result<AccessDeclaration
         },
         rules,
         source,
+        namespace: None,
     })
 }
 

@@ -30,6 +30,8 @@ pub struct ServiceDeclaration {
     pub dependencies: Vec<Dependency>,
     /// Static endpoints (`spec.endpoints`), sorted.
     pub endpoints: Vec<Endpoint>,
+    /// The Kubernetes namespace it was declared in; none for the operator's manifests.
+    pub namespace: Option<String>,
 }
 
 /// An AccessRule, validated.
@@ -43,6 +45,20 @@ pub struct AccessDeclaration {
     pub rules: Vec<AccessRuleSet>,
     /// Where it came from (`namespace/name` or `file#document`).
     pub source: String,
+    /// The Kubernetes namespace it was declared in; none for the operator's manifests.
+    pub namespace: Option<String>,
+}
+
+/// An AccessRule from a namespace that may not protect its target: ignored, and reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ForeignRule {
+    /// The rule (`namespace/name`).
+    pub source: String,
+    /// Its target.
+    pub target: String,
+    /// Who owns the target: `namespace/...` of its MeshService, the operator's manifests, or
+    /// Consul.
+    pub owner: String,
 }
 
 /// Instances of one service reported by a discovery source (Consul, pods).
@@ -81,6 +97,9 @@ pub struct NameConflict {
 pub struct Index {
     sources: BTreeMap<String, BTreeMap<String, Vec<IndexObject>>>,
     generation: u64,
+    /// Namespaces whose AccessRules may protect services no namespace declares (Consul's,
+    /// and the operator's manifests'): `--consul-services-owned-by`.
+    consul_owners: Vec<String>,
 }
 
 impl Index {
@@ -100,6 +119,14 @@ impl Index {
             .iter()
             .map(|(source, entries)| (source.clone(), entries.values().map(Vec::len).sum()))
             .collect()
+    }
+
+    /// Sets the namespaces whose AccessRules may protect services no namespace declares.
+    pub fn set_consul_owners(&mut self, namespaces: Vec<String>) {
+        if self.consul_owners != namespaces {
+            self.consul_owners = namespaces;
+            self.generation += 1;
+        }
     }
 
     /// The objects `source` has under `key`.
@@ -142,6 +169,18 @@ impl Index {
 
     /// Builds the mesh state and reports name conflicts.
     pub fn build(&self) -> (MeshState, Vec<NameConflict>) {
+        let (state, conflicts, _) = self.build_full();
+        (state, conflicts)
+    }
+
+    /// Builds the mesh state and reports name conflicts and AccessRules that may not
+    /// protect their target. An AccessRule from a namespace protects a service declared by
+    /// a MeshService of the same namespace; a service no namespace declares (only Consul's
+    /// instances, or the operator's manifests) only from a namespace of
+    /// `--consul-services-owned-by`. A rule for a service nobody knows yet is kept (it
+    /// protects nothing until the service appears, and is judged again then). The
+    /// operator's manifests' rules protect anything.
+    pub fn build_full(&self) -> (MeshState, Vec<NameConflict>, Vec<ForeignRule>) {
         let mut declarations: BTreeMap<&str, Vec<&ServiceDeclaration>> = BTreeMap::new();
         let mut discovered: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
         let mut access: BTreeMap<&str, Vec<&AccessDeclaration>> = BTreeMap::new();
@@ -157,6 +196,7 @@ impl Index {
         }
         let mut conflicts = Vec::new();
         let mut services = BTreeMap::new();
+        let mut owners: BTreeMap<&str, Owner<'_>> = BTreeMap::new();
         for (name, mut decls) in declarations {
             decls.sort_by(|a, b| {
                 a.precedence
@@ -164,6 +204,13 @@ impl Index {
                     .then_with(|| format!("{a:?}").cmp(&format!("{b:?}")))
             });
             let winner = decls[0];
+            owners.insert(
+                name,
+                winner
+                    .namespace
+                    .as_deref()
+                    .map_or(Owner::Operator, Owner::Namespace),
+            );
             for loser in &decls[1..] {
                 conflicts.push(NameConflict {
                     service: name.to_string(),
@@ -187,6 +234,7 @@ impl Index {
             );
         }
         for (name, found) in discovered {
+            owners.insert(name, Owner::Consul);
             services.insert(
                 name.to_string(),
                 Service {
@@ -196,16 +244,59 @@ impl Index {
                 },
             );
         }
+        let mut foreign = Vec::new();
         let access = access
             .into_iter()
-            .map(|(target, decls)| (target.to_string(), merge_access(target, &decls)))
+            .filter_map(|(target, decls)| {
+                let owner = owners.get(target).copied();
+                let (kept, refused): (Vec<&AccessDeclaration>, Vec<&AccessDeclaration>) = decls
+                    .into_iter()
+                    .partition(|d| may_protect(d.namespace.as_deref(), owner, &self.consul_owners));
+                for d in refused {
+                    foreign.push(ForeignRule {
+                        source: d.source.clone(),
+                        target: target.to_string(),
+                        owner: match owner {
+                            Some(Owner::Namespace(ns)) => format!("namespace {ns}"),
+                            Some(Owner::Operator) => "the operator's manifests".into(),
+                            Some(Owner::Consul) | None => "Consul".into(),
+                        },
+                    });
+                }
+                (!kept.is_empty()).then(|| (target.to_string(), merge_access(target, &kept)))
+            })
             .collect();
-        (MeshState { services, access }, conflicts)
+        (MeshState { services, access }, conflicts, foreign)
     }
 
     /// Builds the mesh state.
     pub fn state(&self) -> MeshState {
         self.build().0
+    }
+}
+
+/// Who declares a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner<'a> {
+    /// A MeshService in this namespace.
+    Namespace(&'a str),
+    /// The operator's manifests (`--config-dir`).
+    Operator,
+    /// Nobody: only Consul's instances.
+    Consul,
+}
+
+/// Whether an AccessRule from `rule_namespace` (none: the operator's manifests) may
+/// protect a service owned by `owner` (none: unknown so far).
+fn may_protect(
+    rule_namespace: Option<&str>,
+    owner: Option<Owner<'_>>,
+    consul_owners: &[String],
+) -> bool {
+    match (rule_namespace, owner) {
+        (None, _) | (_, None) => true,
+        (Some(ns), Some(Owner::Namespace(owner))) => ns == owner,
+        (Some(ns), Some(Owner::Operator | Owner::Consul)) => consul_owners.iter().any(|o| o == ns),
     }
 }
 
@@ -231,5 +322,99 @@ fn merge_access(target: &str, decls: &[&AccessDeclaration]) -> AccessPolicy {
         },
         rules,
         sources,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The objects of `yaml`, declared in `namespace` (none: the operator's manifests).
+    fn objects(yaml: &str, namespace: Option<&str>) -> Vec<IndexObject> {
+        let mut objects = crate::sources::files::parse_manifests("t.yaml", yaml).unwrap();
+        for o in &mut objects {
+            match o {
+                IndexObject::Service(d) => d.namespace = namespace.map(str::to_string),
+                IndexObject::Access(a) => {
+                    a.namespace = namespace.map(str::to_string);
+                    if let Some(ns) = namespace {
+                        a.source = format!("{ns}/{}", a.target);
+                    }
+                }
+                IndexObject::Endpoints(_) => {}
+            }
+        }
+        objects
+    }
+
+    fn rule(target: &str) -> String {
+        format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata: {{name: r}}\nspec:\n  target: {target}\n  rules: [{{from: [\"*\"]}}]\n"
+        )
+    }
+
+    const PAYMENTS: &str = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: payments}\nspec:\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
+
+    #[test]
+    fn an_access_rule_protects_only_what_its_namespace_may_protect() {
+        let mut index = Index::new();
+        index.apply("kubernetes", "pay/payments", objects(PAYMENTS, Some("pay")));
+        index.apply(
+            "consul:dc1",
+            "legacy",
+            vec![IndexObject::Endpoints(EndpointSet {
+                service: "legacy".into(),
+                // An instance like any other (its origin does not matter here).
+                endpoints: match &objects(PAYMENTS, None)[0] {
+                    IndexObject::Service(d) => d.endpoints.clone(),
+                    other => panic!("{other:?}"),
+                },
+            })],
+        );
+        // A tenant's `from: ["*"]` on payments and on a Consul service: ignored, reported.
+        index.apply(
+            "kubernetes",
+            "tenant/1",
+            objects(&rule("payments"), Some("tenant")),
+        );
+        index.apply(
+            "kubernetes",
+            "tenant/2",
+            objects(&rule("legacy"), Some("tenant")),
+        );
+        // A rule for a service nobody knows yet is kept; so are the operator's.
+        index.apply(
+            "kubernetes",
+            "tenant/3",
+            objects(&rule("future"), Some("tenant")),
+        );
+        let (state, _, foreign) = index.build_full();
+        assert!(!state.access.contains_key("payments"), "{:?}", state.access);
+        assert!(!state.access.contains_key("legacy"));
+        assert!(state.access.contains_key("future"));
+        let owners: Vec<(&str, &str)> = foreign
+            .iter()
+            .map(|f| (f.target.as_str(), f.owner.as_str()))
+            .collect();
+        assert_eq!(
+            owners,
+            vec![("legacy", "Consul"), ("payments", "namespace pay")]
+        );
+        assert_eq!(foreign[1].source, "tenant/payments");
+
+        // The owner's namespace, an owner of Consul's services, and the operator may.
+        index.apply(
+            "kubernetes",
+            "pay/1",
+            objects(&rule("payments"), Some("pay")),
+        );
+        index.set_consul_owners(vec!["tenant".into()]);
+        let (state, _, foreign) = index.build_full();
+        assert_eq!(state.access["payments"].sources, vec!["pay/payments"]);
+        assert!(state.access.contains_key("legacy"));
+        assert_eq!(foreign.len(), 1, "the tenant's payments rule stays foreign");
+        index.apply("config", "ops.yaml", objects(&rule("payments"), None));
+        let (state, _, _) = index.build_full();
+        assert_eq!(state.access["payments"].sources.len(), 2);
     }
 }

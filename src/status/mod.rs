@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::api::access_rule::AccessRuleStatus;
 use crate::api::mesh_service::{Condition, MeshServiceStatus};
-use crate::index::NameConflict;
+use crate::index::{ForeignRule, NameConflict};
 use crate::model::MeshState;
 use crate::sources::kube::store::{ObjectKey, PodCounts, RuleEntry, ServiceEntry, precedence};
 
@@ -25,6 +25,8 @@ pub struct View<'a> {
     pub state: &'a MeshState,
     /// Name conflicts of the published state.
     pub conflicts: &'a [NameConflict],
+    /// AccessRules ignored because their namespace may not protect their target.
+    pub foreign: &'a [ForeignRule],
     /// RFC 3339 time stamped on conditions that change now.
     pub now: &'a str,
 }
@@ -237,12 +239,23 @@ pub fn access_rule_status(
             format!("no service named {target:?} is known (from {key})"),
         )
     });
+    let key_text = key.to_string();
     if !entry.errors.is_empty() {
         conditions.push(condition(
             "Degraded",
             true,
             "InvalidSpec",
             errors_text(&entry.errors),
+        ));
+    } else if let Some(f) = view.foreign.iter().find(|f| f.source == key_text) {
+        conditions.push(condition(
+            "Degraded",
+            true,
+            "ForeignTarget",
+            format!(
+                "ignored: service {target:?} belongs to {}; an AccessRule protects only a service declared in its own namespace (or, for Consul's services, from a namespace of --consul-services-owned-by)",
+                f.owner
+            ),
         ));
     } else if !unknown.is_empty() {
         conditions.push(condition(
@@ -314,6 +327,7 @@ mod tests {
         let view = View {
             state: &state,
             conflicts: &conflicts,
+            foreign: &[],
             now,
         };
         mesh_service_status(
@@ -409,6 +423,7 @@ mod tests {
         let view = View {
             state: &state,
             conflicts: &conflicts,
+            foreign: &[],
             now: "t",
         };
         let s = access_rule_status(&key, store.rule(&key).unwrap(), view, None);

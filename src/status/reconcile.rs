@@ -39,6 +39,8 @@ pub struct Published {
     pub state: MeshState,
     /// Its name conflicts.
     pub conflicts: Vec<NameConflict>,
+    /// AccessRules ignored because their namespace may not protect their target.
+    pub foreign: Vec<crate::index::ForeignRule>,
 }
 
 /// What the reconcilers share.
@@ -255,6 +257,7 @@ async fn reconcile_service(
     let view = View {
         state: &published.state,
         conflicts: &published.conflicts,
+        foreign: &published.foreign,
         now: &now,
     };
     let current = object.status.as_ref();
@@ -295,6 +298,7 @@ async fn reconcile_rule(
     let view = View {
         state: &published.state,
         conflicts: &published.conflicts,
+        foreign: &published.foreign,
         now: &now,
     };
     let current = object.status.as_ref();
@@ -380,8 +384,12 @@ mod tests {
         ));
         let mut index = Index::new();
         index.reset("kubernetes", store.all_index_objects());
-        let (state, conflicts) = index.build();
-        let (_tx, published) = watch::channel(Arc::new(Published { state, conflicts }));
+        let (state, conflicts, foreign) = index.build_full();
+        let (_tx, published) = watch::channel(Arc::new(Published {
+            state,
+            conflicts,
+            foreign,
+        }));
         std::mem::forget(_tx);
         let ctx = StatusContext::new(
             client,
@@ -474,6 +482,7 @@ mod tests {
         let view = View {
             state: &published.state,
             conflicts: &published.conflicts,
+            foreign: &published.foreign,
             now: "2026-11-23T00:00:00Z",
         };
         object.status = Some(mesh_service_status(&entry, &counts, None, view, None));

@@ -333,13 +333,15 @@ impl KubeStore {
             "MeshService" => {
                 let object = self.services.get(&key)?.in_force.as_ref()?;
                 let mut decl = convert::mesh_service(object, precedence(object)).ok()?;
+                decl.namespace = Some(key.namespace.clone());
                 decl.endpoints.extend(self.pod_endpoints(&key, object));
                 decl.endpoints.sort();
                 decl.endpoints.dedup();
                 Some(vec![IndexObject::Service(decl)])
             }
             "AccessRule" => {
-                let decl = self.rules.get(&key)?.in_force.clone()?;
+                let mut decl = self.rules.get(&key)?.in_force.clone()?;
+                decl.namespace = Some(key.namespace.clone());
                 Some(vec![IndexObject::Access(decl)])
             }
             _ => None,
