@@ -184,8 +184,10 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
 }
 
 /// The validating webhook: runs the index's own validation on MeshServices and AccessRules,
-/// so what is admitted is what meshbridge can use.
-pub fn review_validate(body: &[u8]) -> Answer {
+/// so what is admitted is what meshbridge can use. `declared_in(service)` names the
+/// namespaces whose MeshServices declare `service`: an AccessRule whose target is declared
+/// only in other namespaces would be ignored (`ForeignTarget`), so it is refused.
+pub fn review_validate(body: &[u8], declared_in: &dyn Fn(&str) -> Vec<String>) -> Answer {
     let request = match parse_request(body) {
         Ok(r) => r,
         Err(e) => return malformed(e),
@@ -213,12 +215,24 @@ pub fn review_validate(body: &[u8]) -> Answer {
         },
         "AccessRule" => match serde_path_to_error::deserialize::<_, AccessRule>(object.clone()) {
             Err(e) => vec![format!("{}: {}", e.path(), e.inner())],
-            Ok(o) => convert::access_rule(&o, name.clone())
-                .err()
-                .unwrap_or_default()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            Ok(o) => {
+                let mut errors: Vec<String> = convert::access_rule(&o, name.clone())
+                    .err()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                let namespace = request["namespace"].as_str().unwrap_or("");
+                let owners = declared_in(o.spec.target.trim());
+                if !owners.is_empty() && !owners.iter().any(|n| n == namespace) {
+                    errors.push(format!(
+                        "spec.target: service {:?} is declared by a MeshService in namespace {}; an AccessRule protects only a service of its own namespace (it would be ignored)",
+                        o.spec.target.trim(),
+                        owners.join(", ")
+                    ));
+                }
+                errors
+            }
         },
         other => {
             return review(allowed(
@@ -238,5 +252,55 @@ pub fn review_validate(body: &[u8]) -> Answer {
             "Invalid",
             format!("{kind} {name} is invalid: {}", errors.join("; ")),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule_review(namespace: &str, target: &str) -> Vec<u8> {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1",
+                "operation": "CREATE",
+                "namespace": namespace,
+                "kind": {"group": "meshbridge.io", "version": "v1alpha1", "kind": "AccessRule"},
+                "object": {
+                    "apiVersion": "meshbridge.io/v1alpha1",
+                    "kind": "AccessRule",
+                    "metadata": {"name": "r", "namespace": namespace},
+                    "spec": {"target": target, "rules": [{"from": ["*"]}]}
+                }
+            }
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn an_access_rule_for_another_namespaces_service_is_refused_at_apply() {
+        let declared_in = |s: &str| {
+            if s == "payments" {
+                vec!["shop".to_string()]
+            } else {
+                Vec::new()
+            }
+        };
+        let (_, answer) = review_validate(&rule_review("tenant", "payments"), &declared_in);
+        let response = &answer["response"];
+        assert_eq!(response["allowed"], false, "{answer}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("declared by a MeshService in namespace shop"),
+            "{message}"
+        );
+        for (namespace, target) in [("shop", "payments"), ("tenant", "unknown")] {
+            let (_, answer) = review_validate(&rule_review(namespace, target), &declared_in);
+            assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        }
     }
 }

@@ -88,7 +88,14 @@ async fn inject(State(state): State<WebhookState>, body: Bytes) -> Response {
 
 async fn validate(State(state): State<WebhookState>, body: Bytes) -> Response {
     let started = Instant::now();
-    let out = review_validate(&body);
+    let declared_in = |service: &str| {
+        state
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .namespaces_declaring(service)
+    };
+    let out = review_validate(&body, &declared_in);
     answer(&state, "/validate", started, out)
 }
 

@@ -359,6 +359,23 @@ impl KubeStore {
             .collect()
     }
 
+    /// The namespaces whose MeshServices (as in force) declare `service`.
+    pub fn namespaces_declaring(&self, service: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, e)| {
+                e.in_force
+                    .as_ref()
+                    .and_then(convert::service_name)
+                    .is_some_and(|n| n == service)
+            })
+            .map(|(k, _)| k.namespace.clone())
+            .collect();
+        out.dedup();
+        out
+    }
+
     /// A MeshService as seen.
     pub fn service(&self, key: &ObjectKey) -> Option<&ServiceEntry> {
         self.services.get(key)
