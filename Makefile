@@ -4,7 +4,7 @@ PYTHON     ?= python3
 ENVOY      := $(VENV)/bin/envoy
 VENV_STAMP := $(VENV)/.installed-2
 
-.PHONY: demo test bench bench-scale crds venv clean
+.PHONY: demo test bench bench-scale fuzz crds venv clean
 
 $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ bench: $(VENV_STAMP)
 # benches/scale.sh).
 bench-scale:
 	bash benches/scale.sh
+
+# Each parser of outside input under libFuzzer for FUZZ_SECONDS (nightly toolchain, cargo-fuzz
+# installed when missing); what the fuzzers keep lands in fuzz/corpus, which `make test`
+# replays. A crash is saved under fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && for t in node_metadata consul manifests admission; do \
+	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 || exit 1; \
+	done
 
 crds:
 	cargo run --quiet -- crds --out-dir crds

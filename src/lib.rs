@@ -24,6 +24,8 @@ pub mod config;
 pub mod consul_sync;
 pub mod ctl;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod metrics;
 pub mod model;
