@@ -43,7 +43,7 @@ bench-scale:
 FUZZ_SECONDS ?= 60
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-	cd fuzz && for t in node_metadata consul manifests admission; do \
+	cd fuzz && for t in node_metadata consul manifests admission globs; do \
 	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 || exit 1; \
 	done
 

@@ -55,3 +55,14 @@ pub fn admission(data: &[u8]) {
     };
     let _ = crate::webhook::admission::review_inject(data, &ctx);
 }
+
+/// Caller globs (`from: ["admin-*"]`) against service names: the glob, a zero byte, the name.
+pub fn globs(data: &[u8]) {
+    let (glob, name) = match data.iter().position(|b| *b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &b""[..]),
+    };
+    if let (Ok(glob), Ok(name)) = (std::str::from_utf8(glob), std::str::from_utf8(name)) {
+        let _ = crate::model::glob_match(glob, name);
+    }
+}

@@ -44,3 +44,8 @@ fn manifests_corpus_replays_without_a_panic() {
 fn admission_corpus_replays_without_a_panic() {
     replay("admission", meshbridge::fuzzing::admission);
 }
+
+#[test]
+fn globs_corpus_replays_without_a_panic() {
+    replay("globs", meshbridge::fuzzing::globs);
+}
