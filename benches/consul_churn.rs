@@ -35,7 +35,7 @@ mod mesh_gen;
 mod processes;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use processes::{cpu_ticks, get_json, start_meshbridge, status_kb, wait_ready};
+use processes::{cpu_ticks, start_on_consul, status_kb};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -209,31 +209,15 @@ async fn main() {
             consul.register("dc1", instance(s, i));
         }
     }
-    let started = Instant::now();
-    let (cp, xds, admin_url) = start_meshbridge(
-        &[
-            "--kube",
-            "off",
-            "--consul-addr",
-            &consul.url(),
-            "--consul-flap-hold",
-            "0",
-            "--allow-wildcard",
-            "*",
-        ],
-        &[],
-    );
-    let pid = cp.0.id();
-    let ready = wait_ready(&admin_url, started, Duration::from_secs(300)).await;
-    let state = get_json(&format!("{admin_url}/api/state"))
-        .await
-        .unwrap_or_default();
     // Plus Consul's own `consul` service, as a real agent lists it.
-    assert_eq!(
-        state["endpoints"],
+    let (cp, xds, _, ready) = start_on_consul(
+        &consul.url(),
+        &["--allow-wildcard", "*"],
         SERVICES * INSTANCES + 1,
-        "ready before the whole catalog was published: {state}"
-    );
+        Duration::from_secs(300),
+    )
+    .await;
+    let pid = cp.0.id();
 
     // The proxies, over `connections` HTTP/2 connections.
     let mut channels = Vec::new();

@@ -12,7 +12,7 @@ mod consul_fake;
 mod processes;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use processes::{ack_latencies, cpu_ticks, get_json, start_envoy, start_meshbridge, wait_ready};
+use processes::{ack_latencies, cpu_ticks, start_envoy, start_on_consul};
 
 fn instance(service: usize, i: usize) -> Instance {
     Instance::new(
@@ -33,28 +33,10 @@ async fn main() {
     }
     let dir = std::env::temp_dir().join(format!("meshbridge-consul-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let started = Instant::now();
-    let (cp, xds, admin_url) = start_meshbridge(
-        &[
-            "--kube",
-            "off",
-            "--consul-addr",
-            &consul.url(),
-            "--consul-flap-hold",
-            "0",
-        ],
-        &[],
-    );
-    let pid = cp.0.id();
-    let ready = wait_ready(&admin_url, started, Duration::from_secs(120)).await;
-    let state = get_json(&format!("{admin_url}/api/state"))
-        .await
-        .unwrap_or_default();
     // Plus Consul's own `consul` service, as a real agent lists it.
-    assert_eq!(
-        state["endpoints"], 5001,
-        "ready before the whole catalog was published: {state}"
-    );
+    let (cp, xds, admin_url, ready) =
+        start_on_consul(&consul.url(), &[], 5001, Duration::from_secs(120)).await;
+    let pid = cp.0.id();
 
     // A real Envoy calling svc-0000.
     let _envoy = start_envoy(xds, "svc-0000", &dir);

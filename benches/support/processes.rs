@@ -81,6 +81,38 @@ pub fn start_meshbridge(args: &[&str], env: &[(&str, &Path)]) -> (KillOnDrop, u1
     (KillOnDrop(child), xds, format!("http://127.0.0.1:{admin}"))
 }
 
+/// Starts `meshbridge run` on the Consul agent at `consul_url` (Kubernetes off, flap damping
+/// off, plus `extra`), waits for `/readyz` and checks that the published state holds
+/// `endpoints` instances. Returns the process, the xDS port, the admin URL and the time to
+/// ready.
+pub async fn start_on_consul(
+    consul_url: &str,
+    extra: &[&str],
+    endpoints: usize,
+    limit: Duration,
+) -> (KillOnDrop, u16, String, Duration) {
+    let started = Instant::now();
+    let mut args = vec![
+        "--kube",
+        "off",
+        "--consul-addr",
+        consul_url,
+        "--consul-flap-hold",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let (cp, xds, admin_url) = start_meshbridge(&args, &[]);
+    let ready = wait_ready(&admin_url, started, limit).await;
+    let state = get_json(&format!("{admin_url}/api/state"))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        state["endpoints"], endpoints,
+        "ready before the whole catalog was published: {state}"
+    );
+    (cp, xds, admin_url, ready)
+}
+
 /// Waits for `/readyz` (at most `limit`) and returns how long it took since `started`.
 pub async fn wait_ready(admin_url: &str, started: Instant, limit: Duration) -> Duration {
     loop {
