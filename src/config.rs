@@ -310,7 +310,13 @@ pub struct RunArgs {
     /// when the file changes; without it the admin API is open to whoever reaches it.
     #[arg(long, env = "MESHBRIDGE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// With `--admin-token-file`, `/metrics` needs a token too (default: open to scrapers).
+    /// Bearer tokens not in `--admin-token-file` are checked with the Kubernetes API
+    /// (TokenReview) and each call authorized with a SubjectAccessReview on its path (verb
+    /// `get` to read, `create` to change); needs the Kubernetes client (`--kube auto`).
+    #[arg(long, env = "MESHBRIDGE_ADMIN_KUBERNETES_AUTH")]
+    pub admin_kubernetes_auth: bool,
+    /// With `--admin-token-file` or `--admin-kubernetes-auth`, `/metrics` needs a token too
+    /// (default: open to scrapers).
     #[arg(long, env = "MESHBRIDGE_ADMIN_METRICS_AUTH")]
     pub admin_metrics_auth: bool,
     /// xDS streams served at once, at most (beyond: RESOURCE_EXHAUSTED).

@@ -268,6 +268,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         diagnostics_timeout: 5000,
         admin_token_file: None,
         admin_metrics_auth: false,
+        admin_kubernetes_auth: false,
         xds_tls_cert: None,
         xds_tls_key: None,
         xds_client_ca: None,

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 
 #[path = "support/helm.rs"]
 mod helm;
+#[path = "support/kube_fake.rs"]
+mod kube_fake;
 
 use helm::{
     NAMESPACE, RELEASE, Rendered, chart_dir, helm, render, repo, run_bounded, text, venv_tool,
@@ -610,9 +612,16 @@ fn admin_tokens_come_from_their_secret_and_the_service_monitor_sends_one() {
     let args = render("admin: {tokenSecret: admin-tokens, metricsAuth: true}\n").args();
     assert!(args.iter().any(|a| a == "--admin-metrics-auth"), "{args:?}");
 
+    // With the Kubernetes API checking tokens (the default), no token file is needed.
+    let args = render("admin: {metricsAuth: true}\n").args();
+    assert!(args.iter().any(|a| a == "--admin-metrics-auth"), "{args:?}");
     render_fails_naming(
-        "admin: {metricsAuth: true}\n",
-        &["admin.metricsAuth", "admin.tokenSecret"],
+        "admin: {metricsAuth: true, kubernetesAuth: false}\n",
+        &[
+            "admin.metricsAuth",
+            "admin.tokenSecret",
+            "admin.kubernetesAuth",
+        ],
     );
     render_fails_naming(
         "admin: {tokenSecret: admin-tokens, metricsAuth: true}\nserviceMonitor: {enabled: true}\n",
@@ -847,6 +856,11 @@ struct Started {
     /// Listener flag (`--admin-addr`, …) → its port.
     ports: BTreeMap<&'static str, u16>,
     log: tempfile::NamedTempFile,
+    /// The Kubernetes API the binary is given (through KUBECONFIG).
+    kube: kube_fake::FakeKube,
+    _kubeconfig: tempfile::TempDir,
+    /// Serves `kube`; dropped last.
+    _runtime: tokio::runtime::Runtime,
 }
 
 /// Starts `meshbridge` with the arguments `rendered` passes, the listeners moved to free
@@ -874,10 +888,19 @@ fn start_rendered(rendered: &Rendered, files: &[(&str, &Path)]) -> Started {
         args[i] = path.display().to_string();
     }
     let log = tempfile::NamedTempFile::new().unwrap();
+    // The Kubernetes API: the fake, through a kubeconfig (--kube auto reads KUBECONFIG), with
+    // the release's namespace (leader election writes its Lease there).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let kube = runtime.block_on(kube_fake::FakeKube::start());
+    kube.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}));
+    let kubeconfig = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
     cmd.args(&args)
-        // Outside a cluster: --kube auto finds no Kubernetes configuration.
-        .env_remove("KUBECONFIG")
+        .env("KUBECONFIG", kube.write_kubeconfig(kubeconfig.path()))
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("POD_NAME", "meshbridge-0")
         .env("POD_NAMESPACE", NAMESPACE)
@@ -917,6 +940,9 @@ fn start_rendered(rendered: &Rendered, files: &[(&str, &Path)]) -> Started {
         _running: running,
         ports,
         log,
+        kube,
+        _kubeconfig: kubeconfig,
+        _runtime: runtime,
     }
 }
 
@@ -957,6 +983,20 @@ fn the_secured_args_start_the_real_binary_and_the_admin_api_wants_a_token() {
     );
     let admin = started.ports["--admin-addr"];
     let log = || std::fs::read_to_string(started.log.path()).unwrap();
+    // A token of the file, and Prometheus's ServiceAccount token, which the Kubernetes API
+    // accepts and authorizes for /metrics only (as the chart's admin-view role would, bound
+    // to Prometheus, were it granted only /metrics).
+    let prometheus = "prometheus-service-account-token";
+    started.kube.add_token(
+        prometheus,
+        "system:serviceaccount:monitoring:prometheus",
+        &[],
+    );
+    started.kube.grant_non_resource(
+        "system:serviceaccount:monitoring:prometheus",
+        &["get"],
+        &["/metrics"],
+    );
     for path in ["/api/services", "/metrics"] {
         assert_eq!(http_status(admin, path), Some(401), "{path}: {}", log());
         assert_eq!(
@@ -966,6 +1006,59 @@ fn the_secured_args_start_the_real_binary_and_the_admin_api_wants_a_token() {
             log()
         );
     }
+    assert_eq!(
+        http_status_with(admin, "/metrics", Some(prometheus)),
+        Some(200)
+    );
+    assert_eq!(
+        http_status_with(admin, "/api/services", Some(prometheus)),
+        Some(403)
+    );
+    kube_fake::assert_rbac_covers(&started.kube);
+}
+
+#[test]
+fn admin_roles_grant_reading_or_operating_and_the_replicas_read() {
+    let rendered = render("");
+    assert!(
+        rendered
+            .args()
+            .contains(&"--admin-kubernetes-auth".to_string())
+    );
+    let role = |suffix: &str| {
+        let name = format!("{RELEASE}-{suffix}");
+        rendered
+            .of_kind("ClusterRole")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("no ClusterRole {name}"))
+    };
+    let view = role("admin-view");
+    assert_eq!(
+        view["rules"],
+        json!([{"nonResourceURLs": ["/api/*", "/metrics"], "verbs": ["get"]}])
+    );
+    let operate = role("admin-operate");
+    assert_eq!(
+        operate["rules"][1],
+        json!({"nonResourceURLs": ["/api/proxies/*"], "verbs": ["create"]})
+    );
+    let binding = rendered
+        .of_kind("ClusterRoleBinding")
+        .into_iter()
+        .find(|b| b["roleRef"]["name"] == format!("{RELEASE}-admin-view").as_str())
+        .unwrap();
+    let account = &rendered.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"];
+    assert_eq!(binding["subjects"][0]["name"], *account);
+
+    // Off: no flag, no roles; metricsAuth then needs a token file.
+    let off = render("admin: {kubernetesAuth: false}\n");
+    assert!(!off.args().contains(&"--admin-kubernetes-auth".to_string()));
+    assert!(
+        off.of_kind("ClusterRole")
+            .iter()
+            .all(|r| r["metadata"]["name"] == RELEASE)
+    );
 }
 
 #[test]
@@ -1377,8 +1470,17 @@ fn notes_tell_how_to_check_reach_and_connect() {
         "{}",
         webhook.notes
     );
-    // Secured: the examples carry the token and the xDS TLS flags.
-    assert!(!notes.contains("Authorization: Bearer"), "{notes}");
+    // By default the examples say how to get a Kubernetes token bound to the admin roles;
+    // with the admin API open, they carry no token.
+    for needle in [
+        "Authorization: Bearer",
+        "--clusterrole=meshbridge-admin-operate",
+        "create token",
+    ] {
+        assert!(notes.contains(needle), "{needle}: {notes}");
+    }
+    let open = render("admin: {kubernetesAuth: false}\n").notes;
+    assert!(!open.contains("Authorization: Bearer"), "{open}");
     let secured = render(SECURED);
     for needle in ["Authorization: Bearer", "--token-file", "--xds-tls"] {
         assert!(

@@ -506,6 +506,109 @@ async fn an_access_rule_from_another_namespace_is_ignored_and_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_callers_are_authenticated_and_authorized_by_the_kubernetes_api() {
+    let kube = FakeKube::start().await;
+    kube.add_token("alice-token", "alice", &["ops"]);
+    kube.add_token("grafana-token", "system:serviceaccount:mon:grafana", &[]);
+    kube.add_token("nobody-token", "nobody", &[]);
+    // `ops` may read and change; grafana may read only (the chart's two ClusterRoles).
+    kube.grant_non_resource("ops", &["get", "create"], &["/api/*"]);
+    kube.grant_non_resource("system:serviceaccount:mon:grafana", &["get"], &["/api/*"]);
+    let cp = start(&kube, &["--admin-kubernetes-auth"]).await;
+    let admin = cp.admin_addr();
+    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| async move {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-length", "0")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b.as_str()));
+        }
+        let r = support::http_request(admin, method, "localhost", path, &headers)
+            .await
+            .unwrap();
+        let error = serde_json::from_str::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string));
+        (r.status, error.unwrap_or_default())
+    };
+
+    // Probes stay open; the API needs a token the API server accepts.
+    assert_eq!(call("GET", "/readyz", None).await.0, 200);
+    let (status, error) = call("GET", "/api/services", None).await;
+    assert_eq!(status, 401, "{error}");
+    let (status, error) = call("GET", "/api/services", Some("forged-token")).await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error.contains("TokenReview"), "{error}");
+    // Authenticated but granted nothing: 403 saying what to grant.
+    let (status, error) = call("GET", "/api/services", Some("nobody-token")).await;
+    assert_eq!(status, 403, "{error}");
+    assert!(
+        error.contains("nobody may not get /api/services"),
+        "{error}"
+    );
+
+    // A reader reads and may not change a log level; an operator may (the proxy is unknown,
+    // so the call gets as far as the handler: 404).
+    assert_eq!(
+        call("GET", "/api/services", Some("grafana-token")).await.0,
+        200
+    );
+    let level = "/api/proxies/ghost/logging?level=debug";
+    let (status, error) = call("POST", level, Some("grafana-token")).await;
+    assert_eq!(status, 403, "{error}");
+    assert!(error.contains("may not create"), "{error}");
+    let (status, error) = call("POST", level, Some("alice-token")).await;
+    assert_eq!(status, 404, "{error}");
+
+    // The audit names the users the API server authenticated.
+    let r = support::http_get(
+        admin,
+        "localhost",
+        "/api/audit",
+        &[("authorization", "Bearer alice-token")],
+    )
+    .await
+    .unwrap();
+    let audit: Value = serde_json::from_str(&r.body).unwrap();
+    let refused: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "admin-call")
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["who"] == "system:serviceaccount:mon:grafana"
+                && e["detail"] == "POST /api/proxies/ghost/logging"),
+        "{audit}"
+    );
+    assert!(refused.iter().any(|e| e["who"] == "nobody"), "{audit}");
+
+    // Answers are cached: many calls with one token cost one TokenReview.
+    let before = kube.count("create", "tokenreviews");
+    for _ in 0..10 {
+        assert_eq!(
+            call("GET", "/api/services", Some("grafana-token")).await.0,
+            200
+        );
+    }
+    assert_eq!(kube.count("create", "tokenreviews"), before);
+    assert!(kube.count("create", "subjectaccessreviews") >= 4);
+    assert_rbac_covers(&kube);
+}
+
+#[tokio::test]
+async fn kubernetes_auth_without_a_kubernetes_client_fails_the_start_naming_the_flag() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["run", "--kube", "off", "--admin-kubernetes-auth"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--admin-kubernetes-auth"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_conflicts_and_unknown_callers_show_in_status() {
     let kube = FakeKube::start().await;
     let mut older = mesh_service("orders", json!({"selector": {"app": "orders"}}));

@@ -1,10 +1,13 @@
-//! Who may use the admin API. Without `--admin-token-file` anyone who reaches the port may
-//! (README: bind it to loopback or the pod IP). With it, every `/api` call needs
-//! `Authorization: Bearer TOKEN` naming a line of the file; `/healthz`, `/readyz`, the UI's
-//! static files and (unless `--admin-metrics-auth`) `/metrics` stay open. Each line is
-//! `TOKEN [USER] [read]`: `read` tokens may not change anything (`POST`), and `USER` is who
-//! the audit names (else `token:<line>`). The file is re-read when it changes; a file that no
-//! longer reads keeps the tokens last read.
+//! Who may use the admin API. Without `--admin-token-file` or `--admin-kubernetes-auth`
+//! anyone who reaches the port may (README: bind it to loopback or the pod IP). With either,
+//! every `/api` call needs `Authorization: Bearer TOKEN`; `/healthz`, `/readyz`, the UI's
+//! static files and (unless `--admin-metrics-auth`) `/metrics` stay open.
+//! - A token file has one line per token, `TOKEN [USER] [read]`: `read` tokens may not
+//!   change anything (`POST`), and `USER` is who the audit names (else `token:<line>`). The
+//!   file is re-read when it changes; a file that no longer reads keeps the tokens last read.
+//! - In a cluster, tokens not in the file are checked with the Kubernetes API (TokenReview,
+//!   then SubjectAccessReview per call: [`super::kube_auth`]); the audit names the user the
+//!   API server authenticated.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -129,6 +132,135 @@ impl TokenFile {
     }
 }
 
+/// How admin callers are checked: bearer tokens from a file, the Kubernetes API, or both
+/// (the file first). Neither: the API is open to whoever reaches it.
+#[derive(Debug, Default)]
+pub struct AdminAuth {
+    /// `--admin-token-file`.
+    pub tokens: Option<TokenFile>,
+    /// `--admin-kubernetes-auth`.
+    pub kube: Option<super::kube_auth::KubeAuth>,
+}
+
+/// Why a call is refused.
+#[derive(Debug)]
+pub struct Refusal {
+    /// 401, 403 or 503 (the Kubernetes API could not be asked).
+    pub status: StatusCode,
+    /// Said to the caller and the audit.
+    pub message: String,
+    /// Who the caller was, when the token named someone.
+    pub who: Option<String>,
+}
+
+fn refuse(status: StatusCode, who: Option<String>, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        message: message.into(),
+        who,
+    }
+}
+
+/// Request paths longer than this are refused before any review (they would be cache keys).
+const MAX_PATH: usize = 2048;
+
+impl AdminAuth {
+    /// Whether nobody is checked.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_none() && self.kube.is_none()
+    }
+
+    /// What this instance sends to its peer replicas: the token file's first token (replicas
+    /// share the file), else its own ServiceAccount token.
+    pub fn peer_token(&self) -> Option<String> {
+        self.tokens
+            .as_ref()
+            .and_then(TokenFile::first_token)
+            .or_else(|| self.kube.as_ref().and_then(|k| k.own_token()))
+    }
+
+    /// Who is calling `method path` with `bearer`, and whether they may.
+    pub async fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        let Some(token) = bearer else {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "authentication required: send Authorization: Bearer <token> (meshbridge ctl --token-file, or the UI's token field)",
+            ));
+        };
+        let reading = *method == Method::GET || *method == Method::HEAD;
+        if let Some(p) = self.tokens.as_ref().and_then(|t| t.principal(token)) {
+            if !p.write && !reading {
+                let message = format!("{} may only read (a `read` token)", p.user);
+                return Err(refuse(StatusCode::FORBIDDEN, Some(p.user), message));
+            }
+            return Ok(p);
+        }
+        let Some(kube) = &self.kube else {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "the bearer token is not one of --admin-token-file",
+            ));
+        };
+        if path.len() > MAX_PATH {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                None,
+                format!("request path longer than {MAX_PATH} bytes"),
+            ));
+        }
+        let unavailable = |e: String| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                format!("the Kubernetes API could not check the call: {e}"),
+            )
+        };
+        let user = match kube.authenticate(token).await.map_err(unavailable)? {
+            Some(user) => user,
+            None => {
+                let message = if self.tokens.is_some() {
+                    "the bearer token is neither one of --admin-token-file nor accepted by the Kubernetes API (TokenReview)"
+                } else {
+                    "the Kubernetes API does not accept the bearer token (TokenReview)"
+                };
+                return Err(refuse(StatusCode::UNAUTHORIZED, None, message));
+            }
+        };
+        let verb = super::kube_auth::verb_of(method);
+        match kube
+            .authorize(&user, &verb, path)
+            .await
+            .map_err(|e| Refusal {
+                who: Some(user.name.clone()),
+                ..unavailable(e)
+            })? {
+            super::kube_auth::Decision::Allow => Ok(Principal {
+                user: user.name,
+                write: true,
+            }),
+            super::kube_auth::Decision::Deny(reason) => {
+                let because = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                };
+                let message = format!(
+                    "{} may not {verb} {path} (SubjectAccessReview{because}); grant it nonResourceURLs [\"{path}\"] verbs [\"{verb}\"], e.g. with the chart's ClusterRoles",
+                    user.name
+                );
+                Err(refuse(StatusCode::FORBIDDEN, Some(user.name), message))
+            }
+        }
+    }
+}
+
 /// Paths served to anyone: probes, the UI's static files, and `/metrics` unless it is
 /// protected too.
 fn open_path(path: &str, metrics_open: bool) -> bool {
@@ -141,10 +273,7 @@ fn open_path(path: &str, metrics_open: bool) -> bool {
 /// The middleware: lets open paths through, else authenticates and authorizes the caller,
 /// and hands the [`Principal`] to the handlers. Refusals are audited.
 pub async fn require(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
-    let Some(tokens) = &s.tokens else {
-        return next.run(req).await;
-    };
-    if open_path(req.uri().path(), !s.metrics_auth) {
+    if s.auth.is_open() || open_path(req.uri().path(), !s.metrics_auth) {
         return next.run(req).await;
     }
     let bearer = req
@@ -153,53 +282,37 @@ pub async fn require(State(s): State<AdminState>, mut req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let principal = bearer.and_then(|t| tokens.principal(t));
-    let refusal = match &principal {
-        None => Some((
-            StatusCode::UNAUTHORIZED,
-            if bearer.is_some() {
-                "the bearer token is not one of --admin-token-file".to_string()
-            } else {
-                "authentication required: send Authorization: Bearer <token> (meshbridge ctl --token-file, or the UI's token field)".to_string()
-            },
-        )),
-        Some(p) if !p.write && req.method() != Method::GET && req.method() != Method::HEAD => {
-            Some((
-                StatusCode::FORBIDDEN,
-                format!("{} may only read (a `read` token)", p.user),
-            ))
+    let refusal = match s.auth.check(req.method(), req.uri().path(), bearer).await {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            return next.run(req).await;
         }
-        Some(_) => None,
+        Err(r) => r,
     };
-    if let Some((status, message)) = refusal {
-        let from = req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.to_string());
-        let entry = AuditEntry {
-            at: crate::sources::now_secs(),
-            who: principal.as_ref().map(|p| p.user.clone()),
-            from,
-            action: "admin-call".into(),
-            node: String::new(),
-            detail: format!("{} {}", req.method(), req.uri().path()),
-            result: format!("{}: {message}", status.as_u16()),
-        };
-        tracing::info!(target: "meshbridge::audit", who = ?entry.who, from = ?entry.from, detail = %entry.detail, result = %entry.result, "admin call refused");
-        s.audit.push(entry);
-        let mut r = (status, axum::Json(json!({"error": message}))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"meshbridge\""),
-            );
-        }
-        return r;
+    let from = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let status = refusal.status;
+    let entry = AuditEntry {
+        at: crate::sources::now_secs(),
+        who: refusal.who,
+        from,
+        action: "admin-call".into(),
+        node: String::new(),
+        detail: crate::xds::loggable(&format!("{} {}", req.method(), req.uri().path()), 512),
+        result: crate::xds::loggable(&format!("{}: {}", status.as_u16(), refusal.message), 1024),
+    };
+    tracing::info!(target: "meshbridge::audit", who = ?entry.who, from = ?entry.from, detail = %entry.detail, result = %entry.result, "admin call refused");
+    s.audit.push(entry);
+    let mut r = (status, axum::Json(json!({"error": refusal.message}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"meshbridge\""),
+        );
     }
-    if let Some(p) = principal {
-        req.extensions_mut().insert(p);
-    }
-    next.run(req).await
+    r
 }
 
 #[cfg(test)]

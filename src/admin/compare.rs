@@ -150,8 +150,9 @@ pub fn service_url(peer: &str, name: &str) -> Result<reqwest::Url, String> {
 
 async fn get_json(s: &AdminState, url: &str) -> Result<Value, String> {
     let mut req = s.http.get(url).timeout(s.diagnostics_timeout);
-    // Replicas share the token file: a peer accepts this instance's first token.
-    if let Some(token) = s.tokens.as_ref().and_then(|t| t.first_token()) {
+    // Replicas share the token file (a peer accepts this instance's first token) or the
+    // cluster (a peer accepts this pod's ServiceAccount token).
+    if let Some(token) = s.auth.peer_token() {
         req = req.bearer_auth(token);
     }
     let mut resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod changes;
 pub mod compare;
 pub mod diagnostics;
+pub mod kube_auth;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -56,8 +57,9 @@ pub struct AdminState {
     pub http: reqwest::Client,
     /// Envoy admin requests in flight at most; beyond, callers get 503 at once.
     pub diagnostics_permits: Arc<tokio::sync::Semaphore>,
-    /// Bearer tokens (`--admin-token-file`); none: the API is open.
-    pub tokens: Option<Arc<auth::TokenFile>>,
+    /// Who may call (`--admin-token-file`, `--admin-kubernetes-auth`); neither: the API is
+    /// open.
+    pub auth: Arc<auth::AdminAuth>,
     /// Whether `/metrics` needs a token too (`--admin-metrics-auth`).
     pub metrics_auth: bool,
     /// Diagnostics only reach proxies whose client certificate proved their service (set
@@ -95,7 +97,7 @@ impl AdminState {
                 .build()
                 .unwrap_or_else(|_| unreachable_client()),
             diagnostics_permits: Arc::new(tokio::sync::Semaphore::new(diagnostics::MAX_IN_FLIGHT)),
-            tokens: None,
+            auth: Arc::default(),
             metrics_auth: false,
             diagnostics_need_identity: false,
             diagnostics_timeout: Duration::from_secs(5),

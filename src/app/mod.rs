@@ -70,13 +70,13 @@ pub async fn run(
     };
     // Files the servers need, read before anything starts: a bad one fails the start.
     let xds_tls = servers::xds_tls(&config, stop.clone())?;
-    let admin_tokens = servers::admin_tokens(args)?;
     let kube_client = match args.kube {
         KubeMode::Off => None,
         KubeMode::Auto => crate::sources::kube::client_from_environment()
             .await
             .map_err(|e| BadConfig(format!("--kube auto: {e:#}")))?,
     };
+    let admin_auth = servers::admin_auth(args, kube_client.as_ref())?;
     if kube_client.is_none() {
         info!("no Kubernetes source (--kube off, or neither in a cluster nor KUBECONFIG set)");
     }
@@ -166,7 +166,7 @@ pub async fn run(
         args,
         &identity,
         admin,
-        admin_tokens,
+        admin_auth,
         draining.clone(),
         late_stop.clone(),
     );

@@ -85,16 +85,34 @@ pub(super) fn xds_tls(
     }))
 }
 
-/// The admin API's tokens, when `--admin-token-file` is given. Fails naming the flag when
-/// the file does not load.
-pub(super) fn admin_tokens(args: &RunArgs) -> anyhow::Result<Option<Arc<admin::auth::TokenFile>>> {
-    match &args.admin_token_file {
-        Some(path) => Ok(Some(Arc::new(
+/// Who may call the admin API: the token file, when `--admin-token-file` is given (fails
+/// naming the flag when it does not load), and the Kubernetes API with
+/// `--admin-kubernetes-auth` (fails when there is no Kubernetes client).
+pub(super) fn admin_auth(
+    args: &RunArgs,
+    kube: Option<&kube::Client>,
+) -> anyhow::Result<admin::auth::AdminAuth> {
+    let tokens = match &args.admin_token_file {
+        Some(path) => Some(
             admin::auth::TokenFile::new(path)
                 .map_err(|e| super::BadConfig(format!("--admin-token-file: {e}")))?,
-        ))),
-        None => Ok(None),
-    }
+        ),
+        None => None,
+    };
+    let kube = match (args.admin_kubernetes_auth, kube) {
+        (false, _) => None,
+        (true, Some(client)) => Some(admin::kube_auth::KubeAuth::new(
+            client.clone(),
+            admin::kube_auth::SERVICE_ACCOUNT_TOKEN.into(),
+        )),
+        (true, None) => {
+            return Err(super::BadConfig(
+                "--admin-kubernetes-auth checks tokens with the Kubernetes API: it needs --kube auto with a cluster or KUBECONFIG".into(),
+            )
+            .into());
+        }
+    };
+    Ok(admin::auth::AdminAuth { tokens, kube })
 }
 
 /// Serves ADS on `listener` (over `tls` when given) until `stop` turns true; existing
@@ -138,12 +156,12 @@ pub(super) fn spawn_admin(
     args: &RunArgs,
     identity: &str,
     listener: TcpListener,
-    tokens: Option<Arc<admin::auth::TokenFile>>,
+    auth: admin::auth::AdminAuth,
     draining: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let admin_state = AdminState {
-        tokens,
+        auth: Arc::new(auth),
         metrics_auth: args.admin_metrics_auth,
         diagnostics_need_identity: args.xds_client_auth != crate::xds::ClientAuth::None,
         ready: cp.ready.clone(),

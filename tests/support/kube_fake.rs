@@ -86,6 +86,16 @@
 //! CONNECT admission, the built-in admission plugins; configurations are not validated when
 //! stored (an unparsable selector fails the matching write with a 500).
 //!
+//! Token and access reviews: `POST /apis/authentication.k8s.io/v1/tokenreviews` answers
+//! from the tokens a test registers ([`FakeKube::add_token`]), and `POST
+//! /apis/authorization.k8s.io/v1/subjectaccessreviews` decides non-resource requests from the
+//! grants a test registers ([`FakeKube::grant_non_resource`]) with RBAC's matching rules (a
+//! user or one of its groups; `nonResourceURLs` entries are exact paths, `*`, or a prefix
+//! ending in `*`; verb `*` matches any). Resource attributes are always denied. Semantics:
+//! <https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-review-v1/>,
+//! <https://kubernetes.io/docs/reference/kubernetes-api/authorization-resources/subject-access-review-v1/>,
+//! <https://kubernetes.io/docs/reference/access-authn-authz/rbac/#role-examples>.
+//!
 //! Discovery requests (`/version`, `/api`, `/apis`, `/api/v1`, `/apis/{g}`, `/apis/{g}/{v}`)
 //! are logged with verb `get` and resource `""` and are exempt from [`FakeKube::fail_next`].
 //!
@@ -442,6 +452,10 @@ struct State {
     /// `route_service`: (namespace, name, port) of a Service → where to connect.
     routes: BTreeMap<(String, String, u16), SocketAddr>,
     admission: VecDeque<AdmissionCall>,
+    /// `add_token`: token → (username, groups).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// `grant_non_resource`: (user or group, verbs, nonResourceURLs).
+    grants: Vec<(String, Vec<String>, Vec<String>)>,
 }
 
 struct Shared {
@@ -506,6 +520,8 @@ impl FakeKube {
                 seed,
                 routes: BTreeMap::new(),
                 admission: VecDeque::new(),
+                tokens: BTreeMap::new(),
+                grants: Vec::new(),
             }),
             changed: watch::channel(0).0,
             open_watches: AtomicUsize::new(0),
@@ -715,6 +731,30 @@ impl FakeKube {
             .lock()
             .routes
             .insert((namespace.to_string(), name.to_string(), port), to);
+    }
+
+    /// Makes TokenReviews of `token` authenticate `user` in `groups`.
+    pub fn add_token(&self, token: &str, user: &str, groups: &[&str]) {
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        self.shared
+            .lock()
+            .tokens
+            .insert(token.to_string(), (user.to_string(), groups));
+    }
+
+    /// Forgets `token` (as when its ServiceAccount is deleted).
+    pub fn revoke_token(&self, token: &str) {
+        self.shared.lock().tokens.remove(token);
+    }
+
+    /// Lets `subject` (a username or group) use `verbs` on the non-resource `urls`, as a
+    /// ClusterRole rule bound to it would.
+    pub fn grant_non_resource(&self, subject: &str, verbs: &[&str], urls: &[&str]) {
+        let own = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        self.shared
+            .lock()
+            .grants
+            .push((subject.to_string(), own(verbs), own(urls)));
     }
 
     /// Every admission webhook call so far, oldest first (at most [`ADMISSION_LOG_CAP`]).
@@ -2920,7 +2960,12 @@ enum Route {
     Group(String),
     ResourceList(String, String),
     Object(Target),
-    Unknown { group: String, resource: String },
+    /// `tokenreviews` (true) or `subjectaccessreviews` (false).
+    Review(bool),
+    Unknown {
+        group: String,
+        resource: String,
+    },
 }
 
 struct Target {
@@ -2948,6 +2993,8 @@ fn parse_route(path: &str) -> Route {
         ["version"] => Route::Version,
         ["api"] => Route::CoreVersions,
         ["apis"] => Route::Groups,
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Route::Review(true),
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => Route::Review(false),
         ["apis", g] if RESOURCES.iter().any(|d| d.group == *g) => Route::Group(g.to_string()),
         ["api", v, rest @ ..] => route_in("", v, rest),
         ["apis", g, v, rest @ ..] => route_in(g, v, rest),
@@ -3043,7 +3090,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         user_agent: user_agent.clone(),
         query: raw_query.clone(),
     };
-    let discovery = !matches!(route, Route::Object(_) | Route::Unknown { .. });
+    let discovery = !matches!(
+        route,
+        Route::Object(_) | Route::Unknown { .. } | Route::Review(_)
+    );
     match &route {
         Route::Object(t) => {
             let d = &RESOURCES[t.res];
@@ -3058,6 +3108,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             rec.verb = rbac_verb(&method, false, watch_param);
             rec.group = group.clone();
             rec.resource = resource.clone();
+        }
+        Route::Review(token) => {
+            rec.verb = rbac_verb(&method, false, false);
+            let (group, resource) = if *token {
+                ("authentication.k8s.io", "tokenreviews")
+            } else {
+                ("authorization.k8s.io", "subjectaccessreviews")
+            };
+            rec.group = group.into();
+            rec.resource = resource.into();
         }
         Route::Group(g) | Route::ResourceList(g, _) => {
             rec.verb = "get".into();
@@ -3110,6 +3170,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         Route::Group(g) => return value_resp(200, &api_group(&g)),
         Route::ResourceList(g, v) => return value_resp(200, &resource_list(&g, &v)),
         Route::Unknown { .. } => return error_resp(&no_such_resource()),
+        Route::Review(_) if method != Method::POST => return error_resp(&method_not_allowed()),
+        Route::Review(token) => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error_resp(&bad_request(format!("cannot read the body: {e}"))),
+            };
+            return match serde_json::from_slice::<Value>(&body) {
+                Ok(v) if token => value_resp(201, &token_review(&shared.lock(), v)),
+                Ok(v) => value_resp(201, &access_review(&shared.lock(), v)),
+                Err(e) => error_resp(&bad_request(format!("json parse error: {e}"))),
+            };
+        }
         Route::Object(t) => t,
     };
     let def = &RESOURCES[t.res];
@@ -3144,6 +3216,55 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         Ok(r) => r,
         Err(e) => error_resp(&e),
     }
+}
+
+/// The TokenReview `review` with its status filled from the registered tokens.
+fn token_review(st: &State, mut review: Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    review["status"] = match st.tokens.get(token) {
+        Some((user, groups)) => json!({
+            "authenticated": true,
+            "user": {"username": user, "uid": format!("uid-{user}"), "groups": groups},
+        }),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    review
+}
+
+/// Whether an RBAC `nonResourceURLs` entry matches `path`.
+fn non_resource_matches(rule: &str, path: &str) -> bool {
+    match rule.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => rule == path,
+    }
+}
+
+/// The SubjectAccessReview `review` with its status decided by the registered grants.
+fn access_review(st: &State, mut review: Value) -> Value {
+    let spec = &review["spec"];
+    let mut subjects: Vec<&str> = spec["groups"]
+        .as_array()
+        .map(|g| g.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    subjects.extend(spec["user"].as_str());
+    let attrs = &spec["nonResourceAttributes"];
+    let (path, verb) = (attrs["path"].as_str(), attrs["verb"].as_str());
+    let allowed = match (path, verb) {
+        (Some(path), Some(verb)) if spec["resourceAttributes"].is_null() => {
+            st.grants.iter().any(|(who, verbs, urls)| {
+                subjects.contains(&who.as_str())
+                    && verbs.iter().any(|v| v == "*" || v == verb)
+                    && urls.iter().any(|u| non_resource_matches(u, path))
+            })
+        }
+        _ => false,
+    };
+    review["status"] = if allowed {
+        json!({"allowed": true, "reason": "allowed by the fake's grants"})
+    } else {
+        json!({"allowed": false})
+    };
+    review
 }
 
 struct Req {
