@@ -124,9 +124,14 @@ pub struct RunArgs {
     /// gRPC ADS address (state-of-the-world and delta xDS).
     #[arg(long, env = "MESHBRIDGE_XDS_ADDR", default_value = "0.0.0.0:18000")]
     pub xds_addr: SocketAddr,
-    /// Admin API, /metrics, /healthz, /readyz.
-    #[arg(long, env = "MESHBRIDGE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    /// Admin API, /metrics, /healthz, /readyz (`IP:PORT`; an IPv6 address may go without
+    /// brackets, as `$(POD_IP):9090` expands to on an IPv6 cluster).
+    #[arg(long, env = "MESHBRIDGE_ADMIN_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_listen_addr)]
     pub admin_addr: SocketAddr,
+    /// A second listener of the admin API, e.g. `127.0.0.1:9090` when `--admin-addr` is the
+    /// pod IP, so that `kubectl port-forward` (which connects to the pod's loopback) works.
+    #[arg(long, env = "MESHBRIDGE_ADMIN_LOCAL_ADDR", value_parser = parse_listen_addr)]
+    pub admin_local_addr: Option<SocketAddr>,
     /// Admission webhooks (HTTPS).
     #[arg(long, env = "MESHBRIDGE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
     pub webhook_addr: SocketAddr,
@@ -603,5 +608,59 @@ impl RunArgs {
             },
             args: self,
         })
+    }
+}
+
+/// `IP:PORT`, with an IPv6 address in brackets or, as a pod IP expands to, bare
+/// (`fd00::1:9090`: the port is after the last colon).
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let (ip, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?}: expected IP:PORT"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|e| format!("{text:?}: {ip:?} is not an IP address ({e})"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("{text:?}: {port:?} is not a port ({e})"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_take_pod_ips_of_either_family() {
+        assert_eq!(
+            parse_listen_addr("10.1.2.3:9090").unwrap(),
+            "10.1.2.3:9090".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_addr("fd00::1:9090").unwrap(),
+            "[fd00::1]:9090".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_addr("[fd00::1]:9090").unwrap(),
+            "[fd00::1]:9090".parse().unwrap()
+        );
+        assert!(
+            parse_listen_addr(":9090")
+                .unwrap_err()
+                .contains("not an IP")
+        );
+        assert!(
+            parse_listen_addr("10.1.2.3:http")
+                .unwrap_err()
+                .contains("not a port")
+        );
+        assert!(
+            parse_listen_addr("$(POD_IP)")
+                .unwrap_err()
+                .contains("IP:PORT")
+        );
     }
 }

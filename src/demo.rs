@@ -232,6 +232,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         consul_services_owned_by: vec![],
         xds_addr: SocketAddr::from(([127, 0, 0, 1], XDS)),
         admin_addr: SocketAddr::from(([127, 0, 0, 1], ADMIN)),
+        admin_local_addr: None,
         webhook_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         webhook_cert_dir: None,
         webhook_self_managed: false,

@@ -429,7 +429,11 @@ fn every_flag_in_the_rendered_args_is_one_meshbridge_run_has() {
         }
         assert_eq!(flag_value(&args, "--kube"), Some("auto"), "{name}");
         assert_eq!(flag_value(&args, "--xds-addr"), Some("0.0.0.0:18000"));
-        assert_eq!(flag_value(&args, "--admin-addr"), Some("0.0.0.0:9090"));
+        assert_eq!(flag_value(&args, "--admin-addr"), Some("$(POD_IP):9090"));
+        assert_eq!(
+            flag_value(&args, "--admin-local-addr"),
+            Some("127.0.0.1:9090")
+        );
         assert_eq!(flag_value(&args, "--webhook-addr"), Some("0.0.0.0:9443"));
         assert_eq!(
             flag_value(&args, "--leader-election-namespace"),
@@ -869,8 +873,16 @@ struct Started {
 fn start_rendered(rendered: &Rendered, files: &[(&str, &Path)]) -> Started {
     let mut args = rendered.args();
     let mut ports = BTreeMap::new();
-    for flag in ["--xds-addr", "--admin-addr", "--webhook-addr"] {
-        let i = args.iter().position(|a| a == flag).unwrap() + 1;
+    for flag in [
+        "--xds-addr",
+        "--admin-addr",
+        "--admin-local-addr",
+        "--webhook-addr",
+    ] {
+        let Some(i) = args.iter().position(|a| a == flag) else {
+            continue;
+        };
+        let i = i + 1;
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -951,7 +963,21 @@ fn the_default_args_start_the_real_binary_and_its_probes_answer() {
     // The webhook certificate the chart mounts: made here with openssl.
     let certs = tempfile::tempdir().unwrap();
     self_signed(certs.path(), "/CN=meshbridge-webhook.mesh-system.svc");
-    let _started = start_rendered(&render(""), &[("--webhook-cert-dir", certs.path())]);
+    let rendered = render("");
+    let started = start_rendered(&rendered, &[("--webhook-cert-dir", certs.path())]);
+    // The admin API listens on the pod IP (the kubelet expands $(POD_IP) from the
+    // container's env) and on loopback for kubectl port-forward.
+    let env = &rendered.container()["env"];
+    let pod_ip = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_IP")
+        .unwrap_or_else(|| panic!("no POD_IP in {env}"));
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    let local = started.ports["--admin-local-addr"];
+    assert_eq!(http_status(local, "/readyz"), Some(200));
+    assert_eq!(http_status(local, "/api/services"), Some(401));
 }
 
 #[test]

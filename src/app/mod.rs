@@ -136,6 +136,7 @@ pub async fn run(
     let Listeners {
         xds,
         admin,
+        admin_local,
         webhook,
     } = listeners;
     if let (Some(listener), Some(cert)) = (webhook, webhook_cert) {
@@ -165,7 +166,7 @@ pub async fn run(
         &cp,
         args,
         &identity,
-        admin,
+        (admin, admin_local),
         admin_auth,
         draining.clone(),
         late_stop.clone(),

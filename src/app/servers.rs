@@ -21,6 +21,8 @@ use crate::xds::{AdsService, XdsContext};
 pub(super) struct Listeners {
     pub xds: TcpListener,
     pub admin: TcpListener,
+    /// `--admin-local-addr`.
+    pub admin_local: Option<TcpListener>,
     pub webhook: Option<TcpListener>,
 }
 
@@ -33,6 +35,14 @@ impl Listeners {
         let admin = TcpListener::bind(args.admin_addr)
             .await
             .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+        let admin_local = match args.admin_local_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--admin-local-addr {addr}: cannot listen"))?,
+            ),
+            None => None,
+        };
         let webhook = if webhook {
             Some(
                 TcpListener::bind(args.webhook_addr)
@@ -47,6 +57,7 @@ impl Listeners {
         Ok(Listeners {
             xds,
             admin,
+            admin_local,
             webhook,
         })
     }
@@ -149,13 +160,13 @@ pub(super) fn spawn_xds(
     )
 }
 
-/// Serves the admin API and UI on `listener` until `stop` turns true, and checks the peer
-/// instances every `--peer-check-interval`.
+/// Serves the admin API and UI on `listener` (and `local`, `--admin-local-addr`) until `stop`
+/// turns true, and checks the peer instances every `--peer-check-interval`.
 pub(super) fn spawn_admin(
     cp: &ControlPlane,
     args: &RunArgs,
     identity: &str,
-    listener: TcpListener,
+    (listener, local): (TcpListener, Option<TcpListener>),
     auth: admin::auth::AdminAuth,
     draining: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
@@ -193,6 +204,16 @@ pub(super) fn spawn_admin(
         header_timeout: std::time::Duration::from_secs(10),
         request_timeout: None,
     };
+    if let Some(local) = local {
+        tokio::spawn(crate::serve::serve(
+            "admin-local",
+            local,
+            router.clone(),
+            None,
+            limits.clone(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(crate::serve::serve(
         "admin", listener, router, None, limits, stop,
     ))
