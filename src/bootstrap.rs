@@ -67,6 +67,29 @@ pub struct BootstrapOptions {
     /// certificate must chain to `--tls-ca`.
     #[arg(long, requires = "tls_cert")]
     pub xds_tls: bool,
+    /// With `--xds-tls`, a name meshbridge's certificate must carry (repeatable; any one
+    /// suffices): `spiffe://…` a URI SAN, an IP address an IP SAN, anything else a DNS SAN.
+    /// Default: the host of `--xds-addr`, as HTTPS checks a server's name, so a host
+    /// certificate of the same CA cannot stand in for the control plane.
+    #[arg(long = "xds-server-san", requires = "xds_tls")]
+    pub xds_server_sans: Vec<String>,
+}
+
+/// Envoy `SubjectAltNameMatcher`s for the names the control plane's certificate must carry.
+fn server_san_matchers(names: &[String]) -> Vec<Value> {
+    names
+        .iter()
+        .map(|name| {
+            let san_type = if name.starts_with("spiffe://") {
+                "URI"
+            } else if name.parse::<std::net::IpAddr>().is_ok() {
+                "IP_ADDRESS"
+            } else {
+                "DNS"
+            };
+            json!({"san_type": san_type, "matcher": {"exact": name}})
+        })
+        .collect()
 }
 
 /// A bootstrap option that cannot work.
@@ -244,7 +267,13 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             return Err(BootstrapError::XdsTlsWithoutFiles);
         }
         // The static secrets below, referenced by name; a server name only for a host name
-        // (an address is not a valid SNI).
+        // (an address is not a valid SNI). The CA alone would accept any certificate it
+        // signed, every service's included: the control plane's must also carry its name.
+        let sans = if o.xds_server_sans.is_empty() {
+            vec![host.to_string()]
+        } else {
+            o.xds_server_sans.clone()
+        };
         bootstrap["static_resources"]["clusters"][0]["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
@@ -253,7 +282,12 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
                 "common_tls_context": {
                     "alpn_protocols": ["h2"],
                     "tls_certificate_sds_secret_configs": [{"name": "server_cert"}],
-                    "validation_context_sds_secret_config": {"name": "validation_context"}
+                    "combined_validation_context": {
+                        "default_validation_context": {
+                            "match_typed_subject_alt_names": server_san_matchers(&sans)
+                        },
+                        "validation_context_sds_secret_config": {"name": "validation_context"}
+                    }
                 }
             }
         });

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::ring::default_provider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -118,11 +121,24 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-/// Re-reads `cert`'s files every `every` until `stop` turns true; `name` names the server in
-/// logs.
+/// Something that re-reads its files: `Ok(true)` when what it serves changed; an error
+/// leaves the current one in force.
+pub trait Reload: Send + Sync + 'static {
+    /// Re-reads the files.
+    fn reload(&self) -> Result<bool, String>;
+}
+
+impl Reload for ReloadingCert {
+    fn reload(&self) -> Result<bool, String> {
+        ReloadingCert::reload(self)
+    }
+}
+
+/// Re-reads `what`'s files every `every` until `stop` turns true; `name` says what it is in
+/// logs (e.g. "xds certificate").
 pub fn reload_periodically(
     name: &'static str,
-    cert: Arc<ReloadingCert>,
+    what: Arc<dyn Reload>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -132,50 +148,139 @@ pub fn reload_periodically(
                 _ = tokio::time::sleep(every) => {}
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             }
-            match cert.reload() {
-                Ok(true) => info!("{name} certificate reloaded"),
+            match what.reload() {
+                Ok(true) => info!("{name} reloaded"),
                 Ok(false) => {}
-                Err(e) => {
-                    warn!(error = %e, "{name} certificate not reloaded; the current one stays")
-                }
+                Err(e) => warn!(error = %e, "{name} not reloaded; the current one stays"),
             }
         }
     });
 }
 
+/// Client certificates checked against a CA file that is followed: a new CA (rotation,
+/// or a bundle of old and new during one) applies to the next handshake; a file that no
+/// longer loads keeps the CA last read. A client without a certificate is let through:
+/// what it may do is decided above TLS, where a refusal can say why.
+pub struct ReloadingClientCa {
+    path: PathBuf,
+    current: RwLock<(Vec<u8>, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl std::fmt::Debug for ReloadingClientCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingClientCa")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>), String> {
+    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let pem = std::fs::read(path).map_err(|e| named(&e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.map_err(|e| named(&e))?)
+            .map_err(|e| named(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(named(&"no certificate"));
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(default_provider()))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| named(&e))?;
+    Ok((pem, verifier))
+}
+
+impl ReloadingClientCa {
+    /// Reads the CA bundle at `path`; fails naming it.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        Ok(ReloadingClientCa {
+            path: path.to_path_buf(),
+            current: RwLock::new(client_verifier(path)?),
+        })
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+}
+
+impl Reload for ReloadingClientCa {
+    fn reload(&self) -> Result<bool, String> {
+        let (pem, verifier) = client_verifier(&self.path)?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.0 == pem {
+            return Ok(false);
+        }
+        *current = (pem, verifier);
+        Ok(true)
+    }
+}
+
+impl ClientCertVerifier for ReloadingClientCa {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    /// No hints: the CA may change under a handshake, and Envoy sends its one certificate
+    /// whatever the hints say.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
 /// A TLS server configuration serving `cert`, offering `alpn`. With `client_ca`, clients
-/// are asked for a certificate, and one they present must chain to that CA (a client
-/// without one is let through: what it may do is decided above TLS, where a refusal can
-/// say why).
+/// are asked for a certificate, and one they present must chain to that CA.
 pub fn server_config(
     cert: Arc<ReloadingCert>,
-    client_ca: Option<&Path>,
+    client_ca: Option<Arc<ReloadingClientCa>>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, String> {
-    let provider = Arc::new(default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("{}: no certificate", path.display()));
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder.with_client_cert_verifier(ca),
     };
     let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

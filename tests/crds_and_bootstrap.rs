@@ -208,6 +208,56 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         String::from_utf8_lossy(&v.stdout),
         String::from_utf8_lossy(&v.stderr)
     );
+
+    // Over TLS to the control plane, whose certificate must carry one of the given names
+    // (each kind of SAN): Envoy accepts the pinned validation context.
+    let tls = [
+        "--service",
+        "frontend",
+        "--node-id",
+        "f-1",
+        "--xds-addr",
+        "meshbridge-xds.mesh-system.svc:18000",
+        "--tls-cert",
+        &p("cert.pem"),
+        "--tls-key",
+        &p("key.pem"),
+        "--tls-ca",
+        &p("cert.pem"),
+        "--xds-tls",
+    ];
+    let pinned = [
+        "--xds-server-san",
+        "spiffe://mesh.local/control-plane",
+        "--xds-server-san",
+        "10.0.0.7",
+        "--xds-server-san",
+        "meshbridge-xds",
+    ];
+    let out = bootstrap(&[&tls[..], &pinned[..]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
+    for kind in ["san_type: URI", "san_type: IP_ADDRESS", "san_type: DNS"] {
+        assert!(yaml.contains(kind), "{kind}: {yaml}");
+    }
+    let v = envoy_validate(&out.stdout);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // By default, the xDS host name.
+    let out = bootstrap(&tls);
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        yaml.contains("exact: meshbridge-xds.mesh-system.svc"),
+        "{yaml}"
+    );
 }
 
 #[test]

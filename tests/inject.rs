@@ -633,13 +633,19 @@ fn with_xds_tls_a_sidecar_with_a_certificate_reaches_the_control_plane_over_mtls
         context["tls_certificate_sds_secret_configs"][0]["name"],
         "server_cert"
     );
+    let validation = &context["combined_validation_context"];
     assert_eq!(
-        context["validation_context_sds_secret_config"]["name"],
+        validation["validation_context_sds_secret_config"]["name"],
         "validation_context"
     );
     assert_eq!(
         socket["typed_config"]["sni"], "meshbridge-xds.meshbridge.svc",
         "the xDS host name"
+    );
+    // The control plane's certificate must name the xDS host, not merely chain to the CA.
+    assert_eq!(
+        validation["default_validation_context"]["match_typed_subject_alt_names"],
+        json!([{"san_type": "DNS", "matcher": {"exact": "meshbridge-xds.meshbridge.svc"}}])
     );
     // A pod without a certificate cannot prove anything: plaintext as before.
     assert_eq!(

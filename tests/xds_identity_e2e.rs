@@ -184,6 +184,97 @@ async fn permissive_serves_impostors_and_counts_them() {
     assert!(dump.body.contains("did not prove service"), "{}", dump.body);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_is_followed_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = Backend::start("orders", "a").await;
+    let cp = start(dir.path(), "strict", &orders).await;
+    // Host certificates from a new CA; the hosts trust old and new (the rotation's bundle),
+    // so they accept the control plane's certificate, which the old CA signed.
+    let mut rotated = support::issue_identity(dir.path(), "mesh2", "frontend", TRUST_DOMAIN);
+    let bundle = dir.path().join("bundle.pem");
+    let both = [
+        std::fs::read(dir.path().join("mesh-ca.pem")).unwrap(),
+        std::fs::read(&rotated.ca).unwrap(),
+    ]
+    .concat();
+    std::fs::write(&bundle, &both).unwrap();
+    rotated.ca = bundle;
+    let envoy = Envoy::start(&cp, frontend(rotated)).await;
+    // The control plane trusts only the old CA: the handshake fails, nothing is served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(envoy.call("orders", "/").await.is_err());
+    assert_eq!(identity_count(&cp, "verified").await, 0);
+
+    // The CA file becomes the bundle (written aside and renamed, as a Secret update is):
+    // the next handshake of the same Envoy is accepted.
+    let staged = dir.path().join("mesh-ca.pem.new");
+    std::fs::write(&staged, &both).unwrap();
+    std::fs::rename(&staged, dir.path().join("mesh-ca.pem")).unwrap();
+    envoy
+        .wait_call("orders", "orders once the new CA is trusted", |r| {
+            r.status == 200
+        })
+        .await;
+    assert_eq!(identity_count(&cp, "verified").await, 1);
+    assert!(cp.log().contains("xds client CA reloaded"), "{}", cp.log());
+
+    // A CA file that no longer reads keeps the bundle in force.
+    let mut old = support::issue_identity(dir.path(), "mesh", "frontend", TRUST_DOMAIN);
+    let old_ca = dir.path().join("old-ca.pem");
+    std::fs::copy(&old.ca, &old_ca).unwrap();
+    old.ca = old_ca;
+    std::fs::write(dir.path().join("mesh-ca.pem"), "not a certificate").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the broken CA file is reported",
+        || async {
+            cp.log()
+                .contains("xds client CA not reloaded")
+                .then_some(())
+        },
+    )
+    .await;
+    let again = Envoy::start(&cp, frontend(old)).await;
+    again
+        .wait_call(
+            "orders",
+            "a proxy of the old CA after the broken write",
+            |r| r.status == 200,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_certificate_of_the_mesh_ca_cannot_stand_in_for_the_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = Backend::start("orders", "a").await;
+    // "The control plane" serves billing's host certificate: the mesh CA signed it, but it
+    // does not name the xDS address the proxies were given.
+    let billing = support::issue_identity(dir.path(), "mesh", "billing", TRUST_DOMAIN);
+    let path = |p: &Path| p.display().to_string();
+    let flags = [
+        "--xds-tls-cert".to_string(),
+        path(&billing.cert),
+        "--xds-tls-key".into(),
+        path(&billing.key),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cp = ControlPlane::start(&mesh(orders.port), &flags).await;
+    let frontend_id = support::issue_identity(dir.path(), "mesh", "frontend", TRUST_DOMAIN);
+    let envoy = Envoy::start(&cp, frontend(frontend_id)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        envoy.call("orders", "/").await.is_err(),
+        "the proxy was configured"
+    );
+    assert_eq!(
+        cp.admin_json("/api/proxies").await,
+        serde_json::json!([]),
+        "a stream was served"
+    );
+}
+
 #[test]
 fn unreadable_tls_or_token_files_stop_the_start_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();

@@ -72,8 +72,8 @@ impl Listeners {
     }
 }
 
-/// The xDS port's TLS, when `--xds-tls-cert` is given: the certificate (re-read every 2 s
-/// until `stop`) and the client CA. Fails naming the flag when a file does not load.
+/// The xDS port's TLS, when `--xds-tls-cert` is given: the certificate and the client CA,
+/// each re-read every 2 s until `stop`. Fails naming the flag when a file does not load.
 pub(super) fn xds_tls(
     config: &RunConfig,
     stop: watch::Receiver<bool>,
@@ -86,10 +86,20 @@ pub(super) fn xds_tls(
         ReloadingCert::from_files(cert, key)
             .map_err(|e| super::BadConfig(format!("--xds-tls-cert/--xds-tls-key: {e}")))?,
     );
-    let server =
-        crate::tls::server_config(reloading.clone(), args.xds_client_ca.as_deref(), &[b"h2"])
-            .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?;
-    crate::tls::reload_periodically("xds", reloading, std::time::Duration::from_secs(2), stop);
+    let client_ca = match &args.xds_client_ca {
+        Some(path) => Some(Arc::new(
+            crate::tls::ReloadingClientCa::from_file(path)
+                .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?,
+        )),
+        None => None,
+    };
+    let server = crate::tls::server_config(reloading.clone(), client_ca.clone(), &[b"h2"])
+        .map_err(|e| super::BadConfig(format!("--xds-tls-cert: {e}")))?;
+    let every = std::time::Duration::from_secs(2);
+    crate::tls::reload_periodically("xds certificate", reloading, every, stop.clone());
+    if let Some(ca) = client_ca {
+        crate::tls::reload_periodically("xds client CA", ca, every, stop);
+    }
     Ok(Some(XdsTls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         trust_domain: config.settings.trust_domain.clone(),

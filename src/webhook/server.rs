@@ -149,7 +149,7 @@ pub async fn serve(
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    crate::tls::reload_periodically("webhook", cert, reload_every, stop.clone());
+    crate::tls::reload_periodically("webhook certificate", cert, reload_every, stop.clone());
     // The API server's own call times out after at most 30 s (10 s by default).
     let limits = crate::serve::HttpLimits {
         max_connections: 256,
