@@ -113,9 +113,26 @@ sidecar:
   xdsTls: true
 ";
 
+/// cert-manager issues the xDS serving certificate from the mesh's ClusterIssuer; strict
+/// client certificates; sidecars over TLS.
+const XDS_CERT_MANAGER: &str = "
+xds:
+  tls:
+    clientAuth: strict
+    certManager:
+      enabled: true
+      issuerRef: {name: mesh-ca, kind: ClusterIssuer}
+      extraDnsNames: [xds.mesh.example.com]
+      uris: [\"spiffe://mesh.local/control-plane\"]
+sidecar:
+  tlsSecret: \"{service}-mesh-tls\"
+  xdsTls: true
+";
+
 /// Every value set the tests render: (name, values YAML).
 const VALUE_SETS: &[(&str, &str)] = &[
     ("default", ""),
+    ("xds-cert-manager", XDS_CERT_MANAGER),
     ("webhook-helm-certs", WEBHOOK_HELM_CERTS),
     ("webhook-cert-manager", WEBHOOK_CERT_MANAGER),
     ("webhook-self-managed", WEBHOOK_SELF_MANAGED),
@@ -691,6 +708,48 @@ fn xds_tls_files_come_from_their_secret() {
         "xds: {tls: {clientAuth: strict}}\n",
         &["xds.tls.clientAuth", "xds.tls.secretName"],
     );
+}
+
+#[test]
+fn cert_manager_issues_the_xds_certificate_naming_the_service_sidecars_dial() {
+    let rendered = render(XDS_CERT_MANAGER);
+    let cert = rendered.one("Certificate");
+    let spec = &cert["spec"];
+    assert_eq!(spec["secretName"], format!("{RELEASE}-xds-tls"));
+    assert_eq!(
+        spec["issuerRef"],
+        json!({"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "mesh-ca"})
+    );
+    let names: Vec<&str> = spec["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    // The host injected sidecars dial is among the names their bootstraps check.
+    let args = rendered.args();
+    let sidecar_xds = flag_value(&args, "--sidecar-xds-addr").unwrap();
+    let host = sidecar_xds.rsplit_once(':').unwrap().0;
+    assert!(names.contains(&host), "{host} not in {names:?}");
+    assert!(names.contains(&"xds.mesh.example.com"), "{names:?}");
+    assert_eq!(spec["uris"], json!(["spiffe://mesh.local/control-plane"]));
+    // The Secret cert-manager writes feeds the serving flags, and its ca.crt the client CA.
+    for (flag, item) in [
+        ("--xds-tls-cert", "tls.crt"),
+        ("--xds-tls-key", "tls.key"),
+        ("--xds-client-ca", "ca.crt"),
+    ] {
+        let volume = secret_item(&rendered, flag_value(&args, flag).unwrap(), item);
+        assert_eq!(volume["secret"]["secretName"], format!("{RELEASE}-xds-tls"));
+    }
+    assert!(args.iter().any(|a| a == "--sidecar-xds-tls"), "{args:?}");
+    // An issuer is required: it must be the one the proxies trust.
+    render_fails_naming(
+        "xds: {tls: {certManager: {enabled: true}}}\n",
+        &["xds.tls.certManager.issuerRef.name"],
+    );
+    // Off by default.
+    assert!(render("").of_kind("Certificate").is_empty());
 }
 
 #[test]

@@ -114,3 +114,15 @@ plus 10. It must exceed the drain, or the kubelet kills meshbridge mid-drain.
 {{- $given }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Secret holding the xDS serving certificate: xds.tls.secretName, else the one cert-manager
+writes when xds.tls.certManager.enabled; empty: plaintext xDS.
+*/}}
+{{- define "meshbridge.xdsTlsSecret" -}}
+{{- if .Values.xds.tls.secretName }}
+{{- .Values.xds.tls.secretName }}
+{{- else if .Values.xds.tls.certManager.enabled }}
+{{- printf "%s-xds-tls" (include "meshbridge.fullname" .) }}
+{{- end }}
+{{- end }}
