@@ -103,9 +103,11 @@ pub struct RunArgs {
     /// long ago stays out of rotation even if they pass again (0: off).
     #[arg(long, env = "MESHBRIDGE_CONSUL_FLAP_HOLD", default_value_t = 1000)]
     pub consul_flap_hold: u64,
-    /// Namespaces whose AccessRules may protect services no namespace declares (those only
-    /// Consul knows, and those of the operator's manifests); repeatable. An AccessRule from
-    /// any other namespace protects only services declared in its own namespace.
+    /// Namespaces that own Consul's services; repeatable. Their MeshServices may declare a
+    /// service Consul knows (others' are not used), and their AccessRules may protect
+    /// services no namespace declares (those only Consul knows, and those of the operator's
+    /// manifests). An AccessRule from any other namespace protects only services declared in
+    /// its own namespace.
     #[arg(
         long = "consul-services-owned-by",
         env = "MESHBRIDGE_CONSUL_SERVICES_OWNED_BY",

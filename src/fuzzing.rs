@@ -37,7 +37,12 @@ pub fn manifests(data: &[u8]) {
 /// AdmissionReview bodies to the validating and mutating webhooks.
 pub fn admission(data: &[u8]) {
     let declared_in = |_: &str| vec!["shop".to_string()];
-    let _ = crate::webhook::admission::review_validate(data, &declared_in);
+    let consul_claim = |service: &str, _: &str| (service == "legacy").then(String::new);
+    let ownership = crate::webhook::admission::Ownership {
+        declared_in: &declared_in,
+        consul_claim: &consul_claim,
+    };
+    let _ = crate::webhook::admission::review_validate(data, &ownership);
     let settings = crate::webhook::InjectSettings::default();
     let lookup = |_: &str, _: &std::collections::BTreeMap<String, String>| {
         (

@@ -70,6 +70,7 @@ allowWildcard: [gateway, \"edge-*\"]
 consul:
   addr: https://$(HOST_IP):8501
   datacenters: [dc1, dc2]
+  servicesOwnedBy: [payments, platform]
   token:
     secretName: consul-acl
     key: meshbridge-token
@@ -461,6 +462,10 @@ fn every_flag_in_the_rendered_args_is_one_meshbridge_run_has() {
     let consul = render(CONSUL).args();
     assert_eq!(flag_values(&consul, "--namespace"), ["payments", "orders"]);
     assert_eq!(flag_values(&consul, "--consul-datacenter"), ["dc1", "dc2"]);
+    assert_eq!(
+        flag_values(&consul, "--consul-services-owned-by"),
+        ["payments", "platform"]
+    );
     assert_eq!(
         flag_values(&consul, "--allow-wildcard"),
         ["gateway", "edge-*"]

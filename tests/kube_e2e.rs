@@ -277,6 +277,69 @@ async fn a_pod_backed_service_and_a_consul_service_call_each_other() {
     assert_rbac_covers(&kube);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_does_not_own_consul_services_cannot_take_one_over() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let vm = Backend::start("billing", "vm").await;
+    let impostor = Backend::start("billing", "impostor").await;
+    consul.register(
+        "dc1",
+        Instance::new("billing", "billing-vm-1", "127.0.0.1", vm.port),
+    );
+    // A tenant declares Consul's billing, with a pod of its own behind it.
+    let mut claim = mesh_service("billing", json!({"selector": {"app": "billing"}}));
+    claim["metadata"]["namespace"] = json!("tenant");
+    kube.apply(claim);
+    let mut pod = pod("billing-1", "billing", impostor.port, true);
+    pod["metadata"]["namespace"] = json!("tenant");
+    kube.apply(pod);
+    let consul_flags = ["--consul-addr", &consul.url(), "--consul-datacenter", "dc1"];
+    let cp = start(&kube, &consul_flags).await;
+    let caller = Envoy::start(&cp, legacy(&["billing"])).await;
+    caller
+        .wait_call("billing", "billing through the mesh", |r| r.status == 200)
+        .await;
+    assert_eq!(
+        answering(&caller, "billing", 12).await,
+        ["hello from billing vm".to_string()].into(),
+        "the tenant's pod took traffic of Consul's billing"
+    );
+    assert_eq!(
+        instances(&cp, "billing").await,
+        [(vm.port as u64, "consul".to_string())]
+    );
+    let degraded = eventually(LIMIT, "the tenant's claim is Degraded", || async {
+        let o = kube.get(MS, "MeshService", Some("tenant"), "billing")?;
+        condition(&o, "Degraded").cloned()
+    })
+    .await;
+    assert_eq!(degraded["reason"], "ConsulService", "{degraded}");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("--consul-services-owned-by"),
+        "{degraded}"
+    );
+    drop(caller);
+    drop(cp);
+
+    // Where the operator lets the namespace own Consul's services (a migration to pods),
+    // its pods join the VM.
+    let owner_flags = [&consul_flags[..], &["--consul-services-owned-by", "tenant"]].concat();
+    let cp = start(&kube, &owner_flags).await;
+    let origins = eventually(LIMIT, "billing in both origins", || async {
+        let found = instances(&cp, "billing").await;
+        (found.len() == 2).then_some(found)
+    })
+    .await;
+    assert!(
+        origins.contains(&(impostor.port as u64, "kubernetes".to_string())),
+        "{origins:?}"
+    );
+}
+
 fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
     obj["status"]["conditions"]
         .as_array()?

@@ -134,6 +134,7 @@ impl Kubernetes {
             leader: self.leader.clone(),
             errors,
             metrics: cp.metrics.clone(),
+            index: cp.index.clone(),
         };
         let settings = crate::consul_sync::SyncSettings {
             node: args.consul_sync_node.clone(),

@@ -291,6 +291,7 @@ pub(super) async fn spawn_webhook(
         fail_closed: args.inject_fail_closed,
         synced: inputs.synced,
         metrics: cp.metrics.clone(),
+        index: cp.index.clone(),
     };
     tokio::spawn(crate::webhook::server::serve(
         listener,

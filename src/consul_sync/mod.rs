@@ -213,6 +213,22 @@ pub struct SyncContext {
     pub errors: watch::Sender<BTreeMap<ObjectKey, String>>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The index: a MeshService whose namespace may not declare a Consul service registers
+    /// nothing under its name.
+    pub index: crate::sources::IndexHandle,
+}
+
+/// `instances` without those of MeshServices that may not declare a service Consul knows.
+fn claimable(index: &crate::sources::IndexHandle, instances: Vec<PodInstance>) -> Vec<PodInstance> {
+    index.read(|i| {
+        let consul = i.consul_services();
+        instances
+            .into_iter()
+            .filter(|p| {
+                !consul.contains(p.service.as_str()) || i.may_claim_consul(&p.owner.namespace)
+            })
+            .collect()
+    })
 }
 
 fn count(ctx: &SyncContext, op: &str, ok: bool) {
@@ -326,12 +342,12 @@ pub async fn run(client: ConsulClient, settings: SyncSettings, mut ctx: SyncCont
         tokio::pin!(resync);
         loop {
             ctx.epoch.borrow_and_update();
-            let wanted = desired(
-                &ctx.store
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .consul_instances(),
-            );
+            let instances = ctx
+                .store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .consul_instances();
+            let wanted = desired(&claimable(&ctx.index, instances));
             let p = plan(&wanted, &existing);
             if !p.is_empty() {
                 info!(

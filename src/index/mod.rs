@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::model::{
-    AccessAction, AccessPolicy, AccessRuleSet, Dependency, Endpoint, MeshState, MtlsMode, Service,
+    AccessAction, AccessPolicy, AccessRuleSet, Dependency, Endpoint, MeshState, MtlsMode, Origin,
+    Service,
 };
 
 /// A MeshService, validated.
@@ -81,15 +82,31 @@ pub enum IndexObject {
     Endpoints(EndpointSet),
 }
 
-/// Two declarations claiming one service name: the loser is reported, not used.
+/// Two declarations claiming one service name, or a namespace claiming a name Consul knows:
+/// the loser is reported, not used.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NameConflict {
     /// The contested name.
     pub service: String,
-    /// The declaration in force.
+    /// The declaration in force (for [`ConflictKind::ConsulService`]: `Consul`, or the
+    /// declaration of an owner namespace).
     pub winner: String,
     /// The declaration ignored.
     pub loser: String,
+    /// Why the loser lost.
+    pub kind: ConflictKind,
+}
+
+/// Why a declaration lost its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConflictKind {
+    /// An older declaration holds the name.
+    Older,
+    /// Consul has instances of the name, and the declaration's namespace is not one of
+    /// `--consul-services-owned-by`: it may neither add instances to a Consul service nor
+    /// change its settings.
+    ConsulService,
 }
 
 /// The objects of every source, keyed by source name and then by object key.
@@ -197,13 +214,34 @@ impl Index {
         let mut conflicts = Vec::new();
         let mut services = BTreeMap::new();
         let mut owners: BTreeMap<&str, Owner<'_>> = BTreeMap::new();
-        for (name, mut decls) in declarations {
+        for (name, decls) in declarations {
+            // A name Consul knows is declared only by the operator or an owner namespace.
+            let consul_known = discovered
+                .get(name)
+                .is_some_and(|found| found.iter().any(|e| e.origin == Origin::Consul));
+            let (mut decls, refused): (Vec<&ServiceDeclaration>, Vec<&ServiceDeclaration>) =
+                decls.into_iter().partition(|d| {
+                    !consul_known || may_claim(d.namespace.as_deref(), &self.consul_owners)
+                });
             decls.sort_by(|a, b| {
                 a.precedence
                     .cmp(&b.precedence)
                     .then_with(|| format!("{a:?}").cmp(&format!("{b:?}")))
             });
-            let winner = decls[0];
+            for loser in refused {
+                conflicts.push(NameConflict {
+                    service: name.to_string(),
+                    winner: decls
+                        .first()
+                        .map_or_else(|| "Consul".to_string(), |w| w.precedence.clone()),
+                    loser: loser.precedence.clone(),
+                    kind: ConflictKind::ConsulService,
+                });
+            }
+            // Nobody may declare it: it stays Consul's (built below, from its instances).
+            let Some(&winner) = decls.first() else {
+                continue;
+            };
             owners.insert(
                 name,
                 winner
@@ -216,6 +254,7 @@ impl Index {
                     service: name.to_string(),
                     winner: winner.precedence.clone(),
                     loser: loser.precedence.clone(),
+                    kind: ConflictKind::Older,
                 });
             }
             let mut endpoints = winner.endpoints.clone();
@@ -269,6 +308,36 @@ impl Index {
         (MeshState { services, access }, conflicts, foreign)
     }
 
+    /// Why a MeshService of `namespace` may not declare `service`, if it may not: Consul
+    /// has instances of it and `namespace` is not one of `--consul-services-owned-by` (what
+    /// [`Self::build_full`] would report as [`ConflictKind::ConsulService`]).
+    pub fn claim_refusal(&self, service: &str, namespace: &str) -> Option<String> {
+        (!self.may_claim_consul(namespace) && self.consul_services().contains(service))
+            .then(|| consul_claim_text(service, &self.consul_owners))
+    }
+
+    /// Whether MeshServices of `namespace` may declare services Consul knows.
+    pub fn may_claim_consul(&self, namespace: &str) -> bool {
+        may_claim(Some(namespace), &self.consul_owners)
+    }
+
+    /// The services Consul has instances of.
+    pub fn consul_services(&self) -> std::collections::BTreeSet<&str> {
+        self.sources
+            .values()
+            .flat_map(|m| m.values())
+            .flatten()
+            .filter_map(|o| match o {
+                IndexObject::Endpoints(set)
+                    if set.endpoints.iter().any(|e| e.origin == Origin::Consul) =>
+                {
+                    Some(set.service.as_str())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Builds the mesh state.
     pub fn state(&self) -> MeshState {
         self.build().0
@@ -286,6 +355,12 @@ enum Owner<'a> {
     Consul,
 }
 
+/// Whether a MeshService of `namespace` (none: the operator's manifests) may declare a
+/// service Consul knows.
+fn may_claim(namespace: Option<&str>, consul_owners: &[String]) -> bool {
+    namespace.is_none_or(|ns| consul_owners.iter().any(|o| o == ns))
+}
+
 /// Whether an AccessRule from `rule_namespace` (none: the operator's manifests) may
 /// protect a service owned by `owner` (none: unknown so far).
 fn may_protect(
@@ -298,6 +373,18 @@ fn may_protect(
         (Some(ns), Some(Owner::Namespace(owner))) => ns == owner,
         (Some(ns), Some(Owner::Operator | Owner::Consul)) => consul_owners.iter().any(|o| o == ns),
     }
+}
+
+/// Why a namespace may not declare `service`, a service of Consul.
+pub fn consul_claim_text(service: &str, consul_owners: &[String]) -> String {
+    let owners = if consul_owners.is_empty() {
+        "none is set".to_string()
+    } else {
+        consul_owners.join(", ")
+    };
+    format!(
+        "service {service:?} is a Consul service: only a MeshService of a namespace of --consul-services-owned-by ({owners}) may add instances to it or change its settings"
+    )
 }
 
 fn sorted(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
@@ -354,6 +441,80 @@ mod tests {
     }
 
     const PAYMENTS: &str = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: payments}\nspec:\n  endpoints: [{address: 10.0.0.1, port: 80}]\n";
+
+    /// Consul's instance of `service` (10.9.9.9:80).
+    fn consul_instance(service: &str) -> Vec<IndexObject> {
+        vec![IndexObject::Endpoints(EndpointSet {
+            service: service.into(),
+            endpoints: vec![Endpoint {
+                address: "10.9.9.9".into(),
+                port: 80,
+                origin: Origin::Consul,
+                datacenter: None,
+                tags: Default::default(),
+                weight: 1,
+                healthy: true,
+            }],
+        })]
+    }
+
+    #[test]
+    fn only_owner_namespaces_and_the_operator_declare_a_consul_service() {
+        let mut index = Index::new();
+        index.apply("consul:dc1", "payments", consul_instance("payments"));
+        // A tenant claims Consul's payments with its own instance and mTLS.
+        let claim = format!("{PAYMENTS}  mtls: strict\n");
+        index.apply(
+            "kubernetes",
+            "tenant/payments",
+            objects(&claim, Some("tenant")),
+        );
+        let (state, conflicts, _) = index.build_full();
+        let payments = &state.services["payments"];
+        let addresses: Vec<&str> = payments
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(addresses, ["10.9.9.9"], "the tenant added an instance");
+        assert_eq!(
+            payments.mtls,
+            MtlsMode::default(),
+            "the tenant changed mtls"
+        );
+        assert!(!payments.declared);
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].kind, ConflictKind::ConsulService);
+        assert_eq!(conflicts[0].winner, "Consul");
+        assert!(index.claim_refusal("payments", "tenant").is_some());
+        assert!(index.claim_refusal("orders", "tenant").is_none());
+
+        // An owner namespace may (the migration of a Consul service to pods); the tenant
+        // still may not, and loses to the owner.
+        index.set_consul_owners(vec!["shop".into()]);
+        index.apply("kubernetes", "shop/payments", objects(&claim, Some("shop")));
+        let (state, conflicts, _) = index.build_full();
+        let payments = &state.services["payments"];
+        assert_eq!(payments.endpoints.len(), 2, "{:?}", payments.endpoints);
+        assert_eq!(payments.mtls, MtlsMode::Strict);
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].kind, ConflictKind::ConsulService);
+        assert!(index.claim_refusal("payments", "shop").is_none());
+
+        // The operator's manifests may; a name Consul does not know is anyone's.
+        let mut index = Index::new();
+        index.apply("consul:dc1", "payments", consul_instance("payments"));
+        index.apply("config", "payments.yaml", objects(&claim, None));
+        index.apply(
+            "kubernetes",
+            "tenant/orders",
+            objects(&PAYMENTS.replace("payments", "orders"), Some("tenant")),
+        );
+        let (state, conflicts, _) = index.build_full();
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        assert_eq!(state.services["payments"].mtls, MtlsMode::Strict);
+        assert!(state.services["orders"].declared);
+    }
 
     #[test]
     fn an_access_rule_protects_only_what_its_namespace_may_protect() {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::api::access_rule::AccessRuleStatus;
 use crate::api::mesh_service::{Condition, MeshServiceStatus};
-use crate::index::{ForeignRule, NameConflict};
+use crate::index::{ConflictKind, ForeignRule, NameConflict};
 use crate::model::MeshState;
 use crate::sources::kube::store::{ObjectKey, PodCounts, RuleEntry, ServiceEntry, precedence};
 
@@ -120,12 +120,24 @@ pub fn mesh_service_status(
     }
     let total: u32 = instances.values().sum();
     let ready = if let Some(c) = conflict {
-        let text = format!(
-            "service name {:?} is claimed by an older declaration ({}); this one is not used",
-            c.service, c.winner
-        );
-        degraded = Some(("NameConflict", text.clone()));
-        condition("Ready", false, "NameConflict", text)
+        let (reason, text) = match c.kind {
+            ConflictKind::Older => (
+                "NameConflict",
+                format!(
+                    "service name {:?} is claimed by an older declaration ({}); this one is not used",
+                    c.service, c.winner
+                ),
+            ),
+            ConflictKind::ConsulService => (
+                "ConsulService",
+                format!(
+                    "service {:?} is a Consul service, and this namespace is not one of --consul-services-owned-by: this declaration is not used (neither its instances nor its settings)",
+                    c.service
+                ),
+            ),
+        };
+        degraded = Some((reason, text.clone()));
+        condition("Ready", false, reason, text)
     } else if in_force.is_none() {
         condition(
             "Ready",

@@ -183,11 +183,20 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
     }
 }
 
+/// What the validating webhook asks about who owns a service.
+pub struct Ownership<'a> {
+    /// The namespaces whose MeshServices declare a service.
+    pub declared_in: &'a dyn Fn(&str) -> Vec<String>,
+    /// Why a MeshService of a namespace may not declare a service (Consul's), if it may not.
+    pub consul_claim: &'a dyn Fn(&str, &str) -> Option<String>,
+}
+
 /// The validating webhook: runs the index's own validation on MeshServices and AccessRules,
-/// so what is admitted is what meshbridge can use. `declared_in(service)` names the
-/// namespaces whose MeshServices declare `service`: an AccessRule whose target is declared
-/// only in other namespaces would be ignored (`ForeignTarget`), so it is refused.
-pub fn review_validate(body: &[u8], declared_in: &dyn Fn(&str) -> Vec<String>) -> Answer {
+/// so what is admitted is what meshbridge can use. An AccessRule whose target is declared
+/// only in other namespaces would be ignored (`ForeignTarget`), and a MeshService declaring
+/// a Consul service from a namespace that does not own Consul's services would not be used
+/// (`ConsulService`): both are refused.
+pub fn review_validate(body: &[u8], ownership: &Ownership<'_>) -> Answer {
     let request = match parse_request(body) {
         Ok(r) => r,
         Err(e) => return malformed(e),
@@ -206,12 +215,26 @@ pub fn review_validate(body: &[u8], declared_in: &dyn Fn(&str) -> Vec<String>) -
     let errors: Vec<String> = match kind {
         "MeshService" => match serde_path_to_error::deserialize::<_, MeshService>(object.clone()) {
             Err(e) => vec![format!("{}: {}", e.path(), e.inner())],
-            Ok(o) => convert::mesh_service(&o, String::new())
-                .err()
-                .unwrap_or_default()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            Ok(o) => {
+                let mut errors: Vec<String> = convert::mesh_service(&o, String::new())
+                    .err()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                let namespace = request["namespace"].as_str().unwrap_or("");
+                if let Some(service) = convert::service_name(&o)
+                    && let Some(why) = (ownership.consul_claim)(&service, namespace)
+                {
+                    let field = if o.spec.service_name.is_some() {
+                        "spec.serviceName"
+                    } else {
+                        "metadata.name"
+                    };
+                    errors.push(format!("{field}: {why}"));
+                }
+                errors
+            }
         },
         "AccessRule" => match serde_path_to_error::deserialize::<_, AccessRule>(object.clone()) {
             Err(e) => vec![format!("{}: {}", e.path(), e.inner())],
@@ -223,7 +246,7 @@ pub fn review_validate(body: &[u8], declared_in: &dyn Fn(&str) -> Vec<String>) -
                     .map(ToString::to_string)
                     .collect();
                 let namespace = request["namespace"].as_str().unwrap_or("");
-                let owners = declared_in(o.spec.target.trim());
+                let owners = (ownership.declared_in)(o.spec.target.trim());
                 if !owners.is_empty() && !owners.iter().any(|n| n == namespace) {
                     errors.push(format!(
                         "spec.target: service {:?} is declared by a MeshService in namespace {}; an AccessRule protects only a service of its own namespace (it would be ignored)",
@@ -281,8 +304,9 @@ mod tests {
         .into_bytes()
     }
 
-    #[test]
-    fn an_access_rule_for_another_namespaces_service_is_refused_at_apply() {
+    /// `payments` is declared in `shop`; Consul knows `legacy`, which only `platform` may
+    /// declare.
+    fn with_ownership<T>(f: impl FnOnce(&Ownership<'_>) -> T) -> T {
         let declared_in = |s: &str| {
             if s == "payments" {
                 vec!["shop".to_string()]
@@ -290,17 +314,80 @@ mod tests {
                 Vec::new()
             }
         };
-        let (_, answer) = review_validate(&rule_review("tenant", "payments"), &declared_in);
-        let response = &answer["response"];
-        assert_eq!(response["allowed"], false, "{answer}");
-        let message = response["status"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("declared by a MeshService in namespace shop"),
-            "{message}"
-        );
-        for (namespace, target) in [("shop", "payments"), ("tenant", "unknown")] {
-            let (_, answer) = review_validate(&rule_review(namespace, target), &declared_in);
-            assert_eq!(answer["response"]["allowed"], true, "{answer}");
-        }
+        let consul_claim = |service: &str, namespace: &str| {
+            (service == "legacy" && namespace != "platform")
+                .then(|| "service \"legacy\" is a Consul service".to_string())
+        };
+        f(&Ownership {
+            declared_in: &declared_in,
+            consul_claim: &consul_claim,
+        })
+    }
+
+    fn service_review(namespace: &str, name: &str, spec: serde_json::Value) -> Vec<u8> {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1",
+                "operation": "CREATE",
+                "namespace": namespace,
+                "kind": {"group": "meshbridge.io", "version": "v1alpha1", "kind": "MeshService"},
+                "object": {
+                    "apiVersion": "meshbridge.io/v1alpha1",
+                    "kind": "MeshService",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": spec
+                }
+            }
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_mesh_service_declaring_a_consul_service_from_another_namespace_is_refused_at_apply() {
+        with_ownership(|o| {
+            let (_, answer) = review_validate(&service_review("tenant", "legacy", json!({})), o);
+            let message = answer["response"]["status"]["message"]
+                .as_str()
+                .unwrap_or("");
+            assert_eq!(answer["response"]["allowed"], false, "{answer}");
+            assert!(
+                message.contains("metadata.name: service \"legacy\""),
+                "{message}"
+            );
+            // Through spec.serviceName too, naming that field.
+            let (_, answer) = review_validate(
+                &service_review("tenant", "x", json!({"serviceName": "legacy"})),
+                o,
+            );
+            let message = answer["response"]["status"]["message"]
+                .as_str()
+                .unwrap_or("");
+            assert!(message.contains("spec.serviceName: "), "{answer}");
+            for (namespace, name) in [("platform", "legacy"), ("tenant", "orders")] {
+                let (_, answer) = review_validate(&service_review(namespace, name, json!({})), o);
+                assert_eq!(answer["response"]["allowed"], true, "{answer}");
+            }
+        });
+    }
+
+    #[test]
+    fn an_access_rule_for_another_namespaces_service_is_refused_at_apply() {
+        with_ownership(|o| {
+            let (_, answer) = review_validate(&rule_review("tenant", "payments"), o);
+            let response = &answer["response"];
+            assert_eq!(response["allowed"], false, "{answer}");
+            let message = response["status"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("declared by a MeshService in namespace shop"),
+                "{message}"
+            );
+            for (namespace, target) in [("shop", "payments"), ("tenant", "unknown")] {
+                let (_, answer) = review_validate(&rule_review(namespace, target), o);
+                assert_eq!(answer["response"]["allowed"], true, "{answer}");
+            }
+        });
     }
 }

@@ -42,6 +42,9 @@ pub struct WebhookState {
     pub synced: Option<watch::Receiver<bool>>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The index: which services Consul knows (a MeshService of a namespace not owning
+    /// Consul's services may not declare one).
+    pub index: crate::sources::IndexHandle,
 }
 
 fn answer(
@@ -95,7 +98,13 @@ async fn validate(State(state): State<WebhookState>, body: Bytes) -> Response {
             .unwrap_or_else(|p| p.into_inner())
             .namespaces_declaring(service)
     };
-    let out = review_validate(&body, &declared_in);
+    let consul_claim =
+        |service: &str, namespace: &str| state.index.read(|i| i.claim_refusal(service, namespace));
+    let lookups = crate::webhook::admission::Ownership {
+        declared_in: &declared_in,
+        consul_claim: &consul_claim,
+    };
+    let out = review_validate(&body, &lookups);
     answer(&state, "/validate", started, out)
 }
 
