@@ -28,6 +28,7 @@ bench: $(VENV_STAMP)
 	cargo bench --bench ads_load
 	cargo bench --bench consul_load
 	cargo bench --bench consul_churn
+	cargo bench --bench xds_abuse
 	cargo bench --bench access_load
 	cargo bench --bench admin
 
