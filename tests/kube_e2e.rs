@@ -658,6 +658,13 @@ async fn admin_callers_are_authenticated_and_authorized_by_the_kubernetes_api() 
     assert_eq!(kube.count("create", "tokenreviews"), before);
     assert!(kube.count("create", "subjectaccessreviews") >= 4);
     assert_rbac_covers(&kube);
+
+    // An API server that cannot be asked: 503 for a token not yet cached, not a pass.
+    let mut kube = kube;
+    kube.stop().await;
+    let (status, error) = call("GET", "/api/services", Some("another-token")).await;
+    assert_eq!(status, 503, "{error}");
+    assert!(error.contains("could not check"), "{error}");
 }
 
 #[tokio::test]

@@ -11,7 +11,8 @@
 //!
 //! Answers are cached briefly ([`USER_TTL`], [`DECISION_TTL`]; refusals for less), at most
 //! [`CACHE_CAP`] entries each, so a busy UI costs the API server a few calls a minute and a
-//! revoked token or binding stops working within a minute.
+//! revoked token or binding stops working within a minute. At most [`MAX_IN_FLIGHT`] reviews
+//! run at once, each within [`REVIEW_TIMEOUT`]; beyond, callers get 503.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -33,6 +34,11 @@ pub const DECISION_TTL: Duration = Duration::from_secs(30);
 pub const REFUSAL_TTL: Duration = Duration::from_secs(5);
 /// Entries kept in each cache at most.
 pub const CACHE_CAP: usize = 4096;
+/// Reviews in flight at most: callers beyond (say, someone sending random tokens) get 503
+/// rather than making this server flood the API server.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Time limit of one review.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a pod's ServiceAccount token is mounted (sent to peer replicas).
 pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -121,6 +127,7 @@ pub fn verb_of(method: &axum::http::Method) -> String {
 pub struct KubeAuth {
     client: kube::Client,
     own_token: PathBuf,
+    permits: tokio::sync::Semaphore,
     users: Mutex<TtlCache<String, Option<KubeUser>>>,
     decisions: Mutex<TtlCache<(String, String, String), Decision>>,
 }
@@ -144,6 +151,7 @@ impl KubeAuth {
         KubeAuth {
             client,
             own_token,
+            permits: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             users: Mutex::new(TtlCache::new(CACHE_CAP)),
             decisions: Mutex::new(TtlCache::new(CACHE_CAP)),
         }
@@ -154,6 +162,22 @@ impl KubeAuth {
         let text = std::fs::read_to_string(&self.own_token).ok()?;
         let token = text.trim();
         (!token.is_empty()).then(|| token.to_string())
+    }
+
+    /// Runs one review call within [`MAX_IN_FLIGHT`] and [`REVIEW_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, String> {
+        let _permit = self
+            .permits
+            .try_acquire()
+            .map_err(|_| format!("{what}: {MAX_IN_FLIGHT} reviews already in flight"))?;
+        tokio::time::timeout(REVIEW_TIMEOUT, call)
+            .await
+            .map_err(|_| format!("{what}: no answer within {REVIEW_TIMEOUT:?}"))?
+            .map_err(|e| format!("{what}: {e}"))
     }
 
     /// Who `token` is: `Ok(None)` when the API server does not accept it, `Err` when it
@@ -169,10 +193,13 @@ impl KubeAuth {
             },
             ..TokenReview::default()
         };
-        let answer = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("TokenReview: {e}"))?;
+        let answer = self
+            .bounded("TokenReview", async {
+                Api::<TokenReview>::all(self.client.clone())
+                    .create(&PostParams::default(), &review)
+                    .await
+            })
+            .await?;
         let status = answer.status.unwrap_or_default();
         let user = match (status.authenticated, status.user) {
             (Some(true), Some(u)) => u.username.map(|name| KubeUser {
@@ -216,10 +243,13 @@ impl KubeAuth {
             },
             ..SubjectAccessReview::default()
         };
-        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("SubjectAccessReview: {e}"))?;
+        let answer = self
+            .bounded("SubjectAccessReview", async {
+                Api::<SubjectAccessReview>::all(self.client.clone())
+                    .create(&PostParams::default(), &review)
+                    .await
+            })
+            .await?;
         let status = answer.status.unwrap_or_default();
         let (decision, ttl) = if status.allowed && status.denied != Some(true) {
             (Decision::Allow, DECISION_TTL)
