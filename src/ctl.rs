@@ -1272,7 +1272,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             (Output::Json, _) => pretty_json(&body),
             // Printed as fetched.
             (Output::Table, CtlCommand::ConfigDump { .. }) => ensure_newline(body),
-            (Output::Table, command) => render(command, &value, unix_now()),
+            (Output::Table, command) => render(command, &value, crate::sources::now_secs()),
         }
     } else {
         ensure_newline(body)
@@ -1302,13 +1302,6 @@ fn ensure_newline(mut s: String) -> String {
         s.push('\n');
     }
     s
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The message of a non-2xx answer: `HTTP 404 Not Found: {error}` from the API's

@@ -45,13 +45,13 @@ pub fn admission(data: &[u8]) {
     let _ = crate::webhook::admission::review_validate(data, &ownership);
     let settings = crate::webhook::InjectSettings::default();
     let lookup = |_: &str, _: &std::collections::BTreeMap<String, String>| {
-        (
-            Some(std::collections::BTreeMap::from([(
-                "meshbridge.io/inject".to_string(),
+        crate::webhook::admission::PodContext {
+            namespace_labels: Some(std::collections::BTreeMap::from([(
+                crate::api::annotations::INJECT.to_string(),
                 "enabled".to_string(),
             )])),
-            None,
-        )
+            service: None,
+        }
     };
     let ctx = crate::webhook::admission::InjectContext {
         settings: &settings,

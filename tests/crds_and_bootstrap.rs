@@ -7,18 +7,6 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-fn venv_tool(name: &str) -> std::path::PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".venv/bin")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `make test`, which installs it into .venv",
-        p.display()
-    );
-    p
-}
-
 #[test]
 fn crd_files_are_exactly_what_meshbridge_generates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
@@ -53,7 +41,7 @@ fn crd_files_are_exactly_what_meshbridge_generates() {
 /// Runs the real `kubernetes-validate --strict` on `files`; fails the test on a rejection.
 /// Returns what it printed.
 fn kubernetes_validate(files: &[&Path]) -> String {
-    let out = Command::new(venv_tool("kubernetes-validate"))
+    let out = Command::new(support::venv_tool("kubernetes-validate"))
         .arg("--strict")
         .args(files)
         .output()

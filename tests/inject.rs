@@ -229,12 +229,6 @@ proptest! {
     }
 }
 
-fn venv_tool(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".venv/bin")
-        .join(name)
-}
-
 #[test]
 fn injected_manifests_pass_the_kubernetes_schema() {
     let mut docs = vec![
@@ -256,7 +250,7 @@ fn injected_manifests_pass_the_kubernetes_schema() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("injected.yaml");
     std::fs::write(&file, &out).unwrap();
-    let result = Command::new(venv_tool("kubernetes-validate"))
+    let result = Command::new(support::venv_tool("kubernetes-validate"))
         .args(["--strict", "--kubernetes-version", "1.33"])
         .arg(&file)
         .output()

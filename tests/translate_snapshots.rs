@@ -1526,6 +1526,109 @@ fn h_access_rules_merge_into_enforced_rbac_over_strict_mtls() {
     assert!(text.contains("header x-client-name=checkout"), "{text}");
 }
 
+/// The identity filter's Lua program of `l`, run outside Envoy on `cases` by
+/// `tests/support/lua_identity.py` (Lua 5.4 with a `handle` of Envoy's Lua API).
+fn run_identity_filter(l: &Listener, cases: &serde_json::Value) -> Vec<serde_json::Value> {
+    use envoy_types::pb::envoy::extensions::filters::http::lua::v3::Lua;
+    let lua = hcm(l)
+        .http_filters
+        .iter()
+        .find(|f| f.name == "envoy.filters.http.lua")
+        .and_then(|f| match &f.config_type {
+            Some(HttpFilterConfig::TypedConfig(any)) => Lua::decode(any.value.as_slice()).ok(),
+            _ => None,
+        })
+        .unwrap();
+    let Some(Specifier::InlineString(script)) = lua.default_source_code.and_then(|d| d.specifier)
+    else {
+        panic!("no inline Lua program");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (script_file, cases_file) = (
+        dir.path().join("identity.lua"),
+        dir.path().join("cases.json"),
+    );
+    std::fs::write(&script_file, script).unwrap();
+    std::fs::write(&cases_file, cases.to_string()).unwrap();
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lua_identity.py");
+    let out = Command::new(support::venv_tool("python"))
+        .args([
+            helper.as_ref(),
+            script_file.as_os_str(),
+            cases_file.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn h_the_identity_filter_names_the_caller_from_what_the_connection_proves() {
+    let snap = scenario_access_strict();
+    let spiffe = |s: &str| format!("spiffe://mesh.local/service/{s}");
+    let results = run_identity_filter(
+        &listener(&snap, "ingress"),
+        &serde_json::json!([
+            // mTLS: the certificate names the caller; every spelling of the header a caller
+            // sent is removed, the found identity set in its place.
+            {"headers": [["x-client-name", "admin"], ["x_client_name", "admin"], ["accept", "*/*"]],
+             "uri_sans": [spiffe("checkout")], "remote": "10.1.1.1:4000"},
+            // No certificate: an instance address of a named caller (source-IP identity).
+            {"headers": [], "uri_sans": null, "remote": "10.0.0.9:4000"},
+            // The trusted edge may assert a caller; checkout may not.
+            {"headers": [["x-client-name", "mobile-app"]], "uri_sans": [spiffe("edge")], "remote": "10.1.1.2:1"},
+            {"headers": [["x-client-name", "mobile-app"]], "uri_sans": [spiffe("checkout")], "remote": "10.1.1.3:1"},
+            // Nobody known: no identity, and the forged header is gone.
+            {"headers": [["x-client-name", "billing"]], "uri_sans": null, "remote": "[fd00::1]:4000"},
+            // Another trust domain proves nothing.
+            {"headers": [], "uri_sans": ["spiffe://other/service/checkout"], "remote": "10.1.1.4:1"},
+        ]),
+    );
+    let seen: Vec<(String, String, Vec<String>)> = results
+        .iter()
+        .map(|r| {
+            let identity = r["meta"]["meshbridge:identity"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let caller = r["meta"]["meshbridge:caller"].as_str().unwrap().to_string();
+            let asserted = r["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h[0].as_str().unwrap().replace('_', "-") == "x-client-name")
+                .map(|h| h[1].as_str().unwrap().to_string())
+                .collect();
+            (identity, caller, asserted)
+        })
+        .collect();
+    let row = |identity: &str, caller: &str, header: &[&str]| {
+        (
+            identity.to_string(),
+            caller.to_string(),
+            header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        seen,
+        [
+            row("mtls", "checkout", &["checkout"]),
+            row("source-ip", "billing", &["billing"]),
+            row("header", "mobile-app", &["mobile-app"]),
+            row("mtls", "checkout", &["checkout"]),
+            row("none", "-", &[]),
+            row("none", "-", &[]),
+        ]
+    );
+    // Other headers pass untouched.
+    assert!(results[0]["headers"].to_string().contains("accept"));
+}
+
 #[test]
 fn h_log_mode_is_shadow_rbac_over_permissive_mtls() {
     let snap = snapshot(

@@ -5,6 +5,7 @@
 //! validation path shared by every source.
 
 pub mod access_rule;
+pub mod annotations;
 pub mod mesh_service;
 
 pub use access_rule::{AccessRule, AccessRuleSpec};
@@ -44,16 +45,5 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> String {
 /// Name of the sidecar container the injector adds; a pod carrying it is reached through its
 /// Envoy ingress port.
 pub const SIDECAR_CONTAINER: &str = "meshbridge-proxy";
-/// Pod annotation: the sidecar's ingress port (set by the injector; [`DEFAULT_INGRESS_PORT`]
-/// when absent).
-pub const ANNOTATION_INGRESS_PORT: &str = "meshbridge.io/ingress-port";
-/// Pod annotation: comma-separated instance tags (`canary`, `weight:N`, `mtls`, …), with the
-/// meaning Consul tags have.
-pub const ANNOTATION_TAGS: &str = "meshbridge.io/tags";
-/// Pod annotation: the Secret (`tls.crt`, `tls.key`, `ca.crt`) mounted into the sidecar for
-/// its mesh identity. On a pod it asks for that Secret (`""`: no TLS for this pod); the
-/// injector records the Secret it actually mounted, so an injected pod carrying a non-empty
-/// value has a proxy that holds certificates (its endpoints get the `mtls` tag).
-pub const ANNOTATION_TLS_SECRET: &str = "meshbridge.io/tls-secret";
 /// Ingress port of an injected sidecar unless the pod says otherwise.
 pub const DEFAULT_INGRESS_PORT: u16 = 15006;

@@ -13,11 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::api::annotations::{self as ann, INGRESS_PORT, TAGS, TLS_SECRET};
 use crate::api::mesh_service::MeshServiceSpec;
-use crate::api::{
-    ANNOTATION_INGRESS_PORT, ANNOTATION_TAGS, ANNOTATION_TLS_SECRET, DEFAULT_INGRESS_PORT,
-    SIDECAR_CONTAINER,
-};
+use crate::api::{DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
 use crate::model::{Endpoint, MTLS_TAG, Origin};
 
 /// What meshbridge keeps of a pod.
@@ -61,25 +59,13 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             .any(|c| c.name == SIDECAR_CONTAINER)
     });
     let sidecar_port = has_sidecar.then(|| {
-        annotations
-            .and_then(|a| a.get(ANNOTATION_INGRESS_PORT))
-            .and_then(|p| p.trim().parse::<u16>().ok())
-            .filter(|p| *p != 0)
+        ann::value(annotations, INGRESS_PORT)
+            .and_then(|p| ann::port(p).ok())
             .unwrap_or(DEFAULT_INGRESS_PORT)
     });
-    let tls = has_sidecar
-        && annotations
-            .and_then(|a| a.get(ANNOTATION_TLS_SECRET))
-            .is_some_and(|s| !s.trim().is_empty());
-    let tags = annotations
-        .and_then(|a| a.get(ANNOTATION_TAGS))
-        .map(|t| {
-            t.split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
+    let tls = has_sidecar && ann::value(annotations, TLS_SECRET).is_some();
+    let tags = ann::value(annotations, TAGS)
+        .map(|t| ann::list(t).map(str::to_string).collect())
         .unwrap_or_default();
     PodInfo {
         namespace: meta.namespace.clone().unwrap_or_default(),
@@ -222,7 +208,7 @@ mod tests {
         let mut custom = injected;
         merge(
             &mut custom,
-            json!({"metadata": {"annotations": {ANNOTATION_INGRESS_PORT: "31000"}}}),
+            json!({"metadata": {"annotations": {INGRESS_PORT: "31000"}}}),
         );
         assert_eq!(
             pod_endpoint(&MeshServiceSpec::default(), &pod(custom))
@@ -283,7 +269,7 @@ mod tests {
     #[test]
     fn tags_come_from_the_annotation_with_their_consul_meaning() {
         let p = pod(ready_pod(
-            json!({"metadata": {"annotations": {ANNOTATION_TAGS: "canary, weight:5,"}}}),
+            json!({"metadata": {"annotations": {TAGS: "canary, weight:5,"}}}),
         ));
         let e = pod_endpoint(&spec(80, None), &p).unwrap();
         assert!(e.is_canary());
@@ -299,8 +285,7 @@ mod tests {
                 "spec": {"initContainers": [{"name": SIDECAR_CONTAINER, "restartPolicy": "Always"}]}
             })))
         };
-        let with_tls =
-            injected(json!({ANNOTATION_TLS_SECRET: "orders-tls", ANNOTATION_TAGS: "canary"}));
+        let with_tls = injected(json!({TLS_SECRET: "orders-tls", TAGS: "canary"}));
         assert!(with_tls.tls);
         let e = pod_endpoint(&s, &with_tls).unwrap();
         assert!(e.tags.contains(MTLS_TAG), "{:?}", e.tags);
@@ -313,8 +298,8 @@ mod tests {
 
         // No certificates: an empty annotation (TLS turned off for the pod) or none at all.
         for annotations in [
-            json!({ANNOTATION_TLS_SECRET: ""}),
-            json!({ANNOTATION_TLS_SECRET: "  "}),
+            json!({TLS_SECRET: ""}),
+            json!({TLS_SECRET: "  "}),
             json!({}),
         ] {
             let p = injected(annotations.clone());
@@ -326,7 +311,7 @@ mod tests {
         }
         // Without the sidecar nothing terminates TLS for the pod, whatever it says.
         let bare = pod(ready_pod(
-            json!({"metadata": {"annotations": {ANNOTATION_TLS_SECRET: "orders-tls"}}}),
+            json!({"metadata": {"annotations": {TLS_SECRET: "orders-tls"}}}),
         ));
         assert!(!bare.tls);
         let e = pod_endpoint(&s, &bare).unwrap();

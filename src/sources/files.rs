@@ -554,10 +554,7 @@ impl ConfigDirSource {
             .flat_map(|f| f.errors.iter().map(ToString::to_string))
             .collect();
         report.bad_files = self.files.values().filter(|f| !f.errors.is_empty()).count();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
+        let now = super::now_secs();
         statuses.update(&self.name, |s| {
             s.synced |= deferred_new == 0;
             s.last_sync = Some(now);

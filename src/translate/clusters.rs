@@ -9,9 +9,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Locality, Metadata,
-    SocketAddress, TransportSocket, address, config_source::ConfigSourceSpecifier, data_source,
-    socket_address::PortSpecifier, transport_socket::ConfigType,
+    DataSource, Locality, Metadata, TransportSocket, data_source, transport_socket::ConfigType,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
@@ -23,50 +21,15 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
-use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
 use envoy_types::util::pack_any;
 
 use crate::model::{Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service};
 
 use super::names;
+use super::proto::{ads_config_source, proto_duration, socket_address};
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
-
-/// Converts a std duration to the protobuf one, saturating at the largest one protobuf
-/// allows (validation keeps manifest durations far below it).
-pub(crate) fn proto_duration(d: StdDuration) -> Duration {
-    const MAX_SECONDS: i64 = 315_576_000_000;
-    match i64::try_from(d.as_secs()) {
-        Ok(seconds) if seconds <= MAX_SECONDS => Duration {
-            seconds,
-            nanos: d.subsec_nanos() as i32,
-        },
-        _ => Duration {
-            seconds: MAX_SECONDS,
-            nanos: 0,
-        },
-    }
-}
-
-/// A config source pointing at the ADS stream the proxy already has.
-pub(crate) fn ads_config_source() -> ConfigSource {
-    ConfigSource {
-        resource_api_version: ApiVersion::V3 as i32,
-        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
-        ..Default::default()
-    }
-}
-
-/// A TCP socket address.
-pub(crate) fn socket_address(host: &str, port: u16) -> Address {
-    Address {
-        address: Some(address::Address::SocketAddress(SocketAddress {
-            address: host.to_string(),
-            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
-            ..Default::default()
-        })),
-    }
-}
 
 /// An EDS cluster of a mesh service (or of its canary subset).
 pub fn eds_cluster(name: &str) -> Cluster {

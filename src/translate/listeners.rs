@@ -23,8 +23,8 @@ use envoy_types::util::pack_any;
 
 use crate::model::{DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
 
-use super::clusters::{ads_config_source, proto_duration, socket_address};
 use super::names;
+use super::proto::{ads_config_source, proto_duration, socket_address};
 
 /// An HTTP listener whose routes come from RDS.
 pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port: bool) -> Listener {

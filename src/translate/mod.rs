@@ -13,6 +13,7 @@ pub mod access;
 pub mod clusters;
 pub mod listeners;
 pub mod names;
+pub mod proto;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -14,12 +14,10 @@ use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use super::inject::{self, ANNOTATION_INJECT, InjectSettings, Outcome};
+use super::inject::{self, InjectSettings, Outcome};
+use crate::api::annotations::INJECT;
 use crate::api::{AccessRule, MeshService};
 use crate::index::convert;
-
-/// Namespace label opting every pod of the namespace in (`enabled`).
-pub const NAMESPACE_LABEL: &str = "meshbridge.io/inject";
 
 /// An HTTP answer: status code and JSON body.
 pub type Answer = (u16, Value);
@@ -74,9 +72,14 @@ fn denied(uid: &Value, code: u16, reason: &str, message: String) -> Value {
     })
 }
 
-/// What the cluster says of a pod: its namespace's labels (`None`: unknown) and the
-/// mesh-wide name of the MeshService selecting it, if one does.
-pub type PodContext = (Option<BTreeMap<String, String>>, Option<String>);
+/// What the cluster says of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodContext {
+    /// Its namespace's labels (`None`: the namespace is unknown).
+    pub namespace_labels: Option<BTreeMap<String, String>>,
+    /// The mesh-wide name of the MeshService selecting it, if one does.
+    pub service: Option<String>,
+}
 
 /// What the injection webhook needs to know.
 pub struct InjectContext<'a> {
@@ -94,14 +97,11 @@ pub fn wants_sidecar(
     annotations: Option<&BTreeMap<String, String>>,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> bool {
-    match annotations
-        .and_then(|a| a.get(ANNOTATION_INJECT))
-        .map(|v| v.trim())
-    {
+    match annotations.and_then(|a| a.get(INJECT)).map(|v| v.trim()) {
         Some("true") => true,
         Some(_) => false,
         None => namespace_labels
-            .and_then(|l| l.get(NAMESPACE_LABEL))
+            .and_then(|l| l.get(INJECT))
             .is_some_and(|v| v == "enabled"),
     }
 }
@@ -138,7 +138,10 @@ pub fn review_inject(body: &[u8], ctx: &InjectContext<'_>) -> Answer {
         .unwrap_or("");
     let labels: BTreeMap<String, String> =
         serde_json::from_value(object["metadata"]["labels"].clone()).unwrap_or_default();
-    let (namespace_labels, service) = (ctx.lookup)(namespace, &labels);
+    let PodContext {
+        namespace_labels,
+        service,
+    } = (ctx.lookup)(namespace, &labels);
     if !wants_sidecar(annotations.as_ref(), namespace_labels.as_ref()) {
         return review(allowed(uid, vec![]));
     }

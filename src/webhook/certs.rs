@@ -33,10 +33,6 @@ use tracing::{info, warn};
 
 use super::server::ReloadingCert;
 
-/// Annotation on the Secret: when the serving certificate expires (RFC 3339).
-pub const ANNOTATION_NOT_AFTER: &str = "meshbridge.io/not-after";
-/// Annotation on the Secret: the DNS names the serving certificate is for.
-pub const ANNOTATION_DNS_NAMES: &str = "meshbridge.io/dns-names";
 /// Lifetime of the CA.
 const CA_DAYS: i64 = 3650;
 /// Lifetime of a serving certificate.
@@ -166,10 +162,13 @@ fn to_secret(bundle: &Bundle, name: &str, namespace: &str) -> Secret {
             namespace: Some(namespace.to_string()),
             annotations: Some(BTreeMap::from([
                 (
-                    ANNOTATION_NOT_AFTER.to_string(),
+                    crate::api::annotations::NOT_AFTER.to_string(),
                     bundle.not_after.to_string(),
                 ),
-                (ANNOTATION_DNS_NAMES.to_string(), bundle.dns_names.join(",")),
+                (
+                    crate::api::annotations::DNS_NAMES.to_string(),
+                    bundle.dns_names.join(","),
+                ),
             ])),
             labels: Some(BTreeMap::from([(
                 "app.kubernetes.io/managed-by".to_string(),
@@ -193,9 +192,12 @@ pub fn from_secret(secret: &Secret) -> Option<Bundle> {
         ca_key_pem: text("ca.key")?,
         cert_pem: text("tls.crt")?,
         key_pem: text("tls.key")?,
-        not_after: annotations.get(ANNOTATION_NOT_AFTER)?.parse().ok()?,
+        not_after: annotations
+            .get(crate::api::annotations::NOT_AFTER)?
+            .parse()
+            .ok()?,
         dns_names: annotations
-            .get(ANNOTATION_DNS_NAMES)?
+            .get(crate::api::annotations::DNS_NAMES)?
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_string)

@@ -47,17 +47,12 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api::{
-    ANNOTATION_INGRESS_PORT, ANNOTATION_TLS_SECRET, DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER,
+use crate::api::annotations::{
+    self as ann, INGRESS_PORT, INJECT, INJECTED, SIDECAR_LABEL, TLS_SECRET,
 };
+use crate::api::{DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
 use crate::bootstrap::{BootstrapOptions, bootstrap_yaml};
 
-/// Pod annotation asking for (`"true"`) or refusing (`"false"`) the sidecar.
-pub const ANNOTATION_INJECT: &str = "meshbridge.io/inject";
-/// Pod annotation meshbridge sets on an injected pod (the sidecar image).
-pub const ANNOTATION_STATUS: &str = "meshbridge.io/injected";
-/// Label an injected pod carries (value `injected`).
-pub const LABEL_SIDECAR: &str = "meshbridge.io/sidecar";
 /// Name of the iptables init container.
 pub const INIT_CONTAINER: &str = "meshbridge-init";
 /// User the sidecar runs as (its own traffic is not redirected).
@@ -192,23 +187,12 @@ fn bad(field: &str, message: impl Into<String>) -> InjectError {
 }
 
 fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.annotations
-        .as_ref()?
-        .get(key)
-        .map(|v| v.trim())
-        .filter(|v| !v.is_empty())
+    ann::value(meta.annotations.as_ref(), key)
 }
 
 fn port_annotation(meta: &ObjectMeta, key: &str) -> Result<Option<u16>, InjectError> {
     annotation(meta, key)
-        .map(|v| {
-            v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                bad(
-                    &format!("metadata.annotations[{key}]"),
-                    format!("{v:?} is not a port"),
-                )
-            })
-        })
+        .map(|v| ann::port(v).map_err(|e| bad(&format!("metadata.annotations[{key}]"), e)))
         .transpose()
 }
 
@@ -238,14 +222,11 @@ fn tls_secret(
     let from_annotation = meta
         .annotations
         .as_ref()
-        .and_then(|a| a.get(ANNOTATION_TLS_SECRET))
+        .and_then(|a| a.get(TLS_SECRET))
         .map(|v| v.trim());
     let (template, field) = match from_annotation {
         Some("") => return Ok(None),
-        Some(name) => (
-            name,
-            format!("metadata.annotations[{ANNOTATION_TLS_SECRET}]"),
-        ),
+        Some(name) => (name, format!("metadata.annotations[{TLS_SECRET}]")),
         None => match settings.tls_secret.as_deref().map(str::trim) {
             None | Some("") => return Ok(None),
             Some(name) => (name, TLS_SECRET_SETTING.to_string()),
@@ -274,7 +255,7 @@ fn has_sidecar(spec: &PodSpec) -> bool {
 /// The service a pod template belongs to, from its annotation or labels (`found` is the
 /// MeshService selecting it, when the caller knows one).
 pub fn service_name(meta: &ObjectMeta, found: Option<&str>) -> Option<String> {
-    annotation(meta, "meshbridge.io/service")
+    annotation(meta, ann::SERVICE)
         .map(str::to_string)
         .or_else(|| found.map(str::to_string))
         .or_else(|| {
@@ -297,10 +278,8 @@ pub fn inject(
     if has_sidecar(spec) {
         return Ok(Outcome::Unchanged("already injected".into()));
     }
-    if annotation(meta, ANNOTATION_INJECT) == Some("false") {
-        return Ok(Outcome::Unchanged(format!(
-            "{ANNOTATION_INJECT} is \"false\""
-        )));
+    if annotation(meta, INJECT) == Some("false") {
+        return Ok(Outcome::Unchanged(format!("{INJECT} is \"false\"")));
     }
     if spec.host_network == Some(true) {
         return Ok(Outcome::Unchanged(
@@ -315,14 +294,13 @@ pub fn inject(
     })?;
     if !crate::model::valid_service_name(&service) {
         return Err(bad(
-            "meshbridge.io/service",
+            ann::SERVICE,
             format!("{service:?} is not a valid service name"),
         ));
     }
-    let ingress = port_annotation(meta, ANNOTATION_INGRESS_PORT)?.unwrap_or(settings.ingress_port);
-    let egress =
-        port_annotation(meta, "meshbridge.io/egress-port")?.unwrap_or(settings.egress_port);
-    let app_port = match port_annotation(meta, "meshbridge.io/app-port")? {
+    let ingress = port_annotation(meta, INGRESS_PORT)?.unwrap_or(settings.ingress_port);
+    let egress = port_annotation(meta, ann::EGRESS_PORT)?.unwrap_or(settings.egress_port);
+    let app_port = match port_annotation(meta, ann::APP_PORT)? {
         Some(p) => Some(p),
         None => spec
             .containers
@@ -350,7 +328,7 @@ pub fn inject(
             ));
         }
     }
-    let log_level = annotation(meta, "meshbridge.io/log-level").unwrap_or(&settings.log_level);
+    let log_level = annotation(meta, ann::LOG_LEVEL).unwrap_or(&settings.log_level);
     if !LOG_LEVELS.contains(&log_level) {
         return Err(bad(
             "metadata.annotations[meshbridge.io/log-level]",
@@ -371,7 +349,7 @@ pub fn inject(
             .as_ref()
             .map(|_| std::path::PathBuf::from(format!("{TLS_DIR}/{file}")))
     };
-    let dependencies: Vec<String> = annotation(meta, "meshbridge.io/dependencies")
+    let dependencies: Vec<String> = annotation(meta, ann::DEPENDENCIES)
         .map(|d| {
             d.split(',')
                 .map(str::trim)
@@ -418,24 +396,18 @@ pub fn inject(
         Ok(Quantity(v.to_string()))
     };
     let mut requests = BTreeMap::new();
-    requests.insert(
-        "cpu".to_string(),
-        quantity("meshbridge.io/proxy-cpu", &settings.cpu)?,
-    );
+    requests.insert("cpu".to_string(), quantity(ann::PROXY_CPU, &settings.cpu)?);
     requests.insert(
         "memory".to_string(),
-        quantity("meshbridge.io/proxy-memory", &settings.memory)?,
+        quantity(ann::PROXY_MEMORY, &settings.memory)?,
     );
     let mut limits = BTreeMap::new();
     limits.insert(
         "memory".to_string(),
-        quantity("meshbridge.io/proxy-memory-limit", &settings.memory_limit)?,
+        quantity(ann::PROXY_MEMORY_LIMIT, &settings.memory_limit)?,
     );
-    if let Some(cpu) = annotation(meta, "meshbridge.io/proxy-cpu-limit") {
-        limits.insert(
-            "cpu".to_string(),
-            quantity("meshbridge.io/proxy-cpu-limit", cpu)?,
-        );
+    if let Some(cpu) = annotation(meta, ann::PROXY_CPU_LIMIT) {
+        limits.insert("cpu".to_string(), quantity(ann::PROXY_CPU_LIMIT, cpu)?);
     }
 
     let field_env = |name: &str, path: &str| EnvVar {
@@ -535,7 +507,7 @@ pub fn inject(
 
     // Explicit egress for the application containers (their own settings win).
     let egress_addr = format!("127.0.0.1:{egress}");
-    let http_proxy = annotation(meta, "meshbridge.io/http-proxy") != Some("false");
+    let http_proxy = annotation(meta, ann::HTTP_PROXY) != Some("false");
     for c in &mut spec.containers {
         let env = c.env.get_or_insert_default();
         let mut add = |name: &str, value: &str| {
@@ -557,7 +529,7 @@ pub fn inject(
         }
     }
 
-    let transparent = annotation(meta, "meshbridge.io/transparent") == Some("true");
+    let transparent = annotation(meta, ann::TRANSPARENT) == Some("true");
     let mut init = Vec::new();
     if transparent {
         init.push(redirect_container(settings, ingress, egress));
@@ -593,12 +565,12 @@ pub fn inject(
     // Selects injected pods, e.g. for a PodMonitor scraping the sidecars' metrics.
     meta.labels
         .get_or_insert_default()
-        .insert(LABEL_SIDECAR.to_string(), "injected".to_string());
+        .insert(SIDECAR_LABEL.to_string(), "injected".to_string());
     let annotations = meta.annotations.get_or_insert_default();
-    annotations.insert(ANNOTATION_STATUS.to_string(), settings.image.clone());
-    annotations.insert(ANNOTATION_INGRESS_PORT.to_string(), ingress.to_string());
+    annotations.insert(INJECTED.to_string(), settings.image.clone());
+    annotations.insert(INGRESS_PORT.to_string(), ingress.to_string());
     if let Some(secret) = tls_secret {
-        annotations.insert(ANNOTATION_TLS_SECRET.to_string(), secret);
+        annotations.insert(TLS_SECRET.to_string(), secret);
     }
     Ok(Outcome::Injected)
 }

@@ -75,10 +75,10 @@ async fn inject(State(state): State<WebhookState>, body: Bytes) -> Response {
     }
     let lookup = |namespace: &str, labels: &std::collections::BTreeMap<String, String>| {
         let store = state.store.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            store.namespace_labels(namespace).cloned(),
-            store.service_for_pod(namespace, labels),
-        )
+        crate::webhook::admission::PodContext {
+            namespace_labels: store.namespace_labels(namespace).cloned(),
+            service: store.service_for_pod(namespace, labels),
+        }
     };
     let ctx = InjectContext {
         settings: &state.settings,

@@ -13,7 +13,6 @@ pub mod registry;
 pub mod sotw;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -439,10 +438,7 @@ async fn drive<P: Protocol>(
     }
     tracing::Span::current().record("node", loggable(&identity.node_id, 256).as_str());
     let mut snapshots = ctx.cache.subscribe(&identity.group);
-    let connected_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let connected_at = crate::sources::now_secs();
     let admin_port = P::node(&first).and_then(node::admin_port);
     let diagnostics_port = P::node(&first).and_then(node::diagnostics_port);
     let id = ctx.registry.register(ProxyStatus {

@@ -32,6 +32,19 @@ pub fn free_port() -> u16 {
     panic!("no port that was not handed out already in 1000 tries");
 }
 
+/// A program of the test virtualenv (`.venv/bin/NAME`, installed by `make test`).
+pub fn venv_tool(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `make test`, which installs it into .venv",
+        p.display()
+    );
+    p
+}
+
 /// The Envoy binary: `ENVOY_BIN`, else `.venv/bin/envoy` (installed by `make test`).
 pub fn envoy_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ENVOY_BIN") {

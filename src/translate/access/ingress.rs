@@ -1,0 +1,175 @@
+//! The ingress listener: transport by `mtls` mode, the identity, RBAC and access log
+//! filters in order, and the route to the application.
+
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+    filter::ConfigType as FilterConfig, listener_filter::ConfigType as ListenerFilterConfig,
+};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{PathWithEscapedSlashesAction, RouteSpecifier},
+    http_filter::ConfigType as HttpFilterConfig,
+};
+use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::util::pack_any;
+
+use crate::model::{MeshSettings, MeshState, MtlsMode};
+
+use crate::translate::proto::{ads_config_source, socket_address};
+use crate::translate::{IngressSpec, listeners, names, tls};
+
+use super::identity::identity_filter;
+use super::log::access_log;
+use super::rbac::{CallerAddresses, encode_rbac, rbac_config_with};
+
+/// How the ingress listener treats the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressTransport {
+    /// Plaintext only.
+    Plaintext,
+    /// Mutual TLS and plaintext, told apart by a TLS inspector.
+    Permissive,
+    /// Mutual TLS only.
+    Strict,
+    /// The service requires mutual TLS but the proxy holds no certificate: every request is
+    /// answered 503 naming the problem.
+    StrictWithoutCertificate,
+}
+
+/// The transport of a group's ingress: the service's mode, and what the proxy can do. A proxy
+/// with a certificate always accepts mutual TLS too (callers use it towards instances tagged
+/// `mtls`, whatever the service's mode).
+pub fn ingress_transport(mode: MtlsMode, has_certificate: bool) -> IngressTransport {
+    match (mode, has_certificate) {
+        (MtlsMode::Strict, true) => IngressTransport::Strict,
+        (MtlsMode::Strict, false) => IngressTransport::StrictWithoutCertificate,
+        (_, true) => IngressTransport::Permissive,
+        (_, false) => IngressTransport::Plaintext,
+    }
+}
+
+/// The ingress listener, its route configuration and what an operator should know.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ingress {
+    /// The listener.
+    pub listener: Listener,
+    /// Its route configuration.
+    pub route: RouteConfiguration,
+    /// Problems, in words.
+    pub warnings: Vec<String>,
+}
+
+/// Builds the ingress of `spec`: a listener on its port for the application on
+/// `127.0.0.1:app_port` (the local application cluster is built elsewhere).
+pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Ingress {
+    let group = spec;
+    let mode = state
+        .services
+        .get(&group.service)
+        .map(|s| s.mtls)
+        .unwrap_or_default();
+    let transport = ingress_transport(mode, group.tls);
+    let mut warnings = Vec::new();
+    let route = if transport == IngressTransport::StrictWithoutCertificate {
+        warnings.push(format!(
+            "{} requires mutual TLS (spec.mtls: strict) but this proxy has no certificate (node metadata tls; meshbridge bootstrap --tls-*): every call is refused",
+            group.service
+        ));
+        listeners::route_configuration(
+            names::INGRESS_ROUTE,
+            vec![listeners::local_reply_vhost(
+                "local",
+                vec!["*".to_string()],
+                503,
+                "mtls-without-certificate",
+                format!(
+                    "meshbridge: {} accepts only mutual TLS and this proxy has no certificate\n",
+                    group.service
+                ),
+            )],
+        )
+    } else {
+        listeners::ingress_route()
+    };
+    let policy = state.access.get(&group.service);
+    let addresses = CallerAddresses::new(policy, state, settings);
+    let rbac = rbac_config_with(&group.service, policy, settings, &addresses);
+    let mode_name = match &rbac {
+        None => "off",
+        Some(r) if r.rules.is_none() => "log",
+        Some(_) => "deny",
+    };
+    let mut http_filters = vec![identity_filter(settings, &addresses)];
+    if let Some(rbac) = rbac {
+        http_filters.push(HttpFilter {
+            name: "envoy.filters.http.rbac".to_string(),
+            config_type: Some(HttpFilterConfig::TypedConfig(encode_rbac(rbac))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: names::INGRESS_LISTENER.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: names::INGRESS_ROUTE.to_string(),
+        })),
+        http_filters,
+        access_log: vec![access_log(&group.service, mode_name)],
+        // Paths are matched by RBAC as the application will read them: `/api/../admin` and
+        // `//admin` are normalized first, and an escaped slash (`/api%2F..%2Fadmin`) is
+        // unescaped and the caller redirected, as Envoy advises for path-based access rules.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
+        ..Default::default()
+    };
+    let filters = vec![Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(FilterConfig::TypedConfig(pack_any(hcm))),
+    }];
+    let chain = |transport_protocol: Option<&str>, tls: bool| FilterChain {
+        filter_chain_match: transport_protocol.map(|p| FilterChainMatch {
+            transport_protocol: p.to_string(),
+            ..Default::default()
+        }),
+        filters: filters.clone(),
+        transport_socket: tls.then(|| tls::downstream_tls(&settings.trust_domain)),
+        ..Default::default()
+    };
+    let (filter_chains, listener_filters) = match transport {
+        IngressTransport::Plaintext | IngressTransport::StrictWithoutCertificate => {
+            (vec![chain(None, false)], Vec::new())
+        }
+        IngressTransport::Strict => (vec![chain(None, true)], Vec::new()),
+        IngressTransport::Permissive => (
+            vec![chain(Some("tls"), true), chain(Some("raw_buffer"), false)],
+            vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".to_string(),
+                config_type: Some(ListenerFilterConfig::TypedConfig(pack_any(
+                    TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }],
+        ),
+    };
+    let (host, port) = (spec.host.as_deref().unwrap_or("0.0.0.0"), spec.port);
+    Ingress {
+        listener: Listener {
+            name: names::INGRESS_LISTENER.to_string(),
+            address: Some(socket_address(host, port)),
+            filter_chains,
+            listener_filters,
+            ..Default::default()
+        },
+        route,
+        warnings,
+    }
+}

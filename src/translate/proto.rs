@@ -1,0 +1,45 @@
+//! Small protobuf builders every part of `translate` uses.
+
+use std::time::Duration as StdDuration;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, address,
+    config_source::ConfigSourceSpecifier, socket_address::PortSpecifier,
+};
+use envoy_types::pb::google::protobuf::Duration;
+
+/// Converts a std duration to the protobuf one, saturating at the largest one protobuf
+/// allows (validation keeps manifest durations far below it).
+pub(crate) fn proto_duration(d: StdDuration) -> Duration {
+    const MAX_SECONDS: i64 = 315_576_000_000;
+    match i64::try_from(d.as_secs()) {
+        Ok(seconds) if seconds <= MAX_SECONDS => Duration {
+            seconds,
+            nanos: d.subsec_nanos() as i32,
+        },
+        _ => Duration {
+            seconds: MAX_SECONDS,
+            nanos: 0,
+        },
+    }
+}
+
+/// A config source pointing at the ADS stream the proxy already has.
+pub(crate) fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+/// A TCP socket address.
+pub(crate) fn socket_address(host: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
