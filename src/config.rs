@@ -635,6 +635,113 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    /// `meshbridge run` with `flags`, validated; the environment is not read for flags the
+    /// test gives.
+    fn run(flags: &[&str]) -> Result<RunConfig, ConfigError> {
+        use clap::Parser as _;
+        let argv = std::iter::once("run").chain(flags.iter().copied());
+        Run::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
+            .args
+            .validate()
+    }
+
+    #[test]
+    fn every_rule_names_the_flag_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let (dir_s, file_s) = (dir.path().to_str().unwrap(), file.to_str().unwrap());
+        let cases: &[(&[&str], &str)] = &[
+            (&["--config-dir", file_s], "config-dir"),
+            (&["--consul-addr", "consul:8500"], "consul-addr"),
+            (&["--consul-ca-file", dir_s], "consul-ca-file"),
+            (&["--consul-max-connections", "0"], "consul-max-connections"),
+            (
+                &["--consul-max-connections", "191"],
+                "consul-max-connections",
+            ),
+            (&["--consul-flap-hold", "600001"], "consul-flap-hold"),
+            (&["--consul-wait", "99"], "consul-wait"),
+            (
+                &["--webhook-self-managed", "--webhook-cert-dir", dir_s],
+                "webhook-self-managed",
+            ),
+            (&["--webhook-cert-dir", dir_s], "webhook-cert-dir"),
+            (&["--lease-duration", "0"], "lease-duration"),
+            (&["--consul-sync-resync", "0"], "consul-sync-resync"),
+            (&["--drain", "600001"], "drain"),
+            (&["--debounce", "60001"], "debounce"),
+            (&["--config-poll", "9"], "config-poll"),
+            (&["--allow-wildcard", "Not A Name"], "allow-wildcard"),
+            (&["--identity-header-from", ""], "identity-header-from"),
+            (&["--peer", "ftp://peer"], "peer"),
+            (&["--peers-dns", "peers.svc"], "peers-dns"),
+            (
+                &["--sidecar-diagnostics-allow", "nonsense"],
+                "sidecar-diagnostics-allow",
+            ),
+            (
+                &["--sidecar-diagnostics-port", "15002"],
+                "sidecar-diagnostics-port",
+            ),
+            (&["--diagnostics-timeout", "99"], "diagnostics-timeout"),
+            (&["--xds-client-ca", file_s], "xds-client-ca"),
+            (&["--xds-client-auth", "strict"], "xds-client-auth"),
+            (&["--xds-max-streams", "0"], "xds-max-streams"),
+            (
+                &["--xds-max-streams-per-connection", "0"],
+                "xds-max-streams-per-connection",
+            ),
+            (&["--xds-max-groups", "0"], "xds-max-groups"),
+            (&["--xds-max-names", "0"], "xds-max-names"),
+            (
+                &["--xds-max-request-bytes", "4095"],
+                "xds-max-request-bytes",
+            ),
+            (
+                &["--xds-first-request-timeout", "99"],
+                "xds-first-request-timeout",
+            ),
+            (&["--trust-domain", "spiffe://x"], "trust-domain"),
+        ];
+        for (flags, flag) in cases {
+            match run(flags) {
+                Err(e) => assert_eq!(e.flag, *flag, "{flags:?}: {}", e.message),
+                Ok(_) => panic!("{flags:?} was accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn good_flags_become_typed_settings() {
+        let config = run(&[
+            "--debounce",
+            "250",
+            "--xds-first-request-timeout",
+            "2000",
+            "--allow-wildcard",
+            "gateway-*",
+            "--trust-domain",
+            "mesh.example",
+        ])
+        .unwrap();
+        assert_eq!(config.debounce, Duration::from_millis(250));
+        assert_eq!(
+            config.xds_limits.first_request_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(config.settings.allow_wildcard, ["gateway-*"]);
+        assert_eq!(config.settings.trust_domain, "mesh.example");
+        assert!(run(&[]).is_ok(), "the defaults are valid");
+    }
+
     #[test]
     fn listen_addresses_take_pod_ips_of_either_family() {
         assert_eq!(
