@@ -81,6 +81,35 @@ struct Progress {
     listed: bool,
 }
 
+/// The resource a watch follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Resource {
+    MeshServices,
+    AccessRules,
+    Pods,
+    Namespaces,
+}
+
+impl Resource {
+    /// Its name in the API (and in the source's error).
+    fn plural(self) -> &'static str {
+        match self {
+            Resource::MeshServices => "meshservices",
+            Resource::AccessRules => "accessrules",
+            Resource::Pods => "pods",
+            Resource::Namespaces => "namespaces",
+        }
+    }
+}
+
+/// One watch: a resource, in one of the watched scopes (an index into them; the cluster-wide
+/// namespaces watch uses 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamId {
+    resource: Resource,
+    scope: usize,
+}
+
 /// Runs the watchers (cluster-wide, or one set per namespace in `namespaces`) until the
 /// process ends. With `namespace_labels_too`, namespaces' labels are watched too (metadata
 /// only; the injection webhook reads `meshbridge.io/inject`).
@@ -110,16 +139,17 @@ pub async fn run(
             ),
         };
         let config = watcher::Config::default;
+        let id = move |resource| StreamId { resource, scope: i };
         streams.push(
             watcher::watcher(services, config())
                 .default_backoff()
-                .map(move |e| (3 * i, e.map(Watched::Service)))
+                .map(move |e| (id(Resource::MeshServices), e.map(Watched::Service)))
                 .boxed(),
         );
         streams.push(
             watcher::watcher(rules, config())
                 .default_backoff()
-                .map(move |e| (3 * i + 1, e.map(Watched::Rule)))
+                .map(move |e| (id(Resource::AccessRules), e.map(Watched::Rule)))
                 .boxed(),
         );
         streams.push(
@@ -127,7 +157,7 @@ pub async fn run(
                 .default_backoff()
                 .map(move |e| {
                     (
-                        3 * i + 2,
+                        id(Resource::Pods),
                         e.map(|e| Watched::Pod(map_event(e, |p| pod_info(&p)))),
                     )
                 })
@@ -135,7 +165,10 @@ pub async fn run(
         );
     }
     if namespace_labels_too {
-        let id = streams.len();
+        let id = StreamId {
+            resource: Resource::Namespaces,
+            scope: 0,
+        };
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
         streams.push(
             watcher::watcher(api, watcher::Config::default())
@@ -149,22 +182,34 @@ pub async fn run(
                 .boxed(),
         );
     }
-    let mut progress: Vec<Progress> = (0..streams.len()).map(|_| Progress::default()).collect();
+    // Every watch, so that the source is synced only once each has listed.
+    let namespaced = [
+        Resource::MeshServices,
+        Resource::AccessRules,
+        Resource::Pods,
+    ];
+    let mut progress: BTreeMap<StreamId, Progress> = (0..scopes.len())
+        .flat_map(|scope| namespaced.map(|resource| StreamId { resource, scope }))
+        .chain(namespace_labels_too.then_some(StreamId {
+            resource: Resource::Namespaces,
+            scope: 0,
+        }))
+        .map(|id| (id, Progress::default()))
+        .collect();
     let mut all = futures::stream::select_all(streams);
-    let mut failing: BTreeSet<usize> = BTreeSet::new();
+    let mut failing: BTreeSet<StreamId> = BTreeSet::new();
     let (started, mut initial_sync_seen) = (std::time::Instant::now(), false);
     while let Some((id, item)) = all.next().await {
-        let scope = scopes.get(id / 3).and_then(|s| s.as_deref());
+        let scope = match id.resource {
+            Resource::Namespaces => None,
+            _ => scopes.get(id.scope).and_then(|s| s.as_deref()),
+        };
         match item {
             Err(e) => {
+                let resource = id.resource.plural();
                 if failing.insert(id) {
-                    warn!(error = %e, watcher = id, "Kubernetes watch failed; retrying with backoff");
+                    warn!(error = %e, resource, scope, "Kubernetes watch failed; retrying with backoff");
                 }
-                let resource = if id / 3 < scopes.len() {
-                    ["meshservices", "accessrules", "pods"][id % 3]
-                } else {
-                    "namespaces"
-                };
                 let message = format!("{resource}: {e}");
                 ctx.statuses.update(SOURCE, |s| s.error = Some(message));
             }
@@ -184,12 +229,12 @@ pub async fn run(
 
 fn handle(
     ctx: &KubeContext,
-    progress: &mut [Progress],
-    id: usize,
+    progress: &mut BTreeMap<StreamId, Progress>,
+    id: StreamId,
     scope: Option<&str>,
     event: Watched,
 ) {
-    let p = &mut progress[id];
+    let p = progress.entry(id).or_default();
     let mut keys = Vec::new();
     let mut relisted = false;
     let mut listed = false;
@@ -265,7 +310,7 @@ fn handle(
     }
     if listed && !p.listed {
         p.listed = true;
-        if progress.iter().all(|p| p.listed) {
+        if progress.values().all(|p| p.listed) {
             info!(
                 pods = ctx
                     .store
