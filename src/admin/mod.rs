@@ -241,17 +241,12 @@ pub fn dependents(
 ) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for s in state.services.values() {
+        let allowed = settings.wildcard_allowed(&s.name);
         for d in &s.dependencies {
-            match &d.target {
-                DependencyTarget::Service(t) => {
-                    out.entry(t.clone()).or_default().insert(s.name.clone());
-                }
-                DependencyTarget::All if settings.wildcard_allowed(&s.name) => {
-                    for t in state.services.keys().filter(|t| **t != s.name) {
-                        out.entry(t.clone()).or_default().insert(s.name.clone());
-                    }
-                }
-                _ => {}
+            // A service is not listed as its own dependent (through "*").
+            let reached = state.services_reached(&d.target, allowed);
+            for t in reached.filter(|t| *t != s.name || d.target != DependencyTarget::All) {
+                out.entry(t.to_string()).or_default().insert(s.name.clone());
             }
         }
     }
@@ -293,18 +288,18 @@ pub fn services_view(state: &MeshState, settings: &MeshSettings) -> Value {
     Value::Array(list)
 }
 
-/// Whether `service`, declaring `declared`, depends on `target`: by name, or through "*"
-/// where the operator allows it (a service never counts as its own dependent).
+/// Whether `service`, declaring `declared`, depends on `target` as translation expands
+/// dependencies ([`MeshState::services_reached`]); a service never counts as its own
+/// dependent.
 fn depends_on<'a>(
+    state: &MeshState,
     settings: &MeshSettings,
     service: &str,
     mut declared: impl Iterator<Item = &'a DependencyTarget>,
-    target: &DependencyTarget,
+    target: &str,
 ) -> bool {
-    *target != DependencyTarget::Service(service.to_string())
-        && declared.any(|d| {
-            d == target || (*d == DependencyTarget::All && settings.wildcard_allowed(service))
-        })
+    let allowed = settings.wildcard_allowed(service);
+    target != service && declared.any(|d| state.services_reached(d, allowed).any(|t| t == target))
 }
 
 /// `GET /api/services/{name}`: one service with its instances by origin, what depends on it
@@ -312,16 +307,16 @@ fn depends_on<'a>(
 pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<Value> {
     let service = state.services.get(name)?;
     let settings = s.cache.settings();
-    let target = DependencyTarget::Service(name.to_string());
     let declaring: BTreeSet<String> = state
         .services
         .values()
         .filter(|s| {
             depends_on(
+                state,
                 settings,
                 &s.name,
                 s.dependencies.iter().map(|d| &d.target),
-                &target,
+                name,
             )
         })
         .map(|s| s.name.clone())
@@ -345,7 +340,7 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<V
         .filter(|p| {
             let g = &p.group_key;
             declaring.contains(&g.service)
-                || depends_on(settings, &g.service, g.dependencies.iter(), &target)
+                || depends_on(state, settings, &g.service, g.dependencies.iter(), name)
         })
         .map(|p| {
             let reaches = *reaches_by_group.entry(p.group.clone()).or_insert_with(|| {
@@ -672,6 +667,32 @@ mod tests {
             },
         );
         s
+    }
+
+    #[test]
+    fn dependents_follow_translations_expansion_of_the_wildcard() {
+        let yaml = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: gateway}\nspec:\n  dependencies: [{service: \"*\"}]\n---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  dependencies: [{service: orders}]\n";
+        let mut index = crate::index::Index::new();
+        index.apply(
+            "config",
+            "mesh.yaml",
+            crate::sources::files::parse_manifests("mesh.yaml", yaml).unwrap(),
+        );
+        let state = index.state();
+        let allowed = MeshSettings {
+            allow_wildcard: vec!["gate*".into()],
+            ..Default::default()
+        };
+        let d = dependents(&state, &allowed);
+        // Through "*": every other service, not itself; by name: itself too.
+        assert_eq!(
+            d["orders"],
+            BTreeSet::from(["gateway".into(), "orders".into()])
+        );
+        assert!(!d.contains_key("gateway"), "{d:?}");
+        // "*" where the operator does not allow it reaches nothing.
+        let d = dependents(&state, &MeshSettings::default());
+        assert_eq!(d["orders"], BTreeSet::from(["orders".to_string()]));
     }
 
     #[test]

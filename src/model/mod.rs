@@ -134,6 +134,23 @@ pub struct MeshState {
 }
 
 impl MeshState {
+    /// The services a dependency on `target` reaches: the one it names (known or not), every
+    /// service for `"*"` when the caller may use it (`wildcard_allowed`), none for a domain or
+    /// a `"*"` it may not use. The one expansion translation and the admin API share.
+    pub fn services_reached<'a>(
+        &'a self,
+        target: &'a DependencyTarget,
+        wildcard_allowed: bool,
+    ) -> Box<dyn Iterator<Item = &'a str> + 'a> {
+        match target {
+            DependencyTarget::Service(name) => Box::new(std::iter::once(name.as_str())),
+            DependencyTarget::All if wildcard_allowed => {
+                Box::new(self.services.keys().map(String::as_str))
+            }
+            DependencyTarget::All | DependencyTarget::Domain(_) => Box::new(std::iter::empty()),
+        }
+    }
+
     /// Splits caller names (service names, globs, `"*"`) into those that match a known service
     /// (`"*"` always does) and those that match none, each sorted and without repeats.
     pub fn resolve_callers<'a>(

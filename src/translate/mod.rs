@@ -205,9 +205,10 @@ fn resolve_spec(state: &MeshState, spec: &EgressSpec) -> ResolvedDependencies {
                 out.domains.insert(d.clone(), s.clone());
             }
             DependencyTarget::All if spec.wildcard_allowed => {
-                for name in state.services.keys() {
+                // Named dependencies (iterated first) keep their own settings.
+                for name in state.services_reached(target, true) {
                     out.services
-                        .entry(name.clone())
+                        .entry(name.to_string())
                         .or_insert_with(|| s.clone());
                 }
             }
