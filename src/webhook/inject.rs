@@ -298,6 +298,108 @@ pub fn inject(
             format!("{service:?} is not a valid service name"),
         ));
     }
+    let Ports {
+        ingress,
+        egress,
+        app: app_port,
+    } = ports(meta, spec, settings)?;
+    let log_level = annotation(meta, ann::LOG_LEVEL).unwrap_or(&settings.log_level);
+    if !LOG_LEVELS.contains(&log_level) {
+        return Err(bad(
+            "metadata.annotations[meshbridge.io/log-level]",
+            format!("{log_level:?} is not one of {}", LOG_LEVELS.join(", ")),
+        ));
+    }
+    let tls_secret = tls_secret(meta, settings, &service)?;
+    if tls_secret.is_some() && spec.volumes.iter().flatten().any(|v| v.name == TLS_VOLUME) {
+        return Err(bad(
+            "spec.volumes",
+            format!(
+                "a volume named {TLS_VOLUME} already exists; the sidecar's TLS Secret needs that name"
+            ),
+        ));
+    }
+    let tls_file = |file: &str| {
+        tls_secret
+            .as_ref()
+            .map(|_| std::path::PathBuf::from(format!("{TLS_DIR}/{file}")))
+    };
+    let dependencies: Vec<String> = annotation(meta, ann::DEPENDENCIES)
+        .map(|d| ann::list(d).map(str::to_string).collect())
+        .unwrap_or_default();
+    let options = BootstrapOptions {
+        service: service.clone(),
+        // Replaced per pod by --service-node.
+        node_id: service.clone(),
+        xds_addr: settings.xds_addr.clone(),
+        ingress_port: Some(ingress),
+        app_port,
+        egress_port: Some(egress),
+        admin_port: settings.admin_port,
+        ready_port: Some(settings.ready_port),
+        diagnostics_port: settings.diagnostics_port,
+        diagnostics_allow: settings.diagnostics_allow.clone(),
+        dependencies,
+        tls_cert: tls_file("tls.crt"),
+        tls_key: tls_file("tls.key"),
+        tls_ca: tls_file("ca.crt"),
+        xds_tls: settings.xds_tls && tls_secret.is_some(),
+        ..Default::default()
+    };
+    let bootstrap =
+        bootstrap_yaml(&options).map_err(|e| bad("metadata.annotations", e.to_string()))?;
+
+    let resources = proxy_resources(meta, settings)?;
+
+    let sidecar = sidecar_container(
+        settings,
+        &service,
+        log_level,
+        bootstrap,
+        (ingress, resources),
+        tls_secret.is_some(),
+    );
+
+    add_egress_env(
+        spec,
+        egress,
+        annotation(meta, ann::HTTP_PROXY) != Some("false"),
+    );
+
+    let redirect = (annotation(meta, ann::TRANSPARENT) == Some("true"))
+        .then(|| redirect_container(settings, ingress, egress));
+    place_containers(spec, settings.native_sidecar, sidecar, redirect);
+
+    if let Some(secret) = &tls_secret {
+        spec.volumes.get_or_insert_default().push(Volume {
+            name: TLS_VOLUME.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(TLS_FILE_MODE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
+    mark_injected(meta, settings, ingress, tls_secret);
+    Ok(Outcome::Injected)
+}
+
+/// The ports of an injected pod.
+struct Ports {
+    ingress: u16,
+    egress: u16,
+    /// The application's, from the annotation or the first TCP container port.
+    app: Option<u16>,
+}
+
+/// The pod's ports, each used once among the sidecar's and the application's.
+fn ports(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    settings: &InjectSettings,
+) -> Result<Ports, InjectError> {
     let ingress = port_annotation(meta, INGRESS_PORT)?.unwrap_or(settings.ingress_port);
     let egress = port_annotation(meta, ann::EGRESS_PORT)?.unwrap_or(settings.egress_port);
     let app_port = match port_annotation(meta, ann::APP_PORT)? {
@@ -328,58 +430,18 @@ pub fn inject(
             ));
         }
     }
-    let log_level = annotation(meta, ann::LOG_LEVEL).unwrap_or(&settings.log_level);
-    if !LOG_LEVELS.contains(&log_level) {
-        return Err(bad(
-            "metadata.annotations[meshbridge.io/log-level]",
-            format!("{log_level:?} is not one of {}", LOG_LEVELS.join(", ")),
-        ));
-    }
-    let tls_secret = tls_secret(meta, settings, &service)?;
-    if tls_secret.is_some() && spec.volumes.iter().flatten().any(|v| v.name == TLS_VOLUME) {
-        return Err(bad(
-            "spec.volumes",
-            format!(
-                "a volume named {TLS_VOLUME} already exists; the sidecar's TLS Secret needs that name"
-            ),
-        ));
-    }
-    let tls_file = |file: &str| {
-        tls_secret
-            .as_ref()
-            .map(|_| std::path::PathBuf::from(format!("{TLS_DIR}/{file}")))
-    };
-    let dependencies: Vec<String> = annotation(meta, ann::DEPENDENCIES)
-        .map(|d| {
-            d.split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let options = BootstrapOptions {
-        service: service.clone(),
-        // Replaced per pod by --service-node.
-        node_id: service.clone(),
-        xds_addr: settings.xds_addr.clone(),
-        ingress_port: Some(ingress),
-        app_port,
-        egress_port: Some(egress),
-        admin_port: settings.admin_port,
-        ready_port: Some(settings.ready_port),
-        diagnostics_port: settings.diagnostics_port,
-        diagnostics_allow: settings.diagnostics_allow.clone(),
-        dependencies,
-        tls_cert: tls_file("tls.crt"),
-        tls_key: tls_file("tls.key"),
-        tls_ca: tls_file("ca.crt"),
-        xds_tls: settings.xds_tls && tls_secret.is_some(),
-        ..Default::default()
-    };
-    let bootstrap =
-        bootstrap_yaml(&options).map_err(|e| bad("metadata.annotations", e.to_string()))?;
+    Ok(Ports {
+        ingress,
+        egress,
+        app: app_port,
+    })
+}
 
+/// The sidecar's resource requests and limits: the annotations', else the settings'.
+fn proxy_resources(
+    meta: &ObjectMeta,
+    settings: &InjectSettings,
+) -> Result<ResourceRequirements, InjectError> {
     let quantity = |key: &str, default: &str| -> Result<Quantity, InjectError> {
         let v = annotation(meta, key).unwrap_or(default);
         if v.is_empty()
@@ -409,7 +471,23 @@ pub fn inject(
     if let Some(cpu) = annotation(meta, ann::PROXY_CPU_LIMIT) {
         limits.insert("cpu".to_string(), quantity(ann::PROXY_CPU_LIMIT, cpu)?);
     }
+    Ok(ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        ..Default::default()
+    })
+}
 
+/// The Envoy container: `bootstrap` as its configuration, probes on the ready port, the
+/// proxy's user, and the TLS volume mounted when the pod has a certificate.
+fn sidecar_container(
+    settings: &InjectSettings,
+    service: &str,
+    log_level: &str,
+    bootstrap: String,
+    (ingress, resources): (u16, ResourceRequirements),
+    tls: bool,
+) -> Container {
     let field_env = |name: &str, path: &str| EnvVar {
         name: name.to_string(),
         value_from: Some(EnvVarSource {
@@ -427,7 +505,7 @@ pub fn inject(
         protocol: Some("TCP".to_string()),
         ..Default::default()
     };
-    let sidecar = Container {
+    Container {
         name: SIDECAR_CONTAINER.to_string(),
         image: Some(settings.image.clone()),
         args: Some(vec![
@@ -436,7 +514,7 @@ pub fn inject(
             "--service-node".into(),
             "$(POD_NAME).$(POD_NAMESPACE)".into(),
             "--service-cluster".into(),
-            service.clone(),
+            service.to_string(),
             "--log-level".into(),
             log_level.to_string(),
             "--disable-hot-restart".into(),
@@ -476,11 +554,7 @@ pub fn inject(
             failure_threshold: Some(120),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(requests),
-            limits: Some(limits),
-            ..Default::default()
-        }),
+        resources: Some(resources),
         security_context: Some(SecurityContext {
             run_as_user: Some(PROXY_UID),
             run_as_group: Some(PROXY_UID),
@@ -494,7 +568,7 @@ pub fn inject(
             ..Default::default()
         }),
         restart_policy: settings.native_sidecar.then(|| "Always".to_string()),
-        volume_mounts: tls_secret.as_ref().map(|_| {
+        volume_mounts: tls.then(|| {
             vec![VolumeMount {
                 name: TLS_VOLUME.to_string(),
                 mount_path: TLS_DIR.to_string(),
@@ -503,11 +577,12 @@ pub fn inject(
             }]
         }),
         ..Default::default()
-    };
+    }
+}
 
-    // Explicit egress for the application containers (their own settings win).
+/// Points the application containers at the egress listener (their own settings win).
+fn add_egress_env(spec: &mut PodSpec, egress: u16, http_proxy: bool) {
     let egress_addr = format!("127.0.0.1:{egress}");
-    let http_proxy = annotation(meta, ann::HTTP_PROXY) != Some("false");
     for c in &mut spec.containers {
         let env = c.env.get_or_insert_default();
         let mut add = |name: &str, value: &str| {
@@ -528,13 +603,18 @@ pub fn inject(
             add("no_proxy", "localhost,127.0.0.1,::1");
         }
     }
+}
 
-    let transparent = annotation(meta, ann::TRANSPARENT) == Some("true");
-    let mut init = Vec::new();
-    if transparent {
-        init.push(redirect_container(settings, ingress, egress));
-    }
-    if settings.native_sidecar {
+/// Adds the sidecar (first of the init containers when native, else first of the
+/// containers) and the traffic redirection (`redirect`) to the pod.
+fn place_containers(
+    spec: &mut PodSpec,
+    native_sidecar: bool,
+    sidecar: Container,
+    redirect: Option<Container>,
+) {
+    let mut init: Vec<Container> = redirect.into_iter().collect();
+    if native_sidecar {
         init.push(sidecar);
         let existing = spec.init_containers.take().unwrap_or_default();
         init.extend(existing);
@@ -549,19 +629,16 @@ pub fn inject(
         }
         spec.containers.insert(0, sidecar);
     }
+}
 
-    if let Some(secret) = &tls_secret {
-        spec.volumes.get_or_insert_default().push(Volume {
-            name: TLS_VOLUME.to_string(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                default_mode: Some(TLS_FILE_MODE),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-
+/// Labels and annotates an injected pod: the sidecar label, the image, the ingress port and
+/// the TLS Secret mounted (what the Kubernetes source reads back).
+fn mark_injected(
+    meta: &mut ObjectMeta,
+    settings: &InjectSettings,
+    ingress: u16,
+    tls_secret: Option<String>,
+) {
     // Selects injected pods, e.g. for a PodMonitor scraping the sidecars' metrics.
     meta.labels
         .get_or_insert_default()
@@ -572,7 +649,6 @@ pub fn inject(
     if let Some(secret) = tls_secret {
         annotations.insert(TLS_SECRET.to_string(), secret);
     }
-    Ok(Outcome::Injected)
 }
 
 /// The init container redirecting inbound TCP to the ingress listener and outbound port-80
