@@ -38,6 +38,11 @@ async fn start(consul: &FakeConsul, extra: &[&str]) -> ControlPlane {
     ControlPlane::start(FRONTEND, &args).await
 }
 
+/// Registers an instance of `service` on `node` at 127.0.0.1:`port` in datacenter `dc`.
+fn register(consul: &FakeConsul, dc: &str, service: &str, node: &str, port: u16) {
+    consul.register(dc, Instance::new(service, node, "127.0.0.1", port));
+}
+
 fn frontend(deps: &[&str]) -> EnvoyOptions {
     EnvoyOptions {
         service: "frontend".into(),
@@ -53,10 +58,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     let b = Backend::start("orders", "b").await;
     let pay = Backend::start("payments", "a").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
     let cp = start(&consul, &[]).await;
     let envoy = Envoy::start(&cp, frontend(&["payments"])).await;
     envoy
@@ -77,10 +79,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     assert_eq!(orders["instances"][0]["datacenter"], "dc1");
 
     // A second instance joins, the first leaves.
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
-    );
+    register(&consul, "dc1", "orders", "orders-b", b.port);
     envoy
         .wait_call("orders", "instance b", |r| r.body.contains("orders b"))
         .await;
@@ -104,10 +103,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     // A service that appears in Consul becomes routable for a proxy that depends on it.
     let refused = envoy.call("payments", "/").await.unwrap();
     assert_eq!(refused.status, 503, "declared by the proxy, not known yet");
-    consul.register(
-        "dc1",
-        Instance::new("payments", "pay-a", "127.0.0.1", pay.port),
-    );
+    register(&consul, "dc1", "payments", "pay-a", pay.port);
     envoy
         .wait_call("payments", "payments from Consul", |r| {
             r.body.contains("payments a")
@@ -134,10 +130,7 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
     let a = Backend::start("orders", "a").await;
     let b = Backend::start("orders", "b").await;
     let mut consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
     let cp = start(&consul, &[]).await;
     let envoy = Arc::new(Envoy::start(&cp, frontend(&[])).await);
     envoy
@@ -173,10 +166,7 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
 
     // Consul returns with another instance set: Envoy follows, without a flash of nothing.
     consul.deregister("dc1", "orders-a");
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
-    );
+    register(&consul, "dc1", "orders", "orders-b", b.port);
     consul.restart().await;
     envoy
         .wait_call("orders", "instance b after recovery", |r| {
@@ -192,10 +182,7 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     let a = Backend::start("orders", "a").await;
     let b = Backend::start("orders", "b").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
     let cp = start(&consul, &[]).await;
     let envoy = Envoy::start(&cp, frontend(&[])).await;
     envoy
@@ -247,10 +234,7 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     })
     .await;
     consul.reset_index(1);
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
-    );
+    register(&consul, "dc1", "orders", "orders-b", b.port);
     envoy
         .wait_call("orders", "instance b after the index reset", |r| {
             r.body.contains("orders b")
@@ -263,14 +247,8 @@ async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
     let a = Backend::start("orders", "a").await;
     let b = Backend::start("orders", "b").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
+    register(&consul, "dc1", "orders", "orders-b", b.port);
     let cp = start(&consul, &[]).await;
     let envoy = Envoy::start(&cp, frontend(&[])).await;
     envoy
@@ -316,14 +294,8 @@ async fn local_datacenter_is_preferred_and_traffic_fails_over() {
     let local = Backend::start("orders", "dc1").await;
     let remote = Backend::start("orders", "dc2").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "o-1", "127.0.0.1", local.port),
-    );
-    consul.register(
-        "dc2",
-        Instance::new("orders", "o-2", "127.0.0.1", remote.port),
-    );
+    register(&consul, "dc1", "orders", "o-1", local.port);
+    register(&consul, "dc2", "orders", "o-2", remote.port);
     let cp = start(
         &consul,
         &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
@@ -453,10 +425,7 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
     let b = Backend::start("orders", "b").await;
     let consul = FakeConsul::start("dc1").await;
     consul.require_token(Some("first-secret"));
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "first-secret\n").unwrap();
@@ -479,10 +448,7 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
         .unwrap()
         .set_modified(later)
         .unwrap();
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-b", "127.0.0.1", b.port),
-    );
+    register(&consul, "dc1", "orders", "orders-b", b.port);
     envoy
         .wait_call("orders", "instance b after rotation", |r| {
             r.body.contains("orders b")
@@ -495,14 +461,8 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
     let local = Backend::start("orders", "dc1").await;
     let remote = Backend::start("orders", "dc2").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "o-1", "127.0.0.1", local.port),
-    );
-    consul.register(
-        "dc2",
-        Instance::new("orders", "o-2", "127.0.0.1", remote.port),
-    );
+    register(&consul, "dc1", "orders", "o-1", local.port);
+    register(&consul, "dc2", "orders", "o-2", remote.port);
     let cp = start(
         &consul,
         &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
@@ -562,7 +522,7 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_over_https_is_verified_with_the_ca_file() {
     let consul = FakeConsul::start("dc1").await;
-    consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
+    register(&consul, "dc1", "orders", "o-1", 31000);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     support::issue_cert(d, "server", "IP:127.0.0.1");
@@ -663,7 +623,7 @@ static_resources:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_first_full_consul_sync() {
     let consul = FakeConsul::start("dc1").await;
-    consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
+    register(&consul, "dc1", "orders", "o-1", 31000);
     consul.set_hang(true);
     let url = consul.url();
     let mut cp =
@@ -733,10 +693,7 @@ async fn services(cp: &ControlPlane) -> Vec<String> {
 async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() {
     let a = Backend::start("orders", "a").await;
     let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "orders-a", "127.0.0.1", a.port),
-    );
+    register(&consul, "dc1", "orders", "orders-a", a.port);
     for s in ["billing", "payments", "stock"] {
         consul.register(
             "dc1",
