@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -866,13 +868,9 @@ fn generated_names_are_valid() {
 // ---------------------------------------------------------------------------------------
 
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType as FilterConfig;
 use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal};
 use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_filter::ConfigType as HttpFilterConfig,
-};
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
@@ -961,29 +959,9 @@ fn permission_admits(p: &Permission, r: &Request) -> bool {
 /// The RBAC filter of a snapshot's ingress listener, if it has one.
 fn ingress_rbac(s: &Snapshot) -> Option<Option<HttpRbac>> {
     let r = s.resources(ResourceType::Listener).get("ingress")?;
-    let listener = Listener::decode(r.body.value.as_slice()).unwrap();
-    let mut found = Vec::new();
-    for chain in &listener.filter_chains {
-        for f in &chain.filters {
-            let Some(FilterConfig::TypedConfig(any)) = &f.config_type else {
-                continue;
-            };
-            let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-            let rbac = hcm.http_filters.iter().find_map(|h| match &h.config_type {
-                Some(HttpFilterConfig::TypedConfig(any)) if h.name == "envoy.filters.http.rbac" => {
-                    Some(HttpRbac::decode(any.value.as_slice()).unwrap())
-                }
-                _ => None,
-            });
-            found.push(rbac);
-        }
-    }
-    // Every filter chain (plaintext and TLS) enforces the same policy.
-    assert!(
-        found.windows(2).all(|w| w[0] == w[1]),
-        "filter chains differ"
-    );
-    found.into_iter().next()
+    Some(support::listener_rbac(
+        &Listener::decode(r.body.value.as_slice()).unwrap(),
+    ))
 }
 
 /// Whether the RBAC admits the request, in enforced and in shadow mode; `None` for no rules.

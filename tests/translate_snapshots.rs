@@ -186,41 +186,12 @@ fn lb_endpoints(a: &ClusterLoadAssignment) -> Vec<(u32, String, String, u32)> {
     out
 }
 
-/// The HTTP connection manager of a listener (every filter chain carries the same one).
 fn hcm(l: &Listener) -> HttpConnectionManager {
-    let all: Vec<HttpConnectionManager> = l
-        .filter_chains
-        .iter()
-        .map(|c| {
-            assert_eq!(c.filters.len(), 1, "listener {}", l.name);
-            match &c.filters[0].config_type {
-                Some(FilterConfig::TypedConfig(any)) => {
-                    assert_eq!(any.type_url, HttpConnectionManager::type_url());
-                    HttpConnectionManager::decode(any.value.as_slice()).unwrap()
-                }
-                other => panic!("unexpected filter config {other:?}"),
-            }
-        })
-        .collect();
-    assert!(
-        all.windows(2).all(|w| w[0] == w[1]),
-        "filter chains of {} differ",
-        l.name
-    );
-    all.into_iter().next().expect("no filter chain")
+    support::listener_hcm(l)
 }
 
-/// The RBAC filter of a listener's HTTP connection manager.
 fn rbac_of(l: &Listener) -> Option<HttpRbac> {
-    hcm(l)
-        .http_filters
-        .iter()
-        .find_map(|f| match &f.config_type {
-            Some(HttpFilterConfig::TypedConfig(any)) if f.name == "envoy.filters.http.rbac" => {
-                Some(HttpRbac::decode(any.value.as_slice()).unwrap())
-            }
-            _ => None,
-        })
+    support::listener_rbac(l)
 }
 
 fn render_string_matcher(m: &Option<StringMatcher>) -> String {

@@ -1066,3 +1066,51 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The HTTP connection manager of a listener (every filter chain must carry the same one).
+pub fn listener_hcm(
+    l: &envoy_types::pb::envoy::config::listener::v3::Listener,
+) -> envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager
+{
+    use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use prost::{Message as _, Name as _};
+    let all: Vec<HttpConnectionManager> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            assert_eq!(c.filters.len(), 1, "listener {}", l.name);
+            match &c.filters[0].config_type {
+                Some(ConfigType::TypedConfig(any)) => {
+                    assert_eq!(any.type_url, HttpConnectionManager::type_url());
+                    HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+                }
+                other => panic!("unexpected filter config {other:?}"),
+            }
+        })
+        .collect();
+    assert!(
+        all.windows(2).all(|w| w[0] == w[1]),
+        "filter chains of {} differ",
+        l.name
+    );
+    all.into_iter().next().expect("no filter chain")
+}
+
+/// The RBAC filter of a listener's HTTP connection manager, if it has one.
+pub fn listener_rbac(
+    l: &envoy_types::pb::envoy::config::listener::v3::Listener,
+) -> Option<envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac> {
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+    use prost::Message as _;
+    listener_hcm(l)
+        .http_filters
+        .iter()
+        .find_map(|f| match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) if f.name == "envoy.filters.http.rbac" => {
+                Some(Rbac::decode(any.value.as_slice()).unwrap())
+            }
+            _ => None,
+        })
+}
