@@ -17,6 +17,55 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// Why certificates, keys or a CA did not load. Each names the file (or what was given) at
+/// fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{name}: {source}")]
+    Read {
+        /// The file.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something in it is not what it should be (PEM, a key, a certificate).
+    #[error("{name}: {why}")]
+    Invalid {
+        /// The file, or what was given.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// The certificate and the key are not a pair.
+    #[error("{cert} and {key} do not match: {why}")]
+    Mismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn invalid(name: &str, why: impl std::fmt::Display) -> TlsError {
+    TlsError::Invalid {
+        name: name.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        name: path.display().to_string(),
+        source,
+    })
+}
+
 /// A serving certificate: from files it follows, or set by the webhook's self-managed loop.
 #[derive(Debug)]
 pub struct ReloadingCert {
@@ -27,9 +76,9 @@ pub struct ReloadingCert {
 
 type Loaded = (Vec<u8>, Arc<CertifiedKey>);
 
-fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, String> {
-    let cert_pem = std::fs::read(cert_file).map_err(|e| format!("{}: {e}", cert_file.display()))?;
-    let key_pem = std::fs::read(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+fn load(cert_file: &Path, key_file: &Path) -> Result<Loaded, TlsError> {
+    let cert_pem = read(cert_file)?;
+    let key_pem = read(key_file)?;
     parse(
         cert_pem,
         &key_pem,
@@ -44,22 +93,24 @@ fn parse(
     key_pem: &[u8],
     cert_name: &str,
     key_name: &str,
-) -> Result<Loaded, String> {
+) -> Result<Loaded, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{cert_name}: {e}"))?;
+        .map_err(|e| invalid(cert_name, e))?;
     if chain.is_empty() {
-        return Err(format!("{cert_name}: no certificate"));
+        return Err(invalid(cert_name, "no certificate"));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("{key_name}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| invalid(key_name, e))?;
     let signer = default_provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("{key_name}: {e}"))?;
+        .map_err(|e| invalid(key_name, e))?;
     let certified = CertifiedKey::new(chain, signer);
-    certified
-        .keys_match()
-        .map_err(|e| format!("{cert_name} and {key_name} do not match: {e}"))?;
+    certified.keys_match().map_err(|e| TlsError::Mismatch {
+        cert: cert_name.to_string(),
+        key: key_name.to_string(),
+        why: e.to_string(),
+    })?;
     let mut fingerprint = cert_pem;
     fingerprint.extend_from_slice(key_pem);
     Ok((fingerprint, Arc::new(certified)))
@@ -68,12 +119,12 @@ fn parse(
 impl ReloadingCert {
     /// Loads `tls.crt` and `tls.key` in `dir` (a Secret volume); fails naming the file at
     /// fault.
-    pub fn new(dir: &Path) -> Result<Self, String> {
+    pub fn new(dir: &Path) -> Result<Self, TlsError> {
         Self::from_files(&dir.join("tls.crt"), &dir.join("tls.key"))
     }
 
     /// Loads a certificate chain and key; fails naming the file at fault.
-    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, String> {
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         Ok(ReloadingCert {
             files: Some((cert.to_path_buf(), key.to_path_buf())),
             current: RwLock::new(Some(load(cert, key)?)),
@@ -89,7 +140,7 @@ impl ReloadingCert {
     }
 
     /// Serves this pair from now on.
-    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
         let loaded = parse(cert_pem.to_vec(), key_pem, "certificate", "key")?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(loaded);
         Ok(())
@@ -97,7 +148,7 @@ impl ReloadingCert {
 
     /// Re-reads the files; returns whether the certificate changed. A pair that does not
     /// load leaves the current one in force. Without files, there is nothing to do.
-    pub fn reload(&self) -> Result<bool, String> {
+    pub fn reload(&self) -> Result<bool, TlsError> {
         let Some((cert, key)) = &self.files else {
             return Ok(false);
         };
@@ -125,11 +176,11 @@ impl ResolvesServerCert for ReloadingCert {
 /// leaves the current one in force.
 pub trait Reload: Send + Sync + 'static {
     /// Re-reads the files.
-    fn reload(&self) -> Result<bool, String>;
+    fn reload(&self) -> Result<bool, TlsError>;
 }
 
 impl Reload for ReloadingCert {
-    fn reload(&self) -> Result<bool, String> {
+    fn reload(&self) -> Result<bool, TlsError> {
         ReloadingCert::reload(self)
     }
 }
@@ -174,9 +225,10 @@ impl std::fmt::Debug for ReloadingClientCa {
     }
 }
 
-fn client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>), String> {
-    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    let pem = std::fs::read(path).map_err(|e| named(&e))?;
+fn client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>), TlsError> {
+    let name = path.display().to_string();
+    let named = |e: &dyn std::fmt::Display| invalid(&name, e);
+    let pem = read(path)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&pem) {
         roots
@@ -196,7 +248,7 @@ fn client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>)
 
 impl ReloadingClientCa {
     /// Reads the CA bundle at `path`; fails naming it.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub fn from_file(path: &Path) -> Result<Self, TlsError> {
         Ok(ReloadingClientCa {
             path: path.to_path_buf(),
             current: RwLock::new(client_verifier(path)?),
@@ -213,7 +265,7 @@ impl ReloadingClientCa {
 }
 
 impl Reload for ReloadingClientCa {
-    fn reload(&self) -> Result<bool, String> {
+    fn reload(&self) -> Result<bool, TlsError> {
         let (pem, verifier) = client_verifier(&self.path)?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.0 == pem {
@@ -274,10 +326,10 @@ pub fn server_config(
     cert: Arc<ReloadingCert>,
     client_ca: Option<Arc<ReloadingClientCa>>,
     alpn: &[&[u8]],
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => builder.with_client_cert_verifier(ca),
@@ -316,6 +368,37 @@ mod tests {
 
     fn uri(text: &str) -> rcgen::SanType {
         rcgen::SanType::URI(text.try_into().unwrap())
+    }
+
+    #[test]
+    fn load_errors_name_the_file_at_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, other_key) = (
+            dir.path().join("tls.crt"),
+            dir.path().join("tls.key"),
+            dir.path().join("other.key"),
+        );
+        let pair = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(&cert, pair.cert.pem()).unwrap();
+        std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+        std::fs::write(
+            &other_key,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        assert!(ReloadingCert::from_files(&cert, &key).is_ok());
+        let missing = dir.path().join("missing.crt");
+        let e = ReloadingCert::from_files(&missing, &key).unwrap_err();
+        assert!(
+            matches!(e, TlsError::Read { .. }) && e.to_string().contains("missing.crt"),
+            "{e}"
+        );
+        let e = ReloadingCert::from_files(&key, &key).unwrap_err();
+        assert!(e.to_string().contains("no certificate"), "{e}");
+        let e = ReloadingCert::from_files(&cert, &other_key).unwrap_err();
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+        let e = ReloadingClientCa::from_file(&key).unwrap_err();
+        assert!(e.to_string().contains("tls.key: no certificate"), "{e}");
     }
 
     #[test]
