@@ -11,6 +11,7 @@ use futures::StreamExt;
 use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 use tracing::info;
 
 use super::ControlPlane;
@@ -63,12 +64,15 @@ impl Kubernetes {
             synced: synced_tx,
             metrics: cp.metrics.clone(),
         };
-        tokio::spawn(crate::sources::kube::run(
-            client.clone(),
-            args.namespaces.clone(),
-            namespace_labels_too,
-            ctx,
-        ));
+        tokio::spawn(
+            crate::sources::kube::run(
+                client.clone(),
+                args.namespaces.clone(),
+                namespace_labels_too,
+                ctx,
+            )
+            .instrument(tracing::info_span!("source", kind = "kubernetes")),
+        );
         let lease = LeaseSettings {
             namespace: args.leader_election_namespace.clone().unwrap_or_else(|| {
                 std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_string())

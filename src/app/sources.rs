@@ -13,6 +13,7 @@ use crate::sources::consul::{
     ConsulClient, ConsulContext, ConsulSettings, HealthPolicy, watch_datacenter,
 };
 use crate::sources::files::ConfigDirSource;
+use tracing::Instrument as _;
 
 /// Scans `dir` once (so the first published state has its manifests), then watches it.
 pub(super) async fn spawn_config_dir(
@@ -31,10 +32,13 @@ pub(super) async fn spawn_config_dir(
     .context("first scan of --config-dir")?;
     cp.metrics.config_errors.set(report.bad_files as i64);
     let metrics = cp.metrics.clone();
+    let span = tracing::info_span!("source", kind = "config", dir = %dir.display());
     tokio::spawn(
-        source.run(poll, cp.index.clone(), cp.sources.clone(), move |report| {
-            metrics.config_errors.set(report.bad_files as i64);
-        }),
+        source
+            .run(poll, cp.index.clone(), cp.sources.clone(), move |report| {
+                metrics.config_errors.set(report.bad_files as i64);
+            })
+            .instrument(span),
     );
     Ok(())
 }
@@ -108,7 +112,8 @@ pub(super) fn spawn_consul(
             }
         }
         for dc in datacenters {
-            tokio::spawn(watch_datacenter(client.clone(), dc, ctx.clone()));
+            let span = tracing::info_span!("source", kind = "consul", dc = %dc);
+            tokio::spawn(watch_datacenter(client.clone(), dc, ctx.clone()).instrument(span));
         }
     });
 }

@@ -238,6 +238,7 @@ where
     Ok(Action::await_change())
 }
 
+#[tracing::instrument(skip_all, fields(kind = "MeshService", namespace = ?object.metadata.namespace, name = ?object.metadata.name))]
 async fn reconcile_service(
     object: Arc<MeshService>,
     ctx: Arc<StatusContext>,
@@ -285,6 +286,7 @@ async fn reconcile_service(
     .await
 }
 
+#[tracing::instrument(skip_all, fields(kind = "AccessRule", namespace = ?object.metadata.namespace, name = ?object.metadata.name))]
 async fn reconcile_rule(
     object: Arc<AccessRule>,
     ctx: Arc<StatusContext>,
