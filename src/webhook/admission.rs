@@ -286,7 +286,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn rule_review(namespace: &str, target: &str) -> Vec<u8> {
+    /// A CREATE review of a meshbridge.io object of `kind` in `namespace`.
+    fn review_of(kind: &str, namespace: &str, name: &str, spec: serde_json::Value) -> Vec<u8> {
         json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -294,17 +295,26 @@ mod tests {
                 "uid": "u1",
                 "operation": "CREATE",
                 "namespace": namespace,
-                "kind": {"group": "meshbridge.io", "version": "v1alpha1", "kind": "AccessRule"},
+                "kind": {"group": "meshbridge.io", "version": "v1alpha1", "kind": kind},
                 "object": {
                     "apiVersion": "meshbridge.io/v1alpha1",
-                    "kind": "AccessRule",
-                    "metadata": {"name": "r", "namespace": namespace},
-                    "spec": {"target": target, "rules": [{"from": ["*"]}]}
+                    "kind": kind,
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": spec
                 }
             }
         })
         .to_string()
         .into_bytes()
+    }
+
+    fn rule_review(namespace: &str, target: &str) -> Vec<u8> {
+        review_of(
+            "AccessRule",
+            namespace,
+            "r",
+            json!({"target": target, "rules": [{"from": ["*"]}]}),
+        )
     }
 
     /// `payments` is declared in `shop`; Consul knows `legacy`, which only `platform` may
@@ -328,24 +338,7 @@ mod tests {
     }
 
     fn service_review(namespace: &str, name: &str, spec: serde_json::Value) -> Vec<u8> {
-        json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u1",
-                "operation": "CREATE",
-                "namespace": namespace,
-                "kind": {"group": "meshbridge.io", "version": "v1alpha1", "kind": "MeshService"},
-                "object": {
-                    "apiVersion": "meshbridge.io/v1alpha1",
-                    "kind": "MeshService",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "spec": spec
-                }
-            }
-        })
-        .to_string()
-        .into_bytes()
+        review_of("MeshService", namespace, name, spec)
     }
 
     #[test]
