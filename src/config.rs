@@ -383,6 +383,38 @@ pub struct ConfigError {
 impl RunArgs {
     /// Validates the flags.
     pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        // In this order: the first rule broken is the one reported.
+        self.check_sources()?;
+        self.check_kubernetes()?;
+        self.check_timing()?;
+        self.check_globs()?;
+        self.check_admin()?;
+        self.check_xds()?;
+        Ok(RunConfig {
+            settings: MeshSettings {
+                allow_wildcard: self.allow_wildcard.clone(),
+                datacenters: self.consul_datacenters.clone(),
+                trust_domain: self.trust_domain.clone(),
+                external_ca_file: Some(self.external_ca_file.clone()),
+                default_deny: self.default_deny,
+                source_ip_identity: self.source_ip_identity,
+                identity_header_from: self.identity_header_from.clone(),
+            },
+            debounce: Duration::from_millis(self.debounce),
+            config_poll: Duration::from_millis(self.config_poll),
+            xds_limits: crate::xds::XdsLimits {
+                max_streams: self.xds_max_streams,
+                max_groups: self.xds_max_groups,
+                max_names: self.xds_max_names,
+                max_request_bytes: self.xds_max_request_bytes,
+                first_request_timeout: Duration::from_millis(self.xds_first_request_timeout),
+            },
+            args: self,
+        })
+    }
+
+    /// The sources: the config directory, the Consul agent and its limits.
+    fn check_sources(&self) -> Result<(), ConfigError> {
         if let Some(dir) = &self.config_dir
             && !dir.is_dir()
         {
@@ -431,6 +463,11 @@ impl RunArgs {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// The Kubernetes side: the webhook certificate, the Lease, the Consul registration.
+    fn check_kubernetes(&self) -> Result<(), ConfigError> {
         if self.webhook_self_managed && self.webhook_cert_dir.is_some() {
             return Err(ConfigError {
                 flag: "webhook-self-managed",
@@ -461,6 +498,11 @@ impl RunArgs {
                 message: "must be at least 1 second".to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Timings: drain, debounce and the config poll.
+    fn check_timing(&self) -> Result<(), ConfigError> {
         if self.drain > 600_000 {
             return Err(ConfigError {
                 flag: "drain",
@@ -479,6 +521,11 @@ impl RunArgs {
                 message: format!("{} ms is outside 10..=600000", self.config_poll),
             });
         }
+        Ok(())
+    }
+
+    /// Service globs (`--allow-wildcard`, `--identity-header-from`).
+    fn check_globs(&self) -> Result<(), ConfigError> {
         for (flag, globs) in [
             ("allow-wildcard", &self.allow_wildcard),
             ("identity-header-from", &self.identity_header_from),
@@ -492,6 +539,11 @@ impl RunArgs {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The admin API: peers and the sidecars' diagnostics.
+    fn check_admin(&self) -> Result<(), ConfigError> {
         for peer in &self.peers {
             let ok = reqwest::Url::parse(peer)
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
@@ -534,6 +586,11 @@ impl RunArgs {
                 message: format!("{} ms is outside 100..=120000", self.diagnostics_timeout),
             });
         }
+        Ok(())
+    }
+
+    /// The xDS server: TLS, limits, and the trust domain its identities live in.
+    fn check_xds(&self) -> Result<(), ConfigError> {
         if self.xds_client_ca.is_some() && self.xds_tls_cert.is_none() {
             return Err(ConfigError {
                 flag: "xds-client-ca",
@@ -589,27 +646,7 @@ impl RunArgs {
                 message: format!("{:?} is not a trust domain", self.trust_domain),
             });
         }
-        Ok(RunConfig {
-            settings: MeshSettings {
-                allow_wildcard: self.allow_wildcard.clone(),
-                datacenters: self.consul_datacenters.clone(),
-                trust_domain: self.trust_domain.clone(),
-                external_ca_file: Some(self.external_ca_file.clone()),
-                default_deny: self.default_deny,
-                source_ip_identity: self.source_ip_identity,
-                identity_header_from: self.identity_header_from.clone(),
-            },
-            debounce: Duration::from_millis(self.debounce),
-            config_poll: Duration::from_millis(self.config_poll),
-            xds_limits: crate::xds::XdsLimits {
-                max_streams: self.xds_max_streams,
-                max_groups: self.xds_max_groups,
-                max_names: self.xds_max_names,
-                max_request_bytes: self.xds_max_request_bytes,
-                first_request_timeout: Duration::from_millis(self.xds_first_request_timeout),
-            },
-            args: self,
-        })
+        Ok(())
     }
 }
 
