@@ -79,15 +79,22 @@ fn bootstrap(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn envoy_validate(yaml: &[u8]) -> std::process::Output {
+/// Fails unless `envoy --mode validate` accepts the bootstrap `yaml`.
+fn assert_envoy_accepts(yaml: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bootstrap.yaml");
     std::fs::write(&file, yaml).unwrap();
-    Command::new(support::envoy_bin())
+    let v = Command::new(support::envoy_bin())
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(&file)
         .output()
-        .unwrap()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
 }
 
 #[test]
@@ -120,13 +127,7 @@ fn bootstrap_is_accepted_by_envoy_validate() {
     let yaml = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(yaml.contains("service_name: frontend"), "{yaml}");
     assert!(yaml.contains("- https://api.example.com"), "{yaml}");
-    let v = envoy_validate(&out.stdout);
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_envoy_accepts(&out.stdout);
 }
 
 #[test]
@@ -189,13 +190,7 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         yaml.contains("name: server_cert") && yaml.contains("name: validation_context"),
         "{yaml}"
     );
-    let v = envoy_validate(&out.stdout);
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_envoy_accepts(&out.stdout);
 
     // Over TLS to the control plane, whose certificate must carry one of the given names
     // (each kind of SAN): Envoy accepts the pinned validation context.
@@ -232,13 +227,7 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
     for kind in ["san_type: URI", "san_type: IP_ADDRESS", "san_type: DNS"] {
         assert!(yaml.contains(kind), "{kind}: {yaml}");
     }
-    let v = envoy_validate(&out.stdout);
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_envoy_accepts(&out.stdout);
     // By default, the xDS host name.
     let out = bootstrap(&tls);
     let yaml = String::from_utf8(out.stdout).unwrap();

@@ -289,8 +289,7 @@ pub fn services_view(state: &MeshState, settings: &MeshSettings) -> Value {
 }
 
 /// Whether `service`, declaring `declared`, depends on `target` as translation expands
-/// dependencies ([`MeshState::services_reached`]); a service never counts as its own
-/// dependent.
+/// dependencies ([`MeshState::reaches`]); a service never counts as its own dependent.
 fn depends_on<'a>(
     state: &MeshState,
     settings: &MeshSettings,
@@ -299,7 +298,7 @@ fn depends_on<'a>(
     target: &str,
 ) -> bool {
     let allowed = settings.wildcard_allowed(service);
-    target != service && declared.any(|d| state.services_reached(d, allowed).any(|t| t == target))
+    target != service && declared.any(|d| state.reaches(d, allowed, target))
 }
 
 /// `GET /api/services/{name}`: one service with its instances by origin, what depends on it

@@ -151,6 +151,21 @@ impl MeshState {
         }
     }
 
+    /// Whether a dependency on `target` reaches `service`: [`Self::services_reached`]
+    /// without walking every service for `"*"`.
+    pub fn reaches(
+        &self,
+        target: &DependencyTarget,
+        wildcard_allowed: bool,
+        service: &str,
+    ) -> bool {
+        match target {
+            DependencyTarget::Service(name) => name == service,
+            DependencyTarget::All => wildcard_allowed && self.services.contains_key(service),
+            DependencyTarget::Domain(_) => false,
+        }
+    }
+
     /// Splits caller names (service names, globs, `"*"`) into those that match a known service
     /// (`"*"` always does) and those that match none, each sorted and without repeats.
     pub fn resolve_callers<'a>(
@@ -304,6 +319,33 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reaches_agrees_with_the_expansion() {
+        let mut state = MeshState::default();
+        for name in ["orders", "billing"] {
+            state.services.insert(name.into(), Service::default());
+        }
+        let targets = [
+            DependencyTarget::Service("orders".into()),
+            DependencyTarget::Service("unknown".into()),
+            DependencyTarget::All,
+            "https://api.example.com".parse().unwrap(),
+        ];
+        for target in &targets {
+            for allowed in [true, false] {
+                for service in ["orders", "billing", "unknown"] {
+                    assert_eq!(
+                        state.reaches(target, allowed, service),
+                        state
+                            .services_reached(target, allowed)
+                            .any(|s| s == service),
+                        "{target} {allowed} {service}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn globs() {

@@ -210,9 +210,9 @@ pub fn review_validate(body: &[u8], ownership: &Ownership<'_>) -> Answer {
     }
     let kind = request["kind"]["kind"].as_str().unwrap_or("");
     let object = &request["object"];
+    let namespace = request["namespace"].as_str().unwrap_or("");
     let name = format!(
-        "{}/{}",
-        request["namespace"].as_str().unwrap_or(""),
+        "{namespace}/{}",
         object["metadata"]["name"].as_str().unwrap_or("")
     );
     let errors: Vec<String> = match kind {
@@ -225,7 +225,6 @@ pub fn review_validate(body: &[u8], ownership: &Ownership<'_>) -> Answer {
                     .iter()
                     .map(ToString::to_string)
                     .collect();
-                let namespace = request["namespace"].as_str().unwrap_or("");
                 if let Some(service) = convert::service_name(&o)
                     && let Some(why) = (ownership.consul_claim)(&service, namespace)
                 {
@@ -248,7 +247,6 @@ pub fn review_validate(body: &[u8], ownership: &Ownership<'_>) -> Answer {
                     .iter()
                     .map(ToString::to_string)
                     .collect();
-                let namespace = request["namespace"].as_str().unwrap_or("");
                 let owners = (ownership.declared_in)(o.spec.target.trim());
                 if !owners.is_empty() && !owners.iter().any(|n| n == namespace) {
                     errors.push(format!(
