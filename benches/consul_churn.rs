@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-#[path = "../tests/support/consul_fake.rs"]
+// The fakes of the test kit; a bench uses only part of them.
+#[allow(dead_code)]
+#[path = "../tests/it/support/consul_fake.rs"]
 mod consul_fake;
 #[path = "support/mesh_gen.rs"]
 mod mesh_gen;

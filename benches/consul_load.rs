@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-#[path = "../tests/support/consul_fake.rs"]
+// The fakes of the test kit; a bench uses only part of them.
+#[allow(dead_code)]
+#[path = "../tests/it/support/consul_fake.rs"]
 mod consul_fake;
 #[path = "support/processes.rs"]
 mod processes;

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-#[path = "../tests/support/kube_fake.rs"]
+// The fakes of the test kit; a bench uses only part of them.
+#[allow(dead_code)]
+#[path = "../tests/it/support/kube_fake.rs"]
 mod kube_fake;
 #[path = "support/processes.rs"]
 mod processes;

@@ -1,9 +1,8 @@
 //! Sidecar injection: what it does to each workload kind and annotation (snapshots), that it
 //! is idempotent (property), that its output is valid Kubernetes (the real schemas), and that
 //! the injected sidecar's arguments make a real Envoy that connects to meshbridge.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -2,11 +2,9 @@
 //! certificates made by openssl: AdmissionReviews shaped like the Kubernetes documentation's,
 //! bad requests, namespace opt-in/opt-out through the Kubernetes API fake, validation, and
 //! certificate rotation.
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
-mod support;
+use crate::support;
+use crate::support::kube_fake;
 
 use std::path::Path;
 use std::time::Duration;

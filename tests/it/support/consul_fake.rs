@@ -87,7 +87,7 @@
 //! Everything is bounded: request counters per path are capped, the write log keeps the
 //! last [`MAX_WRITE_LOG`] writes, request bodies are limited to 4 MiB, a parked query ends at
 //! its `wait` (at most 10 minutes plus jitter), and `stop()` ends every connection.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -776,11 +776,6 @@ impl FakeConsul {
         format!("http://{}", self.addr)
     }
 
-    /// The agent's datacenter.
-    pub fn local_dc(&self) -> String {
-        self.shared.lock().local_dc.clone()
-    }
-
     /// Registers `instance` in `dc` on `instance.node`, replacing any instance with the same
     /// ID in `dc` (on whatever node). A node this creates is agent-like (tagged addresses,
     /// passing `serfHealth`); an existing node takes `instance.node_address` and keeps its
@@ -1115,6 +1110,7 @@ impl FakeConsul {
 
     /// Response body bytes of successful reads so far whose path (without query) starts
     /// with `path_prefix` (`""` for all).
+    #[allow(dead_code)] // read by benches/consul_churn.rs
     pub fn bytes_served_for(&self, path_prefix: &str) -> u64 {
         self.shared
             .lock()
@@ -2435,11 +2431,6 @@ enum Clause {
 }
 
 impl Filter {
-    /// A filter of `/v1/health/service` (selectors under `Node`, `Service`, `Checks`).
-    pub fn parse(src: &str) -> Result<Filter, String> {
-        Filter::parse_for(src, HEALTH_ROOTS)
-    }
-
     /// A filter whose selectors must start with one of `roots`.
     pub fn parse_for(src: &str, roots: &[&str]) -> Result<Filter, String> {
         let tokens = tokenize(src)?;

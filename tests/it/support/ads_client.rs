@@ -4,7 +4,7 @@
 //! real gRPC; [`SotwStream`] and [`DeltaStream`] play a proxy: they send requests through
 //! an mpsc channel and receive responses with every wait bounded by [`WAIT`], so a
 //! protocol bug fails a test instead of hanging it.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

@@ -8,9 +8,8 @@
 //! - the callee's JSON access log fields: [`field`];
 //! - the app's echo of the identity it was given: response header `x-client-name-seen`
 //!   (`meshbridge::demo::serve_app`).
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -1,12 +1,10 @@
-//! Pins the semantics of the fake Kubernetes API server (`tests/support/kube_fake.rs`)
+//! Pins the semantics of the fake Kubernetes API server (`tests/it/support/kube_fake.rs`)
 //! through real clients: kube-rs (`Api`, `watcher`, `reflector`, `Discovery`) and raw HTTP
 //! (reqwest), and its admission chain against a tiny HTTPS webhook served here (certificates
 //! made by `openssl`). Every wait is bounded.
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
-mod support;
+use crate::support;
+use crate::support::kube_fake;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,11 @@
 //! Shared helpers of the end-to-end tests: the real `meshbridge` binary, real Envoys, tiny
 //! backends and a plain HTTP/1.1 client. Ports are chosen at run time on 127.0.0.1; every
 //! wait is bounded; every process is killed on drop.
-#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod ads_client;
+pub mod consul_fake;
+pub mod helm;
+pub mod kube_fake;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -916,12 +920,6 @@ pub enum TlsError {
     /// The handshake succeeded but no complete HTTP response came back (connection closed or
     /// reset without a TLS alert, or timed out).
     NoResponse(std::io::Error),
-}
-
-impl TlsError {
-    pub fn is_handshake(&self) -> bool {
-        matches!(self, TlsError::Handshake(_))
-    }
 }
 
 impl std::fmt::Display for TlsError {

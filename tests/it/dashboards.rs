@@ -12,9 +12,8 @@
 //! Queries are read by a small PromQL tokenizer: enough to find metric names, label matchers,
 //! grouping labels and the functions around a selector (counters must be read through
 //! `rate`/`increase`, gauges must not).
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

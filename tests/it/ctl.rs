@@ -1,9 +1,8 @@
 //! End to end: `meshbridge ctl` against the real `meshbridge run` with a real Envoy connected
 //! through `meshbridge bootstrap`. Every check runs the `meshbridge` binary as a user would
 //! and looks at what it prints and how it exits.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

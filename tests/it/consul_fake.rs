@@ -1,11 +1,8 @@
-//! Tests of the fake Consul agent itself (`tests/support/consul_fake.rs`): the JSON shapes,
+//! Tests of the fake Consul agent itself (`tests/it/support/consul_fake.rs`): the JSON shapes,
 //! headers, blocking-query semantics and failure modes it claims, seen through a real HTTP
 //! client. Every wait is bounded.
-#![allow(clippy::unwrap_used)]
 
-mod support {
-    pub mod consul_fake;
-}
+use crate::support;
 
 use std::time::{Duration, Instant};
 

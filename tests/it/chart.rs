@@ -1,8 +1,7 @@
 //! The Helm chart (`charts/meshbridge`): the real Helm SDK lints and renders it
-//! (`tests/support/helm_chart.py` under `.venv/bin/python`), the real `kubernetes-validate
+//! (`tests/it/support/helm_chart.py` under `.venv/bin/python`), the real `kubernetes-validate
 //! --strict` accepts every rendered document, and what the chart tells meshbridge to do is
 //! what the real binary accepts.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -13,10 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-#[path = "support/helm.rs"]
-mod helm;
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
+use crate::support::helm;
+use crate::support::kube_fake;
 
 use helm::{
     NAMESPACE, RELEASE, Rendered, chart_dir, helm, render, repo, run_bounded, text, venv_tool,

@@ -5,9 +5,8 @@
 //!
 //! Needs Chromium (`/usr/bin/chromium`, or `CHROMIUM_BIN`), Node.js and
 //! `tests/ui/node_modules`: `make test` installs them with `tests/ui/setup.sh`.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -2,13 +2,10 @@
 //! API fake through a kubeconfig, real Envoys, and (for registration) the Consul fake.
 //! Every test also checks that each request meshbridge made is granted by the ClusterRole
 //! the Helm chart ships.
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/consul_fake.rs"]
-mod consul_fake;
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
-mod support;
+use crate::support;
+use crate::support::consul_fake;
+use crate::support::kube_fake;
 
 use std::time::Duration;
 

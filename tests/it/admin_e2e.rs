@@ -3,11 +3,9 @@
 //! config an Envoy runs (fetched through meshbridge and compared with Envoy's own admin),
 //! log levels, the config diff, comparing two meshbridge instances, and the metrics the
 //! README promises (parsed by the Prometheus project's own Python parser).
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/consul_fake.rs"]
-mod consul_fake;
-mod support;
+use crate::support;
+use crate::support::consul_fake;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,9 +1,7 @@
 //! End to end with Consul: the real binary watching the Consul fake, configuring real Envoys.
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/consul_fake.rs"]
-mod consul_fake;
-mod support;
+use crate::support;
+use crate::support::consul_fake;
 
 use std::sync::Arc;
 use std::time::Duration;

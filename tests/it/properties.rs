@@ -1,9 +1,7 @@
 //! Invariants over generated meshes, through the real path: YAML manifests →
 //! `parse_manifests` → `Index` → `translate` → `snapshot::build`.
 
-#![allow(clippy::unwrap_used)]
-
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

@@ -3,9 +3,8 @@
 //! reach the real `meshbridge run --xds-tls-cert/--xds-tls-key/--xds-client-ca`; under
 //! `--xds-client-auth strict` a proxy whose certificate proves another service than its
 //! node claims is refused and counted, and under `permissive` it is served and counted.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -5,13 +5,10 @@
 //! the API gets the sidecar, and that sidecar's own arguments run a real Envoy that connects
 //! to meshbridge and carries a legacy host's traffic to the pod's application. Every wait is
 //! bounded; every process is killed on drop.
-#![allow(clippy::unwrap_used)]
 
-#[path = "support/helm.rs"]
-mod helm;
-#[path = "support/kube_fake.rs"]
-mod kube_fake;
-mod support;
+use crate::support;
+use crate::support::helm;
+use crate::support::kube_fake;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

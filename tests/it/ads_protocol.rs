@@ -1,10 +1,7 @@
 //! ADS protocol tests: a fake proxy talks SotW and delta xDS to meshbridge over real gRPC
 //! on 127.0.0.1. Every wait is bounded (see `support::ads_client::WAIT` and `QUIET`).
-#![allow(clippy::unwrap_used)]
 
-mod support {
-    pub mod ads_client;
-}
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

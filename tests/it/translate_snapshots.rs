@@ -5,9 +5,7 @@
 //! resources; each test also asserts the facts a user would notice, so that a wrong snapshot
 //! accepted by mistake still fails.
 
-#![allow(clippy::unwrap_used)]
-
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -1498,7 +1496,7 @@ fn h_access_rules_merge_into_enforced_rbac_over_strict_mtls() {
 }
 
 /// The identity filter's Lua program of `l`, run outside Envoy on `cases` by
-/// `tests/support/lua_identity.py` (Lua 5.4 with a `handle` of Envoy's Lua API).
+/// `tests/it/support/lua_identity.py` (Lua 5.4 with a `handle` of Envoy's Lua API).
 fn run_identity_filter(l: &Listener, cases: &serde_json::Value) -> Vec<serde_json::Value> {
     use envoy_types::pb::envoy::extensions::filters::http::lua::v3::Lua;
     let lua = hcm(l)
@@ -1521,7 +1519,10 @@ fn run_identity_filter(l: &Listener, cases: &serde_json::Value) -> Vec<serde_jso
     );
     std::fs::write(&script_file, script).unwrap();
     std::fs::write(&cases_file, cases.to_string()).unwrap();
-    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lua_identity.py");
+    let helper = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/support/lua_identity.py"
+    );
     let out = Command::new(support::venv_tool("python"))
         .args([
             helper.as_ref(),

@@ -102,7 +102,7 @@
 //! Everything is bounded: the history, the request log ([`LOG_CAP`] entries), request bodies
 //! ([`MAX_BODY`]), watch duration (`timeoutSeconds`, at most [`MAX_WATCH_TIMEOUT`]), and
 //! `stop()` ends every connection.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
@@ -740,11 +740,6 @@ impl FakeKube {
             .lock()
             .tokens
             .insert(token.to_string(), (user.to_string(), groups));
-    }
-
-    /// Forgets `token` (as when its ServiceAccount is deleted).
-    pub fn revoke_token(&self, token: &str) {
-        self.shared.lock().tokens.remove(token);
     }
 
     /// Lets `subject` (a username or group) use `verbs` on the non-resource `urls`, as a

@@ -1,8 +1,8 @@
 //! Lints and renders the Helm chart (`charts/meshbridge`) with the real Helm SDK, through
-//! `tests/support/helm_chart.py` under `.venv/bin/python`; every tool run is bounded.
+//! `tests/it/support/helm_chart.py` under `.venv/bin/python`; every tool run is bounded.
 //!
 //! Include it from a test crate with `#[path = "support/helm.rs"] mod helm;`.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -87,7 +87,7 @@ pub fn helm(command: &str, values_yaml: &str, sets: &[&str]) -> Output {
     let values = dir.path().join("values.yaml");
     std::fs::write(&values, values_yaml).unwrap();
     let mut cmd = Command::new(venv_tool("python"));
-    cmd.arg(repo().join("tests/support/helm_chart.py"))
+    cmd.arg(repo().join("tests/it/support/helm_chart.py"))
         .arg(command)
         .arg(chart_dir())
         .args(["--name", RELEASE, "--namespace", NAMESPACE])

@@ -1,8 +1,7 @@
 //! The CRDs on disk are what the binary generates and what Kubernetes accepts; the bootstrap
 //! for legacy hosts is accepted by a real Envoy.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,6 @@
 //! points the fuzzers drive (`meshbridge::fuzzing`): every input the fuzzers kept, and every
 //! crash they once found (added to the corpus when fixed), must parse or be refused without
 //! a panic. `make fuzz` grows the corpora; this runs in `make test` on the stable toolchain.
-#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 

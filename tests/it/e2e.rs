@@ -1,7 +1,6 @@
 //! End to end: the real `meshbridge` binary configuring real Envoys on 127.0.0.1.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

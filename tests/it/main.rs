@@ -1,0 +1,29 @@
+//! meshbridge's integration and end-to-end tests, one test binary: every file here is one
+//! area (its doc says what it covers); `support` is the one kit they share — the real
+//! `meshbridge` binary and real Envoys, the Consul and Kubernetes API fakes, the Helm
+//! renderer, an in-process ADS client and the manifest fixtures. One binary links the crate
+//! and its dependencies once instead of once per file.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+mod access_e2e;
+mod admin_e2e;
+mod ads_protocol;
+mod chart;
+mod consul_e2e;
+mod consul_fake;
+mod crds_and_bootstrap;
+mod ctl;
+mod dashboards;
+mod e2e;
+mod fuzz_corpora;
+mod inject;
+mod inject_e2e;
+mod kube_e2e;
+mod kube_fake;
+mod properties;
+mod translate_snapshots;
+mod ui_e2e;
+mod webhook;
+mod xds_identity_e2e;
