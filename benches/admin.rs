@@ -2,6 +2,8 @@
 //! and 5,000 connected proxies. The views are what the UI and `meshbridge ctl` fetch:
 //! the services list, one service's page (which scans every connected proxy's snapshot for
 //! dependents), the per-service digests a peer comparison reads, and `/metrics`.
+// A bench reads its knobs from the environment and runs one scenario top to bottom.
+#![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -4,6 +4,8 @@
 //! configuration, and the time one endpoint change takes to reach every stream.
 //!
 //! `STREAMS` (default 100) and `ADS_GROUPS` (default 50) size the run.
+// A bench reads its knobs from the environment and runs one scenario top to bottom.
+#![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

@@ -10,6 +10,8 @@
 //! of rotation (or, a round later, brings it back), so a service changes at most once every
 //! 50 s at the default rate and every new assignment of its cluster after the change belongs
 //! to that change.
+// A bench reads its knobs from the environment and runs one scenario top to bottom.
+#![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,8 @@
 //! Translate + encode for 1,000 services × 5 endpoints and 500 distinct proxy groups (10%
 //! with `"*"`), against the floor: encoding the same resources once, without translating;
 //! and what one endpoint change costs the snapshot cache with 5,000 groups connected.
+// A bench reads its knobs from the environment and runs one scenario top to bottom.
+#![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
 use std::hint::black_box;
 

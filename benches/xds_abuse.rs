@@ -13,6 +13,8 @@
 //! Each line reports how many attempts were served and refused, and the memory; the last,
 //! what stays resident once every stream is closed, and what the same attack costs again. The mesh is 200 services × 2 instances
 //! from `--config-dir`. `GROUPS` (3000) sizes the first attack.
+// A bench reads its knobs from the environment and runs one scenario top to bottom.
+#![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

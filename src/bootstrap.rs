@@ -149,6 +149,7 @@ pub const RE2_MAX_PROGRAM_SIZE: u32 = 1000;
 pub const XDS_CLUSTER: &str = "meshbridge_xds";
 
 /// Builds the bootstrap as a JSON value.
+#[allow(clippy::too_many_lines)] // the bootstrap document in Envoy's field order, one block per top-level field.
 pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
     if !crate::model::valid_service_name(&o.service) {
         return Err(BootstrapError::BadService(o.service.clone()));

@@ -96,7 +96,11 @@ fn find_envoy(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if venv.exists() {
         return Ok(venv);
     }
-    if let Some(paths) = std::env::var_os("PATH") {
+    // The demo looks Envoy up as a shell would; it is not `run`, whose environment is read
+    // in one place.
+    #[allow(clippy::disallowed_methods)]
+    let path = std::env::var_os("PATH");
+    if let Some(paths) = path {
         for dir in std::env::split_paths(&paths) {
             let p = dir.join("envoy");
             if p.exists() {
@@ -189,26 +193,11 @@ async fn get(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Runs the demo until Ctrl-C (or, with `--check`, until traffic is verified).
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    if !args.config_dir.is_dir() {
-        bail!(
-            "{} not found: run the demo from the repository root",
-            args.config_dir.display()
-        );
-    }
-    let envoy = find_envoy(args.envoy.clone())?;
-    let dir = std::env::temp_dir().join(format!("meshbridge-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-
-    for (service, instance, port, _) in APPS {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| format!("port {port} for {service} {instance} is taken"))?;
-        tokio::spawn(serve_app(listener, service.into(), instance.into()));
-    }
-
-    let run_args = RunArgs {
+/// The demo's control plane: `run`'s defaults, on loopback, with only the config directory
+/// as a source and short timings. (Spelled out rather than parsed, so that no
+/// `MESHBRIDGE_*` variable of the shell changes the demo.)
+fn control_plane_args(config_dir: &Path) -> RunArgs {
+    RunArgs {
         kube: KubeMode::Off,
         namespaces: vec![],
         leader_election_namespace: None,
@@ -218,7 +207,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         consul_sync_node: "meshbridge-k8s".into(),
         consul_sync_resync: 60,
         drain: 1000,
-        config_dir: Some(args.config_dir.clone()),
+        config_dir: Some(config_dir.to_path_buf()),
         config_poll: 500,
         consul_addr: None,
         consul_datacenters: vec![],
@@ -281,8 +270,76 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         xds_max_request_bytes: 4 << 20,
         xds_first_request_timeout: 10_000,
         external_ca_file: crate::model::DEFAULT_EXTERNAL_CA_FILE.into(),
-    };
-    let config = run_args.validate()?;
+    }
+}
+
+/// The demo's Envoys: frontend (egress only) and one beside each app instance with an
+/// ingress, each with its certificate.
+fn spawn_envoys(envoy: &Path, dir: &Path, xds_addr: &str) -> anyhow::Result<Vec<Child>> {
+    write_identities(dir, &["frontend", "orders"], "mesh.local")?;
+    let mut envoys = Vec::new();
+    let (tls_cert, tls_key, tls_ca) = identity(dir, "frontend");
+    envoys.push(spawn_envoy(
+        envoy,
+        dir,
+        &BootstrapOptions {
+            service: "frontend".into(),
+            node_id: "frontend-1".into(),
+            xds_addr: xds_addr.to_string(),
+            egress_port: Some(FRONTEND_EGRESS),
+            admin_port: 19901,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            ..Default::default()
+        },
+    )?);
+    for (i, (service, instance, app_port, ingress)) in APPS.iter().enumerate() {
+        if let Some(ingress) = ingress {
+            let (tls_cert, tls_key, tls_ca) = identity(dir, service);
+            envoys.push(spawn_envoy(
+                envoy,
+                dir,
+                &BootstrapOptions {
+                    service: service.to_string(),
+                    node_id: format!("{service}-{instance}"),
+                    xds_addr: xds_addr.to_string(),
+                    ingress_port: Some(*ingress),
+                    app_port: Some(*app_port),
+                    admin_port: 19902 + i as u16,
+                    tls_cert,
+                    tls_key,
+                    tls_ca,
+                    ..Default::default()
+                },
+            )?);
+        }
+    }
+    Ok(envoys)
+}
+
+/// Runs the demo until Ctrl-C (or, with `--check`, until traffic is verified).
+#[allow(clippy::too_many_lines)] // Most of it is the one message telling what runs and what to try.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if !args.config_dir.is_dir() {
+        bail!(
+            "{} not found: run the demo from the repository root",
+            args.config_dir.display()
+        );
+    }
+    let envoy = find_envoy(args.envoy.clone())?;
+    let dir = std::env::temp_dir().join(format!("meshbridge-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    for (service, instance, port, _) in APPS {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("port {port} for {service} {instance} is taken"))?;
+        tokio::spawn(serve_app(listener, service.into(), instance.into()));
+    }
+
+    let run_args = control_plane_args(&args.config_dir);
+    let config = run_args.validate(&crate::config::Environment::read())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let control_plane = tokio::spawn(crate::app::run(
@@ -295,45 +352,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let bound = bound_rx.await.context("control plane failed to start")?;
 
     let xds_addr = bound.xds.to_string();
-    write_identities(&dir, &["frontend", "orders"], "mesh.local")?;
-    let mut envoys = Vec::new();
-    let (tls_cert, tls_key, tls_ca) = identity(&dir, "frontend");
-    envoys.push(spawn_envoy(
-        &envoy,
-        &dir,
-        &BootstrapOptions {
-            service: "frontend".into(),
-            node_id: "frontend-1".into(),
-            xds_addr: xds_addr.clone(),
-            egress_port: Some(FRONTEND_EGRESS),
-            admin_port: 19901,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            ..Default::default()
-        },
-    )?);
-    for (i, (service, instance, app_port, ingress)) in APPS.iter().enumerate() {
-        if let Some(ingress) = ingress {
-            let (tls_cert, tls_key, tls_ca) = identity(&dir, service);
-            envoys.push(spawn_envoy(
-                &envoy,
-                &dir,
-                &BootstrapOptions {
-                    service: service.to_string(),
-                    node_id: format!("{service}-{instance}"),
-                    xds_addr: xds_addr.clone(),
-                    ingress_port: Some(*ingress),
-                    app_port: Some(*app_port),
-                    admin_port: 19902 + i as u16,
-                    tls_cert,
-                    tls_key,
-                    tls_ca,
-                    ..Default::default()
-                },
-            )?);
-        }
-    }
+    let envoys = spawn_envoys(&envoy, &dir, &xds_addr)?;
 
     let egress = SocketAddr::from(([127, 0, 0, 1], FRONTEND_EGRESS));
     let mut routed = None;

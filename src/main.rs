@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let config = match args.validate() {
+            let config = match args.validate(&config::Environment::read()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("meshbridge run: {e}");

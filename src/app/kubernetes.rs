@@ -15,10 +15,9 @@ use tracing::Instrument as _;
 use tracing::info;
 
 use super::ControlPlane;
-use crate::config::RunArgs;
+use crate::config::RunConfig;
 use crate::sources::consul::ConsulClient;
 use crate::sources::kube::{KubeContext, KubeStore, ObjectKey};
-use crate::status::lease::LeaseSettings;
 use crate::status::reconcile::StatusContext;
 use crate::webhook::server::ReloadingCert;
 
@@ -44,8 +43,7 @@ impl Kubernetes {
     pub(super) fn spawn(
         client: &Client,
         cp: &ControlPlane,
-        args: &RunArgs,
-        identity: &str,
+        config: &RunConfig,
         namespace_labels_too: bool,
         stop: watch::Receiver<bool>,
     ) -> Self {
@@ -67,20 +65,13 @@ impl Kubernetes {
         tokio::spawn(
             crate::sources::kube::run(
                 client.clone(),
-                args.namespaces.clone(),
+                config.namespaces.clone(),
                 namespace_labels_too,
                 ctx,
             )
             .instrument(tracing::info_span!("source", kind = "kubernetes")),
         );
-        let lease = LeaseSettings {
-            namespace: args.leader_election_namespace.clone().unwrap_or_else(|| {
-                std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_string())
-            }),
-            name: args.leader_election_name.clone(),
-            identity: identity.to_string(),
-            duration: std::time::Duration::from_secs(args.lease_duration),
-        };
+        let lease = config.lease.clone();
         {
             let (metrics, mut leader) = (cp.metrics.clone(), leader.clone());
             tokio::spawn(async move {
@@ -101,11 +92,11 @@ impl Kubernetes {
             cp.published_view.subscribe(),
             registration_errors_rx,
             cp.metrics.clone(),
-            identity,
+            &config.identity,
         ));
         tokio::spawn(run_status(
             status,
-            args.namespaces.clone(),
+            config.namespaces.clone(),
             epoch.clone(),
             leader.clone(),
             cp.ready.clone(),
@@ -125,7 +116,7 @@ impl Kubernetes {
     pub(super) fn spawn_consul_registration(
         &mut self,
         client: ConsulClient,
-        args: &RunArgs,
+        settings: crate::consul_sync::SyncSettings,
         cp: &ControlPlane,
     ) {
         let Some(errors) = self.registration_errors.take() else {
@@ -140,10 +131,6 @@ impl Kubernetes {
             metrics: cp.metrics.clone(),
             index: cp.index.clone(),
         };
-        let settings = crate::consul_sync::SyncSettings {
-            node: args.consul_sync_node.clone(),
-            resync: std::time::Duration::from_secs(args.consul_sync_resync),
-        };
         tokio::spawn(crate::consul_sync::run(client, settings, sync));
     }
 }
@@ -152,21 +139,10 @@ impl Kubernetes {
 /// configurations (`--webhook-self-managed`).
 pub(super) fn spawn_webhook_certificate(
     client: &Client,
-    args: &RunArgs,
-    namespace: &str,
+    self_managed: crate::webhook::certs::SelfManaged,
     cert: Arc<ReloadingCert>,
     stop: watch::Receiver<bool>,
 ) {
-    let self_managed = crate::webhook::certs::SelfManaged {
-        namespace: namespace.to_string(),
-        secret: args.webhook_secret.clone(),
-        dns_names: crate::webhook::certs::SelfManaged::service_names(
-            &args.webhook_service,
-            namespace,
-        ),
-        mutating: args.webhook_mutating_configuration.clone(),
-        validating: args.webhook_validating_configuration.clone(),
-    };
     tokio::spawn(crate::webhook::certs::run(
         client.clone(),
         self_managed,

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::{KubeMode, RunConfig};
+use crate::config::{RunConfig, WebhookCertificate};
 use crate::sources::kube::KubeStore;
+use crate::webhook::server::ReloadingCert;
 use kubernetes::Kubernetes;
 pub use publish::{ControlPlane, Debouncer};
 use servers::{Listeners, WebhookInputs};
@@ -47,91 +48,32 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<BoundAddrs>>,
 ) -> anyhow::Result<()> {
     let cp = Arc::new(ControlPlane::new(&config));
-    let args = &config.args;
     // Turns true at shutdown: the lease is released, ADS stops taking streams.
     let (stop_tx, stop) = watch::channel(false);
     // Turns true after the drain: the admin server (`/readyz` answers 503 meanwhile) and
     // the webhook (the API server can still reach it while the Service forgets this replica).
     let (late_stop_tx, late_stop) = watch::channel(false);
 
-    let webhook_cert = match &args.webhook_cert_dir {
-        Some(dir) => Some(Arc::new(
-            crate::webhook::server::ReloadingCert::new(dir)
-                .map_err(|e| BadConfig(format!("--webhook-cert-dir: {e}")))?,
-        )),
-        // Filled in by the self-managed loop once the Kubernetes client exists.
-        None if args.webhook_self_managed => {
-            Some(Arc::new(crate::webhook::server::ReloadingCert::empty()))
-        }
-        None => {
-            info!("admission webhook off (no --webhook-cert-dir or --webhook-self-managed)");
-            None
-        }
-    };
+    let webhook_cert = webhook_certificate(&config)?;
     // Files the servers need, read before anything starts: a bad one fails the start.
     let xds_tls = servers::xds_tls(&config, stop.clone())?;
-    let kube_client = match args.kube {
-        KubeMode::Off => None,
-        KubeMode::Auto => crate::sources::kube::client_from_environment()
-            .await
-            .map_err(|e| BadConfig(format!("--kube auto: {e:#}")))?,
-    };
-    let admin_auth = servers::admin_auth(args, kube_client.as_ref())?;
+    let kube_client = crate::sources::kube::client_for(&config.kube)
+        .await
+        .map_err(|e| BadConfig(format!("--kube auto: {e:#}")))?;
+    let admin_auth = servers::admin_auth(&config.admin, kube_client.as_ref())?;
     if kube_client.is_none() {
         info!("no Kubernetes source (--kube off, or neither in a cluster nor KUBECONFIG set)");
     }
-    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "meshbridge".into());
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let name = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
-        format!("{name}_{}", std::process::id())
-    });
 
     // Sources.
-    let mut kube = match &kube_client {
-        Some(client) => {
-            if let (true, Some(cert)) = (args.webhook_self_managed, &webhook_cert) {
-                kubernetes::spawn_webhook_certificate(
-                    client,
-                    args,
-                    &namespace,
-                    cert.clone(),
-                    stop.clone(),
-                );
-            }
-            Some(Kubernetes::spawn(
-                client,
-                &cp,
-                args,
-                &identity,
-                webhook_cert.is_some(),
-                stop.clone(),
-            ))
-        }
-        None if args.webhook_self_managed => {
-            return Err(BadConfig(
-                "--webhook-self-managed keeps its certificate in Kubernetes: it needs --kube auto with a cluster or KUBECONFIG".into(),
-            )
-            .into());
-        }
-        None => None,
-    };
-    if let Some(dir) = &args.config_dir {
-        sources::spawn_config_dir(&cp, dir, config.config_poll).await?;
-    }
-    if let Some(addr) = &args.consul_addr {
-        let (client, settings) = sources::consul_client(args, addr)?;
-        if let Some(k) = kube.as_mut() {
-            k.spawn_consul_registration(client.clone(), args, &cp);
-        }
-        let own_node = kube.as_ref().map(|_| args.consul_sync_node.clone());
-        sources::spawn_consul(&cp, args, client, settings, own_node);
-    }
+    let mut kube = start_kubernetes(&cp, &config, kube_client.as_ref(), &webhook_cert, &stop)?;
+    start_sources(&cp, &config, kube.as_mut()).await?;
 
     // The publisher: the first state is published before any proxy can connect.
     publish::spawn(cp.clone(), config.debounce).await;
 
     // Servers.
-    let listeners = Listeners::bind(args, webhook_cert.is_some()).await?;
+    let listeners = Listeners::bind(&config.listen, webhook_cert.is_some()).await?;
     let addrs = listeners.addrs()?;
     let Listeners {
         xds,
@@ -150,8 +92,7 @@ pub async fn run(
         };
         servers::spawn_webhook(
             &cp,
-            args,
-            &namespace,
+            &config.webhook,
             listener,
             cert,
             inputs,
@@ -164,8 +105,8 @@ pub async fn run(
     let draining = Arc::new(AtomicBool::new(false));
     let admin = servers::spawn_admin(
         &cp,
-        args,
-        &identity,
+        &config.admin,
+        config.xds.client_auth,
         (admin, admin_local),
         admin_auth,
         draining.clone(),
@@ -180,9 +121,9 @@ pub async fn run(
     }
 
     shutdown.await;
-    let drain = std::time::Duration::from_millis(args.drain);
+    let drain = config.drain;
     info!(
-        drain_ms = args.drain,
+        drain_ms = drain.as_millis(),
         "shutting down: refusing new streams, draining existing ones"
     );
     draining.store(true, Ordering::Release);
@@ -198,13 +139,81 @@ pub async fn run(
     Ok(())
 }
 
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+/// The webhook's certificate: read from `--webhook-cert-dir` (a bad one fails the start), or
+/// empty until the self-managed loop fills it; `None` when the webhook is off.
+fn webhook_certificate(config: &RunConfig) -> Result<Option<Arc<ReloadingCert>>, BadConfig> {
+    Ok(match &config.webhook.certificate {
+        Some(WebhookCertificate::Dir(dir)) => {
+            Some(Arc::new(ReloadingCert::new(dir).map_err(|e| {
+                BadConfig(format!("--webhook-cert-dir: {e}"))
+            })?))
+        }
+        Some(WebhookCertificate::SelfManaged(_)) => Some(Arc::new(ReloadingCert::empty())),
+        None => {
+            info!("admission webhook off (no --webhook-cert-dir or --webhook-self-managed)");
+            None
+        }
+    })
+}
+
+/// The Kubernetes side, with a client: watchers, Lease, status, and the self-managed webhook
+/// certificate. Without a client, self-managed certificates cannot work (a start error).
+fn start_kubernetes(
+    cp: &ControlPlane,
+    config: &RunConfig,
+    client: Option<&kube::Client>,
+    webhook_cert: &Option<Arc<ReloadingCert>>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<Kubernetes>, BadConfig> {
+    let self_managed = match &config.webhook.certificate {
+        Some(WebhookCertificate::SelfManaged(s)) => Some(s),
+        _ => None,
+    };
+    let Some(client) = client else {
+        return match self_managed {
+            Some(_) => Err(BadConfig(
+                "--webhook-self-managed keeps its certificate in Kubernetes: it needs --kube auto with a cluster or KUBECONFIG".into(),
+            )),
+            None => Ok(None),
+        };
+    };
+    if let (Some(self_managed), Some(cert)) = (self_managed, webhook_cert) {
+        kubernetes::spawn_webhook_certificate(
+            client,
+            self_managed.clone(),
+            cert.clone(),
+            stop.clone(),
+        );
+    }
+    Ok(Some(Kubernetes::spawn(
+        client,
+        cp,
+        config,
+        webhook_cert.is_some(),
+        stop.clone(),
+    )))
+}
+
+/// The config directory (scanned once before anything is served) and Consul (with the
+/// registration of Kubernetes instances into it when there is a Kubernetes side).
+async fn start_sources(
+    cp: &ControlPlane,
+    config: &RunConfig,
+    mut kube: Option<&mut Kubernetes>,
+) -> anyhow::Result<()> {
+    if let Some((dir, poll)) = &config.config_dir {
+        sources::spawn_config_dir(cp, dir, *poll).await?;
+    }
+    if let Some(consul) = &config.consul {
+        let client = crate::sources::consul::ConsulClient::new(&consul.settings)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let own_node = kube.as_ref().map(|_| config.consul_sync.node.clone());
+        if let Some(k) = kube.as_mut() {
+            k.spawn_consul_registration(client.clone(), config.consul_sync.clone(), cp);
+        }
+        sources::spawn_consul(cp, consul, client, own_node);
+    }
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

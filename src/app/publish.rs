@@ -42,7 +42,7 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub(super) fn new(config: &RunConfig) -> Self {
         let index = IndexHandle::new();
-        index.update(|i| i.set_consul_owners(config.args.consul_services_owned_by.clone()));
+        index.update(|i| i.set_consul_owners(config.consul_owners.clone()));
         let metrics = Arc::new(Metrics::new());
         let sources = Arc::new(SourceStatuses::default());
         sources.attach_metrics(metrics.clone());

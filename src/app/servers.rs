@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{BoundAddrs, ControlPlane};
 use crate::admin::{self, AdminState};
-use crate::config::{RunArgs, RunConfig};
+use crate::config::{AdminConfig, Listen, RunConfig, WebhookConfig};
 use crate::sources::kube::KubeStore;
 use crate::webhook::server::ReloadingCert;
 use crate::xds::conn::{XdsTls, incoming};
@@ -28,14 +28,14 @@ pub(super) struct Listeners {
 
 impl Listeners {
     /// Binds `--xds-addr`, `--admin-addr` and, when the webhook is on, `--webhook-addr`.
-    pub(super) async fn bind(args: &RunArgs, webhook: bool) -> anyhow::Result<Self> {
-        let xds = TcpListener::bind(args.xds_addr)
+    pub(super) async fn bind(listen: &Listen, webhook: bool) -> anyhow::Result<Self> {
+        let xds = TcpListener::bind(listen.xds)
             .await
-            .with_context(|| format!("--xds-addr {}: cannot listen", args.xds_addr))?;
-        let admin = TcpListener::bind(args.admin_addr)
+            .with_context(|| format!("--xds-addr {}: cannot listen", listen.xds))?;
+        let admin = TcpListener::bind(listen.admin)
             .await
-            .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
-        let admin_local = match args.admin_local_addr {
+            .with_context(|| format!("--admin-addr {}: cannot listen", listen.admin))?;
+        let admin_local = match listen.admin_local {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
@@ -45,11 +45,9 @@ impl Listeners {
         };
         let webhook = if webhook {
             Some(
-                TcpListener::bind(args.webhook_addr)
+                TcpListener::bind(listen.webhook)
                     .await
-                    .with_context(|| {
-                        format!("--webhook-addr {}: cannot listen", args.webhook_addr)
-                    })?,
+                    .with_context(|| format!("--webhook-addr {}: cannot listen", listen.webhook))?,
             )
         } else {
             None
@@ -78,15 +76,14 @@ pub(super) fn xds_tls(
     config: &RunConfig,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<XdsTls>> {
-    let args = &config.args;
-    let (Some(cert), Some(key)) = (&args.xds_tls_cert, &args.xds_tls_key) else {
+    let Some(files) = &config.xds.tls else {
         return Ok(None);
     };
     let reloading = Arc::new(
-        ReloadingCert::from_files(cert, key)
+        ReloadingCert::from_files(&files.cert, &files.key)
             .map_err(|e| super::BadConfig(format!("--xds-tls-cert/--xds-tls-key: {e}")))?,
     );
-    let client_ca = match &args.xds_client_ca {
+    let client_ca = match &files.client_ca {
         Some(path) => Some(Arc::new(
             crate::tls::ReloadingClientCa::from_file(path)
                 .map_err(|e| super::BadConfig(format!("--xds-client-ca: {e}")))?,
@@ -110,17 +107,17 @@ pub(super) fn xds_tls(
 /// naming the flag when it does not load), and the Kubernetes API with
 /// `--admin-kubernetes-auth` (fails when there is no Kubernetes client).
 pub(super) fn admin_auth(
-    args: &RunArgs,
+    config: &AdminConfig,
     kube: Option<&kube::Client>,
 ) -> anyhow::Result<admin::auth::AdminAuth> {
-    let tokens = match &args.admin_token_file {
+    let tokens = match &config.token_file {
         Some(path) => Some(
             admin::auth::TokenFile::new(path)
                 .map_err(|e| super::BadConfig(format!("--admin-token-file: {e}")))?,
         ),
         None => None,
     };
-    let kube = match (args.admin_kubernetes_auth, kube) {
+    let kube = match (config.kubernetes_auth, kube) {
         (false, _) => None,
         (true, Some(client)) => Some(admin::kube_auth::KubeAuth::new(
             client.clone(),
@@ -145,24 +142,23 @@ pub(super) fn spawn_xds(
     tls: Option<XdsTls>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let args = &config.args;
     info!(
         tls = tls.is_some(),
-        client_auth = ?args.xds_client_auth,
+        client_auth = ?config.xds.client_auth,
         "xDS server"
     );
     let ctx = Arc::new(XdsContext {
         cache: cp.cache.clone(),
         registry: cp.registry.clone(),
         metrics: cp.metrics.clone(),
-        control_plane: format!("meshbridge/{}", super::hostname()),
-        limits: config.xds_limits.clone(),
-        client_auth: args.xds_client_auth,
+        control_plane: format!("meshbridge/{}", config.hostname),
+        limits: config.xds.limits.clone(),
+        client_auth: config.xds.client_auth,
     });
     tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
+            .max_concurrent_streams(Some(config.xds.max_streams_per_connection))
             .add_service(AdsService::new(ctx).into_server())
             .serve_with_incoming_shutdown(incoming(listener, tls), async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -174,8 +170,8 @@ pub(super) fn spawn_xds(
 /// turns true, and checks the peer instances every `--peer-check-interval`.
 pub(super) fn spawn_admin(
     cp: &ControlPlane,
-    args: &RunArgs,
-    identity: &str,
+    config: &AdminConfig,
+    client_auth: crate::xds::ClientAuth,
     (listener, local): (TcpListener, Option<TcpListener>),
     auth: admin::auth::AdminAuth,
     draining: Arc<AtomicBool>,
@@ -183,17 +179,13 @@ pub(super) fn spawn_admin(
 ) -> JoinHandle<()> {
     let admin_state = AdminState {
         auth: Arc::new(auth),
-        metrics_auth: args.admin_metrics_auth,
-        diagnostics_need_identity: args.xds_client_auth != crate::xds::ClientAuth::None,
+        metrics_auth: config.metrics_auth,
+        diagnostics_need_identity: client_auth != crate::xds::ClientAuth::None,
         ready: cp.ready.clone(),
         draining,
         changes: cp.changes.clone(),
-        diagnostics_timeout: std::time::Duration::from_millis(args.diagnostics_timeout),
-        peers: Arc::new(admin::compare::PeerSettings {
-            urls: args.peers.clone(),
-            dns: args.peers_dns.clone(),
-            instance: identity.to_string(),
-        }),
+        diagnostics_timeout: config.diagnostics_timeout,
+        peers: Arc::new(config.peers.clone()),
         ..AdminState::new(
             cp.cache.clone(),
             cp.registry.clone(),
@@ -201,10 +193,10 @@ pub(super) fn spawn_admin(
             cp.metrics.clone(),
         )
     };
-    if args.peer_check_interval > 0 {
+    if let Some(every) = config.peer_check_interval {
         tokio::spawn(admin::compare::check_periodically(
             admin_state.clone(),
-            std::time::Duration::from_secs(args.peer_check_interval),
+            every,
         ));
     }
     let router = admin::router(admin_state);
@@ -240,21 +232,20 @@ pub(super) struct WebhookInputs<'a> {
 /// Serves the admission webhook on `listener` with `cert` until `stop` turns true.
 pub(super) async fn spawn_webhook(
     cp: &ControlPlane,
-    args: &RunArgs,
-    namespace: &str,
+    config: &WebhookConfig,
     listener: TcpListener,
     cert: Arc<ReloadingCert>,
     inputs: WebhookInputs<'_>,
     stop: watch::Receiver<bool>,
 ) {
     // Native sidecars where the cluster runs them; a regular container before 1.29.
-    let mut native_sidecars_supported = true;
-    if let (Some(client), false) = (inputs.client, args.no_native_sidecar) {
+    let mut settings = config.inject.clone();
+    if let (Some(client), true) = (inputs.client, settings.native_sidecar) {
         match client.apiserver_version().await {
             Ok(v) => {
-                native_sidecars_supported =
+                settings.native_sidecar =
                     crate::webhook::inject::supports_native_sidecars(&v.major, &v.minor);
-                if !native_sidecars_supported {
+                if !settings.native_sidecar {
                     info!(version = %v.git_version, "Kubernetes before 1.29: sidecars are injected as regular containers");
                 }
             }
@@ -263,32 +254,10 @@ pub(super) async fn spawn_webhook(
             }
         }
     }
-    let settings = crate::webhook::InjectSettings {
-        image: args.sidecar_image.clone(),
-        init_image: args.sidecar_init_image.clone(),
-        xds_addr: args
-            .sidecar_xds_addr
-            .clone()
-            .unwrap_or_else(|| format!("meshbridge-xds.{namespace}.svc:18000")),
-        log_level: args.sidecar_log_level.clone(),
-        native_sidecar: !args.no_native_sidecar && native_sidecars_supported,
-        cpu: args.sidecar_cpu.clone(),
-        memory: args.sidecar_memory.clone(),
-        memory_limit: args.sidecar_memory_limit.clone(),
-        ingress_port: args.sidecar_ingress_port,
-        egress_port: args.sidecar_egress_port,
-        admin_port: args.sidecar_admin_port,
-        ready_port: args.sidecar_ready_port,
-        diagnostics_port: (args.sidecar_diagnostics_port != 0)
-            .then_some(args.sidecar_diagnostics_port),
-        diagnostics_allow: args.sidecar_diagnostics_allow.clone(),
-        tls_secret: args.sidecar_tls_secret.clone(),
-        xds_tls: args.sidecar_xds_tls,
-    };
     let state = crate::webhook::server::WebhookState {
         settings: Arc::new(settings),
         store: inputs.store,
-        fail_closed: args.inject_fail_closed,
+        fail_closed: config.fail_closed,
         synced: inputs.synced,
         metrics: cp.metrics.clone(),
         index: cp.index.clone(),

@@ -8,10 +8,8 @@ use anyhow::Context;
 use tracing::warn;
 
 use super::ControlPlane;
-use crate::config::RunArgs;
-use crate::sources::consul::{
-    ConsulClient, ConsulContext, ConsulSettings, HealthPolicy, watch_datacenter,
-};
+use crate::config::ConsulConfig;
+use crate::sources::consul::{ConsulClient, ConsulContext, watch_datacenter};
 use crate::sources::files::ConfigDirSource;
 use tracing::Instrument as _;
 
@@ -43,45 +41,23 @@ pub(super) async fn spawn_config_dir(
     Ok(())
 }
 
-/// The Consul client for `--consul-*`, and the settings it was made from.
-pub(super) fn consul_client(
-    args: &RunArgs,
-    addr: &str,
-) -> anyhow::Result<(ConsulClient, ConsulSettings)> {
-    let settings = ConsulSettings {
-        addr: addr.to_string(),
-        datacenters: args.consul_datacenters.clone(),
-        token_file: args.consul_token_file.clone(),
-        ca_file: args.consul_ca_file.clone(),
-        health: if args.consul_include_warning {
-            HealthPolicy::PassingAndWarning
-        } else {
-            HealthPolicy::PassingOnly
-        },
-        wait: std::time::Duration::from_millis(args.consul_wait),
-        max_connections: args.consul_max_connections,
-    };
-    let client = ConsulClient::new(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((client, settings))
-}
-
 /// Watches every configured datacenter (or the agent's own, once learnt). `own_node` is the
 /// node Kubernetes instances are registered on, whose instances are not read back.
 pub(super) fn spawn_consul(
     cp: &ControlPlane,
-    args: &RunArgs,
+    config: &ConsulConfig,
     client: ConsulClient,
-    settings: ConsulSettings,
     own_node: Option<String>,
 ) {
+    let settings = config.settings.clone();
     let ctx = ConsulContext {
         index: cp.index.clone(),
         statuses: cp.sources.clone(),
         metrics: cp.metrics.clone(),
         health: settings.health,
-        flap_hold: std::time::Duration::from_millis(args.consul_flap_hold),
+        flap_hold: config.flap_hold,
         own_node,
-        confirm_removal: std::time::Duration::from_millis(args.consul_confirm_removal),
+        confirm_removal: config.confirm_removal,
     };
     // Registered before any request, so /readyz waits for every datacenter.
     let pending = "consul:(agent datacenter)";

@@ -197,6 +197,7 @@ impl Index {
     /// `--consul-services-owned-by`. A rule for a service nobody knows yet is kept (it
     /// protects nothing until the service appears, and is judged again then). The
     /// operator's manifests' rules protect anything.
+    #[allow(clippy::too_many_lines)] // one pass over every declaration; its maps are the pass's working state.
     pub fn build_full(&self) -> (MeshState, Vec<NameConflict>, Vec<ForeignRule>) {
         let mut declarations: BTreeMap<&str, Vec<&ServiceDeclaration>> = BTreeMap::new();
         let mut discovered: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();

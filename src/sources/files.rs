@@ -442,6 +442,7 @@ impl ConfigDirSource {
 
     /// [`Self::scan`], reading at once the files in `complete` (their writer is known to be
     /// done: renamed into place or closed after writing) even if they changed just now.
+    #[allow(clippy::too_many_lines)] // one directory pass (list, stat, read, parse, apply) over maps the steps share.
     pub fn scan_with(
         &mut self,
         index: &super::IndexHandle,

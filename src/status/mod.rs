@@ -62,6 +62,7 @@ fn errors_text(errors: &[crate::index::convert::FieldError]) -> String {
 }
 
 /// The status a MeshService should have.
+#[allow(clippy::too_many_lines)] // one block per condition, in the order they appear in the status.
 pub fn mesh_service_status(
     entry: &ServiceEntry,
     pods: &PodCounts,

@@ -381,6 +381,7 @@ pub fn ingress_resources(
 
 /// The egress listener, its route configuration, the external-domain clusters, and the
 /// names of the mesh clusters it routes to.
+#[allow(clippy::too_many_lines)] // the egress listener and its routes, built together so that route and cluster names agree.
 pub fn egress_resources(
     state: &MeshState,
     settings: &MeshSettings,

@@ -269,6 +269,7 @@ pub fn service_name(meta: &ObjectMeta, found: Option<&str>) -> Option<String> {
 
 /// Injects the sidecar into a pod template (`meta` and `spec` of a Pod, or of a workload's
 /// `spec.template`). `found_service` is the MeshService selecting the pod, if known.
+#[allow(clippy::too_many_lines)] // the order a sidecar is assembled in; each step is a named builder, and splitting the glue left would only pass the pod from hand to hand.
 pub fn inject(
     meta: &mut ObjectMeta,
     spec: &mut PodSpec,

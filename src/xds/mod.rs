@@ -344,6 +344,7 @@ impl Drop for StreamGuard {
     }
 }
 
+#[allow(clippy::too_many_lines)] // the stream's one select loop; its arms share the stream's state (pending requests, versions, subscriptions).
 async fn drive<P: Protocol>(
     ctx: Arc<XdsContext>,
     mut proto: P,

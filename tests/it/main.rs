@@ -3,7 +3,14 @@
 //! `meshbridge` binary and real Envoys, the Consul and Kubernetes API fakes, the Helm
 //! renderer, an in-process ADS client and the manifest fixtures. One binary links the crate
 //! and its dependencies once instead of once per file.
-#![allow(clippy::unwrap_used)]
+// A test is a scenario read top to bottom, and it reads its environment (ENVOY_BIN, tools)
+// where it needs it: the program's limits on function length and environment reads do not
+// apply here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::too_many_lines,
+    clippy::disallowed_methods
+)]
 
 mod support;
 

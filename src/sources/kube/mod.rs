@@ -7,6 +7,7 @@
 
 pub mod store;
 
+use crate::config::KubeSource;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
@@ -113,6 +114,7 @@ struct StreamId {
 /// Runs the watchers (cluster-wide, or one set per namespace in `namespaces`) until the
 /// process ends. With `namespace_labels_too`, namespaces' labels are watched too (metadata
 /// only; the injection webhook reads `meshbridge.io/inject`).
+#[allow(clippy::too_many_lines)] // every watcher is declared here, so the set of streams reads at a glance.
 pub async fn run(
     client: Client,
     namespaces: Vec<String>,
@@ -332,22 +334,29 @@ fn handle(
     }
 }
 
-/// Builds a client for `--kube auto`: in-cluster configuration when running in a pod, else
-/// the file `KUBECONFIG` names. `None` when neither is present (no Kubernetes source).
-pub async fn client_from_environment() -> anyhow::Result<Option<Client>> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let kubeconfig = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
-    if !in_cluster && kubeconfig.is_none() {
-        return Ok(None);
-    }
-    let config = if in_cluster {
-        kube::Config::incluster()
-            .map_err(|e| anyhow::anyhow!("in-cluster Kubernetes configuration: {e}"))?
-    } else {
-        let options = kube::config::KubeConfigOptions::default();
-        kube::Config::from_kubeconfig(&options)
-            .await
-            .map_err(|e| anyhow::anyhow!("KUBECONFIG {:?}: {e}", kubeconfig.unwrap_or_default()))?
+/// Builds the client `source` names: in-cluster configuration in a pod, else the files of
+/// `KUBECONFIG` (merged in order, as kubectl does). `None` without a Kubernetes source.
+pub async fn client_for(source: &KubeSource) -> anyhow::Result<Option<Client>> {
+    let config = match source {
+        KubeSource::Off => return Ok(None),
+        KubeSource::InCluster => kube::Config::incluster()
+            .map_err(|e| anyhow::anyhow!("in-cluster Kubernetes configuration: {e}"))?,
+        KubeSource::Kubeconfig(files) => {
+            let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("KUBECONFIG {files:?}: {e}");
+            let mut merged: Option<kube::config::Kubeconfig> = None;
+            for path in std::env::split_paths(files) {
+                let one = kube::config::Kubeconfig::read_from(&path).map_err(|e| bad(&e))?;
+                merged = Some(match merged {
+                    Some(m) => m.merge(one).map_err(|e| bad(&e))?,
+                    None => one,
+                });
+            }
+            let merged = merged.ok_or_else(|| bad(&"no file"))?;
+            let options = kube::config::KubeConfigOptions::default();
+            kube::Config::from_custom_kubeconfig(merged, &options)
+                .await
+                .map_err(|e| bad(&e))?
+        }
     };
     let client = Client::try_from(config).map_err(|e| anyhow::anyhow!("Kubernetes client: {e}"))?;
     Ok(Some(client))

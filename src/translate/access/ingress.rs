@@ -64,6 +64,7 @@ pub struct Ingress {
 
 /// Builds the ingress of `spec`: a listener on its port for the application on
 /// `127.0.0.1:app_port` (the local application cluster is built elsewhere).
+#[allow(clippy::too_many_lines)] // one listener, its filter chains built in the order Envoy applies them.
 pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Ingress {
     let group = spec;
     let mode = state
