@@ -15,10 +15,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::AdminState;
 use super::changes::{AuditEntry, requester};
+use super::views::{ConfigDiffView, ErrorView, LogLevelView, ResourceError, TypeDiff};
 use crate::metrics::labels;
 use crate::snapshot::{ResourceType, Snapshot};
 use crate::xds::registry::ProxyStatus;
@@ -28,7 +29,7 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        (self.0, Json(ErrorView { error: self.1 })).into_response()
     }
 }
 
@@ -370,9 +371,13 @@ pub async fn logging(
             format!("log level change interrupted: {e}"),
         )
     })??;
-    Ok(Json(
-        json!({"node": node, "level": level, "logger": q.logger, "admin": admin, "output": body}),
-    )
+    Ok(Json(LogLevelView {
+        admin,
+        level,
+        logger: q.logger,
+        node,
+        output: body,
+    })
     .into_response())
 }
 
@@ -578,68 +583,63 @@ pub fn envoy_holds(dump: &Value, t: ResourceType) -> EnvoyHolds {
     holds
 }
 
-/// Short name of a type, as in the metrics.
-pub fn short(t: ResourceType) -> &'static str {
-    match t {
-        ResourceType::Cluster => "cds",
-        ResourceType::Endpoint => "eds",
-        ResourceType::Listener => "lds",
-        ResourceType::Route => "rds",
+/// Compares the snapshot a proxy's group gets with the proxy's config dump (pure).
+pub fn config_diff(proxy: &ProxyStatus, snap: &Snapshot, dump: &Value) -> ConfigDiffView {
+    let types: Vec<TypeDiff> = ResourceType::ALL
+        .into_iter()
+        .map(|t| type_diff(proxy, snap, dump, t))
+        .collect();
+    let in_sync = types.iter().all(|t| {
+        t.only_sent.is_empty()
+            && t.only_envoy.is_empty()
+            && t.warming.is_empty()
+            && t.errors.is_empty()
+            && t.sent_version == t.acked_version
+            && t.nack.is_none()
+    });
+    ConfigDiffView {
+        in_sync,
+        mode: proxy.mode.to_string(),
+        node: proxy.node.clone(),
+        types,
     }
 }
 
-/// Compares the snapshot a proxy's group gets with the proxy's config dump (pure).
-pub fn config_diff(proxy: &ProxyStatus, snap: &Snapshot, dump: &Value) -> Value {
-    let mut in_sync = true;
-    let types: Vec<Value> = ResourceType::ALL
-        .into_iter()
-        .map(|t| {
-            let sent: BTreeSet<String> = snap.resources(t).keys().cloned().collect();
-            let holds = envoy_holds(dump, t);
-            let status = proxy.types.get(t.type_url());
-            let only_sent: Vec<&String> = sent
-                .iter()
-                .filter(|n| !holds.active.contains(*n) && !holds.warming.contains(*n))
-                .collect();
-            let only_envoy: Vec<&String> = holds.active.difference(&sent).collect();
-            let errors: Vec<Value> = holds
-                .errors
-                .iter()
-                .map(|(name, details)| json!({"name": name, "details": details}))
-                .collect();
-            let sent_version = status.and_then(|s| s.sent.clone());
-            let acked_version = status.and_then(|s| s.acked.clone());
-            let nack = status.and_then(|s| s.nack.clone());
-            if !only_sent.is_empty()
-                || !only_envoy.is_empty()
-                || !holds.warming.is_empty()
-                || !errors.is_empty()
-                || sent_version != acked_version
-                || nack.is_some()
-            {
-                in_sync = false;
-            }
-            json!({
-                "type": short(t),
-                "type_url": t.type_url(),
-                "sent_version": sent_version,
-                "acked_version": acked_version,
-                "nack": nack,
-                "sent": sent.len(),
-                "envoy": holds.active.len(),
-                "only_sent": only_sent,
-                "only_envoy": only_envoy,
-                "warming": holds.warming,
-                "errors": errors,
+/// What meshbridge sent of type `t` against what the config dump says Envoy holds.
+fn type_diff(proxy: &ProxyStatus, snap: &Snapshot, dump: &Value, t: ResourceType) -> TypeDiff {
+    let sent: BTreeSet<String> = snap.resources(t).keys().cloned().collect();
+    let holds = envoy_holds(dump, t);
+    let status = proxy.types.get(t.type_url());
+    TypeDiff {
+        acked_version: status.and_then(|s| s.acked.clone()),
+        envoy: holds.active.len(),
+        errors: holds
+            .errors
+            .iter()
+            .map(|(name, details)| ResourceError {
+                details: details.clone(),
+                name: name.clone(),
             })
-        })
-        .collect();
-    json!({"node": proxy.node, "mode": proxy.mode, "in_sync": in_sync, "types": types})
+            .collect(),
+        nack: status.and_then(|s| s.nack.clone()),
+        only_envoy: holds.active.difference(&sent).cloned().collect(),
+        only_sent: sent
+            .iter()
+            .filter(|n| !holds.active.contains(*n) && !holds.warming.contains(*n))
+            .cloned()
+            .collect(),
+        sent: sent.len(),
+        sent_version: status.and_then(|s| s.sent.clone()),
+        short_name: t.short_name().to_string(),
+        type_url: t.type_url().to_string(),
+        warming: holds.warming.into_iter().collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
