@@ -5,9 +5,13 @@
 pub mod auth;
 pub mod changes;
 pub mod compare;
+pub mod config_diff;
 pub mod diagnostics;
 pub mod kube_auth;
+pub mod state;
 pub mod views;
+
+pub use state::{state_detail, state_digest};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,12 +27,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use prost::Message;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use views::{
     AccessView, Change, DependentProxy, Dependents, InstanceView, OriginCount, ProxyDetail,
     ProxyView, ResourceNames, ServiceDetail, ServiceView, SnapshotResource, SnapshotType,
-    SnapshotView, SourceView, StateView,
+    SnapshotView, SourceView,
 };
 
 use crate::metrics::{Metrics, labels};
@@ -159,7 +163,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/proxies/{node}/diff", get(diagnostics::diff))
         .route("/api/sources", get(sources))
         .route("/api/snapshot", get(snapshot))
-        .route("/api/state", get(mesh_state))
+        .route("/api/state", get(state::mesh_state))
         .route("/api/access", get(access))
         .route("/api/changes", get(recent_changes))
         .route("/api/audit", get(audit))
@@ -535,90 +539,6 @@ async fn snapshot(State(s): State<AdminState>, Query(q): Query<NodeQuery>) -> Re
     .into_response()
 }
 
-fn digest<T: Serialize>(value: &T) -> String {
-    let text = serde_json::to_vec(value).unwrap_or_default();
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text))
-}
-
-/// What an access policy enforces, without where it was merged from (`sources` names
-/// manifest paths, which differ between replicas reading the same manifests from different
-/// directories).
-fn access_digest(p: &crate::model::AccessPolicy) -> String {
-    digest(&(&p.target, &p.action, &p.rules))
-}
-
-/// A digest per service and per access target.
-struct Digests<'a> {
-    services: BTreeMap<&'a str, String>,
-    access: BTreeMap<&'a str, String>,
-}
-
-impl<'a> Digests<'a> {
-    fn of(state: &'a MeshState) -> Self {
-        Digests {
-            services: state
-                .services
-                .iter()
-                .map(|(n, s)| (n.as_str(), digest(s)))
-                .collect(),
-            access: state
-                .access
-                .iter()
-                .map(|(t, p)| (t.as_str(), access_digest(p)))
-                .collect(),
-        }
-    }
-
-    /// The digest of the whole model, from the digests of its parts.
-    fn whole(&self) -> String {
-        digest(&(&self.services, &self.access))
-    }
-}
-
-/// A digest of the whole model: equal on two instances that see the same sources.
-pub fn state_digest(state: &MeshState) -> String {
-    Digests::of(state).whole()
-}
-
-fn state_summary(state: &MeshState, instance: &str, digest: String) -> StateView {
-    StateView {
-        access_digests: None,
-        access_policies: state.access.len(),
-        digest,
-        endpoints: state.services.values().map(|s| s.endpoints.len()).sum(),
-        instance: instance.to_string(),
-        service_digests: None,
-        services: state.services.len(),
-    }
-}
-
-/// The summary with a digest per service and per access target, for comparison.
-pub fn state_detail(state: &MeshState, instance: &str) -> StateView {
-    let digests = Digests::of(state);
-    let owned = |m: BTreeMap<&str, String>| -> BTreeMap<String, String> {
-        m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
-    };
-    let mut v = state_summary(state, instance, digests.whole());
-    v.service_digests = Some(owned(digests.services));
-    v.access_digests = Some(owned(digests.access));
-    v
-}
-
-#[derive(Deserialize)]
-struct StateQuery {
-    detail: Option<String>,
-}
-
-async fn mesh_state(State(s): State<AdminState>, Query(q): Query<StateQuery>) -> Json<StateView> {
-    let state = s.cache.state();
-    let detail = q.detail.is_some_and(|d| d != "false" && d != "0");
-    Json(if detail {
-        state_detail(&state, &s.peers.instance)
-    } else {
-        state_summary(&state, &s.peers.instance, state_digest(&state))
-    })
-}
-
 /// Records what one published state changed (for `/api/changes`) and its build metrics.
 pub fn record_change(
     changes: &changes::BoundedLog<changes::Change>,
@@ -669,21 +589,6 @@ pub fn record_index_sizes(metrics: &Metrics, sizes: &BTreeMap<String, usize>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AccessAction, AccessPolicy};
-
-    fn state(sources: &[&str], action: AccessAction) -> MeshState {
-        let mut s = MeshState::default();
-        s.access.insert(
-            "orders".into(),
-            AccessPolicy {
-                target: "orders".into(),
-                action,
-                sources: sources.iter().map(|x| x.to_string()).collect(),
-                ..Default::default()
-            },
-        );
-        s
-    }
 
     #[test]
     fn dependents_follow_translations_expansion_of_the_wildcard() {
@@ -709,18 +614,5 @@ mod tests {
         // "*" where the operator does not allow it reaches nothing.
         let d = dependents(&state, &MeshSettings::default());
         assert_eq!(d["orders"], BTreeSet::from(["orders".to_string()]));
-    }
-
-    #[test]
-    fn digests_ignore_where_a_policy_came_from_but_not_what_it_enforces() {
-        let a = state(&["/etc/a/mesh.yaml#1"], AccessAction::Deny);
-        let b = state(&["/srv/b/mesh.yaml#1"], AccessAction::Deny);
-        let c = state(&["/etc/a/mesh.yaml#1"], AccessAction::Log);
-        assert_eq!(state_digest(&a), state_digest(&b));
-        assert_ne!(state_digest(&a), state_digest(&c));
-        assert_eq!(
-            state_detail(&a, "x").access_digests,
-            state_detail(&b, "y").access_digests
-        );
     }
 }
