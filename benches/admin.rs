@@ -65,10 +65,8 @@ fn bench(c: &mut Criterion) {
     );
     // The shared dependency every group calls: the widest dependents scan.
     let shared = mesh_gen::service(0);
-    let detail = admin::service_detail(&s, &state, &shared).unwrap_or_default();
-    let dependents = detail["dependents"]["proxies"]
-        .as_array()
-        .map_or(0, Vec::len);
+    let detail = admin::service_detail(&s, &state, &shared);
+    let dependents = detail.as_ref().map_or(0, |d| d.dependents.proxies.len());
     assert_eq!(
         dependents,
         PROXIES - PROXIES / GROUPS,
@@ -96,7 +94,11 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("proxies_list_json", |b| {
-        b.iter(|| black_box(serde_json::to_vec(&s.registry.list()).map_or(0, |b| b.len())))
+        b.iter(|| {
+            let list: Vec<admin::views::ProxyView> =
+                s.registry.list().iter().map(Into::into).collect();
+            black_box(serde_json::to_vec(&list).map_or(0, |b| b.len()))
+        })
     });
     g.bench_function("metrics_render", |b| {
         b.iter(|| black_box(metrics.render().len()))

@@ -357,17 +357,18 @@ impl Metrics {
     /// Creates the series whose label values are known in advance at zero, so rates and
     /// alerts work before the first event and every family is listed from the start.
     fn preset_series(&self) {
-        const TYPES: [&str; 4] = ["cds", "eds", "lds", "rds"];
+        let types =
+            crate::snapshot::ResourceType::ALL.map(crate::snapshot::ResourceType::short_name);
         const MODES: [&str; 2] = ["sotw", "delta"];
         for mode in MODES {
             let _ = self.xds_streams.get_or_create(&labels(&[("mode", mode)]));
-            for t in TYPES {
+            for t in types {
                 let l = labels(&[("type", t), ("mode", mode)]);
                 let _ = self.xds_subscriptions.get_or_create(&l);
                 let _ = self.xds_responses.get_or_create(&l);
             }
         }
-        for t in TYPES {
+        for t in types {
             let l = labels(&[("type", t)]);
             let _ = self.xds_bytes.get_or_create(&l);
             let _ = self.xds_acks.get_or_create(&l);

@@ -6,8 +6,6 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use serde::Serialize;
-
 /// How many entries each log keeps.
 pub const LOG_CAPACITY: usize = 256;
 
@@ -51,52 +49,8 @@ impl<T: Clone> Default for BoundedLog<T> {
     }
 }
 
-/// What one published state changed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Change {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// Index generation the state was built from.
-    pub generation: u64,
-    /// Services that appeared.
-    pub services_added: Vec<String>,
-    /// Services that left.
-    pub services_removed: Vec<String>,
-    /// Services whose settings or instances changed.
-    pub services_changed: Vec<String>,
-    /// Targets whose access policy appeared, changed or left.
-    pub access_changed: Vec<String>,
-    /// Connected groups rebuilt.
-    pub groups_rebuilt: usize,
-    /// Groups whose snapshot changed and was pushed (at most [`GROUPS_LISTED`] named).
-    pub groups_pushed: Vec<String>,
-    /// How many groups were pushed.
-    pub groups_pushed_count: usize,
-    /// Time to rebuild the groups, in milliseconds.
-    pub build_ms: f64,
-}
-
+pub use super::views::{AuditEntry, Change};
 pub use crate::model::{StateDiff, diff_states};
-
-/// One action taken through the admin API.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct AuditEntry {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    /// Who the request says asked (see [`requester`]): as trustworthy as whatever sets the
-    /// header in front of the admin API.
-    pub who: Option<String>,
-    /// The address the request came from.
-    pub from: Option<String>,
-    /// What was done, e.g. `log-level`.
-    pub action: String,
-    /// The proxy acted on.
-    pub node: String,
-    /// The arguments, e.g. `level=debug`.
-    pub detail: String,
-    /// `ok`, or the error.
-    pub result: String,
-}
 
 /// Who an admin request says made it: the user an authenticating proxy in front of the
 /// admin API names (`X-Auth-Request-User`, `X-Forwarded-User`, `X-Remote-User`), else the

@@ -15,12 +15,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::AdminState;
 use super::changes::{AuditEntry, requester};
+use super::config_diff::config_diff;
+use super::views::{ErrorView, LogLevelView};
 use crate::metrics::labels;
-use crate::snapshot::{ResourceType, Snapshot};
 use crate::xds::registry::ProxyStatus;
 
 /// An error answer: status and a message naming what was wrong.
@@ -28,7 +29,7 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        (self.0, Json(ErrorView { error: self.1 })).into_response()
     }
 }
 
@@ -370,9 +371,13 @@ pub async fn logging(
             format!("log level change interrupted: {e}"),
         )
     })??;
-    Ok(Json(
-        json!({"node": node, "level": level, "logger": q.logger, "admin": admin, "output": body}),
-    )
+    Ok(Json(LogLevelView {
+        admin,
+        level,
+        logger: q.logger,
+        node,
+        output: body,
+    })
     .into_response())
 }
 
@@ -479,164 +484,6 @@ pub async fn diff(
     Ok(Json(config_diff(&proxy, &snap, &dump)).into_response())
 }
 
-/// What Envoy holds of one resource type, from its config dump.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct EnvoyHolds {
-    /// Active dynamic resources.
-    pub active: BTreeSet<String>,
-    /// Resources Envoy is still warming.
-    pub warming: BTreeSet<String>,
-    /// Resources whose last update failed, with Envoy's details.
-    pub errors: BTreeMap<String, String>,
-}
-
-/// The config dump section of one type (`ClustersConfigDump`, …; not `ScopedRoutesConfigDump`
-/// for `RoutesConfigDump`).
-fn dump_section<'a>(dump: &'a Value, type_suffix: &str) -> Option<&'a Value> {
-    dump.get("configs")?.as_array()?.iter().find(|c| {
-        c.get("@type")
-            .and_then(Value::as_str)
-            .and_then(|t| t.rsplit('.').next())
-            .is_some_and(|t| t == type_suffix)
-    })
-}
-
-fn strings<'a>(v: Option<&'a Value>, field: &str, name_at: &[&str]) -> Vec<(String, &'a Value)> {
-    v.and_then(|v| v.get(field))
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|item| {
-                    let mut at = item;
-                    for key in name_at {
-                        at = at.get(*key)?;
-                    }
-                    at.as_str().map(|n| (n.to_string(), item))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn error_details(item: &Value) -> Option<String> {
-    let e = item.get("error_state")?;
-    Some(
-        e.get("details")
-            .and_then(Value::as_str)
-            .unwrap_or("update failed")
-            .to_string(),
-    )
-}
-
-/// What Envoy's config dump (fetched with `include_eds`) says it holds of type `t`.
-pub fn envoy_holds(dump: &Value, t: ResourceType) -> EnvoyHolds {
-    let mut holds = EnvoyHolds::default();
-    match t {
-        ResourceType::Cluster => {
-            let section = dump_section(dump, "ClustersConfigDump");
-            for (name, item) in strings(section, "dynamic_active_clusters", &["cluster", "name"]) {
-                if let Some(e) = error_details(item) {
-                    holds.errors.insert(name.clone(), e);
-                }
-                holds.active.insert(name);
-            }
-            for (name, _) in strings(section, "dynamic_warming_clusters", &["cluster", "name"]) {
-                holds.warming.insert(name);
-            }
-        }
-        ResourceType::Listener => {
-            let section = dump_section(dump, "ListenersConfigDump");
-            for (name, item) in strings(section, "dynamic_listeners", &["name"]) {
-                if item.get("active_state").is_some() {
-                    holds.active.insert(name.clone());
-                }
-                if item.get("warming_state").is_some() {
-                    holds.warming.insert(name.clone());
-                }
-                if let Some(e) = error_details(item) {
-                    holds.errors.insert(name, e);
-                }
-            }
-        }
-        ResourceType::Route => {
-            let section = dump_section(dump, "RoutesConfigDump");
-            for (name, _) in strings(section, "dynamic_route_configs", &["route_config", "name"]) {
-                holds.active.insert(name);
-            }
-        }
-        ResourceType::Endpoint => {
-            let section = dump_section(dump, "EndpointsConfigDump");
-            for (name, _) in strings(
-                section,
-                "dynamic_endpoint_configs",
-                &["endpoint_config", "cluster_name"],
-            ) {
-                holds.active.insert(name);
-            }
-        }
-    }
-    holds
-}
-
-/// Short name of a type, as in the metrics.
-pub fn short(t: ResourceType) -> &'static str {
-    match t {
-        ResourceType::Cluster => "cds",
-        ResourceType::Endpoint => "eds",
-        ResourceType::Listener => "lds",
-        ResourceType::Route => "rds",
-    }
-}
-
-/// Compares the snapshot a proxy's group gets with the proxy's config dump (pure).
-pub fn config_diff(proxy: &ProxyStatus, snap: &Snapshot, dump: &Value) -> Value {
-    let mut in_sync = true;
-    let types: Vec<Value> = ResourceType::ALL
-        .into_iter()
-        .map(|t| {
-            let sent: BTreeSet<String> = snap.resources(t).keys().cloned().collect();
-            let holds = envoy_holds(dump, t);
-            let status = proxy.types.get(t.type_url());
-            let only_sent: Vec<&String> = sent
-                .iter()
-                .filter(|n| !holds.active.contains(*n) && !holds.warming.contains(*n))
-                .collect();
-            let only_envoy: Vec<&String> = holds.active.difference(&sent).collect();
-            let errors: Vec<Value> = holds
-                .errors
-                .iter()
-                .map(|(name, details)| json!({"name": name, "details": details}))
-                .collect();
-            let sent_version = status.and_then(|s| s.sent.clone());
-            let acked_version = status.and_then(|s| s.acked.clone());
-            let nack = status.and_then(|s| s.nack.clone());
-            if !only_sent.is_empty()
-                || !only_envoy.is_empty()
-                || !holds.warming.is_empty()
-                || !errors.is_empty()
-                || sent_version != acked_version
-                || nack.is_some()
-            {
-                in_sync = false;
-            }
-            json!({
-                "type": short(t),
-                "type_url": t.type_url(),
-                "sent_version": sent_version,
-                "acked_version": acked_version,
-                "nack": nack,
-                "sent": sent.len(),
-                "envoy": holds.active.len(),
-                "only_sent": only_sent,
-                "only_envoy": only_envoy,
-                "warming": holds.warming,
-                "errors": errors,
-            })
-        })
-        .collect();
-    json!({"node": proxy.node, "mode": proxy.mode, "in_sync": in_sync, "types": types})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,47 +559,5 @@ mod tests {
         };
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(message.contains("in flight"), "{message}");
-    }
-
-    #[test]
-    fn the_config_dump_is_read_per_type_with_warming_and_failed_resources() {
-        let dump = json!({"configs": [
-            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-             "static_clusters": [{"cluster": {"name": "xds"}}],
-             "dynamic_active_clusters": [{"version_info": "1", "cluster": {"name": "orders"}}],
-             "dynamic_warming_clusters": [{"version_info": "2", "cluster": {"name": "billing"}}]},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-             "dynamic_listeners": [
-                {"name": "ingress", "active_state": {"listener": {"name": "ingress"}},
-                 "error_state": {"details": "bad filter"}},
-                {"name": "egress", "warming_state": {"listener": {"name": "egress"}}}]},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
-            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
-             "dynamic_route_configs": [{"route_config": {"name": "egress"}}]},
-            {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
-             "dynamic_endpoint_configs": [{"endpoint_config": {"cluster_name": "orders"}}]}
-        ]});
-        let c = envoy_holds(&dump, ResourceType::Cluster);
-        assert_eq!(c.active, BTreeSet::from(["orders".to_string()]));
-        assert_eq!(c.warming, BTreeSet::from(["billing".to_string()]));
-        let l = envoy_holds(&dump, ResourceType::Listener);
-        assert_eq!(l.active, BTreeSet::from(["ingress".to_string()]));
-        assert_eq!(l.warming, BTreeSet::from(["egress".to_string()]));
-        assert_eq!(
-            l.errors.get("ingress").map(String::as_str),
-            Some("bad filter")
-        );
-        assert_eq!(
-            envoy_holds(&dump, ResourceType::Route).active,
-            BTreeSet::from(["egress".to_string()])
-        );
-        assert_eq!(
-            envoy_holds(&dump, ResourceType::Endpoint).active,
-            BTreeSet::from(["orders".to_string()])
-        );
-        assert_eq!(
-            envoy_holds(&json!({}), ResourceType::Cluster),
-            EnvoyHolds::default()
-        );
     }
 }

@@ -57,6 +57,16 @@ impl ResourceType {
         }
     }
 
+    /// The short name, as in metrics and the admin API: `cds`, `eds`, `lds`, `rds`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "cds",
+            ResourceType::Endpoint => "eds",
+            ResourceType::Listener => "lds",
+            ResourceType::Route => "rds",
+        }
+    }
+
     /// The type of a type URL, if meshbridge serves it.
     pub fn from_type_url(url: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.type_url() == url)

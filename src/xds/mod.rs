@@ -558,13 +558,7 @@ async fn refuse<R>(
 }
 
 fn short_type(type_url: &str) -> &'static str {
-    match ResourceType::from_type_url(type_url) {
-        Some(ResourceType::Cluster) => "cds",
-        Some(ResourceType::Endpoint) => "eds",
-        Some(ResourceType::Listener) => "lds",
-        Some(ResourceType::Route) => "rds",
-        None => "other",
-    }
+    ResourceType::from_type_url(type_url).map_or("other", ResourceType::short_name)
 }
 
 fn record_request(

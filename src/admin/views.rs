@@ -1,0 +1,706 @@
+//! The admin API's answers as types: what every JSON route returns, shared by the server
+//! that builds them and by `meshbridge ctl`, which reads them back.
+//!
+//! These are the wire format of `/api/*` (see the "Admin API" section of the contract):
+//! field names, nesting, `null` where a value is absent and the order of lists are the
+//! API's, and the web UI reads the same fields. Fields are declared in alphabetical order,
+//! the order the API has always written its keys in. Model types stay free of admin
+//! concerns: the views are built from them here, never serialized in their place.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{AccessPolicy, AccessRuleSet, CallerMatch, Endpoint, PathMatch};
+use crate::snapshot::ResourceType;
+use crate::sources::SourceStatus;
+use crate::xds::registry::{ProxyStatus, TypeStatus};
+
+/// A `{TYPE_URL: x}` object (the type URLs of [`ResourceType`]).
+pub type ByTypeUrl<T> = BTreeMap<String, T>;
+
+/// The short names of the resource types (`cds`, `eds`, `lds`, `rds`), in push order: the
+/// one list the API's `type` fields and `ctl`'s columns use.
+pub fn type_short_names() -> [&'static str; 4] {
+    ResourceType::ALL.map(ResourceType::short_name)
+}
+
+/// The short name of an xDS type URL: `cds`, `eds`, `lds`, `rds` for the types meshbridge
+/// serves, else the URL's last segment.
+pub fn type_short_name(type_url: &str) -> String {
+    match ResourceType::from_type_url(type_url) {
+        Some(t) => t.short_name().to_string(),
+        None => type_url
+            .rsplit(['.', '/'])
+            .next()
+            .unwrap_or(type_url)
+            .to_string(),
+    }
+}
+
+/// An error answer: `{"error": message}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorView {
+    /// What was wrong.
+    pub error: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Services.
+
+/// One instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// IP address.
+    pub address: String,
+    /// Datacenter; null for the local one.
+    pub datacenter: Option<String>,
+    /// Whether it may receive traffic.
+    pub healthy: bool,
+    /// `consul`, `kubernetes` or `config`.
+    pub origin: String,
+    /// Port callers connect to.
+    pub port: u16,
+    /// Tags, sorted.
+    pub tags: Vec<String>,
+    /// Load-balancing weight.
+    pub weight: u32,
+}
+
+impl From<&Endpoint> for InstanceView {
+    fn from(e: &Endpoint) -> Self {
+        InstanceView {
+            address: e.address.clone(),
+            datacenter: e.datacenter.clone(),
+            healthy: e.healthy,
+            origin: e.origin.to_string(),
+            port: e.port,
+            tags: e.tags.iter().cloned().collect(),
+            weight: e.weight,
+        }
+    }
+}
+
+/// `GET /api/services`: one entry per service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Whether a MeshService declares it.
+    pub declared: bool,
+    /// Declared dependencies, as written (`orders`, `*`, a domain).
+    pub dependencies: Vec<String>,
+    /// Services that depend on it, sorted.
+    pub dependents: Vec<String>,
+    /// Instances, healthy or not.
+    pub instances: Vec<InstanceView>,
+    /// `disabled`, `permissive` or `strict`.
+    pub mtls: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// Instances of one origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginCount {
+    /// How many are healthy.
+    pub healthy: usize,
+    /// How many there are.
+    pub total: usize,
+}
+
+/// A connected proxy whose dependencies name a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DependentProxy {
+    /// Its group id.
+    pub group: String,
+    /// `sotw` or `delta`.
+    pub mode: String,
+    /// Its node id.
+    pub node: String,
+    /// Whether its configuration routes to the service (it has the service's cluster).
+    pub reaches: bool,
+    /// Its service.
+    pub service: String,
+}
+
+/// What depends on a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependents {
+    /// Connected proxies.
+    pub proxies: Vec<DependentProxy>,
+    /// Services, sorted.
+    pub services: Vec<String>,
+}
+
+/// `GET /api/services/{name}`: one service with its instances by origin, its dependents
+/// and its access policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// The access policy targeting it; null when no AccessRule does.
+    pub access: Option<AccessView>,
+    /// Whether a MeshService declares it.
+    pub declared: bool,
+    /// Declared dependencies, as written.
+    pub dependencies: Vec<String>,
+    /// Services and connected proxies that depend on it.
+    pub dependents: Dependents,
+    /// Instances, healthy or not.
+    pub instances: Vec<InstanceView>,
+    /// `disabled`, `permissive` or `strict`.
+    pub mtls: String,
+    /// Its name.
+    pub name: String,
+    /// Instance counts by origin.
+    pub origins: BTreeMap<String, OriginCount>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Access.
+
+/// Callers a rule names: `"any"` or `{"service": NAME}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallerView {
+    /// Every caller.
+    Any,
+    /// A service name or a glob over service names.
+    Service(String),
+}
+
+/// A path matcher: `{"exact"|"prefix"|"regex": text}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathView {
+    /// The whole path.
+    Exact(String),
+    /// A path prefix.
+    Prefix(String),
+    /// A regular expression over the whole path.
+    Regex(String),
+}
+
+/// One allowed combination of callers, paths and methods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    /// Who.
+    pub from: Vec<CallerView>,
+    /// Which methods (empty: all).
+    pub methods: Vec<String>,
+    /// Which paths (empty: all).
+    pub paths: Vec<PathView>,
+}
+
+impl From<&AccessRuleSet> for RuleView {
+    fn from(r: &AccessRuleSet) -> Self {
+        RuleView {
+            from: r
+                .from
+                .iter()
+                .map(|c| match c {
+                    CallerMatch::Any => CallerView::Any,
+                    CallerMatch::Service(s) => CallerView::Service(s.clone()),
+                })
+                .collect(),
+            methods: r.methods.clone(),
+            paths: r
+                .paths
+                .iter()
+                .map(|p| match p {
+                    PathMatch::Exact(x) => PathView::Exact(x.clone()),
+                    PathMatch::Prefix(x) => PathView::Prefix(x.clone()),
+                    PathMatch::Regex(x) => PathView::Regex(x.clone()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /api/access` (one entry per target) and a service's `access`: the merged policy of
+/// a target, with the callers its rules name split into known and unknown services.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessView {
+    /// `deny` or `log`: what happens to calls no rule allows.
+    pub action: String,
+    /// Callers named by the rules that are services of the mesh.
+    pub resolved_callers: Vec<String>,
+    /// Allowed calls.
+    pub rules: Vec<RuleView>,
+    /// The resources the policy was merged from.
+    pub sources: Vec<String>,
+    /// The protected service.
+    pub target: String,
+    /// Whether the target is a service of the mesh.
+    pub target_known: bool,
+    /// Callers named by the rules that match no service.
+    pub unknown_callers: Vec<String>,
+}
+
+impl AccessView {
+    /// The view of `policy`, its callers resolved by the caller of this function.
+    pub fn new(
+        policy: &AccessPolicy,
+        target_known: bool,
+        resolved_callers: Vec<String>,
+        unknown_callers: Vec<String>,
+    ) -> Self {
+        AccessView {
+            action: match policy.action {
+                crate::model::AccessAction::Deny => "deny",
+                crate::model::AccessAction::Log => "log",
+            }
+            .to_string(),
+            resolved_callers,
+            rules: policy.rules.iter().map(RuleView::from).collect(),
+            sources: policy.sources.clone(),
+            target: policy.target.clone(),
+            target_known,
+            unknown_callers,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Proxies.
+
+/// Per type URL: the last version sent, the last version ACKed, the last NACK message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeStatusView {
+    /// Version the proxy last acknowledged.
+    pub acked: Option<String>,
+    /// Error detail of the last NACK, cleared by a later ACK.
+    pub nack: Option<String>,
+    /// Version of the last response sent.
+    pub sent: Option<String>,
+}
+
+impl From<&TypeStatus> for TypeStatusView {
+    fn from(t: &TypeStatus) -> Self {
+        TypeStatusView {
+            acked: t.acked.clone(),
+            nack: t.nack.clone(),
+            sent: t.sent.clone(),
+        }
+    }
+}
+
+/// `GET /api/proxies`: one entry per connected stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyView {
+    /// Where meshbridge reaches its Envoy admin interface; null when it cannot.
+    pub admin: Option<String>,
+    /// Announced Envoy admin port.
+    pub admin_port: Option<u16>,
+    /// Seconds since the Unix epoch when the stream started.
+    pub connected_at: u64,
+    /// Announced diagnostics listener port.
+    pub diagnostics_port: Option<u16>,
+    /// Its group id.
+    pub group: String,
+    /// The service its client certificate proved.
+    pub identity: Option<String>,
+    /// `sotw` or `delta`.
+    pub mode: String,
+    /// `node.id`.
+    pub node: String,
+    /// Peer address of the stream.
+    pub peer: Option<String>,
+    /// Its service.
+    pub service: String,
+    /// Versions by type URL.
+    pub types: ByTypeUrl<TypeStatusView>,
+}
+
+impl From<&ProxyStatus> for ProxyView {
+    fn from(p: &ProxyStatus) -> Self {
+        ProxyView {
+            admin: p.admin.clone(),
+            admin_port: p.admin_port,
+            connected_at: p.connected_at,
+            diagnostics_port: p.diagnostics_port,
+            group: p.group.clone(),
+            identity: p.identity.clone(),
+            mode: p.mode.to_string(),
+            node: p.node.clone(),
+            peer: p.peer.clone(),
+            service: p.service.clone(),
+            types: p
+                .types
+                .iter()
+                .map(|(url, t)| (url.clone(), t.into()))
+                .collect(),
+        }
+    }
+}
+
+/// The resources of one type a proxy's group gets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceNames {
+    /// Resource names.
+    pub names: Vec<String>,
+    /// Version of the type.
+    pub version: String,
+}
+
+/// `GET /api/proxies/{node}`: the stream's status and what its group gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyDetail {
+    /// See [`ProxyView::admin`].
+    pub admin: Option<String>,
+    /// See [`ProxyView::admin_port`].
+    pub admin_port: Option<u16>,
+    /// The dependencies the node announced.
+    pub announced_dependencies: Vec<String>,
+    /// See [`ProxyView::connected_at`].
+    pub connected_at: u64,
+    /// What translation uses: the announced ones merged with its MeshService's.
+    pub dependencies: Vec<String>,
+    /// See [`ProxyView::diagnostics_port`].
+    pub diagnostics_port: Option<u16>,
+    /// See [`ProxyView::group`].
+    pub group: String,
+    /// See [`ProxyView::identity`].
+    pub identity: Option<String>,
+    /// See [`ProxyView::mode`].
+    pub mode: String,
+    /// See [`ProxyView::node`].
+    pub node: String,
+    /// See [`ProxyView::peer`].
+    pub peer: Option<String>,
+    /// Resource names by type URL (empty before the group has a snapshot).
+    pub resources: ByTypeUrl<ResourceNames>,
+    /// See [`ProxyView::service`].
+    pub service: String,
+    /// See [`ProxyView::types`].
+    pub types: ByTypeUrl<TypeStatusView>,
+    /// Translation warnings of its group.
+    pub warnings: Vec<String>,
+}
+
+impl ProxyDetail {
+    /// The detail of `proxy` with what its group gets.
+    pub fn new(
+        proxy: ProxyView,
+        announced_dependencies: Vec<String>,
+        dependencies: Vec<String>,
+        resources: ByTypeUrl<ResourceNames>,
+        warnings: Vec<String>,
+    ) -> Self {
+        ProxyDetail {
+            admin: proxy.admin,
+            admin_port: proxy.admin_port,
+            announced_dependencies,
+            connected_at: proxy.connected_at,
+            dependencies,
+            diagnostics_port: proxy.diagnostics_port,
+            group: proxy.group,
+            identity: proxy.identity,
+            mode: proxy.mode,
+            node: proxy.node,
+            peer: proxy.peer,
+            resources,
+            service: proxy.service,
+            types: proxy.types,
+            warnings,
+        }
+    }
+}
+
+/// One resource of a snapshot, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotResource {
+    /// The decoded message, as Rust debug text.
+    pub config: String,
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// The resources of one type of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotType {
+    /// The resources.
+    pub resources: Vec<SnapshotResource>,
+    /// Version of the type.
+    pub version: String,
+}
+
+/// `GET /api/snapshot?node=ID`: the resources that node gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    /// Its group id.
+    pub group: String,
+    /// Its node id.
+    pub node: String,
+    /// Resources by type URL.
+    pub resources: ByTypeUrl<SnapshotType>,
+    /// Its service.
+    pub service: String,
+    /// Translation warnings of the group.
+    pub warnings: Vec<String>,
+}
+
+/// `POST /api/proxies/{node}/logging`: the level set and what Envoy answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLevelView {
+    /// The Envoy admin address asked.
+    pub admin: String,
+    /// The level set.
+    pub level: String,
+    /// The one logger set; null for all.
+    pub logger: Option<String>,
+    /// The node id.
+    pub node: String,
+    /// Envoy's answer (its loggers and their levels).
+    pub output: String,
+}
+
+/// A resource whose last update failed in Envoy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceError {
+    /// Envoy's details.
+    pub details: String,
+    /// The resource.
+    pub name: String,
+}
+
+/// What meshbridge sent of one type against what Envoy holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeDiff {
+    /// Version the proxy last ACKed.
+    pub acked_version: Option<String>,
+    /// How many resources Envoy holds active.
+    pub envoy: usize,
+    /// Resources whose last update failed.
+    pub errors: Vec<ResourceError>,
+    /// The last NACK message.
+    pub nack: Option<String>,
+    /// Active in Envoy, not sent.
+    pub only_envoy: Vec<String>,
+    /// Sent, neither active nor warming in Envoy.
+    pub only_sent: Vec<String>,
+    /// How many resources were sent.
+    pub sent: usize,
+    /// Version last sent.
+    pub sent_version: Option<String>,
+    /// Short name (`cds`, …).
+    #[serde(rename = "type")]
+    pub short_name: String,
+    /// The type URL.
+    pub type_url: String,
+    /// Resources Envoy is warming.
+    pub warming: Vec<String>,
+}
+
+/// `GET /api/proxies/{node}/diff`: what meshbridge sent against what the proxy runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDiffView {
+    /// Whether nothing differs, every response is ACKed and none NACKed.
+    pub in_sync: bool,
+    /// `sotw` or `delta`.
+    pub mode: String,
+    /// The node id.
+    pub node: String,
+    /// One entry per type, in push order.
+    pub types: Vec<TypeDiff>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Sources, changes, audit.
+
+/// `GET /api/sources`: one entry per source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceView {
+    /// The current problems, one line each; null when healthy.
+    pub error: Option<String>,
+    /// How many times the source entered an error, or its error changed.
+    pub errors: u64,
+    /// `consul`, `kubernetes` or `config`.
+    pub kind: String,
+    /// Seconds since the Unix epoch of the last successful sync.
+    pub last_sync: Option<u64>,
+    /// How long the last sync step took, in milliseconds.
+    pub last_sync_duration_ms: Option<f64>,
+    /// Source name, e.g. `config:/etc/meshbridge`.
+    pub name: String,
+    /// Seconds since the last successful sync.
+    pub staleness_seconds: Option<u64>,
+    /// Whether the first full sync completed.
+    pub synced: bool,
+}
+
+impl From<&SourceStatus> for SourceView {
+    fn from(s: &SourceStatus) -> Self {
+        SourceView {
+            error: s.error.clone(),
+            errors: s.errors,
+            kind: s.kind.to_string(),
+            last_sync: s.last_sync,
+            last_sync_duration_ms: s.last_sync_duration_ms,
+            name: s.name.clone(),
+            staleness_seconds: s.staleness_seconds,
+            synced: s.synced,
+        }
+    }
+}
+
+/// `GET /api/changes` (newest first): what one published state changed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Targets whose access policy appeared, changed or left.
+    pub access_changed: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// Time to rebuild the groups, in milliseconds.
+    pub build_ms: f64,
+    /// Index generation the state was built from.
+    pub generation: u64,
+    /// Groups whose snapshot changed and was pushed (at most
+    /// [`super::changes::GROUPS_LISTED`] named).
+    pub groups_pushed: Vec<String>,
+    /// How many groups were pushed.
+    pub groups_pushed_count: usize,
+    /// Connected groups rebuilt.
+    pub groups_rebuilt: usize,
+    /// Services that appeared.
+    pub services_added: Vec<String>,
+    /// Services whose settings or instances changed.
+    pub services_changed: Vec<String>,
+    /// Services that left.
+    pub services_removed: Vec<String>,
+}
+
+/// `GET /api/audit` (newest first): one action taken through the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// What was done, e.g. `log-level`.
+    pub action: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The arguments, e.g. `level=debug`.
+    pub detail: String,
+    /// The address the request came from.
+    pub from: Option<String>,
+    /// The proxy acted on.
+    pub node: String,
+    /// `ok`, or the error.
+    pub result: String,
+    /// Who the request says asked (see [`super::changes::requester`]): as trustworthy as
+    /// whatever sets the header in front of the admin API.
+    pub who: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// State and comparison.
+
+/// `GET /api/state`: a digest of the whole model; with `?detail=true`, one per service and
+/// per access target too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StateView {
+    /// Digest per access target (detail only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_digests: Option<BTreeMap<String, String>>,
+    /// How many access policies.
+    pub access_policies: usize,
+    /// Digest of the whole model.
+    pub digest: String,
+    /// How many instances, over every service.
+    pub endpoints: usize,
+    /// This instance's id.
+    pub instance: String,
+    /// Digest per service (detail only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_digests: Option<BTreeMap<String, String>>,
+    /// How many services.
+    pub services: usize,
+}
+
+/// How one service differs on a peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDifference {
+    /// Why its details could not be fetched; absent when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Fields that differ (`mtls`, `instances[ADDRESS:PORT].healthy`, …).
+    pub fields: Vec<String>,
+    /// Instances (`ADDRESS:PORT`) only here.
+    pub instances_only_here: Vec<String>,
+    /// Instances only on the peer.
+    pub instances_only_there: Vec<String>,
+    /// The service.
+    pub name: String,
+}
+
+/// Where a peer's model differs from this instance's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Differences {
+    /// Access targets on both sides with different policies.
+    pub access_changed: Vec<String>,
+    /// Access targets only here.
+    pub access_only_here: Vec<String>,
+    /// Access targets only on the peer.
+    pub access_only_there: Vec<String>,
+    /// The first changed services, in detail.
+    pub services_changed: Vec<ServiceDifference>,
+    /// How many services changed (more than are detailed, possibly).
+    pub services_changed_count: usize,
+    /// Services only here.
+    pub services_only_here: Vec<String>,
+    /// Services only on the peer.
+    pub services_only_there: Vec<String>,
+}
+
+/// One peer compared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerComparison {
+    /// Whether its digest equals this instance's.
+    pub agree: bool,
+    /// Where it differs; null when it could not be compared.
+    pub differences: Option<Differences>,
+    /// Its digest; null when it could not be read.
+    pub digest: Option<String>,
+    /// The first error comparing it.
+    pub error: Option<String>,
+    /// Its admin URL.
+    pub peer: String,
+}
+
+/// This instance, as compared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfDigest {
+    /// Digest of its model.
+    pub digest: String,
+    /// Its id.
+    pub instance: String,
+}
+
+/// `GET /api/compare`: this instance's digest against every peer's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareView {
+    /// Whether every peer agrees; null when no peer is configured.
+    pub agree: Option<bool>,
+    /// Why the peers could not be listed (`--peers-dns`).
+    pub error: Option<String>,
+    /// Every peer but this instance.
+    pub peers: Vec<PeerComparison>,
+    /// This instance.
+    #[serde(rename = "self")]
+    pub this: SelfDigest,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_follow_the_resource_types() {
+        assert_eq!(type_short_names(), ["cds", "eds", "lds", "rds"]);
+        for t in ResourceType::ALL {
+            assert_eq!(type_short_name(t.type_url()), t.short_name());
+        }
+        assert_eq!(
+            type_short_name("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"),
+            "Secret"
+        );
+    }
+}
