@@ -21,7 +21,7 @@ use super::views::{
     ServiceDifference, StateView,
 };
 use super::{AdminState, service_detail, state_detail};
-use crate::metrics::labels;
+use crate::metrics::label;
 use crate::model::MeshState;
 
 /// Where the peers are.
@@ -318,18 +318,22 @@ fn failed(peer: &str, error: String) -> PeerComparison {
 /// Sets `meshbridge_peer_agree` for `current` (peer, agrees) and removes the series of
 /// peers in `previous` that are not there any more; `previous` becomes the current peers.
 fn update_peer_series(
-    family: &Family<Vec<(String, String)>, Gauge>,
+    family: &Family<label::Peer, Gauge>,
     previous: &mut BTreeSet<String>,
     current: &[(String, bool)],
 ) {
     let now: BTreeSet<String> = current.iter().map(|(p, _)| p.clone()).collect();
     for (peer, agree) in current {
         family
-            .get_or_create(&labels(&[("peer", peer)]))
+            .get_or_create(&label::Peer {
+                peer: peer.to_string(),
+            })
             .set(i64::from(*agree));
     }
     for gone in previous.difference(&now) {
-        family.remove(&labels(&[("peer", gone)]));
+        family.remove(&label::Peer {
+            peer: gone.to_string(),
+        });
     }
     *previous = now;
 }
@@ -543,8 +547,14 @@ mod tests {
 
     #[test]
     fn series_of_peers_that_are_gone_are_removed() {
-        let family: Family<Vec<(String, String)>, Gauge> = Family::default();
-        let value = |peer: &str| family.get(&labels(&[("peer", peer)])).map(|g| g.get());
+        let family: Family<label::Peer, Gauge> = Family::default();
+        let value = |peer: &str| {
+            family
+                .get(&label::Peer {
+                    peer: peer.to_string(),
+                })
+                .map(|g| g.get())
+        };
         let mut previous = BTreeSet::new();
         update_peer_series(
             &family,

@@ -21,7 +21,7 @@ use super::AdminState;
 use super::changes::{AuditEntry, requester};
 use super::config_diff::config_diff;
 use super::views::{ErrorView, LogLevelView};
-use crate::metrics::labels;
+use crate::metrics::label;
 use crate::xds::registry::ProxyStatus;
 
 /// An error answer: status and a message naming what was wrong.
@@ -109,7 +109,10 @@ async fn envoy_request(
     let Ok(_permit) = s.diagnostics_permits.try_acquire() else {
         s.metrics
             .diagnostics_requests
-            .get_or_create(&labels(&[("action", action), ("result", "busy")]))
+            .get_or_create(&label::ActionResult {
+                action,
+                result: "busy",
+            })
             .inc();
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -172,7 +175,7 @@ async fn envoy_request(
     };
     s.metrics
         .diagnostics_requests
-        .get_or_create(&labels(&[("action", action), ("result", result)]))
+        .get_or_create(&label::ActionResult { action, result })
         .inc();
     outcome
 }

@@ -35,7 +35,7 @@ use views::{
     SnapshotView, SourceView,
 };
 
-use crate::metrics::{Metrics, labels};
+use crate::metrics::{Metrics, label};
 use crate::model::{DependencyTarget, MeshSettings, MeshState};
 use crate::snapshot::{Resource, ResourceType};
 use crate::sources::SourceStatuses;
@@ -581,7 +581,9 @@ pub fn record_index_sizes(metrics: &Metrics, sizes: &BTreeMap<String, usize>) {
     for (source, n) in sizes {
         metrics
             .index_objects
-            .get_or_create(&labels(&[("source", source)]))
+            .get_or_create(&label::Source {
+                source: source.to_string(),
+            })
             .set(*n as i64);
     }
 }

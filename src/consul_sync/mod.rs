@@ -231,16 +231,11 @@ fn claimable(index: &crate::sources::IndexHandle, instances: Vec<PodInstance>) -
     })
 }
 
-fn count(ctx: &SyncContext, op: &str, ok: bool) {
+fn count(ctx: &SyncContext, operation: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
     ctx.metrics
         .consul_registrations
-        .get_or_create(&vec![
-            ("operation".to_string(), op.to_string()),
-            (
-                "result".to_string(),
-                if ok { "ok" } else { "error" }.to_string(),
-            ),
-        ])
+        .get_or_create(&crate::metrics::label::OperationResult { operation, result })
         .inc();
 }
 

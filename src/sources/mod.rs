@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::index::{Index, IndexObject};
-use crate::metrics::{Metrics, labels};
+use crate::metrics::{Metrics, label};
 
 use serde::Serialize;
 
@@ -120,7 +120,9 @@ impl SourceStatuses {
         }
         if let Some(m) = self.metrics.get() {
             m.source_sync_seconds
-                .get_or_create(&labels(&[("source", name)]))
+                .get_or_create(&label::Source {
+                    source: name.to_string(),
+                })
                 .observe(elapsed.as_secs_f64());
         }
     }
@@ -130,7 +132,9 @@ impl SourceStatuses {
     pub fn refresh_metrics(&self) {
         let Some(m) = self.metrics.get() else { return };
         for s in self.list() {
-            let l = labels(&[("source", &s.name)]);
+            let l = label::Source {
+                source: s.name.clone(),
+            };
             m.source_synced.get_or_create(&l).set(i64::from(s.synced));
             m.source_staleness_seconds
                 .get_or_create(&l)
@@ -170,7 +174,9 @@ impl SourceStatuses {
         }
         if counted && let Some(m) = self.metrics.get() {
             m.source_errors
-                .get_or_create(&labels(&[("source", name)]))
+                .get_or_create(&label::Source {
+                    source: name.to_string(),
+                })
                 .inc();
         }
     }

@@ -49,7 +49,7 @@ pub struct WebhookState {
 
 fn answer(
     state: &WebhookState,
-    path: &str,
+    path: &'static str,
     started: Instant,
     (code, body): (u16, serde_json::Value),
 ) -> Response {

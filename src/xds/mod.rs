@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::metrics::{Metrics, labels};
+use crate::metrics::{Metrics, label};
 use crate::snapshot::{ResourceType, Snapshot};
 use cache::SnapshotCache;
 pub use conn::PeerInfo;
@@ -324,10 +324,10 @@ impl Drop for StreamGuard {
                     self.ctx
                         .metrics
                         .xds_subscriptions
-                        .get_or_create(&labels(&[
-                            ("type", short_type(type_url)),
-                            ("mode", self.mode),
-                        ]))
+                        .get_or_create(&label::TypeMode {
+                            r#type: short_type(type_url),
+                            mode: self.mode,
+                        })
                         .dec();
                 }
             }
@@ -335,7 +335,7 @@ impl Drop for StreamGuard {
         self.ctx
             .metrics
             .xds_streams
-            .get_or_create(&labels(&[("mode", self.mode)]))
+            .get_or_create(&label::Mode { mode: self.mode })
             .dec();
         self.ctx
             .metrics
@@ -399,7 +399,7 @@ async fn drive<P: Protocol>(
         );
         ctx.metrics
             .xds_identity
-            .get_or_create(&labels(&[("result", result)]))
+            .get_or_create(&label::Outcome { result })
             .inc();
         if result != "verified"
             && ctx
@@ -465,7 +465,7 @@ async fn drive<P: Protocol>(
     };
     ctx.metrics
         .xds_streams
-        .get_or_create(&labels(&[("mode", P::MODE)]))
+        .get_or_create(&label::Mode { mode: P::MODE })
         .inc();
     ctx.metrics
         .snapshot_groups
@@ -520,11 +520,14 @@ async fn drive<P: Protocol>(
             let short = short_type(type_url);
             ctx.metrics
                 .xds_responses
-                .get_or_create(&labels(&[("type", short), ("mode", P::MODE)]))
+                .get_or_create(&label::TypeMode {
+                    r#type: short,
+                    mode: P::MODE,
+                })
                 .inc();
             ctx.metrics
                 .xds_bytes
-                .get_or_create(&labels(&[("type", short)]))
+                .get_or_create(&label::Type { r#type: short })
                 .inc_by(bytes as u64);
             let version = version.to_string();
             ctx.registry.update(id, type_url, |s| s.sent_now(version));
@@ -546,7 +549,7 @@ async fn refuse<R>(
 ) {
     ctx.metrics
         .xds_limited
-        .get_or_create(&labels(&[("limit", limit)]))
+        .get_or_create(&label::Limit { limit })
         .inc();
     if ctx
         .metrics
@@ -573,7 +576,7 @@ fn record_request(
         if let Some(Some(d)) = latency {
             ctx.metrics
                 .xds_ack_seconds
-                .get_or_create(&labels(&[("type", short)]))
+                .get_or_create(&label::Type { r#type: short })
                 .observe(d.as_secs_f64());
         }
     };
@@ -581,7 +584,7 @@ fn record_request(
         RequestKind::Ack(version) => {
             ctx.metrics
                 .xds_acks
-                .get_or_create(&labels(&[("type", short)]))
+                .get_or_create(&label::Type { r#type: short })
                 .inc();
             observe_latency(ctx.registry.update(id, type_url, |s| {
                 if !version.is_empty() {
@@ -594,7 +597,7 @@ fn record_request(
         RequestKind::Nack { version, message } => {
             ctx.metrics
                 .xds_nacks
-                .get_or_create(&labels(&[("type", short)]))
+                .get_or_create(&label::Type { r#type: short })
                 .inc();
             warn!(type_url = %loggable(type_url, 128), version = %loggable(version, 64), error = %loggable(message, 1024), "proxy rejected configuration (NACK)");
             let message = message.clone();
@@ -616,7 +619,10 @@ fn record_request(
             if first == Some(true) {
                 ctx.metrics
                     .xds_subscriptions
-                    .get_or_create(&labels(&[("type", short), ("mode", mode)]))
+                    .get_or_create(&label::TypeMode {
+                        r#type: short,
+                        mode,
+                    })
                     .inc();
             }
         }

@@ -24,7 +24,6 @@ use serde_json::Value;
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually, free_port, http_get};
 
 use meshbridge::translate::names;
-use prometheus_client::metrics::family::{Family, MetricConstructor};
 
 /// How long a wait for Envoy or meshbridge may take.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -640,34 +639,28 @@ fn scraped_catalog(text: &str) -> Catalog {
     catalog
 }
 
-/// Gives a family one (label-less) child: the registry leaves a family without children out of
-/// its output altogether.
-fn touch<M, C: MetricConstructor<M>>(family: &Family<Vec<(String, String)>, M, C>) {
-    let _ = family.get_or_create(&Vec::new());
-}
-
 /// What meshbridge's registry holds: every metric of `Metrics::new()`, each family with one
-/// child so that it is listed. A family missing here is missing from the catalog: add it.
+/// child (of its typed label set) so that it is listed. A family missing here is missing from
+/// the catalog: add it.
 fn registered_metrics() -> String {
+    use meshbridge::metrics::label::*;
     let m = meshbridge::metrics::Metrics::new();
-    touch(&m.xds_streams);
-    touch(&m.xds_responses);
-    touch(&m.xds_bytes);
-    touch(&m.xds_acks);
-    touch(&m.xds_nacks);
-    touch(&m.consul_requests);
-    touch(&m.consul_registrations);
-    touch(&m.webhook_requests);
-    touch(&m.source_synced);
-    touch(&m.source_staleness_seconds);
-    touch(&m.source_errors);
-    touch(&m.source_sync_seconds);
-    touch(&m.index_objects);
-    touch(&m.xds_subscriptions);
-    touch(&m.xds_ack_seconds);
-    touch(&m.diagnostics_requests);
-    touch(&m.peer_agree);
-    touch(&m.build_info);
+    let (dc, source, peer) = (
+        "dc1".to_string(),
+        "config".to_string(),
+        "http://peer".to_string(),
+    );
+    let _ = m
+        .consul_requests
+        .get_or_create(&DcResult { dc, result: "ok" });
+    let source = Source { source };
+    let _ = m.source_synced.get_or_create(&source);
+    let _ = m.source_staleness_seconds.get_or_create(&source);
+    let _ = m.source_errors.get_or_create(&source);
+    let _ = m.source_sync_seconds.get_or_create(&source);
+    let _ = m.index_objects.get_or_create(&source);
+    let _ = m.peer_agree.get_or_create(&Peer { peer });
+    // The other families' series are created by `Metrics::new()` itself.
     m.render()
 }
 
@@ -676,6 +669,19 @@ fn registered_metrics() -> String {
 fn declared_meshbridge_catalog() -> Catalog {
     let text = registered_metrics();
     let declared: BTreeMap<&str, &[&str]> = MESHBRIDGE_LABELS.iter().copied().collect();
+    // The table is what the dashboards rely on; the code's typed label sets must agree.
+    for (name, series) in scraped_catalog(&text) {
+        let mut in_code = series.labels.unwrap_or_default();
+        in_code.remove("le");
+        let table: BTreeSet<String> = declared
+            .get(series.base.as_str())
+            .map(|l| l.iter().map(|x| x.to_string()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            in_code, table,
+            "{name}: the code's label set differs from MESHBRIDGE_LABELS"
+        );
+    }
     let mut catalog = Catalog::new();
     for (family, kind) in family_types(&text) {
         for (name, k, base) in family_series(&family, &kind) {

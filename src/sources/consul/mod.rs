@@ -460,7 +460,10 @@ fn mark_synced_if_done(pending: Option<&BTreeSet<String>>, ctx: &ConsulContext, 
 fn record_ok(ctx: &ConsulContext, dc: &str) {
     ctx.metrics
         .consul_requests
-        .get_or_create(&crate::metrics::labels(&[("dc", dc), ("result", "ok")]))
+        .get_or_create(&crate::metrics::label::DcResult {
+            dc: dc.to_string(),
+            result: "ok",
+        })
         .inc();
     ctx.statuses.update(&source_name(dc), |s| {
         if s.error.as_deref().is_some_and(|e| e.starts_with("stale")) {
@@ -473,7 +476,10 @@ fn record_error(ctx: &ConsulContext, dc: &str, e: &ConsulError) {
     tracing::warn!(dc, error = %e, "Consul request failed; last known instances stay in force");
     ctx.metrics
         .consul_requests
-        .get_or_create(&crate::metrics::labels(&[("dc", dc), ("result", "error")]))
+        .get_or_create(&crate::metrics::label::DcResult {
+            dc: dc.to_string(),
+            result: "error",
+        })
         .inc();
     let message = format!("stale: {e}");
     ctx.statuses
