@@ -44,8 +44,38 @@ type Stamp = (u64, SystemTime);
 /// Tokens and whom they name.
 type Tokens = Vec<(String, Principal)>;
 
+/// Why a token file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// A line's token is too short to be a secret.
+    #[error("line {0}: a token must be at least 16 characters")]
+    ShortToken(usize),
+    /// A line's third word is not `read`.
+    #[error("line {line}: {word:?}: the third word may only be `read`")]
+    ThirdWord {
+        /// The line (from 1).
+        line: usize,
+        /// The word found.
+        word: String,
+    },
+    /// No line holds a token.
+    #[error("no token in the file")]
+    Empty,
+    /// The file cannot be read.
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    /// One of the above, in a named file.
+    #[error("{}: {error}", path.display())]
+    In {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        error: Box<TokenFileError>,
+    },
+}
+
 /// Parses a token file: `TOKEN [USER] [read]` per line, `#` comments and blank lines skipped.
-pub fn parse_tokens(text: &str) -> Result<Tokens, String> {
+pub fn parse_tokens(text: &str) -> Result<Tokens, TokenFileError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -55,10 +85,7 @@ pub fn parse_tokens(text: &str) -> Result<Tokens, String> {
         let mut words = line.split_whitespace();
         let token = words.next().unwrap_or_default();
         if token.len() < 16 {
-            return Err(format!(
-                "line {}: a token must be at least 16 characters",
-                i + 1
-            ));
+            return Err(TokenFileError::ShortToken(i + 1));
         }
         let user = words
             .next()
@@ -67,16 +94,16 @@ pub fn parse_tokens(text: &str) -> Result<Tokens, String> {
             None => true,
             Some("read") => false,
             Some(other) => {
-                return Err(format!(
-                    "line {}: {other:?}: the third word may only be `read`",
-                    i + 1
-                ));
+                return Err(TokenFileError::ThirdWord {
+                    line: i + 1,
+                    word: other.to_string(),
+                });
             }
         };
         out.push((token.to_string(), Principal { user, write }));
     }
     if out.is_empty() {
-        return Err("no token in the file".into());
+        return Err(TokenFileError::Empty);
     }
     Ok(out)
 }
@@ -93,9 +120,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl TokenFile {
     /// Reads `path`; fails naming it and the line at fault.
-    pub fn new(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let tokens = parse_tokens(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn new(path: &Path) -> Result<Self, TokenFileError> {
+        let in_file = |error| TokenFileError::In {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| in_file(e.into()))?;
+        let tokens = parse_tokens(&text).map_err(in_file)?;
         Ok(TokenFile {
             path: path.to_path_buf(),
             cached: Mutex::new((stamp(path), tokens)),
@@ -114,7 +145,7 @@ impl TokenFile {
         let now = stamp(&self.path);
         if now != cached.0 {
             match std::fs::read_to_string(&self.path)
-                .map_err(|e| e.to_string())
+                .map_err(TokenFileError::from)
                 .and_then(|t| parse_tokens(&t))
             {
                 Ok(tokens) => *cached = (now, tokens),
@@ -215,7 +246,7 @@ impl AdminAuth {
                 format!("request path longer than {MAX_PATH} bytes"),
             ));
         }
-        let unavailable = |e: String| {
+        let unavailable = |e: super::kube_auth::ReviewError| {
             refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
@@ -335,10 +366,16 @@ mod tests {
         );
         assert!(!t[1].1.write);
         assert_eq!(t[2].1.user, "token:5");
-        assert!(parse_tokens("short").unwrap_err().contains("line 1"));
+        assert!(
+            parse_tokens("short")
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
         assert!(
             parse_tokens("0123456789abcdef bob admin")
                 .unwrap_err()
+                .to_string()
                 .contains("`read`")
         );
         assert!(parse_tokens("# nothing\n").is_err());

@@ -151,29 +151,85 @@ pub fn diff_service(name: &str, here: &ServiceDetail, there: &ServiceDetail) -> 
     }
 }
 
+/// Why a peer's answer is missing (shown in the comparison; the peer counts as disagreeing).
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer's URL does not parse or cannot take a path.
+    #[error("{peer}: {reason}")]
+    Url {
+        /// The peer as configured.
+        peer: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request failed (connection, timeout, a broken body).
+    #[error("{url}: {error}")]
+    Request {
+        /// What was asked.
+        url: String,
+        /// The failure.
+        error: reqwest::Error,
+    },
+    /// The peer answered with an error status.
+    #[error("{url}: answered {status}")]
+    Status {
+        /// What was asked.
+        url: String,
+        /// Its answer.
+        status: reqwest::StatusCode,
+    },
+    /// The answer is larger than a comparison reads.
+    #[error("{url}: answer larger than {} MiB", MAX_PEER_BODY >> 20)]
+    TooLarge {
+        /// What was asked.
+        url: String,
+    },
+    /// The answer is not the JSON of the admin API.
+    #[error("{url}: not JSON: {error}")]
+    NotJson {
+        /// What was asked.
+        url: String,
+        /// The decoding error.
+        error: serde_json::Error,
+    },
+}
+
 /// `{peer}/api/services/{name}`, the name percent-encoded as one path segment.
-pub fn service_url(peer: &str, name: &str) -> Result<reqwest::Url, String> {
-    let mut url = reqwest::Url::parse(peer).map_err(|e| format!("{peer}: {e}"))?;
+pub fn service_url(peer: &str, name: &str) -> Result<reqwest::Url, PeerError> {
+    let bad = |reason: String| PeerError::Url {
+        peer: peer.to_string(),
+        reason,
+    };
+    let mut url = reqwest::Url::parse(peer).map_err(|e| bad(e.to_string()))?;
     url.path_segments_mut()
-        .map_err(|()| format!("{peer}: not a base URL"))?
+        .map_err(|()| bad("not a base URL".into()))?
         .pop_if_empty()
         .extend(["api", "services", name]);
     Ok(url)
 }
 
-async fn get_json<T: DeserializeOwned>(s: &AdminState, url: &str) -> Result<T, String> {
+async fn get_json<T: DeserializeOwned>(s: &AdminState, url: &str) -> Result<T, PeerError> {
     let mut req = s.http.get(url).timeout(s.diagnostics_timeout);
     // Replicas share the token file (a peer accepts this instance's first token) or the
     // cluster (a peer accepts this pod's ServiceAccount token).
     if let Some(token) = s.auth.peer_token() {
         req = req.bearer_auth(token);
     }
-    let mut resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+    let request = |error| PeerError::Request {
+        url: url.to_string(),
+        error,
+    };
+    let mut resp = req.send().await.map_err(request)?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("{url}: answered {status}"));
+        return Err(PeerError::Status {
+            url: url.to_string(),
+            status,
+        });
     }
-    let too_large = || format!("{url}: answer larger than {} MiB", MAX_PEER_BODY >> 20);
+    let too_large = || PeerError::TooLarge {
+        url: url.to_string(),
+    };
     if resp
         .content_length()
         .is_some_and(|n| n > MAX_PEER_BODY as u64)
@@ -181,13 +237,16 @@ async fn get_json<T: DeserializeOwned>(s: &AdminState, url: &str) -> Result<T, S
         return Err(too_large());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+    while let Some(chunk) = resp.chunk().await.map_err(request)? {
         if body.len() + chunk.len() > MAX_PEER_BODY {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+    serde_json::from_slice(&body).map_err(|error| PeerError::NotJson {
+        url: url.to_string(),
+        error,
+    })
 }
 
 /// An entry of `services_changed` whose details could not be fetched.
@@ -259,7 +318,7 @@ pub async fn compare_peer(
 ) -> PeerOutcome {
     let there: StateView = match get_json(s, &format!("{peer}/api/state?detail=true")).await {
         Ok(v) => v,
-        Err(e) => return PeerOutcome::Compared(Box::new(failed(peer, e))),
+        Err(e) => return PeerOutcome::Compared(Box::new(failed(peer, e.to_string()))),
     };
     if there.instance == here.instance {
         return PeerOutcome::Itself;
@@ -276,7 +335,7 @@ pub async fn compare_peer(
         &digests(&there.access_digests),
     );
     let detailed = &services.changed[..services.changed.len().min(DETAILED_SERVICES)];
-    let mut theirs: Vec<(usize, Result<ServiceDetail, String>)> =
+    let mut theirs: Vec<(usize, Result<ServiceDetail, PeerError>)> =
         stream::iter(detailed.iter().cloned().enumerate())
             .map(|(i, name)| async move {
                 let answer = match service_url(peer, &name) {
@@ -292,7 +351,10 @@ pub async fn compare_peer(
     let details = detailed
         .iter()
         .zip(theirs)
-        .map(|(name, (_, t))| (service_detail(s, state, name), t))
+        .map(|(name, (_, t))| {
+            let t = t.map_err(|e| e.to_string());
+            (service_detail(s, state, name), t)
+        })
         .collect();
     let (differences, error) = differences(&services, &access, details);
     PeerOutcome::Compared(Box::new(PeerComparison {
@@ -620,7 +682,8 @@ mod tests {
         let s = admin_state();
         let e = get_json::<StateView>(&s, &format!("{peer}/api/state?detail=true"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&peer) && e.contains("larger than 32 MiB"), "{e}");
     }
 

@@ -144,6 +144,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why the API server could not be asked (the caller gets 503, never a pass).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// [`MAX_IN_FLIGHT`] reviews are already waiting.
+    #[error("{0}: {MAX_IN_FLIGHT} reviews already in flight")]
+    Busy(&'static str),
+    /// No answer within [`REVIEW_TIMEOUT`].
+    #[error("{0}: no answer within {REVIEW_TIMEOUT:?}")]
+    Timeout(&'static str),
+    /// The API server refused or could not be reached.
+    #[error("{0}: {1}")]
+    Api(&'static str, kube::Error),
+}
+
 impl KubeAuth {
     /// Reviews with `client`; `own_token` is the file of this pod's ServiceAccount token,
     /// which it sends to its peer replicas.
@@ -167,22 +181,22 @@ impl KubeAuth {
     /// Runs one review call within [`MAX_IN_FLIGHT`] and [`REVIEW_TIMEOUT`].
     async fn bounded<T>(
         &self,
-        what: &str,
+        what: &'static str,
         call: impl std::future::Future<Output = Result<T, kube::Error>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, ReviewError> {
         let _permit = self
             .permits
             .try_acquire()
-            .map_err(|_| format!("{what}: {MAX_IN_FLIGHT} reviews already in flight"))?;
+            .map_err(|_| ReviewError::Busy(what))?;
         tokio::time::timeout(REVIEW_TIMEOUT, call)
             .await
-            .map_err(|_| format!("{what}: no answer within {REVIEW_TIMEOUT:?}"))?
-            .map_err(|e| format!("{what}: {e}"))
+            .map_err(|_| ReviewError::Timeout(what))?
+            .map_err(|e| ReviewError::Api(what, e))
     }
 
     /// Who `token` is: `Ok(None)` when the API server does not accept it, `Err` when it
     /// could not be asked.
-    pub async fn authenticate(&self, token: &str) -> Result<Option<KubeUser>, String> {
+    pub async fn authenticate(&self, token: &str) -> Result<Option<KubeUser>, ReviewError> {
         if let Some(user) = lock(&self.users).get(&token.to_string(), Instant::now()) {
             return Ok(user);
         }
@@ -225,7 +239,7 @@ impl KubeAuth {
         user: &KubeUser,
         verb: &str,
         path: &str,
-    ) -> Result<Decision, String> {
+    ) -> Result<Decision, ReviewError> {
         let key = (user.name.clone(), verb.to_string(), path.to_string());
         if let Some(d) = lock(&self.decisions).get(&key, Instant::now()) {
             return Ok(d);

@@ -230,10 +230,35 @@ impl SelfManaged {
     }
 }
 
+/// Why a round of the self-managed certificate did not complete (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The Kubernetes API refused or could not be reached.
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    /// A certificate could not be made.
+    #[error("{0}")]
+    Issue(#[from] rcgen::Error),
+    /// Another replica wrote the Secret first (its certificate is used next round).
+    #[error("another replica wrote the Secret first")]
+    Conflict,
+    /// A webhook configuration the chart should have installed is missing.
+    #[error("{kind} {name} does not exist")]
+    Missing {
+        /// Its kind.
+        kind: String,
+        /// Its name.
+        name: String,
+    },
+    /// A webhook configuration did not convert to JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// One round: the bundle in force after reading (and, if needed, writing) the Secret.
-async fn ensure(api: &Api<Secret>, s: &SelfManaged) -> Result<Bundle, String> {
+async fn ensure(api: &Api<Secret>, s: &SelfManaged) -> Result<Bundle, CertError> {
     let now = Timestamp::now();
-    let current = api.get_opt(&s.secret).await.map_err(|e| e.to_string())?;
+    let current = api.get_opt(&s.secret).await?;
     let existing = current.as_ref().and_then(from_secret);
     if let Some(b) = &existing
         && !needs_renewal(b, &s.dns_names, now)
@@ -242,9 +267,9 @@ async fn ensure(api: &Api<Secret>, s: &SelfManaged) -> Result<Bundle, String> {
     }
     let (ca_pem, ca_key_pem) = match &existing {
         Some(b) => (b.ca_pem.clone(), b.ca_key_pem.clone()),
-        None => new_ca(now).map_err(|e| e.to_string())?,
+        None => new_ca(now)?,
     };
-    let bundle = issue(&ca_pem, &ca_key_pem, &s.dns_names, now).map_err(|e| e.to_string())?;
+    let bundle = issue(&ca_pem, &ca_key_pem, &s.dns_names, now)?;
     let mut secret = to_secret(&bundle, &s.secret, &s.namespace);
     let written = match current {
         None => api.create(&PostParams::default(), &secret).await,
@@ -260,15 +285,13 @@ async fn ensure(api: &Api<Secret>, s: &SelfManaged) -> Result<Bundle, String> {
             Ok(bundle)
         }
         // Another replica wrote first: use its certificate next round.
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            Err("another replica wrote the Secret first".into())
-        }
-        Err(e) => Err(e.to_string()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(CertError::Conflict),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Sets `caBundle` on every webhook of a configuration, when it differs.
-async fn set_ca_bundle<K>(api: &Api<K>, name: &str, ca: &str) -> Result<bool, String>
+async fn set_ca_bundle<K>(api: &Api<K>, name: &str, ca: &str) -> Result<bool, CertError>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -276,10 +299,13 @@ where
         + serde::Serialize
         + std::fmt::Debug,
 {
-    let Some(config) = api.get_opt(name).await.map_err(|e| e.to_string())? else {
-        return Err(format!("{} {name} does not exist", K::kind(&())));
+    let Some(config) = api.get_opt(name).await? else {
+        return Err(CertError::Missing {
+            kind: K::kind(&()).to_string(),
+            name: name.to_string(),
+        });
     };
-    let mut value = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+    let mut value = serde_json::to_value(&config)?;
     let encoded = base64::engine::general_purpose::STANDARD.encode(ca);
     let Some(webhooks) = value["webhooks"].as_array_mut() else {
         return Ok(false);
@@ -299,8 +325,7 @@ where
         "webhooks": value["webhooks"],
     });
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(true)
 }
 
