@@ -129,13 +129,8 @@ mod tests {
     use super::*;
     use crate::ctl::args::CtlCommand;
     use crate::ctl::render::render;
-    use crate::ctl::render::tests::view;
+    use crate::ctl::render::tests::{CDS, EDS, LDS, RDS, view};
     use serde_json::{Value, json};
-
-    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
     fn diff_type(t: &str, url: &str, version: &str, names: &[&str]) -> Value {
         json!({"type": t, "type_url": url, "sent_version": version, "acked_version": version,

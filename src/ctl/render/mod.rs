@@ -336,10 +336,11 @@ pub(crate) mod tests {
         assert_eq!(pretty_json(&pretty.replace("  ", " ")), pretty);
     }
 
-    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub(crate) const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub(crate) const EDS: &str =
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub(crate) const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub(crate) const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
     #[test]
     fn type_names() {

@@ -161,13 +161,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::ctl::render::tests::view;
+    use crate::ctl::render::tests::{CDS, EDS, LDS, RDS, view};
     use serde_json::{Value, json};
-
-    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
     /// `p` with the fields `/api/proxies/{node}` adds, where missing, empty.
     fn detail(mut p: Value) -> ProxyDetail {
