@@ -40,7 +40,7 @@ pub use removal::{Verdict, removal_verdict};
 pub use watch::{DatacenterWatch, WatchCommand, WatchEvent, WatchSettings};
 pub use wire::{CheckFingerprints, HealthPolicy, changed_services, parse_checks, parse_health};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -210,6 +210,8 @@ struct DatacenterDriver {
     tx: tokio::sync::mpsc::Sender<WatchEvent>,
     /// Blocking queries, fetches and wake-up timers.
     tasks: tokio::task::JoinSet<()>,
+    /// The service each running fetch task is fetching.
+    fetches: HashMap<tokio::task::Id, String>,
 }
 
 impl DatacenterDriver {
@@ -228,14 +230,15 @@ impl DatacenterDriver {
         match command {
             WatchCommand::WatchCatalog => self.spawn_query(CATALOG),
             WatchCommand::Fetch(service) => {
-                self.tasks.spawn(fetch_service(
+                let task = self.tasks.spawn(fetch_service(
                     self.client.clone(),
                     self.dc.clone(),
                     ctx.health,
                     ctx.own_node.clone(),
-                    service,
+                    service.clone(),
                     self.tx.clone(),
                 ));
+                self.fetches.insert(task.id(), service);
             }
             WatchCommand::Publish { service, endpoints } => {
                 let object = IndexObject::Endpoints(EndpointSet {
@@ -262,6 +265,23 @@ impl DatacenterDriver {
             WatchCommand::MarkSynced => mark_synced(ctx, source),
         }
     }
+
+    /// A task ended; a fetch that ended without sending its answer becomes an event.
+    fn task_ended(
+        &mut self,
+        ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) -> Option<WatchEvent> {
+        match ended {
+            Ok((id, ())) => {
+                self.fetches.remove(&id);
+                None
+            }
+            Err(e) => {
+                tracing::error!(dc = %self.dc, error = %e, "a Consul watch task ended without an answer");
+                self.fetches.remove(&e.id()).map(WatchEvent::FetchLost)
+            }
+        }
+    }
 }
 
 /// Watches one datacenter forever.
@@ -286,6 +306,7 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
         ctx,
         tx,
         tasks: tokio::task::JoinSet::new(),
+        fetches: HashMap::new(),
     };
     // The checks baseline comes first; the state machine asks for the catalog after it.
     driver.spawn_query(CHECKS);
@@ -295,7 +316,12 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
         let event = tokio::select! {
             Some(e) = rx.recv() => e,
             _ = resync.tick() => WatchEvent::ResyncDue,
-            Some(_) = driver.tasks.join_next(), if !driver.tasks.is_empty() => continue,
+            Some(ended) = driver.tasks.join_next_with_id(), if !driver.tasks.is_empty() => {
+                match driver.task_ended(ended) {
+                    Some(lost) => lost,
+                    None => continue,
+                }
+            }
         };
         for command in watch.handle(event, started.elapsed()) {
             driver.execute(command);

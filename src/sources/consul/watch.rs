@@ -59,6 +59,9 @@ pub enum WatchEvent {
         /// Why.
         error: ConsulError,
     },
+    /// The fetch of `service` ended without an answer (its task panicked): retried like a
+    /// failure, so the service is not left "in flight" forever.
+    FetchLost(String),
     /// The wake-up asked for by [`WatchCommand::WakeAfter`] is due.
     RetryDue(String),
     /// Time to fetch every listed service again, repairing any drift.
@@ -163,7 +166,8 @@ impl DatacenterWatch {
                 acl_filtered,
                 elapsed,
             } => self.health_answered(service, endpoints, acl_filtered, elapsed, now),
-            WatchEvent::HealthFailed { service, error } => self.health_failed(service, error),
+            WatchEvent::HealthFailed { service, error } => self.health_failed(service, Some(error)),
+            WatchEvent::FetchLost(service) => self.health_failed(service, None),
             WatchEvent::RetryDue(service) => {
                 let mut out = Vec::new();
                 if self.listed(&service) {
@@ -331,18 +335,16 @@ impl DatacenterWatch {
         out
     }
 
-    fn health_failed(&mut self, service: String, error: ConsulError) -> Vec<WatchCommand> {
+    fn health_failed(&mut self, service: String, error: Option<ConsulError>) -> Vec<WatchCommand> {
         self.in_flight.remove(&service);
         let listed = self.listed(&service);
         let failures = self.failures.entry(service.clone()).or_default();
         *failures += 1;
-        let mut out = vec![
-            WatchCommand::ReportError(error),
-            WatchCommand::WakeAfter {
-                service: service.clone(),
-                wait: backoff(*failures),
-            },
-        ];
+        let mut out: Vec<WatchCommand> = error.map(WatchCommand::ReportError).into_iter().collect();
+        out.push(WatchCommand::WakeAfter {
+            service: service.clone(),
+            wait: backoff(*failures),
+        });
         self.refetch_if_dirty(service, listed, &mut out);
         out
     }
@@ -601,6 +603,27 @@ mod tests {
         w.handle(WatchEvent::ResyncDue, Duration::ZERO);
         let out = w.handle(failed("orders"), Duration::ZERO);
         assert_eq!(wake_ups(&out), [("orders", Duration::from_millis(250))]);
+    }
+
+    #[test]
+    fn a_lost_fetch_is_retried_and_does_not_block_the_service() {
+        let mut w = watching(&["orders"]);
+        assert_eq!(
+            fetched(&w.handle(WatchEvent::ResyncDue, Duration::ZERO)),
+            ["orders"]
+        );
+        let out = w.handle(WatchEvent::FetchLost("orders".into()), Duration::ZERO);
+        assert!(
+            published(&out).is_empty() && removed(&out).is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(wake_ups(&out), [("orders", Duration::from_millis(250))]);
+        assert_eq!(w.in_flight(), 0);
+        assert_eq!(
+            fetched(&w.handle(checks(&[("orders", 2)]), Duration::ZERO)),
+            ["orders"],
+            "the service stayed in flight"
+        );
     }
 
     #[test]
