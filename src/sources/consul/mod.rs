@@ -1,4 +1,5 @@
-//! The Consul source: every instance in the Consul catalog becomes a model [`Endpoint`].
+//! The Consul source: every instance in the Consul catalog becomes a model
+//! [`Endpoint`](crate::model::Endpoint).
 //!
 //! Per datacenter, two blocking queries (developer.hashicorp.com/consul/api-docs/features/blocking)
 //! stay open whatever the number of services: `/v1/health/state/any` tells which services'
@@ -19,13 +20,16 @@
 //! index rules are pure functions, tested directly.
 //!
 //! Layout: `client` (the HTTP client, token, limits and index rules), `wire` (Consul's
-//! answers and their parsers), `damper` (flap damping) and `removal` (holding suspect
-//! removals) are pure or nearly; this module is the driver: one task per datacenter running
-//! the two blocking queries and applying what changed to the index.
+//! answers and their parsers), `damper` (flap damping), `removal` (holding suspect
+//! removals) and `watch` (what a datacenter's watch remembers and decides: events in,
+//! commands out) are pure or nearly; this module is the driver: one task per datacenter
+//! running the two blocking queries and the fetches, feeding their answers to the watch and
+//! performing its commands (index, status, metrics, timers).
 
 mod client;
 mod damper;
 mod removal;
+mod watch;
 mod wire;
 
 pub use client::{
@@ -33,14 +37,14 @@ pub use client::{
 };
 pub use damper::FlapDamper;
 pub use removal::{Verdict, removal_verdict};
+pub use watch::{DatacenterWatch, WatchCommand, WatchEvent, WatchSettings};
 pub use wire::{CheckFingerprints, HealthPolicy, changed_services, parse_checks, parse_health};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::index::{EndpointSet, IndexObject};
-use crate::model::Endpoint;
 
 use super::SourceStatuses;
 use wire::parse_catalog;
@@ -75,43 +79,46 @@ fn seed(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
-enum DcEvent {
-    Catalog {
-        services: BTreeMap<String, Vec<String>>,
-        acl_filtered: bool,
-    },
-    Checks(CheckFingerprints),
-    Fetched {
-        service: String,
-        /// The instances, and whether Consul hid some from this token.
-        result: Result<(Vec<Endpoint>, bool), ConsulError>,
-        elapsed: Duration,
-    },
-    Retry(String),
-    Resync,
-}
-
 /// How often every service of a datacenter is fetched again, repairing any drift.
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Runs one blocking query forever, sending each parsed answer; errors back off and are
-/// recorded, the last answer stays in force.
 /// One kind of blocking query a datacenter keeps open.
 struct BlockingQuery<T> {
     path: &'static str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
     /// Makes the event of an answer (and whether Consul hid results from the token).
-    wrap: fn(T, bool) -> DcEvent,
+    wrap: fn(T, bool) -> WatchEvent,
     /// Pause after each answer (large answers are not fetched more often than this).
     pause: Duration,
 }
 
+/// The checks query: which services' instances or health changed.
+const CHECKS: BlockingQuery<CheckFingerprints> = BlockingQuery {
+    path: "/v1/health/state/any",
+    parse: parse_checks,
+    wrap: |checks, _| WatchEvent::ChecksAnswered(checks),
+    pause: Duration::from_millis(100),
+};
+
+/// The catalog query: which services appeared, left or changed tags.
+const CATALOG: BlockingQuery<BTreeMap<String, Vec<String>>> = BlockingQuery {
+    path: "/v1/catalog/services",
+    parse: parse_catalog,
+    wrap: |services, acl_filtered| WatchEvent::CatalogAnswered {
+        services,
+        acl_filtered,
+    },
+    pause: Duration::ZERO,
+};
+
+/// Runs one blocking query forever, sending each parsed answer; errors back off and are
+/// recorded, the last answer stays in force.
 async fn blocking_watch<T: Send + 'static>(
     client: ConsulClient,
     dc: String,
     ctx: ConsulContext,
     query: BlockingQuery<T>,
-    tx: tokio::sync::mpsc::Sender<DcEvent>,
+    tx: tokio::sync::mpsc::Sender<WatchEvent>,
 ) {
     let BlockingQuery {
         path,
@@ -159,261 +166,165 @@ async fn blocking_watch<T: Send + 'static>(
     }
 }
 
+/// Fetches one service's instances (non-blocking, bounded by the client's permits) and
+/// sends the answer or the failure.
+async fn fetch_service(
+    client: ConsulClient,
+    dc: String,
+    policy: HealthPolicy,
+    own_node: Option<String>,
+    service: String,
+    tx: tokio::sync::mpsc::Sender<WatchEvent>,
+) {
+    let path = format!("/v1/health/service/{service}");
+    let started = std::time::Instant::now();
+    let result = client
+        .get_answer(&path, Some(&dc), 0, 0)
+        .await
+        .and_then(|a| {
+            parse_health(&a.body, &dc, policy, own_node.as_deref())
+                .map(|endpoints| (endpoints, a.acl_filtered))
+                .map_err(|source| ConsulError::Malformed {
+                    url: format!("{path}?dc={dc}"),
+                    source,
+                })
+        });
+    let event = match result {
+        Ok((endpoints, acl_filtered)) => WatchEvent::HealthAnswered {
+            service,
+            endpoints,
+            acl_filtered,
+            elapsed: started.elapsed(),
+        },
+        Err(error) => WatchEvent::HealthFailed { service, error },
+    };
+    let _ = tx.send(event).await;
+}
+
+/// The IO side of one datacenter's watch: performs the state machine's commands.
+struct DatacenterDriver {
+    client: ConsulClient,
+    dc: String,
+    source: String,
+    ctx: ConsulContext,
+    tx: tokio::sync::mpsc::Sender<WatchEvent>,
+    /// Blocking queries, fetches and wake-up timers.
+    tasks: tokio::task::JoinSet<()>,
+    /// The service each running fetch task is fetching.
+    fetches: HashMap<tokio::task::Id, String>,
+}
+
+impl DatacenterDriver {
+    fn spawn_query<T: Send + 'static>(&mut self, query: BlockingQuery<T>) {
+        self.tasks.spawn(blocking_watch(
+            self.client.clone(),
+            self.dc.clone(),
+            self.ctx.clone(),
+            query,
+            self.tx.clone(),
+        ));
+    }
+
+    fn execute(&mut self, command: WatchCommand) {
+        let (ctx, source, dc) = (&self.ctx, self.source.as_str(), self.dc.as_str());
+        match command {
+            WatchCommand::WatchCatalog => self.spawn_query(CATALOG),
+            WatchCommand::Fetch(service) => {
+                let task = self.tasks.spawn(fetch_service(
+                    self.client.clone(),
+                    self.dc.clone(),
+                    ctx.health,
+                    ctx.own_node.clone(),
+                    service.clone(),
+                    self.tx.clone(),
+                ));
+                self.fetches.insert(task.id(), service);
+            }
+            WatchCommand::Publish { service, endpoints } => {
+                let object = IndexObject::Endpoints(EndpointSet {
+                    service: service.clone(),
+                    endpoints,
+                });
+                ctx.index.apply(source, &service, vec![object]);
+            }
+            WatchCommand::Remove(service) => {
+                ctx.index.delete(source, &service);
+                tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
+            }
+            WatchCommand::WakeAfter { service, wait } => {
+                let tx = self.tx.clone();
+                self.tasks.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(WatchEvent::RetryDue(service)).await;
+                });
+            }
+            WatchCommand::Hold(why) => hold(ctx, source, dc, &why),
+            WatchCommand::ClearHold => clear_hold(ctx, source),
+            WatchCommand::ReportError(e) => record_error(ctx, dc, &e),
+            WatchCommand::ObserveSync(elapsed) => ctx.statuses.observe_sync(source, elapsed),
+            WatchCommand::MarkSynced => mark_synced(ctx, source),
+        }
+    }
+
+    /// A task ended; a fetch that ended without sending its answer becomes an event.
+    fn task_ended(
+        &mut self,
+        ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) -> Option<WatchEvent> {
+        match ended {
+            Ok((id, ())) => {
+                self.fetches.remove(&id);
+                None
+            }
+            Err(e) => {
+                tracing::error!(dc = %self.dc, error = %e, "a Consul watch task ended without an answer");
+                self.fetches.remove(&e.id()).map(WatchEvent::FetchLost)
+            }
+        }
+    }
+}
+
 /// Watches one datacenter forever.
 ///
 /// Two blocking queries per datacenter, whatever the number of services: the checks
 /// (`/v1/health/state/any`) tell which services' instances or health changed, the catalog
 /// (`/v1/catalog/services`) which services appeared, left or changed tags. Only those
 /// services are fetched (`/v1/health/service/<name>`, non-blocking, bounded by the client's
-/// permits); every `RESYNC` (5 minutes) all are, repairing drift. The checks baseline is taken before
-/// the first full fetch, so no change can fall between the two.
+/// permits); every `RESYNC` (5 minutes) all are, repairing drift. What to do with each
+/// answer is decided by the pure [`DatacenterWatch`]; this loop waits for answers and
+/// timers and performs its commands.
 pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulContext) {
-    let source = source_name(&dc);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<DcEvent>(64);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(blocking_watch(
-        client.clone(),
-        dc.clone(),
-        ctx.clone(),
-        BlockingQuery {
-            path: "/v1/health/state/any",
-            parse: parse_checks,
-            wrap: |checks, _| DcEvent::Checks(checks),
-            pause: Duration::from_millis(100),
-        },
-        tx.clone(),
-    ));
-    let mut catalog: Option<BTreeMap<String, Vec<String>>> = None;
-    let mut checks: Option<CheckFingerprints> = None;
-    let mut pending_sync: Option<BTreeSet<String>> = None;
-    let mut in_flight: BTreeSet<String> = BTreeSet::new();
-    let mut dirty: BTreeSet<String> = BTreeSet::new();
-    let mut failures: BTreeMap<String, u32> = BTreeMap::new();
-    // Catalog removals held back, and since when the same removal has been answered.
-    let mut held: Option<(BTreeSet<String>, tokio::time::Instant)> = None;
-    let mut dampers: BTreeMap<String, FlapDamper> = BTreeMap::new();
-    let started = tokio::time::Instant::now();
-    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
-    let fetch = |service: String,
-                 in_flight: &mut BTreeSet<String>,
-                 dirty: &mut BTreeSet<String>,
-                 tasks: &mut tokio::task::JoinSet<()>| {
-        if !in_flight.insert(service.clone()) {
-            dirty.insert(service);
-            return;
-        }
-        let (client, dc, tx, policy) = (client.clone(), dc.clone(), tx.clone(), ctx.health);
-        let own_node = ctx.own_node.clone();
-        tasks.spawn(async move {
-            let path = format!("/v1/health/service/{service}");
-            let started = std::time::Instant::now();
-            let result = client
-                .get_answer(&path, Some(&dc), 0, 0)
-                .await
-                .and_then(|a| {
-                    parse_health(&a.body, &dc, policy, own_node.as_deref())
-                        .map(|endpoints| (endpoints, a.acl_filtered))
-                        .map_err(|source| ConsulError::Malformed {
-                            url: format!("{path}?dc={dc}"),
-                            source,
-                        })
-                });
-            let elapsed = started.elapsed();
-            let _ = tx
-                .send(DcEvent::Fetched {
-                    service,
-                    result,
-                    elapsed,
-                })
-                .await;
-        });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<WatchEvent>(64);
+    let mut watch = DatacenterWatch::new(WatchSettings {
+        flap_hold: ctx.flap_hold,
+        confirm_removal: ctx.confirm_removal,
+    });
+    let mut driver = DatacenterDriver {
+        client,
+        source: source_name(&dc),
+        dc,
+        ctx,
+        tx,
+        tasks: tokio::task::JoinSet::new(),
+        fetches: HashMap::new(),
     };
+    // The checks baseline comes first; the state machine asks for the catalog after it.
+    driver.spawn_query(CHECKS);
+    let started = tokio::time::Instant::now();
+    let mut resync = tokio::time::interval_at(started + RESYNC, RESYNC);
     loop {
         let event = tokio::select! {
             Some(e) = rx.recv() => e,
-            _ = resync.tick() => DcEvent::Resync,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            _ = resync.tick() => WatchEvent::ResyncDue,
+            Some(ended) = driver.tasks.join_next_with_id(), if !driver.tasks.is_empty() => {
+                match driver.task_ended(ended) {
+                    Some(lost) => lost,
+                    None => continue,
+                }
+            }
         };
-        match event {
-            DcEvent::Checks(new) => {
-                let changed = match &checks {
-                    Some(old) => changed_services(old, &new),
-                    None => {
-                        // Baseline taken: now the catalog, and the first full fetch.
-                        tasks.spawn(blocking_watch(
-                            client.clone(),
-                            dc.clone(),
-                            ctx.clone(),
-                            BlockingQuery {
-                                path: "/v1/catalog/services",
-                                parse: parse_catalog,
-                                wrap: |services, acl_filtered| DcEvent::Catalog {
-                                    services,
-                                    acl_filtered,
-                                },
-                                pause: Duration::ZERO,
-                            },
-                            tx.clone(),
-                        ));
-                        BTreeSet::new()
-                    }
-                };
-                checks = Some(new);
-                let known = catalog.as_ref();
-                for service in changed {
-                    if known.is_some_and(|c| c.contains_key(&service)) {
-                        fetch(service, &mut in_flight, &mut dirty, &mut tasks);
-                    }
-                }
-            }
-            DcEvent::Catalog {
-                services: mut new,
-                acl_filtered,
-            } => {
-                let old = catalog.take().unwrap_or_default();
-                let leaving: BTreeSet<String> = old
-                    .keys()
-                    .filter(|s| !new.contains_key(*s))
-                    .cloned()
-                    .collect();
-                let held_for = held
-                    .as_ref()
-                    .filter(|(set, _)| *set == leaving)
-                    .map(|(_, since)| since.elapsed());
-                match removal_verdict(
-                    old.len(),
-                    leaving.len(),
-                    acl_filtered,
-                    held_for,
-                    ctx.confirm_removal,
-                ) {
-                    Verdict::Apply => {
-                        if held.take().is_some() {
-                            clear_hold(&ctx, &source);
-                        }
-                        for service in &leaving {
-                            dampers.remove(service);
-                            ctx.index.delete(&source, service);
-                            tracing::info!(dc = %dc, service = %service, "service left the Consul catalog");
-                        }
-                    }
-                    Verdict::Hold(why) => {
-                        // The services stay, as last known, until the answer is confirmed.
-                        for service in &leaving {
-                            new.insert(service.clone(), old[service].clone());
-                        }
-                        if held_for.is_none() {
-                            held = Some((leaving, tokio::time::Instant::now()));
-                        }
-                        hold(&ctx, &source, &dc, &why);
-                    }
-                }
-                if pending_sync.is_none() {
-                    pending_sync = Some(new.keys().cloned().collect());
-                    mark_synced_if_done(pending_sync.as_ref(), &ctx, &source);
-                }
-                for (service, tags) in &new {
-                    if old.get(service) != Some(tags) {
-                        fetch(service.clone(), &mut in_flight, &mut dirty, &mut tasks);
-                    }
-                }
-                catalog = Some(new);
-            }
-            DcEvent::Fetched {
-                service,
-                result,
-                elapsed,
-            } => {
-                in_flight.remove(&service);
-                if result.is_ok() {
-                    ctx.statuses.observe_sync(&source, elapsed);
-                }
-                let listed = catalog.as_ref().is_some_and(|c| c.contains_key(&service));
-                let known_instances = || {
-                    ctx.index.read(|i| {
-                        i.get(&source, &service)
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|o| match o {
-                                IndexObject::Endpoints(set) => set.endpoints.len(),
-                                _ => 0,
-                            })
-                            .sum::<usize>()
-                    })
-                };
-                match result {
-                    // A service whose removal from the catalog is held keeps its instances
-                    // too.
-                    Ok((endpoints, _))
-                        if endpoints.is_empty()
-                            && held.as_ref().is_some_and(|(set, _)| set.contains(&service)) => {}
-                    // Consul hid this service's instances from the token: the last known stay.
-                    Ok((endpoints, true))
-                        if listed && endpoints.is_empty() && known_instances() > 0 =>
-                    {
-                        hold(
-                            &ctx,
-                            &source,
-                            &dc,
-                            &format!(
-                                "Consul hid the instances of {service} from this token (X-Consul-Results-Filtered-By-ACLs); the last known stay (grant the token service:read and node:read)"
-                            ),
-                        );
-                    }
-                    Ok((mut endpoints, _)) if listed => {
-                        failures.remove(&service);
-                        let damper = dampers.entry(service.clone()).or_default();
-                        let now = started.elapsed();
-                        if let Some(wait) = damper.damp(now, ctx.flap_hold, &mut endpoints) {
-                            let (tx, retry) = (tx.clone(), service.clone());
-                            tasks.spawn(async move {
-                                tokio::time::sleep(wait).await;
-                                let _ = tx.send(DcEvent::Retry(retry)).await;
-                            });
-                        }
-                        let object = IndexObject::Endpoints(EndpointSet {
-                            service: service.clone(),
-                            endpoints,
-                        });
-                        ctx.index.apply(&source, &service, vec![object]);
-                        if let Some(set) = pending_sync.as_mut()
-                            && set.remove(&service)
-                        {
-                            mark_synced_if_done(pending_sync.as_ref(), &ctx, &source);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        record_error(&ctx, &dc, &e);
-                        let n = failures.entry(service.clone()).or_default();
-                        *n += 1;
-                        let (tx, wait) = (tx.clone(), backoff(*n));
-                        let retry = service.clone();
-                        tasks.spawn(async move {
-                            tokio::time::sleep(wait).await;
-                            let _ = tx.send(DcEvent::Retry(retry)).await;
-                        });
-                    }
-                }
-                if dirty.remove(&service) && listed {
-                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
-                }
-            }
-            DcEvent::Retry(service) => {
-                if catalog.as_ref().is_some_and(|c| c.contains_key(&service)) {
-                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
-                }
-            }
-            DcEvent::Resync => {
-                for service in catalog
-                    .iter()
-                    .flat_map(|c| c.keys())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                {
-                    fetch(service, &mut in_flight, &mut dirty, &mut tasks);
-                }
-            }
+        for command in watch.handle(event, started.elapsed()) {
+            driver.execute(command);
         }
     }
 }
@@ -444,17 +355,16 @@ fn clear_hold(ctx: &ConsulContext, source: &str) {
     });
 }
 
-fn mark_synced_if_done(pending: Option<&BTreeSet<String>>, ctx: &ConsulContext, source: &str) {
-    if pending.is_some_and(BTreeSet::is_empty) {
-        let now = super::now_secs();
-        ctx.statuses.update(source, |s| {
-            if !s.synced {
-                tracing::info!(source, "first full Consul sync complete");
-            }
-            s.synced = true;
-            s.last_sync = Some(now);
-        });
-    }
+/// Marks the datacenter's first full sync done (`/readyz`).
+fn mark_synced(ctx: &ConsulContext, source: &str) {
+    let now = super::now_secs();
+    ctx.statuses.update(source, |s| {
+        if !s.synced {
+            tracing::info!(source, "first full Consul sync complete");
+        }
+        s.synced = true;
+        s.last_sync = Some(now);
+    });
 }
 
 fn record_ok(ctx: &ConsulContext, dc: &str) {
@@ -489,7 +399,8 @@ fn record_error(ctx: &ConsulContext, dc: &str, e: &ConsulError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Origin;
+    use crate::model::{Endpoint, Origin};
+    use std::collections::BTreeSet;
 
     #[test]
     fn hidden_or_mass_removals_are_held_and_small_ones_apply() {
