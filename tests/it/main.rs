@@ -29,6 +29,7 @@ mod inject;
 mod inject_e2e;
 mod kube_e2e;
 mod kube_fake;
+mod layering;
 mod properties;
 mod translate_snapshots;
 mod ui_e2e;
