@@ -20,6 +20,9 @@ demo: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	command -v cargo-deny >/dev/null || cargo install cargo-deny --locked --version 0.20.2
+	cargo fetch --locked
+	cargo deny --offline check bans licenses
 	bash tests/ui/setup.sh
 	ENVOY_BIN=$(abspath $(ENVOY)) cargo test
 
