@@ -168,6 +168,7 @@ async fn blocking_watch<T: Send + 'static>(
 
 /// Fetches one service's instances (non-blocking, bounded by the client's permits) and
 /// sends the answer or the failure.
+#[tracing::instrument(name = "fetch", skip_all, fields(service = %service))]
 async fn fetch_service(
     client: ConsulClient,
     dc: String,
