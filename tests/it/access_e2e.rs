@@ -14,7 +14,8 @@ use crate::support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use support::fixtures::{AccessRule, Fixture, MeshService, manifests};
 use support::{
     Backend, ControlPlane, Envoy, EnvoyOptions, HttpResponse, TlsError, TlsFiles, eventually,
     free_port, http_request, http_request_from, issue_identity, spiffe_id, tls_request,
@@ -53,23 +54,41 @@ mod field {
 // ---------------------------------------------------------------------------------------
 // Set-up helpers
 
-/// One manifest document.
-fn doc(kind: &str, name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
-    )
+/// `service`'s instance at 127.0.0.1:`ingress`, with `mtls` mode `mode`.
+fn callee_service(service: &str, ingress: u16, mode: &str) -> MeshService {
+    MeshService::build(service)
+        .set("mtls", mode)
+        .endpoint("127.0.0.1", ingress)
 }
 
-fn mesh_service(name: &str, spec: &str) -> String {
-    doc("MeshService", name, spec)
+/// A service calling `orders`.
+fn orders_caller(service: &str) -> MeshService {
+    MeshService::build(service).dependency("orders")
 }
 
-fn access_rule(name: &str, spec: &str) -> String {
-    doc("AccessRule", name, spec)
+/// The rule `orders-callers`: only `callers` may call orders.
+fn orders_callers(callers: &[&str]) -> AccessRule {
+    AccessRule::build("orders-callers")
+        .target("orders")
+        .allow(callers)
 }
 
-fn manifests(docs: &[String]) -> String {
-    docs.join("---\n")
+/// What a test with one callee prepares first: the certificates, the callee's app
+/// (`<service> a`) and a free port for its Envoy's ingress.
+struct Callee {
+    pki: Pki,
+    app: Backend,
+    ingress: u16,
+}
+
+impl Callee {
+    async fn prepare(service: &str) -> Callee {
+        Callee {
+            pki: Pki::new(),
+            app: Backend::start(service, "a").await,
+            ingress: free_port(),
+        }
+    }
 }
 
 /// Certificates: `mesh` is the CA every proxy trusts, `other` an unrelated one.
@@ -378,20 +397,15 @@ static_resources:
 /// orders requires mTLS; only checkout may GET under /api/; billing calls too.
 fn strict_orders_mesh(orders_ingress: u16, action: &str) -> String {
     manifests(&[
-        mesh_service(
-            "orders",
-            &format!(
-                "{{mtls: strict, endpoints: [{{address: 127.0.0.1, port: {orders_ingress}}}]}}"
+        &callee_service("orders", orders_ingress, "strict"),
+        &orders_caller("checkout"),
+        &orders_caller("billing"),
+        &AccessRule::build("orders-callers")
+            .target("orders")
+            .action(action)
+            .allow_with(
+                json!({"from": ["checkout"], "paths": [{"prefix": "/api/"}], "methods": ["GET"]}),
             ),
-        ),
-        mesh_service("checkout", "{dependencies: [{service: orders}]}"),
-        mesh_service("billing", "{dependencies: [{service: orders}]}"),
-        access_rule(
-            "orders-callers",
-            &format!(
-                "{{target: orders, action: {action}, rules: [{{from: [checkout], paths: [{{prefix: /api/}}], methods: [GET]}}]}}"
-            ),
-        ),
     ])
 }
 
@@ -401,9 +415,7 @@ fn strict_orders_mesh(orders_ingress: u16, action: &str) -> String {
 /// counts and logs each decision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let cp = ControlPlane::start(&strict_orders_mesh(ingress, "deny"), &[]).await;
     let orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
     let checkout = caller(&cp, "checkout", Some(pki.identity("checkout"))).await;
@@ -486,9 +498,7 @@ async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
 /// logs it as a shadow denial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_mode_lets_unnamed_callers_through_and_records_a_shadow_denial() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let cp = ControlPlane::start(&strict_orders_mesh(ingress, "log"), &[]).await;
     let orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
     let billing = caller(&cp, "billing", Some(pki.identity("billing"))).await;
@@ -528,25 +538,24 @@ async fn log_mode_lets_unnamed_callers_through_and_records_a_shadow_denial() {
 /// what the other allows. A caller nobody knows is reported by the admin API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let mesh = manifests(&[
-        mesh_service(
-            "orders",
-            &format!("{{mtls: strict, endpoints: [{{address: 127.0.0.1, port: {ingress}}}]}}"),
-        ),
-        mesh_service("checkout", "{dependencies: [{service: orders}]}"),
-        mesh_service("billing", "{dependencies: [{service: orders}]}"),
-        access_rule(
-            "checkout-reads",
-            // A regex beyond Envoy's default RE2 size limit (100): still enforced.
-            "{target: orders, rules: [{from: [checkout], paths: [{prefix: /a/}, {regex: '/orders/[a-z0-9-]{1,36}/items/[0-9]+'}]}]}",
-        ),
-        access_rule(
-            "billing-reports",
-            "{target: orders, rules: [{from: [billing, ghost], paths: [{exact: /b}]}]}",
-        ),
+        &callee_service("orders", ingress, "strict"),
+        &orders_caller("checkout"),
+        &orders_caller("billing"),
+        // A regex beyond Envoy's default RE2 size limit (100): still enforced.
+        &AccessRule::build("checkout-reads")
+            .target("orders")
+            .allow_with(json!({
+                "from": ["checkout"],
+                "paths": [{"prefix": "/a/"}, {"regex": "/orders/[a-z0-9-]{1,36}/items/[0-9]+"}],
+            })),
+        &AccessRule::build("billing-reports")
+            .target("orders")
+            .allow_with(json!({
+                "from": ["billing", "ghost"],
+                "paths": [{"exact": "/b"}],
+            })),
     ]);
     let cp = ControlPlane::start(&mesh, &[]).await;
     let _orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
@@ -638,16 +647,14 @@ async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() 
 // ---------------------------------------------------------------------------------------
 // Mutual TLS on the ingress
 
-fn orders_with_mtls(ingress: u16, mode: &str, rule: Option<&str>) -> String {
-    let mut docs = vec![
-        mesh_service(
-            "orders",
-            &format!("{{mtls: {mode}, endpoints: [{{address: 127.0.0.1, port: {ingress}}}]}}"),
-        ),
-        mesh_service("checkout", "{dependencies: [{service: orders}]}"),
-    ];
+fn orders_with_mtls(ingress: u16, mode: &str, rule: Option<&AccessRule>) -> String {
+    let (orders, checkout) = (
+        callee_service("orders", ingress, mode),
+        orders_caller("checkout"),
+    );
+    let mut docs: Vec<&dyn Fixture> = vec![&orders, &checkout];
     if let Some(rule) = rule {
-        docs.push(access_rule("orders-callers", rule));
+        docs.push(rule);
     }
     manifests(&docs)
 }
@@ -657,9 +664,7 @@ fn orders_with_mtls(ingress: u16, mode: &str, rule: Option<&str>) -> String {
 /// `x-client-name` is dropped, and a rule naming that service does not let it in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let addr = local(ingress);
     let cp = ControlPlane::start(&orders_with_mtls(ingress, "strict", None), &[]).await;
     let orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
@@ -726,8 +731,8 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
 
     // A rule allowing only checkout: the plaintext caller claiming to be checkout is refused,
     // the caller with checkout's certificate is not.
-    let rule = "{target: orders, action: deny, rules: [{from: [checkout]}]}";
-    cp.write_manifests(&orders_with_mtls(ingress, "permissive", Some(rule)));
+    let rule = orders_callers(&["checkout"]).action("deny");
+    cp.write_manifests(&orders_with_mtls(ingress, "permissive", Some(&rule)));
     eventually(LIMIT, "the rule applied", || async move {
         http_request(addr, "GET", "orders", "/wait", &[(CLIENT_NAME, "checkout")])
             .await
@@ -760,15 +765,10 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
 /// its service does not require it: the callee learns the caller from the certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_use_mtls_towards_instances_tagged_mtls() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let mesh = manifests(&[
-        mesh_service(
-            "orders",
-            &format!("{{endpoints: [{{address: 127.0.0.1, port: {ingress}, tags: [mtls]}}]}}"),
-        ),
-        mesh_service("checkout", "{dependencies: [{service: orders}]}"),
+        &MeshService::build("orders").tagged_endpoint("127.0.0.1", ingress, &["mtls"]),
+        &orders_caller("checkout"),
     ]);
     let cp = ControlPlane::start(&mesh, &[]).await;
     let orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
@@ -802,22 +802,16 @@ async fn callers_use_mtls_towards_instances_tagged_mtls() {
 /// address: billing is registered at 127.0.0.2; 127.0.0.3 is nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_ip_identifies_plaintext_callers() {
-    let pki = Pki::new();
-    let app = Backend::start("payments", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("payments").await;
     let mesh = manifests(&[
-        mesh_service(
-            "payments",
-            &format!("{{mtls: permissive, endpoints: [{{address: 127.0.0.1, port: {ingress}}}]}}"),
-        ),
-        mesh_service(
-            "billing",
-            "{endpoints: [{address: 127.0.0.2, port: 8080}], dependencies: [{service: payments}]}",
-        ),
-        access_rule(
-            "payments-callers",
-            "{target: payments, action: deny, rules: [{from: [billing]}]}",
-        ),
+        &callee_service("payments", ingress, "permissive"),
+        &MeshService::build("billing")
+            .endpoint("127.0.0.2", 8080)
+            .dependency("payments"),
+        &AccessRule::build("payments-callers")
+            .target("payments")
+            .action("deny")
+            .allow(&["billing"]),
     ]);
     let cp = ControlPlane::start(&mesh, &["--source-ip-identity"]).await;
     let payments = callee(
@@ -857,9 +851,7 @@ async fn source_ip_identifies_plaintext_callers() {
 /// opens it for the caller it names, and only for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_deny_closes_a_service_until_a_rule_names_the_caller() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let addr = local(ingress);
     let cp = ControlPlane::start(
         &orders_with_mtls(ingress, "strict", None),
@@ -882,8 +874,8 @@ async fn default_deny_closes_a_service_until_a_rule_names_the_caller() {
     assert_eq!(entry[field::IDENTITY], "mtls", "{entry}");
     assert_eq!(entry[field::STATUS], 403, "{entry}");
 
-    let rule = "{target: orders, rules: [{from: [checkout]}]}";
-    cp.write_manifests(&orders_with_mtls(ingress, "strict", Some(rule)));
+    let rule = orders_callers(&["checkout"]);
+    cp.write_manifests(&orders_with_mtls(ingress, "strict", Some(&rule)));
     let open = wait_tls(addr, &checkout, "/open", "the rule opening orders", |r| {
         r.status == 200
     })
@@ -900,17 +892,12 @@ async fn default_deny_closes_a_service_until_a_rule_names_the_caller() {
 /// it calls; any other caller's claim is replaced by its own identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_peers_may_assert_the_caller_in_a_header() {
-    let pki = Pki::new();
-    let app = Backend::start("orders", "a").await;
-    let ingress = free_port();
+    let Callee { pki, app, ingress } = Callee::prepare("orders").await;
     let addr = local(ingress);
-    let rule = "{target: orders, rules: [{from: [checkout]}]}";
-    let mut mesh = orders_with_mtls(ingress, "strict", Some(rule));
+    let rule = orders_callers(&["checkout"]);
+    let mut mesh = orders_with_mtls(ingress, "strict", Some(&rule));
     mesh.push_str("---\n");
-    mesh.push_str(&mesh_service(
-        "gateway-edge",
-        "{dependencies: [{service: orders}]}",
-    ));
+    mesh.push_str(&orders_caller("gateway-edge").yaml());
     let cp = ControlPlane::start(&mesh, &["--identity-header-from", "gateway-*"]).await;
     let orders = callee(&cp, "orders", ingress, &app, Some(pki.identity("orders"))).await;
     let (gateway, billing) = (pki.identity("gateway-edge"), pki.identity("billing"));

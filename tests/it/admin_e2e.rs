@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::fixtures::{Fixture, MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, HttpResponse, eventually, http_get};
 
 /// How long a configuration change may take to reach the Envoys.
@@ -19,33 +20,12 @@ const LIMIT: Duration = Duration::from_secs(20);
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 /// frontend calls orders; orders has instances on `orders_ports`; billing one instance.
-fn mesh(orders_ports: &[u16], extra: &str) -> String {
-    let endpoints: String = orders_ports
-        .iter()
-        .map(|p| format!("    - {{address: 127.0.0.1, port: {p}}}\n"))
-        .collect();
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: frontend}}
-spec:
-  dependencies:
-    - service: orders
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  endpoints:
-{endpoints}---
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: billing}}
-spec:
-  endpoints:
-    - {{address: 127.0.0.2, port: 8080, tags: [canary]}}
-{extra}"
-    )
+fn mesh(orders_ports: &[u16]) -> String {
+    manifests(&[
+        &MeshService::build("frontend").dependency("orders"),
+        &MeshService::build("orders").endpoints("127.0.0.1", orders_ports),
+        &MeshService::build("billing").tagged_endpoint("127.0.0.2", 8080, &["canary"]),
+    ])
 }
 
 fn frontend() -> EnvoyOptions {
@@ -81,7 +61,7 @@ async fn running_mesh(
 ) -> (Backend, Backend, ControlPlane, Envoy) {
     let a = Backend::start("orders", "a").await;
     let b = Backend::start("orders", "b").await;
-    let cp = ControlPlane::start(&mesh(&[a.port, b.port], ""), extra_flags).await;
+    let cp = ControlPlane::start(&mesh(&[a.port, b.port]), extra_flags).await;
     let envoy = Envoy::start(&cp, envoy).await;
     envoy
         .wait_call("orders", "orders reachable", |r| r.status == 200)
@@ -169,7 +149,7 @@ async fn an_operator_finds_a_services_instances_and_the_envoys_that_call_it() {
     // A change: one more orders instance. The change log names the service and the pushed
     // group of the frontend proxy.
     let c = Backend::start("orders", "c").await;
-    cp.write_manifests(&mesh(&[a.port, b.port, c.port], ""));
+    cp.write_manifests(&mesh(&[a.port, b.port, c.port]));
     let change = eventually(
         LIMIT,
         "the change log shows the new orders instance",
@@ -515,7 +495,7 @@ async fn a_hung_envoy_is_a_clear_error_naming_its_address() {
 #[tokio::test]
 async fn two_instances_agree_on_the_same_sources_and_name_what_differs() {
     let a = Backend::start("orders", "a").await;
-    let manifests = mesh(&[a.port], "");
+    let manifests = mesh(&[a.port]);
     let other = ControlPlane::start(&manifests, &[]).await;
     let peer = format!("http://{}", other.admin_addr());
     let cp =
@@ -533,10 +513,12 @@ async fn two_instances_agree_on_the_same_sources_and_name_what_differs() {
 
     // The other instance gets one more manifest and one more orders instance.
     let b = Backend::start("orders", "b").await;
-    other.write_manifests(&mesh(&[a.port, b.port], ""));
+    other.write_manifests(&mesh(&[a.port, b.port]));
     other.write_file(
         "extra.yaml",
-        "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: payments}\nspec:\n  endpoints: [{address: 127.0.0.9, port: 9000}]\n",
+        &MeshService::build("payments")
+            .endpoint("127.0.0.9", 9000)
+            .yaml(),
     );
     let cmp = eventually(LIMIT, "the instances disagree", || async {
         let cmp = json_of(&get(admin, "/api/compare").await);
@@ -578,7 +560,7 @@ async fn two_instances_agree_on_the_same_sources_and_name_what_differs() {
 
 #[tokio::test]
 async fn the_web_ui_is_served_by_the_admin_server() {
-    let cp = ControlPlane::start(&mesh(&[8080], ""), &[]).await;
+    let cp = ControlPlane::start(&mesh(&[8080]), &[]).await;
     let index = get(cp.admin_addr(), "/").await;
     assert_eq!(index.status, 200);
     assert!(

@@ -14,7 +14,9 @@ use meshbridge::model::MeshSettings;
 use meshbridge::xds::cache::SnapshotCache;
 use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
 use meshbridge::xds::{AdsService, XdsContext, XdsLimits};
+use serde_json::json;
 use support::ads_client::*;
+use support::fixtures::{Fixture, MeshService, manifests};
 use tonic::Code;
 
 /// The frontend's node: every port set, depending on `orders`.
@@ -43,34 +45,21 @@ const BASE: Mesh<'static> = Mesh {
 
 impl Mesh<'_> {
     fn yaml(&self) -> String {
-        let mut out = String::from(
-            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: frontend\nspec:\n",
+        let frontend = self.frontend_deps.iter().fold(
+            MeshService::build("frontend").set("dependencies", json!([])),
+            |m, d| m.dependency_with(json!({"service": d, "timeout": "2s"})),
         );
-        if self.frontend_deps.is_empty() {
-            out.push_str("  dependencies: []\n");
-        } else {
-            out.push_str("  dependencies:\n");
-            for d in self.frontend_deps {
-                out.push_str(&format!("    - service: {d}\n      timeout: 2s\n"));
-            }
-        }
-        let service = |name: &str, ports: &[u16]| {
-            let mut s = format!(
-                "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {name}\nspec:\n  endpoints:\n"
-            );
-            for p in ports {
-                s.push_str(&format!("    - {{address: 127.0.0.1, port: {p}}}\n"));
-            }
-            s
-        };
-        out.push_str(&service("orders", self.orders_ports));
+        let service =
+            |name: &str, ports: &[u16]| MeshService::build(name).endpoints("127.0.0.1", ports);
+        let mut docs = vec![frontend, service("orders", self.orders_ports)];
         if let Some(ports) = self.billing_ports {
-            out.push_str(&service("billing", ports));
+            docs.push(service("billing", ports));
         }
         if self.payments {
-            out.push_str(&service("payments", &[18090]));
+            docs.push(service("payments", &[18090]));
         }
-        out
+        let docs: Vec<&dyn Fixture> = docs.iter().map(|d| d as &dyn Fixture).collect();
+        manifests(&docs)
     }
 }
 
@@ -217,9 +206,7 @@ async fn sotw_handshake_then_pushes_in_cds_eds_lds_rds_order() {
 async fn sotw_nack_is_recorded_and_not_answered_with_the_same_version() {
     let server = server(&BASE).await;
     let mut s = SotwStream::open(&server, frontend("fe-1").build()).await;
-    s.request(CDS, &[], "", "").await;
-    let cds1 = s.recv_type(CDS).await;
-    s.ack(&cds1).await;
+    let cds1 = s.subscribe(CDS, &[]).await;
     acked(&server, "fe-1", CDS, &cds1.version_info).await;
 
     server.update(
@@ -279,12 +266,8 @@ async fn sotw_nack_is_recorded_and_not_answered_with_the_same_version() {
 async fn sotw_stale_nonce_is_ignored() {
     let server = server(&BASE).await;
     let mut s = SotwStream::open(&server, frontend("fe-1").build()).await;
-    s.request(CDS, &[], "", "").await;
-    let cds = s.recv_type(CDS).await;
-    s.ack(&cds).await;
-    s.request(EDS, &["orders"], "", "").await;
-    let eds1 = s.recv_type(EDS).await;
-    s.ack(&eds1).await;
+    s.subscribe(CDS, &[]).await;
+    let eds1 = s.subscribe(EDS, &["orders"]).await;
     acked(&server, "fe-1", EDS, &eds1.version_info).await;
 
     server.update(
@@ -317,9 +300,7 @@ async fn sotw_stale_nonce_is_ignored() {
 async fn sotw_reconnect_with_acked_version_gets_nothing_until_a_change() {
     let server = server(&BASE).await;
     let mut s1 = SotwStream::open(&server, frontend("fe-1").build()).await;
-    s1.request(CDS, &[], "", "").await;
-    let cds1 = s1.recv_type(CDS).await;
-    s1.ack(&cds1).await;
+    let cds1 = s1.subscribe(CDS, &[]).await;
     acked(&server, "fe-1", CDS, &cds1.version_info).await;
     s1.close();
     eventually("the first stream to go", || server.registry.is_empty()).await;
@@ -348,12 +329,8 @@ async fn sotw_reconnect_with_acked_version_gets_nothing_until_a_change() {
 async fn sotw_reconnect_after_cluster_change_resends_eds() {
     let server = server(&BASE).await;
     let mut s1 = SotwStream::open(&server, frontend("fe-1").build()).await;
-    s1.request(CDS, &[], "", "").await;
-    let cds1 = s1.recv_type(CDS).await;
-    s1.ack(&cds1).await;
-    s1.request(EDS, &["orders"], "", "").await;
-    let eds1 = s1.recv_type(EDS).await;
-    s1.ack(&eds1).await;
+    let cds1 = s1.subscribe(CDS, &[]).await;
+    let eds1 = s1.subscribe(EDS, &["orders"]).await;
     acked(&server, "fe-1", EDS, &eds1.version_info).await;
     s1.close();
     eventually("the first stream to go", || server.registry.is_empty()).await;
@@ -545,12 +522,8 @@ async fn delta_unsubscribing_the_wildcard_stops_unnamed_resources() {
 async fn delta_reconnect_with_current_versions_resends_nothing() {
     let server = server(&BASE).await;
     let mut d1 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    d1.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d1.recv_type(CDS).await;
-    d1.ack(&cds).await;
-    d1.send(delta_request(EDS, &["orders"], &[], "")).await;
-    let eds = d1.recv_type(EDS).await;
-    d1.ack(&eds).await;
+    let cds = d1.subscribe(CDS, &[]).await;
+    let eds = d1.subscribe(EDS, &["orders"]).await;
     d1.close();
     eventually("the first stream to go", || server.registry.is_empty()).await;
 
@@ -593,12 +566,8 @@ async fn delta_reconnect_with_current_versions_resends_nothing() {
 async fn delta_reconnect_with_an_old_cluster_resends_its_assignment() {
     let server = server(&BASE).await;
     let mut d1 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    d1.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d1.recv_type(CDS).await;
-    d1.ack(&cds).await;
-    d1.send(delta_request(EDS, &["orders"], &[], "")).await;
-    let eds = d1.recv_type(EDS).await;
-    d1.ack(&eds).await;
+    let cds = d1.subscribe(CDS, &[]).await;
+    let eds = d1.subscribe(EDS, &["orders"]).await;
     d1.close();
     eventually("the first stream to go", || server.registry.is_empty()).await;
 
@@ -627,9 +596,7 @@ async fn delta_reconnect_with_an_old_cluster_resends_its_assignment() {
 async fn node_without_service_name_is_refused_and_others_keep_going() {
     let server = server(&BASE).await;
     let mut good = SotwStream::open(&server, frontend("fe-1").build()).await;
-    good.request(CDS, &[], "", "").await;
-    let cds1 = good.recv_type(CDS).await;
-    good.ack(&cds1).await;
+    good.subscribe(CDS, &[]).await;
 
     let bad_node = NodeBuilder::bare("bad-1")
         .field(
@@ -729,12 +696,8 @@ async fn streams_of_one_group_share_it_and_it_goes_with_the_last() {
 
 /// Subscribes to CDS and to the `orders` assignment, ACKing both.
 async fn subscribe_orders(s: &mut SotwStream) {
-    s.request(CDS, &[], "", "").await;
-    let cds = s.recv_type(CDS).await;
-    s.ack(&cds).await;
-    s.request(EDS, &["orders"], "", "").await;
-    let eds = s.recv_type(EDS).await;
-    s.ack(&eds).await;
+    s.subscribe(CDS, &[]).await;
+    s.subscribe(EDS, &["orders"]).await;
 }
 
 #[tokio::test]
@@ -912,6 +875,14 @@ impl BareDelta {
             .await;
     }
 
+    /// Subscribes to `names` of `type_url`, waits for the answer and ACKs it.
+    async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DeltaDiscoveryResponse {
+        self.send(delta_request(type_url, names, &[], "")).await;
+        let resp = self.recv_type(type_url).await;
+        self.ack(&resp).await;
+        resp
+    }
+
     async fn nack(&mut self, resp: &DeltaDiscoveryResponse, message: &str) {
         self.send(DeltaDiscoveryRequest {
             error_detail: Some(envoy_types::pb::google::rpc::Status {
@@ -932,9 +903,7 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
         .dependencies(&["orders", "billing"])
         .build();
     let mut d = server.delta(node).await;
-    d.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d.recv_type(CDS).await;
-    d.ack(&cds).await;
+    d.subscribe(CDS, &[]).await;
 
     d.send(delta_request(EDS, &["orders"], &[], "")).await;
     let eds1 = d.recv_type(EDS).await;
@@ -991,9 +960,7 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
 async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
     let server = MeteredServer::start(&BASE).await;
     let mut d = server.delta(frontend("fe-d").build()).await;
-    d.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d.recv_type(CDS).await;
-    d.ack(&cds).await;
+    d.subscribe(CDS, &[]).await;
 
     d.send(delta_request(EDS, &["orders"], &[], "")).await;
     let eds1 = d.recv_type(EDS).await;

@@ -7,17 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
-
-/// The caller: a legacy frontend declared by manifest, calling `orders` (known only to
-/// Consul) and whatever its proxy adds.
-const FRONTEND: &str = "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {name: frontend}
-spec:
-  dependencies:
-    - service: orders
-";
+use support::consul_mesh::{ConsulMesh, frontend_manifest};
+use support::{ControlPlane, eventually};
 
 /// EDS responses meshbridge has sent (one proxy connected: its pushes).
 async fn eds_pushes(cp: &ControlPlane) -> u64 {
@@ -29,36 +20,27 @@ async fn eds_pushes(cp: &ControlPlane) -> u64 {
         .unwrap_or(0)
 }
 
-async fn start(consul: &FakeConsul, extra: &[&str]) -> ControlPlane {
-    let url = consul.url();
-    let mut args = vec!["--consul-addr", url.as_str(), "--consul-wait", "2000"];
-    args.extend_from_slice(extra);
-    ControlPlane::start(FRONTEND, &args).await
-}
-
-/// Registers an instance of `service` on `node` at 127.0.0.1:`port` in datacenter `dc`.
-fn register(consul: &FakeConsul, dc: &str, service: &str, node: &str, port: u16) {
-    consul.register(dc, Instance::new(service, node, "127.0.0.1", port));
-}
-
-fn frontend(deps: &[&str]) -> EnvoyOptions {
-    EnvoyOptions {
-        service: "frontend".into(),
-        egress: true,
-        dependencies: deps.iter().map(|d| d.to_string()).collect(),
-        ..Default::default()
-    }
+/// orders in dc1 (`o-1`) and dc2 (`o-2`), meshbridge watching both, the frontend proxy.
+async fn two_datacenters() -> ConsulMesh {
+    ConsulMesh::build("dc1")
+        .register("dc1", "orders", "dc1", "o-1")
+        .register("dc2", "orders", "dc2", "o-2")
+        .args(&["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"])
+        .proxy(&[])
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_instances_become_routable_and_leave_with_deregistration() {
-    let a = Backend::start("orders", "a").await;
-    let b = Backend::start("orders", "b").await;
-    let pay = Backend::start("payments", "a").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "orders-a", a.port);
-    let cp = start(&consul, &[]).await;
-    let envoy = Envoy::start(&cp, frontend(&["payments"])).await;
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .backend("payments", "a")
+        .proxy(&["payments"])
+        .start()
+        .await;
+    let (consul, envoy) = (&mesh.consul, mesh.envoy());
     envoy
         .wait_call("orders", "orders from Consul", |r| {
             r.body.contains("orders a")
@@ -66,18 +48,12 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
         .await;
 
     // The admin API shows the instance with its origin.
-    let services = cp.admin_json("/api/services").await;
-    let orders = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "orders")
-        .unwrap();
+    let orders = mesh.service("orders").await;
     assert_eq!(orders["instances"][0]["origin"], "consul");
     assert_eq!(orders["instances"][0]["datacenter"], "dc1");
 
     // A second instance joins, the first leaves.
-    register(&consul, "dc1", "orders", "orders-b", b.port);
+    mesh.register("dc1", "orders", "b", "orders-b");
     envoy
         .wait_call("orders", "instance b", |r| r.body.contains("orders b"))
         .await;
@@ -101,7 +77,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     // A service that appears in Consul becomes routable for a proxy that depends on it.
     let refused = envoy.call("payments", "/").await.unwrap();
     assert_eq!(refused.status, 503, "declared by the proxy, not known yet");
-    register(&consul, "dc1", "payments", "pay-a", pay.port);
+    mesh.register("dc1", "payments", "a", "pay-a");
     envoy
         .wait_call("payments", "payments from Consul", |r| {
             r.body.contains("payments a")
@@ -113,35 +89,30 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     envoy
         .wait_call("orders", "no healthy orders", |r| r.status == 503)
         .await;
-    let services = cp.admin_json("/api/services").await;
-    let orders = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "orders")
-        .unwrap();
+    let orders = mesh.service("orders").await;
     assert_eq!(orders["instances"][0]["healthy"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
-    let a = Backend::start("orders", "a").await;
-    let b = Backend::start("orders", "b").await;
-    let mut consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "orders-a", a.port);
-    let cp = start(&consul, &[]).await;
-    let envoy = Arc::new(Envoy::start(&cp, frontend(&[])).await);
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
+    let mut mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .proxy(&[])
+        .start()
         .await;
+    mesh.wait_orders_routed().await;
+    let envoy = Arc::clone(mesh.envoy());
 
     let traffic = support::Traffic::start(envoy.clone(), "orders", Duration::from_millis(50));
-    consul.stop().await;
+    mesh.consul.stop().await;
     // Hanging and failing agents are the same story: the last known instances stay.
     tokio::time::sleep(Duration::from_secs(30)).await;
     let (during, failed) = traffic.counts();
     assert_eq!(failed, 0, "requests failed while Consul was down");
     assert!(during > 100, "only {during} requests in 30 s");
+    let b_port = mesh.port("orders", "b");
+    let (consul, cp) = (&mut mesh.consul, &mesh.cp);
     let sources = cp.admin_json("/api/sources").await;
     let consul_status = sources
         .as_array()
@@ -164,7 +135,10 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
 
     // Consul returns with another instance set: Envoy follows, without a flash of nothing.
     consul.deregister("dc1", "orders-a");
-    register(&consul, "dc1", "orders", "orders-b", b.port);
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-b", "127.0.0.1", b_port),
+    );
     consul.restart().await;
     envoy
         .wait_call("orders", "instance b after recovery", |r| {
@@ -177,15 +151,14 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_going_backwards_and_bad_responses_lose_nothing() {
-    let a = Backend::start("orders", "a").await;
-    let b = Backend::start("orders", "b").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "orders-a", a.port);
-    let cp = start(&consul, &[]).await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .proxy(&[])
+        .start()
         .await;
+    mesh.wait_orders_routed().await;
+    let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
 
     // Malformed JSON and 500s: traffic unaffected, errors counted.
     consul.set_malformed(true);
@@ -232,7 +205,7 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     })
     .await;
     consul.reset_index(1);
-    register(&consul, "dc1", "orders", "orders-b", b.port);
+    mesh.register("dc1", "orders", "b", "orders-b");
     envoy
         .wait_call("orders", "instance b after the index reset", |r| {
             r.body.contains("orders b")
@@ -242,18 +215,16 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
-    let a = Backend::start("orders", "a").await;
-    let b = Backend::start("orders", "b").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "orders-a", a.port);
-    register(&consul, "dc1", "orders", "orders-b", b.port);
-    let cp = start(&consul, &[]).await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .register("dc1", "orders", "b", "orders-b")
+        .proxy(&[])
+        .start()
         .await;
+    mesh.wait_orders_routed().await;
+    let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = eds_pushes(&cp).await;
+    let before = eds_pushes(cp).await;
 
     // 20 flips of b in 2 s, ending unhealthy.
     for i in 0..20 {
@@ -271,7 +242,7 @@ async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pushes = eds_pushes(&cp).await - before;
+    let pushes = eds_pushes(cp).await - before;
     // Failing applies at once; passing again waits for a quiet second (flap damping), so
     // the 20 flips are one or two changes, not 20 (the debounce here is only 50 ms).
     assert!((1..=3).contains(&pushes), "{pushes} pushes for 20 flips");
@@ -289,20 +260,9 @@ async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_datacenter_is_preferred_and_traffic_fails_over() {
-    let local = Backend::start("orders", "dc1").await;
-    let remote = Backend::start("orders", "dc2").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "o-1", local.port);
-    register(&consul, "dc2", "orders", "o-2", remote.port);
-    let cp = start(
-        &consul,
-        &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
-    )
-    .await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
-        .await;
+    let mesh = two_datacenters().await;
+    let (consul, envoy) = (&mesh.consul, mesh.envoy());
+    mesh.wait_orders_routed().await;
     for _ in 0..20 {
         assert!(
             envoy
@@ -327,27 +287,17 @@ async fn local_datacenter_is_preferred_and_traffic_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_tags_and_weights_from_consul_shape_traffic() {
-    let heavy = Backend::start("orders", "heavy").await;
-    let light = Backend::start("orders", "light").await;
-    let canary = Backend::start("orders", "canary").await;
-    let consul = FakeConsul::start("dc1").await;
-    consul.register(
-        "dc1",
-        Instance::new("orders", "h", "127.0.0.1", heavy.port).tags(&["weight:9"]),
-    );
-    consul.register(
-        "dc1",
-        Instance::new("orders", "l", "127.0.0.1", light.port).weight(1),
-    );
-    consul.register(
-        "dc1",
-        Instance::new("orders", "c", "127.0.0.1", canary.port).tags(&["canary", "weight:1"]),
-    );
-    let cp = start(&consul, &[]).await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
+    let mesh = ConsulMesh::build("dc1")
+        .register_with("dc1", "orders", "heavy", "h", |i| i.tags(&["weight:9"]))
+        .register_with("dc1", "orders", "light", "l", |i| i.weight(1))
+        .register_with("dc1", "orders", "canary", "c", |i| {
+            i.tags(&["canary", "weight:1"])
+        })
+        .proxy(&[])
+        .start()
         .await;
+    mesh.wait_orders_routed().await;
+    let envoy = mesh.envoy();
     for _ in 0..10 {
         let r = support::http_get(envoy.egress_addr(), "orders", "/", &[("x-canary", "1")])
             .await
@@ -376,19 +326,18 @@ async fn canary_tags_and_weights_from_consul_shape_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connections_to_the_agent_stay_bounded_whatever_the_number_of_services() {
-    let consul = FakeConsul::start("dc1").await;
-    for i in 0..40 {
-        consul.register(
-            "dc1",
-            Instance::new(
-                &format!("svc-{i}"),
-                &format!("id-{i}"),
-                "127.0.0.1",
-                10000 + i,
-            ),
-        );
-    }
-    let cp = start(&consul, &["--consul-max-connections", "8"]).await;
+    let mesh = (0..40)
+        .fold(ConsulMesh::build("dc1"), |m, i| {
+            let id = format!("id-{i}");
+            m.instance(
+                "dc1",
+                Instance::new(&format!("svc-{i}"), &id, "127.0.0.1", 10000 + i),
+            )
+        })
+        .args(&["--consul-max-connections", "8"])
+        .start()
+        .await;
+    let (consul, cp) = (&mesh.consul, &mesh.cp);
     let services = cp.admin_json("/api/services").await;
     let mut names: Vec<&str> = services
         .as_array()
@@ -419,17 +368,19 @@ async fn open_connections_to_the_agent_stay_bounded_whatever_the_number_of_servi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_token_is_sent_and_reread_when_its_file_changes() {
-    let a = Backend::start("orders", "a").await;
-    let b = Backend::start("orders", "b").await;
-    let consul = FakeConsul::start("dc1").await;
-    consul.require_token(Some("first-secret"));
-    register(&consul, "dc1", "orders", "orders-a", a.port);
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "first-secret\n").unwrap();
     let token_arg = token.display().to_string();
-    let cp = start(&consul, &["--consul-token-file", &token_arg]).await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    let mesh = ConsulMesh::build("dc1")
+        .setup(|consul| consul.require_token(Some("first-secret")))
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .args(&["--consul-token-file", &token_arg])
+        .proxy(&[])
+        .start()
+        .await;
+    let (consul, envoy) = (&mesh.consul, mesh.envoy());
     envoy
         .wait_call("orders", "orders with a token", |r| {
             r.body.contains("orders a")
@@ -446,7 +397,7 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
         .unwrap()
         .set_modified(later)
         .unwrap();
-    register(&consul, "dc1", "orders", "orders-b", b.port);
+    mesh.register("dc1", "orders", "b", "orders-b");
     envoy
         .wait_call("orders", "instance b after rotation", |r| {
             r.body.contains("orders b")
@@ -456,17 +407,8 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
-    let local = Backend::start("orders", "dc1").await;
-    let remote = Backend::start("orders", "dc2").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "o-1", local.port);
-    register(&consul, "dc2", "orders", "o-2", remote.port);
-    let cp = start(
-        &consul,
-        &["--consul-datacenter", "dc1", "--consul-datacenter", "dc2"],
-    )
-    .await;
-    let envoy = Envoy::start(&cp, frontend(&[])).await;
+    let mesh = two_datacenters().await;
+    let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
     envoy
         .wait_call("orders", "orders routed", |r| r.body.contains("orders dc1"))
         .await;
@@ -499,13 +441,7 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
             r.body.contains("orders dc2")
         })
         .await;
-    let services = cp.admin_json("/api/services").await;
-    let orders = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "orders")
-        .unwrap();
+    let orders = mesh.service("orders").await;
     assert!(
         orders["instances"]
             .as_array()
@@ -520,7 +456,7 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_over_https_is_verified_with_the_ca_file() {
     let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "o-1", 31000);
+    consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     support::issue_cert(d, "server", "IP:127.0.0.1");
@@ -595,7 +531,7 @@ static_resources:
     let url = format!("https://127.0.0.1:{tls_port}");
     let ca = d.join("server-ca.pem").display().to_string();
     let cp = ControlPlane::start(
-        FRONTEND,
+        &frontend_manifest(),
         &[
             "--consul-addr",
             &url,
@@ -621,11 +557,13 @@ static_resources:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_first_full_consul_sync() {
     let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "o-1", 31000);
+    consul.register("dc1", Instance::new("orders", "o-1", "127.0.0.1", 31000));
     consul.set_hang(true);
     let url = consul.url();
-    let mut cp =
-        ControlPlane::start_unready(FRONTEND, &["--consul-addr", &url, "--consul-wait", "2000"]);
+    let mut cp = ControlPlane::start_unready(
+        &frontend_manifest(),
+        &["--consul-addr", &url, "--consul-wait", "2000"],
+    );
     let admin = cp.admin_addr();
     // While Consul does not answer, the instance serves (healthz) but is not ready.
     let not_ready = eventually(Duration::from_secs(20), "admin up", || async move {
@@ -689,21 +627,22 @@ async fn services(cp: &ControlPlane) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() {
-    let a = Backend::start("orders", "a").await;
-    let consul = FakeConsul::start("dc1").await;
-    register(&consul, "dc1", "orders", "orders-a", a.port);
-    for s in ["billing", "payments", "stock"] {
-        consul.register(
-            "dc1",
-            Instance::new(s, &format!("{s}-1"), "127.0.0.2", 8080).on_node("shared", "127.0.0.2"),
-        );
-    }
-    let cp = start(&consul, &["--consul-confirm-removal", "4000"]).await;
-    let envoy = Arc::new(Envoy::start(&cp, frontend(&[])).await);
-    envoy
-        .wait_call("orders", "orders routed", |r| r.status == 200)
+    let mesh = ["billing", "payments", "stock"]
+        .into_iter()
+        .fold(
+            ConsulMesh::build("dc1").register("dc1", "orders", "a", "orders-a"),
+            |m, s| {
+                let instance = Instance::new(s, &format!("{s}-1"), "127.0.0.2", 8080);
+                m.instance("dc1", instance.on_node("shared", "127.0.0.2"))
+            },
+        )
+        .args(&["--consul-confirm-removal", "4000"])
+        .proxy(&[])
+        .start()
         .await;
-    let all = services(&cp).await;
+    mesh.wait_orders_routed().await;
+    let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
+    let all = services(cp).await;
     for s in ["billing", "orders", "payments", "stock"] {
         assert!(all.contains(&s.to_string()), "{all:?}");
     }
@@ -715,7 +654,7 @@ async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() 
         Duration::from_secs(20),
         "the Consul source to say it holds a filtered answer",
         || async {
-            consul_error(&cp)
+            consul_error(cp)
                 .await
                 .contains("X-Consul-Results-Filtered-By-ACLs")
                 .then_some(())
@@ -724,12 +663,12 @@ async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() 
     .await;
     // Longer than the confirmation: hidden is never taken for gone.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(services(&cp).await, all, "hidden services were removed");
+    assert_eq!(services(cp).await, all, "hidden services were removed");
     consul.set_acl_hidden(false);
     eventually(
         Duration::from_secs(20),
         "the hold to clear once Consul answers in full",
-        || async { consul_error(&cp).await.is_empty().then_some(()) },
+        || async { consul_error(cp).await.is_empty().then_some(()) },
     )
     .await;
 
@@ -747,25 +686,25 @@ async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() 
         Duration::from_secs(20),
         "the removal to be held",
         || async {
-            consul_error(&cp)
+            consul_error(cp)
                 .await
                 .contains("would remove 3 of 5 services at once")
                 .then_some(())
         },
     )
     .await;
-    assert_eq!(services(&cp).await, all, "a mass removal applied at once");
+    assert_eq!(services(cp).await, all, "a mass removal applied at once");
     // Confirmed by the answers that follow (the wait is 2 s, the confirmation 4 s).
     eventually(
         Duration::from_secs(20),
         "the confirmed removal to apply",
         || async {
-            let left = services(&cp).await;
+            let left = services(cp).await;
             (left.len() == all.len() - 3 && !left.iter().any(|s| s == "billing")).then_some(())
         },
     )
     .await;
-    assert_eq!(consul_error(&cp).await, "", "the hold cleared");
+    assert_eq!(consul_error(cp).await, "", "the hold cleared");
     let (_, failed) = traffic.stop().await;
     assert_eq!(failed, 0, "requests to orders failed meanwhile");
 }

@@ -40,6 +40,15 @@ impl Got {
     }
 }
 
+/// The answer of a spawned [`send`], within [`LIMIT`].
+async fn answer(pending: tokio::task::JoinHandle<Result<Got, reqwest::Error>>) -> Got {
+    tokio::time::timeout(LIMIT, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 async fn send(req: reqwest::RequestBuilder) -> Result<Got, reqwest::Error> {
     let r = tokio::time::timeout(Duration::from_secs(30), req.send())
         .await
@@ -284,11 +293,7 @@ async fn blocking_query_parks_until_a_change() {
     assert!(!pending.is_finished());
 
     fake.register("dc1", Instance::new("web", "web-2", "10.0.0.2", 80));
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(g.index.unwrap() > i1);
     assert_eq!(ids(&g.json()), ["web-1", "web-2"]);
@@ -300,11 +305,7 @@ async fn blocking_query_parks_until_a_change() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the catalog query to park", || fake.parked_queries() == 1).await;
     fake.register("dc1", Instance::new("db", "db-1", "10.0.0.3", 5432));
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(g.index.unwrap() > ci);
     assert!(g.json().get("db").is_some());
 }
@@ -334,11 +335,7 @@ async fn blocking_query_returns_after_wait_with_the_same_index() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the query to park", || fake.parked_queries() == 1).await;
     fake.register("dc1", Instance::new("b", "b-1", "10.0.0.2", 80));
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(started.elapsed() >= Duration::from_millis(500));
     assert_eq!(g.index, Some(i));
 
@@ -448,11 +445,7 @@ async fn reset_index_makes_the_index_go_backwards() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the query to park", || fake.parked_queries() == 1).await;
     fake.reset_index(2);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert_eq!(g.index, Some(2));
     assert_eq!(ids(&g.json()).len(), 5, "data is kept");
 
@@ -499,11 +492,7 @@ async fn the_first_registration_wakes_a_query_on_index_1() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the query to park", || fake.parked_queries() == 1).await;
     fake.register("dc1", Instance::new("a", "a-1", "10.0.0.1", 80));
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(g.index.unwrap() > 1);
     assert!(g.json().get("a").is_some());
 }
@@ -522,18 +511,10 @@ async fn spurious_wakeup_returns_the_same_index_and_data() {
     let p2 = tokio::spawn(send(c.get(url2)));
     until("two queries to park", || fake.parked_queries() == 2).await;
     fake.spurious_wakeup();
-    let g = tokio::time::timeout(LIMIT, p1)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(p1).await;
     assert_eq!(g.index, Some(i));
     assert_eq!(g.body, before.body);
-    let g2 = tokio::time::timeout(LIMIT, p2)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g2 = answer(p2).await;
     assert_eq!(g2.index, Some(fake.index("dc1", None)));
     assert_eq!(fake.parked_queries(), 0);
 }
@@ -609,11 +590,7 @@ async fn hang_never_answers_until_turned_off() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pending.is_finished());
     fake.set_hang(false);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert_eq!(g.status, 200);
 }
 
@@ -1075,11 +1052,7 @@ async fn registration_moves_indexes_and_wakes_parked_queries() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the query to park", || fake.parked_queries() == 1).await;
     assert_written(&put(&c, register_url(&fake), &pod("x", "x-1", "10.1.0.1")).await);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(started.elapsed() < Duration::from_secs(10));
     let i1 = g.index.unwrap();
     assert!(i1 > 1);
@@ -1100,11 +1073,7 @@ async fn registration_moves_indexes_and_wakes_parked_queries() {
     let pending = tokio::spawn(send(c.get(url)));
     until("the query to park", || fake.parked_queries() == 1).await;
     assert_written(&put(&c, register_url(&fake), &pod("x", "x-1", "10.1.0.1")).await);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(
         started.elapsed() >= Duration::from_millis(500),
         "woken by a no-op"
@@ -1269,11 +1238,7 @@ async fn node_services_lists_the_node_and_blocks() {
     assert!(!pending.is_finished(), "woken by another node");
     assert_written(&put(&c, register_url(&fake), &pod("web", "web-2", "10.1.0.2")).await);
     assert_written(&put(&c, register_url(&fake), &pod("web", "web-1", "10.1.0.1")).await);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(g.index.unwrap() > i);
 
     let g = get(&c, url.clone()).await;
@@ -1319,11 +1284,7 @@ async fn catalog_service_lists_entries_and_blocks() {
     let pending = tokio::spawn(send(c.get(format!("{url}?index={i}&wait=30s"))));
     until("the query to park", || fake.parked_queries() == 1).await;
     assert_written(&put(&c, register_url(&fake), &pod("web", "web-1", "10.1.0.1")).await);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert!(g.index.unwrap() > i);
     assert_eq!(
         g.index,
@@ -1579,11 +1540,7 @@ async fn writes_respect_failure_modes() {
     assert!(!pending.is_finished());
     assert!(fake.instances("dc1").is_empty());
     fake.set_hang(false);
-    let g = tokio::time::timeout(LIMIT, pending)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let g = answer(pending).await;
     assert_written(&g);
 
     // Malformed: the write is applied and its answer garbled.

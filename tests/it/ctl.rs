@@ -6,7 +6,8 @@ use crate::support;
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use support::fixtures::{AccessRule, MeshService, manifests};
 use support::{ControlPlane, Envoy, EnvoyOptions, eventually, free_port, http_get};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -18,40 +19,27 @@ const TYPES: [&str; 4] = [CDS, EDS, LDS, RDS];
 /// frontend calls orders (two instances, one tagged canary, neither needs to run: nothing
 /// here sends traffic); billing has one instance; an AccessRule lets frontend GET /hello on
 /// orders.
-const MESH: &str = "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {name: frontend}
-spec:
-  dependencies:
-    - service: orders
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {name: orders}
-spec:
-  mtls: permissive
-  endpoints:
-    - {address: 127.0.0.1, port: 41001, tags: [v1]}
-    - {address: 127.0.0.1, port: 41002, tags: [v2, canary]}
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {name: billing}
-spec:
-  endpoints:
-    - {address: 127.0.0.1, port: 41003}
----
-apiVersion: meshbridge.io/v1alpha1
-kind: AccessRule
-metadata: {name: orders}
-spec:
-  target: orders
-  action: deny
-  rules:
-    - from: [frontend]
-      paths: [{prefix: /hello}]
-      methods: [GET]
-";
+fn mesh(billing_port: u16) -> String {
+    manifests(&[
+        &MeshService::build("frontend").dependency("orders"),
+        &MeshService::build("orders")
+            .set("mtls", "permissive")
+            .tagged_endpoint("127.0.0.1", 41001, &["v1"])
+            .tagged_endpoint("127.0.0.1", 41002, &["v2", "canary"]),
+        &MeshService::build("billing").endpoint("127.0.0.1", billing_port),
+        &AccessRule::build("orders")
+            .target("orders")
+            .action("deny")
+            .allow_with(
+                json!({"from": ["frontend"], "paths": [{"prefix": "/hello"}], "methods": ["GET"]}),
+            ),
+    ])
+}
+
+/// [`mesh`] as most tests see it.
+fn default_mesh() -> String {
+    mesh(41003)
+}
 
 /// What one `meshbridge ctl` run printed and how it exited.
 #[derive(Debug)]
@@ -119,10 +107,10 @@ async fn ctl(cp: &ControlPlane, args: &[&str]) -> Out {
     ctl_env("", &all).await
 }
 
-/// The control plane on [`MESH`] and a frontend Envoy (SotW, with egress) that has ACKed a
+/// The control plane on [`default_mesh`] and a frontend Envoy (SotW, with egress) that has ACKed a
 /// version of every type; returns them with the proxy as `/api/proxies` lists it.
 async fn mesh_with_envoy() -> (ControlPlane, Envoy, Value) {
-    let cp = ControlPlane::start(MESH, &[]).await;
+    let cp = ControlPlane::start(&default_mesh(), &[]).await;
     let envoy = Envoy::start(
         &cp,
         EnvoyOptions {
@@ -358,9 +346,9 @@ async fn sources_changes_and_compare_tables() {
 /// `ctl compare` against a peer meshbridge that sees a different mesh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_names_a_disagreeing_peer() {
-    let other = ControlPlane::start(&MESH.replace("port: 41003", "port: 41004"), &[]).await;
+    let other = ControlPlane::start(&mesh(41004), &[]).await;
     let peer = format!("http://{}", other.admin_addr());
-    let cp = ControlPlane::start(MESH, &["--peer", &peer]).await;
+    let cp = ControlPlane::start(&default_mesh(), &["--peer", &peer]).await;
     eprintln!(
         "DEBUG self {}",
         cp.admin_json("/api/state?detail=true").await
@@ -712,7 +700,7 @@ async fn errors_name_the_address_and_exit_1() {
     assert!(msg.contains("not JSON"), "{msg}");
 
     // Against a running meshbridge, MESHBRIDGE_ADMIN works.
-    let cp = ControlPlane::start(MESH, &[]).await;
+    let cp = ControlPlane::start(&default_mesh(), &[]).await;
     let ok = ctl_env(&format!("http://{}", cp.admin_addr()), &["services"]).await;
     assert!(ok.ok().contains("orders"));
 
@@ -746,7 +734,7 @@ fn bootstrap_yaml(cp: &ControlPlane, node: &str, announced: u16) -> String {
 /// that announced no admin port (409) fail with exit 1 and the API's message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diagnostics_errors_name_the_proxy_and_envoy_address() {
-    let cp = ControlPlane::start(MESH, &[]).await;
+    let cp = ControlPlane::start(&default_mesh(), &[]).await;
 
     // Announces one admin port, listens on another.
     let (announced, real) = (free_port(), free_port());

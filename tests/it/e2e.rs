@@ -5,41 +5,31 @@ use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
+use support::fixtures::{Fixture, MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 /// frontend calls orders; orders has the given instance ports; billing exists but is not a
 /// dependency of frontend; `ghost` is declared but unknown; an external https domain (a TLS
 /// DNS cluster Envoy must accept, never called: no network here).
 fn mesh(orders_ports: &[u16], billing_port: u16) -> String {
-    let endpoints: String = orders_ports
-        .iter()
-        .map(|p| format!("    - {{address: 127.0.0.1, port: {p}}}\n"))
-        .collect();
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: frontend}}
-spec:
-  dependencies:
-    - service: orders
-      timeout: 3s
-    - service: ghost
-    - domain: https://api.example.com
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  endpoints:
-{endpoints}---
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: billing}}
-spec:
-  endpoints:
-    - {{address: 127.0.0.1, port: {billing_port}}}
-"
-    )
+    let orders = MeshService::build("orders").endpoints("127.0.0.1", orders_ports);
+    mesh_with(Some(&orders), billing_port)
+}
+
+/// [`mesh`] with the given `orders` document, or none.
+fn mesh_with(orders: Option<&MeshService>, billing_port: u16) -> String {
+    let frontend = MeshService::build("frontend")
+        .dependency_with(json!({"service": "orders", "timeout": "3s"}))
+        .dependency("ghost")
+        .domain("https://api.example.com");
+    let billing = MeshService::build("billing").endpoint("127.0.0.1", billing_port);
+    let mut docs: Vec<&dyn Fixture> = vec![&frontend];
+    if let Some(orders) = orders {
+        docs.push(orders);
+    }
+    docs.push(&billing);
+    manifests(&docs)
 }
 
 fn frontend(delta: bool) -> EnvoyOptions {
@@ -166,11 +156,7 @@ async fn service_removed_and_readded(delta: bool) {
         .await;
 
     // Remove the orders MeshService entirely: frontend still declares it, so it is unknown.
-    let without: String = full
-        .split("---\n")
-        .filter(|d| !d.contains("name: orders}"))
-        .collect::<Vec<_>>()
-        .join("---\n");
+    let without = mesh_with(None, billing.port);
     cp.write_manifests(&without);
     let gone = envoy
         .wait_call("orders", "orders removed", |r| r.status == 503)
@@ -300,8 +286,10 @@ async fn malformed_manifest_leaves_traffic_unaffected_and_is_reported() {
 
     // Port out of range in the orders document (document 2), and instance b added: the
     // whole file is rejected, so b must not appear.
-    let bad = mesh(&[a.port, b.port], billing.port)
-        .replace(&format!("port: {}}}", b.port), "port: 70000}");
+    let orders = MeshService::build("orders")
+        .endpoint("127.0.0.1", a.port)
+        .endpoint_with(json!({"address": "127.0.0.1", "port": 70000}));
+    let bad = mesh_with(Some(&orders), billing.port);
     cp.write_manifests(&bad);
     let error = eventually(Duration::from_secs(10), "error reported", || async {
         let sources = cp.admin_json("/api/sources").await;
@@ -337,17 +325,10 @@ async fn malformed_manifest_leaves_traffic_unaffected_and_is_reported() {
 async fn canary_header_selects_canary_instances() {
     let stable = Backend::start("orders", "stable").await;
     let canary = Backend::start("orders", "canary").await;
-    let manifests = format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  endpoints:
-    - {{address: 127.0.0.1, port: {}}}
-    - {{address: 127.0.0.1, port: {}, tags: [canary]}}
-",
-        stable.port, canary.port
-    );
+    let manifests = MeshService::build("orders")
+        .endpoint("127.0.0.1", stable.port)
+        .tagged_endpoint("127.0.0.1", canary.port, &["canary"])
+        .yaml();
     let cp = ControlPlane::start(&manifests, &[]).await;
     let envoy = Envoy::start(
         &cp,

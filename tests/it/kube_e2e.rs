@@ -12,19 +12,11 @@ use std::time::Duration;
 use consul_fake::{FakeConsul, Instance};
 use kube_fake::{FakeKube, assert_rbac_covers};
 use serde_json::{Value, json};
+use support::fixtures::{AccessRule, Fixture, MeshService};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const MS: &str = "meshbridge.io/v1alpha1";
-
-fn mesh_service(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": MS,
-        "kind": "MeshService",
-        "metadata": {"name": name, "namespace": "shop"},
-        "spec": spec,
-    })
-}
 
 /// A pod of `app`, ready, with an injected sidecar whose ingress port is `port` (so each pod
 /// can live on 127.0.0.1 with its own port).
@@ -54,6 +46,26 @@ fn legacy(deps: &[&str]) -> EnvoyOptions {
         egress: true,
         ..Default::default()
     }
+}
+
+/// The `orders` MeshService in `shop`, selecting the pods labelled `app: orders`.
+fn orders_service() -> MeshService {
+    MeshService::build("orders")
+        .namespace("shop")
+        .selector("orders")
+}
+
+/// For each of `names`, a backend answering `orders pod-<name>` and a ready pod
+/// `orders-<name>` whose sidecar listens on the backend's port.
+async fn orders_pods<const N: usize>(kube: &FakeKube, names: [&str; N]) -> [Backend; N] {
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(Backend::start("orders", &format!("pod-{name}")).await);
+    }
+    for (name, backend) in names.iter().zip(&backends) {
+        kube.apply(pod(&format!("orders-{name}"), "orders", backend.port, true));
+    }
+    backends.try_into().ok().unwrap()
 }
 
 async fn start(kube: &FakeKube, extra: &[&str]) -> ControlPlane {
@@ -100,16 +112,12 @@ async fn answering(envoy: &Envoy, host: &str, calls: usize) -> std::collections:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_pods_become_endpoints_and_leave_when_unready_or_deleted() {
     let kube = FakeKube::start().await;
-    let (a, b) = (
-        Backend::start("orders", "pod-a").await,
-        Backend::start("orders", "pod-b").await,
+    let [a, b] = orders_pods(&kube, ["a", "b"]).await;
+    kube.apply(
+        orders_service()
+            .set("ports", json!([{"port": 8080}]))
+            .json(),
     );
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "ports": [{"port": 8080}]}),
-    ));
-    kube.apply(pod("orders-a", "orders", a.port, true));
-    kube.apply(pod("orders-b", "orders", b.port, true));
     kube.apply(pod("orders-c", "orders", 1, false));
     kube.apply(pod("other", "billing", 2, true));
     let cp = start(&kube, &[]).await;
@@ -168,16 +176,8 @@ async fn ready_pods_become_endpoints_and_leave_when_unready_or_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_broken_by_410_gone_recovers_without_losing_a_deletion() {
     let kube = FakeKube::start().await;
-    let (a, b) = (
-        Backend::start("orders", "pod-a").await,
-        Backend::start("orders", "pod-b").await,
-    );
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}}),
-    ));
-    kube.apply(pod("orders-a", "orders", a.port, true));
-    kube.apply(pod("orders-b", "orders", b.port, true));
+    let [_a, _b] = orders_pods(&kube, ["a", "b"]).await;
+    kube.apply(orders_service().json());
     let cp = start(&kube, &[]).await;
     let envoy = Envoy::start(&cp, legacy(&["orders"])).await;
     eventually(LIMIT, "both pods answer", || async {
@@ -226,10 +226,7 @@ async fn a_pod_backed_service_and_a_consul_service_call_each_other() {
     let billing_app = Backend::start("billing", "vm").await;
     let (orders_ingress, billing_ingress) = (support::free_port(), support::free_port());
     // orders runs in Kubernetes (a pod with the sidecar); billing on a VM known to Consul.
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "dependencies": [{"service": "billing"}]}),
-    ));
+    kube.apply(orders_service().dependency("billing").json());
     kube.apply(pod("orders-1", "orders", orders_ingress, true));
     consul.register(
         "dc1",
@@ -285,9 +282,12 @@ async fn a_namespace_that_does_not_own_consul_services_cannot_take_one_over() {
         Instance::new("billing", "billing-vm-1", "127.0.0.1", vm.port),
     );
     // A tenant declares Consul's billing, with a pod of its own behind it.
-    let mut claim = mesh_service("billing", json!({"selector": {"app": "billing"}}));
-    claim["metadata"]["namespace"] = json!("tenant");
-    kube.apply(claim);
+    kube.apply(
+        MeshService::build("billing")
+            .namespace("tenant")
+            .selector("billing")
+            .json(),
+    );
     let mut pod = pod("billing-1", "billing", impostor.port, true);
     pod["metadata"]["namespace"] = json!("tenant");
     kube.apply(pod);
@@ -359,12 +359,8 @@ fn lease_holder(kube: &FakeKube) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_written_once_by_the_leader_and_a_second_replica_takes_over() {
     let kube = FakeKube::start().await;
-    let a = Backend::start("orders", "pod-a").await;
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}}),
-    ));
-    kube.apply(pod("orders-a", "orders", a.port, true));
+    let [a] = orders_pods(&kube, ["a"]).await;
+    kube.apply(orders_service().json());
     kube.apply(pod("orders-b", "orders", a.port + 1, true));
     let lease = ["--lease-duration", "2", "--identity"];
     let mut first = start(&kube, &[lease[0], lease[1], lease[2], "first"]).await;
@@ -391,11 +387,12 @@ async fn status_is_written_once_by_the_leader_and_a_second_replica_takes_over() 
     assert_eq!(lease_holder(&kube).as_deref(), Some("first"));
 
     // An invalid spec: the last valid one stays in force, and the status says why.
-    let mut bad = mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "dependencies": [{"service": "billing", "timeout": "soon"}]}),
-    );
-    bad["metadata"]["generation"] = json!(2);
+    let bad = MeshService::build("orders")
+        .namespace("shop")
+        .meta("generation", 2)
+        .selector("orders")
+        .dependency_with(json!({"service": "billing", "timeout": "soon"}))
+        .json();
     kube.apply(bad);
     let synced = eventually(LIMIT, "Synced=False", || async {
         let o = get();
@@ -466,12 +463,8 @@ fn ghost_lease(renewed: k8s_openapi::jiff::Timestamp) -> Value {
 async fn a_renewing_holder_with_a_skewed_clock_is_followed_until_it_stops_renewing() {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
     let kube = FakeKube::start().await;
-    let a = Backend::start("orders", "pod-a").await;
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}}),
-    ));
-    kube.apply(pod("orders-a", "orders", a.port, true));
+    let [_a] = orders_pods(&kube, ["a"]).await;
+    kube.apply(orders_service().json());
     // ghost's clock runs minutes ahead of ours; it renews every 500 ms.
     let base = Timestamp::now() + SignedDuration::from_mins(5);
     let mut renewed = base;
@@ -511,22 +504,29 @@ async fn a_renewing_holder_with_a_skewed_clock_is_followed_until_it_stops_renewi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_access_rule_from_another_namespace_is_ignored_and_says_so() {
     let kube = FakeKube::start().await;
-    kube.apply(mesh_service(
-        "payments",
-        json!({"endpoints": [{"address": "10.0.0.1", "port": 80}]}),
-    ));
+    kube.apply(
+        MeshService::build("payments")
+            .namespace("shop")
+            .endpoint("10.0.0.1", 80)
+            .json(),
+    );
     // A tenant opens payments to everyone from its own namespace.
-    kube.apply(json!({
-        "apiVersion": MS, "kind": "AccessRule",
-        "metadata": {"name": "open-payments", "namespace": "tenant"},
-        "spec": {"target": "payments", "rules": [{"from": ["*"]}]},
-    }));
+    kube.apply(
+        AccessRule::build("open-payments")
+            .namespace("tenant")
+            .target("payments")
+            .allow(&["*"])
+            .json(),
+    );
     // The owner's own rule.
-    kube.apply(json!({
-        "apiVersion": MS, "kind": "AccessRule",
-        "metadata": {"name": "payments-callers", "namespace": "shop"},
-        "spec": {"target": "payments", "action": "deny", "rules": [{"from": ["orders"]}]},
-    }));
+    kube.apply(
+        AccessRule::build("payments-callers")
+            .namespace("shop")
+            .target("payments")
+            .action("deny")
+            .allow(&["orders"])
+            .json(),
+    );
     let cp = start(&kube, &[]).await;
     let degraded = eventually(LIMIT, "the tenant's rule is Degraded", || async {
         let o = kube.get(MS, "AccessRule", Some("tenant"), "open-payments")?;
@@ -678,17 +678,27 @@ async fn kubernetes_auth_without_a_kubernetes_client_fails_the_start_naming_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_conflicts_and_unknown_callers_show_in_status() {
     let kube = FakeKube::start().await;
-    let mut older = mesh_service("orders", json!({"selector": {"app": "orders"}}));
-    older["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-    kube.apply(older);
-    let mut newer = mesh_service("orders-copy", json!({"serviceName": "orders"}));
-    newer["metadata"]["creationTimestamp"] = json!("2026-06-01T00:00:00Z");
-    kube.apply(newer);
-    kube.apply(json!({
-        "apiVersion": MS, "kind": "AccessRule",
-        "metadata": {"name": "orders-callers", "namespace": "shop"},
-        "spec": {"target": "orders", "rules": [{"from": ["orders", "ghost", "order*"]}]},
-    }));
+    kube.apply(
+        MeshService::build("orders")
+            .namespace("shop")
+            .meta("creationTimestamp", "2026-01-01T00:00:00Z")
+            .selector("orders")
+            .json(),
+    );
+    kube.apply(
+        MeshService::build("orders-copy")
+            .namespace("shop")
+            .meta("creationTimestamp", "2026-06-01T00:00:00Z")
+            .set("serviceName", "orders")
+            .json(),
+    );
+    kube.apply(
+        AccessRule::build("orders-callers")
+            .namespace("shop")
+            .target("orders")
+            .allow(&["orders", "ghost", "order*"])
+            .json(),
+    );
     let _cp = start(&kube, &[]).await;
     let degraded = eventually(LIMIT, "the newer claim is Degraded", || async {
         let o = kube.get(MS, "MeshService", Some("shop"), "orders-copy")?;
@@ -727,10 +737,11 @@ async fn pods_are_registered_in_consul_and_a_restart_does_not_flap() {
     let mut foreign = Instance::new("hand-made", "hand-made-1", "10.9.9.9", 9999);
     foreign = foreign.on_node("meshbridge-k8s", "127.0.0.1");
     consul.register("dc1", foreign);
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "consul": {"register": true, "tags": ["blue"]}}),
-    ));
+    kube.apply(
+        orders_service()
+            .set("consul", json!({"register": true, "tags": ["blue"]}))
+            .json(),
+    );
     kube.apply(pod("orders-a", "orders", 31001, true));
     kube.apply(pod("orders-b", "orders", 31002, true));
     let extra = [
@@ -886,10 +897,11 @@ async fn sigterm_releases_the_lease_and_drains_before_exiting() {
 async fn a_failing_registration_shows_in_status_and_is_retried() {
     let kube = FakeKube::start().await;
     let consul = FakeConsul::start("dc1").await;
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "consul": {"register": true}}),
-    ));
+    kube.apply(
+        orders_service()
+            .set("consul", json!({"register": true}))
+            .json(),
+    );
     kube.apply(pod("orders-a", "orders", 31001, true));
     let extra = ["--consul-addr", &consul.url(), "--consul-datacenter", "dc1"];
     let cp = start(&kube, &extra).await;
@@ -948,14 +960,14 @@ async fn a_failing_registration_shows_in_status_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_can_be_restricted() {
     let kube = FakeKube::start().await;
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}}),
-    ));
+    kube.apply(orders_service().json());
     kube.apply(pod("orders-a", "orders", 31001, true));
-    let mut elsewhere = mesh_service("billing", json!({"selector": {"app": "billing"}}));
-    elsewhere["metadata"]["namespace"] = json!("other");
-    kube.apply(elsewhere);
+    kube.apply(
+        MeshService::build("billing")
+            .namespace("other")
+            .selector("billing")
+            .json(),
+    );
     let cp = start(&kube, &["--namespace", "shop"]).await;
     let services = cp.admin_json("/api/services").await;
     let names: Vec<&str> = services
@@ -990,19 +1002,21 @@ async fn an_access_rule_in_kubernetes_is_enforced_over_mtls_and_follows_edits() 
         |service: &str| support::issue_identity(certs.path(), "mesh", service, "mesh.local");
     let app = Backend::start("orders", "pod-a").await;
     let ingress = support::free_port();
-    kube.apply(mesh_service(
-        "orders",
-        json!({"selector": {"app": "orders"}, "ports": [{"port": 8080}], "mtls": "strict"}),
-    ));
+    kube.apply(
+        orders_service()
+            .set("ports", json!([{"port": 8080}]))
+            .set("mtls", "strict")
+            .json(),
+    );
     let mut orders_pod = pod("orders-a", "orders", ingress, true);
     orders_pod["metadata"]["annotations"]["meshbridge.io/tls-secret"] = json!("orders-tls");
     kube.apply(orders_pod);
     let rule = |from: &[&str]| {
-        json!({
-            "apiVersion": MS, "kind": "AccessRule",
-            "metadata": {"name": "orders-callers", "namespace": "shop"},
-            "spec": {"target": "orders", "rules": [{"from": from, "methods": ["GET"]}]},
-        })
+        AccessRule::build("orders-callers")
+            .namespace("shop")
+            .target("orders")
+            .allow_with(json!({"from": from, "methods": ["GET"]}))
+            .json()
     };
     kube.apply(rule(&["checkout"]));
     let cp = start(&kube, &[]).await;

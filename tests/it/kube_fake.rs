@@ -16,8 +16,9 @@ use kube::api::{
 use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Config, Discovery, ResourceExt};
 use kube_fake::{AdmissionCall, FakeKube};
-use meshbridge::api::mesh_service::{MeshService, MeshServiceSpec};
+use meshbridge::api::mesh_service::MeshService;
 use serde_json::{Value, json};
+use support::fixtures;
 use support::issue_cert;
 
 /// Bound of every single wait.
@@ -43,16 +44,6 @@ fn pod(name: &str, labels: Value) -> Pod {
         "spec": {"containers": [{"name": "app", "image": "busybox"}]},
     }))
     .unwrap()
-}
-
-fn mesh_service(name: &str, service_name: &str) -> MeshService {
-    MeshService::new(
-        name,
-        MeshServiceSpec {
-            service_name: Some(service_name.to_string()),
-            ..Default::default()
-        },
-    )
 }
 
 /// The `Status` of a failed kube call.
@@ -538,7 +529,12 @@ async fn patches() {
     // ...and is 415 for custom resources.
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
     msvcs
-        .create(&PostParams::default(), &mesh_service("web", "web"))
+        .create(
+            &PostParams::default(),
+            &fixtures::MeshService::build("web")
+                .set("serviceName", "web")
+                .typed(),
+        )
         .await
         .unwrap();
     let e = api_err(
@@ -732,7 +728,9 @@ async fn status_subresource_and_generation() {
     let client = client(&fake);
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
 
-    let mut ms = mesh_service("web", "web");
+    let mut ms = fixtures::MeshService::build("web")
+        .set("serviceName", "web")
+        .typed();
     ms.status = Some(serde_json::from_value(json!({"observedGeneration": 9})).unwrap());
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
     assert!(created.status.is_none(), "create ignores status");
@@ -859,7 +857,9 @@ async fn finalizers_delay_deletion() {
     let fake = FakeKube::start().await;
     let client = client(&fake);
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    let mut ms = mesh_service("fin", "fin");
+    let mut ms = fixtures::MeshService::build("fin")
+        .set("serviceName", "fin")
+        .typed();
     ms.metadata.finalizers = Some(vec!["meshbridge.io/cleanup".into()]);
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
 
@@ -1465,7 +1465,12 @@ async fn request_log_and_injected_failures() {
     let client = client(&fake);
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
     msvcs
-        .create(&PostParams::default(), &mesh_service("web", "web"))
+        .create(
+            &PostParams::default(),
+            &fixtures::MeshService::build("web")
+                .set("serviceName", "web")
+                .typed(),
+        )
         .await
         .unwrap();
     msvcs
@@ -2411,7 +2416,12 @@ async fn rules_operations_subresources_apply_and_dry_run() {
     // A subresource matches only a rule naming it (or `res/*`, which also covers `res`).
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
     msvcs
-        .create(&PostParams::default(), &mesh_service("m", "m"))
+        .create(
+            &PostParams::default(),
+            &fixtures::MeshService::build("m")
+                .set("serviceName", "m")
+                .typed(),
+        )
         .await
         .unwrap();
     assert!(seen(&fake).is_empty());

@@ -50,6 +50,9 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use prost::{Message, Name};
 
+use serde_json::json;
+use support::fixtures::{AccessRule, Fixture, MeshService};
+
 use meshbridge::index::Index;
 use meshbridge::model::{DependencyTarget, MeshSettings, MeshState, ProxyGroup};
 use meshbridge::snapshot::{ResourceType, Snapshot, build, encode_mesh};
@@ -95,12 +98,6 @@ fn egress_group(service: &str, deps: &[&str]) -> ProxyGroup {
         dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
         ..Default::default()
     }
-}
-
-fn mesh_service(name: &str, body: &str) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {name}\nspec:\n{body}"
-    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -803,29 +800,20 @@ fn a_without_canary_instances_there_is_no_canary_route() {
 }
 
 fn scenario_b() -> Snapshot {
-    let inventory = mesh_service(
-        "inventory",
-        "  endpoints:
-    - {address: 10.2.0.1, port: 9000, datacenter: dc2}
-    - {address: 10.1.0.1, port: 9000, datacenter: dc1}
-    - {address: 10.9.0.1, port: 9000, datacenter: dc9}
-    - {address: 10.1.0.2, port: 9000, datacenter: dc1}
-",
-    );
-    let reports = mesh_service(
-        "reports",
-        "  endpoints:
-    - {address: 10.2.0.7, port: 7000, datacenter: dc2}
-    - {address: 10.2.0.8, port: 7000, datacenter: dc2}
-",
-    );
-    let caller = mesh_service(
-        "caller",
-        "  dependencies:
-    - service: inventory
-    - service: reports
-",
-    );
+    let inventory = MeshService::build("inventory")
+        .endpoint_with(json!({"address": "10.2.0.1", "port": 9000, "datacenter": "dc2"}))
+        .endpoint_with(json!({"address": "10.1.0.1", "port": 9000, "datacenter": "dc1"}))
+        .endpoint_with(json!({"address": "10.9.0.1", "port": 9000, "datacenter": "dc9"}))
+        .endpoint_with(json!({"address": "10.1.0.2", "port": 9000, "datacenter": "dc1"}))
+        .yaml();
+    let reports = MeshService::build("reports")
+        .endpoint_with(json!({"address": "10.2.0.7", "port": 7000, "datacenter": "dc2"}))
+        .endpoint_with(json!({"address": "10.2.0.8", "port": 7000, "datacenter": "dc2"}))
+        .yaml();
+    let caller = MeshService::build("caller")
+        .dependency("inventory")
+        .dependency("reports")
+        .yaml();
     let state = mesh(&[
         ("caller.yaml", &caller),
         ("inventory.yaml", &inventory),
@@ -875,17 +863,16 @@ fn b_datacenters_become_dense_priorities() {
 }
 
 fn scenario_c() -> Snapshot {
-    let pricing = mesh_service(
-        "pricing",
-        "  endpoints:
-    - {address: 10.0.1.1, port: 80}
-    - {address: 10.0.1.2, port: 80, tags: ['weight:5']}
-    - {address: 10.0.1.3, port: 80, weight: 7, tags: ['weight:3']}
-    - {address: 10.0.1.4, port: 80, tags: ['weight:1000']}
-    - {address: 10.0.1.5, port: 80, tags: ['weight:0']}
-    - {address: 10.0.1.6, port: 80, weight: 128}
-",
-    );
+    let pricing = MeshService::build("pricing")
+        .endpoint("10.0.1.1", 80)
+        .tagged_endpoint("10.0.1.2", 80, &["weight:5"])
+        .endpoint_with(
+            json!({"address": "10.0.1.3", "port": 80, "weight": 7, "tags": ["weight:3"]}),
+        )
+        .tagged_endpoint("10.0.1.4", 80, &["weight:1000"])
+        .tagged_endpoint("10.0.1.5", 80, &["weight:0"])
+        .endpoint_with(json!({"address": "10.0.1.6", "port": 80, "weight": 128}))
+        .yaml();
     let state = mesh(&[("pricing.yaml", &pricing)]);
     snapshot(
         &state,
@@ -921,23 +908,19 @@ fn c_weights_from_tags_and_field() {
 
 #[test]
 fn c_weight_field_out_of_range_is_rejected() {
-    let bad = mesh_service(
-        "pricing",
-        "  endpoints:\n    - {address: 10.0.1.1, port: 80, weight: 129}\n",
-    );
+    let bad = MeshService::build("pricing")
+        .endpoint_with(json!({"address": "10.0.1.1", "port": 80, "weight": 129}))
+        .yaml();
     let errs = parse_manifests("pricing.yaml", &bad).unwrap_err();
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].field.as_deref(), Some("spec.endpoints[0].weight"));
 }
 
 fn scenario_d() -> Snapshot {
-    let frontend = mesh_service(
-        "frontend",
-        "  dependencies:
-    - service: orders
-    - service: ghost
-",
-    );
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("ghost")
+        .yaml();
     let state = mesh(&[("frontend.yaml", &frontend), ("orders.yaml", ORDERS)]);
     snapshot(
         &state,
@@ -975,11 +958,8 @@ fn d_unknown_dependency_gets_503_and_undeclared_gets_403() {
 
 #[test]
 fn d_dependency_becoming_known_replaces_the_503() {
-    let frontend = mesh_service("frontend", "  dependencies:\n    - service: ghost\n");
-    let ghost = mesh_service(
-        "ghost",
-        "  endpoints:\n    - {address: 10.6.6.6, port: 80}\n",
-    );
+    let frontend = MeshService::build("frontend").dependency("ghost").yaml();
+    let ghost = MeshService::build("ghost").endpoint("10.6.6.6", 80).yaml();
     let before = snapshot(
         &mesh(&[("frontend.yaml", &frontend)]),
         &MeshSettings::default(),
@@ -1006,19 +986,14 @@ fn d_dependency_becoming_known_replaces_the_503() {
 }
 
 fn wildcard_mesh() -> MeshState {
-    let admin = mesh_service("admin-console", "  dependencies:\n    - service: \"*\"\n");
-    let frontend = mesh_service(
-        "frontend",
-        "  dependencies:
-    - service: \"*\"
-    - service: orders
-      timeout: 3s
-",
-    );
-    let billing = mesh_service(
-        "billing",
-        "  endpoints:\n    - {address: 10.3.0.1, port: 80}\n",
-    );
+    let admin = MeshService::build("admin-console").dependency("*").yaml();
+    let frontend = MeshService::build("frontend")
+        .dependency("*")
+        .dependency_with(json!({"service": "orders", "timeout": "3s"}))
+        .yaml();
+    let billing = MeshService::build("billing")
+        .endpoint("10.3.0.1", 80)
+        .yaml();
     mesh(&[
         ("admin.yaml", &admin),
         ("billing.yaml", &billing),
@@ -1128,14 +1103,10 @@ fn e_explicit_settings_win_over_wildcard_settings() {
 }
 
 fn scenario_f() -> Snapshot {
-    let frontend = mesh_service(
-        "frontend",
-        "  dependencies:
-    - domain: https://api.example.com
-      timeout: 5s
-    - domain: http://legacy.example.com:8080
-",
-    );
+    let frontend = MeshService::build("frontend")
+        .dependency_with(json!({"domain": "https://api.example.com", "timeout": "5s"}))
+        .domain("http://legacy.example.com:8080")
+        .yaml();
     let state = mesh(&[("frontend.yaml", &frontend)]);
     snapshot(
         &state,
@@ -1313,23 +1284,16 @@ fn g_ingress_and_egress_together() {
 fn scenario_collide() -> Snapshot {
     // Envoy matches vhost domains case-insensitively and rejects a route configuration that
     // names one twice; the first dependency keeps the name, the others are warned about.
-    let upper = mesh_service(
-        "Orders",
-        "  endpoints:\n    - {address: 10.0.0.7, port: 80}\n",
-    );
-    let domainlike = mesh_service(
-        "api.example.com",
-        "  endpoints:\n    - {address: 10.0.0.8, port: 80}\n",
-    );
-    let frontend = mesh_service(
-        "frontend",
-        "  dependencies:
-    - service: orders
-    - service: Orders
-    - service: api.example.com
-    - domain: https://API.example.com
-",
-    );
+    let upper = MeshService::build("Orders").endpoint("10.0.0.7", 80).yaml();
+    let domainlike = MeshService::build("api.example.com")
+        .endpoint("10.0.0.8", 80)
+        .yaml();
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("Orders")
+        .dependency("api.example.com")
+        .domain("https://API.example.com")
+        .yaml();
     let state = mesh(&[
         ("api.yaml", &domainlike),
         ("frontend.yaml", &frontend),
@@ -1378,12 +1342,6 @@ fn d_names_that_collide_in_envoy_get_one_vhost() {
 // Access control and mutual TLS.
 // ---------------------------------------------------------------------------------------
 
-fn access_rule(name: &str, body: &str) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata:\n  name: {name}\nspec:\n{body}"
-    )
-}
-
 fn access_settings() -> MeshSettings {
     MeshSettings {
         trust_domain: "mesh.local".into(),
@@ -1394,30 +1352,41 @@ fn access_settings() -> MeshSettings {
 }
 
 fn access_mesh() -> MeshState {
-    let orders = mesh_service(
-        "orders",
-        "  mtls: strict\n  endpoints:\n    - {address: 10.0.0.1, port: 15006}\n",
-    );
-    let billing = mesh_service(
-        "billing",
-        "  endpoints:\n    - {address: 10.0.0.9, port: 80}\n    - {address: 10.0.0.10, port: 80}\n",
-    );
-    let payments = mesh_service(
-        "payments",
-        "  mtls: permissive\n  endpoints:\n    - {address: 10.0.0.5, port: 80}\n    - {address: 10.0.0.6, port: 80, tags: [mtls]}\n",
-    );
-    let first = access_rule(
-        "orders-api",
-        "  target: orders\n  rules:\n    - from: [checkout, billing]\n      paths: [{prefix: /api/}]\n      methods: [GET, POST]\n",
-    );
-    let second = access_rule(
-        "orders-ops",
-        "  target: orders\n  action: log\n  rules:\n    - from: [\"admin-*\"]\n      paths: [{exact: /status}, {regex: \"/debug/[a-z]+\"}]\n    - from: [\"*\"]\n      paths: [{exact: /health}]\n",
-    );
-    let shadow = access_rule(
-        "payments",
-        "  target: payments\n  action: log\n  rules:\n    - from: [checkout]\n",
-    );
+    let orders = MeshService::build("orders")
+        .set("mtls", "strict")
+        .endpoint("10.0.0.1", 15006)
+        .yaml();
+    let billing = MeshService::build("billing")
+        .endpoint("10.0.0.9", 80)
+        .endpoint("10.0.0.10", 80)
+        .yaml();
+    let payments = MeshService::build("payments")
+        .set("mtls", "permissive")
+        .endpoint("10.0.0.5", 80)
+        .tagged_endpoint("10.0.0.6", 80, &["mtls"])
+        .yaml();
+    let first = AccessRule::build("orders-api")
+        .target("orders")
+        .allow_with(json!({
+            "from": ["checkout", "billing"],
+            "paths": [{"prefix": "/api/"}],
+            "methods": ["GET", "POST"],
+        }))
+        .yaml();
+    let second = AccessRule::build("orders-ops")
+        .target("orders")
+        .action("log")
+        .allow_with(json!({
+            "from": ["admin-*"],
+            "paths": [{"exact": "/status"}, {"regex": "/debug/[a-z]+"}],
+        }))
+        .allow_with(json!({"from": ["*"], "paths": [{"exact": "/health"}]}))
+        .yaml();
+    let shadow = AccessRule::build("payments")
+        .target("payments")
+        .action("log")
+        .allow(&["checkout"])
+        .yaml();
     mesh(&[
         ("orders.yaml", &orders),
         ("billing.yaml", &billing),

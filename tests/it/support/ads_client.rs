@@ -379,6 +379,14 @@ impl SotwStream {
         .await;
     }
 
+    /// Subscribes to `names` of `type_url` from scratch, waits for the answer and ACKs it.
+    pub async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DiscoveryResponse {
+        self.request(type_url, names, "", "").await;
+        let resp = self.recv_type(type_url).await;
+        self.ack(&resp).await;
+        resp
+    }
+
     /// NACKs `resp`, reporting `previous` as the version still in use.
     pub async fn nack(&mut self, resp: &DiscoveryResponse, previous: &str, message: &str) {
         let names = self.names.get(&resp.type_url).cloned().unwrap_or_default();
@@ -517,6 +525,15 @@ impl DeltaStream {
     pub async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
         self.send(delta_request(&resp.type_url, &[], &[], &resp.nonce))
             .await;
+    }
+
+    /// Subscribes to `names` of `type_url` (none: the wildcard), waits for the answer and
+    /// ACKs it.
+    pub async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DeltaDiscoveryResponse {
+        self.send(delta_request(type_url, names, &[], "")).await;
+        let resp = self.recv_type(type_url).await;
+        self.ack(&resp).await;
+        resp
     }
 
     /// Closes the request side and drops the response side.

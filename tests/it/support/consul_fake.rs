@@ -89,6 +89,12 @@
 //! its `wait` (at most 10 minutes plus jitter), and `stop()` ends every connection.
 #![allow(clippy::unwrap_used)]
 
+// Included by path rather than shared through `support`, so that the benches that include
+// this fake by path get it as well; the test binary thus holds two copies.
+#[allow(clippy::duplicate_mod)]
+#[path = "query.rs"]
+mod query;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::hash::{BuildHasher, Hasher};
@@ -102,6 +108,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use query::{parse_query, percent_decode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -1235,41 +1242,6 @@ fn consul_json(index: u64, body: Bytes) -> Resp {
         header::HeaderValue::from_static("0"),
     );
     r
-}
-
-/// Query parameters in order, percent-decoded (`+` is a space); a bare `passing` has value "".
-fn parse_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (percent_decode(k), percent_decode(v)),
-            None => (percent_decode(p), String::new()),
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {

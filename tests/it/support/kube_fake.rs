@@ -104,6 +104,12 @@
 //! `stop()` ends every connection.
 #![allow(clippy::unwrap_used)]
 
+// Included by path rather than shared through `support`, so that the benches that include
+// this fake by path get it as well; the test binary thus holds two copies.
+#[allow(clippy::duplicate_mod)]
+#[path = "query.rs"]
+mod query;
+
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, VecDeque};
@@ -123,6 +129,7 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use query::parse_query;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -2904,43 +2911,6 @@ fn error_resp(e: &ApiError) -> Resp {
         r.headers_mut().insert(header::RETRY_AFTER, secs.into());
     }
     r
-}
-
-/// Query parameters in order, percent-decoded (`+` is a space).
-fn parse_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (percent_decode(k), percent_decode(v)),
-            None => (percent_decode(p), String::new()),
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {

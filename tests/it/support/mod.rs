@@ -4,6 +4,8 @@
 
 pub mod ads_client;
 pub mod consul_fake;
+pub mod consul_mesh;
+pub mod fixtures;
 pub mod helm;
 pub mod kube_fake;
 
