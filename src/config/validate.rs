@@ -457,12 +457,89 @@ mod tests {
     /// `meshbridge run` with `flags`, validated in an empty environment; the process
     /// environment is not read for flags the test gives.
     fn run(flags: &[&str]) -> Result<RunConfig, ConfigError> {
+        run_in(flags, &Environment::default())
+    }
+
+    /// `meshbridge run` with `flags` in the environment `env`.
+    fn run_in(flags: &[&str], env: &Environment) -> Result<RunConfig, ConfigError> {
         use clap::Parser as _;
         let argv = std::iter::once("run").chain(flags.iter().copied());
         Run::try_parse_from(argv)
             .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
             .args
-            .validate(&Environment::default())
+            .validate(env)
+    }
+
+    #[test]
+    fn the_environment_decides_namespaces_identity_and_the_kubernetes_client() {
+        // Out of a pod: the webhook's namespace is the chart's, the Lease's `default`, the
+        // identity the host's, and no Kubernetes client without KUBECONFIG.
+        let bare = Environment {
+            hostname: Some("laptop".into()),
+            ..Environment::default()
+        };
+        let c = run_in(&[], &bare).unwrap();
+        assert_eq!(c.namespace, "meshbridge");
+        assert_eq!(c.lease.namespace, "default");
+        assert!(c.identity.starts_with("laptop_"), "{}", c.identity);
+        assert_eq!(c.kube, KubeSource::Off);
+        let inject = &c.webhook.inject;
+        assert_eq!(inject.xds_addr, "meshbridge-xds.meshbridge.svc:18000");
+
+        // In a pod: both namespaces are the pod's, the identity its name; in-cluster client.
+        let pod = Environment {
+            pod_namespace: Some("mesh-system".into()),
+            pod_name: Some("meshbridge-0".into()),
+            hostname: Some("meshbridge-0".into()),
+            in_cluster: true,
+            kubeconfig: Some("/ignored".into()),
+        };
+        let c = run_in(&["--webhook-self-managed"], &pod).unwrap();
+        assert_eq!(c.namespace, "mesh-system");
+        assert_eq!(c.lease.namespace, "mesh-system");
+        assert!(c.identity.starts_with("meshbridge-0_"), "{}", c.identity);
+        assert_eq!(c.kube, KubeSource::InCluster);
+        assert_eq!(
+            c.webhook.inject.xds_addr,
+            "meshbridge-xds.mesh-system.svc:18000"
+        );
+        match &c.webhook.certificate {
+            Some(WebhookCertificate::SelfManaged(s)) => {
+                assert_eq!(s.namespace, "mesh-system");
+                assert_eq!(s.dns_names[0], "meshbridge-webhook.mesh-system.svc");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Flags win over the environment; `--kube off` ignores it.
+        let c = run_in(
+            &[
+                "--leader-election-namespace",
+                "leases",
+                "--identity",
+                "me",
+                "--kube",
+                "off",
+            ],
+            &pod,
+        )
+        .unwrap();
+        assert_eq!(c.lease.namespace, "leases");
+        assert_eq!(
+            (c.identity.as_str(), c.lease.identity.as_str()),
+            ("me", "me")
+        );
+        assert_eq!(c.kube, KubeSource::Off);
+
+        // A workstation with KUBECONFIG.
+        let laptop = Environment {
+            kubeconfig: Some("/home/me/.kube/config".into()),
+            ..bare
+        };
+        assert_eq!(
+            run_in(&[], &laptop).unwrap().kube,
+            KubeSource::Kubeconfig("/home/me/.kube/config".into())
+        );
     }
 
     #[test]
