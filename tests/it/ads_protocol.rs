@@ -3,17 +3,13 @@
 
 use crate::support;
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
-use meshbridge::metrics::Metrics;
-use meshbridge::model::MeshSettings;
-use meshbridge::xds::cache::SnapshotCache;
-use meshbridge::xds::registry::{ProxyRegistry, TypeStatus};
-use meshbridge::xds::{AdsService, XdsContext, XdsLimits};
+use meshbridge::xds::XdsLimits;
 use serde_json::json;
 use support::ads_client::*;
 use support::fixtures::{Fixture, MeshService, manifests};
@@ -63,6 +59,30 @@ impl Mesh<'_> {
     }
 }
 
+/// [`BASE`] with a second orders endpoint.
+const ORDERS_SCALED: Mesh<'static> = Mesh {
+    orders_ports: &[18181, 18182],
+    ..BASE
+};
+
+/// [`BASE`] with the frontend depending on billing too.
+const BILLING_NEEDED: Mesh<'static> = Mesh {
+    frontend_deps: &["orders", "billing"],
+    ..BASE
+};
+
+/// [`BILLING_NEEDED`] with a second orders endpoint.
+const BILLING_NEEDED_ORDERS_SCALED: Mesh<'static> = Mesh {
+    orders_ports: &[18181, 18182],
+    ..BILLING_NEEDED
+};
+
+/// [`BASE`] without the billing service.
+const NO_BILLING: Mesh<'static> = Mesh {
+    billing_ports: None,
+    ..BASE
+};
+
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -82,6 +102,67 @@ async fn acked(server: &TestServer, node: &str, type_url: &str, version: &str) {
         },
     )
     .await;
+}
+
+/// A frontend node that also depends on billing.
+fn frontend_with_billing(id: &str) -> Node {
+    NodeBuilder::new(id, "frontend")
+        .dependencies(&["orders", "billing"])
+        .build()
+}
+
+/// Closes the only stream of `server` and waits until the registry has forgotten it.
+async fn close_only_stream<Req: AdsRequest>(server: &TestServer, stream: AdsStream<Req>) {
+    stream.close();
+    eventually("the first stream to go", || server.registry.is_empty()).await;
+}
+
+/// Asserts that a stream was refused with `code` and a message containing `fragment`.
+fn assert_refused(status: &tonic::Status, code: Code, fragment: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(fragment), "{status:?}");
+}
+
+/// Opens a delta stream of a frontend depending on orders and billing and subscribes to
+/// every cluster, checking all three arrive; returns the stream and the ACKed response.
+async fn delta_with_all_clusters(server: &TestServer) -> (DeltaStream, DeltaDiscoveryResponse) {
+    let mut d = DeltaStream::open(server, frontend_with_billing("fe-d")).await;
+    let cds = d.subscribe(CDS, &[]).await;
+    assert_eq!(delta_names(&cds), set(&["billing", "local|app", "orders"]));
+    (d, cds)
+}
+
+/// A frontend's delta stream that got the clusters and the orders assignment and closed:
+/// the two responses it ACKed.
+async fn delta_session_then_close(
+    server: &TestServer,
+) -> (DeltaDiscoveryResponse, DeltaDiscoveryResponse) {
+    let mut d1 = DeltaStream::open(server, frontend("fe-d").build()).await;
+    let cds = d1.subscribe(CDS, &[]).await;
+    let eds = d1.subscribe(EDS, &["orders"]).await;
+    close_only_stream(server, d1).await;
+    (cds, eds)
+}
+
+/// A frontend's new delta stream resubscribing to every cluster and to the orders
+/// assignment, reporting the resource versions it has.
+async fn delta_resume(
+    server: &TestServer,
+    clusters: BTreeMap<String, String>,
+    assignments: BTreeMap<String, String>,
+) -> DeltaStream {
+    let mut d2 = DeltaStream::open(server, frontend("fe-d").build()).await;
+    d2.send(DeltaDiscoveryRequest {
+        initial_resource_versions: clusters.into_iter().collect(),
+        ..delta_request(CDS, &[], &[], "")
+    })
+    .await;
+    d2.send(DeltaDiscoveryRequest {
+        initial_resource_versions: assignments.into_iter().collect(),
+        ..delta_request(EDS, &["orders"], &[], "")
+    })
+    .await;
+    d2
 }
 
 #[tokio::test]
@@ -134,13 +215,7 @@ async fn sotw_handshake_then_pushes_in_cds_eds_lds_rds_order() {
     assert_eq!(nonces.len(), 4);
 
     // Only endpoints change: EDS alone.
-    server.update(
-        &Mesh {
-            orders_ports: &[18181, 18182],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&ORDERS_SCALED.yaml());
     let eds2 = s.recv_type(EDS).await;
     assert_ne!(eds2.version_info, eds.version_info);
     assert_eq!(endpoint_count(&assignments(&eds2)["orders"]), 2);
@@ -150,14 +225,7 @@ async fn sotw_handshake_then_pushes_in_cds_eds_lds_rds_order() {
 
     // A new dependency: clusters and routes change, listeners do not. EDS follows CDS even
     // though the subscribed assignments did not change.
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            orders_ports: &[18181, 18182],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED_ORDERS_SCALED.yaml());
     let mut got = Vec::new();
     for _ in 0..3 {
         got.push(s.recv().await);
@@ -209,13 +277,7 @@ async fn sotw_nack_is_recorded_and_not_answered_with_the_same_version() {
     let cds1 = s.subscribe(CDS, &[]).await;
     acked(&server, "fe-1", CDS, &cds1.version_info).await;
 
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED.yaml());
     let cds2 = s.recv_type(CDS).await;
     assert_ne!(cds2.version_info, cds1.version_info);
 
@@ -234,14 +296,7 @@ async fn sotw_nack_is_recorded_and_not_answered_with_the_same_version() {
     assert_eq!(status.sent.as_deref(), Some(cds2.version_info.as_str()));
 
     // A state change that leaves the clusters as they were NACKed: still nothing.
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            orders_ports: &[18181, 18182],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED_ORDERS_SCALED.yaml());
     s.expect_silence("clusters unchanged since the NACK").await;
 
     // A real change of the clusters produces a new version.
@@ -270,13 +325,7 @@ async fn sotw_stale_nonce_is_ignored() {
     let eds1 = s.subscribe(EDS, &["orders"]).await;
     acked(&server, "fe-1", EDS, &eds1.version_info).await;
 
-    server.update(
-        &Mesh {
-            orders_ports: &[18181, 18182],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&ORDERS_SCALED.yaml());
     let eds2 = s.recv_type(EDS).await;
 
     // Answers eds1, which is no longer the latest: ignored even though it adds a name.
@@ -302,21 +351,14 @@ async fn sotw_reconnect_with_acked_version_gets_nothing_until_a_change() {
     let mut s1 = SotwStream::open(&server, frontend("fe-1").build()).await;
     let cds1 = s1.subscribe(CDS, &[]).await;
     acked(&server, "fe-1", CDS, &cds1.version_info).await;
-    s1.close();
-    eventually("the first stream to go", || server.registry.is_empty()).await;
+    close_only_stream(&server, s1).await;
 
     let mut s2 = SotwStream::open(&server, frontend("fe-1").build()).await;
     s2.request(CDS, &[], &cds1.version_info, "").await;
     s2.expect_silence("the proxy already has the current clusters")
         .await;
 
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED.yaml());
     let cds2 = s2.recv_type(CDS).await;
     assert_ne!(cds2.version_info, cds1.version_info);
     assert_eq!(
@@ -332,17 +374,10 @@ async fn sotw_reconnect_after_cluster_change_resends_eds() {
     let cds1 = s1.subscribe(CDS, &[]).await;
     let eds1 = s1.subscribe(EDS, &["orders"]).await;
     acked(&server, "fe-1", EDS, &eds1.version_info).await;
-    s1.close();
-    eventually("the first stream to go", || server.registry.is_empty()).await;
+    close_only_stream(&server, s1).await;
 
     // Clusters change while the proxy is away; its assignments do not.
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED.yaml());
 
     // Envoy resubscribes to everything at once, reporting what it has.
     let mut s2 = SotwStream::open(&server, frontend("fe-1").build()).await;
@@ -374,16 +409,8 @@ async fn sotw_eds_for_unknown_cluster_gets_empty_assignment() {
 #[tokio::test]
 async fn delta_wildcard_cds_and_eds_subscriptions() {
     let server = server(&BASE).await;
-    let node = NodeBuilder::new("fe-d", "frontend")
-        .dependencies(&["orders", "billing"])
-        .build();
-    let mut d = DeltaStream::open(&server, node).await;
-
-    d.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d.recv_type(CDS).await;
-    assert_eq!(delta_names(&cds), set(&["billing", "local|app", "orders"]));
+    let (mut d, cds) = delta_with_all_clusters(&server).await;
     assert!(cds.removed_resources.is_empty());
-    d.ack(&cds).await;
     d.expect_silence("after the CDS ACK").await;
 
     d.send(delta_request(EDS, &["orders"], &[], "")).await;
@@ -456,22 +483,9 @@ async fn delta_wildcard_cds_and_eds_subscriptions() {
 #[tokio::test]
 async fn delta_removed_service_is_named_in_removed_resources() {
     let server = server(&BASE).await;
-    let node = NodeBuilder::new("fe-d", "frontend")
-        .dependencies(&["orders", "billing"])
-        .build();
-    let mut d = DeltaStream::open(&server, node).await;
-    d.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d.recv_type(CDS).await;
-    assert_eq!(delta_names(&cds), set(&["billing", "local|app", "orders"]));
-    d.ack(&cds).await;
+    let (mut d, cds) = delta_with_all_clusters(&server).await;
 
-    server.update(
-        &Mesh {
-            billing_ports: None,
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&NO_BILLING.yaml());
     let cds2 = d.recv_type(CDS).await;
     assert_eq!(cds2.removed_resources, vec!["billing".to_string()]);
     assert!(
@@ -487,14 +501,7 @@ async fn delta_removed_service_is_named_in_removed_resources() {
 #[tokio::test]
 async fn delta_unsubscribing_the_wildcard_stops_unnamed_resources() {
     let server = server(&BASE).await;
-    let node = NodeBuilder::new("fe-d", "frontend")
-        .dependencies(&["orders", "billing"])
-        .build();
-    let mut d = DeltaStream::open(&server, node).await;
-    d.send(delta_request(CDS, &[], &[], "")).await;
-    let cds = d.recv_type(CDS).await;
-    assert_eq!(delta_names(&cds), set(&["billing", "local|app", "orders"]));
-    d.ack(&cds).await;
+    let (mut d, cds) = delta_with_all_clusters(&server).await;
 
     // From "everything" to just orders: the proxy already has it.
     d.send(delta_request(CDS, &["orders"], &["*"], &cds.nonce))
@@ -502,13 +509,7 @@ async fn delta_unsubscribing_the_wildcard_stops_unnamed_resources() {
     d.expect_silence("orders is current").await;
 
     // billing is no longer subscribed: its removal is none of the proxy's business.
-    server.update(
-        &Mesh {
-            billing_ports: None,
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&NO_BILLING.yaml());
     d.expect_silence("billing is not subscribed any more").await;
 
     // Subscribing to the wildcard again brings back what the proxy lacks.
@@ -521,23 +522,9 @@ async fn delta_unsubscribing_the_wildcard_stops_unnamed_resources() {
 #[tokio::test]
 async fn delta_reconnect_with_current_versions_resends_nothing() {
     let server = server(&BASE).await;
-    let mut d1 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    let cds = d1.subscribe(CDS, &[]).await;
-    let eds = d1.subscribe(EDS, &["orders"]).await;
-    d1.close();
-    eventually("the first stream to go", || server.registry.is_empty()).await;
+    let (cds, eds) = delta_session_then_close(&server).await;
 
-    let mut d2 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    d2.send(DeltaDiscoveryRequest {
-        initial_resource_versions: delta_versions(&cds).into_iter().collect(),
-        ..delta_request(CDS, &[], &[], "")
-    })
-    .await;
-    d2.send(DeltaDiscoveryRequest {
-        initial_resource_versions: delta_versions(&eds).into_iter().collect(),
-        ..delta_request(EDS, &["orders"], &[], "")
-    })
-    .await;
+    let mut d2 = delta_resume(&server, delta_versions(&cds), delta_versions(&eds)).await;
     while let Some(resp) = d2.maybe_recv().await {
         assert!(
             resp.resources.is_empty() && resp.removed_resources.is_empty(),
@@ -550,13 +537,7 @@ async fn delta_reconnect_with_current_versions_resends_nothing() {
     }
 
     // The new stream still follows changes.
-    server.update(
-        &Mesh {
-            orders_ports: &[18181, 18182],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&ORDERS_SCALED.yaml());
     let eds2 = d2.recv_type(EDS).await;
     assert_eq!(delta_names(&eds2), set(&["orders"]));
     assert_ne!(eds2.resources[0].version, eds.resources[0].version);
@@ -565,26 +546,12 @@ async fn delta_reconnect_with_current_versions_resends_nothing() {
 #[tokio::test]
 async fn delta_reconnect_with_an_old_cluster_resends_its_assignment() {
     let server = server(&BASE).await;
-    let mut d1 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    let cds = d1.subscribe(CDS, &[]).await;
-    let eds = d1.subscribe(EDS, &["orders"]).await;
-    d1.close();
-    eventually("the first stream to go", || server.registry.is_empty()).await;
+    let (cds, eds) = delta_session_then_close(&server).await;
 
     // The proxy comes back with an outdated orders cluster and a current assignment.
     let mut clusters = delta_versions(&cds);
     clusters.insert("orders".to_string(), "outdated".to_string());
-    let mut d2 = DeltaStream::open(&server, frontend("fe-d").build()).await;
-    d2.send(DeltaDiscoveryRequest {
-        initial_resource_versions: clusters.into_iter().collect(),
-        ..delta_request(CDS, &[], &[], "")
-    })
-    .await;
-    d2.send(DeltaDiscoveryRequest {
-        initial_resource_versions: delta_versions(&eds).into_iter().collect(),
-        ..delta_request(EDS, &["orders"], &[], "")
-    })
-    .await;
+    let mut d2 = delta_resume(&server, clusters, delta_versions(&eds)).await;
     let cds2 = d2.recv_type(CDS).await;
     assert_eq!(delta_names(&cds2), set(&["orders"]));
     // The updated cluster warms until its assignment arrives.
@@ -611,14 +578,12 @@ async fn node_without_service_name_is_refused_and_others_keep_going() {
     let mut bad = SotwStream::open(&server, bad_node.clone()).await;
     bad.request(CDS, &[], "", "").await;
     let status = bad.recv_status().await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("service_name"), "{status:?}");
+    assert_refused(&status, Code::InvalidArgument, "service_name");
 
     let mut bad_delta = DeltaStream::open(&server, bad_node).await;
     bad_delta.send(delta_request(CDS, &[], &[], "")).await;
     let status = bad_delta.recv_status().await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("service_name"), "{status:?}");
+    assert_refused(&status, Code::InvalidArgument, "service_name");
 
     assert_eq!(
         server.registry.len(),
@@ -627,13 +592,7 @@ async fn node_without_service_name_is_refused_and_others_keep_going() {
     );
     assert_eq!(server.cache.group_count(), 1);
 
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED.yaml());
     let cds2 = good.recv_type(CDS).await;
     assert!(cluster_names(&cds2).contains("billing"));
 }
@@ -666,13 +625,7 @@ async fn streams_of_one_group_share_it_and_it_goes_with_the_last() {
     eventually("the other group to go", || server.cache.group_count() == 1).await;
 
     // One update reaches every stream of the group.
-    server.update(
-        &Mesh {
-            frontend_deps: &["orders", "billing"],
-            ..BASE
-        }
-        .yaml(),
-    );
+    server.update(&BILLING_NEEDED.yaml());
     let mut versions = BTreeSet::new();
     for s in &mut streams {
         versions.insert(s.recv_type(CDS).await.version_info);
@@ -742,168 +695,21 @@ async fn a_stream_that_stops_reading_does_not_hold_up_the_others() {
     slow.close();
 }
 
-/// A server like [`TestServer`] whose metrics the test reads, with a bare delta stream.
-struct MeteredServer {
-    cache: Arc<SnapshotCache>,
-    registry: Arc<ProxyRegistry>,
-    metrics: Arc<Metrics>,
-    addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl MeteredServer {
-    async fn start(mesh: &Mesh<'_>) -> Self {
-        let cache = Arc::new(SnapshotCache::new(MeshSettings::default()));
-        cache.update(mesh_state(&mesh.yaml()));
-        let registry = Arc::new(ProxyRegistry::default());
-        let metrics = Arc::new(Metrics::new());
-        let ctx = Arc::new(XdsContext {
-            cache: cache.clone(),
-            registry: registry.clone(),
-            metrics: metrics.clone(),
-            control_plane: "meshbridge-test".to_string(),
-            limits: Default::default(),
-            client_auth: Default::default(),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(AdsService::new(ctx).into_server())
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        MeteredServer {
-            cache,
-            registry,
-            metrics,
-            addr,
-            task,
-        }
-    }
-
-    fn update(&self, mesh: &Mesh<'_>) {
-        self.cache.update(mesh_state(&mesh.yaml()));
-    }
-
-    fn type_status(&self, node_id: &str, type_url: &str) -> Option<TypeStatus> {
-        self.registry
-            .list()
-            .into_iter()
-            .find(|s| s.node == node_id)
-            .and_then(|s| s.types.get(type_url).cloned())
-    }
-
-    /// The value of one sample of the rendered metrics, e.g.
-    /// `meshbridge_xds_acks_total{type="eds"}`; 0 when absent.
-    fn sample(&self, name: &str) -> f64 {
-        let text = self.metrics.render();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
-    }
-
-    /// `(ACKs counted, ACK/NACK latency samples, NACKs counted)` of a type (`cds`, `eds`).
-    fn ack_metrics(&self, short: &str) -> (f64, f64, f64) {
-        (
-            self.sample(&format!("meshbridge_xds_acks_total{{type=\"{short}\"}}")),
-            self.sample(&format!(
-                "meshbridge_xds_ack_seconds_count{{type=\"{short}\"}}"
-            )),
-            self.sample(&format!("meshbridge_xds_nacks_total{{type=\"{short}\"}}")),
-        )
-    }
-
-    async fn delta(&self, node: envoy_types::pb::envoy::config::core::v3::Node) -> BareDelta {
-        use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-        let mut client = within(
-            "connecting to the ADS server",
-            AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr)),
-        )
-        .await
-        .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let response = within(
-            "the delta stream to open",
-            client.delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .unwrap();
-        BareDelta {
-            node: Some(node),
-            tx,
-            rx: response.into_inner(),
-        }
-    }
-}
-
-impl Drop for MeteredServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A fake proxy's delta stream on a [`MeteredServer`].
-struct BareDelta {
-    node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
-    tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: tonic::Streaming<DeltaDiscoveryResponse>,
-}
-
-impl BareDelta {
-    async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
-        if let Some(node) = self.node.take() {
-            req.node = Some(node);
-        }
-        within("the request to be queued", self.tx.send(req))
-            .await
-            .unwrap();
-    }
-
-    async fn recv_type(&mut self, type_url: &str) -> DeltaDiscoveryResponse {
-        let resp = within("a response", self.rx.message())
-            .await
-            .unwrap()
-            .expect("stream ended while a response was expected");
-        assert_eq!(short(&resp.type_url), short(type_url), "{resp:?}");
-        resp
-    }
-
-    async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
-        self.send(delta_request(&resp.type_url, &[], &[], &resp.nonce))
-            .await;
-    }
-
-    /// Subscribes to `names` of `type_url`, waits for the answer and ACKs it.
-    async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DeltaDiscoveryResponse {
-        self.send(delta_request(type_url, names, &[], "")).await;
-        let resp = self.recv_type(type_url).await;
-        self.ack(&resp).await;
-        resp
-    }
-
-    async fn nack(&mut self, resp: &DeltaDiscoveryResponse, message: &str) {
-        self.send(DeltaDiscoveryRequest {
-            error_detail: Some(envoy_types::pb::google::rpc::Status {
-                code: Code::InvalidArgument as i32,
-                message: message.to_string(),
-                details: Vec::new(),
-            }),
-            ..delta_request(&resp.type_url, &[], &[], &resp.nonce)
-        })
-        .await;
-    }
+/// `(ACKs counted, ACK/NACK latency samples, NACKs counted)` of a type (`cds`, `eds`).
+fn ack_metrics(server: &TestServer, short: &str) -> (f64, f64, f64) {
+    (
+        server.metric(&format!("meshbridge_xds_acks_total{{type=\"{short}\"}}")),
+        server.metric(&format!(
+            "meshbridge_xds_ack_seconds_count{{type=\"{short}\"}}"
+        )),
+        server.metric(&format!("meshbridge_xds_nacks_total{{type=\"{short}\"}}")),
+    )
 }
 
 #[tokio::test]
 async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack() {
-    let server = MeteredServer::start(&BASE).await;
-    let node = NodeBuilder::new("fe-d", "frontend")
-        .dependencies(&["orders", "billing"])
-        .build();
-    let mut d = server.delta(node).await;
-    d.subscribe(CDS, &[]).await;
+    let server = server(&BASE).await;
+    let (mut d, _) = delta_with_all_clusters(&server).await;
 
     d.send(delta_request(EDS, &["orders"], &[], "")).await;
     let eds1 = d.recv_type(EDS).await;
@@ -918,10 +724,7 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
 
     // A new response is in flight when the proxy subscribes to another name, without a
     // nonce, as Envoy does for EDS.
-    server.update(&Mesh {
-        orders_ports: &[18181, 18182],
-        ..BASE
-    });
+    server.update(&ORDERS_SCALED.yaml());
     let eds2 = d.recv_type(EDS).await;
     assert_eq!(delta_names(&eds2), set(&["orders"]));
     d.send(delta_request(EDS, &["billing"], &[], "")).await;
@@ -936,7 +739,7 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
     );
     assert_eq!(status.acked, None, "a subscription change is no ACK");
     assert_eq!(
-        server.ack_metrics("eds"),
+        ack_metrics(&server, "eds"),
         (0.0, 1.0, 1.0),
         "no ACK counted, one latency sample: the NACK's"
     );
@@ -944,7 +747,7 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
     // The real ACK of the latest response counts, with its latency.
     d.ack(&eds3).await;
     eventually("the EDS ACK to be recorded", || {
-        server.ack_metrics("eds") == (1.0, 2.0, 1.0)
+        ack_metrics(&server, "eds") == (1.0, 2.0, 1.0)
     })
     .await;
     let status = server.type_status("fe-d", EDS).unwrap();
@@ -953,21 +756,18 @@ async fn delta_subscription_change_without_a_nonce_is_neither_an_ack_nor_a_nack(
         status.acked.as_deref(),
         Some(eds3.system_version_info.as_str())
     );
-    assert_eq!(server.ack_metrics("cds"), (1.0, 1.0, 0.0));
+    assert_eq!(ack_metrics(&server, "cds"), (1.0, 1.0, 0.0));
 }
 
 #[tokio::test]
 async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
-    let server = MeteredServer::start(&BASE).await;
-    let mut d = server.delta(frontend("fe-d").build()).await;
+    let server = server(&BASE).await;
+    let mut d = DeltaStream::open(&server, frontend("fe-d").build()).await;
     d.subscribe(CDS, &[]).await;
 
     d.send(delta_request(EDS, &["orders"], &[], "")).await;
     let eds1 = d.recv_type(EDS).await;
-    server.update(&Mesh {
-        orders_ports: &[18181, 18182],
-        ..BASE
-    });
+    server.update(&ORDERS_SCALED.yaml());
     let eds2 = d.recv_type(EDS).await;
     assert_ne!(eds2.nonce, eds1.nonce);
 
@@ -984,7 +784,7 @@ async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
         Some(eds2.system_version_info.as_str())
     );
     assert_eq!(
-        server.ack_metrics("eds"),
+        ack_metrics(&server, "eds"),
         (0.0, 0.0, 0.0),
         "a stale NACK is neither counted nor timed"
     );
@@ -993,7 +793,8 @@ async fn delta_nack_of_an_older_response_leaves_the_latest_alone() {
     d.ack(&eds2).await;
     d.ack(&lds).await;
     eventually("the ACKs to be recorded", || {
-        server.ack_metrics("eds") == (1.0, 1.0, 0.0) && server.ack_metrics("lds") == (1.0, 1.0, 0.0)
+        ack_metrics(&server, "eds") == (1.0, 1.0, 0.0)
+            && ack_metrics(&server, "lds") == (1.0, 1.0, 0.0)
     })
     .await;
     let status = server.type_status("fe-d", EDS).unwrap();
@@ -1012,13 +813,9 @@ async fn limited(limits: XdsLimits) -> TestServer {
 }
 
 fn limited_count(server: &TestServer, limit: &str) -> f64 {
-    let name = format!("meshbridge_xds_limited_total{{limit=\"{limit}\"}}");
-    server
-        .metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    server.metric(&format!(
+        "meshbridge_xds_limited_total{{limit=\"{limit}\"}}"
+    ))
 }
 
 #[tokio::test]
@@ -1040,8 +837,7 @@ async fn streams_and_groups_beyond_their_limits_are_refused_and_counted() {
     let mut third = SotwStream::open(&server, NodeBuilder::new("bi-1", "billing").build()).await;
     third.request(CDS, &[], "", "").await;
     let status = third.recv_status().await;
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("--xds-max-groups"), "{status:?}");
+    assert_refused(&status, Code::ResourceExhausted, "--xds-max-groups");
     assert_eq!(server.cache.group_count(), 2);
     assert_eq!(limited_count(&server, "groups"), 1.0);
     // A stream of a group already served is a third stream: fine.
@@ -1052,8 +848,7 @@ async fn streams_and_groups_beyond_their_limits_are_refused_and_counted() {
     let mut fourth = SotwStream::open(&server, NodeBuilder::new("fe-3", "frontend").build()).await;
     fourth.request(CDS, &[], "", "").await;
     let status = fourth.recv_status().await;
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("--xds-max-streams"), "{status:?}");
+    assert_refused(&status, Code::ResourceExhausted, "--xds-max-streams");
     assert_eq!(server.registry.len(), 3);
     assert_eq!(limited_count(&server, "streams"), 1.0);
 }
@@ -1071,10 +866,10 @@ async fn subscriptions_beyond_the_name_limit_end_the_stream() {
     sotw.recv_type(EDS).await;
     sotw.request(RDS, &["egress"], "", "").await;
     let status = sotw.recv_status().await;
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        status.message().contains("subscribes to 4 resources"),
-        "{status:?}"
+    assert_refused(
+        &status,
+        Code::ResourceExhausted,
+        "subscribes to 4 resources",
     );
     // One delta request naming too many at once.
     let mut delta = DeltaStream::open(&server, frontend("fe-2").build()).await;
@@ -1082,8 +877,7 @@ async fn subscriptions_beyond_the_name_limit_end_the_stream() {
         .send(delta_request(EDS, &["a", "b", "c", "d"], &[], ""))
         .await;
     let status = delta.recv_status().await;
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("names 4 resources"), "{status:?}");
+    assert_refused(&status, Code::ResourceExhausted, "names 4 resources");
     assert_eq!(limited_count(&server, "names"), 2.0);
     assert_eq!(server.registry.len(), 0, "both streams are gone");
 }
@@ -1097,8 +891,7 @@ async fn a_stream_that_sends_nothing_is_closed_after_the_first_request_timeout()
     .await;
     let mut silent = SotwStream::open(&server, frontend("fe-1").build()).await;
     let status = silent.recv_status().await;
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(status.message().contains("200 ms"), "{status:?}");
+    assert_refused(&status, Code::DeadlineExceeded, "200 ms");
     assert_eq!(limited_count(&server, "first_request"), 1.0);
 }
 

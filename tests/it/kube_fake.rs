@@ -58,6 +58,14 @@ fn rv_of(meta_rv: Option<String>) -> u64 {
     meta_rv.unwrap().parse().unwrap()
 }
 
+/// Creates the MeshService `name` serving the service of the same name.
+async fn create_mesh_service(msvcs: &Api<MeshService>, name: &str) -> MeshService {
+    let ms = fixtures::MeshService::build(name)
+        .set("serviceName", name)
+        .typed();
+    msvcs.create(&PostParams::default(), &ms).await.unwrap()
+}
+
 async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, f)
         .await
@@ -528,15 +536,7 @@ async fn patches() {
     assert_eq!(s.data.unwrap()["s"], "1");
     // ...and is 415 for custom resources.
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    msvcs
-        .create(
-            &PostParams::default(),
-            &fixtures::MeshService::build("web")
-                .set("serviceName", "web")
-                .typed(),
-        )
-        .await
-        .unwrap();
+    create_mesh_service(&msvcs, "web").await;
     let e = api_err(
         msvcs
             .patch(
@@ -1464,15 +1464,7 @@ async fn request_log_and_injected_failures() {
     let fake = FakeKube::start().await;
     let client = client(&fake);
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    msvcs
-        .create(
-            &PostParams::default(),
-            &fixtures::MeshService::build("web")
-                .set("serviceName", "web")
-                .typed(),
-        )
-        .await
-        .unwrap();
+    create_mesh_service(&msvcs, "web").await;
     msvcs
         .patch_status(
             "web",
@@ -2415,15 +2407,7 @@ async fn rules_operations_subresources_apply_and_dry_run() {
     );
     // A subresource matches only a rule naming it (or `res/*`, which also covers `res`).
     let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    msvcs
-        .create(
-            &PostParams::default(),
-            &fixtures::MeshService::build("m")
-                .set("serviceName", "m")
-                .typed(),
-        )
-        .await
-        .unwrap();
+    create_mesh_service(&msvcs, "m").await;
     assert!(seen(&fake).is_empty());
     msvcs
         .patch_status(

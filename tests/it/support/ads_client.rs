@@ -172,6 +172,16 @@ impl TestServer {
             .find(|s| s.node == node_id)
             .and_then(|s| s.types.get(type_url).cloned())
     }
+
+    /// The value of one sample of the rendered metrics, e.g.
+    /// `meshbridge_xds_acks_total{type="eds"}`; 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
 }
 
 impl Drop for TestServer {
@@ -262,155 +272,6 @@ pub fn sotw_request(
     }
 }
 
-/// One fake proxy's state-of-the-world ADS stream.
-pub struct SotwStream {
-    node: Option<Node>,
-    tx: Option<mpsc::Sender<DiscoveryRequest>>,
-    rx: Streaming<DiscoveryResponse>,
-    /// Names last requested per type, for ACKs.
-    names: BTreeMap<String, Vec<String>>,
-}
-
-impl SotwStream {
-    /// Opens a stream; `node` goes with the first request.
-    pub async fn open(server: &TestServer, node: Node) -> Self {
-        let mut client = server.client().await;
-        let (tx, rx) = mpsc::channel(16);
-        let response = within(
-            "the SotW stream to open",
-            client.stream_aggregated_resources(ReceiverStream::new(rx)),
-        )
-        .await
-        .unwrap();
-        SotwStream {
-            node: Some(node),
-            tx: Some(tx),
-            rx: response.into_inner(),
-            names: BTreeMap::new(),
-        }
-    }
-
-    /// Sends a request (with the node if it is the first).
-    pub async fn send(&mut self, mut req: DiscoveryRequest) {
-        if let Some(node) = self.node.take() {
-            req.node = Some(node);
-        }
-        self.names
-            .insert(req.type_url.clone(), req.resource_names.clone());
-        let tx = self.tx.as_ref().expect("request side closed");
-        within("the request to be queued", tx.send(req))
-            .await
-            .unwrap();
-    }
-
-    /// Sends a request built from its parts.
-    pub async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
-        self.send(sotw_request(type_url, names, version, nonce))
-            .await;
-    }
-
-    /// Next message of the stream (`None`: the stream ended), bounded by `limit`.
-    pub async fn next_within(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<Result<DiscoveryResponse, Status>>, tokio::time::error::Elapsed> {
-        tokio::time::timeout(limit, self.rx.message())
-            .await
-            .map(|r| r.transpose())
-    }
-
-    /// The next response; panics on an error, the end of the stream, or after [`WAIT`].
-    pub async fn recv(&mut self) -> DiscoveryResponse {
-        match self.next_within(WAIT).await {
-            Ok(Some(Ok(resp))) => resp,
-            Ok(Some(Err(status))) => panic!("stream failed: {status:?}"),
-            Ok(None) => panic!("stream ended while a response was expected"),
-            Err(_) => panic!("no response within {WAIT:?}"),
-        }
-    }
-
-    /// The next response, which must be of `type_url`.
-    pub async fn recv_type(&mut self, type_url: &str) -> DiscoveryResponse {
-        let resp = self.recv().await;
-        assert_eq!(
-            short(&resp.type_url),
-            short(type_url),
-            "unexpected response type (version {}, nonce {})",
-            resp.version_info,
-            resp.nonce
-        );
-        resp
-    }
-
-    /// The status the stream ends with; panics on a response or after [`WAIT`].
-    pub async fn recv_status(&mut self) -> Status {
-        match self.next_within(WAIT).await {
-            Ok(Some(Err(status))) => status,
-            Ok(Some(Ok(resp))) => panic!("expected an error, got a {} response", resp.type_url),
-            Ok(None) => panic!("stream ended without an error status"),
-            Err(_) => panic!("no error status within {WAIT:?}"),
-        }
-    }
-
-    /// Asserts that nothing arrives for [`QUIET`].
-    pub async fn expect_silence(&mut self, why: &str) {
-        match self.next_within(QUIET).await {
-            Err(_) => {}
-            Ok(Some(Ok(resp))) => panic!(
-                "{why}: unexpected {} response (version {}, {} resources)",
-                short(&resp.type_url),
-                resp.version_info,
-                resp.resources.len()
-            ),
-            Ok(other) => panic!("{why}: unexpected end of stream: {other:?}"),
-        }
-    }
-
-    /// ACKs `resp` with the names last requested for its type.
-    pub async fn ack(&mut self, resp: &DiscoveryResponse) {
-        let names = self.names.get(&resp.type_url).cloned().unwrap_or_default();
-        self.send(DiscoveryRequest {
-            version_info: resp.version_info.clone(),
-            resource_names: names,
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    /// Subscribes to `names` of `type_url` from scratch, waits for the answer and ACKs it.
-    pub async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DiscoveryResponse {
-        self.request(type_url, names, "", "").await;
-        let resp = self.recv_type(type_url).await;
-        self.ack(&resp).await;
-        resp
-    }
-
-    /// NACKs `resp`, reporting `previous` as the version still in use.
-    pub async fn nack(&mut self, resp: &DiscoveryResponse, previous: &str, message: &str) {
-        let names = self.names.get(&resp.type_url).cloned().unwrap_or_default();
-        self.send(DiscoveryRequest {
-            version_info: previous.to_string(),
-            resource_names: names,
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            error_detail: Some(RpcStatus {
-                code: 3,
-                message: message.to_string(),
-                details: Vec::new(),
-            }),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    /// Closes the request side and drops the response side.
-    pub fn close(mut self) {
-        self.tx.take();
-    }
-}
-
 /// A delta ADS request subscribing and unsubscribing names.
 pub fn delta_request(
     type_url: &str,
@@ -427,35 +288,148 @@ pub fn delta_request(
     }
 }
 
-/// One fake proxy's delta ADS stream.
-pub struct DeltaStream {
-    node: Option<Node>,
-    tx: Option<mpsc::Sender<DeltaDiscoveryRequest>>,
-    rx: Streaming<DeltaDiscoveryResponse>,
+/// The NACK detail a fake proxy reports: INVALID_ARGUMENT with `message`.
+fn rejection(message: &str) -> RpcStatus {
+    RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message: message.to_string(),
+        details: Vec::new(),
+    }
 }
 
-impl DeltaStream {
+/// A request of one ADS variant (SotW or delta): what [`AdsStream`] needs to know of it.
+pub trait AdsRequest: Sized + Send + 'static {
+    /// The responses of the variant.
+    type Response: AdsResponse;
+    /// The variant's name in failure messages.
+    const VARIANT: &'static str;
+    /// Attaches the node (it goes with the first request of a stream).
+    fn set_node(&mut self, node: Node);
+    /// `(type URL, names)` when the request states the whole subscription of its type
+    /// (SotW), so that an ACK can repeat it; `None` when it states changes (delta).
+    fn subscription(&self) -> Option<(&str, &[String])>;
+    /// Opens the variant's bidirectional ADS call.
+    fn open_call(
+        client: AggregatedDiscoveryServiceClient<Channel>,
+        requests: ReceiverStream<Self>,
+    ) -> impl Future<Output = Result<tonic::Response<Streaming<Self::Response>>, Status>>;
+}
+
+/// A response of one ADS variant, as failure messages describe it.
+pub trait AdsResponse: std::fmt::Debug + Send + 'static {
+    /// Its type URL.
+    fn type_url(&self) -> &str;
+    /// Its identity (version, nonce).
+    fn identity(&self) -> String;
+    /// What it carries.
+    fn contents(&self) -> String;
+}
+
+impl AdsRequest for DiscoveryRequest {
+    type Response = DiscoveryResponse;
+    const VARIANT: &'static str = "SotW";
+    fn set_node(&mut self, node: Node) {
+        self.node = Some(node);
+    }
+    fn subscription(&self) -> Option<(&str, &[String])> {
+        Some((&self.type_url, &self.resource_names))
+    }
+    async fn open_call(
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        requests: ReceiverStream<Self>,
+    ) -> Result<tonic::Response<Streaming<DiscoveryResponse>>, Status> {
+        client.stream_aggregated_resources(requests).await
+    }
+}
+
+impl AdsResponse for DiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn identity(&self) -> String {
+        format!("version {}, nonce {}", self.version_info, self.nonce)
+    }
+    fn contents(&self) -> String {
+        format!(
+            "version {}, {} resources",
+            self.version_info,
+            self.resources.len()
+        )
+    }
+}
+
+impl AdsRequest for DeltaDiscoveryRequest {
+    type Response = DeltaDiscoveryResponse;
+    const VARIANT: &'static str = "delta";
+    fn set_node(&mut self, node: Node) {
+        self.node = Some(node);
+    }
+    fn subscription(&self) -> Option<(&str, &[String])> {
+        None
+    }
+    async fn open_call(
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        requests: ReceiverStream<Self>,
+    ) -> Result<tonic::Response<Streaming<DeltaDiscoveryResponse>>, Status> {
+        client.delta_aggregated_resources(requests).await
+    }
+}
+
+impl AdsResponse for DeltaDiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn identity(&self) -> String {
+        format!("nonce {}", self.nonce)
+    }
+    fn contents(&self) -> String {
+        format!(
+            "resources {:?}, removed {:?}",
+            delta_names(self),
+            self.removed_resources
+        )
+    }
+}
+
+/// One fake proxy's ADS stream of either variant: [`SotwStream`] or [`DeltaStream`].
+pub struct AdsStream<Req: AdsRequest> {
+    node: Option<Node>,
+    tx: Option<mpsc::Sender<Req>>,
+    rx: Streaming<Req::Response>,
+    /// Names last requested per type (SotW), for ACKs.
+    names: BTreeMap<String, Vec<String>>,
+}
+
+/// One fake proxy's state-of-the-world ADS stream.
+pub type SotwStream = AdsStream<DiscoveryRequest>;
+/// One fake proxy's delta ADS stream.
+pub type DeltaStream = AdsStream<DeltaDiscoveryRequest>;
+
+impl<Req: AdsRequest> AdsStream<Req> {
     /// Opens a stream; `node` goes with the first request.
     pub async fn open(server: &TestServer, node: Node) -> Self {
-        let mut client = server.client().await;
         let (tx, rx) = mpsc::channel(16);
         let response = within(
-            "the delta stream to open",
-            client.delta_aggregated_resources(ReceiverStream::new(rx)),
+            &format!("the {} stream to open", Req::VARIANT),
+            Req::open_call(server.client().await, ReceiverStream::new(rx)),
         )
         .await
         .unwrap();
-        DeltaStream {
+        AdsStream {
             node: Some(node),
             tx: Some(tx),
             rx: response.into_inner(),
+            names: BTreeMap::new(),
         }
     }
 
     /// Sends a request (with the node if it is the first).
-    pub async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
+    pub async fn send(&mut self, mut req: Req) {
         if let Some(node) = self.node.take() {
-            req.node = Some(node);
+            req.set_node(node);
+        }
+        if let Some((type_url, names)) = req.subscription() {
+            self.names.insert(type_url.to_string(), names.to_vec());
         }
         let tx = self.tx.as_ref().expect("request side closed");
         within("the request to be queued", tx.send(req))
@@ -467,25 +441,38 @@ impl DeltaStream {
     pub async fn next_within(
         &mut self,
         limit: Duration,
-    ) -> Result<Option<Result<DeltaDiscoveryResponse, Status>>, tokio::time::error::Elapsed> {
+    ) -> Result<Option<Result<Req::Response, Status>>, tokio::time::error::Elapsed> {
         tokio::time::timeout(limit, self.rx.message())
             .await
             .map(|r| r.transpose())
     }
 
-    /// The next response, which must be of `type_url`.
-    pub async fn recv_type(&mut self, type_url: &str) -> DeltaDiscoveryResponse {
-        let resp = match self.next_within(WAIT).await {
+    /// The next response, `expected` in the failure message; panics on an error, the end
+    /// of the stream, or after [`WAIT`].
+    async fn recv_expected(&mut self, expected: &str) -> Req::Response {
+        match self.next_within(WAIT).await {
             Ok(Some(Ok(resp))) => resp,
             Ok(Some(Err(status))) => panic!("stream failed: {status:?}"),
             Ok(None) => panic!("stream ended while a response was expected"),
-            Err(_) => panic!("no {} response within {WAIT:?}", short(type_url)),
-        };
+            Err(_) => panic!("no {expected} within {WAIT:?}"),
+        }
+    }
+
+    /// The next response; panics on an error, the end of the stream, or after [`WAIT`].
+    pub async fn recv(&mut self) -> Req::Response {
+        self.recv_expected("response").await
+    }
+
+    /// The next response, which must be of `type_url`.
+    pub async fn recv_type(&mut self, type_url: &str) -> Req::Response {
+        let resp = self
+            .recv_expected(&format!("{} response", short(type_url)))
+            .await;
         assert_eq!(
-            short(&resp.type_url),
+            short(resp.type_url()),
             short(type_url),
-            "unexpected response type (nonce {})",
-            resp.nonce
+            "unexpected response type ({})",
+            resp.identity()
         );
         resp
     }
@@ -494,33 +481,86 @@ impl DeltaStream {
     pub async fn recv_status(&mut self) -> Status {
         match self.next_within(WAIT).await {
             Ok(Some(Err(status))) => status,
-            Ok(Some(Ok(resp))) => panic!("expected an error, got a {} response", resp.type_url),
+            Ok(Some(Ok(resp))) => panic!("expected an error, got a {} response", resp.type_url()),
             Ok(None) => panic!("stream ended without an error status"),
             Err(_) => panic!("no error status within {WAIT:?}"),
         }
     }
 
-    /// The next message within [`QUIET`], if any.
-    pub async fn maybe_recv(&mut self) -> Option<DeltaDiscoveryResponse> {
+    /// The next response within [`QUIET`], if any; panics (naming `while`) when the stream
+    /// ends or fails instead.
+    async fn recv_quiet(&mut self, while_: &str) -> Option<Req::Response> {
         match self.next_within(QUIET).await {
             Err(_) => None,
             Ok(Some(Ok(resp))) => Some(resp),
-            Ok(other) => panic!("unexpected end of stream: {other:?}"),
+            Ok(other) => panic!("{while_}: unexpected end of stream: {other:?}"),
         }
+    }
+
+    /// The next response within [`QUIET`], if any.
+    pub async fn maybe_recv(&mut self) -> Option<Req::Response> {
+        self.recv_quiet("waiting for a possible response").await
     }
 
     /// Asserts that nothing arrives for [`QUIET`].
     pub async fn expect_silence(&mut self, why: &str) {
-        if let Some(resp) = self.maybe_recv().await {
+        if let Some(resp) = self.recv_quiet(why).await {
             panic!(
-                "{why}: unexpected {} response: resources {:?}, removed {:?}",
-                short(&resp.type_url),
-                delta_names(&resp),
-                resp.removed_resources
+                "{why}: unexpected {} response: {}",
+                short(resp.type_url()),
+                resp.contents()
             );
         }
     }
 
+    /// Closes the request side and drops the response side.
+    pub fn close(mut self) {
+        self.tx.take();
+    }
+}
+
+impl AdsStream<DiscoveryRequest> {
+    /// Sends a request built from its parts.
+    pub async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.send(sotw_request(type_url, names, version, nonce))
+            .await;
+    }
+
+    /// Answers `resp` with the names last requested for its type, reporting `version`.
+    fn answer(&self, resp: &DiscoveryResponse, version: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.to_string(),
+            resource_names: self.names.get(&resp.type_url).cloned().unwrap_or_default(),
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// ACKs `resp` with the names last requested for its type.
+    pub async fn ack(&mut self, resp: &DiscoveryResponse) {
+        self.send(self.answer(resp, &resp.version_info)).await;
+    }
+
+    /// Subscribes to `names` of `type_url` from scratch, waits for the answer and ACKs it.
+    pub async fn subscribe(&mut self, type_url: &str, names: &[&str]) -> DiscoveryResponse {
+        self.request(type_url, names, "", "").await;
+        let resp = self.recv_type(type_url).await;
+        self.ack(&resp).await;
+        resp
+    }
+
+    /// NACKs `resp`, reporting `previous` as the version still in use.
+    pub async fn nack(&mut self, resp: &DiscoveryResponse, previous: &str, message: &str) {
+        self.send(DiscoveryRequest {
+            error_detail: Some(rejection(message)),
+            ..self.answer(resp, previous)
+        })
+        .await;
+    }
+}
+
+impl AdsStream<DeltaDiscoveryRequest> {
     /// ACKs `resp`.
     pub async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
         self.send(delta_request(&resp.type_url, &[], &[], &resp.nonce))
@@ -536,9 +576,13 @@ impl DeltaStream {
         resp
     }
 
-    /// Closes the request side and drops the response side.
-    pub fn close(mut self) {
-        self.tx.take();
+    /// NACKs `resp` with `message`.
+    pub async fn nack(&mut self, resp: &DeltaDiscoveryResponse, message: &str) {
+        self.send(DeltaDiscoveryRequest {
+            error_detail: Some(rejection(message)),
+            ..delta_request(&resp.type_url, &[], &[], &resp.nonce)
+        })
+        .await;
     }
 }
 

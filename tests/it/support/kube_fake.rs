@@ -1041,6 +1041,27 @@ impl State {
         obj
     }
 
+    /// The namespace a create goes to: the URL's (which the body may repeat but not
+    /// contradict), else the body's, else `default`. It must exist, except for the test side.
+    fn create_namespace(
+        &self,
+        ns_path: Option<&str>,
+        in_body: Option<&str>,
+        ctx: &Ctx,
+    ) -> Result<String, ApiError> {
+        let in_body = in_body.filter(|s| !s.is_empty());
+        let ns = match (ns_path, in_body) {
+            (Some(p), Some(b)) if p != b => return Err(bad_request(NAMESPACE_MISMATCH)),
+            (Some(p), _) => p.to_string(),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => "default".to_string(),
+        };
+        if !ctx.admin && !self.objects[NAMESPACES].contains_key(&(String::new(), ns.clone())) {
+            return Err(not_found(&RESOURCES[NAMESPACES], &ns));
+        }
+        Ok(ns)
+    }
+
     /// POST (and server-side apply of a missing object, and the test-side apply).
     fn create_obj(
         &mut self,
@@ -1063,24 +1084,8 @@ impl State {
             return Err(bad_request("metadata must be an object"));
         };
         let ns = if def.namespaced {
-            let in_body = meta
-                .get("namespace")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty());
-            let ns = match (ns_path, in_body) {
-                (Some(p), Some(b)) if p != b => {
-                    return Err(bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-                (Some(p), _) => p.to_string(),
-                (None, Some(b)) => b.to_string(),
-                (None, None) => "default".to_string(),
-            };
-            let ns_key = (String::new(), ns.clone());
-            if !ctx.admin && !self.objects[NAMESPACES].contains_key(&ns_key) {
-                return Err(not_found(&RESOURCES[NAMESPACES], &ns));
-            }
+            let in_body = meta.get("namespace").and_then(Value::as_str);
+            let ns = self.create_namespace(ns_path, in_body, ctx)?;
             meta.insert("namespace".into(), json!(ns));
             ns
         } else {
@@ -1411,6 +1416,25 @@ fn obj_key(def: &ResourceDef, v: &Value) -> Key {
 }
 
 /// The body is an object whose `apiVersion` and `kind`, when present, are the resource's.
+/// The strings of a JSON array (none when it is not an array).
+fn string_items(v: &Value) -> impl Iterator<Item = &str> {
+    v.as_array().into_iter().flatten().filter_map(Value::as_str)
+}
+
+/// The refusal of a body whose namespace contradicts the URL's.
+const NAMESPACE_MISMATCH: &str =
+    "the namespace of the provided object does not match the namespace sent on the request";
+
+/// Refuses a body naming another object than the URL does.
+fn check_name_matches(body: &Value, url_name: &str) -> Result<(), ApiError> {
+    match body["metadata"]["name"].as_str() {
+        Some(n) if n != url_name => Err(bad_request(format!(
+            "the name of the object ({n}) does not match the name on the URL ({url_name})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn check_type(def: &ResourceDef, body: &Value) -> Result<(), ApiError> {
     let Some(obj) = body.as_object() else {
         return Err(bad_request("the body of the request must be a JSON object"));
@@ -2099,21 +2123,7 @@ fn precheck_create(
     if !def.namespaced {
         return Ok(String::new());
     }
-    let in_body = meta["namespace"].as_str().filter(|s| !s.is_empty());
-    let ns = match (ns_path, in_body) {
-        (Some(p), Some(b)) if p != b => {
-            return Err(bad_request(
-                "the namespace of the provided object does not match the namespace sent on the request",
-            ));
-        }
-        (Some(p), _) => p.to_string(),
-        (None, Some(b)) => b.to_string(),
-        (None, None) => "default".to_string(),
-    };
-    if !ctx.admin && !st.objects[NAMESPACES].contains_key(&(String::new(), ns.clone())) {
-        return Err(not_found(&RESOURCES[NAMESPACES], &ns));
-    }
-    Ok(ns)
+    st.create_namespace(ns_path, meta["namespace"].as_str(), ctx)
 }
 
 /// The webhooks and what matching them needs, copied under the lock.
@@ -2452,11 +2462,7 @@ async fn run_hook(
             }
         }
         Ok(response) => {
-            call.warnings = response["warnings"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            call.warnings = string_items(&response["warnings"])
                 .map(str::to_string)
                 .collect();
             warnings.extend(call.warnings.iter().cloned());
@@ -2555,15 +2561,10 @@ fn rule_matches(rule: &Value, operation: &str, def: &ResourceDef, sub: Option<&s
             .as_array()
             .is_some_and(|l| l.iter().any(|v| v == "*" || v == want))
     };
-    let resource_ok = rule["resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .any(|pattern| {
-            let (res, s) = pattern.split_once('/').unwrap_or((pattern, ""));
-            (res == "*" || res == def.resource) && (s == "*" || s == sub.unwrap_or_default())
-        });
+    let resource_ok = string_items(&rule["resources"]).any(|pattern| {
+        let (res, s) = pattern.split_once('/').unwrap_or((pattern, ""));
+        (res == "*" || res == def.resource) && (s == "*" || s == sub.unwrap_or_default())
+    });
     let scope_ok = match rule["scope"].as_str().unwrap_or("*") {
         "Cluster" => !def.namespaced,
         "Namespaced" => def.namespaced,
@@ -2603,13 +2604,7 @@ fn selector_matches(selector: &Value, labels: &Value) -> Result<bool, String> {
             .as_str()
             .ok_or("matchExpressions: key is required")?
             .to_string();
-        let values: Vec<String> = e["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
+        let values: Vec<String> = string_items(&e["values"]).map(str::to_string).collect();
         let op = e["operator"].as_str().unwrap_or_default();
         reqs.push(match op {
             "In" | "NotIn" if values.is_empty() => {
@@ -3381,22 +3376,13 @@ async fn dispatch(
                     .cloned()
                     .ok_or_else(|| not_found(def, &key.1))?;
                 check_type(def, &body)?;
-                if let Some(n) = body["metadata"]["name"].as_str()
-                    && n != key.1
-                {
-                    return Err(bad_request(format!(
-                        "the name of the object ({n}) does not match the name on the URL ({})",
-                        key.1
-                    )));
-                }
+                check_name_matches(&body, &key.1)?;
                 if def.namespaced
                     && let Some(n) = body["metadata"]["namespace"].as_str()
                     && !n.is_empty()
                     && n != key.0
                 {
-                    return Err(bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
+                    return Err(bad_request(NAMESPACE_MISMATCH));
                 }
                 check_precondition(def, &old, &body)?;
                 Ok(Plan {
@@ -3509,14 +3495,7 @@ async fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
                 ));
             }
             check_type(def, &v)?;
-            if let Some(n) = v["metadata"]["name"].as_str()
-                && n != key.1
-            {
-                return Err(bad_request(format!(
-                    "the name of the object ({n}) does not match the name on the URL ({})",
-                    key.1
-                )));
-            }
+            check_name_matches(&v, &key.1)?;
             Kind::Apply(v)
         }
         _ => {
