@@ -24,6 +24,13 @@ use support::issue_cert;
 /// Bound of every single wait.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Sends a raw request; its status and JSON body.
+async fn call(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = req.send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap())
+}
+
 fn client(fake: &FakeKube) -> Client {
     let cfg = Config::new(fake.url().parse().unwrap());
     Client::try_from(cfg).unwrap()
@@ -161,24 +168,10 @@ async fn kubeconfig_version_and_discovery() {
 
     // Raw discovery documents.
     let http = reqwest::Client::new();
-    let api: Value = http
-        .get(format!("{}/api", fake.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, api) = call(http.get(format!("{}/api", fake.url()))).await;
     assert_eq!(api["kind"], "APIVersions");
     assert_eq!(api["versions"], json!(["v1"]));
-    let list: Value = http
-        .get(format!("{}/apis/meshbridge.io/v1alpha1", fake.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, list) = call(http.get(format!("{}/apis/meshbridge.io/v1alpha1", fake.url()))).await;
     assert_eq!(list["kind"], "APIResourceList");
     let names: Vec<&str> = list["resources"]
         .as_array()
@@ -369,12 +362,7 @@ async fn raw_http_errors() {
     let fake = FakeKube::start().await;
     let http = reqwest::Client::new();
     let url = fake.url();
-    let send = |req: reqwest::RequestBuilder| async move {
-        let r = req.send().await.unwrap();
-        let code = r.status().as_u16();
-        let body: Value = r.json().await.unwrap();
-        (code, body)
-    };
+    let send = call;
 
     let (code, body) = send(
         http.post(format!("{url}/api/v1/namespaces/default/configmaps"))
