@@ -224,33 +224,15 @@ async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
     // Failing applies at once; passing again waits for a quiet second (flap damping), so
     // the 20 flips are one or two changes, not 20 (the debounce here is only 50 ms).
     assert!((1..=3).contains(&pushes), "{pushes} pushes for 20 flips");
-    for _ in 0..10 {
-        assert!(
-            envoy
-                .call("orders", "/")
-                .await
-                .unwrap()
-                .body
-                .contains("orders a")
-        );
-    }
+    mesh.assert_orders_from("a", 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_datacenter_is_preferred_and_traffic_fails_over() {
     let mesh = two_datacenters().await;
-    let (consul, envoy) = (&mesh.consul, mesh.envoy());
+    let consul = &mesh.consul;
     mesh.wait_orders_routed().await;
-    for _ in 0..20 {
-        assert!(
-            envoy
-                .call("orders", "/")
-                .await
-                .unwrap()
-                .body
-                .contains("orders dc1")
-        );
-    }
+    mesh.assert_orders_from("dc1", 20).await;
     consul.set_health("dc1", "o-1", Health::Critical);
     mesh.wait_orders_from("dc2", "failover to dc2").await;
     consul.set_health("dc1", "o-1", Health::Passing);

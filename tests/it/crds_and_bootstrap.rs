@@ -161,7 +161,10 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         d,
     );
     let p = |f: &str| d.join(f).display().to_string();
-    let yaml = bootstrap_ok(&[
+    let (cert, key) = (p("cert.pem"), p("key.pem"));
+    // The host certificate, self-signed: it is its own CA.
+    let host_cert = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &cert];
+    let plain = [
         "--service",
         "frontend",
         "--node-id",
@@ -170,13 +173,8 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         "127.0.0.1:18000",
         "--egress-port",
         "15001",
-        "--tls-cert",
-        &p("cert.pem"),
-        "--tls-key",
-        &p("key.pem"),
-        "--tls-ca",
-        &p("cert.pem"),
-    ]);
+    ];
+    let yaml = bootstrap_ok(&[&plain[..], &host_cert[..]].concat());
     assert!(
         yaml.contains("name: server_cert") && yaml.contains("name: validation_context"),
         "{yaml}"
@@ -185,21 +183,16 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
 
     // Over TLS to the control plane, whose certificate must carry one of the given names
     // (each kind of SAN): Envoy accepts the pinned validation context.
-    let tls = [
+    let over_tls = [
         "--service",
         "frontend",
         "--node-id",
         "f-1",
         "--xds-addr",
         "meshbridge-xds.mesh-system.svc:18000",
-        "--tls-cert",
-        &p("cert.pem"),
-        "--tls-key",
-        &p("key.pem"),
-        "--tls-ca",
-        &p("cert.pem"),
         "--xds-tls",
     ];
+    let tls = [&over_tls[..], &host_cert[..]].concat();
     let pinned = [
         "--xds-server-san",
         "spiffe://mesh.local/control-plane",

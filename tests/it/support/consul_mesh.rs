@@ -241,6 +241,16 @@ impl ConsulMesh {
             .await;
     }
 
+    /// Asserts that `calls` calls in a row to `orders` are answered by the backend
+    /// `orders`/`name`.
+    pub async fn assert_orders_from(&self, name: &str, calls: usize) {
+        let body = format!("orders {name}");
+        for _ in 0..calls {
+            let r = self.envoy().call("orders", "/").await.unwrap();
+            assert!(r.body.contains(&body), "{}", r.body);
+        }
+    }
+
     /// `service` as `/api/services` shows it.
     pub async fn service(&self, service: &str) -> serde_json::Value {
         self::service(&self.cp, service).await
