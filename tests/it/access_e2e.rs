@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::fixtures::{AccessRule, Fixture, MeshService, manifests};
+use support::static_envoy;
 use support::{
     Backend, ControlPlane, Envoy, EnvoyOptions, HttpResponse, TlsError, TlsFiles, eventually,
     free_port, http_request, http_request_from, issue_identity, spiffe_id, tls_request,
@@ -174,6 +175,22 @@ async fn via(
         .unwrap_or_else(|e| panic!("{method} {host}{path} through {}: {e}", envoy.node_id))
 }
 
+/// Waits until `request` gets an HTTP answer `pred` accepts.
+async fn wait_answer<E, F>(
+    what: &str,
+    pred: impl Fn(&HttpResponse) -> bool,
+    request: impl Fn() -> F,
+) -> HttpResponse
+where
+    F: std::future::Future<Output = Result<HttpResponse, E>>,
+{
+    let (pred, request) = (&pred, &request);
+    eventually(LIMIT, what, move || async move {
+        request().await.ok().filter(|r| pred(r))
+    })
+    .await
+}
+
 /// Waits until a request through `envoy`'s egress gets an answer `pred` accepts.
 async fn wait_via(
     envoy: &Envoy,
@@ -182,12 +199,8 @@ async fn wait_via(
     what: &str,
     pred: impl Fn(&HttpResponse) -> bool,
 ) -> HttpResponse {
-    let pred = &pred;
-    eventually(LIMIT, what, move || async move {
+    wait_answer(what, pred, || {
         http_request(envoy.egress_addr(), "GET", host, path, &[])
-            .await
-            .ok()
-            .filter(|r| pred(r))
     })
     .await
 }
@@ -200,14 +213,29 @@ async fn wait_tls(
     what: &str,
     pred: impl Fn(&HttpResponse) -> bool,
 ) -> HttpResponse {
-    let pred = &pred;
-    eventually(LIMIT, what, move || async move {
+    wait_answer(what, pred, || {
         tls_request(addr, &id.cert, &id.key, path, &[])
-            .await
-            .ok()
-            .filter(|r| pred(r))
     })
     .await
+}
+
+/// One GET of `path` over mTLS with `id`'s certificate, carrying `headers`: it must be
+/// answered.
+async fn mtls_get(
+    addr: SocketAddr,
+    id: &TlsFiles,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    tls_request(addr, &id.cert, &id.key, path, headers)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} over mTLS: {e:?}"))
+}
+
+/// The app answered, and was told the call came from `caller`.
+fn reached_app_as(r: &HttpResponse, service: &str, method: &str, path: &str, caller: &str) {
+    reached_app(r, service, method, path);
+    assert_eq!(r.header(CLIENT_NAME_SEEN), Some(caller), "{r:?}");
 }
 
 /// The app answered (the request was not refused on the way).
@@ -255,6 +283,21 @@ async fn access_entry(envoy: &Envoy, method: &str, path: &str) -> Value {
     .await
 }
 
+/// The newest access log entry for `method path`, once it names `caller`, says how it was
+/// identified (`identity`) and records `status`.
+async fn assert_logged(
+    envoy: &Envoy,
+    method: &str,
+    path: &str,
+    (caller, identity, status): (&str, &str, u16),
+) -> Value {
+    let entry = access_entry(envoy, method, path).await;
+    assert_eq!(entry[field::CALLER], caller, "{method} {path}: {entry}");
+    assert_eq!(entry[field::IDENTITY], identity, "{method} {path}: {entry}");
+    assert_eq!(entry[field::STATUS], status, "{method} {path}: {entry}");
+    entry
+}
+
 // ---------------------------------------------------------------------------------------
 // The test harness itself (needs no control plane)
 
@@ -268,67 +311,46 @@ async fn harness_tls_client_source_address_and_access_log_work_with_envoy() {
     let checkout = pki.identity("checkout");
     let foreign = pki.foreign("checkout");
     let (admin, tls_port, plain_port) = (free_port(), free_port(), free_port());
+    // Each listener answers `body` itself, echoes the caller's address and logs each call.
     let hcm = |prefix: &str, body: &str| {
-        format!(
-            r#"      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {prefix}
-          access_log:
-          - name: envoy.access_loggers.stdout
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
-              log_format:
-                json_format:
-                  path: "%REQ(:PATH)%"
-                  method: "%REQ(:METHOD)%"
-                  status: "%RESPONSE_CODE%"
-                  peer: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
-                  san: "%DOWNSTREAM_PEER_URI_SAN%"
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                direct_response: {{status: 200, body: {{inline_string: "{body}"}}}}
-                response_headers_to_add:
-                - header: {{key: x-remote, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}}
-"#
+        let answer = json!({
+            "direct_response": {"status": 200, "body": {"inline_string": body}},
+            "response_headers_to_add": [{"header": {
+                "key": "x-remote",
+                "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            }}],
+        });
+        static_envoy::with_access_log(
+            static_envoy::http_connection_manager(prefix, answer),
+            json!({
+                "path": "%REQ(:PATH)%",
+                "method": "%REQ(:METHOD)%",
+                "status": "%RESPONSE_CODE%",
+                "peer": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                "san": "%DOWNSTREAM_PEER_URI_SAN%",
+            }),
         )
     };
-    let bootstrap = format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: mtls
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {tls_port}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificates:
-            - certificate_chain: {{filename: {cert}}}
-              private_key: {{filename: {key}}}
-            validation_context:
-              trusted_ca: {{filename: {ca}}}
-      filters:
-{tls_hcm}  - name: plain
-    address: {{socket_address: {{address: 0.0.0.0, port_value: {plain_port}}}}}
-    filter_chains:
-    - filters:
-{plain_hcm}"#,
-        cert = server.cert.display(),
-        key = server.key.display(),
-        ca = server.ca.display(),
-        tls_hcm = hcm("mtls", "tls ok"),
-        plain_hcm = hcm("plain", "plain ok"),
+    let tls = static_envoy::downstream_tls(&server.cert, &server.key, Some(&server.ca));
+    let bootstrap = static_envoy::bootstrap(
+        admin,
+        vec![
+            static_envoy::listener(
+                "mtls",
+                "127.0.0.1",
+                tls_port,
+                Some(tls),
+                hcm("mtls", "tls ok"),
+            ),
+            static_envoy::listener(
+                "plain",
+                "0.0.0.0",
+                plain_port,
+                None,
+                hcm("plain", "plain ok"),
+            ),
+        ],
+        vec![],
     );
     let envoy = Envoy::start_static("harness", &bootstrap, admin).await;
     let tls_addr = local(tls_port);
@@ -441,8 +463,7 @@ async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
         &[(CLIENT_NAME, "admin")],
     )
     .await;
-    reached_app(&forged, "orders", "GET", "/api/forged");
-    assert_eq!(forged.header(CLIENT_NAME_SEEN), Some("checkout"));
+    reached_app_as(&forged, "orders", "GET", "/api/forged", "checkout");
 
     // billing has a valid certificate but no rule names it. Wait until billing's own Envoy
     // routes to orders at all (it may still be getting its configuration), then look.
@@ -475,10 +496,13 @@ async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
     assert_eq!(stat(&orders, &rbac_stat("orders", "denied")).await, 4);
 
     // ...and logs who was refused, how it was identified, and why.
-    let entry = access_entry(&orders, "GET", "/api/from-billing").await;
-    assert_eq!(entry[field::CALLER], "billing", "{entry}");
-    assert_eq!(entry[field::IDENTITY], "mtls", "{entry}");
-    assert_eq!(entry[field::STATUS], 403, "{entry}");
+    let entry = assert_logged(
+        &orders,
+        "GET",
+        "/api/from-billing",
+        ("billing", "mtls", 403),
+    )
+    .await;
     assert!(
         entry[field::DETAILS]
             .as_str()
@@ -488,10 +512,7 @@ async fn access_rule_allows_the_named_caller_and_denies_everything_else() {
     let entry = access_entry(&orders, "POST", "/api/orders").await;
     assert_eq!(entry[field::CALLER], "checkout", "{entry}");
     assert_eq!(entry[field::STATUS], 403, "{entry}");
-    let entry = access_entry(&orders, "GET", "/api/orders").await;
-    assert_eq!(entry[field::CALLER], "checkout", "{entry}");
-    assert_eq!(entry[field::IDENTITY], "mtls", "{entry}");
-    assert_eq!(entry[field::STATUS], 200, "{entry}");
+    assert_logged(&orders, "GET", "/api/orders", ("checkout", "mtls", 200)).await;
 }
 
 /// `action: log`: a caller no rule allows still gets through, and the callee counts and
@@ -567,38 +588,15 @@ async fn two_rules_for_one_target_both_apply_and_unknown_callers_are_reported() 
     })
     .await;
     reached_app(&r, "orders", "GET", "/a/1");
-    let r = tls_request(addr, &billing.cert, &billing.key, "/b", &[])
-        .await
-        .unwrap();
-    reached_app(&r, "orders", "GET", "/b");
-    assert_eq!(r.header(CLIENT_NAME_SEEN), Some("billing"));
-    let r = tls_request(addr, &checkout.cert, &checkout.key, "/b", &[])
-        .await
-        .unwrap();
+    let r = mtls_get(addr, &billing, "/b", &[]).await;
+    reached_app_as(&r, "orders", "GET", "/b", "billing");
+    let r = mtls_get(addr, &checkout, "/b", &[]).await;
     denied(&r, "checkout on billing's path");
-    let r = tls_request(addr, &billing.cert, &billing.key, "/a/1", &[])
-        .await
-        .unwrap();
+    let r = mtls_get(addr, &billing, "/a/1", &[]).await;
     denied(&r, "billing on checkout's path");
-    let r = tls_request(
-        addr,
-        &checkout.cert,
-        &checkout.key,
-        "/orders/ab-12/items/7",
-        &[],
-    )
-    .await
-    .unwrap();
+    let r = mtls_get(addr, &checkout, "/orders/ab-12/items/7", &[]).await;
     reached_app(&r, "orders", "GET", "/orders/ab-12/items/7");
-    let r = tls_request(
-        addr,
-        &checkout.cert,
-        &checkout.key,
-        "/orders/AB/items/7",
-        &[],
-    )
-    .await
-    .unwrap();
+    let r = mtls_get(addr, &checkout, "/orders/AB/items/7", &[]).await;
     denied(&r, "checkout on a path the regex does not match");
 
     let access = cp.admin_json("/api/access").await;
@@ -675,20 +673,10 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
         r.status == 200
     })
     .await;
-    reached_app(&ok, "orders", "GET", "/strict");
-    assert_eq!(ok.header(CLIENT_NAME_SEEN), Some("checkout"));
+    reached_app_as(&ok, "orders", "GET", "/strict", "checkout");
     // ...and what it claims in x-client-name is replaced by what its certificate says.
-    let r = tls_request(
-        addr,
-        &checkout.cert,
-        &checkout.key,
-        "/strict-forged",
-        &[(CLIENT_NAME, "admin")],
-    )
-    .await
-    .unwrap();
-    reached_app(&r, "orders", "GET", "/strict-forged");
-    assert_eq!(r.header(CLIENT_NAME_SEEN), Some("checkout"));
+    let r = mtls_get(addr, &checkout, "/strict-forged", &[(CLIENT_NAME, "admin")]).await;
+    reached_app_as(&r, "orders", "GET", "/strict-forged", "checkout");
     // Plaintext gets no HTTP response at all.
     let plain = http_request(addr, "GET", "orders", "/plain", &[]).await;
     assert!(plain.is_err(), "strict answered plaintext: {plain:?}");
@@ -723,11 +711,8 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
         None,
         "a plaintext caller's claim reached the app: {plain:?}"
     );
-    let r = tls_request(addr, &checkout.cert, &checkout.key, "/permissive", &[])
-        .await
-        .unwrap();
-    reached_app(&r, "orders", "GET", "/permissive");
-    assert_eq!(r.header(CLIENT_NAME_SEEN), Some("checkout"));
+    let r = mtls_get(addr, &checkout, "/permissive", &[]).await;
+    reached_app_as(&r, "orders", "GET", "/permissive", "checkout");
 
     // A rule allowing only checkout: the plaintext caller claiming to be checkout is refused,
     // the caller with checkout's certificate is not.
@@ -750,15 +735,9 @@ async fn strict_and_permissive_ingress_and_forged_names_over_plaintext() {
     .await
     .unwrap();
     denied(&forged, "plaintext caller claiming to be checkout");
-    let r = tls_request(addr, &checkout.cert, &checkout.key, "/with-cert", &[])
-        .await
-        .unwrap();
-    reached_app(&r, "orders", "GET", "/with-cert");
-    assert_eq!(r.header(CLIENT_NAME_SEEN), Some("checkout"));
-    let entry = access_entry(&orders, "GET", "/forged").await;
-    assert_eq!(entry[field::IDENTITY], "none", "{entry}");
-    assert_eq!(entry[field::CALLER], "-", "{entry}");
-    assert_eq!(entry[field::STATUS], 403, "{entry}");
+    let r = mtls_get(addr, &checkout, "/with-cert", &[]).await;
+    reached_app_as(&r, "orders", "GET", "/with-cert", "checkout");
+    assert_logged(&orders, "GET", "/forged", ("-", "none", 403)).await;
 }
 
 /// A caller with a certificate originates mTLS to an instance tagged `mtls` even though
@@ -869,10 +848,7 @@ async fn default_deny_closes_a_service_until_a_rule_names_the_caller() {
     })
     .await;
     denied(&closed, "no AccessRule under --default-deny");
-    let entry = access_entry(&orders, "GET", "/closed").await;
-    assert_eq!(entry[field::CALLER], "checkout", "{entry}");
-    assert_eq!(entry[field::IDENTITY], "mtls", "{entry}");
-    assert_eq!(entry[field::STATUS], 403, "{entry}");
+    assert_logged(&orders, "GET", "/closed", ("checkout", "mtls", 403)).await;
 
     let rule = orders_callers(&["checkout"]);
     cp.write_manifests(&orders_with_mtls(ingress, "strict", Some(&rule)));
@@ -880,11 +856,8 @@ async fn default_deny_closes_a_service_until_a_rule_names_the_caller() {
         r.status == 200
     })
     .await;
-    reached_app(&open, "orders", "GET", "/open");
-    assert_eq!(open.header(CLIENT_NAME_SEEN), Some("checkout"));
-    let r = tls_request(addr, &billing.cert, &billing.key, "/open", &[])
-        .await
-        .unwrap();
+    reached_app_as(&open, "orders", "GET", "/open", "checkout");
+    let r = mtls_get(addr, &billing, "/open", &[]).await;
     denied(&r, "billing, not named");
 }
 
@@ -915,22 +888,13 @@ async fn trusted_peers_may_assert_the_caller_in_a_header() {
         .filter(|r| r.status == 200)
     })
     .await;
-    reached_app(&on_behalf, "orders", "GET", "/via-gateway");
-    assert_eq!(on_behalf.header(CLIENT_NAME_SEEN), Some("checkout"));
+    reached_app_as(&on_behalf, "orders", "GET", "/via-gateway", "checkout");
     let entry = access_entry(&orders, "GET", "/via-gateway").await;
     assert_eq!(entry[field::IDENTITY], "header", "{entry}");
     assert_eq!(entry[field::CALLER], "checkout", "{entry}");
 
     // billing is not trusted to speak for others: it is billing, and billing is not allowed.
-    let r = tls_request(
-        addr,
-        &billing.cert,
-        &billing.key,
-        "/claimed",
-        &[(CLIENT_NAME, "checkout")],
-    )
-    .await
-    .unwrap();
+    let r = mtls_get(addr, &billing, "/claimed", &[(CLIENT_NAME, "checkout")]).await;
     denied(&r, "billing claiming to be checkout");
     let entry = access_entry(&orders, "GET", "/claimed").await;
     assert_eq!(entry[field::CALLER], "billing", "{entry}");

@@ -49,6 +49,28 @@ async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpRes
         .unwrap()
 }
 
+/// `POST /api/proxies/<node>/logging?<query>` on meshbridge's admin API.
+async fn set_log_level(
+    admin: SocketAddr,
+    node: &str,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    post(
+        admin,
+        &format!("/api/proxies/{node}/logging?{query}"),
+        headers,
+    )
+    .await
+}
+
+/// `r` is a `status` whose JSON `error` says `needle`.
+fn assert_error(r: &HttpResponse, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let error = json_of(r)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(needle), "no {needle:?} in {error:?}");
+}
+
 fn json_of(r: &HttpResponse) -> Value {
     serde_json::from_str(&r.body)
         .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {}", r.status, r.body))
@@ -115,13 +137,7 @@ async fn an_operator_finds_a_services_instances_and_the_envoys_that_call_it() {
     assert_eq!(listed["dependents"], json!(["frontend"]));
 
     let missing = get(admin, "/api/services/nope").await;
-    assert_eq!(missing.status, 404);
-    assert!(
-        json_of(&missing)["error"]
-            .as_str()
-            .unwrap()
-            .contains("\"nope\"")
-    );
+    assert_error(&missing, 404, "\"nope\"");
 
     // The proxy: its versions per type, and the resources it gets.
     let proxy = json_of(&get(admin, &format!("/api/proxies/{}", envoy.node_id)).await);
@@ -253,13 +269,7 @@ async fn envoy_config_dump_stats_and_clusters_through_meshbridge_match_envoys_ow
     );
     assert_eq!(text.header("x-content-type-options"), Some("nosniff"));
     let bad = get(admin, &format!("/api/proxies/{node}/stats?filter=%28")).await;
-    assert_eq!(bad.status, 400);
-    assert!(
-        json_of(&bad)["error"]
-            .as_str()
-            .unwrap()
-            .contains("regular expression")
-    );
+    assert_error(&bad, 400, "regular expression");
 
     let clusters = json_of(&get(admin, &format!("/api/proxies/{node}/clusters?format=json")).await);
     let orders = clusters["cluster_statuses"]
@@ -298,12 +308,7 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
     let node = &envoy.node_id;
     assert!(envoy.log_levels().await.iter().all(|(_, l)| l != "debug"));
 
-    let r = post(
-        admin,
-        &format!("/api/proxies/{node}/logging?level=debug"),
-        &[("x-forwarded-user", "alice")],
-    )
-    .await;
+    let r = set_log_level(admin, node, "level=debug", &[("x-forwarded-user", "alice")]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(json_of(&r)["level"], "debug");
     let levels = envoy.log_levels().await;
@@ -311,12 +316,7 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
     assert!(levels.iter().all(|(_, l)| l == "debug"), "{levels:?}");
 
     // One logger.
-    let r = post(
-        admin,
-        &format!("/api/proxies/{node}/logging?level=trace&logger=upstream"),
-        &[],
-    )
-    .await;
+    let r = set_log_level(admin, node, "level=trace&logger=upstream", &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let levels = envoy.log_levels().await;
     assert!(levels.contains(&("upstream".to_string(), "trace".to_string())));
@@ -335,26 +335,15 @@ async fn a_log_level_change_reaches_envoy_and_is_audited() {
         "the change is in meshbridge's log"
     );
 
-    let bad = post(
-        admin,
-        &format!("/api/proxies/{node}/logging?level=loud"),
-        &[],
-    )
-    .await;
-    assert_eq!(bad.status, 400);
-    assert!(json_of(&bad)["error"].as_str().unwrap().contains("debug"));
+    let bad = set_log_level(admin, node, "level=loud", &[]).await;
+    assert_error(&bad, 400, "debug");
     let nobody = post(admin, "/api/proxies/ghost/logging?level=info", &[]).await;
-    assert_eq!(nobody.status, 404);
-    assert!(
-        json_of(&nobody)["error"]
-            .as_str()
-            .unwrap()
-            .contains("ghost")
-    );
+    assert_error(&nobody, 404, "ghost");
     // A page on another site cannot change levels through an operator's browser.
-    let forged = post(
+    let forged = set_log_level(
         admin,
-        &format!("/api/proxies/{node}/logging?level=trace"),
+        node,
+        "level=trace",
         &[("origin", "http://evil.example")],
     )
     .await;
@@ -400,12 +389,7 @@ async fn the_diagnostics_listener_serves_the_control_plane_and_refuses_the_rest(
 
     let via = json_of(&get(admin, &format!("/api/proxies/{node}/config_dump")).await);
     assert_eq!(via, json_of(&get(envoy.admin_addr(), "/config_dump").await));
-    let r = post(
-        admin,
-        &format!("/api/proxies/{node}/logging?level=warning"),
-        &[],
-    )
-    .await;
+    let r = set_log_level(admin, node, "level=warning", &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(envoy.log_levels().await.iter().all(|(_, l)| l == "warning"));
 
@@ -751,20 +735,13 @@ async fn with_a_token_file_only_token_holders_use_the_api_and_read_tokens_only_r
         assert_eq!(get_as(open, &[]).await.status, 200, "{open}");
     }
     let r = get_as("/api/services", &[]).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    assert!(json_of(&r)["error"].as_str().unwrap().contains("Bearer"));
+    assert_error(&r, 401, "Bearer");
     let r = get_as(
         "/api/proxies",
         &[("authorization", "Bearer not-a-token-at-all")],
     )
     .await;
-    assert_eq!(r.status, 401);
-    assert!(
-        json_of(&r)["error"]
-            .as_str()
-            .unwrap()
-            .contains("not one of")
-    );
+    assert_error(&r, 401, "not one of");
 
     // A read token reads but changes nothing; the refusal is audited with its user.
     let r = http_get(admin, "localhost", "/api/services", &grafana)

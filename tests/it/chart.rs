@@ -154,7 +154,17 @@ fn flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// The flags `meshbridge run --help` lists.
+/// With each of `cases` (`(what, values)`), the chart does not give the control plane `flag`.
+fn assert_not_given(flag: &str, cases: &[(&str, &str)]) {
+    for (what, values) in cases {
+        let args = render(values).args();
+        assert!(
+            !args.iter().any(|a| a == flag),
+            "{what}: {flag} in {args:?}"
+        );
+    }
+}
+
 /// Fails unless `meshbridge run --help` lists `flag`.
 fn assert_run_has(flag: &str) {
     assert!(
@@ -163,6 +173,7 @@ fn assert_run_has(flag: &str) {
     );
 }
 
+/// The flags `meshbridge run --help` lists.
 fn run_flags() -> BTreeSet<String> {
     let out = run_bounded(
         Command::new(env!("CARGO_BIN_EXE_meshbridge")).args(["run", "--help"]),
@@ -487,20 +498,17 @@ fn the_sidecar_tls_secret_reaches_the_injector_only_when_set() {
         Some("{service}-mesh-tls")
     );
     assert_run_has("--sidecar-tls-secret");
-    for (what, values) in [
-        ("default", ""),
-        ("empty", "sidecar: {tlsSecret: \"\"}\n"),
-        (
-            "webhook off",
-            "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls}\n",
-        ),
-    ] {
-        let args = render(values).args();
-        assert!(
-            flag_value(&args, "--sidecar-tls-secret").is_none(),
-            "{what}: {args:?}"
-        );
-    }
+    assert_not_given(
+        "--sidecar-tls-secret",
+        &[
+            ("default", ""),
+            ("empty", "sidecar: {tlsSecret: \"\"}\n"),
+            (
+                "webhook off",
+                "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls}\n",
+            ),
+        ],
+    );
 }
 
 /// The mount whose directory holds `file`, and the volume behind it.
@@ -763,20 +771,17 @@ fn sidecars_reach_the_control_plane_over_tls_only_with_a_certificate_and_a_tls_s
         Some("{service}-mesh-tls")
     );
     assert_run_has("--sidecar-xds-tls");
-    for (what, values) in [
-        ("default", ""),
-        ("certificate only", WEBHOOK_CERT_MANAGER),
-        (
-            "webhook off",
-            "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls, xdsTls: true}\n",
-        ),
-    ] {
-        let args = render(values).args();
-        assert!(
-            !args.iter().any(|a| a == "--sidecar-xds-tls"),
-            "{what}: {args:?}"
-        );
-    }
+    assert_not_given(
+        "--sidecar-xds-tls",
+        &[
+            ("default", ""),
+            ("certificate only", WEBHOOK_CERT_MANAGER),
+            (
+                "webhook off",
+                "webhook: {enabled: false}\nsidecar: {tlsSecret: orders-tls, xdsTls: true}\n",
+            ),
+        ],
+    );
     render_fails_naming(
         "sidecar: {xdsTls: true}\nxds: {tls: {secretName: xds-cert}}\n",
         &["sidecar.xdsTls", "sidecar.tlsSecret"],

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use support::consul_mesh::{ConsulMesh, frontend_manifest};
-use support::{ControlPlane, eventually};
+use serde_json::json;
+use support::consul_mesh::{self, ConsulMesh, frontend_manifest};
+use support::{ControlPlane, Envoy, eventually, static_envoy};
 
 /// EDS responses meshbridge has sent (one proxy connected: its pushes).
 async fn eds_pushes(cp: &ControlPlane) -> u64 {
@@ -31,6 +32,19 @@ async fn two_datacenters() -> ConsulMesh {
         .await
 }
 
+/// `orders` instance `a` registered and routed through the proxy; backend `b` started but
+/// not registered.
+async fn orders_a_routed_b_in_reserve() -> ConsulMesh {
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .proxy(&[])
+        .start()
+        .await;
+    mesh.wait_orders_routed().await;
+    mesh
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_instances_become_routable_and_leave_with_deregistration() {
     let mesh = ConsulMesh::build("dc1")
@@ -41,11 +55,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
         .start()
         .await;
     let (consul, envoy) = (&mesh.consul, mesh.envoy());
-    envoy
-        .wait_call("orders", "orders from Consul", |r| {
-            r.body.contains("orders a")
-        })
-        .await;
+    mesh.wait_orders_from("a", "orders from Consul").await;
 
     // The admin API shows the instance with its origin.
     let orders = mesh.service("orders").await;
@@ -54,9 +64,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
 
     // A second instance joins, the first leaves.
     mesh.register("dc1", "orders", "b", "orders-b");
-    envoy
-        .wait_call("orders", "instance b", |r| r.body.contains("orders b"))
-        .await;
+    mesh.wait_orders_from("b", "instance b").await;
     consul.deregister("dc1", "orders-a");
     eventually(Duration::from_secs(20), "instance a gone", || async {
         for _ in 0..10 {
@@ -95,13 +103,7 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
-    let mut mesh = ConsulMesh::build("dc1")
-        .register("dc1", "orders", "a", "orders-a")
-        .backend("orders", "b")
-        .proxy(&[])
-        .start()
-        .await;
-    mesh.wait_orders_routed().await;
+    let mut mesh = orders_a_routed_b_in_reserve().await;
     let envoy = Arc::clone(mesh.envoy());
 
     let traffic = support::Traffic::start(envoy.clone(), "orders", Duration::from_millis(50));
@@ -113,20 +115,8 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
     assert!(during > 100, "only {during} requests in 30 s");
     let b_port = mesh.port("orders", "b");
     let (consul, cp) = (&mut mesh.consul, &mesh.cp);
-    let sources = cp.admin_json("/api/sources").await;
-    let consul_status = sources
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["kind"] == "consul")
-        .unwrap();
-    assert!(
-        consul_status["error"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("stale"),
-        "{sources}"
-    );
+    let error = consul_error(cp).await;
+    assert!(error.starts_with("stale"), "{error}");
     assert!(
         cp.metrics()
             .await
@@ -140,10 +130,7 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
         Instance::new("orders", "orders-b", "127.0.0.1", b_port),
     );
     consul.restart().await;
-    envoy
-        .wait_call("orders", "instance b after recovery", |r| {
-            r.body.contains("orders b")
-        })
+    mesh.wait_orders_from("b", "instance b after recovery")
         .await;
     let (_, failed) = traffic.stop().await;
     assert_eq!(failed, 0, "requests failed around the recovery");
@@ -151,13 +138,7 @@ async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_going_backwards_and_bad_responses_lose_nothing() {
-    let mesh = ConsulMesh::build("dc1")
-        .register("dc1", "orders", "a", "orders-a")
-        .backend("orders", "b")
-        .proxy(&[])
-        .start()
-        .await;
-    mesh.wait_orders_routed().await;
+    let mesh = orders_a_routed_b_in_reserve().await;
     let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
 
     // Malformed JSON and 500s: traffic unaffected, errors counted.
@@ -206,10 +187,7 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
     .await;
     consul.reset_index(1);
     mesh.register("dc1", "orders", "b", "orders-b");
-    envoy
-        .wait_call("orders", "instance b after the index reset", |r| {
-            r.body.contains("orders b")
-        })
+    mesh.wait_orders_from("b", "instance b after the index reset")
         .await;
 }
 
@@ -246,43 +224,19 @@ async fn a_flapping_instance_causes_a_handful_of_pushes_and_settles() {
     // Failing applies at once; passing again waits for a quiet second (flap damping), so
     // the 20 flips are one or two changes, not 20 (the debounce here is only 50 ms).
     assert!((1..=3).contains(&pushes), "{pushes} pushes for 20 flips");
-    for _ in 0..10 {
-        assert!(
-            envoy
-                .call("orders", "/")
-                .await
-                .unwrap()
-                .body
-                .contains("orders a")
-        );
-    }
+    mesh.assert_orders_from("a", 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_datacenter_is_preferred_and_traffic_fails_over() {
     let mesh = two_datacenters().await;
-    let (consul, envoy) = (&mesh.consul, mesh.envoy());
+    let consul = &mesh.consul;
     mesh.wait_orders_routed().await;
-    for _ in 0..20 {
-        assert!(
-            envoy
-                .call("orders", "/")
-                .await
-                .unwrap()
-                .body
-                .contains("orders dc1")
-        );
-    }
+    mesh.assert_orders_from("dc1", 20).await;
     consul.set_health("dc1", "o-1", Health::Critical);
-    envoy
-        .wait_call("orders", "failover to dc2", |r| {
-            r.body.contains("orders dc2")
-        })
-        .await;
+    mesh.wait_orders_from("dc2", "failover to dc2").await;
     consul.set_health("dc1", "o-1", Health::Passing);
-    envoy
-        .wait_call("orders", "back to dc1", |r| r.body.contains("orders dc1"))
-        .await;
+    mesh.wait_orders_from("dc1", "back to dc1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,12 +334,8 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
         .proxy(&[])
         .start()
         .await;
-    let (consul, envoy) = (&mesh.consul, mesh.envoy());
-    envoy
-        .wait_call("orders", "orders with a token", |r| {
-            r.body.contains("orders a")
-        })
-        .await;
+    let consul = &mesh.consul;
+    mesh.wait_orders_from("a", "orders with a token").await;
 
     // The token rotates: Consul and the file change; changes keep flowing.
     consul.require_token(Some("second-secret"));
@@ -398,20 +348,15 @@ async fn acl_token_is_sent_and_reread_when_its_file_changes() {
         .set_modified(later)
         .unwrap();
     mesh.register("dc1", "orders", "b", "orders-b");
-    envoy
-        .wait_call("orders", "instance b after rotation", |r| {
-            r.body.contains("orders b")
-        })
+    mesh.wait_orders_from("b", "instance b after rotation")
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
     let mesh = two_datacenters().await;
-    let (consul, cp, envoy) = (&mesh.consul, &mesh.cp, mesh.envoy());
-    envoy
-        .wait_call("orders", "orders routed", |r| r.body.contains("orders dc1"))
-        .await;
+    let (consul, cp) = (&mesh.consul, &mesh.cp);
+    mesh.wait_orders_from("dc1", "orders routed").await;
 
     consul.set_dc_unreachable("dc2", true);
     let stale = eventually(Duration::from_secs(20), "dc2 marked stale", || async {
@@ -436,10 +381,7 @@ async fn an_unreachable_datacenter_keeps_its_instances_marked_stale() {
     assert!(dc1["error"].is_null(), "{stale}");
     // dc2's last known instance is still there: the local one fails and traffic fails over.
     consul.set_health("dc1", "o-1", Health::Critical);
-    envoy
-        .wait_call("orders", "failover to the stale dc2", |r| {
-            r.body.contains("orders dc2")
-        })
+    mesh.wait_orders_from("dc2", "failover to the stale dc2")
         .await;
     let orders = mesh.service("orders").await;
     assert!(
@@ -460,73 +402,22 @@ async fn consul_over_https_is_verified_with_the_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     support::issue_cert(d, "server", "IP:127.0.0.1");
+    // An Envoy terminating TLS in front of the fake.
     let (tls_port, admin_port) = (support::free_port(), support::free_port());
-    let bootstrap = format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
-static_resources:
-  listeners:
-  - name: consul_tls
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {tls_port}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificates:
-            - certificate_chain: {{filename: {cert}}}
-              private_key: {{filename: {key}}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: consul
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: consul, timeout: 0s}}}}]
-  clusters:
-  - name: consul
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: consul
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {fake}}}}}}}}}]}}]
-"#,
-        cert = d.join("server.pem").display(),
-        key = d.join("server.key").display(),
-        fake = consul.addr.port(),
+    let tls = static_envoy::downstream_tls(&d.join("server.pem"), &d.join("server.key"), None);
+    let to_consul = json!({"route": {"cluster": "consul", "timeout": "0s"}});
+    let bootstrap = static_envoy::bootstrap(
+        admin_port,
+        vec![static_envoy::listener(
+            "consul_tls",
+            "127.0.0.1",
+            tls_port,
+            Some(tls),
+            static_envoy::http_connection_manager("consul", to_consul),
+        )],
+        vec![static_envoy::static_cluster("consul", consul.addr.port())],
     );
-    std::fs::write(d.join("tls.yaml"), bootstrap).unwrap();
-    let mut terminator = std::process::Command::new(support::envoy_bin())
-        .arg("-c")
-        .arg(d.join("tls.yaml"))
-        .args([
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
-    eventually(
-        Duration::from_secs(20),
-        "TLS terminator ready",
-        || async move {
-            support::http_get(admin, "localhost", "/ready", &[])
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        },
-    )
-    .await;
+    let _terminator = Envoy::start_static("consul-tls", &bootstrap, admin_port).await;
 
     let url = format!("https://127.0.0.1:{tls_port}");
     let ca = d.join("server-ca.pem").display().to_string();
@@ -542,16 +433,8 @@ static_resources:
         ],
     )
     .await;
-    let services = cp.admin_json("/api/services").await;
-    let orders = services
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "orders")
-        .unwrap();
+    let orders = consul_mesh::service(&cp, "orders").await;
     assert_eq!(orders["instances"][0]["origin"], "consul");
-    let _ = terminator.kill();
-    let _ = terminator.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,6 +495,14 @@ async fn consul_error(cp: &ControlPlane) -> String {
         .to_string()
 }
 
+/// Waits until the Consul source's error contains `needle`.
+async fn wait_consul_error(cp: &ControlPlane, what: &str, needle: &str) {
+    eventually(Duration::from_secs(20), what, || async {
+        consul_error(cp).await.contains(needle).then_some(())
+    })
+    .await;
+}
+
 /// The services the published state holds.
 async fn services(cp: &ControlPlane) -> Vec<String> {
     let state = cp.admin_json("/api/services").await;
@@ -650,15 +541,10 @@ async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() 
 
     // The token loses its read rights: every list comes back empty, marked as filtered.
     consul.set_acl_hidden(true);
-    eventually(
-        Duration::from_secs(20),
+    wait_consul_error(
+        cp,
         "the Consul source to say it holds a filtered answer",
-        || async {
-            consul_error(cp)
-                .await
-                .contains("X-Consul-Results-Filtered-By-ACLs")
-                .then_some(())
-        },
+        "X-Consul-Results-Filtered-By-ACLs",
     )
     .await;
     // Longer than the confirmation: hidden is never taken for gone.
@@ -682,15 +568,10 @@ async fn hidden_or_mass_removed_services_keep_their_instances_until_confirmed() 
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    eventually(
-        Duration::from_secs(20),
+    wait_consul_error(
+        cp,
         "the removal to be held",
-        || async {
-            consul_error(cp)
-                .await
-                .contains("would remove 3 of 5 services at once")
-                .then_some(())
-        },
+        "would remove 3 of 5 services at once",
     )
     .await;
     assert_eq!(services(cp).await, all, "a mass removal applied at once");

@@ -78,6 +78,17 @@ fn bootstrap(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The YAML `meshbridge bootstrap ARGS` prints; fails unless it succeeds.
+fn bootstrap_ok(args: &[&str]) -> String {
+    let out = bootstrap(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Fails unless `envoy --mode validate` accepts the bootstrap `yaml`.
 fn assert_envoy_accepts(yaml: &[u8]) {
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +109,7 @@ fn assert_envoy_accepts(yaml: &[u8]) {
 
 #[test]
 fn bootstrap_is_accepted_by_envoy_validate() {
-    let out = bootstrap(&[
+    let yaml = bootstrap_ok(&[
         "--service",
         "frontend",
         "--node-id",
@@ -118,23 +129,17 @@ fn bootstrap_is_accepted_by_envoy_validate() {
         "--dependency",
         "https://api.example.com",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(yaml.contains("service_name: frontend"), "{yaml}");
     assert!(yaml.contains("- https://api.example.com"), "{yaml}");
-    assert_envoy_accepts(&out.stdout);
+    assert_envoy_accepts(yaml.as_bytes());
 }
 
 #[test]
 fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let status = Command::new("openssl")
-        .args([
+    support::openssl(
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -144,26 +149,22 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
             "-nodes",
             "-days",
             "1",
-        ])
-        .args([
             "-subj",
             "/CN=frontend",
             "-addext",
             "subjectAltName=URI:spiffe://mesh.local/service/frontend",
-        ])
-        .arg("-keyout")
-        .arg(d.join("key.pem"))
-        .arg("-out")
-        .arg(d.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ],
+        d,
     );
     let p = |f: &str| d.join(f).display().to_string();
-    let out = bootstrap(&[
+    let (cert, key) = (p("cert.pem"), p("key.pem"));
+    // The host certificate, self-signed: it is its own CA.
+    let host_cert = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &cert];
+    let plain = [
         "--service",
         "frontend",
         "--node-id",
@@ -172,42 +173,26 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         "127.0.0.1:18000",
         "--egress-port",
         "15001",
-        "--tls-cert",
-        &p("cert.pem"),
-        "--tls-key",
-        &p("key.pem"),
-        "--tls-ca",
-        &p("cert.pem"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
+    ];
+    let yaml = bootstrap_ok(&[&plain[..], &host_cert[..]].concat());
     assert!(
         yaml.contains("name: server_cert") && yaml.contains("name: validation_context"),
         "{yaml}"
     );
-    assert_envoy_accepts(&out.stdout);
+    assert_envoy_accepts(yaml.as_bytes());
 
     // Over TLS to the control plane, whose certificate must carry one of the given names
     // (each kind of SAN): Envoy accepts the pinned validation context.
-    let tls = [
+    let over_tls = [
         "--service",
         "frontend",
         "--node-id",
         "f-1",
         "--xds-addr",
         "meshbridge-xds.mesh-system.svc:18000",
-        "--tls-cert",
-        &p("cert.pem"),
-        "--tls-key",
-        &p("key.pem"),
-        "--tls-ca",
-        &p("cert.pem"),
         "--xds-tls",
     ];
+    let tls = [&over_tls[..], &host_cert[..]].concat();
     let pinned = [
         "--xds-server-san",
         "spiffe://mesh.local/control-plane",
@@ -216,17 +201,11 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
         "--xds-server-san",
         "meshbridge-xds",
     ];
-    let out = bootstrap(&[&tls[..], &pinned[..]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8(out.stdout.clone()).unwrap();
+    let yaml = bootstrap_ok(&[&tls[..], &pinned[..]].concat());
     for kind in ["san_type: URI", "san_type: IP_ADDRESS", "san_type: DNS"] {
         assert!(yaml.contains(kind), "{kind}: {yaml}");
     }
-    assert_envoy_accepts(&out.stdout);
+    assert_envoy_accepts(yaml.as_bytes());
     // By default, the xDS host name.
     let out = bootstrap(&tls);
     let yaml = String::from_utf8(out.stdout).unwrap();
@@ -238,28 +217,20 @@ fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
 
 #[test]
 fn bootstrap_rejects_bad_flags_naming_them() {
-    let out = bootstrap(&[
-        "--service",
-        "frontend",
-        "--node-id",
-        "n",
-        "--xds-addr",
-        "nohostport",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--xds-addr"));
-    let out = bootstrap(&[
-        "--service",
-        "frontend",
-        "--node-id",
-        "n",
-        "--xds-addr",
-        "h:1",
+    // `bootstrap --service frontend --node-id n` and `flags` exits 2 naming `named`.
+    let refused = |flags: &[&str], named: &str| {
+        let mut args = vec!["--service", "frontend", "--node-id", "n"];
+        args.extend_from_slice(flags);
+        let out = bootstrap(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{flags:?}: {stderr}");
+    };
+    refused(&["--xds-addr", "nohostport"], "--xds-addr");
+    refused(
+        &["--xds-addr", "h:1", "--dependency", "ftp://x"],
         "--dependency",
-        "ftp://x",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--dependency"));
+    );
 }
 
 #[test]

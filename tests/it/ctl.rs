@@ -67,6 +67,14 @@ impl Out {
         assert_eq!(self.stderr.trim_end().lines().count(), 1, "{self:?}");
         self.stderr.trim_end()
     }
+
+    /// [`Out::failed`], with a message saying each of `needles`.
+    fn failed_saying(&self, needles: &[&str]) {
+        let msg = self.failed();
+        for needle in needles {
+            assert!(msg.contains(needle), "no {needle:?} in {msg}");
+        }
+    }
 }
 
 /// Runs `meshbridge ctl ARGS` with `MESHBRIDGE_ADMIN=admin` (unless `admin` is empty), no
@@ -216,10 +224,9 @@ async fn services_list_and_one_service() {
     assert!(out.contains("127.0.0.1:41003"), "{out}");
     assert!(out.contains("access: no AccessRule"), "{out}");
 
-    let unknown = ctl(&cp, &["services", "nosuch"]).await;
-    let msg = unknown.failed();
-    assert!(msg.contains("404"), "{msg}");
-    assert!(msg.contains("/api/services/nosuch"), "{msg}");
+    ctl(&cp, &["services", "nosuch"])
+        .await
+        .failed_saying(&["404", "/api/services/nosuch"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,10 +269,9 @@ async fn proxies_and_one_proxy_show_acked_versions() {
         }
     }
 
-    let unknown = ctl(&cp, &["proxy", "no-such-node"]).await;
-    let msg = unknown.failed();
-    assert!(msg.contains("no-such-node"), "{msg}");
-    assert!(msg.contains("404"), "{msg}");
+    ctl(&cp, &["proxy", "no-such-node"])
+        .await
+        .failed_saying(&["no-such-node", "404"]);
 }
 
 /// `-o json` prints the API's own JSON.
@@ -431,9 +437,9 @@ async fn config_dump_is_envoys_own() {
     assert!(with_eds.to_string().contains("EndpointsConfigDump"));
     assert!(with_eds.to_string().contains("41002"), "{with_eds}");
 
-    let unknown = ctl(&cp, &["config-dump", "no-such-node"]).await;
-    let msg = unknown.failed();
-    assert!(msg.contains("no-such-node"), "{msg}");
+    ctl(&cp, &["config-dump", "no-such-node"])
+        .await
+        .failed_saying(&["no-such-node"]);
 }
 
 /// `ctl stats` and `ctl log-level` reach the proxy's Envoy.
@@ -506,9 +512,9 @@ async fn stats_and_log_level_reach_envoy() {
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("loud"), "{bad:?}");
 
-    let unknown = ctl(&cp, &["log-level", "no-such-node", "debug"]).await;
-    let msg = unknown.failed();
-    assert!(msg.contains("no-such-node"), "{msg}");
+    ctl(&cp, &["log-level", "no-such-node", "debug"])
+        .await
+        .failed_saying(&["no-such-node"]);
 }
 
 /// `ctl diff NODE` on a connected Envoy: in sync, four types, the counts Envoy holds being
@@ -569,10 +575,9 @@ async fn diff_of_a_connected_envoy_is_in_sync() {
         .collect();
     assert_eq!(rows.len(), 4, "{out}");
 
-    let unknown = ctl(&cp, &["diff", "no-such-node"]).await;
-    let msg = unknown.failed();
-    assert!(msg.contains("404"), "{msg}");
-    assert!(msg.contains("/api/proxies/no-such-node/diff"), "{msg}");
+    ctl(&cp, &["diff", "no-such-node"])
+        .await
+        .failed_saying(&["404", "/api/proxies/no-such-node/diff"]);
 }
 
 /// `ctl clusters NODE` is Envoy's /clusters: the dependency's cluster with the addresses of
@@ -679,10 +684,9 @@ async fn errors_name_the_address_and_exit_1() {
     let port = free_port();
     let admin = format!("http://127.0.0.1:{port}");
     let started = std::time::Instant::now();
-    let down = ctl_env("", &["--admin", &admin, "services"]).await;
-    let msg = down.failed();
-    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
-    assert!(msg.contains("cannot connect"), "{msg}");
+    ctl_env("", &["--admin", &admin, "services"])
+        .await
+        .failed_saying(&[&format!("127.0.0.1:{port}"), "cannot connect"]);
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // MESHBRIDGE_ADMIN is the default address, `host:port` means http.
@@ -692,12 +696,8 @@ async fn errors_name_the_address_and_exit_1() {
     // An answer that is not JSON (a plain HTTP server, not meshbridge).
     let backend = support::Backend::start("web", "a").await;
     let not_json = ctl_env(&format!("http://127.0.0.1:{}", backend.port), &["services"]).await;
-    let msg = not_json.failed();
-    assert!(
-        msg.contains(&format!("127.0.0.1:{}/api/services", backend.port)),
-        "{msg}"
-    );
-    assert!(msg.contains("not JSON"), "{msg}");
+    let services_url = format!("127.0.0.1:{}/api/services", backend.port);
+    not_json.failed_saying(&[&services_url, "not JSON"]);
 
     // Against a running meshbridge, MESHBRIDGE_ADMIN works.
     let cp = ControlPlane::start(&default_mesh(), &[]).await;
@@ -757,26 +757,23 @@ async fn diagnostics_errors_name_the_proxy_and_envoy_address() {
     acked_proxy(&cp, "frontend-elsewhere").await;
     acked_proxy(&cp, "frontend-silent").await;
 
-    let unreachable = ctl(&cp, &["config-dump", "frontend-elsewhere"]).await;
-    let msg = unreachable.failed();
-    assert!(msg.contains("502"), "{msg}");
-    assert!(msg.contains(&format!("127.0.0.1:{announced}")), "{msg}");
-    let level = ctl(&cp, &["log-level", "frontend-elsewhere", "debug"]).await;
-    assert!(level.failed().contains("502"));
-    let diff = ctl(&cp, &["diff", "frontend-elsewhere"]).await;
-    let msg = diff.failed();
-    assert!(msg.contains("502"), "{msg}");
-    assert!(msg.contains(&format!("127.0.0.1:{announced}")), "{msg}");
-    assert!(
-        ctl(&cp, &["clusters", "frontend-silent"])
-            .await
-            .failed()
-            .contains("409")
-    );
+    let elsewhere = format!("127.0.0.1:{announced}");
+    ctl(&cp, &["config-dump", "frontend-elsewhere"])
+        .await
+        .failed_saying(&["502", &elsewhere]);
+    ctl(&cp, &["log-level", "frontend-elsewhere", "debug"])
+        .await
+        .failed_saying(&["502"]);
+    ctl(&cp, &["diff", "frontend-elsewhere"])
+        .await
+        .failed_saying(&["502", &elsewhere]);
+    ctl(&cp, &["clusters", "frontend-silent"])
+        .await
+        .failed_saying(&["409"]);
 
-    let none = ctl(&cp, &["stats", "frontend-silent"]).await;
-    let msg = none.failed();
-    assert!(msg.contains("409"), "{msg}");
+    ctl(&cp, &["stats", "frontend-silent"])
+        .await
+        .failed_saying(&["409"]);
     // The proxy itself is still shown, without diagnostics.
     let shown = ctl(&cp, &["proxy", "frontend-silent"]).await;
     assert!(

@@ -20,7 +20,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use support::fixtures::{AccessRule, MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually, free_port, http_get};
 
 use meshbridge::translate::names;
@@ -987,7 +988,7 @@ fn every_dashboard_is_grafana_dashboard_json() {
             }
             assert_eq!(
                 p["datasource"],
-                serde_json::json!({"type": "prometheus", "uid": "${datasource}"}),
+                json!({"type": "prometheus", "uid": "${datasource}"}),
                 "{file}: {title}"
             );
             let targets = p["targets"]
@@ -1303,37 +1304,24 @@ async fn every_envoy_metric_the_dashboards_query_is_exported_by_a_real_envoy() {
 // ---------------------------------------------------------------------------------------
 // A running mesh
 
+/// frontend calls orders (one canary instance, every call allowed by an enforced rule) and
+/// billing (a rule in log mode that allows nobody).
 fn mesh(orders_ingress: u16, billing_ingress: u16) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: frontend}}
-spec:
-  dependencies: [{{service: orders}}, {{service: billing}}]
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  endpoints: [{{address: 127.0.0.1, port: {orders_ingress}, tags: [canary]}}]
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: billing}}
-spec:
-  endpoints: [{{address: 127.0.0.1, port: {billing_ingress}}}]
----
-apiVersion: meshbridge.io/v1alpha1
-kind: AccessRule
-metadata: {{name: orders}}
-spec: {{target: orders, action: deny, rules: [{{from: ['*'], paths: [{{prefix: /}}]}}]}}
----
-apiVersion: meshbridge.io/v1alpha1
-kind: AccessRule
-metadata: {{name: billing}}
-spec: {{target: billing, action: log, rules: [{{from: [nobody]}}]}}
-"
-    )
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("billing");
+    let orders =
+        MeshService::build("orders").tagged_endpoint("127.0.0.1", orders_ingress, &["canary"]);
+    let billing = MeshService::build("billing").endpoint("127.0.0.1", billing_ingress);
+    let orders_rule = AccessRule::build("orders")
+        .target("orders")
+        .action("deny")
+        .allow_with(json!({"from": ["*"], "paths": [{"prefix": "/"}]}));
+    let billing_rule = AccessRule::build("billing")
+        .target("billing")
+        .action("log")
+        .allow(&["nobody"]);
+    manifests(&[&frontend, &orders, &billing, &orders_rule, &billing_rule])
 }
 
 /// The real binary with real Envoys (a caller, `orders` with an enforced AccessRule, `billing`

@@ -286,11 +286,22 @@ fn the_inject_command_reads_a_file_or_stdin_and_names_a_bad_document() {
         "{stderr}"
     );
 
+    let injected = inject_deployment_file(&["--xds-addr", "mb.example:18000"]);
+    let sidecar = &injected["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "meshbridge-proxy");
+    assert!(sidecar["args"][1].as_str().unwrap().contains("mb.example"));
+}
+
+/// `meshbridge inject <flags> -f app.yaml` on a file holding a Deployment: it succeeds, and
+/// prints the injected Deployment.
+fn inject_deployment_file(flags: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.yaml");
     std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-        .args(["inject", "--xds-addr", "mb.example:18000", "-f"])
+        .arg("inject")
+        .args(flags)
+        .arg("-f")
         .arg(&file)
         .output()
         .unwrap();
@@ -299,20 +310,21 @@ fn the_inject_command_reads_a_file_or_stdin_and_names_a_bad_document() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let injected: Value = serde_norway::from_slice(&out.stdout).unwrap();
-    let sidecar = &injected["spec"]["template"]["spec"]["initContainers"][0];
-    assert_eq!(sidecar["name"], "meshbridge-proxy");
-    assert!(sidecar["args"][1].as_str().unwrap().contains("mb.example"));
+    serde_norway::from_slice(&out.stdout).unwrap()
+}
+
+/// The item of the list `list` (containers, clusters) named `name`.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("nothing named {name} in {list}"))
 }
 
 /// The sidecar's command line with the pod's environment expanded, as the kubelet would.
 fn sidecar_command(pod: &Value) -> Vec<String> {
-    let sidecar = pod["spec"]["initContainers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "meshbridge-proxy")
-        .unwrap();
+    let sidecar = named(&pod["spec"]["initContainers"], "meshbridge-proxy");
     sidecar["args"]
         .as_array()
         .unwrap()
@@ -525,12 +537,7 @@ fn a_pod_naming_a_tls_secret_gets_it_mounted_into_the_sidecar() {
         assert_eq!(recorded.as_deref(), Some("orders-mesh-tls"));
         // The pod's own volumes and containers are untouched by it.
         assert_eq!(out["spec"]["volumes"][0]["name"], "data");
-        let app = out["spec"]["containers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "app")
-            .unwrap();
+        let app = named(&out["spec"]["containers"], "app");
         assert!(app.get("volumeMounts").is_none(), "{app}");
         // Envoy reads the mounted files as the static secrets the mesh's TLS refers to.
         assert_eq!(
@@ -582,20 +589,7 @@ fn the_tls_secret_setting_names_one_secret_per_service_and_the_pod_overrides_it(
     assert_eq!(tls_of(&out).2.as_deref(), Some("orders-mesh-tls"));
 
     // The same through `meshbridge inject --tls-secret`, on a Deployment's template.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("app.yaml");
-    std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-        .args(["inject", "--tls-secret", "{service}-mesh-tls", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deployment: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let deployment = inject_deployment_file(&["--tls-secret", "{service}-mesh-tls"]);
     let template = &deployment["spec"]["template"];
     let (volume, mounts, recorded) = tls_of(template);
     assert_eq!(volume, Some(("billing-mesh-tls".to_string(), 0o444)));
@@ -607,12 +601,7 @@ fn the_tls_secret_setting_names_one_secret_per_service_and_the_pod_overrides_it(
 fn with_xds_tls_a_sidecar_with_a_certificate_reaches_the_control_plane_over_mtls() {
     let xds_tls_of = |settings: &InjectSettings, annotations: Value| {
         let bootstrap = sidecar_bootstrap(&injected(pod(annotations), settings));
-        bootstrap["static_resources"]["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "meshbridge_xds")
-            .unwrap()["transport_socket"]
+        named(&bootstrap["static_resources"]["clusters"], "meshbridge_xds")["transport_socket"]
             .clone()
     };
     let settings = InjectSettings {

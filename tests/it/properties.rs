@@ -4,7 +4,6 @@
 use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -20,6 +19,8 @@ use meshbridge::sources::files::parse_manifests;
 use meshbridge::translate::{group_resources, mesh_resources};
 use proptest::prelude::*;
 use prost::Message;
+use serde_json::{Value, json};
+use support::fixtures::{AccessRule, Fixture, MeshService};
 
 // ---------------------------------------------------------------------------------------
 // The generated model.
@@ -56,31 +57,29 @@ struct GenEndpoint {
 }
 
 impl GenEndpoint {
-    fn yaml(&self) -> String {
-        let mut s = format!(
-            "    - address: 10.0.0.{}\n      port: {}\n",
-            self.host, self.port
-        );
+    /// The endpoint as a manifest writes it.
+    fn json(&self) -> Value {
+        let mut e = json!({"address": format!("10.0.0.{}", self.host), "port": self.port});
         if let Some(dc) = self.datacenter {
-            writeln!(s, "      datacenter: {dc}").unwrap();
+            e["datacenter"] = json!(dc);
         }
         let mut tags = Vec::new();
         if self.canary {
             tags.push("canary".to_string());
         }
         if let Some(w) = self.weight_tag {
-            tags.push(format!("'weight:{w}'"));
+            tags.push(format!("weight:{w}"));
         }
         if self.mtls {
             tags.push("mtls".to_string());
         }
         if !tags.is_empty() {
-            writeln!(s, "      tags: [{}]", tags.join(", ")).unwrap();
+            e["tags"] = json!(tags);
         }
         if let Some(w) = self.weight {
-            writeln!(s, "      weight: {w}").unwrap();
+            e["weight"] = json!(w);
         }
-        s
+        e
     }
 
     /// The weight meshbridge should give it.
@@ -109,36 +108,28 @@ struct GenService {
 impl GenService {
     /// The manifest, endpoints and dependencies in the given order.
     fn yaml_with(&self, endpoints: &[GenEndpoint], deps: &[GenDependency]) -> String {
-        let mut s = format!(
-            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata:\n  name: {}\nspec:\n",
-            self.name
-        );
+        let mut service = MeshService::build(self.name);
         if let Some(mode) = self.mtls {
-            writeln!(s, "  mtls: {mode}").unwrap();
+            service = service.set("mtls", mode);
         }
-        if !endpoints.is_empty() {
-            s.push_str("  endpoints:\n");
-            for e in endpoints {
-                s.push_str(&e.yaml());
+        for e in endpoints {
+            service = service.endpoint_with(e.json());
+        }
+        for d in deps {
+            let mut dependency = if d.target.contains("://") {
+                json!({"domain": d.target})
+            } else {
+                json!({"service": d.target})
+            };
+            if let Some(t) = d.timeout_ms {
+                dependency["timeout"] = json!(format!("{t}ms"));
             }
-        }
-        if !deps.is_empty() {
-            s.push_str("  dependencies:\n");
-            for d in deps {
-                if d.target.contains("://") {
-                    writeln!(s, "    - domain: {}", d.target).unwrap();
-                } else {
-                    writeln!(s, "    - service: {:?}", d.target).unwrap();
-                }
-                if let Some(t) = d.timeout_ms {
-                    writeln!(s, "      timeout: {t}ms").unwrap();
-                }
-                if let Some(a) = d.attempts {
-                    writeln!(s, "      retries: {{attempts: {a}, on: [5xx]}}").unwrap();
-                }
+            if let Some(a) = d.attempts {
+                dependency["retries"] = json!({"attempts": a, "on": ["5xx"]});
             }
+            service = service.dependency_with(dependency);
         }
-        s
+        service.yaml()
     }
 
     fn yaml(&self) -> String {
@@ -232,30 +223,31 @@ struct GenAccess {
 
 impl GenAccess {
     fn yaml_with(&self, i: usize, rules: &[GenRule]) -> String {
-        let mut s = format!(
-            "apiVersion: meshbridge.io/v1alpha1\nkind: AccessRule\nmetadata:\n  name: access-{i}\nspec:\n  target: {:?}\n  action: {}\n  rules:\n",
-            self.target,
-            if self.log { "log" } else { "deny" }
-        );
-        for r in rules {
-            let from: Vec<String> = r.from.iter().map(|f| format!("{f:?}")).collect();
-            writeln!(s, "    - from: [{}]", from.join(", ")).unwrap();
-            if !r.paths.is_empty() {
-                s.push_str("      paths:\n");
-                for p in &r.paths {
-                    match p {
-                        GenPath::Exact(v) => writeln!(s, "        - exact: {v:?}"),
-                        GenPath::Prefix(v) => writeln!(s, "        - prefix: {v:?}"),
-                        GenPath::Regex(v) => writeln!(s, "        - regex: {v:?}"),
-                    }
-                    .unwrap();
+        let access = AccessRule::build(&format!("access-{i}"))
+            .target(self.target)
+            .action(if self.log { "log" } else { "deny" });
+        rules
+            .iter()
+            .fold(access, |access, r| {
+                let mut rule = json!({"from": r.from});
+                if !r.paths.is_empty() {
+                    let paths: Vec<Value> = r
+                        .paths
+                        .iter()
+                        .map(|p| match p {
+                            GenPath::Exact(v) => json!({"exact": v}),
+                            GenPath::Prefix(v) => json!({"prefix": v}),
+                            GenPath::Regex(v) => json!({"regex": v}),
+                        })
+                        .collect();
+                    rule["paths"] = json!(paths);
                 }
-            }
-            if !r.methods.is_empty() {
-                writeln!(s, "      methods: [{}]", r.methods.join(", ")).unwrap();
-            }
-        }
-        s
+                if !r.methods.is_empty() {
+                    rule["methods"] = json!(r.methods);
+                }
+                access.allow_with(rule)
+            })
+            .yaml()
     }
 }
 

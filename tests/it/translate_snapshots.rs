@@ -90,6 +90,15 @@ fn snapshot(state: &MeshState, settings: &MeshSettings, group: &ProxyGroup) -> S
     build(&mesh, &group).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The snapshot of the `frontend` proxy (egress, default settings) over the manifests `files`.
+fn frontend_snapshot(files: &[(&str, &str)]) -> Snapshot {
+    snapshot(
+        &mesh(files),
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    )
+}
+
 /// A group with only an egress listener, calling what its node metadata names.
 fn egress_group(service: &str, deps: &[&str]) -> ProxyGroup {
     ProxyGroup {
@@ -672,43 +681,37 @@ fn check_egress_basics(snap: &Snapshot) -> RouteConfiguration {
 // Scenarios.
 // ---------------------------------------------------------------------------------------
 
-const ORDERS: &str = "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata:
-  name: orders
-spec:
-  ports:
-    - name: http
-      port: 8080
-  endpoints:
-    - address: 10.0.0.1
-      port: 8080
-    - address: 10.0.0.2
-      port: 8080
-      tags: [canary]
-";
+/// `orders`: a named port and two instances on it, the second tagged `canary` when `canary`.
+fn orders_service(canary: bool) -> String {
+    let orders = MeshService::build("orders")
+        .set("ports", json!([{"name": "http", "port": 8080}]))
+        .endpoint("10.0.0.1", 8080);
+    let orders = if canary {
+        orders.tagged_endpoint("10.0.0.2", 8080, &["canary"])
+    } else {
+        orders.endpoint("10.0.0.2", 8080)
+    };
+    orders.yaml()
+}
 
-const FRONTEND: &str = "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata:
-  name: frontend
-spec:
-  dependencies:
-    - service: orders
-      timeout: 2s
-      retries:
-        attempts: 3
-        on: [5xx, reset]
-        perTryTimeout: 500ms
-";
+/// `orders` with a canary instance.
+fn orders() -> String {
+    orders_service(true)
+}
+
+/// `frontend`: calls `orders` with a 2s timeout and three retries of 500ms.
+fn frontend() -> String {
+    MeshService::build("frontend")
+        .dependency_with(json!({
+            "service": "orders",
+            "timeout": "2s",
+            "retries": {"attempts": 3, "on": ["5xx", "reset"], "perTryTimeout": "500ms"},
+        }))
+        .yaml()
+}
 
 fn scenario_a() -> Snapshot {
-    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
-    snapshot(
-        &state,
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    )
+    frontend_snapshot(&[("frontend.yaml", &frontend()), ("orders.yaml", &orders())])
 }
 
 #[test]
@@ -782,13 +785,10 @@ fn a_canary_route_precedes_default_route() {
 
 #[test]
 fn a_without_canary_instances_there_is_no_canary_route() {
-    let orders = ORDERS.replace("      tags: [canary]\n", "");
-    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", &orders)]);
-    let snap = snapshot(
-        &state,
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    );
+    let snap = frontend_snapshot(&[
+        ("frontend.yaml", &frontend()),
+        ("orders.yaml", &orders_service(false)),
+    ]);
     assert_eq!(names(&snap, ResourceType::Cluster), ["orders"]);
     let rc = check_egress_basics(&snap);
     let routes = &vhost(&rc, "orders").routes;
@@ -921,12 +921,7 @@ fn scenario_d() -> Snapshot {
         .dependency("orders")
         .dependency("ghost")
         .yaml();
-    let state = mesh(&[("frontend.yaml", &frontend), ("orders.yaml", ORDERS)]);
-    snapshot(
-        &state,
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    )
+    frontend_snapshot(&[("frontend.yaml", &frontend), ("orders.yaml", &orders())])
 }
 
 #[test]
@@ -960,16 +955,8 @@ fn d_unknown_dependency_gets_503_and_undeclared_gets_403() {
 fn d_dependency_becoming_known_replaces_the_503() {
     let frontend = MeshService::build("frontend").dependency("ghost").yaml();
     let ghost = MeshService::build("ghost").endpoint("10.6.6.6", 80).yaml();
-    let before = snapshot(
-        &mesh(&[("frontend.yaml", &frontend)]),
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    );
-    let after = snapshot(
-        &mesh(&[("frontend.yaml", &frontend), ("ghost.yaml", &ghost)]),
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    );
+    let before = frontend_snapshot(&[("frontend.yaml", &frontend)]);
+    let after = frontend_snapshot(&[("frontend.yaml", &frontend), ("ghost.yaml", &ghost)]);
     assert!(names(&before, ResourceType::Cluster).is_empty());
     assert_eq!(names(&after, ResourceType::Cluster), ["ghost"]);
     let rc = route_config(&after, "egress");
@@ -998,7 +985,7 @@ fn wildcard_mesh() -> MeshState {
         ("admin.yaml", &admin),
         ("billing.yaml", &billing),
         ("frontend.yaml", &frontend),
-        ("orders.yaml", ORDERS),
+        ("orders.yaml", &orders()),
     ])
 }
 
@@ -1107,12 +1094,7 @@ fn scenario_f() -> Snapshot {
         .dependency_with(json!({"domain": "https://api.example.com", "timeout": "5s"}))
         .domain("http://legacy.example.com:8080")
         .yaml();
-    let state = mesh(&[("frontend.yaml", &frontend)]);
-    snapshot(
-        &state,
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    )
+    frontend_snapshot(&[("frontend.yaml", &frontend)])
 }
 
 #[test]
@@ -1196,17 +1178,12 @@ fn f_external_domain_dependency() {
 
 #[test]
 fn g_ingress_routes_to_the_local_app() {
-    let rule = "apiVersion: meshbridge.io/v1alpha1
-kind: AccessRule
-metadata:
-  name: orders-callers
-spec:
-  target: orders
-  rules:
-    - from: [frontend]
-      methods: [get]
-";
-    let state = mesh(&[("orders.yaml", ORDERS), ("rules.yaml", rule)]);
+    // Methods are written in lower case here: the model upper-cases them.
+    let rule = AccessRule::build("orders-callers")
+        .target("orders")
+        .allow_with(json!({"from": ["frontend"], "methods": ["get"]}))
+        .yaml();
+    let state = mesh(&[("orders.yaml", &orders()), ("rules.yaml", &rule)]);
     // The rule reaches the model.
     let policy = &state.access["orders"];
     assert_eq!(policy.sources, ["rules.yaml#1"]);
@@ -1256,7 +1233,7 @@ spec:
 
 #[test]
 fn g_ingress_and_egress_together() {
-    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
+    let state = mesh(&[("frontend.yaml", &frontend()), ("orders.yaml", &orders())]);
     let group = ProxyGroup {
         service: "frontend".into(),
         ingress_port: Some(15006),
@@ -1294,17 +1271,12 @@ fn scenario_collide() -> Snapshot {
         .dependency("api.example.com")
         .domain("https://API.example.com")
         .yaml();
-    let state = mesh(&[
+    frontend_snapshot(&[
         ("api.yaml", &domainlike),
         ("frontend.yaml", &frontend),
-        ("orders.yaml", ORDERS),
+        ("orders.yaml", &orders()),
         ("upper.yaml", &upper),
-    ]);
-    snapshot(
-        &state,
-        &MeshSettings::default(),
-        &egress_group("frontend", &[]),
-    )
+    ])
 }
 
 #[test]
@@ -1775,7 +1747,7 @@ fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
 
 #[test]
 fn envoy_accepts_every_scenario() {
-    let state = mesh(&[("frontend.yaml", FRONTEND), ("orders.yaml", ORDERS)]);
+    let state = mesh(&[("frontend.yaml", &frontend()), ("orders.yaml", &orders())]);
     let both = snapshot(
         &state,
         &MeshSettings::default(),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::fixtures::{AccessRule, MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 /// The most the browser script may take, start to end.
@@ -34,44 +35,55 @@ const SCREENSHOTS: &[&str] = &[
 ];
 
 /// frontend calls orders and billing; orders' AccessRule names frontend and a caller no
-/// service matches. Documents are separated by `---` lines (the peer drops some).
-fn mesh(orders_port: u16, billing_port: u16) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: frontend}}
-spec:
-  dependencies:
-    - service: orders
-    - service: billing
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  mtls: permissive
-  endpoints:
-    - {{address: 127.0.0.1, port: {orders_port}, datacenter: dc1, tags: [canary, \"{HTML_TAG}\"]}}
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: billing}}
-spec:
-  endpoints:
-    - {{address: 127.0.0.1, port: {billing_port}, weight: 5}}
----
-apiVersion: meshbridge.io/v1alpha1
-kind: AccessRule
-metadata: {{name: orders}}
-spec:
-  target: orders
-  action: deny
-  rules:
-    - from: [frontend, legacy-batch]
-      paths: [{{prefix: /hello}}]
-      methods: [GET]
-"
-    )
+/// service matches. The peer replica sees only the first two services.
+struct Mesh {
+    frontend: MeshService,
+    orders: MeshService,
+    billing: MeshService,
+    orders_rule: AccessRule,
+}
+
+impl Mesh {
+    fn new(orders_port: u16, billing_port: u16) -> Mesh {
+        Mesh {
+            frontend: MeshService::build("frontend")
+                .dependency("orders")
+                .dependency("billing"),
+            orders: MeshService::build("orders")
+                .set("mtls", "permissive")
+                .endpoint_with(json!({
+                    "address": "127.0.0.1",
+                    "port": orders_port,
+                    "datacenter": "dc1",
+                    "tags": ["canary", HTML_TAG],
+                })),
+            billing: MeshService::build("billing")
+                .endpoint_with(json!({"address": "127.0.0.1", "port": billing_port, "weight": 5})),
+            orders_rule: AccessRule::build("orders")
+                .target("orders")
+                .action("deny")
+                .allow_with(json!({
+                    "from": ["frontend", "legacy-batch"],
+                    "paths": [{"prefix": "/hello"}],
+                    "methods": ["GET"],
+                })),
+        }
+    }
+
+    /// Every document: what the replica under test reads.
+    fn all(&self) -> String {
+        manifests(&[
+            &self.frontend,
+            &self.orders,
+            &self.billing,
+            &self.orders_rule,
+        ])
+    }
+
+    /// frontend and orders only: what the peer replica reads.
+    fn peer(&self) -> String {
+        manifests(&[&self.frontend, &self.orders])
+    }
 }
 
 /// `CARGO_TARGET_DIR` if set, else `target/` of this crate.
@@ -116,14 +128,10 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
     let orders = Backend::start("orders", "a").await;
     let billing = Backend::start("billing", "a").await;
     // A peer replica that sees only frontend and orders: the compare page shows how it differs.
-    let peer_mesh: String = mesh(orders.port, billing.port)
-        .split("---\n")
-        .filter(|d| d.contains("kind: MeshService") && !d.contains("name: billing"))
-        .collect::<Vec<_>>()
-        .join("---\n");
-    let peer = ControlPlane::start(&peer_mesh, &[]).await;
+    let mesh = Mesh::new(orders.port, billing.port);
+    let peer = ControlPlane::start(&mesh.peer(), &[]).await;
     let peer_url = format!("http://{}", peer.admin_addr());
-    let cp = ControlPlane::start(&mesh(orders.port, billing.port), &["--peer", &peer_url]).await;
+    let cp = ControlPlane::start(&mesh.all(), &["--peer", &peer_url]).await;
     let envoy = Envoy::start(
         &cp,
         EnvoyOptions {

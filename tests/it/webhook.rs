@@ -139,6 +139,12 @@ impl Webhook {
         );
         body["response"].clone()
     }
+
+    /// The review of a pod in namespace `namespace` annotated `annotations`, at `/inject`.
+    async fn inject_pod(&self, namespace: &str, annotations: Value) -> Value {
+        self.review("/inject", &pod_review(namespace, annotations))
+            .await
+    }
 }
 
 /// The status line answered to a POST announcing a 5 MiB body (only its start is sent).
@@ -217,7 +223,7 @@ async fn a_pod_create_review_gets_a_patch_that_adds_the_sidecar() {
 
     // Opted out, or not opted in (no annotation, namespace unknown): admitted unchanged.
     for annotations in [json!({"meshbridge.io/inject": "false"}), json!({})] {
-        let response = w.review("/inject", &pod_review("shop", annotations)).await;
+        let response = w.inject_pod("shop", annotations).await;
         assert_eq!(response["allowed"], true);
         assert!(response.get("patch").is_none(), "{response}");
     }
@@ -266,12 +272,9 @@ async fn bad_requests_get_answers_naming_the_problem() {
 
     // A pod the injector cannot handle: refused (fail closed), naming the annotation.
     let response = w
-        .review(
-            "/inject",
-            &pod_review(
-                "shop",
-                json!({"meshbridge.io/inject": "true", "meshbridge.io/log-level": "loud"}),
-            ),
+        .inject_pod(
+            "shop",
+            json!({"meshbridge.io/inject": "true", "meshbridge.io/log-level": "loud"}),
         )
         .await;
     assert_eq!(response["allowed"], false);
@@ -289,10 +292,7 @@ async fn bad_requests_get_answers_naming_the_problem() {
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
     // The server is still there.
     let response = w
-        .review(
-            "/inject",
-            &pod_review("shop", json!({"meshbridge.io/inject": "true"})),
-        )
+        .inject_pod("shop", json!({"meshbridge.io/inject": "true"}))
         .await;
     assert!(response["patch"].is_string());
 }
@@ -301,12 +301,9 @@ async fn bad_requests_get_answers_naming_the_problem() {
 async fn without_fail_closed_an_unhandled_pod_is_admitted_with_a_warning() {
     let w = start(None, &[]).await;
     let response = w
-        .review(
-            "/inject",
-            &pod_review(
-                "shop",
-                json!({"meshbridge.io/inject": "true", "meshbridge.io/ingress-port": "8080"}),
-            ),
+        .inject_pod(
+            "shop",
+            json!({"meshbridge.io/inject": "true", "meshbridge.io/ingress-port": "8080"}),
         )
         .await;
     assert_eq!(response["allowed"], true);
@@ -333,7 +330,7 @@ async fn namespaces_opt_in_and_out_and_the_mesh_service_names_the_pod() {
                       "spec": {"serviceName": "orders-mesh", "selector": {"app": "orders"}}}),
     );
     let w = start(Some(&kube), &[]).await;
-    let response = w.review("/inject", &pod_review("shop", json!({}))).await;
+    let response = w.inject_pod("shop", json!({})).await;
     let pod = patched(&pod_review("shop", json!({})), &response);
     let bootstrap = pod["spec"]["initContainers"][0]["args"][1]
         .as_str()
@@ -342,17 +339,14 @@ async fn namespaces_opt_in_and_out_and_the_mesh_service_names_the_pod() {
         bootstrap.contains("service_name: orders-mesh"),
         "the MeshService names the pod:\n{bootstrap}"
     );
-    let response = w.review("/inject", &pod_review("legacy", json!({}))).await;
+    let response = w.inject_pod("legacy", json!({})).await;
     assert!(
         response.get("patch").is_none(),
         "an opted-out namespace: {response}"
     );
     // The pod's own annotation wins over its namespace.
     let response = w
-        .review(
-            "/inject",
-            &pod_review("legacy", json!({"meshbridge.io/inject": "true"})),
-        )
+        .inject_pod("legacy", json!({"meshbridge.io/inject": "true"}))
         .await;
     assert!(response["patch"].is_string());
     assert_rbac_covers(&kube);

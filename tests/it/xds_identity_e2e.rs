@@ -9,26 +9,17 @@ use crate::support;
 use std::path::Path;
 use std::time::Duration;
 
+use support::fixtures::{MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, TlsFiles, eventually};
 
 const TRUST_DOMAIN: &str = "mesh.local";
 
 /// frontend calls orders, which has one instance on `port`.
 fn mesh(port: u16) -> String {
-    format!(
-        "apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: orders}}
-spec:
-  endpoints: [{{address: 127.0.0.1, port: {port}}}]
----
-apiVersion: meshbridge.io/v1alpha1
-kind: MeshService
-metadata: {{name: frontend}}
-spec:
-  dependencies: [{{service: orders}}]
-"
-    )
+    manifests(&[
+        &MeshService::build("orders").endpoint("127.0.0.1", port),
+        &MeshService::build("frontend").dependency("orders"),
+    ])
 }
 
 /// The mesh CA in `dir`, the control plane's certificate (for 127.0.0.1) and the flags
@@ -61,6 +52,18 @@ fn frontend(identity: TlsFiles) -> EnvoyOptions {
     }
 }
 
+/// meshbridge's answer to `GET /api/proxies/<envoy's node>/config_dump`.
+async fn config_dump(cp: &ControlPlane, envoy: &Envoy) -> support::HttpResponse {
+    support::http_get(
+        cp.admin_addr(),
+        "localhost",
+        &format!("/api/proxies/{}/config_dump", envoy.node_id),
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
 async fn identity_count(cp: &ControlPlane, result: &str) -> u64 {
     let name = format!("meshbridge_xds_identity_total{{result=\"{result}\"}} ");
     cp.metrics()
@@ -71,17 +74,20 @@ async fn identity_count(cp: &ControlPlane, result: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn start(dir: &Path, mode: &str, orders: &Backend) -> ControlPlane {
-    let flags = control_plane_tls(dir, mode);
+/// The mesh under `--xds-client-auth <mode>`: the directory of its certificates, the
+/// `orders` backend and the control plane.
+async fn start(mode: &str) -> (tempfile::TempDir, Backend, ControlPlane) {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = Backend::start("orders", "a").await;
+    let flags = control_plane_tls(dir.path(), mode);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    ControlPlane::start(&mesh(orders.port), &flags).await
+    let cp = ControlPlane::start(&mesh(orders.port), &flags).await;
+    (dir, orders, cp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_serves_proven_proxies_and_refuses_impostors() {
-    let dir = tempfile::tempdir().unwrap();
-    let orders = Backend::start("orders", "a").await;
-    let cp = start(dir.path(), "strict", &orders).await;
+    let (dir, _orders, cp) = start("strict").await;
 
     // A proxy whose certificate proves frontend: configured over mTLS, traffic flows.
     let proven = support::issue_identity(dir.path(), "mesh", "frontend", TRUST_DOMAIN);
@@ -94,14 +100,7 @@ async fn strict_serves_proven_proxies_and_refuses_impostors() {
     let proxies = cp.admin_json("/api/proxies").await;
     assert_eq!(proxies[0]["identity"], "frontend", "{proxies}");
     // A proven proxy answers diagnostics.
-    let dump = support::http_get(
-        cp.admin_addr(),
-        "localhost",
-        &format!("/api/proxies/{}/config_dump", good.node_id),
-        &[],
-    )
-    .await
-    .unwrap();
+    let dump = config_dump(&cp, &good).await;
     assert_eq!(dump.status, 200, "{}", dump.body);
 
     // A proxy holding billing's certificate that says it is frontend: refused.
@@ -157,9 +156,7 @@ async fn strict_serves_proven_proxies_and_refuses_impostors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissive_serves_impostors_and_counts_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let orders = Backend::start("orders", "a").await;
-    let cp = start(dir.path(), "permissive", &orders).await;
+    let (dir, _orders, cp) = start("permissive").await;
     let billing = support::issue_identity(dir.path(), "mesh", "billing", TRUST_DOMAIN);
     let envoy = Envoy::start(&cp, frontend(billing)).await;
     envoy
@@ -171,23 +168,14 @@ async fn permissive_serves_impostors_and_counts_them() {
     assert_eq!(identity_count(&cp, "verified").await, 0);
     // Served, but not asked for diagnostics: what it would answer is not proven to be
     // frontend's.
-    let dump = support::http_get(
-        cp.admin_addr(),
-        "localhost",
-        &format!("/api/proxies/{}/config_dump", envoy.node_id),
-        &[],
-    )
-    .await
-    .unwrap();
+    let dump = config_dump(&cp, &envoy).await;
     assert_eq!(dump.status, 403, "{}", dump.body);
     assert!(dump.body.contains("did not prove service"), "{}", dump.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_client_ca_is_followed_without_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let orders = Backend::start("orders", "a").await;
-    let cp = start(dir.path(), "strict", &orders).await;
+    let (dir, _orders, cp) = start("strict").await;
     // Host certificates from a new CA; the hosts trust old and new (the rotation's bundle),
     // so they accept the control plane's certificate, which the old CA signed.
     let mut rotated = support::issue_identity(dir.path(), "mesh2", "frontend", TRUST_DOMAIN);

@@ -311,6 +311,21 @@ struct Indexed<T> {
 }
 
 impl<T: PartialEq> Indexed<T> {
+    /// Each of `new` as stored by a write at `idx` over the entry of `old` with its key.
+    fn update_all(
+        old: Option<&BTreeMap<String, Indexed<T>>>,
+        new: BTreeMap<String, T>,
+        idx: u64,
+    ) -> BTreeMap<String, Indexed<T>> {
+        new.into_iter()
+            .map(|(k, v)| {
+                let prev = old.and_then(|o| o.get(&k));
+                let v = Indexed::update(prev, v, idx);
+                (k, v)
+            })
+            .collect()
+    }
+
     /// `v` as stored by a write at `idx`: the indexes stay when nothing changed.
     fn update(old: Option<&Indexed<T>>, v: T, idx: u64) -> Indexed<T> {
         match old {
@@ -467,24 +482,8 @@ impl Node {
     fn merge(old: Option<&Node>, c: NodeContent, implicit: bool, idx: u64) -> Node {
         Node {
             info: Indexed::update(old.map(|o| &o.info), c.info, idx),
-            services: c
-                .services
-                .into_iter()
-                .map(|(k, v)| {
-                    let prev = old.and_then(|o| o.services.get(&k));
-                    let s = Indexed::update(prev, v, idx);
-                    (k, s)
-                })
-                .collect(),
-            checks: c
-                .checks
-                .into_iter()
-                .map(|(k, v)| {
-                    let prev = old.and_then(|o| o.checks.get(&k));
-                    let s = Indexed::update(prev, v, idx);
-                    (k, s)
-                })
-                .collect(),
+            services: Indexed::update_all(old.map(|o| &o.services), c.services, idx),
+            checks: Indexed::update_all(old.map(|o| &o.checks), c.checks, idx),
             implicit,
         }
     }

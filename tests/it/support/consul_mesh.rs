@@ -233,15 +233,38 @@ impl ConsulMesh {
             .await;
     }
 
+    /// Waits until the proxy's calls to `orders` are answered by the backend `orders`/`name`.
+    pub async fn wait_orders_from(&self, name: &str, what: &str) {
+        let body = format!("orders {name}");
+        self.envoy()
+            .wait_call("orders", what, |r| r.body.contains(&body))
+            .await;
+    }
+
+    /// Asserts that `calls` calls in a row to `orders` are answered by the backend
+    /// `orders`/`name`.
+    pub async fn assert_orders_from(&self, name: &str, calls: usize) {
+        let body = format!("orders {name}");
+        for _ in 0..calls {
+            let r = self.envoy().call("orders", "/").await.unwrap();
+            assert!(r.body.contains(&body), "{}", r.body);
+        }
+    }
+
     /// `service` as `/api/services` shows it.
     pub async fn service(&self, service: &str) -> serde_json::Value {
-        let services = self.cp.admin_json("/api/services").await;
-        services
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {service} in {services}"))
+        self::service(&self.cp, service).await
     }
+}
+
+/// `service` as `cp`'s `/api/services` shows it.
+pub async fn service(cp: &ControlPlane, service: &str) -> serde_json::Value {
+    let services = cp.admin_json("/api/services").await;
+    services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {service} in {services}"))
 }

@@ -8,6 +8,7 @@ pub mod consul_mesh;
 pub mod fixtures;
 pub mod helm;
 pub mod kube_fake;
+pub mod static_envoy;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
