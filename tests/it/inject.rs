@@ -298,19 +298,14 @@ fn inject_deployment_file(flags: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.yaml");
     std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
-        .arg("inject")
-        .args(flags)
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+            .arg("inject")
+            .args(flags)
+            .arg("-f")
+            .arg(&file),
     );
-    serde_norway::from_slice(&out.stdout).unwrap()
+    serde_norway::from_slice(&out).unwrap()
 }
 
 /// The item of the list `list` (containers, clusters) named `name`.

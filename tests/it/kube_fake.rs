@@ -66,11 +66,25 @@ fn rv_of(meta_rv: Option<String>) -> u64 {
 }
 
 /// Creates the MeshService `name` serving the service of the same name.
-async fn create_mesh_service(msvcs: &Api<MeshService>, name: &str) -> MeshService {
-    let ms = fixtures::MeshService::build(name)
+/// A MeshService `name` (serviceName too), not yet created.
+fn mesh_service(name: &str) -> MeshService {
+    fixtures::MeshService::build(name)
         .set("serviceName", name)
-        .typed();
-    msvcs.create(&PostParams::default(), &ms).await.unwrap()
+        .typed()
+}
+
+async fn create_mesh_service(msvcs: &Api<MeshService>, name: &str) -> MeshService {
+    msvcs
+        .create(&PostParams::default(), &mesh_service(name))
+        .await
+        .unwrap()
+}
+
+/// A client of `fake`, and the MeshServices of its `default` namespace.
+fn fake_mesh_services(fake: &FakeKube) -> (Client, Api<MeshService>) {
+    let client = client(fake);
+    let msvcs = Api::default_namespaced(client.clone());
+    (client, msvcs)
 }
 
 async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
@@ -585,8 +599,7 @@ async fn patches() {
 #[tokio::test]
 async fn server_side_apply() {
     let fake = FakeKube::start().await;
-    let client = client(&fake);
-    let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
+    let (_, msvcs) = fake_mesh_services(&fake);
     let ssa = PatchParams::apply("meshbridge");
 
     // Apply creates a missing object (no 404).
@@ -713,12 +726,9 @@ async fn server_side_apply() {
 #[tokio::test]
 async fn status_subresource_and_generation() {
     let fake = FakeKube::start().await;
-    let client = client(&fake);
-    let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
+    let (client, msvcs) = fake_mesh_services(&fake);
 
-    let mut ms = fixtures::MeshService::build("web")
-        .set("serviceName", "web")
-        .typed();
+    let mut ms = mesh_service("web");
     ms.status = Some(serde_json::from_value(json!({"observedGeneration": 9})).unwrap());
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
     assert!(created.status.is_none(), "create ignores status");
@@ -843,11 +853,8 @@ async fn status_subresource_and_generation() {
 #[tokio::test]
 async fn finalizers_delay_deletion() {
     let fake = FakeKube::start().await;
-    let client = client(&fake);
-    let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
-    let mut ms = fixtures::MeshService::build("fin")
-        .set("serviceName", "fin")
-        .typed();
+    let (_, msvcs) = fake_mesh_services(&fake);
+    let mut ms = mesh_service("fin");
     ms.metadata.finalizers = Some(vec!["meshbridge.io/cleanup".into()]);
     let created = msvcs.create(&PostParams::default(), &ms).await.unwrap();
 
@@ -1450,8 +1457,7 @@ async fn raw_watch_protocol() {
 #[tokio::test]
 async fn request_log_and_injected_failures() {
     let fake = FakeKube::start().await;
-    let client = client(&fake);
-    let msvcs: Api<MeshService> = Api::default_namespaced(client.clone());
+    let (_, msvcs) = fake_mesh_services(&fake);
     create_mesh_service(&msvcs, "web").await;
     msvcs
         .patch_status(

@@ -1464,20 +1464,12 @@ fn run_identity_filter(l: &Listener, cases: &serde_json::Value) -> Vec<serde_jso
         env!("CARGO_MANIFEST_DIR"),
         "/tests/it/support/lua_identity.py"
     );
-    let out = Command::new(support::venv_tool("python"))
-        .args([
-            helper.as_ref(),
-            script_file.as_os_str(),
-            cases_file.as_os_str(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let out = support::stdout_of(Command::new(support::venv_tool("python")).args([
+        helper.as_ref(),
+        script_file.as_os_str(),
+        cases_file.as_os_str(),
+    ]));
+    serde_json::from_slice(&out).unwrap()
 }
 
 #[test]

@@ -17,6 +17,18 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Runs `cmd` to its end and returns its standard output; fails the test with its standard
+/// error when it did not succeed.
+pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A port free at the time of asking.
 ///
 /// The kernel may hand the same free port to two binds in a row once the first socket is
