@@ -176,19 +176,60 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
             Instance::new("other", &format!("o-{i}"), "127.0.0.1", 9),
         );
     }
-    eventually(Duration::from_secs(20), "other seen", || async {
-        let services = cp.admin_json("/api/services").await;
-        services
-            .as_array()?
-            .iter()
-            .any(|s| s["name"] == "other")
-            .then_some(())
-    })
-    .await;
+    mesh.wait_service("other", "other seen").await;
     consul.reset_index(1);
     mesh.register("dc1", "orders", "b", "orders-b");
     mesh.wait_orders_from("b", "instance b after the index reset")
         .await;
+}
+
+/// Consul comes back from an outage with a lower index (servers rebuilt, a snapshot
+/// restored, a dev agent restarted): the first query after the errors must not block on the
+/// old index, which the agent may not reach for as long as the blocking wait (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_back_with_a_lower_index_is_followed_at_once() {
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .consul_wait(60_000)
+        .proxy(&[])
+        .start()
+        .await;
+    mesh.wait_orders_routed().await;
+    let consul = &mesh.consul;
+    // As Consul's servers do: a query waits while the index is at or below the one asked for.
+    consul.set_strict_min_index(true);
+    // Some changes first, so that meshbridge has seen an index well above what follows.
+    for i in 0..20 {
+        consul.register(
+            "dc1",
+            Instance::new("other", &format!("o-{i}"), "127.0.0.1", 9),
+        );
+    }
+    mesh.wait_service("other", "the other instances seen").await;
+
+    // The agent fails every request; the parked queries return and their retries fail.
+    consul.fail_next(usize::MAX);
+    consul.spurious_wakeup();
+    eventually(Duration::from_secs(10), "failed requests", || async {
+        mesh.cp
+            .metrics()
+            .await
+            .contains("meshbridge_consul_requests_total{dc=\"dc1\",result=\"error\"}")
+            .then_some(())
+    })
+    .await;
+    // Back with a lower index, and orders moved from a to b.
+    consul.reset_index(1);
+    consul.deregister("dc1", "orders-a");
+    mesh.register("dc1", "orders", "b", "orders-b");
+    consul.fail_next(0);
+    // Well within the 60 s wait: the retries' backoff is at most a few seconds.
+    eventually(Duration::from_secs(10), "orders moved to b", || async {
+        let r = mesh.envoy().call("orders", "/").await.ok()?;
+        r.body.contains("orders b").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,12 @@ async fn blocking_watch<T: Send + 'static>(
             Err(e) => {
                 failures += 1;
                 record_error(&ctx, &dc, &e);
+                // The agent that answers next may have lost its index (servers rebuilt, a
+                // snapshot restored, a dev agent restarted): Consul's servers hold a query
+                // while their index is at or below the one asked for, so retrying at the old
+                // index could hide every change for a whole wait. The first query after an
+                // error reads the current state at once; answers are compared by content.
+                index = 0;
                 tokio::time::sleep(backoff(failures)).await;
             }
         }

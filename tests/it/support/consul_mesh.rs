@@ -42,6 +42,7 @@ pub struct ConsulMeshBuilder {
     setup: Vec<Setup>,
     args: Vec<String>,
     proxy: Option<Vec<String>>,
+    wait_ms: String,
 }
 
 impl ConsulMeshBuilder {
@@ -91,6 +92,12 @@ impl ConsulMeshBuilder {
     /// Runs `f` on the fake once it is up, before anything is registered.
     pub fn setup(mut self, f: impl FnOnce(&FakeConsul) + Send + 'static) -> Self {
         self.setup.push(Box::new(f));
+        self
+    }
+
+    /// Starts meshbridge with `--consul-wait ms` instead of the harness's short wait.
+    pub fn consul_wait(mut self, ms: u64) -> Self {
+        self.wait_ms = ms.to_string();
         self
     }
 
@@ -153,7 +160,7 @@ impl ConsulMeshBuilder {
             "--consul-addr",
             url.as_str(),
             "--consul-wait",
-            CONSUL_WAIT_MS,
+            self.wait_ms.as_str(),
         ];
         args.extend(self.args.iter().map(String::as_str));
         let cp = ControlPlane::start(&frontend_manifest(), &args).await;
@@ -201,6 +208,7 @@ impl ConsulMesh {
             setup: Vec::new(),
             args: Vec::new(),
             proxy: None,
+            wait_ms: CONSUL_WAIT_MS.to_string(),
         }
     }
 
@@ -254,6 +262,19 @@ impl ConsulMesh {
     /// `service` as `/api/services` shows it.
     pub async fn service(&self, service: &str) -> serde_json::Value {
         self::service(&self.cp, service).await
+    }
+
+    /// Waits until `/api/services` lists `service`.
+    pub async fn wait_service(&self, service: &str, what: &str) {
+        super::eventually(std::time::Duration::from_secs(20), what, || async {
+            let services = self.cp.admin_json("/api/services").await;
+            services
+                .as_array()?
+                .iter()
+                .any(|s| s["name"] == service)
+                .then_some(())
+        })
+        .await;
     }
 }
 
