@@ -42,5 +42,6 @@ pub mod sources;
 pub mod status;
 pub mod tls;
 pub mod translate;
+pub mod validate;
 pub mod webhook;
 pub mod xds;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use meshbridge::{api, app, bootstrap, config, ctl, demo, webhook};
+use meshbridge::{api, app, bootstrap, config, ctl, demo, validate, webhook};
 
 /// meshbridge: one Envoy control plane for Kubernetes pods and Consul-registered legacy hosts.
 #[derive(Parser)]
@@ -35,6 +35,9 @@ enum Command {
     /// Query a running meshbridge through its admin API: services, proxies, sources,
     /// changes, peers, and Envoy diagnostics (config dump, stats, log level).
     Ctl(ctl::CtlArgs),
+    /// Check manifests as `run` reads them from --config-dir: exit 0, or 2 with every error
+    /// as FILE:LINE: document N (KIND NAME): FIELD: reason.
+    Validate(validate::ValidateArgs),
 }
 
 fn init_tracing() {
@@ -101,6 +104,26 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Validate(args) => {
+            let report = validate::check(&args.inputs, std::io::stdin().lock());
+            for e in &report.errors {
+                eprintln!("{e}");
+            }
+            if report.errors.is_empty() {
+                println!(
+                    "ok: {} file(s), {} document(s)",
+                    report.files, report.documents
+                );
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "meshbridge validate: {} error(s) in {} file(s) read",
+                    report.errors.len(),
+                    report.files
+                );
+                ExitCode::from(2)
+            }
+        }
         Command::Run(args) => {
             let config = match args.validate(&config::Environment::read()) {
                 Ok(c) => c,

@@ -10,8 +10,12 @@ use tracing::warn;
 use super::ControlPlane;
 use crate::config::ConsulConfig;
 use crate::sources::consul::{ConsulClient, ConsulContext, watch_datacenter};
-use crate::sources::files::ConfigDirSource;
+use crate::sources::files::{ConfigDirSource, ScanReport};
 use tracing::Instrument as _;
+
+/// How many times the first scan waits [`crate::sources::files::SETTLE`] for files still
+/// being written (2 s at most).
+const FIRST_SCAN_SETTLES: usize = 40;
 
 /// Scans `dir` once (so the first published state has its manifests), then watches it.
 pub(super) async fn spawn_config_dir(
@@ -23,11 +27,37 @@ pub(super) async fn spawn_config_dir(
     cp.sources.register(source.name(), "config");
     let (index, sources) = (cp.index.clone(), cp.sources.clone());
     let (source, report) = tokio::task::spawn_blocking(move || {
-        let r = source.scan(&index, &sources);
+        // Files written in the last moments are left for a later scan (they may still be
+        // being written); the first state waits for them, within a bound.
+        let mut r = source.scan(&index, &sources);
+        for _ in 0..FIRST_SCAN_SETTLES {
+            if r.deferred == 0 {
+                break;
+            }
+            std::thread::sleep(crate::sources::files::SETTLE);
+            let later = source.scan(&index, &sources);
+            r = ScanReport {
+                changed: r.changed || later.changed,
+                ..later
+            };
+        }
         (source, r)
     })
     .await
     .context("first scan of --config-dir")?;
+    // At start there is no last good state to keep: a run without a file's services would
+    // take them from every proxy that connects, so a bad manifest stops the start (exit 2).
+    // Later, a bad file keeps its last good state instead.
+    if report.bad_files > 0 {
+        let errors: Vec<String> = source.errors().iter().map(ToString::to_string).collect();
+        return Err(super::BadConfig(format!(
+            "--config-dir {}: {} manifest file(s) rejected:\n{}",
+            dir.display(),
+            report.bad_files,
+            errors.join("\n")
+        ))
+        .into());
+    }
     cp.metrics.config_errors.set(report.bad_files as i64);
     let metrics = cp.metrics.clone();
     let span = tracing::info_span!("source", kind = "config", dir = %dir.display());

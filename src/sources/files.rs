@@ -428,6 +428,11 @@ impl ConfigDirSource {
         &self.name
     }
 
+    /// Every error of the files currently rejected, in file order.
+    pub fn errors(&self) -> Vec<&ManifestError> {
+        self.files.values().flat_map(|f| f.errors.iter()).collect()
+    }
+
     /// Counts a file not read in this scan as still there, so what it had stays in force.
     fn keep_last_good(&self, seen: &mut HashSet<PathBuf>, path: PathBuf) {
         if self.files.contains_key(&path) {

@@ -30,6 +30,7 @@ mod inject_e2e;
 mod kube_e2e;
 mod kube_fake;
 mod layering;
+mod manifests_cli;
 mod properties;
 mod translate_snapshots;
 mod ui_e2e;
