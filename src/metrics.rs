@@ -85,6 +85,12 @@ pub mod label {
         pub peer: String,
     }
 
+    /// A supervised task's name.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Task {
+        pub task: &'static str,
+    }
+
     /// The build's `version`.
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct Version {
@@ -179,6 +185,8 @@ pub struct Metrics {
     pub peer_agree: Family<Peer, Gauge>,
     /// Always 1, labelled with the version.
     pub build_info: Family<Version, Gauge>,
+    /// Supervised tasks that ended before shutdown (the process then exits 1), by task.
+    pub tasks_ended: Family<Task, Counter>,
 }
 
 fn sync_histogram() -> Histogram {
@@ -253,6 +261,7 @@ impl Metrics {
             diagnostics_requests: Family::default(),
             peer_agree: Family::default(),
             build_info: Family::default(),
+            tasks_ended: Family::default(),
         };
         m.register_xds();
         m.register_snapshots();
@@ -472,6 +481,11 @@ impl Metrics {
         );
         self.registry
             .register("build_info", "meshbridge version", self.build_info.clone());
+        self.registry.register(
+            "tasks_ended",
+            "Supervised tasks that ended before shutdown (the process then exits 1)",
+            self.tasks_ended.clone(),
+        );
     }
 
     /// Creates the series whose label values are known in advance at zero, so rates and
@@ -514,6 +528,9 @@ impl Metrics {
                     .consul_registrations
                     .get_or_create(&OperationResult { operation, result });
             }
+        }
+        for task in crate::app::supervise::task::ALL {
+            let _ = self.tasks_ended.get_or_create(&Task { task });
         }
         for path in ["/inject", "/validate"] {
             for result in ["patched", "allowed", "denied", "malformed"] {

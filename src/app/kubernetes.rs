@@ -62,7 +62,8 @@ impl Kubernetes {
             synced: synced_tx,
             metrics: cp.metrics.clone(),
         };
-        tokio::spawn(
+        cp.tasks.spawn(
+            super::supervise::task::KUBERNETES_WATCHERS,
             crate::sources::kube::run(
                 client.clone(),
                 config.namespaces.clone(),
@@ -80,12 +81,10 @@ impl Kubernetes {
                 }
             });
         }
-        let lease = tokio::spawn(crate::status::lease::run(
-            client.clone(),
-            lease,
-            leader_tx,
-            stop,
-        ));
+        let lease = cp.tasks.spawn(
+            super::supervise::task::LEASE,
+            crate::status::lease::run(client.clone(), lease, leader_tx, stop),
+        );
         let status = Arc::new(StatusContext::new(
             client.clone(),
             store.clone(),
@@ -94,13 +93,16 @@ impl Kubernetes {
             cp.metrics.clone(),
             &config.identity,
         ));
-        tokio::spawn(run_status(
-            status,
-            config.namespaces.clone(),
-            epoch.clone(),
-            leader.clone(),
-            cp.ready.clone(),
-        ));
+        cp.tasks.spawn(
+            super::supervise::task::STATUS_WRITER,
+            run_status(
+                status,
+                config.namespaces.clone(),
+                epoch.clone(),
+                leader.clone(),
+                cp.ready.clone(),
+            ),
+        );
         Kubernetes {
             store,
             synced,
@@ -131,7 +133,10 @@ impl Kubernetes {
             metrics: cp.metrics.clone(),
             index: cp.index.clone(),
         };
-        tokio::spawn(crate::consul_sync::run(client, settings, sync));
+        cp.tasks.spawn(
+            super::supervise::task::CONSUL_REGISTRATION,
+            crate::consul_sync::run(client, settings, sync),
+        );
     }
 }
 

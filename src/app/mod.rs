@@ -8,6 +8,7 @@ mod kubernetes;
 mod publish;
 mod servers;
 mod sources;
+pub mod supervise;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -120,7 +121,18 @@ pub async fn run(
         let _ = tx.send(addrs);
     }
 
-    shutdown.await;
+    // Until shutdown, a supervised task that ends takes the process down (exit 1).
+    let ended = tokio::select! {
+        () = shutdown => None,
+        end = cp.tasks.ended() => Some(end),
+    };
+    if let Some(end) = &ended {
+        tracing::error!(task = end.task, cause = %end.cause, "a background task ended: /readyz fails and the process exits 1, to be restarted");
+        cp.metrics
+            .tasks_ended
+            .get_or_create(&crate::metrics::label::Task { task: end.task })
+            .inc();
+    }
     let drain = config.drain;
     info!(
         drain_ms = drain.as_millis(),
@@ -136,7 +148,10 @@ pub async fn run(
     let _ = tokio::time::timeout(drain, xds).await;
     let _ = late_stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin).await;
-    Ok(())
+    match ended {
+        Some(end) => Err(end.into()),
+        None => Ok(()),
+    }
 }
 
 /// The webhook's certificate: read from `--webhook-cert-dir` (a bad one fails the start), or

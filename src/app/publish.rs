@@ -37,6 +37,8 @@ pub struct ControlPlane {
     pub published_view: watch::Sender<Arc<Published>>,
     /// Recent published changes (`/api/changes`).
     pub changes: Arc<crate::admin::changes::BoundedLog<crate::admin::changes::Change>>,
+    /// The long-lived tasks.
+    pub tasks: Arc<super::supervise::Supervisor>,
 }
 
 impl ControlPlane {
@@ -59,6 +61,7 @@ impl ControlPlane {
             ready: Arc::new(AtomicBool::new(false)),
             published_view: watch::channel(Arc::new(Published::default())).0,
             changes: Arc::default(),
+            tasks: Arc::default(),
         }
     }
 
@@ -197,7 +200,8 @@ pub(super) async fn spawn(cp: Arc<ControlPlane>, window: std::time::Duration) {
     let mut previous = MeshState::default();
     let mut debouncer = Debouncer::new(window, cp.generation());
     cp.publish(&mut previous).await;
-    tokio::spawn(async move {
+    let tasks = cp.tasks.clone();
+    tasks.spawn(super::supervise::task::PUBLISHER, async move {
         loop {
             debouncer.next(cp.index.changes(), || cp.generation()).await;
             cp.metrics.debounce_batches.inc();

@@ -141,7 +141,7 @@ pub(super) fn spawn_xds(
     listener: TcpListener,
     tls: Option<XdsTls>,
     mut stop: watch::Receiver<bool>,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
+) -> JoinHandle<()> {
     info!(
         tls = tls.is_some(),
         client_auth = ?config.xds.client_auth,
@@ -155,15 +155,19 @@ pub(super) fn spawn_xds(
         limits: config.xds.limits.clone(),
         client_auth: config.xds.client_auth,
     });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .max_concurrent_streams(Some(config.xds.max_streams_per_connection))
-            .add_service(AdsService::new(ctx).into_server())
-            .serve_with_incoming_shutdown(incoming(listener, tls), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }),
-    )
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .max_concurrent_streams(Some(config.xds.max_streams_per_connection))
+        .add_service(AdsService::new(ctx).into_server())
+        .serve_with_incoming_shutdown(incoming(listener, tls), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    cp.tasks
+        .spawn(super::supervise::task::XDS_SERVER, async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the xDS server failed");
+            }
+        })
 }
 
 /// Serves the admin API and UI on `listener` (and `local`, `--admin-local-addr`) until `stop`
@@ -207,18 +211,22 @@ pub(super) fn spawn_admin(
         request_timeout: None,
     };
     if let Some(local) = local {
-        tokio::spawn(crate::serve::serve(
-            "admin-local",
-            local,
-            router.clone(),
-            None,
-            limits.clone(),
-            stop.clone(),
-        ));
+        cp.tasks.spawn(
+            super::supervise::task::ADMIN_SERVER_LOCAL,
+            crate::serve::serve(
+                "admin-local",
+                local,
+                router.clone(),
+                None,
+                limits.clone(),
+                stop.clone(),
+            ),
+        );
     }
-    tokio::spawn(crate::serve::serve(
-        "admin", listener, router, None, limits, stop,
-    ))
+    cp.tasks.spawn(
+        super::supervise::task::ADMIN_SERVER,
+        crate::serve::serve("admin", listener, router, None, limits, stop),
+    )
 }
 
 /// What the webhook reads from the Kubernetes side: the store, and whether it has listed
@@ -262,11 +270,14 @@ pub(super) async fn spawn_webhook(
         metrics: cp.metrics.clone(),
         index: cp.index.clone(),
     };
-    tokio::spawn(crate::webhook::server::serve(
-        listener,
-        cert,
-        state,
-        std::time::Duration::from_secs(2),
-        stop,
-    ));
+    cp.tasks.spawn(
+        super::supervise::task::WEBHOOK_SERVER,
+        crate::webhook::server::serve(
+            listener,
+            cert,
+            state,
+            std::time::Duration::from_secs(2),
+            stop,
+        ),
+    );
 }

@@ -61,7 +61,8 @@ pub(super) async fn spawn_config_dir(
     cp.metrics.config_errors.set(report.bad_files as i64);
     let metrics = cp.metrics.clone();
     let span = tracing::info_span!("source", kind = "config", dir = %dir.display());
-    tokio::spawn(
+    cp.tasks.spawn(
+        super::supervise::task::CONFIG_DIRECTORY,
         source
             .run(poll, cp.index.clone(), cp.sources.clone(), move |report| {
                 metrics.config_errors.set(report.bad_files as i64);
@@ -98,7 +99,8 @@ pub(super) fn spawn_consul(
         cp.sources
             .register(&crate::sources::consul::source_name(dc), "consul");
     }
-    let sources: Arc<_> = cp.sources.clone();
+    let (sources, tasks): (Arc<_>, Arc<_>) = (cp.sources.clone(), cp.tasks.clone());
+    // Ends once the datacenters are known and their watches started (not supervised).
     tokio::spawn(async move {
         let mut datacenters = settings.datacenters.clone();
         let mut failures = 0;
@@ -119,7 +121,10 @@ pub(super) fn spawn_consul(
         }
         for dc in datacenters {
             let span = tracing::info_span!("source", kind = "consul", dc = %dc);
-            tokio::spawn(watch_datacenter(client.clone(), dc, ctx.clone()).instrument(span));
+            tasks.spawn(
+                super::supervise::task::CONSUL_DATACENTER,
+                watch_datacenter(client.clone(), dc, ctx.clone()).instrument(span),
+            );
         }
     });
 }

@@ -84,6 +84,7 @@ const MESHBRIDGE_LABELS: &[(&str, &[&str])] = &[
     ),
     ("meshbridge_peer_agree", &["peer"]),
     ("meshbridge_build_info", &["version"]),
+    ("meshbridge_tasks_ended_total", &["task"]),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -661,6 +662,7 @@ fn registered_metrics() -> String {
     let _ = m.source_sync_seconds.get_or_create(&source);
     let _ = m.index_objects.get_or_create(&source);
     let _ = m.peer_agree.get_or_create(&Peer { peer });
+    let _ = m.tasks_ended.get_or_create(&Task { task: "publisher" });
     // The other families' series are created by `Metrics::new()` itself.
     m.render()
 }
