@@ -529,9 +529,6 @@ impl Metrics {
                     .get_or_create(&OperationResult { operation, result });
             }
         }
-        for task in crate::app::supervise::task::ALL {
-            let _ = self.tasks_ended.get_or_create(&Task { task });
-        }
         for path in ["/inject", "/validate"] {
             for result in ["patched", "allowed", "denied", "malformed"] {
                 let _ = self

@@ -48,6 +48,12 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::new());
         let sources = Arc::new(SourceStatuses::default());
         sources.attach_metrics(metrics.clone());
+        // Every supervised task's series exists at zero from the start.
+        for task in super::supervise::task::ALL {
+            let _ = metrics
+                .tasks_ended
+                .get_or_create(&crate::metrics::label::Task { task });
+        }
         ControlPlane {
             index,
             cache: Arc::new(

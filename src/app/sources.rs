@@ -10,7 +10,7 @@ use tracing::warn;
 use super::ControlPlane;
 use crate::config::ConsulConfig;
 use crate::sources::consul::{ConsulClient, ConsulContext, watch_datacenter};
-use crate::sources::files::{ConfigDirSource, ScanReport};
+use crate::sources::files::ConfigDirSource;
 use tracing::Instrument as _;
 
 /// How many times the first scan waits [`crate::sources::files::SETTLE`] for files still
@@ -35,11 +35,7 @@ pub(super) async fn spawn_config_dir(
                 break;
             }
             std::thread::sleep(crate::sources::files::SETTLE);
-            let later = source.scan(&index, &sources);
-            r = ScanReport {
-                changed: r.changed || later.changed,
-                ..later
-            };
+            r = source.scan(&index, &sources);
         }
         (source, r)
     })

@@ -224,8 +224,9 @@ async fn consul_back_with_a_lower_index_is_followed_at_once() {
     consul.deregister("dc1", "orders-a");
     mesh.register("dc1", "orders", "b", "orders-b");
     consul.fail_next(0);
-    // Well within the 60 s wait: the retries' backoff is at most a few seconds.
-    eventually(Duration::from_secs(10), "orders moved to b", || async {
+    // Well within the 60 s wait (51 s at the least, with jitter): the backoff of the
+    // blocking queries and of the fetches is at most 5 s each.
+    eventually(Duration::from_secs(25), "orders moved to b", || async {
         let r = mesh.envoy().call("orders", "/").await.ok()?;
         r.body.contains("orders b").then_some(())
     })
