@@ -188,7 +188,7 @@ async fn index_going_backwards_and_bad_responses_lose_nothing() {
 /// old index, which the agent may not reach for as long as the blocking wait (60 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_back_with_a_lower_index_is_followed_at_once() {
-    let mesh = ConsulMesh::build("dc1")
+    let mut mesh = ConsulMesh::build("dc1")
         .register("dc1", "orders", "a", "orders-a")
         .backend("orders", "b")
         .consul_wait(60_000)
@@ -196,21 +196,19 @@ async fn consul_back_with_a_lower_index_is_followed_at_once() {
         .start()
         .await;
     mesh.wait_orders_routed().await;
-    let consul = &mesh.consul;
     // As Consul's servers do: a query waits while the index is at or below the one asked for.
-    consul.set_strict_min_index(true);
+    mesh.consul.set_strict_min_index(true);
     // Some changes first, so that meshbridge has seen an index well above what follows.
     for i in 0..20 {
-        consul.register(
+        mesh.consul.register(
             "dc1",
             Instance::new("other", &format!("o-{i}"), "127.0.0.1", 9),
         );
     }
     mesh.wait_service("other", "the other instances seen").await;
 
-    // The agent fails every request; the parked queries return and their retries fail.
-    consul.fail_next(usize::MAX);
-    consul.spurious_wakeup();
+    // The agent goes away: parked queries end without an answer, new ones are refused.
+    mesh.consul.stop().await;
     eventually(Duration::from_secs(10), "failed requests", || async {
         mesh.cp
             .metrics()
@@ -219,11 +217,15 @@ async fn consul_back_with_a_lower_index_is_followed_at_once() {
             .then_some(())
     })
     .await;
-    // Back with a lower index, and orders moved from a to b.
-    consul.reset_index(1);
-    consul.deregister("dc1", "orders-a");
+    // Both blocking queries must have met the outage (a query between two requests while
+    // the agent is away would otherwise come back with its old index and no error); each
+    // retries within a few hundred milliseconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It comes back with a lower index (servers rebuilt), and orders moved from a to b.
+    mesh.consul.reset_index(1);
+    mesh.consul.deregister("dc1", "orders-a");
     mesh.register("dc1", "orders", "b", "orders-b");
-    consul.fail_next(0);
+    mesh.consul.restart().await;
     // Well within the 60 s wait (51 s at the least, with jitter): the backoff of the
     // blocking queries and of the fetches is at most 5 s each.
     eventually(Duration::from_secs(25), "orders moved to b", || async {
