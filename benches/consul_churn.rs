@@ -5,11 +5,14 @@
 //! from Consul per second (by endpoint), and the propagation time from each health change to
 //! each affected stream receiving the new assignment (p50/p99 over every pair).
 //!
-//! `PROXIES` (2000), `CONNECTIONS` (50), `RATE` (health changes per second, 20) and
-//! `CHURN_SECS` (60) size the run. Change `k` takes one instance of service `k mod 1000` out
-//! of rotation (or, a round later, brings it back), so a service changes at most once every
-//! 50 s at the default rate and every new assignment of its cluster after the change belongs
-//! to that change.
+//! `PROXIES` (2000), `CONNECTIONS` (50), `RATE` (changes per second, 20) and `CHURN_SECS` (60)
+//! size the run. Change `k` takes one instance of service `k mod 1000` out of rotation (or, a
+//! round later, brings it back), so a service changes at most once every 50 s at the default
+//! rate and every new assignment of its cluster after the change belongs to that change.
+//! `CHURN=ports` makes each change a redeploy on the same node instead: the instance is
+//! registered again with another port (and back a round later), which moves neither the
+//! checks nor the catalog's content, only the catalog's index, so meshbridge sees it through
+//! its sweeps; the cost of those sweeps shows in the requests and bytes read from Consul.
 // A bench reads its knobs from the environment and runs one scenario top to bottom.
 #![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
@@ -206,6 +209,7 @@ async fn main() {
     let connections = env_usize("CONNECTIONS", 50).max(1);
     let rate = env_usize("RATE", 20).max(1);
     let secs = env_usize("CHURN_SECS", 60).max(1);
+    let ports = std::env::var("CHURN").is_ok_and(|v| v == "ports");
 
     let consul = FakeConsul::start("dc1").await;
     for s in 0..SERVICES {
@@ -283,13 +287,21 @@ async fn main() {
         // Round r takes instance r/2 of every service out (r even) or brings it back.
         let round = k / SERVICES;
         let i = (round / 2) % INSTANCES;
-        let health = if round.is_multiple_of(2) {
-            Health::Critical
+        if ports {
+            let mut moved = instance(service, i);
+            if round.is_multiple_of(2) {
+                moved.port = 41000 + i as u16;
+            }
+            consul.register("dc1", moved);
         } else {
-            Health::Passing
-        };
-        let id = format!("{}-{i}", mesh_gen::service(service));
-        consul.set_health("dc1", &id, health);
+            let health = if round.is_multiple_of(2) {
+                Health::Critical
+            } else {
+                Health::Passing
+            };
+            let id = format!("{}-{i}", mesh_gen::service(service));
+            consul.set_health("dc1", &id, health);
+        }
         changes.push((service, Instant::now()));
     }
     let churn = t0.elapsed();
@@ -339,7 +351,8 @@ async fn main() {
     println!(
         "  start to /readyz:                {ready:?}; all streams configured in {configured_in:?}"
     );
-    println!("  churn:                           {total} health changes in {churn:.1?} ({rate}/s)");
+    let kind = if ports { "port" } else { "health" };
+    println!("  churn:                           {total} {kind} changes in {churn:.1?} ({rate}/s)");
     println!(
         "  meshbridge CPU during the churn: {:.2} cores",
         ticks as f64 / 100.0 / churn.as_secs_f64()

@@ -101,6 +101,59 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
     assert_eq!(orders["instances"][0]["healthy"], false);
 }
 
+/// How long a registration change that neither the checks nor the catalog's content show may
+/// take to reach Envoy: the sweep gap (1 s) plus the fetch and the push, with room for a
+/// loaded machine. Without the sweep it takes the 5-minute resync.
+const UNSEEN_CHANGE_BOUND: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_re_registered_with_another_port_or_weight_is_followed_within_seconds() {
+    let mesh = ConsulMesh::build("dc1")
+        .register("dc1", "orders", "a", "orders-1")
+        .backend("orders", "b")
+        .proxy(&[])
+        .start()
+        .await;
+    mesh.wait_orders_from("a", "orders-1 on a's port").await;
+    let traffic =
+        support::Traffic::start(mesh.envoy().clone(), "orders", Duration::from_millis(20));
+
+    // A redeploy on the same node: same instance ID, same checks, another port. Neither the
+    // checks feed nor the catalog's names and tags change; only its index does.
+    let catalog_before = mesh.consul.index("dc1", None);
+    let checks_before = mesh.consul.checks_index("dc1");
+    let started = std::time::Instant::now();
+    mesh.consul.register(
+        "dc1",
+        Instance::new("orders", "orders-1", "127.0.0.1", mesh.port("orders", "b")),
+    );
+    assert!(mesh.consul.index("dc1", None) > catalog_before);
+    assert_eq!(mesh.consul.checks_index("dc1"), checks_before);
+    eventually(UNSEEN_CHANGE_BOUND, "orders-1 on b's port", || async {
+        let r = mesh.envoy().call("orders", "/").await.ok()?;
+        r.body.contains("orders b").then_some(())
+    })
+    .await;
+    eprintln!("port change reached Envoy after {:?}", started.elapsed());
+    mesh.assert_orders_from("b", 10).await;
+
+    // A weight change, same port: shown by the admin API as quickly.
+    let started = std::time::Instant::now();
+    mesh.consul.register(
+        "dc1",
+        Instance::new("orders", "orders-1", "127.0.0.1", mesh.port("orders", "b")).weight(7),
+    );
+    eventually(UNSEEN_CHANGE_BOUND, "weight 7 shown", || async {
+        let orders = mesh.service("orders").await;
+        (orders["instances"][0]["weight"] == 7).then_some(())
+    })
+    .await;
+    eprintln!("weight change seen after {:?}", started.elapsed());
+    let (ok, failed) = traffic.stop().await;
+    assert!(ok > 20, "only {ok} requests went through");
+    assert_eq!(failed, 0, "{failed} requests failed across the redeploy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_keeps_traffic_and_recovery_is_followed() {
     let mut mesh = orders_a_routed_b_in_reserve().await;

@@ -13,6 +13,10 @@
 //! - answers are compared by content, not by index: a spurious wake-up changes nothing, and
 //!   an index that went back and forward to the same number does not hide a change.
 //!
+//! A catalog answer whose index moved while its names and tags did not means a registration
+//! changed where neither feed shows it (port, address, weights, meta); the watch then fetches
+//! every service again, at most once per second ([`SWEEP_GAP`]).
+//!
 //! Every request holds a permit of one semaphore per agent, so requests in flight stay at
 //! `max_connections`; open connections stay close to it (the HTTP pool may finish a few
 //! connects it started while another connection freed up: 65–73 at most for the default 64
@@ -37,7 +41,7 @@ pub use client::{
 };
 pub use damper::FlapDamper;
 pub use removal::{Verdict, removal_verdict};
-pub use watch::{DatacenterWatch, WatchCommand, WatchEvent, WatchSettings};
+pub use watch::{DatacenterWatch, SWEEP_GAP, WatchCommand, WatchEvent, WatchSettings};
 pub use wire::{CheckFingerprints, HealthPolicy, changed_services, parse_checks, parse_health};
 
 use std::collections::{BTreeMap, HashMap};
@@ -86,10 +90,20 @@ const RESYNC: Duration = Duration::from_secs(300);
 struct BlockingQuery<T> {
     path: &'static str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
-    /// Makes the event of an answer (and whether Consul hid results from the token).
-    wrap: fn(T, bool) -> WatchEvent,
+    /// Makes the event of an answer.
+    wrap: fn(T, AnswerMeta) -> WatchEvent,
     /// Pause after each answer (large answers are not fetched more often than this).
     pause: Duration,
+}
+
+/// What a blocking query's answer says besides its body.
+#[derive(Clone, Copy, Debug)]
+struct AnswerMeta {
+    /// Consul hid results from the token (`X-Consul-Results-Filtered-By-ACLs`).
+    acl_filtered: bool,
+    /// `X-Consul-Index` differs from the index asked with (always so after a start or an
+    /// error, when the query asks with 0).
+    moved: bool,
 }
 
 /// The checks query: which services' instances or health changed.
@@ -104,9 +118,10 @@ const CHECKS: BlockingQuery<CheckFingerprints> = BlockingQuery {
 const CATALOG: BlockingQuery<BTreeMap<String, Vec<String>>> = BlockingQuery {
     path: "/v1/catalog/services",
     parse: parse_catalog,
-    wrap: |services, acl_filtered| WatchEvent::CatalogAnswered {
+    wrap: |services, meta| WatchEvent::CatalogAnswered {
         services,
-        acl_filtered,
+        acl_filtered: meta.acl_filtered,
+        moved: meta.moved,
     },
     pause: Duration::ZERO,
 };
@@ -147,12 +162,16 @@ async fn blocking_watch<T: Send + 'static>(
                 failures = 0;
                 record_ok(&ctx, &dc);
                 tracing::debug!(dc = %dc, path, index, returned, "blocking query answered");
+                let meta = AnswerMeta {
+                    acl_filtered,
+                    moved: returned != index,
+                };
                 index = next_index(index, returned);
                 // Every answer is compared by content downstream: the same index does not
                 // prove the same data (an index that went back and forward again while this
                 // watch was backing off looks unchanged), and a spurious wake-up compares
                 // equal and changes nothing.
-                if tx.send(wrap(value, acl_filtered)).await.is_err() {
+                if tx.send(wrap(value, meta)).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(pause).await;
@@ -219,23 +238,42 @@ struct DatacenterDriver {
     tasks: tokio::task::JoinSet<()>,
     /// The service each running fetch task is fetching.
     fetches: HashMap<tokio::task::Id, String>,
+    /// The feed each running blocking-query task follows.
+    feeds: HashMap<tokio::task::Id, Feed>,
+    /// Blocking-query tasks that ended without being asked to (each restart waits longer).
+    feed_restarts: u32,
+}
+
+/// The two blocking queries a datacenter keeps open.
+#[derive(Clone, Copy, Debug)]
+enum Feed {
+    Checks,
+    Catalog,
 }
 
 impl DatacenterDriver {
-    fn spawn_query<T: Send + 'static>(&mut self, query: BlockingQuery<T>) {
-        self.tasks.spawn(blocking_watch(
+    /// Opens the blocking query of `feed` after `delay`.
+    fn spawn_feed(&mut self, feed: Feed, delay: Duration) {
+        let (client, dc, ctx, tx) = (
             self.client.clone(),
             self.dc.clone(),
             self.ctx.clone(),
-            query,
             self.tx.clone(),
-        ));
+        );
+        let task = self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            match feed {
+                Feed::Checks => blocking_watch(client, dc, ctx, CHECKS, tx).await,
+                Feed::Catalog => blocking_watch(client, dc, ctx, CATALOG, tx).await,
+            }
+        });
+        self.feeds.insert(task.id(), feed);
     }
 
     fn execute(&mut self, command: WatchCommand) {
         let (ctx, source, dc) = (&self.ctx, self.source.as_str(), self.dc.as_str());
         match command {
-            WatchCommand::WatchCatalog => self.spawn_query(CATALOG),
+            WatchCommand::WatchCatalog => self.spawn_feed(Feed::Catalog, Duration::ZERO),
             WatchCommand::Fetch(service) => {
                 let task = self.tasks.spawn(fetch_service(
                     self.client.clone(),
@@ -265,6 +303,13 @@ impl DatacenterDriver {
                     let _ = tx.send(WatchEvent::RetryDue(service)).await;
                 });
             }
+            WatchCommand::SweepAfter(wait) => {
+                let tx = self.tx.clone();
+                self.tasks.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(WatchEvent::SweepDue).await;
+                });
+            }
             WatchCommand::Hold(why) => hold(ctx, source, dc, &why),
             WatchCommand::ClearHold => clear_hold(ctx, source),
             WatchCommand::ReportError(e) => record_error(ctx, dc, &e),
@@ -273,19 +318,30 @@ impl DatacenterDriver {
         }
     }
 
-    /// A task ended; a fetch that ended without sending its answer becomes an event.
+    /// A task ended. A fetch that ended without sending its answer becomes an event; a
+    /// blocking query that ended (it panicked) is opened again after a backoff, from index
+    /// 0, so the feed is never lost (answers are compared by content).
     fn task_ended(
         &mut self,
         ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
     ) -> Option<WatchEvent> {
+        let id = match &ended {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let fetch = self.fetches.remove(&id);
+        if let Some(feed) = self.feeds.remove(&id) {
+            self.feed_restarts += 1;
+            let wait = backoff(self.feed_restarts);
+            tracing::error!(dc = %self.dc, ?feed, outcome = ?ended.as_ref().err(), ?wait, "a Consul blocking query ended; it is opened again");
+            self.spawn_feed(feed, wait);
+            return None;
+        }
         match ended {
-            Ok((id, ())) => {
-                self.fetches.remove(&id);
-                None
-            }
+            Ok(_) => None,
             Err(e) => {
                 tracing::error!(dc = %self.dc, error = %e, "a Consul watch task ended without an answer");
-                self.fetches.remove(&e.id()).map(WatchEvent::FetchLost)
+                fetch.map(WatchEvent::FetchLost)
             }
         }
     }
@@ -314,9 +370,11 @@ pub async fn watch_datacenter(client: ConsulClient, dc: String, ctx: ConsulConte
         tx,
         tasks: tokio::task::JoinSet::new(),
         fetches: HashMap::new(),
+        feeds: HashMap::new(),
+        feed_restarts: 0,
     };
     // The checks baseline comes first; the state machine asks for the catalog after it.
-    driver.spawn_query(CHECKS);
+    driver.spawn_feed(Feed::Checks, Duration::ZERO);
     let started = tokio::time::Instant::now();
     let mut resync = tokio::time::interval_at(started + RESYNC, RESYNC);
     loop {

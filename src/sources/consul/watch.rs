@@ -17,7 +17,13 @@
 //!   the services (and their instances) until the same answer has held for `confirm_removal`;
 //! - an answer hiding a known service's instances from the token (ACL filtering) keeps them;
 //! - instances pass through a [`FlapDamper`] per service; a held instance is looked at again
-//!   when its hold ends.
+//!   when its hold ends;
+//! - a catalog answer whose `X-Consul-Index` moved while its content (names and tags) did not
+//!   means an instance's registration changed in a way neither feed shows (port, address,
+//!   weights, meta, or an instance without checks): every service is fetched again (a sweep),
+//!   at most once per [`SWEEP_GAP`]; a move inside the gap sweeps once when it ends. So such
+//!   a change is seen within about a second, and a steady stream of changes costs at most one
+//!   fetch per service per gap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,6 +34,9 @@ use super::client::{ConsulError, backoff};
 use super::damper::FlapDamper;
 use super::removal::{Verdict, removal_verdict};
 use super::wire::{CheckFingerprints, changed_services};
+
+/// The shortest time between two sweeps caused by catalog index moves.
+pub const SWEEP_GAP: Duration = Duration::from_secs(1);
 
 /// What the watch is told: answers, failures and timers, as the driver observes them.
 #[derive(Debug)]
@@ -40,6 +49,9 @@ pub enum WatchEvent {
         services: BTreeMap<String, Vec<String>>,
         /// Whether Consul hid results from this token.
         acl_filtered: bool,
+        /// Whether `X-Consul-Index` differs from the one the query asked with (always true
+        /// for the first answer after a start or an error).
+        moved: bool,
     },
     /// `/v1/health/service/<service>` answered.
     HealthAnswered {
@@ -66,6 +78,8 @@ pub enum WatchEvent {
     RetryDue(String),
     /// Time to fetch every listed service again, repairing any drift.
     ResyncDue,
+    /// The sweep asked for by [`WatchCommand::SweepAfter`] is due.
+    SweepDue,
 }
 
 /// What the driver does for the watch.
@@ -91,6 +105,8 @@ pub enum WatchCommand {
         /// When.
         wait: Duration,
     },
+    /// Send [`WatchEvent::SweepDue`] after this long.
+    SweepAfter(Duration),
     /// Mark the source degraded: an answer is held back, the last known state stays.
     Hold(String),
     /// Clear a hold: Consul's answers apply again.
@@ -135,6 +151,10 @@ pub struct DatacenterWatch {
     dampers: BTreeMap<String, FlapDamper>,
     /// Service → number of instances last published.
     published: BTreeMap<String, usize>,
+    /// When every service was last fetched (a sweep or a resync).
+    last_sweep: Option<Duration>,
+    /// A [`WatchCommand::SweepAfter`] is outstanding.
+    sweep_scheduled: bool,
 }
 
 impl DatacenterWatch {
@@ -159,7 +179,8 @@ impl DatacenterWatch {
             WatchEvent::CatalogAnswered {
                 services,
                 acl_filtered,
-            } => self.catalog_answered(services, acl_filtered, now),
+                moved,
+            } => self.catalog_answered(services, acl_filtered, moved, now),
             WatchEvent::HealthAnswered {
                 service,
                 endpoints,
@@ -177,16 +198,46 @@ impl DatacenterWatch {
             }
             WatchEvent::ResyncDue => {
                 let mut out = Vec::new();
-                let all: Vec<String> = self
-                    .catalog
-                    .iter()
-                    .flat_map(|c| c.keys())
-                    .cloned()
-                    .collect();
-                for service in all {
-                    self.fetch(service, &mut out);
-                }
+                self.fetch_all(now, &mut out);
                 out
+            }
+            WatchEvent::SweepDue => {
+                let mut out = Vec::new();
+                self.sweep_scheduled = false;
+                self.fetch_all(now, &mut out);
+                out
+            }
+        }
+    }
+
+    /// Fetches every listed service (those being fetched once more when answered).
+    fn fetch_all(&mut self, now: Duration, out: &mut Vec<WatchCommand>) {
+        self.last_sweep = Some(now);
+        let all: Vec<String> = self
+            .catalog
+            .iter()
+            .flat_map(|c| c.keys())
+            .cloned()
+            .collect();
+        for service in all {
+            self.fetch(service, out);
+        }
+    }
+
+    /// Sweeps now if the last sweep is at least [`SWEEP_GAP`] old, else once when it is;
+    /// returns whether it swept now.
+    fn sweep(&mut self, now: Duration, out: &mut Vec<WatchCommand>) -> bool {
+        match self.last_sweep {
+            Some(last) if now < last + SWEEP_GAP => {
+                if !self.sweep_scheduled {
+                    self.sweep_scheduled = true;
+                    out.push(WatchCommand::SweepAfter(last + SWEEP_GAP - now));
+                }
+                false
+            }
+            _ => {
+                self.fetch_all(now, out);
+                true
             }
         }
     }
@@ -229,9 +280,11 @@ impl DatacenterWatch {
         &mut self,
         mut new: BTreeMap<String, Vec<String>>,
         acl_filtered: bool,
+        moved: bool,
         now: Duration,
     ) -> Vec<WatchCommand> {
         let mut out = Vec::new();
+        let first = self.catalog.is_none();
         let old = self.catalog.take().unwrap_or_default();
         let leaving: BTreeSet<String> = old
             .keys()
@@ -279,12 +332,20 @@ impl DatacenterWatch {
             self.pending_sync = Some(new.keys().cloned().collect());
             self.mark_synced_if_done(&mut out);
         }
-        for (service, tags) in &new {
-            if old.get(service) != Some(tags) {
-                self.fetch(service.clone(), &mut out);
-            }
-        }
+        let changed: Vec<String> = new
+            .iter()
+            .filter(|(service, tags)| old.get(*service) != Some(tags))
+            .map(|(service, _)| service.clone())
+            .collect();
         self.catalog = Some(new);
+        // The first answer fetches everything as new; later, an index that moved may hide a
+        // registration change no content shows.
+        if !first && moved && self.sweep(now, &mut out) {
+            return out;
+        }
+        for service in changed {
+            self.fetch(service, &mut out);
+        }
         out
     }
 
@@ -395,6 +456,24 @@ mod tests {
                 .map(|s| (s.to_string(), Vec::new()))
                 .collect(),
             acl_filtered: false,
+            moved: false,
+        }
+    }
+
+    /// A catalog answer with the same content as before whose index moved.
+    fn catalog_moved(services: &[&str]) -> WatchEvent {
+        let WatchEvent::CatalogAnswered {
+            services,
+            acl_filtered,
+            ..
+        } = catalog(services)
+        else {
+            unreachable!()
+        };
+        WatchEvent::CatalogAnswered {
+            services,
+            acl_filtered,
+            moved: true,
         }
     }
 
@@ -552,8 +631,65 @@ mod tests {
                 ("payments".to_string(), Vec::new()),
             ]),
             acl_filtered: false,
+            moved: false,
         };
         assert_eq!(fetched(&w.handle(tagged, Duration::ZERO)), ["orders"]);
+    }
+
+    #[test]
+    fn a_catalog_index_move_without_visible_change_sweeps_at_most_once_per_gap() {
+        let ms = Duration::from_millis;
+        let mut w = DatacenterWatch::new(settings());
+        w.handle(checks(&[]), Duration::ZERO);
+        // The first answer fetches everything once, moved or not.
+        assert_eq!(
+            fetched(&w.handle(catalog_moved(&["billing", "orders"]), Duration::ZERO)),
+            ["billing", "orders"]
+        );
+        for s in ["billing", "orders"] {
+            w.handle(answered(s, vec![ep("10.0.0.1", true)]), ms(10));
+        }
+        // Same names and tags, same index: nothing to fetch.
+        assert!(fetched(&w.handle(catalog(&["billing", "orders"]), ms(20))).is_empty());
+        // Same names and tags, moved index (a port changed): every service is fetched.
+        let out = w.handle(catalog_moved(&["billing", "orders"]), ms(2000));
+        assert_eq!(fetched(&out), ["billing", "orders"]);
+        for s in ["billing", "orders"] {
+            let out = w.handle(answered(s, vec![ep("10.0.0.2", true)]), ms(2010));
+            assert_eq!(published(&out), [(s, vec![("10.0.0.2", true)])]);
+        }
+        // Moves inside the gap: one sweep, when the gap ends, whatever their number.
+        let out = w.handle(catalog_moved(&["billing", "orders"]), ms(2300));
+        assert!(fetched(&out).is_empty(), "{out:?}");
+        assert!(
+            matches!(out[..], [WatchCommand::SweepAfter(d)] if d == ms(700)),
+            "{out:?}"
+        );
+        let out = w.handle(catalog_moved(&["billing", "orders"]), ms(2600));
+        assert!(out.is_empty(), "a second wake-up was asked for: {out:?}");
+        assert_eq!(
+            fetched(&w.handle(WatchEvent::SweepDue, ms(3000))),
+            ["billing", "orders"]
+        );
+        // A tag change inside the gap is fetched at once; the rest waits for the sweep.
+        for s in ["billing", "orders"] {
+            w.handle(answered(s, vec![ep("10.0.0.2", true)]), ms(3010));
+        }
+        let tagged = WatchEvent::CatalogAnswered {
+            services: BTreeMap::from([
+                ("billing".to_string(), Vec::new()),
+                ("orders".to_string(), vec!["canary".to_string()]),
+            ]),
+            acl_filtered: false,
+            moved: true,
+        };
+        let out = w.handle(tagged, ms(3100));
+        assert_eq!(fetched(&out), ["orders"]);
+        assert!(
+            out.iter()
+                .any(|c| matches!(c, WatchCommand::SweepAfter(d) if *d == ms(900))),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -747,6 +883,7 @@ mod tests {
         let hidden = || WatchEvent::CatalogAnswered {
             services: BTreeMap::from([("a".to_string(), Vec::new())]),
             acl_filtered: true,
+            moved: false,
         };
         w.handle(hidden(), Duration::ZERO);
         let out = w.handle(hidden(), 3_600 * SECOND);

@@ -948,6 +948,11 @@ impl FakeConsul {
         self.shared.lock().index(dc, &key).max(1)
     }
 
+    /// The `X-Consul-Index` the fake would answer now for `health/state/<state>` in `dc`.
+    pub fn checks_index(&self, dc: &str) -> u64 {
+        self.shared.lock().index(dc, &Key::Checks).max(1)
+    }
+
     /// The `X-Consul-Index` the fake would answer now for `catalog/node-services/<node>` in
     /// `dc`.
     pub fn node_index(&self, dc: &str, node: &str) -> u64 {
