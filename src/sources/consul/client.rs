@@ -14,7 +14,7 @@ use super::wire::HealthPolicy;
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
     /// Transport error or timeout.
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed: {}", root_cause(.source))]
     Transport {
         /// The URL.
         url: String,
@@ -56,6 +56,19 @@ pub enum ConsulError {
     /// A bad flag value.
     #[error("{0}")]
     Config(String),
+}
+
+/// What went wrong at the bottom of a transport error (`Connection refused`, `timed out`),
+/// rather than the client's "error sending request for url (...)", which repeats the URL.
+fn root_cause(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_string();
+    }
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// The largest Consul answer read (`/v1/health/state/any` of a datacenter with 100,000

@@ -117,6 +117,8 @@ use tokio::task::{JoinHandle, JoinSet};
 /// Body of the 500 answered by [`FakeConsul::fail_next`] (what a Consul agent says while its
 /// servers have no leader).
 pub const NO_LEADER: &str = "rpc error: No cluster leader";
+/// Body of the 429 answered while [`Outage::RateLimited`] is set.
+pub const RATE_LIMITED: &str = "rpc error making call: rate limit exceeded, try again later";
 /// Body of the 500 answered for a datacenter marked unreachable (Consul's `ErrNoDCPath`).
 pub const NO_PATH_TO_DC: &str = "No path to datacenter";
 /// Body of the 403 answered when a required token is missing or wrong.
@@ -135,6 +137,19 @@ const MAX_COUNTED_PATHS: usize = 4096;
 const MAX_BODY: usize = 4 << 20;
 /// The check every agent-managed node has.
 const SERF_HEALTH: &str = "serfHealth";
+
+/// A failure every request meets while it is set ([`FakeConsul::set_outage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// The agent is up but its servers have no leader, or it is cut from them: `500` with
+    /// body [`NO_LEADER`] (what the agent's HTTP handler writes for the RPC error
+    /// `structs.ErrNoLeader`).
+    NoLeader,
+    /// The servers refuse reads over their rate limit (`limits.request_limits` in
+    /// `enforcing` mode, developer.hashicorp.com/consul/docs/agent/limits): `429 Too Many
+    /// Requests` with body [`RATE_LIMITED`].
+    RateLimited,
+}
 
 /// The status of a check, and the aggregated health of an instance (the worst of its
 /// checks and its node's).
@@ -636,6 +651,7 @@ struct State {
     spurious: u64,
     latency: Duration,
     fail_next: usize,
+    outage: Option<Outage>,
     hang: bool,
     malformed: bool,
     acl_hidden: bool,
@@ -744,6 +760,7 @@ impl FakeConsul {
                 spurious: 0,
                 latency: Duration::ZERO,
                 fail_next: 0,
+                outage: None,
                 hang: false,
                 malformed: false,
                 acl_hidden: false,
@@ -1018,6 +1035,11 @@ impl FakeConsul {
     /// The next `n` requests answer `500` with body [`NO_LEADER`].
     pub fn fail_next(&self, n: usize) {
         self.shared.lock().fail_next = n;
+    }
+
+    /// While `Some`, every request (read or write) fails as the outage says.
+    pub fn set_outage(&self, outage: Option<Outage>) {
+        self.shared.lock().outage = outage;
     }
 
     /// While on, requests get no response at all (the client's own timeout has to end them).
@@ -1346,18 +1368,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
 
     let (local_dc, token_ok, fail) = {
         let mut st = shared.lock();
-        let fail = st.fail_next > 0;
-        if fail {
+        let fail = if st.fail_next > 0 {
             st.fail_next -= 1;
-        }
+            Some(Outage::NoLeader)
+        } else {
+            st.outage
+        };
         let token_ok = match &st.token {
             None => true,
             Some(want) => request_token(&req, &query).as_deref() == Some(want.as_str()),
         };
         (st.local_dc.clone(), token_ok, fail)
     };
-    if fail {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER);
+    match fail {
+        Some(Outage::NoLeader) => return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER),
+        Some(Outage::RateLimited) => return text(StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED),
+        None => {}
     }
     if !token_ok {
         return text(StatusCode::FORBIDDEN, ACL_NOT_FOUND);

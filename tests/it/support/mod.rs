@@ -760,12 +760,16 @@ impl Drop for Envoy {
     }
 }
 
+/// Failed requests a [`Traffic`] keeps the details of (the count goes on).
+const FAILURES_KEPT: usize = 20;
+
 /// Requests sent through an Envoy's egress in the background, counting successes (200) and
-/// failures, until stopped.
+/// failures (and keeping the first failures' time and reason), until stopped.
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -776,13 +780,32 @@ impl Traffic {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let task = {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (stop, ok, failed, failures) =
+                (stop.clone(), ok.clone(), failed.clone(), failures.clone());
+            let started = std::time::Instant::now();
             tokio::spawn(async move {
                 while !stop.load(Relaxed) {
-                    match envoy.call(host, "/").await {
-                        Ok(r) if r.status == 200 => ok.fetch_add(1, Relaxed),
-                        _ => failed.fetch_add(1, Relaxed),
+                    let why = match envoy.call(host, "/").await {
+                        Ok(r) if r.status == 200 => None,
+                        Ok(r) => Some(format!(
+                            "{} {} {}",
+                            r.status,
+                            r.header("x-meshbridge-reason").unwrap_or(""),
+                            r.body.trim()
+                        )),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    match why {
+                        None => ok.fetch_add(1, Relaxed),
+                        Some(why) => {
+                            let mut kept = failures.lock().unwrap();
+                            if kept.len() < FAILURES_KEPT {
+                                kept.push(format!("at {:?}: {why}", started.elapsed()));
+                            }
+                            failed.fetch_add(1, Relaxed)
+                        }
                     };
                     tokio::time::sleep(every).await;
                 }
@@ -792,14 +815,9 @@ impl Traffic {
             stop,
             ok,
             failed,
+            failures,
             task,
         }
-    }
-
-    /// `(succeeded, failed)` so far.
-    pub fn counts(&self) -> (usize, usize) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.ok.load(Relaxed), self.failed.load(Relaxed))
     }
 
     /// Stops and returns `(succeeded, failed)`.
@@ -809,6 +827,22 @@ impl Traffic {
         let _ = self.task.await;
         use std::sync::atomic::Ordering::Relaxed;
         (counts.0.load(Relaxed), counts.1.load(Relaxed))
+    }
+
+    /// Stops; fails the test, naming the first failures, if any request failed or if fewer
+    /// than 20 went through (the traffic did not flow).
+    pub async fn assert_no_failure(self) {
+        let failures = self.failures.clone();
+        let (ok, failed) = self.stop().await;
+        let kept = failures.lock().unwrap().clone();
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} requests failed; the first:\n{}",
+            ok + failed,
+            kept.join("\n")
+        );
+        assert!(ok >= 20, "only {ok} requests went through");
     }
 }
 
