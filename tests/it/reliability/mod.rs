@@ -4,4 +4,5 @@
 //! does: the requests' results are recorded and a failure is printed with its reason; the
 //! time to recover is printed (`--nocapture`) and bounded by a constant the test names.
 
+mod churn;
 mod consul;
