@@ -32,6 +32,7 @@ mod kube_fake;
 mod layering;
 mod manifests_cli;
 mod properties;
+mod reliability;
 mod translate_snapshots;
 mod ui_e2e;
 mod webhook;
