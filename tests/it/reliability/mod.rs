@@ -13,4 +13,5 @@
 //! Recovery times are printed (`--nocapture` shows them) but only bounded functionally: each
 //! bound is a constant next to the reason for it.
 
+mod control_plane;
 mod faults;
