@@ -243,3 +243,25 @@ async fn slicer_and_bandwidth_deliver_everything_in_order() {
     // 200 bytes at 2,000 bytes a second take at least a tenth of a second.
     assert!(started.elapsed() >= Duration::from_millis(100));
 }
+
+#[tokio::test]
+async fn dropping_the_proxy_closes_its_connections() {
+    let server = Echo::start().await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let mut idle = connect(proxy.addr()).await.unwrap();
+    assert_eq!(echo(&mut idle, b"hi").await.unwrap(), b"hi");
+    let mut held = connect(proxy.addr()).await.unwrap();
+    assert_eq!(echo(&mut held, b"hi").await.unwrap(), b"hi");
+    proxy.set(Direction::Downstream, Fault::Timeout(Duration::ZERO));
+    held.write_all(b"held").await.unwrap();
+    let addr = proxy.addr();
+
+    drop(proxy);
+    for s in [&mut idle, &mut held] {
+        let (got, ended) = read_to_end(s).await;
+        assert!(got.is_empty(), "{got:?}");
+        let timed_out = ended.is_err_and(|e| e.to_string() == "read timed out");
+        assert!(!timed_out, "a connection outlived the proxy");
+    }
+    assert!(connect(addr).await.is_err(), "the proxy still listens");
+}

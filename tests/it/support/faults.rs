@@ -377,8 +377,12 @@ async fn pump(
                 Ok(n) => n,
                 Err(_) => return End::Close,
             },
-            // A reset or a black hole applies to a connection waiting for data too.
-            _ = faults.changed() => continue,
+            // A reset or a black hole applies to a connection waiting for data too; no more
+            // faults means the proxy is gone.
+            changed = faults.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => return End::Close,
+            },
         };
         // A fault set while reading applies to what was read.
         if let Some(end) = hold(faults).await {
@@ -411,8 +415,11 @@ async fn hold(faults: &mut watch::Receiver<Option<Fault>>) -> Option<End> {
                     tokio::time::sleep_until(deadline).await;
                 };
                 tokio::select! {
-                    // The connection's own select ends it when the proxy goes away.
-                    _ = faults.changed() => {}
+                    changed = faults.changed() => {
+                        if changed.is_err() {
+                            return Some(End::Close); // the proxy is gone
+                        }
+                    }
                     () = close => return Some(End::Close),
                 }
             }
