@@ -19,7 +19,9 @@ pub struct BootstrapOptions {
     /// Unique id of this Envoy (node id).
     #[arg(long)]
     pub node_id: String,
-    /// Control plane address, HOST:PORT.
+    /// Control plane address, HOST:PORT; several separated by commas (HOST:PORT,HOST:PORT)
+    /// reach several replicas: Envoy keeps one ADS stream to one of them and moves to another
+    /// when that one goes away.
     #[arg(long)]
     pub xds_addr: String,
     /// Port of the ingress listener (callers of this service connect here).
@@ -69,7 +71,7 @@ pub struct BootstrapOptions {
     pub xds_tls: bool,
     /// With `--xds-tls`, a name meshbridge's certificate must carry (repeatable; any one
     /// suffices): `spiffe://…` a URI SAN, an IP address an IP SAN, anything else a DNS SAN.
-    /// Default: the host of `--xds-addr`, as HTTPS checks a server's name, so a host
+    /// Default: the hosts of `--xds-addr`, as HTTPS checks a server's name, so a host
     /// certificate of the same CA cannot stand in for the control plane.
     #[arg(long = "xds-server-san", requires = "xds_tls")]
     pub xds_server_sans: Vec<String>,
@@ -95,7 +97,7 @@ fn server_san_matchers(names: &[String]) -> Vec<Value> {
 /// A bootstrap option that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BootstrapError {
-    /// `--xds-addr` is not HOST:PORT.
+    /// An entry of `--xds-addr` is not HOST:PORT.
     #[error("--xds-addr {0:?} must be HOST:PORT")]
     BadXdsAddr(String),
     /// A dependency that does not parse.
@@ -142,6 +144,23 @@ pub fn cidr_range(text: &str) -> Result<Value, BootstrapError> {
     Ok(json!({"address_prefix": ip.to_string(), "prefix_len": len}))
 }
 
+/// The entries of `--xds-addr` (`HOST:PORT`, several separated by commas) as host (without
+/// the brackets of an IPv6 address) and port; the first entry that is not `HOST:PORT` is the
+/// error.
+fn xds_addrs(text: &str) -> Result<Vec<(String, u16)>, BootstrapError> {
+    text.split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            entry
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                .filter(|(h, p)| !h.is_empty() && *p > 0)
+                .map(|(h, p)| (h.to_string(), p))
+                .ok_or_else(|| BootstrapError::BadXdsAddr(entry.to_string()))
+        })
+        .collect()
+}
+
 /// Largest RE2 program (path rules of AccessRules) the proxies accept.
 pub const RE2_MAX_PROGRAM_SIZE: u32 = 1000;
 
@@ -157,12 +176,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
     if o.node_id.trim().is_empty() {
         return Err(BootstrapError::EmptyNodeId);
     }
-    let (host, port) = o
-        .xds_addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-        .filter(|(h, p)| !h.is_empty() && *p > 0)
-        .ok_or_else(|| BootstrapError::BadXdsAddr(o.xds_addr.clone()))?;
+    let xds = xds_addrs(&o.xds_addr)?;
     for d in &o.dependencies {
         d.parse::<crate::model::DependencyTarget>()
             .map_err(|e| BootstrapError::BadDependency(d.clone(), e.to_string()))?;
@@ -184,7 +198,17 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
     if o.tls_cert.is_some() {
         metadata.insert("tls".into(), json!(true));
     }
-    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let is_ip = xds
+        .iter()
+        .all(|(h, _)| h.parse::<std::net::IpAddr>().is_ok());
+    let xds_endpoints: Vec<Value> = xds
+        .iter()
+        .map(|(host, port)| {
+            json!({"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": port}
+            }}})
+        })
+        .collect();
     let mut bootstrap = json!({
         "node": {"id": o.node_id, "cluster": o.service, "metadata": metadata},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}}},
@@ -213,9 +237,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
                 },
                 "load_assignment": {
                     "cluster_name": XDS_CLUSTER,
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                        "socket_address": {"address": host, "port_value": port}
-                    }}}]}]
+                    "endpoints": [{"lb_endpoints": xds_endpoints}]
                 }
             }]
         }
@@ -270,8 +292,20 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         // The static secrets below, referenced by name; a server name only for a host name
         // (an address is not a valid SNI). The CA alone would accept any certificate it
         // signed, every service's included: the control plane's must also carry its name.
+        // Several replicas: any of their hosts is a name the control plane may carry; the
+        // server name is sent only when every address names the same host.
+        let mut hosts: Vec<String> = Vec::new();
+        for (h, _) in &xds {
+            if !hosts.contains(h) {
+                hosts.push(h.clone());
+            }
+        }
+        let sni = match hosts.as_slice() {
+            [one] if one.parse::<std::net::IpAddr>().is_err() => one.clone(),
+            _ => String::new(),
+        };
         let sans = if o.xds_server_sans.is_empty() {
-            vec![host.to_string()]
+            hosts
         } else {
             o.xds_server_sans.clone()
         };
@@ -279,7 +313,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": if is_ip { "" } else { host },
+                "sni": sni,
                 "common_tls_context": {
                     "alpn_protocols": ["h2"],
                     "tls_certificate_sds_secret_configs": [{"name": "server_cert"}],
@@ -408,4 +442,96 @@ fn admin_cluster(admin_port: u16) -> Value {
 pub fn bootstrap_yaml(o: &BootstrapOptions) -> Result<String, BootstrapError> {
     let value = bootstrap(o)?;
     Ok(serde_norway::to_string(&value).unwrap_or_else(|e| format!("# cannot render: {e}\n")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(xds_addr: &str) -> BootstrapOptions {
+        BootstrapOptions {
+            service: "frontend".into(),
+            node_id: "frontend-1".into(),
+            xds_addr: xds_addr.into(),
+            admin_port: 9901,
+            ..Default::default()
+        }
+    }
+
+    fn xds_cluster(o: &BootstrapOptions) -> Value {
+        bootstrap(o).unwrap()["static_resources"]["clusters"][0].clone()
+    }
+
+    #[test]
+    fn one_control_plane_is_one_endpoint() {
+        let cluster = xds_cluster(&options("[::1]:18000"));
+        assert_eq!(cluster["type"], "STATIC");
+        assert_eq!(
+            cluster["load_assignment"]["endpoints"],
+            json!([{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "::1", "port_value": 18000}
+            }}}]}])
+        );
+    }
+
+    #[test]
+    fn several_control_planes_are_one_endpoint_each_in_order() {
+        let cluster = xds_cluster(&options("10.0.0.1:18000, meshbridge-b:18001"));
+        // One name among the addresses: Envoy resolves them all.
+        assert_eq!(cluster["type"], "STRICT_DNS");
+        let endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["endpoint"]["address"]["socket_address"].clone())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            endpoints,
+            vec![
+                json!({"address": "10.0.0.1", "port_value": 18000}),
+                json!({"address": "meshbridge-b", "port_value": 18001}),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_entry_among_several_is_named() {
+        for (text, bad) in [
+            ("10.0.0.1:18000,nohostport", "nohostport"),
+            ("10.0.0.1:18000,", ""),
+            ("h:0,10.0.0.1:18000", "h:0"),
+            (":18000", ":18000"),
+        ] {
+            assert_eq!(
+                bootstrap(&options(text)),
+                Err(BootstrapError::BadXdsAddr(bad.into())),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn xds_tls_with_several_hosts_accepts_any_of_them_and_sends_no_server_name() {
+        let mut o = options("meshbridge-a:18000,meshbridge-b:18000");
+        o.tls_cert = Some("/c.pem".into());
+        o.tls_key = Some("/c.key".into());
+        o.tls_ca = Some("/ca.pem".into());
+        o.xds_tls = true;
+        let tls = &xds_cluster(&o)["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "");
+        assert_eq!(
+            tls["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+                ["match_typed_subject_alt_names"],
+            json!([
+                {"san_type": "DNS", "matcher": {"exact": "meshbridge-a"}},
+                {"san_type": "DNS", "matcher": {"exact": "meshbridge-b"}}
+            ])
+        );
+        // One host behind several ports: its name is still sent.
+        o.xds_addr = "meshbridge:18000,meshbridge:18001".into();
+        assert_eq!(
+            xds_cluster(&o)["transport_socket"]["typed_config"]["sni"],
+            "meshbridge"
+        );
+    }
 }

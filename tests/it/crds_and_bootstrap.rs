@@ -135,6 +135,40 @@ fn bootstrap_is_accepted_by_envoy_validate() {
 }
 
 #[test]
+fn bootstrap_with_several_control_planes_lists_each_and_envoy_accepts_it() {
+    for (xds, cluster_type) in [
+        ("127.0.0.1:18000,127.0.0.2:18001", "STATIC"),
+        ("meshbridge-a.mesh:18000,10.0.0.7:18000", "STRICT_DNS"),
+    ] {
+        let yaml = bootstrap_ok(&[
+            "--service",
+            "frontend",
+            "--node-id",
+            "frontend-1",
+            "--xds-addr",
+            xds,
+            "--egress-port",
+            "15001",
+        ]);
+        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+        let cluster = &doc["static_resources"]["clusters"][0];
+        assert_eq!(cluster["type"], cluster_type, "{yaml}");
+        let endpoints: Vec<String> = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let a = &e["endpoint"]["address"]["socket_address"];
+                format!("{}:{}", a["address"].as_str().unwrap(), a["port_value"])
+            })
+            .collect();
+        let expected: Vec<&str> = xds.split(',').collect();
+        assert_eq!(endpoints, expected, "{yaml}");
+        assert_envoy_accepts(yaml.as_bytes());
+    }
+}
+
+#[test]
 fn bootstrap_with_host_certificates_declares_static_secrets_envoy_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -227,6 +261,12 @@ fn bootstrap_rejects_bad_flags_naming_them() {
         assert!(stderr.contains(named), "{flags:?}: {stderr}");
     };
     refused(&["--xds-addr", "nohostport"], "--xds-addr");
+    // With several control planes, the entry that is wrong is named.
+    refused(
+        &["--xds-addr", "127.0.0.1:18000,nohostport"],
+        "--xds-addr \"nohostport\"",
+    );
+    refused(&["--xds-addr", "127.0.0.1:18000,"], "--xds-addr \"\"");
     refused(
         &["--xds-addr", "h:1", "--dependency", "ftp://x"],
         "--dependency",

@@ -5,6 +5,7 @@
 pub mod ads_client;
 pub mod consul_fake;
 pub mod consul_mesh;
+pub mod faults;
 pub mod fixtures;
 pub mod helm;
 pub mod kube_fake;
@@ -525,6 +526,9 @@ pub struct EnvoyOptions {
     pub xds_tls: bool,
     /// Port of the diagnostics listener (`--diagnostics-port`).
     pub diagnostics_port: Option<u16>,
+    /// Control plane addresses (`HOST:PORT`) passed as one comma-separated `--xds-addr`,
+    /// instead of the given control plane's: several replicas, or a proxy in between.
+    pub xds_addrs: Vec<String>,
 }
 
 /// A real Envoy configured by `meshbridge bootstrap`.
@@ -542,10 +546,15 @@ impl Envoy {
         let admin_port = free_port();
         let egress_port = free_port();
         let node_id = format!("{}-{admin_port}", o.service);
+        let xds_addr = if o.xds_addrs.is_empty() {
+            cp.xds_addr()
+        } else {
+            o.xds_addrs.join(",")
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
         cmd.arg("bootstrap")
             .args(["--service", &o.service, "--node-id", &node_id])
-            .args(["--xds-addr", &cp.xds_addr()])
+            .args(["--xds-addr", &xds_addr])
             .args(["--admin-port", &admin_port.to_string()]);
         if o.egress {
             cmd.args(["--egress-port", &egress_port.to_string()]);
