@@ -40,12 +40,24 @@ enum Command {
     Validate(validate::ValidateArgs),
 }
 
+/// `eprintln!` that cannot panic: when stderr cannot be written (a full disk, a closed pipe)
+/// the message is lost and the exit code stays the one documented.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHBRIDGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a full disk, a closed pipe) loses lines, never the
+        // process: the default reports the failure with `eprintln!`, which panics when stderr
+        // itself is what fails.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
@@ -60,7 +72,7 @@ fn main() -> ExitCode {
         Command::Crds { out_dir: Some(dir) } => {
             for (file, yaml) in api::crd_documents() {
                 if let Err(e) = std::fs::write(dir.join(file), yaml) {
-                    eprintln!("meshbridge crds: {}: {e}", dir.join(file).display());
+                    complain!("meshbridge crds: {}: {e}", dir.join(file).display());
                     return ExitCode::FAILURE;
                 }
             }
@@ -76,20 +88,20 @@ fn main() -> ExitCode {
             let text = match text {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("meshbridge inject: {}: {e}", args.file);
+                    complain!("meshbridge inject: {}: {e}", args.file);
                     return ExitCode::from(2);
                 }
             };
             match webhook::inject_stream(&text, &args.settings()) {
                 Ok((yaml, notes)) => {
                     for note in notes {
-                        eprintln!("meshbridge inject: {note}");
+                        complain!("meshbridge inject: {note}");
                     }
                     let _ = std::io::stdout().write_all(yaml.as_bytes());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("meshbridge inject: {}: {e}", args.file);
+                    complain!("meshbridge inject: {}: {e}", args.file);
                     ExitCode::from(2)
                 }
             }
@@ -100,14 +112,14 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("meshbridge bootstrap: {e}");
+                complain!("meshbridge bootstrap: {e}");
                 ExitCode::from(2)
             }
         },
         Command::Validate(args) => {
             let report = validate::check(&args.inputs, std::io::stdin().lock());
             for e in &report.errors {
-                eprintln!("{e}");
+                complain!("{e}");
             }
             if report.errors.is_empty() {
                 println!(
@@ -116,7 +128,7 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             } else {
-                eprintln!(
+                complain!(
                     "meshbridge validate: {} error(s) in {} file(s) read",
                     report.errors.len(),
                     report.files
@@ -128,7 +140,7 @@ fn main() -> ExitCode {
             let config = match args.validate(&config::Environment::read()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("meshbridge run: {e}");
+                    complain!("meshbridge run: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -150,14 +162,14 @@ fn runtime<F: std::future::Future<Output = anyhow::Result<()>>>(f: impl FnOnce()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("meshbridge: cannot start the runtime: {e}");
+            complain!("meshbridge: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(f()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshbridge: {e:#}");
+            complain!("meshbridge: {e:#}");
             if e.is::<app::BadConfig>() {
                 ExitCode::from(2)
             } else {

@@ -23,4 +23,5 @@
 mod churn;
 mod consul;
 mod control_plane;
+mod disk;
 mod faults;

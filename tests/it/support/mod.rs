@@ -319,6 +319,8 @@ pub struct ControlPlane {
     pub admin_port: u16,
     extra: Vec<String>,
     kubeconfig: Option<std::path::PathBuf>,
+    /// Where its stderr (the log) goes; `meshbridge.log` in `dir` when `None`.
+    log_path: Option<std::path::PathBuf>,
     child: Option<Child>,
 }
 
@@ -336,6 +338,16 @@ impl ControlPlane {
         Self::spawn_new(manifests, extra, None)
     }
 
+    /// [`ControlPlane::start`] with the log (stderr) written to `log` instead of a file in
+    /// the manifest directory.
+    pub async fn start_with_log(manifests: &str, extra: &[&str], log: &Path) -> ControlPlane {
+        let mut cp = Self::unspawned(manifests, extra, None);
+        cp.log_path = Some(log.to_path_buf());
+        cp.spawn();
+        cp.wait_ready().await;
+        cp
+    }
+
     /// Starts meshbridge with the Kubernetes source on (`--kube auto` with `KUBECONFIG`),
     /// without waiting for readiness.
     pub fn start_kube(
@@ -351,18 +363,27 @@ impl ControlPlane {
         extra: &[&str],
         kubeconfig: Option<&std::path::Path>,
     ) -> ControlPlane {
+        let mut cp = Self::unspawned(manifests, extra, kubeconfig);
+        cp.spawn();
+        cp
+    }
+
+    fn unspawned(
+        manifests: &str,
+        extra: &[&str],
+        kubeconfig: Option<&std::path::Path>,
+    ) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mesh.yaml"), manifests).unwrap();
-        let mut cp = ControlPlane {
+        ControlPlane {
             dir,
             xds_port: free_port(),
             admin_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             kubeconfig: kubeconfig.map(|p| p.to_path_buf()),
+            log_path: None,
             child: None,
-        };
-        cp.spawn();
-        cp
+        }
     }
 
     /// Sends SIGTERM (graceful shutdown).
@@ -384,7 +405,15 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("meshbridge.log")).unwrap();
+        let log_path = self
+            .log_path
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("meshbridge.log"));
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshbridge"));
         cmd.arg("run").args(["--config-poll", "100"]);
         match &self.kubeconfig {
