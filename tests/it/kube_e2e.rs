@@ -16,11 +16,11 @@ use support::fixtures::{AccessRule, Fixture, MeshService};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 const LIMIT: Duration = Duration::from_secs(20);
-const MS: &str = "meshbridge.io/v1alpha1";
+pub(crate) const MS: &str = "meshbridge.io/v1alpha1";
 
 /// A pod of `app`, ready, with an injected sidecar whose ingress port is `port` (so each pod
 /// can live on 127.0.0.1 with its own port).
-fn pod(name: &str, app: &str, port: u16, ready: bool) -> Value {
+pub(crate) fn pod(name: &str, app: &str, port: u16, ready: bool) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -39,7 +39,7 @@ fn pod(name: &str, app: &str, port: u16, ready: bool) -> Value {
     })
 }
 
-fn legacy(deps: &[&str]) -> EnvoyOptions {
+pub(crate) fn legacy(deps: &[&str]) -> EnvoyOptions {
     EnvoyOptions {
         service: "legacy".into(),
         dependencies: deps.iter().map(|s| s.to_string()).collect(),
@@ -49,7 +49,7 @@ fn legacy(deps: &[&str]) -> EnvoyOptions {
 }
 
 /// The `orders` MeshService in `shop`, selecting the pods labelled `app: orders`.
-fn orders_service() -> MeshService {
+pub(crate) fn orders_service() -> MeshService {
     MeshService::build("orders")
         .namespace("shop")
         .selector("orders")
@@ -57,7 +57,7 @@ fn orders_service() -> MeshService {
 
 /// For each of `names`, a backend answering `orders pod-<name>` and a ready pod
 /// `orders-<name>` whose sidecar listens on the backend's port.
-async fn orders_pods<const N: usize>(kube: &FakeKube, names: [&str; N]) -> [Backend; N] {
+pub(crate) async fn orders_pods<const N: usize>(kube: &FakeKube, names: [&str; N]) -> [Backend; N] {
     let mut backends = Vec::new();
     for name in names {
         backends.push(Backend::start("orders", &format!("pod-{name}")).await);
@@ -78,7 +78,7 @@ async fn start(kube: &FakeKube, extra: &[&str]) -> ControlPlane {
 }
 
 /// Instances of `service` in `/api/services`, as `(port, healthy)`.
-async fn instances(cp: &ControlPlane, service: &str) -> Vec<(u64, String)> {
+pub(crate) async fn instances(cp: &ControlPlane, service: &str) -> Vec<(u64, String)> {
     let services = cp.admin_json("/api/services").await;
     services
         .as_array()
@@ -97,7 +97,11 @@ async fn instances(cp: &ControlPlane, service: &str) -> Vec<(u64, String)> {
 }
 
 /// Distinct backends answering through `envoy` for `host` over a few calls.
-async fn answering(envoy: &Envoy, host: &str, calls: usize) -> std::collections::BTreeSet<String> {
+pub(crate) async fn answering(
+    envoy: &Envoy,
+    host: &str,
+    calls: usize,
+) -> std::collections::BTreeSet<String> {
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..calls {
         if let Ok(r) = envoy.call(host, "/").await
@@ -337,7 +341,7 @@ async fn a_namespace_that_does_not_own_consul_services_cannot_take_one_over() {
     );
 }
 
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+pub(crate) fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
     obj["status"]["conditions"]
         .as_array()?
         .iter()

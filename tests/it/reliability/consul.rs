@@ -1,5 +1,5 @@
-//! Consul failing in every way an agent and its servers fail: the agent down, its servers
-//! without a leader, reads rate-limited, every datacenter down, one datacenter cut off, and
+//! Consul failing in every way an agent and its servers fail: the agent down or slow, its
+//! servers without a leader, reads rate-limited, every datacenter down, one datacenter cut off, and
 //! Consul back with an index lower than before. In each, Envoys keep the last known instances
 //! (traffic never fails, nothing is emptied), `/api/sources` says what is wrong, and once
 //! Consul is back the mesh follows what changed meanwhile within [`RECOVERY`].
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::consul_fake::{Instance, Outage};
 use crate::support::consul_mesh::ConsulMesh;
+use crate::support::faults::Fault as Toxic;
 use crate::support::{Traffic, eventually};
 
 /// How long after Consul is back the mesh must follow what changed while it was away: the
@@ -261,4 +262,57 @@ async fn one_datacenter_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_back_with_a_lower_index() {
     survive(Fault::BackWithLowerIndex).await;
+}
+
+/// How long a change may take to reach Envoy while every byte between meshbridge and the
+/// agent is delayed by a second each way: a blocking query, a fetch (two round trips each)
+/// and a push, with room for a loaded machine.
+const SLOW_BOUND: Duration = Duration::from_secs(20);
+
+/// The agent slow (a latency fault of 1 s each way between meshbridge and the agent): no
+/// request fails, changes still arrive, only later, and slowness alone is not reported as a
+/// failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_agent_slow() {
+    let mesh = ConsulMesh::build("dc1")
+        .through_faults()
+        .register("dc1", "orders", "a", "orders-a")
+        .backend("orders", "b")
+        .proxy(&[])
+        .start()
+        .await;
+    mesh.wait_orders_from("a", "orders routed to a").await;
+    let traffic = Traffic::start(mesh.envoy().clone(), "orders", Duration::from_millis(20));
+    let second = Duration::from_secs(1);
+    mesh.faults().set_both(Toxic::Latency {
+        latency: second,
+        jitter: Duration::from_millis(200),
+    });
+    // Let the queries already open meet the latency too.
+    tokio::time::sleep(2 * second).await;
+
+    let changed = Instant::now();
+    mesh.consul.deregister("dc1", "orders-a");
+    mesh.register("dc1", "orders", "b", "orders-b");
+    eventually(
+        SLOW_BOUND,
+        "orders moved to b through the slow agent",
+        || async {
+            let r = mesh.envoy().call("orders", "/").await.ok()?;
+            r.body.contains("orders b").then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "AgentSlow: followed {:?} after the change",
+        changed.elapsed()
+    );
+    assert_eq!(
+        source_errors(&mesh, &["consul:dc1"]).await,
+        vec![None],
+        "a slow agent is not a failing one"
+    );
+    mesh.faults().clear_all();
+    mesh.assert_orders_from("b", 10).await;
+    traffic.assert_no_failure().await;
 }

@@ -25,3 +25,4 @@ mod consul;
 mod control_plane;
 mod disk;
 mod faults;
+mod kube;

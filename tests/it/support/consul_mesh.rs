@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::consul_fake::{FakeConsul, Instance};
+use super::faults::FaultProxy;
 use super::fixtures::{Fixture, MeshService};
 use super::{Backend, ControlPlane, Envoy, EnvoyOptions};
 
@@ -43,6 +44,7 @@ pub struct ConsulMeshBuilder {
     args: Vec<String>,
     proxy: Option<Vec<String>>,
     wait_ms: String,
+    faults: bool,
 }
 
 impl ConsulMeshBuilder {
@@ -107,6 +109,12 @@ impl ConsulMeshBuilder {
         self
     }
 
+    /// Puts a [`FaultProxy`] between meshbridge and the fake ([`ConsulMesh::faults`]).
+    pub fn through_faults(mut self) -> Self {
+        self.faults = true;
+        self
+    }
+
     /// Starts the frontend proxy (egress on), adding `dependencies` to what it declares.
     pub fn proxy(mut self, dependencies: &[&str]) -> Self {
         self.proxy = Some(dependencies.iter().map(|d| d.to_string()).collect());
@@ -155,7 +163,17 @@ impl ConsulMeshBuilder {
                 Registration::Bare { dc, instance } => consul.register(&dc, instance),
             }
         }
-        let url = consul.url();
+        let faults = match self.faults {
+            true => {
+                let addr = consul.url().trim_start_matches("http://").parse().unwrap();
+                Some(FaultProxy::start(addr).await)
+            }
+            false => None,
+        };
+        let url = match &faults {
+            Some(f) => format!("http://{}", f.addr()),
+            None => consul.url(),
+        };
         let mut args = vec![
             "--consul-addr",
             url.as_str(),
@@ -184,6 +202,7 @@ impl ConsulMeshBuilder {
             cp,
             envoy,
             backends,
+            faults,
         }
     }
 }
@@ -196,6 +215,7 @@ pub struct ConsulMesh {
     pub cp: ControlPlane,
     envoy: Option<Arc<Envoy>>,
     backends: Vec<(String, String, Backend)>,
+    faults: Option<FaultProxy>,
 }
 
 impl ConsulMesh {
@@ -209,12 +229,21 @@ impl ConsulMesh {
             args: Vec::new(),
             proxy: None,
             wait_ms: CONSUL_WAIT_MS.to_string(),
+            faults: false,
         }
     }
 
     /// The frontend proxy; the mesh must have been built with [`ConsulMeshBuilder::proxy`].
     pub fn envoy(&self) -> &Arc<Envoy> {
         self.envoy.as_ref().expect("built without .proxy()")
+    }
+
+    /// The fault proxy between meshbridge and Consul; the mesh must have been built with
+    /// [`ConsulMeshBuilder::through_faults`].
+    pub fn faults(&self) -> &FaultProxy {
+        self.faults
+            .as_ref()
+            .expect("built without .through_faults()")
     }
 
     /// The port of the backend `service`/`name`.

@@ -563,13 +563,19 @@ impl FakeKube {
     /// Writes `dir/kubeconfig`: one cluster whose server is [`url`](Self::url), a user
     /// without credentials, and a current context with namespace `default`.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.write_kubeconfig_for(dir, &self.url())
+    }
+
+    /// [`write_kubeconfig`](Self::write_kubeconfig) with another `server` URL (a proxy in
+    /// front of the fake).
+    pub fn write_kubeconfig_for(&self, dir: &Path, server: &str) -> PathBuf {
         let path = dir.join("kubeconfig");
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
              users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
              cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n\
              preferences: {{}}\n",
-            self.url()
+            server
         );
         std::fs::write(&path, text).unwrap();
         path
