@@ -11,8 +11,9 @@
 //!
 //! - `control_plane`: meshbridge killed and restarted, one of two replicas killed, a rolling
 //!   restart, the Envoy–meshbridge link cut, slow and blackholed;
-//! - `consul`: the agent down, no leader, rate-limited, every datacenter down, one cut off,
-//!   back with a lower index;
+//! - `consul`: the agent down or slow, no leader, rate-limited, every datacenter down, one cut
+//!   off, back with a lower index;
+//! - `kube`: the Kubernetes API down, slow, and its watches cut, under two replicas;
 //! - `churn`: 1,000 instance changes in a minute across 50 services;
 //! - `disk`: a full disk for the log and a read-only manifest directory.
 //!
