@@ -858,6 +858,12 @@ impl Traffic {
         }
     }
 
+    /// `(succeeded, failed)` so far.
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+
     /// Stops and returns `(succeeded, failed)`.
     pub async fn stop(self) -> (usize, usize) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
