@@ -211,6 +211,8 @@ fn control_plane_args(config_dir: &Path) -> RunArgs {
         config_poll: 500,
         consul_addr: None,
         consul_datacenters: vec![],
+        consul_domain: "consul".into(),
+        cluster_domain: "cluster.local".into(),
         consul_token_file: None,
         consul_ca_file: None,
         consul_include_warning: false,

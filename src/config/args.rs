@@ -246,6 +246,19 @@ pub struct RunArgs {
     /// (the xDS port then needs `--xds-tls-cert`; `--xds-client-auth` checks them).
     #[arg(long, env = "MESHBRIDGE_SIDECAR_XDS_TLS")]
     pub sidecar_xds_tls: bool,
+    /// Consul's DNS domain: every service also answers to `NAME.service.DOMAIN` and
+    /// `NAME.service.DC.DOMAIN` (the names Consul DNS users have in their configs); empty:
+    /// off.
+    #[arg(long, env = "MESHBRIDGE_CONSUL_DOMAIN", default_value = "consul")]
+    pub consul_domain: String,
+    /// The Kubernetes cluster domain: a service declared in namespace NS also answers to
+    /// `NAME.NS`, `NAME.NS.svc` and `NAME.NS.svc.DOMAIN`; empty: off.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
     /// SPIFFE trust domain of service identities.
     #[arg(long, env = "MESHBRIDGE_TRUST_DOMAIN", default_value = "mesh.local")]
     pub trust_domain: String,

@@ -44,6 +44,8 @@ impl RunArgs {
                 default_deny: self.default_deny,
                 source_ip_identity: self.source_ip_identity,
                 identity_header_from: self.identity_header_from.clone(),
+                consul_domain: dns_domain(&self.consul_domain),
+                cluster_domain: dns_domain(&self.cluster_domain),
             },
             kube: match (self.kube, env.in_cluster, &env.kubeconfig) {
                 (KubeMode::Off, _, _) | (KubeMode::Auto, false, None) => KubeSource::Off,
@@ -300,7 +302,8 @@ impl RunArgs {
         Ok(())
     }
 
-    /// Service globs (`--allow-wildcard`, `--identity-header-from`).
+    /// Service globs (`--allow-wildcard`, `--identity-header-from`) and DNS domains
+    /// (`--consul-domain`, `--cluster-domain`).
     fn check_globs(&self) -> Result<(), ConfigError> {
         for (flag, globs) in [
             ("allow-wildcard", &self.allow_wildcard),
@@ -313,6 +316,28 @@ impl RunArgs {
                         message: format!("{g:?} is not a service name or glob"),
                     });
                 }
+            }
+        }
+        for (flag, text) in [
+            ("consul-domain", &self.consul_domain),
+            ("cluster-domain", &self.cluster_domain),
+        ] {
+            let valid = dns_domain(text).is_none_or(|d| {
+                d.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+            });
+            if !valid {
+                return Err(ConfigError {
+                    flag,
+                    message: format!(
+                        "{text:?} is not a DNS domain (labels of letters, digits and -)"
+                    ),
+                });
             }
         }
         Ok(())
@@ -444,6 +469,12 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// A DNS domain flag as given (lower case, without surrounding dots); empty: off.
+fn dns_domain(text: &str) -> Option<String> {
+    let domain = text.trim().trim_matches('.').to_ascii_lowercase();
+    (!domain.is_empty()).then_some(domain)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +499,21 @@ mod tests {
             .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
             .args
             .validate(env)
+    }
+
+    #[test]
+    fn dns_domains_default_on_can_be_turned_off_and_must_be_domains() {
+        let c = run(&[]).unwrap();
+        assert_eq!(c.settings.consul_domain.as_deref(), Some("consul"));
+        assert_eq!(c.settings.cluster_domain.as_deref(), Some("cluster.local"));
+        let c = run(&["--consul-domain", ".Example.COM.", "--cluster-domain", ""]).unwrap();
+        assert_eq!(c.settings.consul_domain.as_deref(), Some("example.com"));
+        assert_eq!(c.settings.cluster_domain, None);
+        for (flag, bad) in [("--consul-domain", "a b"), ("--cluster-domain", "x..y")] {
+            let e = run(&[flag, bad]).unwrap_err();
+            assert_eq!(format!("--{}", e.flag), flag);
+            assert!(e.message.contains("not a DNS domain"), "{}", e.message);
+        }
     }
 
     #[test]

@@ -270,6 +270,7 @@ impl Index {
                     mtls: winner.mtls,
                     dependencies: winner.dependencies.clone(),
                     endpoints: sorted(endpoints),
+                    namespace: winner.namespace.clone(),
                 },
             );
         }

@@ -110,6 +110,9 @@ pub struct Service {
     pub dependencies: Vec<Dependency>,
     /// Instances, sorted, healthy or not.
     pub endpoints: Vec<Endpoint>,
+    /// The Kubernetes namespace of the MeshService declaring it (none for the operator's
+    /// manifests and for services known only from Consul).
+    pub namespace: Option<String>,
 }
 
 impl Service {
@@ -210,9 +213,39 @@ pub struct MeshSettings {
     /// `x-client-name` header (an edge gateway that authenticated the caller itself). The peer
     /// must itself present a certificate naming such a service.
     pub identity_header_from: Vec<String>,
+    /// Consul's DNS domain (`consul`): each service also answers to `NAME.service.DOMAIN`
+    /// and `NAME.service.DC.DOMAIN` for every datacenter; none: no Consul names.
+    pub consul_domain: Option<String>,
+    /// The Kubernetes cluster domain (`cluster.local`): a service declared in namespace NS
+    /// also answers to `NAME.NS`, `NAME.NS.svc` and `NAME.NS.svc.DOMAIN`; none: no
+    /// Kubernetes names.
+    pub cluster_domain: Option<String>,
 }
 
 impl MeshSettings {
+    /// Every name callers may use for `service` (lower case, its own name first): the names
+    /// Consul DNS and Kubernetes DNS give it, as configured. A caller's `Host` matches any,
+    /// with or without a port.
+    pub fn service_names(&self, service: &Service) -> Vec<String> {
+        let name = service.name.to_ascii_lowercase();
+        let mut out = vec![name.clone()];
+        if let Some(domain) = self.consul_domain.as_deref() {
+            out.push(format!("{name}.service.{domain}"));
+            for dc in &self.datacenters {
+                out.push(format!(
+                    "{name}.service.{}.{domain}",
+                    dc.to_ascii_lowercase()
+                ));
+            }
+        }
+        if let (Some(domain), Some(ns)) = (self.cluster_domain.as_deref(), &service.namespace) {
+            out.push(format!("{name}.{ns}"));
+            out.push(format!("{name}.{ns}.svc"));
+            out.push(format!("{name}.{ns}.svc.{domain}"));
+        }
+        out
+    }
+
     /// The CA bundle path external domains are verified against.
     pub fn external_ca_file(&self) -> &str {
         self.external_ca_file

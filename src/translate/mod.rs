@@ -379,6 +379,45 @@ pub fn ingress_resources(
     }
 }
 
+/// The domains of the virtual host of dependency `name`: its name (already taken by the
+/// caller), then the Consul and Kubernetes DNS names of it that are neither another
+/// dependency's own name (`own_names`) nor taken by another virtual host of the listener
+/// (Envoy refuses a route configuration where a domain repeats). With a warning when a name
+/// had to be left out.
+fn service_domains(
+    state: &MeshState,
+    settings: &MeshSettings,
+    name: &str,
+    own_names: &BTreeSet<String>,
+    taken: &mut BTreeSet<String>,
+) -> Result<Vec<String>, (Vec<String>, String)> {
+    let names = match state.services.get(name) {
+        Some(service) => settings.service_names(service),
+        None => settings.service_names(&crate::model::Service {
+            name: name.to_string(),
+            ..Default::default()
+        }),
+    };
+    let mut domains = vec![name.to_string()];
+    let mut left_out = Vec::new();
+    for alias in names.into_iter().skip(1) {
+        if !own_names.contains(&alias) && taken.insert(alias.clone()) {
+            domains.push(alias);
+        } else {
+            left_out.push(alias);
+        }
+    }
+    if left_out.is_empty() {
+        Ok(domains)
+    } else {
+        let warning = format!(
+            "{} not routed to {name}: another dependency is routed by that name",
+            left_out.join(", ")
+        );
+        Err((domains, warning))
+    }
+}
+
 /// The egress listener, its route configuration, the external-domain clusters, and the
 /// names of the mesh clusters it routes to.
 #[allow(clippy::too_many_lines)] // the egress listener and its routes, built together so that route and cluster names agree.
@@ -397,6 +436,13 @@ pub fn egress_resources(
     // Envoy compares vhost domains case-insensitively and rejects the whole route
     // configuration when one repeats, so names that differ only in case share one entry.
     let mut domains_taken = BTreeSet::new();
+    // A DNS name of one service never hides another's own name or an external domain.
+    let own_names: BTreeSet<String> = deps
+        .services
+        .keys()
+        .map(|n| n.to_ascii_lowercase())
+        .chain(deps.domains.keys().map(|d| d.host.clone()))
+        .collect();
     for (name, s) in &deps.services {
         if !domains_taken.insert(name.to_ascii_lowercase()) {
             out.warnings.push(format!(
@@ -405,6 +451,11 @@ pub fn egress_resources(
             ));
             continue;
         }
+        let domains = service_domains(state, settings, name, &own_names, &mut domains_taken)
+            .unwrap_or_else(|(domains, warning)| {
+                out.warnings.push(warning);
+                domains
+            });
         match state.services.get(name) {
             Some(service) if service.mtls == MtlsMode::Strict && !spec.tls => {
                 out.warnings.push(format!(
@@ -412,7 +463,7 @@ pub fn egress_resources(
                 ));
                 vhosts.push(listeners::local_reply_vhost(
                     name,
-                    vec![name.clone()],
+                    domains,
                     503,
                     "mtls-required",
                     format!(
@@ -428,14 +479,14 @@ pub fn egress_resources(
                 }
                 vhosts.push(VirtualHost {
                     name: name.clone(),
-                    domains: vec![name.clone()],
+                    domains,
                     routes: listeners::service_routes(name, has_canary, s),
                     ..Default::default()
                 });
             }
             None => vhosts.push(listeners::local_reply_vhost(
                 name,
-                vec![name.clone()],
+                domains,
                 503,
                 "unknown-service",
                 format!(

@@ -240,6 +240,27 @@ async fn local_datacenter_is_preferred_and_traffic_fails_over() {
     let consul = &mesh.consul;
     mesh.wait_orders_routed().await;
     mesh.assert_orders_from("dc1", 20).await;
+    // The names Consul DNS users have in their configs route the same way (any case, any
+    // port); a name of an unknown datacenter does not.
+    for host in [
+        "orders.service.consul",
+        "Orders.Service.Consul:8080",
+        "orders.service.dc2.consul",
+    ] {
+        let r = mesh.envoy().call(host, "/").await.unwrap();
+        assert!(
+            r.body.contains("orders dc1"),
+            "{host}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let r = mesh
+        .envoy()
+        .call("orders.service.dc9.consul", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
     consul.set_health("dc1", "o-1", Health::Critical);
     mesh.wait_orders_from("dc2", "failover to dc2").await;
     consul.set_health("dc1", "o-1", Health::Passing);

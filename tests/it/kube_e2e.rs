@@ -132,6 +132,14 @@ async fn ready_pods_become_endpoints_and_leave_when_unready_or_deleted() {
         (seen.len() == 2).then_some(())
     })
     .await;
+    // The names Kubernetes DNS gives the service route the same way.
+    for host in [
+        "orders.shop",
+        "orders.shop.svc:8080",
+        "orders.shop.svc.cluster.local:8080",
+    ] {
+        assert_eq!(answering(&envoy, host, 6).await.len(), 2, "{host}");
+    }
     let mut ports: Vec<u64> = instances(&cp, "orders")
         .await
         .into_iter()

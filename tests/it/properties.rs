@@ -402,9 +402,10 @@ fn settings() -> impl Strategy<Value = MeshSettings> {
         any::<bool>(),
         any::<bool>(),
         prop::sample::select(vec![vec![], vec!["admin-*".to_string()]]),
+        any::<bool>(),
     )
         .prop_map(
-            |(allow_wildcard, datacenters, default_deny, source_ip_identity, header_from)| {
+            |(allow_wildcard, datacenters, default_deny, source_ip_identity, header_from, dns)| {
                 MeshSettings {
                     allow_wildcard,
                     datacenters,
@@ -413,6 +414,8 @@ fn settings() -> impl Strategy<Value = MeshSettings> {
                     default_deny,
                     source_ip_identity,
                     identity_header_from: header_from,
+                    consul_domain: dns.then(|| "consul".into()),
+                    cluster_domain: dns.then(|| "cluster.local".into()),
                 }
             },
         )

@@ -1800,3 +1800,60 @@ fn envoy_accepts_every_scenario() {
         assert!(log.contains("OK"), "scenario {name}:\n{log}");
     }
 }
+
+#[test]
+fn e_services_answer_to_their_consul_and_kubernetes_names() {
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("orders.shop")
+        .dependency("ghost")
+        .yaml();
+    let dotted = MeshService::build("orders.shop")
+        .endpoint("10.7.7.7", 80)
+        .yaml();
+    let mut state = mesh(&[
+        ("frontend.yaml", &frontend),
+        ("orders.yaml", &orders()),
+        ("dotted.yaml", &dotted),
+    ]);
+    // As declared by a MeshService of namespace `shop`.
+    state.services.get_mut("orders").unwrap().namespace = Some("shop".into());
+    let settings = MeshSettings {
+        datacenters: vec!["dc1".into(), "DC2".into()],
+        consul_domain: Some("consul".into()),
+        cluster_domain: Some("cluster.local".into()),
+        ..MeshSettings::default()
+    };
+    let group = egress_group("frontend", &[]);
+    let snap = snapshot(&state, &settings, &group);
+    let rc = route_config(&snap, "egress");
+    // `orders.shop` is another service's own name: it is not taken from it.
+    assert_eq!(
+        vhost(&rc, "orders").domains,
+        [
+            "orders",
+            "orders.service.consul",
+            "orders.service.dc1.consul",
+            "orders.service.dc2.consul",
+            "orders.shop.svc",
+            "orders.shop.svc.cluster.local",
+        ]
+    );
+    assert_eq!(vhost(&rc, "orders.shop").domains[0], "orders.shop");
+    // An unknown service answers 503 by its Consul names too; it has no namespace.
+    assert_eq!(
+        vhost(&rc, "ghost").domains,
+        [
+            "ghost",
+            "ghost.service.consul",
+            "ghost.service.dc1.consul",
+            "ghost.service.dc2.consul"
+        ]
+    );
+    // Off: the bare names only.
+    let plain = snapshot(&state, &MeshSettings::default(), &group);
+    assert_eq!(
+        vhost(&route_config(&plain, "egress"), "orders").domains,
+        ["orders"]
+    );
+}
