@@ -1,8 +1,14 @@
 //! Listeners and route configurations.
 
+use envoy_types::pb::envoy::config::accesslog::v3::{
+    AccessLogFilter, ResponseFlagFilter, access_log_filter::FilterSpecifier,
+};
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    SubstitutionFormatString, substitution_format_string::Format,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, Listener, filter::ConfigType as FilterConfig,
@@ -14,8 +20,9 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
-    http_connection_manager::StripPortMode, http_filter::ConfigType as HttpFilterConfig,
+    HttpConnectionManager, HttpFilter, LocalReplyConfig, Rds, ResponseMapper,
+    http_connection_manager::RouteSpecifier, http_connection_manager::StripPortMode,
+    http_filter::ConfigType as HttpFilterConfig,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -40,6 +47,7 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
             ..Default::default()
         }],
         strip_port_mode: strip_port.then_some(StripPortMode::StripAnyHostPort(true)),
+        local_reply_config: Some(local_reply_config()),
         ..Default::default()
     };
     Listener {
@@ -52,6 +60,71 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
             }],
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// Envoy's own error replies, by the response flag that caused them: the reason meshbridge
+/// gives it (in `x-meshbridge-reason`, as on meshbridge's own replies) and what the body says.
+/// `%UPSTREAM_CLUSTER%` is the service's cluster (`orders`, `orders|canary`).
+pub const ENVOY_REPLIES: [(&str, &str, &str); 4] = [
+    (
+        "UH",
+        "no-healthy-upstream",
+        "no healthy instance of %UPSTREAM_CLUSTER%",
+    ),
+    (
+        "UT",
+        "upstream-timeout",
+        "%UPSTREAM_CLUSTER% did not answer within the timeout",
+    ),
+    (
+        "UO",
+        "overflow",
+        "too many requests to %UPSTREAM_CLUSTER% at once (circuit breaker)",
+    ),
+    (
+        "UF",
+        "upstream-connect-failure",
+        "cannot connect to %UPSTREAM_CLUSTER% (%UPSTREAM_HOST%)",
+    ),
+];
+
+/// Gives Envoy's own error replies (no healthy instance, timeout, overflow, connection
+/// failure) the `x-meshbridge-reason` header and a body naming the service and the reason;
+/// Envoy's status code and `RESPONSE_CODE_DETAILS` are kept.
+fn local_reply_config() -> LocalReplyConfig {
+    let mappers = ENVOY_REPLIES
+        .iter()
+        .map(|(flag, reason, what)| ResponseMapper {
+            filter: Some(AccessLogFilter {
+                filter_specifier: Some(FilterSpecifier::ResponseFlagFilter(ResponseFlagFilter {
+                    flags: vec![flag.to_string()],
+                })),
+            }),
+            body_format_override: Some(SubstitutionFormatString {
+                format: Some(Format::TextFormatSource(DataSource {
+                    specifier: Some(Specifier::InlineString(format!(
+                        "meshbridge: {what} ({reason}: %RESPONSE_CODE_DETAILS%)\n"
+                    ))),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            headers_to_add: vec![HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: names::REASON_HEADER.to_string(),
+                    value: reason.to_string(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    LocalReplyConfig {
+        mappers,
         ..Default::default()
     }
 }

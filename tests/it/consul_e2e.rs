@@ -93,9 +93,16 @@ async fn consul_instances_become_routable_and_leave_with_deregistration() {
 
     // An unhealthy instance is listed but gets no traffic.
     consul.set_health("dc1", "orders-b", Health::Critical);
-    envoy
+    let r = envoy
         .wait_call("orders", "no healthy orders", |r| r.status == 503)
         .await;
+    // Envoy's own reply says why, as meshbridge's replies do.
+    assert_eq!(r.header("x-meshbridge-reason"), Some("no-healthy-upstream"));
+    assert!(
+        r.body.contains("no healthy instance of orders"),
+        "{}",
+        r.body
+    );
     let orders = mesh.service("orders").await;
     assert_eq!(orders["instances"][0]["healthy"], false);
 }

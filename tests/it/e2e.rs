@@ -361,3 +361,50 @@ fn demo_routes_canary_and_refuses_undeclared() {
         "{stdout}"
     );
 }
+
+/// Envoy's own error replies carry `x-meshbridge-reason` and a body naming the service: an
+/// instance that accepts connections and never answers (`upstream-timeout`, 504), one whose
+/// port refuses them (`upstream-connect-failure`, 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_own_errors_name_the_service_and_the_reason() {
+    // Accepts and holds every connection, never answering.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let closed_port = support::free_port();
+    let caller = MeshService::build("frontend")
+        .dependency_with(json!({"service": "slow", "timeout": "1s"}))
+        .dependency("down");
+    let slow = MeshService::build("slow").endpoint("127.0.0.1", silent_port);
+    let down = MeshService::build("down").endpoint("127.0.0.1", closed_port);
+    let cp = ControlPlane::start(&manifests(&[&caller, &slow, &down]), &[]).await;
+    let envoy = Envoy::start(&cp, frontend(false)).await;
+
+    let r = envoy
+        .wait_call("slow", "the timeout", |r| r.status == 504)
+        .await;
+    assert_eq!(r.header("x-meshbridge-reason"), Some("upstream-timeout"));
+    assert!(
+        r.body.contains("slow did not answer within the timeout"),
+        "{}",
+        r.body
+    );
+    let r = envoy
+        .wait_call("down", "the refused connection", |r| r.status == 503)
+        .await;
+    assert_eq!(
+        r.header("x-meshbridge-reason"),
+        Some("upstream-connect-failure")
+    );
+    assert!(
+        r.body.contains("cannot connect to down (127.0.0.1:"),
+        "{}",
+        r.body
+    );
+    holder.abort();
+}
