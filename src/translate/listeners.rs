@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, LocalReplyConfig, Rds, ResponseMapper,
     http_connection_manager::RouteSpecifier, http_connection_manager::StripPortMode,
-    http_filter::ConfigType as HttpFilterConfig,
+    http_connection_manager::UpgradeConfig, http_filter::ConfigType as HttpFilterConfig,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -48,6 +48,12 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
         }],
         strip_port_mode: strip_port.then_some(StripPortMode::StripAnyHostPort(true)),
         local_reply_config: Some(local_reply_config()),
+        // WebSocket upgrades pass (the upgraded connection is then bytes both ways); other
+        // upgrades are refused by Envoy.
+        upgrade_configs: vec![UpgradeConfig {
+            upgrade_type: "websocket".to_string(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     Listener {

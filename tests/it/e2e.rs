@@ -408,3 +408,83 @@ async fn envoys_own_errors_name_the_service_and_the_reason() {
     );
     holder.abort();
 }
+
+/// Reads from `stream` until the end of an HTTP head; returns it.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A WebSocket application: answers the upgrade with `101` and echoes every byte after it.
+async fn websocket_echo(listener: tokio::net::TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let head = read_head(&mut stream).await.to_ascii_lowercase();
+            if !head.contains("upgrade: websocket") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                      sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                )
+                .await;
+            let (mut r, mut w) = stream.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// A WebSocket session through the caller's Envoy: the upgrade passes, bytes flow both ways,
+/// and the session outlives the dependency's request timeout (1 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_passes_and_outlives_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let server = tokio::spawn(websocket_echo(app));
+    let caller =
+        MeshService::build("frontend").dependency_with(json!({"service": "chat", "timeout": "1s"}));
+    let chat = MeshService::build("chat").endpoint("127.0.0.1", app_port);
+    let cp = ControlPlane::start(&manifests(&[&caller, &chat]), &[]).await;
+    let envoy = Envoy::start(&cp, frontend(false)).await;
+    envoy
+        .wait_call("chat", "chat routed", |r| r.status == 400)
+        .await;
+
+    let mut ws = tokio::net::TcpStream::connect(envoy.egress_addr())
+        .await
+        .unwrap();
+    ws.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for (i, pause) in [(1, 0), (2, 1500)] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let message = format!("frame {i}");
+        ws.write_all(message.as_bytes()).await.unwrap();
+        let mut echo = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut echo))
+            .await
+            .unwrap_or_else(|_| panic!("no echo of {message}"))
+            .unwrap_or_else(|e| panic!("{message}: {e}"));
+        assert_eq!(String::from_utf8_lossy(&echo), message);
+    }
+    server.abort();
+}
