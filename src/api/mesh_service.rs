@@ -74,7 +74,8 @@ pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub target_port: Option<u32>,
-    /// Application protocol. Default `http`.
+    /// Application protocol; the first port's is what callers' proxies speak to the
+    /// instances (`http2` and `grpc`: HTTP/2). Default `http`. `tcp` is refused for now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<PortProtocol>,
 }
@@ -89,7 +90,7 @@ pub enum PortProtocol {
     Http2,
     /// gRPC over HTTP/2.
     Grpc,
-    /// Opaque TCP.
+    /// Opaque TCP (not supported yet: a manifest naming it is refused).
     Tcp,
 }
 

@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::api::access_rule::{AccessAction as ApiAction, AccessRule};
-use crate::api::mesh_service::{DependencySpec, MeshService, MtlsMode as ApiMtls};
+use crate::api::mesh_service::{DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol};
 use crate::model::{
-    AccessAction, AccessRuleSet, CallerMatch, Dependency, DependencySettings, DependencyTarget,
-    Endpoint, ExternalDomain, MAX_WEIGHT, MtlsMode, Origin, PathMatch, RetryPolicy,
-    valid_service_name,
+    AccessAction, AccessRuleSet, AppProtocol, CallerMatch, Dependency, DependencySettings,
+    DependencyTarget, Endpoint, ExternalDomain, MAX_WEIGHT, MtlsMode, Origin, PathMatch,
+    RetryPolicy, valid_service_name,
 };
 
 use super::{AccessDeclaration, ServiceDeclaration};
@@ -114,7 +114,19 @@ pub fn mesh_service(
                 format!("port {} is listed twice", p.port),
             ));
         }
+        if p.protocol == Some(PortProtocol::Tcp) {
+            // Refused rather than accepted and ignored: callers' proxies would speak HTTP to it.
+            errors.push(err(
+                format!("spec.ports[{i}].protocol"),
+                "tcp is not supported yet: proxies speak http, http2 or grpc to a service",
+            ));
+        }
     }
+    let protocol = match obj.spec.ports.first().and_then(|p| p.protocol) {
+        None | Some(PortProtocol::Http | PortProtocol::Tcp) => AppProtocol::Http,
+        Some(PortProtocol::Http2) => AppProtocol::Http2,
+        Some(PortProtocol::Grpc) => AppProtocol::Grpc,
+    };
     let mut endpoints = Vec::new();
     for (i, e) in obj.spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
@@ -182,6 +194,7 @@ pub fn mesh_service(
         dependencies,
         endpoints,
         namespace: None,
+        protocol,
     })
 }
 

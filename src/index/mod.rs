@@ -33,6 +33,8 @@ pub struct ServiceDeclaration {
     pub endpoints: Vec<Endpoint>,
     /// The Kubernetes namespace it was declared in; none for the operator's manifests.
     pub namespace: Option<String>,
+    /// What its instances speak.
+    pub protocol: crate::model::AppProtocol,
 }
 
 /// An AccessRule, validated.
@@ -271,6 +273,7 @@ impl Index {
                     dependencies: winner.dependencies.clone(),
                     endpoints: sorted(endpoints),
                     namespace: winner.namespace.clone(),
+                    protocol: winner.protocol,
                 },
             );
         }

@@ -113,6 +113,28 @@ pub struct Service {
     /// The Kubernetes namespace of the MeshService declaring it (none for the operator's
     /// manifests and for services known only from Consul).
     pub namespace: Option<String>,
+    /// What its instances speak (`spec.ports[0].protocol`; HTTP/1 when undeclared).
+    pub protocol: AppProtocol,
+}
+
+/// The application protocol of a service's instances, as callers' proxies speak it to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 without TLS from the proxy (prior knowledge, `h2c`).
+    Http2,
+    /// gRPC: HTTP/2.
+    Grpc,
+}
+
+impl AppProtocol {
+    /// Whether proxies speak HTTP/2 to the instances.
+    pub fn is_http2(self) -> bool {
+        matches!(self, AppProtocol::Http2 | AppProtocol::Grpc)
+    }
 }
 
 impl Service {

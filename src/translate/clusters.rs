@@ -24,7 +24,9 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher:
 use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
 use envoy_types::util::pack_any;
 
-use crate::model::{Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service};
+use crate::model::{
+    AppProtocol, Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service,
+};
 
 use super::names;
 use super::proto::{ads_config_source, proto_duration, socket_address};
@@ -44,6 +46,37 @@ pub fn eds_cluster(name: &str) -> Cluster {
         lb_policy: LbPolicy::RoundRobin as i32,
         ..Default::default()
     }
+}
+
+/// Key of the upstream HTTP options in `typed_extension_protocol_options`.
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// `cluster` speaking `protocol` to its hosts: HTTP/2 (prior knowledge) for `http2` and
+/// `grpc`, Envoy's default HTTP/1.1 otherwise.
+pub fn speaking(mut cluster: Cluster, protocol: AppProtocol) -> Cluster {
+    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions,
+        http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+        },
+    };
+    if protocol.is_http2() {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                        Http2ProtocolOptions::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        cluster
+            .typed_extension_protocol_options
+            .insert(HTTP_OPTIONS.to_string(), pack_any(options));
+    }
+    cluster
 }
 
 /// Whether callers reach this instance of `service` over mutual TLS: the service is `strict`,
@@ -157,13 +190,13 @@ pub fn service_clusters(
     let name = names::service_cluster(&service.name);
     let tls = |e: &Endpoint| calls_need_tls(service, e);
     let mut out = vec![(
-        eds_cluster(&name),
+        speaking(eds_cluster(&name), service.protocol),
         assignment(&name, service.endpoints.iter(), settings, tls),
     )];
     if service.has_canary() {
         let canary = names::canary_cluster(&service.name);
         out.push((
-            eds_cluster(&canary),
+            speaking(eds_cluster(&canary), service.protocol),
             assignment(
                 &canary,
                 service.endpoints.iter().filter(|e| e.is_canary()),

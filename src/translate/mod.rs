@@ -372,7 +372,15 @@ pub fn ingress_resources(
     GroupResources {
         listeners: vec![ingress.listener],
         routes: vec![ingress.route],
-        clusters: vec![clusters::local_app_cluster(spec.app_port)],
+        // The application speaks what its service declares.
+        clusters: vec![clusters::speaking(
+            clusters::local_app_cluster(spec.app_port),
+            state
+                .services
+                .get(&spec.service)
+                .map(|s| s.protocol)
+                .unwrap_or_default(),
+        )],
         warnings: ingress.warnings,
         originate_tls: spec.tls,
         ..Default::default()

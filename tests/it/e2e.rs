@@ -488,3 +488,53 @@ async fn a_websocket_session_passes_and_outlives_the_request_timeout() {
     }
     server.abort();
 }
+
+/// An application that speaks HTTP/2 only (prior knowledge, as gRPC servers do): each answer
+/// names the HTTP version the request came in.
+async fn http2_only_app(listener: tokio::net::TcpListener) {
+    use hyper::service::service_fn;
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let body = format!("streams answered over {:?}\n", req.version());
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(body),
+                )))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// A service whose port says `protocol: http2` is called over HTTP/2 by the caller's Envoy
+/// and by its own Envoy, whatever the caller's application speaks (HTTP/1.1 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_service_is_spoken_to_in_http2_through_both_envoys() {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let server = tokio::spawn(http2_only_app(app));
+    let ingress_port = support::free_port();
+    let caller = MeshService::build("frontend").dependency("streams");
+    let streams = MeshService::build("streams")
+        .set("ports", json!([{"port": 8080, "protocol": "http2"}]))
+        .endpoint("127.0.0.1", ingress_port);
+    let cp = ControlPlane::start(&manifests(&[&caller, &streams]), &[]).await;
+    let _callee = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "streams".into(),
+            ingress_port: Some(ingress_port),
+            app_port: Some(app_port),
+            ..Default::default()
+        },
+    )
+    .await;
+    let envoy = Envoy::start(&cp, frontend(false)).await;
+    let r = envoy
+        .wait_call("streams", "streams over HTTP/2", |r| r.status == 200)
+        .await;
+    assert!(r.body.contains("HTTP/2.0"), "{}", r.body);
+    server.abort();
+}

@@ -1857,3 +1857,43 @@ fn e_services_answer_to_their_consul_and_kubernetes_names() {
         ["orders"]
     );
 }
+
+#[test]
+fn i_http2_and_grpc_services_are_spoken_to_in_http2_and_tcp_is_refused() {
+    let frontend = MeshService::build("frontend")
+        .dependency("grpc-api")
+        .dependency("orders")
+        .yaml();
+    let grpc = MeshService::build("grpc-api")
+        .set("ports", json!([{"port": 9000, "protocol": "grpc"}]))
+        .endpoint("10.9.9.9", 9000)
+        .yaml();
+    let snap = frontend_snapshot(&[
+        ("frontend.yaml", &frontend),
+        ("grpc.yaml", &grpc),
+        ("orders.yaml", &orders()),
+    ]);
+    const OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    assert!(
+        cluster(&snap, "grpc-api")
+            .typed_extension_protocol_options
+            .contains_key(OPTIONS)
+    );
+    assert!(
+        cluster(&snap, "orders")
+            .typed_extension_protocol_options
+            .is_empty()
+    );
+
+    let tcp = MeshService::build("cache")
+        .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))
+        .yaml();
+    let errs = parse_manifests("cache.yaml", &tcp).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].field.as_deref(), Some("spec.ports[0].protocol"));
+    assert!(
+        errs[0].to_string().contains("tcp is not supported yet"),
+        "{}",
+        errs[0]
+    );
+}
