@@ -102,31 +102,7 @@ pub fn mesh_service(
             ),
         ));
     }
-    let mut seen_ports = BTreeSet::new();
-    for (i, p) in obj.spec.ports.iter().enumerate() {
-        check_port(&mut errors, &format!("spec.ports[{i}].port"), p.port);
-        if let Some(t) = p.target_port {
-            check_port(&mut errors, &format!("spec.ports[{i}].targetPort"), t);
-        }
-        if !seen_ports.insert(p.port) {
-            errors.push(err(
-                format!("spec.ports[{i}].port"),
-                format!("port {} is listed twice", p.port),
-            ));
-        }
-        if p.protocol == Some(PortProtocol::Tcp) {
-            // Refused rather than accepted and ignored: callers' proxies would speak HTTP to it.
-            errors.push(err(
-                format!("spec.ports[{i}].protocol"),
-                "tcp is not supported yet: proxies speak http, http2 or grpc to a service",
-            ));
-        }
-    }
-    let protocol = match obj.spec.ports.first().and_then(|p| p.protocol) {
-        None | Some(PortProtocol::Http | PortProtocol::Tcp) => AppProtocol::Http,
-        Some(PortProtocol::Http2) => AppProtocol::Http2,
-        Some(PortProtocol::Grpc) => AppProtocol::Grpc,
-    };
+    let protocol = ports(obj, &mut errors);
     let mut endpoints = Vec::new();
     for (i, e) in obj.spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
@@ -196,6 +172,35 @@ pub fn mesh_service(
         namespace: None,
         protocol,
     })
+}
+
+/// Checks `spec.ports`; returns what the service speaks (its first port's protocol).
+fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> AppProtocol {
+    let mut seen_ports = BTreeSet::new();
+    for (i, p) in obj.spec.ports.iter().enumerate() {
+        check_port(errors, &format!("spec.ports[{i}].port"), p.port);
+        if let Some(t) = p.target_port {
+            check_port(errors, &format!("spec.ports[{i}].targetPort"), t);
+        }
+        if !seen_ports.insert(p.port) {
+            errors.push(err(
+                format!("spec.ports[{i}].port"),
+                format!("port {} is listed twice", p.port),
+            ));
+        }
+        if p.protocol == Some(PortProtocol::Tcp) {
+            // Refused rather than accepted and ignored: callers' proxies would speak HTTP to it.
+            errors.push(err(
+                format!("spec.ports[{i}].protocol"),
+                "tcp is not supported yet: proxies speak http, http2 or grpc to a service",
+            ));
+        }
+    }
+    match obj.spec.ports.first().and_then(|p| p.protocol) {
+        None | Some(PortProtocol::Http | PortProtocol::Tcp) => AppProtocol::Http,
+        Some(PortProtocol::Http2) => AppProtocol::Http2,
+        Some(PortProtocol::Grpc) => AppProtocol::Grpc,
+    }
 }
 
 fn check_port(errors: &mut Vec<FieldError>, field: &str, port: u32) {
