@@ -48,12 +48,7 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
         }],
         strip_port_mode: strip_port.then_some(StripPortMode::StripAnyHostPort(true)),
         local_reply_config: Some(local_reply_config()),
-        // WebSocket upgrades pass (the upgraded connection is then bytes both ways); other
-        // upgrades are refused by Envoy.
-        upgrade_configs: vec![UpgradeConfig {
-            upgrade_type: "websocket".to_string(),
-            ..Default::default()
-        }],
+        upgrade_configs: upgrades(),
         ..Default::default()
     };
     Listener {
@@ -73,7 +68,7 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
 /// Envoy's own error replies, by the response flag that caused them: the reason meshbridge
 /// gives it (in `x-meshbridge-reason`, as on meshbridge's own replies) and what the body says.
 /// `%UPSTREAM_CLUSTER%` is the service's cluster (`orders`, `orders|canary`).
-pub const ENVOY_REPLIES: [(&str, &str, &str); 4] = [
+pub const ENVOY_REPLIES: [(&str, &str, &str); 5] = [
     (
         "UH",
         "no-healthy-upstream",
@@ -94,12 +89,26 @@ pub const ENVOY_REPLIES: [(&str, &str, &str); 4] = [
         "upstream-connect-failure",
         "cannot connect to %UPSTREAM_CLUSTER% (%UPSTREAM_HOST%)",
     ),
+    (
+        "UC",
+        "upstream-reset",
+        "%UPSTREAM_CLUSTER% (%UPSTREAM_HOST%) closed the connection before answering",
+    ),
 ];
+
+/// The upgrades an HTTP listener lets through: WebSocket (the upgraded connection is then
+/// bytes both ways); Envoy refuses the others.
+pub fn upgrades() -> Vec<UpgradeConfig> {
+    vec![UpgradeConfig {
+        upgrade_type: "websocket".to_string(),
+        ..Default::default()
+    }]
+}
 
 /// Gives Envoy's own error replies (no healthy instance, timeout, overflow, connection
 /// failure) the `x-meshbridge-reason` header and a body naming the service and the reason;
 /// Envoy's status code and `RESPONSE_CODE_DETAILS` are kept.
-fn local_reply_config() -> LocalReplyConfig {
+pub fn local_reply_config() -> LocalReplyConfig {
     let mappers = ENVOY_REPLIES
         .iter()
         .map(|(flag, reason, what)| ResponseMapper {

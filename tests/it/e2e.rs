@@ -431,7 +431,9 @@ async fn websocket_echo(listener: tokio::net::TcpListener) {
             let head = read_head(&mut stream).await.to_ascii_lowercase();
             if !head.contains("upgrade: websocket") {
                 let _ = stream
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .write_all(
+                        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
                     .await;
                 return;
             }
@@ -447,8 +449,8 @@ async fn websocket_echo(listener: tokio::net::TcpListener) {
     }
 }
 
-/// A WebSocket session through the caller's Envoy: the upgrade passes, bytes flow both ways,
-/// and the session outlives the dependency's request timeout (1 s here).
+/// A WebSocket session through the caller's and the callee's Envoy: the upgrade passes,
+/// bytes flow both ways, and the session outlives the dependency's request timeout (1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_session_passes_and_outlives_the_request_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -457,8 +459,20 @@ async fn a_websocket_session_passes_and_outlives_the_request_timeout() {
     let server = tokio::spawn(websocket_echo(app));
     let caller =
         MeshService::build("frontend").dependency_with(json!({"service": "chat", "timeout": "1s"}));
-    let chat = MeshService::build("chat").endpoint("127.0.0.1", app_port);
+    let ingress_port = support::free_port();
+    let chat = MeshService::build("chat").endpoint("127.0.0.1", ingress_port);
     let cp = ControlPlane::start(&manifests(&[&caller, &chat]), &[]).await;
+    // The session crosses the caller's Envoy and the callee's.
+    let _callee = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "chat".into(),
+            ingress_port: Some(ingress_port),
+            app_port: Some(app_port),
+            ..Default::default()
+        },
+    )
+    .await;
     let envoy = Envoy::start(&cp, frontend(false)).await;
     envoy
         .wait_call("chat", "chat routed", |r| r.status == 400)

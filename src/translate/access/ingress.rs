@@ -130,6 +130,8 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
         normalize_path: Some(BoolValue { value: true }),
         merge_slashes: true,
         path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
+        local_reply_config: Some(listeners::local_reply_config()),
+        upgrade_configs: listeners::upgrades(),
         ..Default::default()
     };
     let filters = vec![Filter {
