@@ -2,10 +2,11 @@
 //! that changes in production, sampling its memory, to show whether it stays flat after
 //! warm-up. Nothing is reused, so a map that only grows shows as a slope:
 //!
-//! - Consul churn at `RATE` writes a second: health flips and port changes (the same
-//!   instance registered again with another port) of the base instances, and instances
-//!   registered and deregistered with a new ID on a new node each time; every
-//!   `SERVICE_SECS` a whole new service appears and the oldest added one disappears.
+//! - Consul churn at `RATE` writes a second: health flips (at most 5% out of rotation at a
+//!   time) and port changes (the same instance registered again with another port) of the
+//!   base instances, and instances registered and deregistered with a new ID on a new node
+//!   each time; every `SERVICE_SECS` a whole new service appears and the oldest added one
+//!   disappears.
 //! - Proxy churn: `PROXIES` simulated delta ADS streams, each on its own connection as an
 //!   Envoy holds it (10% on `"*"`, the others on 5 live services, possibly one that later
 //!   disappears); every `RECONNECT_SECS`, `RECONNECT_PERCENT` of them end (half closing their
@@ -149,7 +150,7 @@ struct Stats {
     configured: AtomicUsize,
     /// Streams configured and still open.
     connected: AtomicUsize,
-    /// Connections or stream openings that failed.
+    /// Connections or stream openings that failed (each is tried again, 10 times at most).
     failed: AtomicUsize,
     /// Streams the server ended (or that stalled) without the bench asking.
     unexpected_ends: AtomicUsize,
@@ -197,6 +198,41 @@ fn eds(subscribe: Vec<String>, unsubscribe: Vec<String>) -> DeltaDiscoveryReques
     }
 }
 
+/// Connects to meshbridge and opens a delta stream for `node` subscribing CDS (wildcard).
+async fn open(
+    xds: u16,
+    node: &Node,
+) -> Option<(
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+)> {
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{xds}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect_timeout(Duration::from_secs(10));
+    let channel = tokio::time::timeout(Duration::from_secs(20), endpoint.connect())
+        .await
+        .ok()?
+        .ok()?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: CDS.to_string(),
+        ..Default::default()
+    })
+    .await
+    .ok()?;
+    let responses = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.delta_aggregated_resources(ReceiverStream::new(rx)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some((tx, responses.into_inner()))
+}
+
 /// One simulated proxy: a connection of its own, a delta stream subscribing CDS (wildcard)
 /// and the EDS clusters CDS announces (dropping those it removes), ACKing everything. A
 /// message on `toggle` unsubscribes one cluster, or subscribes it again. `stop` ends it:
@@ -210,34 +246,21 @@ async fn proxy(
     mut toggle: mpsc::Receiver<()>,
 ) {
     stats.started.fetch_add(1, Relaxed);
-    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{xds}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect_timeout(Duration::from_secs(10));
-    let Ok(Ok(channel)) = tokio::time::timeout(Duration::from_secs(20), endpoint.connect()).await
-    else {
+    // As Envoy does, a failed connection or stream opening is tried again (10 times at most).
+    let mut opened = None;
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        opened = open(xds, &node).await;
+        if opened.is_some() {
+            break;
+        }
         stats.failed.fetch_add(1, Relaxed);
+    }
+    let Some((tx, mut responses)) = opened else {
         return;
     };
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
-    let (tx, rx) = mpsc::channel(64);
-    let _ = tx
-        .send(DeltaDiscoveryRequest {
-            node: Some(node),
-            type_url: CDS.to_string(),
-            ..Default::default()
-        })
-        .await;
-    let opened = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.delta_aggregated_resources(ReceiverStream::new(rx)),
-    )
-    .await;
-    let Ok(Ok(responses)) = opened else {
-        stats.failed.fetch_add(1, Relaxed);
-        return;
-    };
-    let mut responses = responses.into_inner();
     let mut subscribed: BTreeSet<String> = BTreeSet::new();
     let mut parked: Option<String> = None;
     let mut connected: Option<Connected> = None;
@@ -402,7 +425,8 @@ impl Catalog {
     }
 }
 
-/// The Consul churn until `end`: `rate` writes a second (40% health flips, 20% port
+/// The Consul churn until `end`: `rate` writes a second (40% health flips taking base
+/// instances out of rotation and back, at most 5% out at a time, 20% port
 /// changes, 40% alternately deregistering the oldest churned instance and registering a new
 /// one) and a service added and one removed every `service_every`. Returns how many of each.
 async fn consul_churn(
@@ -414,6 +438,8 @@ async fn consul_churn(
     end: Instant,
 ) -> [usize; 5] {
     let mut rng = mesh_gen::Rng::new(11);
+    // Base instances out of rotation, oldest first.
+    let mut down: VecDeque<usize> = VecDeque::new();
     let (mut health, mut ports, mut added, mut removed, mut services) = (0, 0, 0, 0, 0);
     let t0 = Instant::now();
     let period = Duration::from_secs(1) / rate as u32;
@@ -433,15 +459,25 @@ async fn consul_churn(
         }
         let r = rng.next(10);
         if r < 4 {
-            let i = rng.next(catalog.base.len());
-            let b = &mut catalog.base[i];
-            b.health = if b.health == Health::Passing {
-                Health::Critical
+            // At most one base instance in twenty out of rotation, as in a healthy fleet:
+            // once that many are, each flip brings the one out longest back.
+            let i = if down.len() >= catalog.base.len().div_ceil(20) {
+                down.pop_front()
             } else {
-                Health::Passing
+                Some(rng.next(catalog.base.len()))
             };
-            consul.set_health("dc1", &b.id, b.health);
-            health += 1;
+            if let Some(i) = i {
+                let b = &mut catalog.base[i];
+                b.health = if b.health == Health::Passing {
+                    down.push_back(i);
+                    Health::Critical
+                } else {
+                    down.retain(|d| *d != i);
+                    Health::Passing
+                };
+                consul.set_health("dc1", &b.id, b.health);
+                health += 1;
+            }
         } else if r < 6 {
             let i = rng.next(catalog.base.len());
             let b = &mut catalog.base[i];
@@ -836,7 +872,7 @@ async fn main() {
         "  Consul writes: {health} health flips, {ports} port changes, {added} instances registered, {removed} deregistered, {services_changed} services added and as many removed"
     );
     println!(
-        "  streams: {} started, {} configured, {} replaced by the bench, {} resubscriptions, {} failed to open, {} ended by the server; {} assignments received",
+        "  streams: {} started, {} configured, {} replaced by the bench, {} resubscriptions, {} failed to open (tried again), {} ended by the server; {} assignments received",
         stats.started.load(Relaxed),
         stats.configured.load(Relaxed),
         stats.replaced.load(Relaxed),
