@@ -58,6 +58,22 @@ pub struct MeshServiceSpec {
     /// The services and external domains this service calls.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dependencies: Vec<DependencySpec>,
+
+    /// HTTP/1 behaviour of this service's proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1: Option<Http1Spec>,
+}
+
+/// HTTP/1 behaviour of a service's proxies.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Http1Spec {
+    /// Keep the case of the HTTP/1 header names this service sends (Envoy lower-cases them
+    /// otherwise), for clients and servers that compare names case-sensitively: what its
+    /// instances answer reaches every caller spelled as sent, and what its application sends
+    /// reaches the services it calls spelled as sent.
+    #[serde(default)]
+    pub preserve_header_case: bool,
 }
 
 /// A port of the service.

@@ -171,6 +171,11 @@ pub fn mesh_service(
         endpoints,
         namespace: None,
         protocol,
+        preserve_header_case: obj
+            .spec
+            .http1
+            .as_ref()
+            .is_some_and(|h| h.preserve_header_case),
     })
 }
 

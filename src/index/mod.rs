@@ -35,6 +35,8 @@ pub struct ServiceDeclaration {
     pub namespace: Option<String>,
     /// What its instances speak.
     pub protocol: crate::model::AppProtocol,
+    /// `spec.http1.preserveHeaderCase`.
+    pub preserve_header_case: bool,
 }
 
 /// An AccessRule, validated.
@@ -274,6 +276,7 @@ impl Index {
                     endpoints: sorted(endpoints),
                     namespace: winner.namespace.clone(),
                     protocol: winner.protocol,
+                    preserve_header_case: winner.preserve_header_case,
                 },
             );
         }

@@ -115,6 +115,10 @@ pub struct Service {
     pub namespace: Option<String>,
     /// What its instances speak (`spec.ports[0].protocol`; HTTP/1 when undeclared).
     pub protocol: AppProtocol,
+    /// The HTTP/1 header names it sends keep their case: its callers' proxies read its
+    /// instances' answers, and its own proxies read its application's requests, remembering
+    /// the case (`spec.http1.preserveHeaderCase`).
+    pub preserve_header_case: bool,
 }
 
 /// The application protocol of a service's instances, as callers' proxies speak it to them.

@@ -52,8 +52,9 @@ pub fn eds_cluster(name: &str) -> Cluster {
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// `cluster` speaking `protocol` to its hosts: HTTP/2 (prior knowledge) for `http2` and
-/// `grpc`, Envoy's default HTTP/1.1 otherwise.
-pub fn speaking(mut cluster: Cluster, protocol: AppProtocol) -> Cluster {
+/// `grpc`, HTTP/1.1 otherwise, keeping the case of header names when `preserve_case` (HTTP/1
+/// only: HTTP/2 names are lower case by definition).
+pub fn speaking(mut cluster: Cluster, protocol: AppProtocol, preserve_case: bool) -> Cluster {
     use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
     use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
         HttpProtocolOptions,
@@ -61,21 +62,24 @@ pub fn speaking(mut cluster: Cluster, protocol: AppProtocol) -> Cluster {
             ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
         },
     };
-    if protocol.is_http2() {
-        let options = HttpProtocolOptions {
-            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                ExplicitHttpConfig {
-                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                        Http2ProtocolOptions::default(),
-                    )),
-                },
-            )),
-            ..Default::default()
-        };
-        cluster
-            .typed_extension_protocol_options
-            .insert(HTTP_OPTIONS.to_string(), pack_any(options));
-    }
+    let config = if protocol.is_http2() {
+        ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+    } else if preserve_case {
+        ProtocolConfig::HttpProtocolOptions(super::proto::preserve_case_http1())
+    } else {
+        return cluster;
+    };
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(config),
+            },
+        )),
+        ..Default::default()
+    };
+    cluster
+        .typed_extension_protocol_options
+        .insert(HTTP_OPTIONS.to_string(), pack_any(options));
     cluster
 }
 
@@ -190,13 +194,21 @@ pub fn service_clusters(
     let name = names::service_cluster(&service.name);
     let tls = |e: &Endpoint| calls_need_tls(service, e);
     let mut out = vec![(
-        speaking(eds_cluster(&name), service.protocol),
+        speaking(
+            eds_cluster(&name),
+            service.protocol,
+            service.preserve_header_case,
+        ),
         assignment(&name, service.endpoints.iter(), settings, tls),
     )];
     if service.has_canary() {
         let canary = names::canary_cluster(&service.name);
         out.push((
-            speaking(eds_cluster(&canary), service.protocol),
+            speaking(
+                eds_cluster(&canary),
+                service.protocol,
+                service.preserve_header_case,
+            ),
             assignment(
                 &canary,
                 service.endpoints.iter().filter(|e| e.is_canary()),

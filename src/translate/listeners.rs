@@ -33,8 +33,15 @@ use crate::model::{DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
 use super::names;
 use super::proto::{ads_config_source, proto_duration, socket_address};
 
-/// An HTTP listener whose routes come from RDS.
-pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port: bool) -> Listener {
+/// An HTTP listener whose routes come from RDS, ignoring the port in `Host`, keeping HTTP/1
+/// header names' case when `preserve_case`.
+pub fn http_listener(
+    name: &str,
+    host: &str,
+    port: u16,
+    route: &str,
+    preserve_case: bool,
+) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: name.to_string(),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
@@ -46,7 +53,8 @@ pub fn http_listener(name: &str, host: &str, port: u16, route: &str, strip_port:
             config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
             ..Default::default()
         }],
-        strip_port_mode: strip_port.then_some(StripPortMode::StripAnyHostPort(true)),
+        strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
+        http_protocol_options: preserve_case.then(super::proto::preserve_case_http1),
         local_reply_config: Some(local_reply_config()),
         upgrade_configs: upgrades(),
         ..Default::default()

@@ -136,6 +136,8 @@ pub struct EgressSpec {
     pub dependencies: BTreeMap<DependencyTarget, DependencySettings>,
     /// Whether the service may depend on every service (`--allow-wildcard`).
     pub wildcard_allowed: bool,
+    /// Whether the listener keeps HTTP/1 header names' case (`spec.http1`).
+    pub preserve_header_case: bool,
 }
 
 impl ProxyGroup {
@@ -174,6 +176,10 @@ impl ProxyGroup {
             tls: self.tls,
             dependencies,
             wildcard_allowed,
+            preserve_header_case: state
+                .services
+                .get(&self.service)
+                .is_some_and(|s| s.preserve_header_case),
         }
     }
 }
@@ -373,14 +379,14 @@ pub fn ingress_resources(
         listeners: vec![ingress.listener],
         routes: vec![ingress.route],
         // The application speaks what its service declares.
-        clusters: vec![clusters::speaking(
-            clusters::local_app_cluster(spec.app_port),
-            state
-                .services
-                .get(&spec.service)
-                .map(|s| s.protocol)
-                .unwrap_or_default(),
-        )],
+        clusters: vec![{
+            let service = state.services.get(&spec.service);
+            clusters::speaking(
+                clusters::local_app_cluster(spec.app_port),
+                service.map(|s| s.protocol).unwrap_or_default(),
+                service.is_some_and(|s| s.preserve_header_case),
+            )
+        }],
         warnings: ingress.warnings,
         originate_tls: spec.tls,
         ..Default::default()
@@ -551,7 +557,7 @@ pub fn egress_resources(
         "127.0.0.1",
         spec.port,
         names::EGRESS_ROUTE,
-        true,
+        spec.preserve_header_case,
     ));
     out.routes
         .push(listeners::route_configuration(names::EGRESS_ROUTE, vhosts));

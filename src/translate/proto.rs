@@ -43,3 +43,24 @@ pub(crate) fn socket_address(host: &str, port: u16) -> Address {
         })),
     }
 }
+
+/// HTTP/1 options that keep header names' case as received (Envoy's `preserve_case` stateful
+/// formatter): a codec with them remembers the case it read and writes it back out.
+pub fn preserve_case_http1() -> envoy_types::pb::envoy::config::core::v3::Http1ProtocolOptions {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Http1ProtocolOptions, TypedExtensionConfig,
+        http1_protocol_options::{HeaderKeyFormat, header_key_format::HeaderFormat},
+    };
+    use envoy_types::pb::envoy::extensions::http::header_formatters::preserve_case::v3::PreserveCaseFormatterConfig;
+    Http1ProtocolOptions {
+        header_key_format: Some(HeaderKeyFormat {
+            header_format: Some(HeaderFormat::StatefulFormatter(TypedExtensionConfig {
+                name: "envoy.http.stateful_header_formatters.preserve_case".to_string(),
+                typed_config: Some(envoy_types::util::pack_any(
+                    PreserveCaseFormatterConfig::default(),
+                )),
+            })),
+        }),
+        ..Default::default()
+    }
+}

@@ -552,3 +552,101 @@ async fn an_http2_service_is_spoken_to_in_http2_through_both_envoys() {
     assert!(r.body.contains("HTTP/2.0"), "{}", r.body);
     server.abort();
 }
+
+/// An HTTP/1.1 application answering every request with a mixed-case header name and, as
+/// its body, the head of the request as it arrived.
+async fn mixed_case_app(listener: tokio::net::TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            loop {
+                let head = read_head(&mut stream).await;
+                if head.is_empty() {
+                    return;
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nX-Custom-Header: Kept\r\nContent-Length: {}\r\n\r\n{head}",
+                    head.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The response `envoy` gives a raw HTTP/1.1 request for `host` carrying the header
+/// `X-Caller-Header`: its head and body.
+async fn raw_call(envoy: &Envoy, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(envoy.egress_addr())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nX-Caller-Header: 1\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut out))
+        .await
+        .expect("no answer")
+        .unwrap();
+    out
+}
+
+/// `spec.http1.preserveHeaderCase`: the header names a service's instances send reach its
+/// callers spelled as sent (`X-Custom-Header`), and those a service's application sends reach
+/// the services it calls spelled as sent (`X-Caller-Header`); without it Envoy lower-cases
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_case_is_kept_for_services_that_ask_for_it() {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let server = tokio::spawn(mixed_case_app(app));
+    let keep = json!({"preserveHeaderCase": true});
+    let old_client = MeshService::build("old-client")
+        .set("http1", keep.clone())
+        .dependency("old-api");
+    let new_client = MeshService::build("new-client")
+        .dependency("old-api")
+        .dependency("new-api");
+    let old_api = MeshService::build("old-api")
+        .set("http1", keep)
+        .endpoint("127.0.0.1", app_port);
+    let new_api = MeshService::build("new-api").endpoint("127.0.0.1", app_port);
+    let docs: [&dyn Fixture; 4] = [&old_client, &new_client, &old_api, &new_api];
+    let cp = ControlPlane::start(&manifests(&docs), &[]).await;
+    let proxy = |service: &str| EnvoyOptions {
+        service: service.into(),
+        egress: true,
+        ..Default::default()
+    };
+    let old = Envoy::start(&cp, proxy("old-client")).await;
+    let new = Envoy::start(&cp, proxy("new-client")).await;
+    for (envoy, host) in [(&old, "old-api"), (&new, "old-api"), (&new, "new-api")] {
+        envoy.wait_call(host, "routed", |r| r.status == 200).await;
+    }
+    // What old-api's instances send keeps its case, for every caller.
+    let from_old = raw_call(&new, "old-api").await;
+    assert!(
+        from_old.contains("\r\nX-Custom-Header: Kept\r\n"),
+        "{from_old}"
+    );
+    let from_new = raw_call(&new, "new-api").await;
+    assert!(
+        from_new.contains("\r\nx-custom-header: Kept\r\n"),
+        "{from_new}"
+    );
+    // What old-client's application sends keeps its case; new-client's is lower-cased.
+    let sent_by_old = raw_call(&old, "old-api").await;
+    assert!(
+        sent_by_old.contains("\r\nX-Caller-Header: 1\r\n"),
+        "{sent_by_old}"
+    );
+    assert!(
+        from_old.contains("\r\nx-caller-header: 1\r\n"),
+        "{from_old}"
+    );
+    server.abort();
+}

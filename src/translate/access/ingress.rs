@@ -132,6 +132,11 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
         path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
         local_reply_config: Some(listeners::local_reply_config()),
         upgrade_configs: listeners::upgrades(),
+        http_protocol_options: state
+            .services
+            .get(&group.service)
+            .is_some_and(|s| s.preserve_header_case)
+            .then(crate::translate::proto::preserve_case_http1),
         ..Default::default()
     };
     let filters = vec![Filter {
