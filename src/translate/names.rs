@@ -3,7 +3,7 @@
 //! Mesh service clusters carry the plain service name (readable Envoy stats); every other
 //! name contains `|`, which a valid service name cannot, so the two never collide.
 
-use crate::model::ExternalDomain;
+use crate::model::{ClusterPolicy, ExternalDomain};
 
 /// Listener accepting calls to the local service.
 pub const INGRESS_LISTENER: &str = "ingress";
@@ -48,6 +48,27 @@ pub fn service_cluster(service: &str) -> String {
 /// Cluster of the canary instances of a mesh service.
 pub fn canary_cluster(service: &str) -> String {
     format!("{service}|canary")
+}
+
+/// Variant of the mesh cluster `cluster` for callers whose dependency sets another
+/// outlier detection or circuit breakers: `orders|o-<hash of the policy>`. Callers with the
+/// same policy get the same name, and the name stays the same from one run to the next.
+pub fn policy_cluster(cluster: &str, policy: &ClusterPolicy) -> String {
+    let (o, c) = (&policy.outlier_detection, &policy.circuit_breakers);
+    let canonical = format!(
+        "{}/{}/{}/{}/{}/{}/{}/{}/{}",
+        o.consecutive_5xx,
+        o.consecutive_gateway_failure,
+        o.interval.as_nanos(),
+        o.base_ejection_time.as_nanos(),
+        o.max_ejection_percent,
+        c.max_connections,
+        c.max_pending_requests,
+        c.max_requests,
+        c.max_retries,
+    );
+    let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_bytes());
+    format!("{cluster}|o-{:08x}", hash >> 32)
 }
 
 /// Cluster of an external domain.
