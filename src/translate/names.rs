@@ -71,6 +71,17 @@ pub fn policy_cluster(cluster: &str, policy: &ClusterPolicy) -> String {
     format!("{cluster}|o-{:08x}", hash >> 32)
 }
 
+/// The endpoint assignment a cluster reads: its own name, or for a policy variant (see
+/// [`policy_cluster`]) the shared cluster's.
+pub fn cluster_assignment(cluster: &str) -> &str {
+    match cluster.rsplit_once("|o-") {
+        Some((shared, hash)) if hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            shared
+        }
+        _ => cluster,
+    }
+}
+
 /// Cluster of an external domain.
 pub fn domain_cluster(domain: &ExternalDomain) -> String {
     let scheme = if domain.tls { "https" } else { "http" };
@@ -80,4 +91,36 @@ pub fn domain_cluster(domain: &ExternalDomain) -> String {
 /// Virtual host of an external domain in the egress route configuration.
 pub fn domain_vhost(domain: &ExternalDomain) -> String {
     format!("ext|{}", domain.host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_variant_reads_the_assignment_of_the_cluster_it_varies() {
+        let policy = ClusterPolicy {
+            outlier_detection: crate::model::OutlierDetection {
+                consecutive_5xx: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for shared in ["orders", "orders|canary", "o-1234abcd"] {
+            let variant = policy_cluster(shared, &policy);
+            assert_ne!(variant, shared);
+            assert_eq!(cluster_assignment(&variant), shared);
+            assert_eq!(cluster_assignment(shared), shared);
+        }
+        // Same policy, same name; another policy, another name.
+        assert_eq!(
+            policy_cluster("orders", &policy),
+            policy_cluster("orders", &policy.clone())
+        );
+        assert_ne!(
+            policy_cluster("orders", &policy),
+            policy_cluster("orders", &ClusterPolicy::default())
+        );
+        assert_eq!(cluster_assignment("local|app"), "local|app");
+    }
 }

@@ -86,21 +86,55 @@ async fn stats_ending(envoy: &Envoy, suffix: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_failing_every_request_is_ejected_and_the_healthy_one_serves() {
+/// Calls `orders` until twenty calls in a row are answered by the healthy instance and none
+/// reaches the broken one (bounded).
+async fn until_only_the_healthy_instance_answers(envoy: &Envoy, bad: &FailingBackend, what: &str) {
+    eventually(Duration::from_secs(20), what, || async {
+        let before = bad.requests();
+        for _ in 0..20 {
+            let r = envoy.call("orders", "/").await.ok()?;
+            if r.status != 200 || !r.body.starts_with("hello from orders good") {
+                return None;
+            }
+        }
+        (bad.requests() == before).then_some(())
+    })
+    .await;
+}
+
+/// The outlier detection Envoy holds for `cluster` (from its config dump), as JSON.
+async fn outlier_config(envoy: &Envoy, cluster: &str) -> serde_json::Value {
+    let r = http_get(
+        envoy.admin_addr(),
+        "localhost",
+        "/config_dump?resource=dynamic_active_clusters",
+        &[],
+    )
+    .await
+    .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["cluster"])
+        .find(|c| c["name"] == cluster)
+        .unwrap_or_else(|| panic!("Envoy has no cluster {cluster}: {dump}"))["outlier_detection"]
+        .clone()
+}
+
+async fn ejects_the_failing_instance(delta: bool) {
     let good = Backend::start("orders", "good").await;
     let bad = FailingBackend::start().await;
     let orders = MeshService::build("orders").endpoints("127.0.0.1", &[good.port, bad.port]);
-    let frontend = MeshService::build("frontend").dependency_with(json!({
-        "service": "orders",
-        "outlierDetection": {"consecutive5xx": 3, "interval": "1s", "baseEjectionTime": "30s"},
-    }));
-    let cp = ControlPlane::start(&manifests(&[&frontend, &orders]), &[]).await;
+    let plain = MeshService::build("frontend").dependency("orders");
+    let cp = ControlPlane::start(&manifests(&[&plain, &orders]), &[]).await;
     let envoy = Envoy::start(
         &cp,
         EnvoyOptions {
             service: "frontend".into(),
             egress: true,
+            delta,
             ..Default::default()
         },
     )
@@ -119,40 +153,72 @@ async fn an_instance_failing_every_request_is_ejected_and_the_healthy_one_serves
         .await;
     assert!(failure.body.contains("broken instance"), "{}", failure.body);
 
-    // After a few calls the broken instance is ejected: twenty calls in a row, all answered by
-    // the healthy instance, none reaching the broken one.
-    eventually(
-        Duration::from_secs(20),
-        "the broken instance ejected",
-        || async {
-            let before = bad.requests();
-            for _ in 0..20 {
-                let r = envoy.call("orders", "/").await.ok()?;
-                if r.status != 200 || !r.body.starts_with("hello from orders good") {
-                    return None;
-                }
-            }
-            (bad.requests() == before).then_some(())
-        },
-    )
-    .await;
-    let seen = bad.requests();
+    // The defaults alone eject it from the shared cluster after a few failures.
+    until_only_the_healthy_instance_answers(&envoy, &bad, "the defaults ejecting").await;
+    let by_default = bad.requests();
     assert!(
-        seen >= 3,
-        "ejected after {seen} failures, fewer than consecutive5xx"
+        by_default >= 5,
+        "ejected after {by_default} failures, fewer than 5"
+    );
+    let shared = envoy
+        .stat("cluster.orders.outlier_detection.ejections_enforced_total")
+        .await;
+    assert!(shared >= Some(1), "{shared:?}");
+
+    // The caller overrides its outlier detection: it gets its own variant of the cluster,
+    // whose instances start uneaten by ejections, and ejects after three failures.
+    let frontend = MeshService::build("frontend").dependency_with(json!({
+        "service": "orders",
+        "outlierDetection": {"consecutive5xx": 3, "interval": "1s", "baseEjectionTime": "30s"},
+    }));
+    cp.write_manifests(&manifests(&[&frontend, &orders]));
+    let cluster = eventually(Duration::from_secs(20), "the variant cluster", || async {
+        stats_ending(&envoy, ".membership_total")
+            .await
+            .into_iter()
+            .find(|(name, total)| name.starts_with("cluster.orders|o-") && *total == 2)
+            .map(|(name, _)| {
+                name.strip_prefix("cluster.")
+                    .and_then(|n| n.strip_suffix(".membership_total"))
+                    .unwrap()
+                    .to_string()
+            })
+    })
+    .await;
+    // It got the shared assignment at once, not after giving up waiting for it (Envoy
+    // subscribes to the name `orders` it already has).
+    assert_eq!(
+        envoy
+            .stat(&format!("cluster.{cluster}.init_fetch_timeout"))
+            .await,
+        Some(0),
+        "the variant warmed until Envoy gave up waiting for its endpoints"
+    );
+    let o = outlier_config(&envoy, &cluster).await;
+    assert_eq!(o["consecutive_5xx"], 3, "{o}");
+    assert_eq!(o["interval"], "1s", "{o}");
+    assert_eq!(o["max_ejection_percent"], 50, "{o}");
+    envoy
+        .wait_call("orders", "the broken instance back in the variant", |r| {
+            r.status == 500
+        })
+        .await;
+    until_only_the_healthy_instance_answers(&envoy, &bad, "the override ejecting").await;
+    let by_override = bad.requests() - by_default;
+    assert!(
+        by_override >= 3,
+        "ejected after {by_override} failures, fewer than 3"
     );
 
-    // Envoy says so, on the caller's own variant of the orders cluster.
+    // Envoy says so, on the caller's variant.
     let ejections = stats_ending(&envoy, ".outlier_detection.ejections_enforced_total").await;
-    let (name, count) = ejections
+    let enforced = ejections
         .iter()
-        .find(|(name, _)| name.starts_with("cluster.orders|o-"))
-        .unwrap_or_else(|| panic!("no ejection counter of an orders variant: {ejections:?}"));
-    assert!(*count >= 1, "{name}: {count}");
-    let cluster = name
-        .strip_prefix("cluster.")
-        .and_then(|n| n.strip_suffix(".outlier_detection.ejections_enforced_total"))
-        .unwrap();
+        .find(|(name, _)| {
+            name == &format!("cluster.{cluster}.outlier_detection.ejections_enforced_total")
+        })
+        .map(|(_, count)| *count);
+    assert!(enforced >= Some(1), "{ejections:?}");
     assert_eq!(
         envoy
             .stat(&format!(
@@ -161,13 +227,6 @@ async fn an_instance_failing_every_request_is_ejected_and_the_healthy_one_serves
             .await,
         Some(1),
         "half the instances at most may be ejected: exactly the broken one"
-    );
-    // It reads the shared assignment: both instances, one of them ejected.
-    assert_eq!(
-        envoy
-            .stat(&format!("cluster.{cluster}.membership_total"))
-            .await,
-        Some(2)
     );
     assert_eq!(
         envoy
@@ -179,4 +238,14 @@ async fn an_instance_failing_every_request_is_ejected_and_the_healthy_one_serves
         envoy.stat("cluster_manager.warming_clusters").await,
         Some(0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_an_instance_failing_every_request_is_ejected_by_default_and_by_an_override() {
+    ejects_the_failing_instance(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_an_instance_failing_every_request_is_ejected_by_default_and_by_an_override() {
+    ejects_the_failing_instance(true).await;
 }
