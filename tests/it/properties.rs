@@ -725,9 +725,16 @@ proptest! {
                         && built.state.services.contains_key(name)
                         && !s.warnings.iter().any(|w| w.contains(name.as_str()))
                     {
+                        // The shared cluster, or the caller's policy variant of it.
                         prop_assert!(
-                            s.resources(ResourceType::Cluster).contains_key(name),
+                            s.resources(ResourceType::Cluster)
+                                .keys()
+                                .any(|c| meshbridge::translate::names::cluster_assignment(c) == name),
                             "no cluster for dependency {} of {:?}", name, g
+                        );
+                        prop_assert!(
+                            s.resources(ResourceType::Endpoint).contains_key(name),
+                            "no assignment for dependency {} of {:?}", name, g
                         );
                     }
                 }
