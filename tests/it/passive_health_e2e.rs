@@ -1,6 +1,6 @@
-//! Passive health end to end: a real Envoy stops sending requests to an instance that
-//! answers every request with an error, through the outlier detection of its caller's
-//! dependency.
+//! Passive health and limits end to end: a real Envoy stops sending requests to an instance
+//! that answers every request with an error (outlier detection), and fails at once the
+//! requests beyond its caller's limits instead of queueing them (circuit breakers).
 
 use crate::support;
 
@@ -238,6 +238,18 @@ async fn ejects_the_failing_instance(delta: bool) {
         envoy.stat("cluster_manager.warming_clusters").await,
         Some(0)
     );
+    // The admin API finds what Envoy runs to be what meshbridge sent: the variant and the
+    // shared assignment it reads, no shared cluster left over.
+    let path = format!("/api/proxies/{}/diff", envoy.node_id);
+    let diff = eventually(Duration::from_secs(20), "the proxy in sync", || async {
+        let diff = cp.admin_json(&path).await;
+        (diff["in_sync"] == true).then_some(diff)
+    })
+    .await;
+    for t in diff["types"].as_array().unwrap() {
+        assert_eq!(t["only_sent"], json!([]), "{t}");
+        assert_eq!(t["only_envoy"], json!([]), "{t}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,4 +260,139 @@ async fn sotw_an_instance_failing_every_request_is_ejected_by_default_and_by_an_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_an_instance_failing_every_request_is_ejected_by_default_and_by_an_override() {
     ejects_the_failing_instance(true).await;
+}
+
+/// An instance that holds every request until released, then answers `200 held`. Counts the
+/// requests it received.
+struct HeldBackend {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HeldBackend {
+    async fn start() -> HeldBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let counted = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (counted, mut released) = (counted.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if released.wait_for(|r| *r).await.is_err() {
+                        return;
+                    }
+                    let response =
+                        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nheld\n";
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        HeldBackend {
+            port,
+            requests,
+            release,
+            task,
+        }
+    }
+}
+
+impl Drop for HeldBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_callers_limits_fail_at_once_instead_of_queueing() {
+    let orders = HeldBackend::start().await;
+    let service = MeshService::build("orders").endpoint("127.0.0.1", orders.port);
+    let frontend = MeshService::build("frontend").dependency_with(json!({
+        "service": "orders",
+        "circuitBreakers": {"maxConnections": 1, "maxPendingRequests": 1},
+    }));
+    let cp = ControlPlane::start(&manifests(&[&frontend, &service]), &[]).await;
+    let envoy = Arc::new(
+        Envoy::start(
+            &cp,
+            EnvoyOptions {
+                service: "frontend".into(),
+                egress: true,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let cluster = eventually(Duration::from_secs(20), "the variant cluster", || async {
+        stats_ending(&envoy, ".membership_total")
+            .await
+            .into_iter()
+            .find(|(name, total)| name.starts_with("cluster.orders|o-") && *total == 1)
+            .map(|(name, _)| {
+                name.strip_prefix("cluster.")
+                    .and_then(|n| n.strip_suffix(".membership_total"))
+                    .unwrap()
+                    .to_string()
+            })
+    })
+    .await;
+
+    // One request in flight on the one connection allowed, one waiting for it.
+    let call = |envoy: Arc<Envoy>| tokio::spawn(async move { envoy.call("orders", "/").await });
+    let first = call(envoy.clone());
+    eventually(
+        Duration::from_secs(20),
+        "the first request held",
+        || async { (orders.requests.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    let second = call(envoy.clone());
+    let pending = format!("cluster.{cluster}.upstream_rq_pending_active");
+    eventually(
+        Duration::from_secs(20),
+        "the second request pending",
+        || async { (envoy.stat(&pending).await == Some(1)).then_some(()) },
+    )
+    .await;
+
+    // A third is beyond the limits: refused by the caller's Envoy, never reaching orders.
+    let third = envoy.call("orders", "/").await.unwrap();
+    assert_eq!(third.status, 503, "{third:?}");
+    assert_eq!(
+        third.header("x-envoy-overloaded"),
+        Some("true"),
+        "{third:?}"
+    );
+    assert_eq!(orders.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        envoy
+            .stat(&format!("cluster.{cluster}.upstream_rq_pending_overflow"))
+            .await,
+        Some(1)
+    );
+
+    // Released, the two admitted requests are answered.
+    orders.release.send(true).unwrap();
+    for r in [first, second] {
+        let r = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("an admitted request answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "held\n"));
+    }
+    assert_eq!(orders.requests.load(Ordering::SeqCst), 2);
 }
