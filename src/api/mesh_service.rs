@@ -174,6 +174,68 @@ pub struct DependencySpec {
     /// Retry policy. Default: one retry on connection failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetrySpec>,
+    /// Passive health checking of the called service's instances (`service` dependencies
+    /// only). Fields left out keep their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Connection and request limits towards the called service (`service` dependencies
+    /// only). Fields left out keep their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breakers: Option<CircuitBreakersSpec>,
+}
+
+/// Passive health checking: an instance that keeps failing is ejected from load balancing
+/// for a while.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Consecutive 5xx responses (or connection failures) that eject an instance, 1–1000.
+    /// Default 5.
+    #[serde(
+        rename = "consecutive5xx",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502, 503 or 504 responses that eject an instance, 1–1000. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_gateway_failure: Option<u32>,
+    /// Time between ejection sweeps, which also return ejected instances, e.g. `10s`.
+    /// Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How long an instance is ejected for, multiplied by the times it has been ejected, e.g.
+    /// `30s`. Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// Largest share of the instances ejected at once, in percent, 0–100. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Limits per calling proxy: requests beyond them fail at once (503) instead of queueing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakersSpec {
+    /// Connections to all instances, 1–1000000. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection, 1–1000000. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight, 1–1000000. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_requests: Option<u32>,
+    /// Retries in flight, 0–1000000. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_retries: Option<u32>,
 }
 
 /// Retry policy for calls to a dependency.

@@ -8,11 +8,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::api::access_rule::{AccessAction as ApiAction, AccessRule};
-use crate::api::mesh_service::{DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol};
+use crate::api::mesh_service::{
+    DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol, RetrySpec,
+};
 use crate::model::{
-    AccessAction, AccessRuleSet, AppProtocol, CallerMatch, Dependency, DependencySettings,
-    DependencyTarget, Endpoint, ExternalDomain, MAX_WEIGHT, MtlsMode, Origin, PathMatch,
-    RetryPolicy, valid_service_name,
+    AccessAction, AccessRuleSet, AppProtocol, CallerMatch, CircuitBreakers, ClusterPolicy,
+    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain, MAX_WEIGHT,
+    MtlsMode, Origin, OutlierDetection, PathMatch, RetryPolicy, valid_service_name,
 };
 
 use super::{AccessDeclaration, ServiceDeclaration};
@@ -260,61 +262,193 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
         },
         None => None,
     };
-    let retries = match &d.retries {
-        Some(r) => {
-            if r.attempts > 10 {
+    let retries = d
+        .retries
+        .as_ref()
+        .map(|r| retry_policy(r, field, &mut errors));
+    let cluster = cluster_policy(d, field, &mut errors);
+    if matches!(target, Some(DependencyTarget::Domain(_))) {
+        for (set, name) in [
+            (d.outlier_detection.is_some(), "outlierDetection"),
+            (d.circuit_breakers.is_some(), "circuitBreakers"),
+        ] {
+            if set {
                 errors.push(err(
-                    format!("{field}.retries.attempts"),
-                    format!("{} is outside 0..=10", r.attempts),
+                    format!("{field}.{name}"),
+                    "applies to `service` dependencies only, not to an external `domain`",
                 ));
             }
-            let mut on = Vec::new();
-            for (j, cond) in r.on.iter().enumerate() {
-                match RETRY_CONDITIONS.iter().find(|(k, _)| k == cond) {
-                    Some((_, envoy)) => on.push((*envoy).to_string()),
-                    None => errors.push(err(
-                        format!("{field}.retries.on[{j}]"),
-                        format!(
-                            "unknown retry condition {cond:?}; known: {}",
-                            RETRY_CONDITIONS
-                                .iter()
-                                .map(|(k, _)| *k)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )),
-                }
-            }
-            if on.is_empty() {
-                on = RetryPolicy::default().on;
-            }
-            on.sort();
-            on.dedup();
-            let per_try_timeout = match &r.per_try_timeout {
-                Some(t) => match parse_duration(t) {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        errors.push(err(format!("{field}.retries.perTryTimeout"), e));
-                        None
-                    }
-                },
-                None => None,
-            };
-            Some(RetryPolicy {
-                attempts: r.attempts,
-                on,
-                per_try_timeout,
-            })
         }
-        None => None,
-    };
+    }
     match target {
         Some(target) if errors.is_empty() => Ok(Dependency {
             target,
-            settings: DependencySettings { timeout, retries },
+            settings: DependencySettings {
+                timeout,
+                retries,
+                cluster,
+            },
         }),
         _ => Err(errors),
     }
+}
+
+fn retry_policy(r: &RetrySpec, field: &str, errors: &mut Vec<FieldError>) -> RetryPolicy {
+    if r.attempts > 10 {
+        errors.push(err(
+            format!("{field}.retries.attempts"),
+            format!("{} is outside 0..=10", r.attempts),
+        ));
+    }
+    let mut on = Vec::new();
+    for (j, cond) in r.on.iter().enumerate() {
+        match RETRY_CONDITIONS.iter().find(|(k, _)| k == cond) {
+            Some((_, envoy)) => on.push((*envoy).to_string()),
+            None => errors.push(err(
+                format!("{field}.retries.on[{j}]"),
+                format!(
+                    "unknown retry condition {cond:?}; known: {}",
+                    RETRY_CONDITIONS
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+    if on.is_empty() {
+        on = RetryPolicy::default().on;
+    }
+    on.sort();
+    on.dedup();
+    let per_try_timeout = r.per_try_timeout.as_ref().and_then(|t| {
+        parse_duration(t)
+            .map_err(|e| errors.push(err(format!("{field}.retries.perTryTimeout"), e)))
+            .ok()
+    });
+    RetryPolicy {
+        attempts: r.attempts,
+        on,
+        per_try_timeout,
+    }
+}
+
+/// `value` when set and within `range`, else `default` (with an error naming `field` when it
+/// is out of range).
+fn bounded(
+    value: Option<u32>,
+    range: std::ops::RangeInclusive<u32>,
+    default: u32,
+    field: String,
+    errors: &mut Vec<FieldError>,
+) -> u32 {
+    match value {
+        Some(v) if range.contains(&v) => v,
+        Some(v) => {
+            errors.push(err(
+                field,
+                format!("{v} is outside {}..={}", range.start(), range.end()),
+            ));
+            default
+        }
+        None => default,
+    }
+}
+
+/// A duration field when set and valid, else `default` (with an error naming `field`).
+fn duration_or(
+    value: Option<&String>,
+    default: Duration,
+    field: String,
+    errors: &mut Vec<FieldError>,
+) -> Duration {
+    match value.map(|t| parse_duration(t)) {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            errors.push(err(field, e));
+            default
+        }
+        None => default,
+    }
+}
+
+/// The largest connection and request limit a manifest may set.
+const MAX_LIMIT: u32 = 1_000_000;
+
+/// The outlier detection and circuit breakers of a dependency: the defaults, with what the
+/// manifest overrides.
+fn cluster_policy(d: &DependencySpec, field: &str, errors: &mut Vec<FieldError>) -> ClusterPolicy {
+    let defaults = ClusterPolicy::default();
+    let mut policy = defaults;
+    if let Some(o) = &d.outlier_detection {
+        let (od, f) = (
+            &defaults.outlier_detection,
+            format!("{field}.outlierDetection"),
+        );
+        policy.outlier_detection = OutlierDetection {
+            consecutive_5xx: bounded(
+                o.consecutive_5xx,
+                1..=1000,
+                od.consecutive_5xx,
+                format!("{f}.consecutive5xx"),
+                errors,
+            ),
+            consecutive_gateway_failure: bounded(
+                o.consecutive_gateway_failure,
+                1..=1000,
+                od.consecutive_gateway_failure,
+                format!("{f}.consecutiveGatewayFailure"),
+                errors,
+            ),
+            interval: duration_or(
+                o.interval.as_ref(),
+                od.interval,
+                format!("{f}.interval"),
+                errors,
+            ),
+            base_ejection_time: duration_or(
+                o.base_ejection_time.as_ref(),
+                od.base_ejection_time,
+                format!("{f}.baseEjectionTime"),
+                errors,
+            ),
+            max_ejection_percent: bounded(
+                o.max_ejection_percent,
+                0..=100,
+                od.max_ejection_percent,
+                format!("{f}.maxEjectionPercent"),
+                errors,
+            ),
+        };
+    }
+    if let Some(c) = &d.circuit_breakers {
+        let (cb, f) = (
+            &defaults.circuit_breakers,
+            format!("{field}.circuitBreakers"),
+        );
+        let mut limit = |value, min, default, name: &str| {
+            bounded(
+                value,
+                min..=MAX_LIMIT,
+                default,
+                format!("{f}.{name}"),
+                errors,
+            )
+        };
+        policy.circuit_breakers = CircuitBreakers {
+            max_connections: limit(c.max_connections, 1, cb.max_connections, "maxConnections"),
+            max_pending_requests: limit(
+                c.max_pending_requests,
+                1,
+                cb.max_pending_requests,
+                "maxPendingRequests",
+            ),
+            max_requests: limit(c.max_requests, 1, cb.max_requests, "maxRequests"),
+            max_retries: limit(c.max_retries, 0, cb.max_retries, "maxRetries"),
+        };
+    }
+    policy
 }
 
 /// Validates an AccessRule and converts it into a declaration.
@@ -435,6 +569,101 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(errors) => errors.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    /// The errors of a MeshService whose one dependency is `dependency` (flow YAML).
+    fn errors_of(dependency: &str) -> String {
+        let text = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: web}}\nspec:\n  dependencies:\n    - {dependency}\n"
+        );
+        match crate::sources::files::parse_manifests("web.yaml", &text) {
+            Ok(_) => String::new(),
+            Err(errors) => errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    #[test]
+    fn outlier_detection_and_circuit_breakers_out_of_range_are_refused_naming_the_field() {
+        assert_eq!(
+            errors_of(
+                "{service: orders, outlierDetection: {consecutive5xx: 3, consecutiveGatewayFailure: 1000, interval: 1s, baseEjectionTime: 2m, maxEjectionPercent: 0}, circuitBreakers: {maxConnections: 1, maxPendingRequests: 1000000, maxRequests: 10, maxRetries: 0}}"
+            ),
+            ""
+        );
+        let errors = errors_of(
+            "{service: orders, outlierDetection: {consecutive5xx: 0, consecutiveGatewayFailure: 1001, interval: 0s, baseEjectionTime: soon, maxEjectionPercent: 101}, circuitBreakers: {maxConnections: 0, maxPendingRequests: 1000001, maxRequests: 0}}",
+        );
+        for expected in [
+            "spec.dependencies[0].outlierDetection.consecutive5xx: 0 is outside 1..=1000",
+            "spec.dependencies[0].outlierDetection.consecutiveGatewayFailure: 1001 is outside 1..=1000",
+            "spec.dependencies[0].outlierDetection.interval: \"0s\": must be greater than zero",
+            "spec.dependencies[0].outlierDetection.baseEjectionTime: \"soon\"",
+            "spec.dependencies[0].outlierDetection.maxEjectionPercent: 101 is outside 0..=100",
+            "spec.dependencies[0].circuitBreakers.maxConnections: 0 is outside 1..=1000000",
+            "spec.dependencies[0].circuitBreakers.maxPendingRequests: 1000001 is outside 1..=1000000",
+            "spec.dependencies[0].circuitBreakers.maxRequests: 0 is outside 1..=1000000",
+        ] {
+            assert!(errors.contains(expected), "{expected} not in {errors}");
+        }
+        assert!(!errors.contains("maxRetries"), "{errors}");
+        // Negative numbers and unknown fields are refused by the schema, naming the field.
+        let negative = errors_of("{service: orders, circuitBreakers: {maxRetries: -1}}");
+        assert!(negative.contains("maxRetries"), "{negative}");
+        let unknown = errors_of("{service: orders, outlierDetection: {consecutive5XX: 3}}");
+        assert!(unknown.contains("consecutive5XX"), "{unknown}");
+        // An external domain has no mesh cluster to tune.
+        let domain = errors_of(
+            "{domain: \"https://api.example.com\", outlierDetection: {consecutive5xx: 3}, circuitBreakers: {}}",
+        );
+        for field in ["outlierDetection", "circuitBreakers"] {
+            assert!(
+                domain.contains(&format!(
+                    "spec.dependencies[0].{field}: applies to `service` dependencies only"
+                )),
+                "{domain}"
+            );
+        }
+    }
+
+    #[test]
+    fn overrides_keep_the_defaults_of_the_fields_left_out() {
+        let service = |dependency: &str| {
+            let text = format!(
+                "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: web}}\nspec:\n  dependencies:\n    - {dependency}\n"
+            );
+            let objects = crate::sources::files::parse_manifests("web.yaml", &text).unwrap();
+            let crate::index::IndexObject::Service(declaration) = &objects[0] else {
+                panic!("not a service declaration")
+            };
+            declaration.dependencies[0].settings.cluster
+        };
+        assert!(service("{service: orders}").is_default());
+        assert!(
+            service("{service: orders, outlierDetection: {}, circuitBreakers: {}}").is_default()
+        );
+        let policy = service(
+            "{service: orders, outlierDetection: {consecutive5xx: 3, interval: 1500ms}, circuitBreakers: {maxRetries: 0}}",
+        );
+        let defaults = ClusterPolicy::default();
+        assert_eq!(
+            policy.outlier_detection,
+            OutlierDetection {
+                consecutive_5xx: 3,
+                interval: Duration::from_millis(1500),
+                ..defaults.outlier_detection
+            }
+        );
+        assert_eq!(
+            policy.circuit_breakers,
+            CircuitBreakers {
+                max_retries: 0,
+                ..defaults.circuit_breakers
+            }
+        );
     }
 
     #[test]

@@ -158,6 +158,80 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Passive health checking of a mesh cluster: an instance that keeps failing is ejected
+/// from load balancing for a while.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (or connection failures) that eject an instance.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502, 503 or 504 responses that eject an instance.
+    pub consecutive_gateway_failure: u32,
+    /// Time between ejection sweeps (which also return ejected instances).
+    pub interval: Duration,
+    /// How long an instance is ejected for, multiplied by the times it has been ejected.
+    pub base_ejection_time: Duration,
+    /// Largest share of a cluster's instances ejected at once, in percent.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    /// Envoy's thresholds, enforced: at most half the instances ejected, so that a service is
+    /// never ejected entirely.
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// Limits of a mesh cluster, per calling proxy: requests beyond them fail at once instead of
+/// queueing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct CircuitBreakers {
+    /// Connections to all instances.
+    pub max_connections: u32,
+    /// Requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Requests in flight.
+    pub max_requests: u32,
+    /// Retries in flight.
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreakers {
+    /// Envoy's own defaults, stated so that they show in the configuration.
+    fn default() -> Self {
+        CircuitBreakers {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// How the cluster of a mesh dependency treats its instances. The default is what every
+/// mesh cluster carries; a dependency with another policy gets its own variant of the
+/// cluster (sharing the instances).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ClusterPolicy {
+    /// Passive health checking.
+    pub outlier_detection: OutlierDetection,
+    /// Connection and request limits.
+    pub circuit_breakers: CircuitBreakers,
+}
+
+impl ClusterPolicy {
+    /// Whether this is the policy of the shared mesh clusters.
+    pub fn is_default(&self) -> bool {
+        *self == ClusterPolicy::default()
+    }
+}
+
 /// How calls to a dependency behave.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct DependencySettings {
@@ -165,6 +239,8 @@ pub struct DependencySettings {
     pub timeout: Option<Duration>,
     /// Retry policy (default [`RetryPolicy::default`]).
     pub retries: Option<RetryPolicy>,
+    /// Outlier detection and circuit breakers of the called service's cluster.
+    pub cluster: ClusterPolicy,
 }
 
 /// A dependency with its settings.

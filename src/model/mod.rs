@@ -17,8 +17,8 @@ mod dependency;
 pub use access::{AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, PathMatch};
 pub use change::{StateDiff, diff_states};
 pub use dependency::{
-    Dependency, DependencySettings, DependencyTarget, ExternalDomain, ParseDependencyError,
-    RetryPolicy, valid_service_name,
+    CircuitBreakers, ClusterPolicy, Dependency, DependencySettings, DependencyTarget,
+    ExternalDomain, OutlierDetection, ParseDependencyError, RetryPolicy, valid_service_name,
 };
 
 /// Where an endpoint came from.

@@ -328,14 +328,28 @@ pub fn resolve_part(part: &GroupResources, mesh: &EncodedMesh) -> ResolvedPart {
                 .push(format!("mesh cluster {name} does not exist")),
         }
     }
+    for name in &part.mesh_assignments {
+        match mesh.assignments.get(name) {
+            Some(a) => {
+                assignments.insert(name, a.clone());
+            }
+            None => out
+                .problems
+                .push(format!("mesh assignment {name} does not exist")),
+        }
+    }
     for c in &part.clusters {
         if clusters.insert(&c.name, encode(&c.name, c)).is_some() {
             out.problems
                 .push(format!("cluster {} defined twice", c.name));
         }
         let eds = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
-        if c.cluster_discovery_type == eds && !assignments.contains_key(c.name.as_str()) {
-            out.open_assignments.push(c.name.clone());
+        let assignment = match c.eds_cluster_config.as_ref() {
+            Some(cfg) if !cfg.service_name.is_empty() => &cfg.service_name,
+            _ => &c.name,
+        };
+        if c.cluster_discovery_type == eds && !assignments.contains_key(assignment.as_str()) {
+            out.open_assignments.push(assignment.clone());
         }
     }
     for r in &part.routes {

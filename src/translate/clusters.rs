@@ -5,11 +5,13 @@ use std::time::Duration as StdDuration;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
 use envoy_types::pb::envoy::config::cluster::v3::{
-    Cluster,
+    CircuitBreakers, Cluster, OutlierDetection,
+    circuit_breakers::Thresholds,
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, Locality, Metadata, TransportSocket, data_source, transport_socket::ConfigType,
+    DataSource, Locality, Metadata, RoutingPriority, TransportSocket, data_source,
+    transport_socket::ConfigType,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
@@ -25,7 +27,7 @@ use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind}
 use envoy_types::util::pack_any;
 
 use crate::model::{
-    AppProtocol, Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service,
+    AppProtocol, ClusterPolicy, Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service,
 };
 
 use super::names;
@@ -33,17 +35,60 @@ use super::proto::{ads_config_source, proto_duration, socket_address};
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(1);
 
-/// An EDS cluster of a mesh service (or of its canary subset).
+/// An EDS cluster of a mesh service (or of its canary subset), with the default policy.
 pub fn eds_cluster(name: &str) -> Cluster {
+    policy_cluster(name, "", &ClusterPolicy::default())
+}
+
+/// An EDS cluster named `name` with the outlier detection and circuit breakers of `policy`,
+/// reading the assignment named `assignment` (its own name when empty): a policy variant of
+/// a mesh cluster reads the shared cluster's instances.
+pub fn policy_cluster(name: &str, assignment: &str, policy: &ClusterPolicy) -> Cluster {
     Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: Some(ads_config_source()),
-            service_name: String::new(),
+            service_name: assignment.to_string(),
         }),
         connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
         lb_policy: LbPolicy::RoundRobin as i32,
+        outlier_detection: Some(outlier_detection(&policy.outlier_detection)),
+        circuit_breakers: Some(circuit_breakers(&policy.circuit_breakers)),
+        ..Default::default()
+    }
+}
+
+fn uint32(value: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value })
+}
+
+/// Consecutive-failure ejection, enforced every time it triggers (Envoy enforces gateway
+/// failures 0% of the time by default, i.e. counts them without ejecting).
+fn outlier_detection(o: &crate::model::OutlierDetection) -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx: uint32(o.consecutive_5xx),
+        enforcing_consecutive_5xx: uint32(100),
+        consecutive_gateway_failure: uint32(o.consecutive_gateway_failure),
+        enforcing_consecutive_gateway_failure: uint32(100),
+        interval: Some(proto_duration(o.interval)),
+        base_ejection_time: Some(proto_duration(o.base_ejection_time)),
+        max_ejection_percent: uint32(o.max_ejection_percent),
+        ..Default::default()
+    }
+}
+
+/// Limits on the default routing priority (the only one meshbridge routes with).
+fn circuit_breakers(c: &crate::model::CircuitBreakers) -> CircuitBreakers {
+    CircuitBreakers {
+        thresholds: vec![Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_connections: uint32(c.max_connections),
+            max_pending_requests: uint32(c.max_pending_requests),
+            max_requests: uint32(c.max_requests),
+            max_retries: uint32(c.max_retries),
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }

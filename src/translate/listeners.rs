@@ -190,15 +190,16 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
     }
 }
 
-/// The routes towards one mesh service: canary requests (`x-canary: 1`) first when the
-/// service has canary instances, then every request to all instances.
+/// The routes towards one mesh service: canary requests (`x-canary: 1`) first to
+/// `canary_cluster` when the service has canary instances, then every request to
+/// `cluster` (all instances).
 pub fn service_routes(
-    service: &str,
-    has_canary: bool,
+    cluster: &str,
+    canary_cluster: Option<&str>,
     settings: &DependencySettings,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
-    if has_canary {
+    if let Some(canary_cluster) = canary_cluster {
         let mut matcher = prefix_match();
         matcher.headers.push(HeaderMatcher {
             name: names::CANARY_HEADER.to_string(),
@@ -208,19 +209,9 @@ pub fn service_routes(
             })),
             ..Default::default()
         });
-        routes.push(cluster_route(
-            "canary",
-            matcher,
-            &names::canary_cluster(service),
-            settings,
-        ));
+        routes.push(cluster_route("canary", matcher, canary_cluster, settings));
     }
-    routes.push(cluster_route(
-        "default",
-        prefix_match(),
-        &names::service_cluster(service),
-        settings,
-    ));
+    routes.push(cluster_route("default", prefix_match(), cluster, settings));
     routes
 }
 

@@ -89,6 +89,9 @@ pub struct GroupResources {
     pub clusters: Vec<Cluster>,
     /// Names of the [`MeshResources`] clusters (and assignments) the group uses.
     pub mesh_clusters: BTreeSet<String>,
+    /// Names of [`MeshResources`] assignments the group's own clusters read (policy variants
+    /// of mesh clusters), without the shared cluster itself.
+    pub mesh_assignments: BTreeSet<String>,
     /// Whether the group holds a certificate and gets the mutual-TLS variant of mesh clusters.
     pub originate_tls: bool,
     /// Things an operator should know: dependencies ignored and why.
@@ -363,8 +366,40 @@ impl GroupResources {
         self.routes.extend(other.routes);
         self.clusters.extend(other.clusters);
         self.mesh_clusters.extend(other.mesh_clusters);
+        self.mesh_assignments.extend(other.mesh_assignments);
         self.originate_tls |= other.originate_tls;
         self.warnings.extend(other.warnings);
+    }
+
+    /// Routes to the mesh cluster `shared` of `service` with the dependency settings `s`:
+    /// the shared cluster itself under the default policy, else the group's own variant of
+    /// it (its mutual-TLS form when the shared one has one and the proxy holds a
+    /// certificate) reading the shared assignment. Returns the cluster to route to.
+    fn use_mesh_cluster(
+        &mut self,
+        shared: String,
+        service: &crate::model::Service,
+        s: &DependencySettings,
+        spec: &EgressSpec,
+        settings: &MeshSettings,
+    ) -> String {
+        if s.cluster.is_default() {
+            self.mesh_clusters.insert(shared.clone());
+            return shared;
+        }
+        let name = names::policy_cluster(&shared, &s.cluster);
+        // The variant speaks to the instances as the shared cluster does.
+        let mut cluster = clusters::speaking(
+            clusters::policy_cluster(&name, &shared, &s.cluster),
+            service.protocol,
+            service.preserve_header_case,
+        );
+        if spec.tls && clusters::service_uses_tls(service) {
+            cluster = clusters::with_upstream_tls(cluster, &settings.trust_domain, &service.name);
+        }
+        self.clusters.push(cluster);
+        self.mesh_assignments.insert(shared);
+        name
     }
 }
 
@@ -486,15 +521,16 @@ pub fn egress_resources(
                 ));
             }
             Some(service) => {
-                let has_canary = service.has_canary();
-                out.mesh_clusters.insert(names::service_cluster(name));
-                if has_canary {
-                    out.mesh_clusters.insert(names::canary_cluster(name));
-                }
+                let mut cluster =
+                    |shared: String| out.use_mesh_cluster(shared, service, s, spec, settings);
+                let default = cluster(names::service_cluster(name));
+                let canary = service
+                    .has_canary()
+                    .then(|| cluster(names::canary_cluster(name)));
                 vhosts.push(VirtualHost {
                     name: name.clone(),
                     domains,
-                    routes: listeners::service_routes(name, has_canary, s),
+                    routes: listeners::service_routes(&default, canary.as_deref(), s),
                     ..Default::default()
                 });
             }

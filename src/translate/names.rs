@@ -3,7 +3,7 @@
 //! Mesh service clusters carry the plain service name (readable Envoy stats); every other
 //! name contains `|`, which a valid service name cannot, so the two never collide.
 
-use crate::model::ExternalDomain;
+use crate::model::{ClusterPolicy, ExternalDomain};
 
 /// Listener accepting calls to the local service.
 pub const INGRESS_LISTENER: &str = "ingress";
@@ -50,6 +50,38 @@ pub fn canary_cluster(service: &str) -> String {
     format!("{service}|canary")
 }
 
+/// Variant of the mesh cluster `cluster` for callers whose dependency sets another
+/// outlier detection or circuit breakers: `orders|o-<hash of the policy>`. Callers with the
+/// same policy get the same name, and the name stays the same from one run to the next.
+pub fn policy_cluster(cluster: &str, policy: &ClusterPolicy) -> String {
+    let (o, c) = (&policy.outlier_detection, &policy.circuit_breakers);
+    let canonical = format!(
+        "{}/{}/{}/{}/{}/{}/{}/{}/{}",
+        o.consecutive_5xx,
+        o.consecutive_gateway_failure,
+        o.interval.as_nanos(),
+        o.base_ejection_time.as_nanos(),
+        o.max_ejection_percent,
+        c.max_connections,
+        c.max_pending_requests,
+        c.max_requests,
+        c.max_retries,
+    );
+    let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_bytes());
+    format!("{cluster}|o-{:08x}", hash >> 32)
+}
+
+/// The endpoint assignment a cluster reads: its own name, or for a policy variant (see
+/// [`policy_cluster`]) the shared cluster's.
+pub fn cluster_assignment(cluster: &str) -> &str {
+    match cluster.rsplit_once("|o-") {
+        Some((shared, hash)) if hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            shared
+        }
+        _ => cluster,
+    }
+}
+
 /// Cluster of an external domain.
 pub fn domain_cluster(domain: &ExternalDomain) -> String {
     let scheme = if domain.tls { "https" } else { "http" };
@@ -59,4 +91,36 @@ pub fn domain_cluster(domain: &ExternalDomain) -> String {
 /// Virtual host of an external domain in the egress route configuration.
 pub fn domain_vhost(domain: &ExternalDomain) -> String {
     format!("ext|{}", domain.host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_variant_reads_the_assignment_of_the_cluster_it_varies() {
+        let policy = ClusterPolicy {
+            outlier_detection: crate::model::OutlierDetection {
+                consecutive_5xx: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for shared in ["orders", "orders|canary", "o-1234abcd"] {
+            let variant = policy_cluster(shared, &policy);
+            assert_ne!(variant, shared);
+            assert_eq!(cluster_assignment(&variant), shared);
+            assert_eq!(cluster_assignment(shared), shared);
+        }
+        // Same policy, same name; another policy, another name.
+        assert_eq!(
+            policy_cluster("orders", &policy),
+            policy_cluster("orders", &policy.clone())
+        );
+        assert_ne!(
+            policy_cluster("orders", &policy),
+            policy_cluster("orders", &ClusterPolicy::default())
+        );
+        assert_eq!(cluster_assignment("local|app"), "local|app");
+    }
 }

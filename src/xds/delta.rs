@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::snapshot::{self, ResourceMap, ResourceType, Snapshot};
 use crate::translate::clusters::empty_assignment;
+use crate::translate::names::cluster_assignment;
 
 use super::sotw::RequestKind;
 
@@ -243,15 +244,17 @@ impl DeltaState {
         st.nonce = self.nonce_counter.to_string();
         let nonce = st.nonce.clone();
         if t == ResourceType::Cluster {
-            // A changed cluster warms until its assignment arrives: send it again.
+            // A changed cluster warms until its assignment arrives: send it again (a policy
+            // variant's is the shared cluster's, which the proxy may hold already).
             // Also before EDS is requested: a reconnecting proxy reports the assignment
             // versions it has right after CDS.
             let eds = self.types.entry(ResourceType::Endpoint).or_default();
             eds.seen = None;
             for r in &resources {
-                eds.known.remove(&r.name);
+                let assignment = cluster_assignment(&r.name);
+                eds.known.remove(assignment);
                 if !eds.requested {
-                    eds.resend.insert(r.name.clone());
+                    eds.resend.insert(assignment.to_string());
                 }
             }
         }

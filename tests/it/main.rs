@@ -31,6 +31,7 @@ mod kube_e2e;
 mod kube_fake;
 mod layering;
 mod manifests_cli;
+mod passive_health_e2e;
 mod properties;
 mod reliability;
 mod translate_snapshots;

@@ -95,6 +95,9 @@ struct GenDependency {
     target: &'static str,
     timeout_ms: Option<u32>,
     attempts: Option<u32>,
+    /// An outlier detection override (service dependencies only): few values, so that
+    /// callers share variants.
+    consecutive_5xx: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +129,9 @@ impl GenService {
             }
             if let Some(a) = d.attempts {
                 dependency["retries"] = json!({"attempts": a, "on": ["5xx"]});
+            }
+            if let Some(n) = d.consecutive_5xx.filter(|_| !d.target.contains("://")) {
+                dependency["outlierDetection"] = json!({"consecutive5xx": n});
             }
             service = service.dependency_with(dependency);
         }
@@ -325,17 +331,22 @@ fn dependencies() -> impl Strategy<Value = Vec<GenDependency>> {
             Just(targets),
             prop::collection::vec(prop::option::of(1u32..5000), n),
             prop::collection::vec(prop::option::of(0u32..4), n),
+            prop::collection::vec(prop::option::of(3u32..6), n),
         )
-            .prop_map(|(targets, timeouts, attempts)| {
+            .prop_map(|(targets, timeouts, attempts, outliers)| {
                 targets
                     .into_iter()
                     .zip(timeouts)
                     .zip(attempts)
-                    .map(|((target, timeout_ms), attempts)| GenDependency {
-                        target,
-                        timeout_ms,
-                        attempts,
-                    })
+                    .zip(outliers)
+                    .map(
+                        |(((target, timeout_ms), attempts), consecutive_5xx)| GenDependency {
+                            target,
+                            timeout_ms,
+                            attempts,
+                            consecutive_5xx,
+                        },
+                    )
                     .collect()
             })
     })
@@ -714,9 +725,16 @@ proptest! {
                         && built.state.services.contains_key(name)
                         && !s.warnings.iter().any(|w| w.contains(name.as_str()))
                     {
+                        // The shared cluster, or the caller's policy variant of it.
                         prop_assert!(
-                            s.resources(ResourceType::Cluster).contains_key(name),
+                            s.resources(ResourceType::Cluster)
+                                .keys()
+                                .any(|c| meshbridge::translate::names::cluster_assignment(c) == name),
                             "no cluster for dependency {} of {:?}", name, g
+                        );
+                        prop_assert!(
+                            s.resources(ResourceType::Endpoint).contains_key(name),
+                            "no assignment for dependency {} of {:?}", name, g
                         );
                     }
                 }

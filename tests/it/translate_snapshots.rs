@@ -17,10 +17,11 @@ use envoy_types::util::pack_any;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster,
+    circuit_breakers::Thresholds,
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, address, config_source::ConfigSourceSpecifier, data_source::Specifier,
+    Address, RoutingPriority, address, config_source::ConfigSourceSpecifier, data_source::Specifier,
     socket_address::PortSpecifier, transport_socket::ConfigType as TransportConfig,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -47,7 +48,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
-use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
 use prost::{Message, Name};
 
 use serde_json::json;
@@ -305,6 +306,14 @@ fn rds_name(l: &Listener) -> String {
     }
 }
 
+/// The name of the assignment an EDS cluster reads: its EDS service name, else its own.
+fn eds_assignment(c: &Cluster) -> String {
+    match c.eds_cluster_config.as_ref() {
+        Some(cfg) if !cfg.service_name.is_empty() => cfg.service_name.clone(),
+        _ => c.name.clone(),
+    }
+}
+
 fn discovery_type(c: &Cluster) -> DiscoveryType {
     match c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(t).unwrap(),
@@ -396,6 +405,9 @@ fn render_cluster(c: &Cluster) -> String {
             Some(ConfigSourceSpecifier::Ads(_))
         );
         write!(out, " (eds via {})", if ads { "ADS" } else { "?" }).unwrap();
+        if !cfg.service_name.is_empty() {
+            write!(out, " reading assignment {:?}", cfg.service_name).unwrap();
+        }
     }
     writeln!(
         out,
@@ -404,6 +416,24 @@ fn render_cluster(c: &Cluster) -> String {
         c.connect_timeout.as_ref().map(std_duration)
     )
     .unwrap();
+    if let Some(o) = &c.outlier_detection {
+        let n = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
+        writeln!(
+            out,
+            "outlier detection: consecutive 5xx {:?} (enforcing {:?}%), consecutive gateway failure {:?} (enforcing {:?}%), interval {:?}, base ejection {:?}, max ejection {:?}%",
+            n(&o.consecutive_5xx),
+            n(&o.enforcing_consecutive_5xx),
+            n(&o.consecutive_gateway_failure),
+            n(&o.enforcing_consecutive_gateway_failure),
+            o.interval.as_ref().map(std_duration),
+            o.base_ejection_time.as_ref().map(std_duration),
+            n(&o.max_ejection_percent),
+        )
+        .unwrap();
+    }
+    for t in c.circuit_breakers.iter().flat_map(|b| &b.thresholds) {
+        writeln!(out, "circuit breakers: {}", render_thresholds(t)).unwrap();
+    }
     if dt == DiscoveryType::LogicalDns || dt == DiscoveryType::StrictDns {
         writeln!(
             out,
@@ -469,6 +499,18 @@ fn render_cluster(c: &Cluster) -> String {
         writeln!(out, "transport match {:?} on {keys:?}: {socket}", m.name).unwrap();
     }
     out
+}
+
+fn render_thresholds(t: &Thresholds) -> String {
+    let n = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
+    format!(
+        "priority {}, max connections {:?}, pending {:?}, requests {:?}, retries {:?}",
+        RoutingPriority::try_from(t.priority).unwrap().as_str_name(),
+        n(&t.max_connections),
+        n(&t.max_pending_requests),
+        n(&t.max_requests),
+        n(&t.max_retries),
+    )
 }
 
 /// Addresses of the instances an assignment marks for mutual TLS.
@@ -1668,6 +1710,267 @@ fn h_callers_with_certificates_originate_mtls_where_needed() {
     assert_eq!((status, reason.as_str()), (503, "mtls-required"));
 }
 
+// ---------------------------------------------------------------------------------------
+// Passive health (outlier detection) and limits (circuit breakers).
+// ---------------------------------------------------------------------------------------
+
+/// `(consecutive 5xx, gateway failures, interval, base ejection, max ejection %)` of a
+/// cluster, each enforced 100% of the time.
+fn outlier(c: &Cluster) -> (u32, u32, Duration, Duration, u32) {
+    let o = c
+        .outlier_detection
+        .as_ref()
+        .unwrap_or_else(|| panic!("cluster {} has no outlier detection", c.name));
+    let n = |v: &Option<UInt32Value>| v.as_ref().unwrap().value;
+    assert_eq!(n(&o.enforcing_consecutive_5xx), 100, "{}", c.name);
+    assert_eq!(
+        n(&o.enforcing_consecutive_gateway_failure),
+        100,
+        "{}",
+        c.name
+    );
+    (
+        n(&o.consecutive_5xx),
+        n(&o.consecutive_gateway_failure),
+        std_duration(o.interval.as_ref().unwrap()),
+        std_duration(o.base_ejection_time.as_ref().unwrap()),
+        n(&o.max_ejection_percent),
+    )
+}
+
+/// `(max connections, pending, requests, retries)` of a cluster's one (default priority)
+/// threshold.
+fn limits(c: &Cluster) -> (u32, u32, u32, u32) {
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds;
+    assert_eq!(t.len(), 1, "{}", c.name);
+    assert_eq!(t[0].priority, RoutingPriority::Default as i32);
+    let n = |v: &Option<UInt32Value>| v.as_ref().unwrap().value;
+    (
+        n(&t[0].max_connections),
+        n(&t[0].max_pending_requests),
+        n(&t[0].max_requests),
+        n(&t[0].max_retries),
+    )
+}
+
+const SAFE_OUTLIER: (u32, u32, Duration, Duration, u32) =
+    (5, 5, Duration::from_secs(10), Duration::from_secs(30), 50);
+const SAFE_LIMITS: (u32, u32, u32, u32) = (1024, 1024, 1024, 3);
+
+/// A caller of `orders` whose dependency sets `overrides` (outlierDetection,
+/// circuitBreakers) besides a 2s timeout.
+fn caller_with(name: &str, overrides: serde_json::Value) -> String {
+    let mut dependency = json!({"service": "orders", "timeout": "2s"});
+    for (k, v) in overrides.as_object().unwrap() {
+        dependency[k] = v.clone();
+    }
+    MeshService::build(name).dependency_with(dependency).yaml()
+}
+
+fn fast_ejection() -> serde_json::Value {
+    json!({
+        "outlierDetection": {"consecutive5xx": 3, "interval": "1s", "baseEjectionTime": "30s"},
+        "circuitBreakers": {"maxRequests": 100},
+    })
+}
+
+fn scenario_policy_variant() -> Snapshot {
+    frontend_snapshot(&[
+        ("frontend.yaml", &caller_with("frontend", fast_ejection())),
+        ("orders.yaml", &orders()),
+    ])
+}
+
+#[test]
+fn i_mesh_clusters_carry_safe_outlier_detection_and_limits() {
+    let snap = scenario_a();
+    for name in ["orders", "orders|canary"] {
+        let c = cluster(&snap, name);
+        assert_eq!(outlier(&c), SAFE_OUTLIER, "{name}");
+        assert_eq!(limits(&c), SAFE_LIMITS, "{name}");
+        // The shared cluster reads the assignment of its own name.
+        assert_eq!(c.eds_cluster_config.unwrap().service_name, "");
+    }
+    // The same policy on the mutual-TLS variant of a shared cluster.
+    let tls = scenario_caller_tls();
+    assert_eq!(outlier(&cluster(&tls, "orders")), SAFE_OUTLIER);
+    assert_eq!(limits(&cluster(&tls, "orders")), SAFE_LIMITS);
+    // External domains are DNS clusters outside the mesh: Envoy's own behaviour.
+    let f = scenario_f();
+    let domain = cluster(&f, "ext|https|api.example.com|443");
+    assert!(domain.outlier_detection.is_none() && domain.circuit_breakers.is_none());
+}
+
+#[test]
+fn i_an_override_gets_a_variant_cluster_reading_the_shared_assignment() {
+    let snap = scenario_policy_variant();
+    insta::assert_snapshot!(render(&snap));
+    assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+
+    let clusters = names(&snap, ResourceType::Cluster);
+    assert_eq!(clusters.len(), 2, "{clusters:?}");
+    let (canary, variant) = (&clusters[0], &clusters[1]);
+    let hash = variant.strip_prefix("orders|o-").expect(variant);
+    assert_eq!(hash.len(), 8, "{variant}");
+    assert_eq!(canary, &format!("orders|canary|o-{hash}"));
+    // No unused copy of the shared cluster; its assignments are the ones served.
+    assert_eq!(
+        names(&snap, ResourceType::Endpoint),
+        ["orders", "orders|canary"]
+    );
+    for (name, shared) in [(variant, "orders"), (canary, "orders|canary")] {
+        let c = cluster(&snap, name);
+        assert_eq!(discovery_type(&c), DiscoveryType::Eds);
+        assert_eq!(eds_assignment(&c), shared);
+        assert_eq!(
+            outlier(&c),
+            (3, 5, Duration::from_secs(1), Duration::from_secs(30), 50),
+            "{name}: the fields left out keep their defaults"
+        );
+        assert_eq!(limits(&c), (1024, 1024, 100, 3), "{name}");
+    }
+    // Both routes of the dependency go to the variants, with its timeout.
+    let rc = check_egress_basics(&snap);
+    let routes = &vhost(&rc, "orders").routes;
+    assert_eq!(
+        routes.iter().map(route_target).collect::<Vec<_>>(),
+        [
+            (canary.as_str(), Some(Duration::from_secs(2))),
+            (variant.as_str(), Some(Duration::from_secs(2)))
+        ]
+    );
+
+    // A caller without overrides keeps the shared clusters.
+    let state = mesh(&[
+        ("frontend.yaml", &caller_with("frontend", fast_ejection())),
+        ("orders.yaml", &orders()),
+        ("billing.yaml", &caller_with("billing", json!({}))),
+    ]);
+    let plain = snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("billing", &[]),
+    );
+    assert_eq!(
+        names(&plain, ResourceType::Cluster),
+        ["orders", "orders|canary"]
+    );
+    // Overrides equal to the defaults are no override.
+    let same = frontend_snapshot(&[
+        (
+            "frontend.yaml",
+            &caller_with(
+                "frontend",
+                json!({"outlierDetection": {"consecutive5xx": 5, "interval": "10s"}, "circuitBreakers": {"maxRetries": 3}}),
+            ),
+        ),
+        ("orders.yaml", &orders()),
+    ]);
+    assert_eq!(
+        names(&same, ResourceType::Cluster),
+        ["orders", "orders|canary"]
+    );
+}
+
+#[test]
+fn i_callers_with_the_same_override_share_one_variant() {
+    let other = json!({"outlierDetection": {"consecutive5xx": 4}});
+    let state = mesh(&[
+        ("frontend.yaml", &caller_with("frontend", fast_ejection())),
+        // Same override, other settings (no timeout) and another dependency.
+        (
+            "backoffice.yaml",
+            &MeshService::build("backoffice")
+                .dependency_with(json!({
+                    "service": "orders",
+                    "outlierDetection": fast_ejection()["outlierDetection"],
+                    "circuitBreakers": fast_ejection()["circuitBreakers"],
+                }))
+                .dependency("ghost")
+                .yaml(),
+        ),
+        ("reports.yaml", &caller_with("reports", other)),
+        ("orders.yaml", &orders()),
+    ]);
+    let settings = MeshSettings::default();
+    let of = |service: &str| snapshot(&state, &settings, &egress_group(service, &[]));
+    let (frontend, backoffice, reports) = (of("frontend"), of("backoffice"), of("reports"));
+    let clusters = names(&frontend, ResourceType::Cluster);
+    assert_eq!(clusters, names(&backoffice, ResourceType::Cluster));
+    for name in &clusters {
+        // One variant: same name, same bytes.
+        assert_eq!(
+            frontend.resources(ResourceType::Cluster)[name],
+            backoffice.resources(ResourceType::Cluster)[name],
+        );
+    }
+    assert_eq!(
+        frontend.version(ResourceType::Endpoint),
+        backoffice.version(ResourceType::Endpoint)
+    );
+    // Another override is another variant.
+    let theirs = names(&reports, ResourceType::Cluster);
+    assert_eq!(theirs.len(), 2);
+    assert!(
+        theirs
+            .iter()
+            .all(|c| c.starts_with("orders|") && !clusters.contains(c)),
+        "{theirs:?} vs {clusters:?}"
+    );
+    assert_eq!(outlier(&cluster(&reports, &theirs[0])).0, 4);
+}
+
+fn scenario_policy_tls() -> Snapshot {
+    let mut state = access_mesh();
+    let policy: meshbridge::model::ClusterPolicy = meshbridge::model::ClusterPolicy {
+        outlier_detection: meshbridge::model::OutlierDetection {
+            consecutive_5xx: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let checkout = state.services.entry("checkout".into()).or_default();
+    checkout.name = "checkout".into();
+    for target in ["payments", "billing"] {
+        checkout.dependencies.push(meshbridge::model::Dependency {
+            target: DependencyTarget::Service(target.into()),
+            settings: meshbridge::model::DependencySettings {
+                cluster: policy,
+                ..Default::default()
+            },
+        });
+    }
+    let mut group = egress_group("checkout", &[]);
+    group.tls = true;
+    snapshot(&state, &access_settings(), &group)
+}
+
+#[test]
+fn i_a_variant_originates_mtls_like_the_shared_cluster_it_replaces() {
+    let snap = scenario_policy_tls();
+    let clusters = names(&snap, ResourceType::Cluster);
+    let variant = |service: &str| {
+        let prefix = format!("{service}|o-");
+        let name = clusters
+            .iter()
+            .find(|c| c.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no variant of {service} in {clusters:?}"));
+        cluster(&snap, name)
+    };
+    // Permissive payments has an instance tagged mtls: the variant carries the TLS match,
+    // verifying payments' identity; billing needs none.
+    let payments = variant("payments");
+    assert_eq!(payments.transport_socket_matches.len(), 1);
+    assert!(
+        render_cluster(&payments).contains("peer Uri=spiffe://mesh.local/service/payments"),
+        "{}",
+        render_cluster(&payments)
+    );
+    assert_eq!(outlier(&payments).0, 2);
+    assert!(variant("billing").transport_socket_matches.is_empty());
+    assert_eq!(mtls_marked(&cla(&snap, "payments")), ["10.0.0.6:80"]);
+}
+
 /// The static secrets a bootstrap made with `meshbridge bootstrap --tls-*` declares, over
 /// certificate files in `dir`.
 fn static_secrets(dir: &std::path::Path) -> Vec<Secret> {
@@ -1709,10 +2012,13 @@ fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
     for name in snap.resources(ResourceType::Cluster).keys() {
         let mut c = cluster(snap, name);
         if discovery_type(&c) == DiscoveryType::Eds {
+            let assignment = eds_assignment(&c);
             c.cluster_discovery_type =
                 Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
             c.eds_cluster_config = None;
-            c.load_assignment = Some(cla(snap, name));
+            let mut cla = cla(snap, &assignment);
+            cla.cluster_name = name.clone();
+            c.load_assignment = Some(cla);
         }
         clusters.push(c);
     }
@@ -1775,6 +2081,8 @@ fn envoy_accepts_every_scenario() {
             ),
         ),
         ("caller_tls", scenario_caller_tls()),
+        ("policy_variant", scenario_policy_variant()),
+        ("policy_tls", scenario_policy_tls()),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();

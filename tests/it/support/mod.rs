@@ -702,7 +702,10 @@ impl Envoy {
         let r = http_get(
             self.admin_addr(),
             "localhost",
-            &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
+            &format!(
+                "/stats?filter=^{}$",
+                name.replace('.', "\\.").replace('|', "\\|")
+            ),
             &[],
         )
         .await
