@@ -134,20 +134,25 @@ pub fn local_reply_config() -> LocalReplyConfig {
                 })),
                 ..Default::default()
             }),
-            headers_to_add: vec![HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: names::REASON_HEADER.to_string(),
-                    value: reason.to_string(),
-                    ..Default::default()
-                }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                ..Default::default()
-            }],
+            headers_to_add: vec![reason_header(reason)],
             ..Default::default()
         })
         .collect();
     LocalReplyConfig {
         mappers,
+        ..Default::default()
+    }
+}
+
+/// The `x-meshbridge-reason` header of a reply meshbridge or Envoy makes.
+fn reason_header(reason: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: names::REASON_HEADER.to_string(),
+            value: reason.to_string(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
@@ -237,15 +242,7 @@ pub fn local_reply_vhost(
                 }),
                 ..Default::default()
             })),
-            response_headers_to_add: vec![HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: names::REASON_HEADER.to_string(),
-                    value: reason.to_string(),
-                    ..Default::default()
-                }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                ..Default::default()
-            }],
+            response_headers_to_add: vec![reason_header(reason)],
             ..Default::default()
         }],
         ..Default::default()
