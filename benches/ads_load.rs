@@ -30,19 +30,12 @@ mod mesh_gen;
 #[path = "support/processes.rs"]
 mod processes;
 
-use processes::{KillOnDrop, free_port, status_kb};
+use processes::{KillOnDrop, env_usize, free_port, status_kb};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn node(group: &meshbridge::model::ProxyGroup, id: usize) -> Node {
     let s = |v: String| Value {

@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    DeltaDiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use prost::Message;
@@ -42,20 +41,13 @@ mod mesh_gen;
 mod processes;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use processes::{cpu_ticks, start_on_consul, status_kb};
+use processes::{cpu_ticks, delta_ack, env_usize, start_on_consul, status_kb};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const SERVICES: usize = 1000;
 const INSTANCES: usize = 10;
 const PER_NODE: usize = 5;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn instance(service: usize, i: usize) -> Instance {
     let host = service * INSTANCES + i;
@@ -123,14 +115,6 @@ struct Seen {
     bytes: usize,
 }
 
-fn ack(r: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        type_url: r.type_url.clone(),
-        response_nonce: r.nonce.clone(),
-        ..Default::default()
-    }
-}
-
 /// Opens a delta stream for `node`, subscribes CDS (wildcard) and then the assignments of its
 /// EDS clusters, reports on `configured` once both arrived, and then ACKs and records every
 /// assignment received until the stream ends.
@@ -161,7 +145,7 @@ async fn proxy(channel: Channel, node: Node, seen: Arc<Mutex<Seen>>, configured:
             _ => return,
         };
         let now = Instant::now();
-        send(ack(&r)).await;
+        send(delta_ack(&r)).await;
         if r.type_url == CDS && !subscribed {
             let names: Vec<String> = r
                 .resources

@@ -58,20 +58,13 @@ mod mesh_gen;
 mod processes;
 
 use consul_fake::{FakeConsul, Health, Instance};
-use processes::{cpu_ticks, start_on_consul, status_kb};
+use processes::{cpu_ticks, delta_ack, env_usize, start_on_consul, status_kb};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const PER_NODE: usize = 4;
 /// Services added during the run that are live at any time.
 const ADDED_LIVE: usize = 2;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Base instance `i` of service `service`, `PER_NODE` instances a node.
 fn base_instance(service: usize, i: usize, instances: usize) -> Instance {
@@ -181,14 +174,6 @@ impl Drop for Connected {
     }
 }
 
-fn ack(r: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        type_url: r.type_url.clone(),
-        response_nonce: r.nonce.clone(),
-        ..Default::default()
-    }
-}
-
 fn eds(subscribe: Vec<String>, unsubscribe: Vec<String>) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         type_url: EDS.to_string(),
@@ -286,7 +271,7 @@ async fn proxy(
                     stats.unexpected_ends.fetch_add(1, Relaxed);
                     return;
                 };
-                let _ = tx.send(ack(&r)).await;
+                let _ = tx.send(delta_ack(&r)).await;
                 if r.type_url == CDS {
                     let new: Vec<String> = r
                         .resources

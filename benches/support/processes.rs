@@ -6,6 +6,25 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A bench's knob: the environment variable `name` as a number, else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The ACK a simulated Envoy sends for a delta xDS response.
+pub fn delta_ack(
+    r: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+) -> envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+    envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    }
+}
+
 /// A child process killed when dropped.
 pub struct KillOnDrop(pub Child);
 

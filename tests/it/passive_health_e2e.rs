@@ -172,19 +172,7 @@ async fn ejects_the_failing_instance(delta: bool) {
         "outlierDetection": {"consecutive5xx": 3, "interval": "1s", "baseEjectionTime": "30s"},
     }));
     cp.write_manifests(&manifests(&[&frontend, &orders]));
-    let cluster = eventually(Duration::from_secs(20), "the variant cluster", || async {
-        stats_ending(&envoy, ".membership_total")
-            .await
-            .into_iter()
-            .find(|(name, total)| name.starts_with("cluster.orders|o-") && *total == 2)
-            .map(|(name, _)| {
-                name.strip_prefix("cluster.")
-                    .and_then(|n| n.strip_suffix(".membership_total"))
-                    .unwrap()
-                    .to_string()
-            })
-    })
-    .await;
+    let cluster = variant_cluster(&envoy, 2).await;
     // It got the shared assignment at once, not after giving up waiting for it (Envoy
     // subscribes to the name `orders` it already has).
     assert_eq!(
@@ -336,19 +324,7 @@ async fn requests_beyond_the_callers_limits_fail_at_once_instead_of_queueing() {
         )
         .await,
     );
-    let cluster = eventually(Duration::from_secs(20), "the variant cluster", || async {
-        stats_ending(&envoy, ".membership_total")
-            .await
-            .into_iter()
-            .find(|(name, total)| name.starts_with("cluster.orders|o-") && *total == 1)
-            .map(|(name, _)| {
-                name.strip_prefix("cluster.")
-                    .and_then(|n| n.strip_suffix(".membership_total"))
-                    .unwrap()
-                    .to_string()
-            })
-    })
-    .await;
+    let cluster = variant_cluster(&envoy, 1).await;
 
     // One request in flight on the one connection allowed, one waiting for it.
     let call = |envoy: Arc<Envoy>| tokio::spawn(async move { envoy.call("orders", "/").await });
@@ -395,4 +371,21 @@ async fn requests_beyond_the_callers_limits_fail_at_once_instead_of_queueing() {
         assert_eq!((r.status, r.body.as_str()), (200, "held\n"));
     }
     assert_eq!(orders.requests.load(Ordering::SeqCst), 2);
+}
+
+/// Waits until `envoy` has a policy variant of `orders` with `members` hosts; its name.
+async fn variant_cluster(envoy: &Envoy, members: u64) -> String {
+    eventually(Duration::from_secs(20), "the variant cluster", || async {
+        stats_ending(envoy, ".membership_total")
+            .await
+            .into_iter()
+            .find(|(name, total)| name.starts_with("cluster.orders|o-") && *total == members)
+            .map(|(name, _)| {
+                name.strip_prefix("cluster.")
+                    .and_then(|n| n.strip_suffix(".membership_total"))
+                    .unwrap()
+                    .to_string()
+            })
+    })
+    .await
 }
