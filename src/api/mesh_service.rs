@@ -246,7 +246,9 @@ pub struct RetrySpec {
     #[schemars(range(min = 0, max = 10))]
     pub attempts: u32,
     /// Conditions that trigger a retry: `5xx`, `gateway-error`, `reset`, `connect-failure`,
-    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`.
+    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`, and the gRPC statuses
+    /// `unavailable`, `cancelled`, `deadline-exceeded`, `resource-exhausted`. Default
+    /// `connect-failure`, `refused-stream` (and `unavailable` towards a `grpc` service).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<String>,
     /// Timeout of each attempt, e.g. `500ms`.

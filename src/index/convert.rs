@@ -317,9 +317,7 @@ fn retry_policy(r: &RetrySpec, field: &str, errors: &mut Vec<FieldError>) -> Ret
             )),
         }
     }
-    if on.is_empty() {
-        on = RetryPolicy::default().on;
-    }
+    // Left empty: the called service's protocol decides (see `RetryPolicy::for_protocol`).
     on.sort();
     on.dedup();
     let per_try_timeout = r.per_try_timeout.as_ref().and_then(|t| {

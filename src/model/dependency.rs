@@ -140,7 +140,8 @@ impl fmt::Display for DependencyTarget {
 pub struct RetryPolicy {
     /// Retries after the first attempt.
     pub attempts: u32,
-    /// Envoy `retry_on` conditions.
+    /// Envoy `retry_on` conditions; empty: those of [`RetryPolicy::default_for`] the
+    /// called service's protocol.
     pub on: Vec<String>,
     /// Timeout of each attempt.
     pub per_try_timeout: Option<Duration>,
@@ -155,6 +156,29 @@ impl Default for RetryPolicy {
             on: vec!["connect-failure".into(), "refused-stream".into()],
             per_try_timeout: None,
         }
+    }
+}
+
+impl RetryPolicy {
+    /// The default policy towards a service speaking `protocol`: [`RetryPolicy::default`],
+    /// and for gRPC also a call answered `UNAVAILABLE`, which gRPC defines as transient and
+    /// safe to retry (the server did not act on it).
+    pub fn default_for(protocol: super::AppProtocol) -> Self {
+        let mut policy = RetryPolicy::default();
+        if protocol == super::AppProtocol::Grpc {
+            policy.on.push("unavailable".into());
+        }
+        policy
+    }
+
+    /// This policy towards a service speaking `protocol`: conditions left out are that
+    /// protocol's defaults.
+    pub fn for_protocol(&self, protocol: super::AppProtocol) -> Self {
+        let mut policy = self.clone();
+        if policy.on.is_empty() {
+            policy.on = RetryPolicy::default_for(protocol).on;
+        }
+        policy
     }
 }
 

@@ -1,8 +1,10 @@
 //! Listeners and route configurations.
 
 use envoy_types::pb::envoy::config::accesslog::v3::{
-    AccessLogFilter, ResponseFlagFilter, access_log_filter::FilterSpecifier,
+    AccessLogFilter, AndFilter, ComparisonFilter, HeaderFilter as AccessLogHeaderFilter, OrFilter,
+    ResponseFlagFilter, StatusCodeFilter, access_log_filter::FilterSpecifier, comparison_filter,
 };
+use envoy_types::pb::envoy::config::core::v3::RuntimeUInt32;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
@@ -16,7 +18,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost, header_matcher::HeaderMatchSpecifier,
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
+    route::Action, route_action::ClusterSpecifier, route_action::MaxStreamDuration,
+    route_match::PathSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -28,7 +31,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher:
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
 
-use crate::model::{DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
+use crate::model::{AppProtocol, DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
 
 use super::names;
 use super::proto::{ads_config_source, proto_duration, socket_address};
@@ -117,29 +120,76 @@ pub fn upgrades() -> Vec<UpgradeConfig> {
 /// failure) the `x-meshbridge-reason` header and a body naming the service and the reason;
 /// Envoy's status code and `RESPONSE_CODE_DETAILS` are kept.
 pub fn local_reply_config() -> LocalReplyConfig {
-    let mappers = ENVOY_REPLIES
+    let mut mappers: Vec<ResponseMapper> = ENVOY_REPLIES
         .iter()
-        .map(|(flag, reason, what)| ResponseMapper {
-            filter: Some(AccessLogFilter {
-                filter_specifier: Some(FilterSpecifier::ResponseFlagFilter(ResponseFlagFilter {
+        .map(|(flag, reason, what)| {
+            reply_mapper(
+                FilterSpecifier::ResponseFlagFilter(ResponseFlagFilter {
                     flags: vec![flag.to_string()],
-                })),
-            }),
-            body_format_override: Some(SubstitutionFormatString {
-                format: Some(Format::TextFormatSource(DataSource {
-                    specifier: Some(Specifier::InlineString(format!(
-                        "meshbridge: {what} ({reason}: %RESPONSE_CODE_DETAILS%)\n"
-                    ))),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }),
-            headers_to_add: vec![reason_header(reason)],
-            ..Default::default()
+                }),
+                reason,
+                what,
+            )
         })
         .collect();
+    // A gRPC caller's own deadline (`grpc-timeout`, honoured as the stream's duration) ends
+    // the call with 408 or 504 and no response flag: told apart from the router's timeout
+    // (UT, matched first) by the request's header.
+    let status = |code: u32| AccessLogFilter {
+        filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
+            comparison: Some(ComparisonFilter {
+                op: comparison_filter::Op::Eq as i32,
+                value: Some(RuntimeUInt32 {
+                    default_value: code,
+                    runtime_key: format!("meshbridge.deadline_status_{code}"),
+                }),
+            }),
+        })),
+    };
+    mappers.push(reply_mapper(
+        FilterSpecifier::AndFilter(AndFilter {
+            filters: vec![
+                AccessLogFilter {
+                    filter_specifier: Some(FilterSpecifier::HeaderFilter(AccessLogHeaderFilter {
+                        header: Some(HeaderMatcher {
+                            name: "grpc-timeout".to_string(),
+                            header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
+                            ..Default::default()
+                        }),
+                    })),
+                },
+                AccessLogFilter {
+                    filter_specifier: Some(FilterSpecifier::OrFilter(OrFilter {
+                        filters: vec![status(408), status(504)],
+                    })),
+                },
+            ],
+        }),
+        "deadline-exceeded",
+        "the caller's deadline (grpc-timeout) passed before %UPSTREAM_CLUSTER% answered",
+    ));
     LocalReplyConfig {
         mappers,
+        ..Default::default()
+    }
+}
+
+/// A local-reply mapper: replies matching `filter` get `reason` and a body saying `what`.
+fn reply_mapper(filter: FilterSpecifier, reason: &str, what: &str) -> ResponseMapper {
+    ResponseMapper {
+        filter: Some(AccessLogFilter {
+            filter_specifier: Some(filter),
+        }),
+        body_format_override: Some(SubstitutionFormatString {
+            format: Some(Format::TextFormatSource(DataSource {
+                specifier: Some(Specifier::InlineString(format!(
+                    "meshbridge: {what} ({reason}: %RESPONSE_CODE_DETAILS%)\n"
+                ))),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        headers_to_add: vec![reason_header(reason)],
         ..Default::default()
     }
 }
@@ -165,20 +215,31 @@ pub fn prefix_match() -> RouteMatch {
     }
 }
 
-/// A route to `cluster` with the dependency's timeout and retries.
+/// A route to `cluster`, whose instances speak `protocol`, with the dependency's timeout and
+/// retries. Towards gRPC, retries default to covering `UNAVAILABLE` too, and a caller's
+/// shorter `grpc-timeout` deadline is honoured (capped by the dependency's timeout).
 pub fn cluster_route(
     name: &str,
     matcher: RouteMatch,
     cluster: &str,
     settings: &DependencySettings,
+    protocol: AppProtocol,
 ) -> Route {
-    let retries = settings.retries.clone().unwrap_or_default();
+    let retries = match &settings.retries {
+        Some(r) => r.for_protocol(protocol),
+        None => RetryPolicy::default_for(protocol),
+    };
+    let timeout = proto_duration(settings.timeout.unwrap_or(DEFAULT_TIMEOUT));
     Route {
         name: name.to_string(),
         r#match: Some(matcher),
         action: Some(Action::Route(RouteAction {
             cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
-            timeout: Some(proto_duration(settings.timeout.unwrap_or(DEFAULT_TIMEOUT))),
+            max_stream_duration: (protocol == AppProtocol::Grpc).then(|| MaxStreamDuration {
+                grpc_timeout_header_max: Some(timeout),
+                ..Default::default()
+            }),
+            timeout: Some(timeout),
             retry_policy: (retries.attempts > 0).then(|| retry_policy(&retries)),
             ..Default::default()
         })),
@@ -202,6 +263,7 @@ pub fn service_routes(
     cluster: &str,
     canary_cluster: Option<&str>,
     settings: &DependencySettings,
+    protocol: AppProtocol,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
     if let Some(canary_cluster) = canary_cluster {
@@ -214,9 +276,21 @@ pub fn service_routes(
             })),
             ..Default::default()
         });
-        routes.push(cluster_route("canary", matcher, canary_cluster, settings));
+        routes.push(cluster_route(
+            "canary",
+            matcher,
+            canary_cluster,
+            settings,
+            protocol,
+        ));
     }
-    routes.push(cluster_route("default", prefix_match(), cluster, settings));
+    routes.push(cluster_route(
+        "default",
+        prefix_match(),
+        cluster,
+        settings,
+        protocol,
+    ));
     routes
 }
 

@@ -530,7 +530,12 @@ pub fn egress_resources(
                 vhosts.push(VirtualHost {
                     name: name.clone(),
                     domains,
-                    routes: listeners::service_routes(&default, canary.as_deref(), s),
+                    routes: listeners::service_routes(
+                        &default,
+                        canary.as_deref(),
+                        s,
+                        service.protocol,
+                    ),
                     ..Default::default()
                 });
             }
@@ -562,6 +567,7 @@ pub fn egress_resources(
                 listeners::prefix_match(),
                 &cluster.name,
                 s,
+                crate::model::AppProtocol::Http,
             )],
             ..Default::default()
         };

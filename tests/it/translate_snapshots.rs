@@ -2192,6 +2192,30 @@ fn i_http2_and_grpc_services_are_spoken_to_in_http2_and_tcp_is_refused() {
             .typed_extension_protocol_options
             .is_empty()
     );
+    // Towards gRPC, the default retry also covers UNAVAILABLE, and the caller's grpc-timeout
+    // is honoured up to the dependency's timeout; towards HTTP/1, neither.
+    let routes = route_config(&snap, "egress");
+    let action = |service: &str| {
+        let Some(Action::Route(action)) = vhost(&routes, service).routes[0].action.clone() else {
+            panic!("{service} has no route action");
+        };
+        action
+    };
+    let grpc = action("grpc-api");
+    let retry = grpc.retry_policy.clone().unwrap();
+    assert_eq!(retry.retry_on, "connect-failure,refused-stream,unavailable");
+    assert_eq!(
+        grpc.max_stream_duration
+            .and_then(|m| m.grpc_timeout_header_max)
+            .map(|d| d.seconds),
+        Some(15)
+    );
+    let http = action("orders");
+    assert_eq!(
+        http.retry_policy.unwrap().retry_on,
+        "connect-failure,refused-stream"
+    );
+    assert_eq!(http.max_stream_duration, None);
 
     let tcp = MeshService::build("cache")
         .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))

@@ -1,0 +1,253 @@
+//! What legacy services speak besides HTTP/1, end to end through real Envoys: gRPC (retries
+//! on `UNAVAILABLE`, the caller's deadline).
+
+use crate::support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use support::fixtures::{MeshService, manifests};
+use support::{ControlPlane, Envoy, EnvoyOptions, eventually};
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+
+/// The one message of the echo service: a text.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Text {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+const SAY: &str = "/meshbridge.test.Echo/Say";
+
+/// A gRPC echo application (tonic, no generated code). `Say` answers the text back; a text
+/// starting `flaky` is answered `UNAVAILABLE` on its first attempt, one starting `slow` after
+/// 3 s. Counts the attempts per text.
+#[derive(Clone, Default)]
+struct EchoApp {
+    attempts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl EchoApp {
+    fn attempts(&self, text: &str) -> usize {
+        self.attempts
+            .lock()
+            .unwrap()
+            .get(text)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl tonic::server::UnaryService<Text> for EchoApp {
+    type Response = Text;
+    type Future = BoxFuture<tonic::Response<Text>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<Text>) -> Self::Future {
+        let text = request.into_inner().text;
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap();
+            let n = attempts.entry(text.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        Box::pin(async move {
+            if text.starts_with("flaky") && attempt == 1 {
+                return Err(tonic::Status::unavailable("warming up"));
+            }
+            if text.starts_with("slow") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Ok(tonic::Response::new(Text { text }))
+        })
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for EchoApp {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let app = self.clone();
+        Box::pin(async move {
+            if request.uri().path() == SAY {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(app, request).await)
+            } else {
+                Ok(tonic::Status::unimplemented(request.uri().path().to_string()).into_http())
+            }
+        })
+    }
+}
+
+impl tonic::server::NamedService for EchoApp {
+    const NAME: &'static str = "meshbridge.test.Echo";
+}
+
+/// Serves `app` on a fresh port; returns the port.
+async fn serve_grpc(app: EchoApp) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(app)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    (port, task)
+}
+
+/// A gRPC client of `service` through `envoy`'s egress listener (the authority names the
+/// service, as a client configured with `http://SERVICE` sends it).
+async fn grpc_client(
+    envoy: &Envoy,
+    service: &str,
+) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", envoy.egress_addr()))
+            .unwrap()
+            .origin(format!("http://{service}").parse().unwrap())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
+/// One `Say` call.
+async fn say(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    text: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let request = tonic::Request::new(Text {
+        text: text.to_string(),
+    });
+    client
+        .unary(
+            request,
+            http::uri::PathAndQuery::from_static(SAY),
+            tonic_prost::ProstCodec::<Text, Text>::default(),
+        )
+        .await
+        .map(|r: tonic::Response<Text>| r.into_inner().text)
+}
+
+/// One `Say` call written by hand (HTTP/1.1 to the egress listener, which Envoy carries on
+/// as gRPC), with `grpc-timeout: DEADLINE`: unlike a gRPC library, the client does not
+/// enforce the deadline itself, so what ends the call early is Envoy. The raw response.
+async fn say_with_deadline(envoy: &Envoy, service: &str, text: &str, deadline: &str) -> String {
+    use prost::Message as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let message = Text {
+        text: text.to_string(),
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&message);
+    let head = format!(
+        "POST {SAY} HTTP/1.1\r\nHost: {service}\r\ncontent-type: application/grpc\r\n\
+         te: trailers\r\ngrpc-timeout: {deadline}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(envoy.egress_addr())
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+/// A gRPC call crosses the caller's and the callee's Envoy over HTTP/2. A call answered
+/// `UNAVAILABLE` is retried by default (the application sees two attempts, the client one
+/// success); with `retries: {attempts: 0}` the client sees the `UNAVAILABLE`. A caller's
+/// `grpc-timeout` shorter than the dependency's timeout ends the call at the caller's Envoy,
+/// which says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_is_retried_on_unavailable_and_keeps_the_callers_deadline() {
+    let app = EchoApp::default();
+    let (app_port, server) = serve_grpc(app.clone()).await;
+    let ingress_port = support::free_port();
+    let echo = MeshService::build("echo")
+        .set("ports", json!([{"port": 9090, "protocol": "grpc"}]))
+        .endpoint("127.0.0.1", ingress_port);
+    let caller = MeshService::build("frontend").dependency("echo");
+    let cp = ControlPlane::start(&manifests(&[&caller, &echo]), &[]).await;
+    let _callee = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "echo".into(),
+            ingress_port: Some(ingress_port),
+            app_port: Some(app_port),
+            ..Default::default()
+        },
+    )
+    .await;
+    let envoy = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "frontend".into(),
+            egress: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = grpc_client(&envoy, "echo").await;
+    let mut n = 0;
+    eventually(Duration::from_secs(20), "echo answers over gRPC", || {
+        n += 1;
+        let text = format!("hello {n}");
+        let mut client = client.clone();
+        async move { say(&mut client, &text).await.ok() }
+    })
+    .await;
+
+    // Retried by default: the application saw the attempt it refused and the retry.
+    assert_eq!(say(&mut client, "flaky 1").await.unwrap(), "flaky 1");
+    assert_eq!(app.attempts("flaky 1"), 2);
+
+    // The caller's deadline (500 ms) ends the call long before the dependency's timeout
+    // (15 s), at the caller's Envoy, which says so; a longer one lets it finish (3 s).
+    let timed_out = say_with_deadline(&envoy, "echo", "slow 1", "500m").await;
+    assert!(timed_out.contains("grpc-status: 4\r\n"), "{timed_out}");
+    assert!(
+        timed_out.contains("x-meshbridge-reason: deadline-exceeded\r\n"),
+        "{timed_out}"
+    );
+    let answered = say_with_deadline(&envoy, "echo", "slow 2", "8S").await;
+    assert!(answered.contains("slow 2"), "{answered}");
+
+    // Without retries the client sees what the application answered.
+    let caller = MeshService::build("frontend")
+        .dependency_with(json!({"service": "echo", "retries": {"attempts": 0}}));
+    cp.write_manifests(&manifests(&[&caller, &echo]));
+    let mut n = 0;
+    let refused = eventually(Duration::from_secs(20), "retries turned off", || {
+        n += 1;
+        let text = format!("flaky off {n}");
+        let mut client = client.clone();
+        async move { say(&mut client, &text).await.err() }
+    })
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.message(), "warming up");
+    server.abort();
+}
