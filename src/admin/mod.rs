@@ -444,7 +444,15 @@ async fn proxy(
         .map(|s| s.warnings.clone())
         .unwrap_or_default();
     let mut resources = BTreeMap::new();
+    let mut tcp_ports = BTreeMap::new();
     if let Some(snap) = &snap {
+        for (name, r) in snap.resources(ResourceType::Listener) {
+            if let Some(service) = crate::translate::names::tcp_egress_service(name)
+                && let Some(port) = listener_port(r)
+            {
+                tcp_ports.insert(service.to_string(), port);
+            }
+        }
         for t in ResourceType::ALL {
             let names = ResourceNames {
                 names: snap.resources(t).keys().cloned().collect(),
@@ -458,8 +466,22 @@ async fn proxy(
         announced.into_iter().collect(),
         effective.into_iter().collect(),
         resources,
+        tcp_ports,
         warnings,
     )))
+}
+
+/// The port a listener resource listens on.
+fn listener_port(r: &Resource) -> Option<u16> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+    let listener = Listener::decode(r.body.value.as_slice()).ok()?;
+    match listener.address?.address? {
+        address::Address::SocketAddress(a) => match a.port_specifier? {
+            PortSpecifier::PortValue(p) => u16::try_from(p).ok(),
+            PortSpecifier::NamedPort(_) => None,
+        },
+        _ => None,
+    }
 }
 
 async fn recent_changes(State(s): State<AdminState>) -> Json<Vec<Change>> {

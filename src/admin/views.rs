@@ -369,6 +369,10 @@ pub struct ProxyDetail {
     pub resources: ByTypeUrl<ResourceNames>,
     /// See [`ProxyView::service`].
     pub service: String,
+    /// The ports on 127.0.0.1 where the proxy accepts connections for its `tcp`
+    /// dependencies, by service.
+    #[serde(default)]
+    pub tcp_ports: BTreeMap<String, u16>,
     /// See [`ProxyView::types`].
     pub types: ByTypeUrl<TypeStatusView>,
     /// Translation warnings of its group.
@@ -382,6 +386,7 @@ impl ProxyDetail {
         announced_dependencies: Vec<String>,
         dependencies: Vec<String>,
         resources: ByTypeUrl<ResourceNames>,
+        tcp_ports: BTreeMap<String, u16>,
         warnings: Vec<String>,
     ) -> Self {
         ProxyDetail {
@@ -398,6 +403,7 @@ impl ProxyDetail {
             peer: proxy.peer,
             resources,
             service: proxy.service,
+            tcp_ports,
             types: proxy.types,
             warnings,
         }

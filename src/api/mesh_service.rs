@@ -91,7 +91,8 @@ pub struct ServicePort {
     #[schemars(range(min = 1, max = 65535))]
     pub target_port: Option<u32>,
     /// Application protocol; the first port's is what callers' proxies speak to the
-    /// instances (`http2` and `grpc`: HTTP/2). Default `http`. `tcp` is refused for now.
+    /// instances (`http2` and `grpc`: HTTP/2; `tcp`: connections, each caller reaching the
+    /// service on a port of its own, see `dependencies[].port`). Default `http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<PortProtocol>,
 }
@@ -106,7 +107,7 @@ pub enum PortProtocol {
     Http2,
     /// gRPC over HTTP/2.
     Grpc,
-    /// Opaque TCP (not supported yet: a manifest naming it is refused).
+    /// Opaque TCP, on the first port only.
     Tcp,
 }
 
@@ -182,6 +183,11 @@ pub struct DependencySpec {
     /// only). Fields left out keep their defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// For a service whose first port is `tcp`: the port on 127.0.0.1 where this service's
+    /// proxy accepts connections for it. Default: the called service's own port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u32>,
 }
 
 /// Passive health checking: an instance that keeps failing is ejected from load balancing

@@ -173,6 +173,11 @@ pub fn mesh_service(
         endpoints,
         namespace: None,
         protocol,
+        port: obj
+            .spec
+            .ports
+            .first()
+            .and_then(|p| u16::try_from(p.port).ok()),
         preserve_header_case: obj
             .spec
             .http1
@@ -195,19 +200,33 @@ fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> AppProtocol {
                 format!("port {} is listed twice", p.port),
             ));
         }
-        if p.protocol == Some(PortProtocol::Tcp) {
-            // Refused rather than accepted and ignored: callers' proxies would speak HTTP to it.
+        if i > 0 && p.protocol == Some(PortProtocol::Tcp) {
+            // Refused rather than accepted and ignored: only the first port is proxied.
             errors.push(err(
                 format!("spec.ports[{i}].protocol"),
-                "tcp is not supported yet: proxies speak http, http2 or grpc to a service",
+                "tcp is supported on the first port only: proxies carry a service's first port",
             ));
         }
     }
-    match obj.spec.ports.first().and_then(|p| p.protocol) {
-        None | Some(PortProtocol::Http | PortProtocol::Tcp) => AppProtocol::Http,
+    let protocol = match obj.spec.ports.first().and_then(|p| p.protocol) {
+        None | Some(PortProtocol::Http) => AppProtocol::Http,
         Some(PortProtocol::Http2) => AppProtocol::Http2,
         Some(PortProtocol::Grpc) => AppProtocol::Grpc,
+        Some(PortProtocol::Tcp) => AppProtocol::Tcp,
+    };
+    if protocol.is_tcp()
+        && obj
+            .spec
+            .http1
+            .as_ref()
+            .is_some_and(|h| h.preserve_header_case)
+    {
+        errors.push(err(
+            "spec.http1.preserveHeaderCase",
+            "applies to HTTP services; spec.ports[0].protocol is tcp",
+        ));
     }
+    protocol
 }
 
 fn check_port(errors: &mut Vec<FieldError>, field: &str, port: u32) {
@@ -267,10 +286,15 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
         .as_ref()
         .map(|r| retry_policy(r, field, &mut errors));
     let cluster = cluster_policy(d, field, &mut errors);
+    let local_port = d.port.and_then(|p| {
+        check_port(&mut errors, &format!("{field}.port"), p);
+        u16::try_from(p).ok()
+    });
     if matches!(target, Some(DependencyTarget::Domain(_))) {
         for (set, name) in [
             (d.outlier_detection.is_some(), "outlierDetection"),
             (d.circuit_breakers.is_some(), "circuitBreakers"),
+            (d.port.is_some(), "port"),
         ] {
             if set {
                 errors.push(err(
@@ -287,6 +311,7 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
                 timeout,
                 retries,
                 cluster,
+                local_port,
             },
         }),
         _ => Err(errors),

@@ -35,6 +35,8 @@ pub struct ServiceDeclaration {
     pub namespace: Option<String>,
     /// What its instances speak.
     pub protocol: crate::model::AppProtocol,
+    /// Its first port (`spec.ports[0].port`).
+    pub port: Option<u16>,
     /// `spec.http1.preserveHeaderCase`.
     pub preserve_header_case: bool,
 }
@@ -276,6 +278,7 @@ impl Index {
                     endpoints: sorted(endpoints),
                     namespace: winner.namespace.clone(),
                     protocol: winner.protocol,
+                    port: winner.port,
                     preserve_header_case: winner.preserve_header_case,
                 },
             );

@@ -265,6 +265,9 @@ pub struct DependencySettings {
     pub retries: Option<RetryPolicy>,
     /// Outlier detection and circuit breakers of the called service's cluster.
     pub cluster: ClusterPolicy,
+    /// For a `tcp` service: the port the caller's proxy listens on for it (on 127.0.0.1;
+    /// default the service's own port).
+    pub local_port: Option<u16>,
 }
 
 /// A dependency with its settings.

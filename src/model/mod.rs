@@ -115,6 +115,9 @@ pub struct Service {
     pub namespace: Option<String>,
     /// What its instances speak (`spec.ports[0].protocol`; HTTP/1 when undeclared).
     pub protocol: AppProtocol,
+    /// The port its MeshService declares first (`spec.ports[0].port`): where callers' proxies
+    /// listen for a `tcp` service unless the dependency names another.
+    pub port: Option<u16>,
     /// The HTTP/1 header names it sends keep their case: its callers' proxies read its
     /// instances' answers, and its own proxies read its application's requests, remembering
     /// the case (`spec.http1.preserveHeaderCase`).
@@ -132,12 +135,20 @@ pub enum AppProtocol {
     Http2,
     /// gRPC: HTTP/2.
     Grpc,
+    /// Opaque TCP: callers reach it on a port of their own (no Host to route by), and its
+    /// ingress forwards connections, authorized by the caller's certificate.
+    Tcp,
 }
 
 impl AppProtocol {
     /// Whether proxies speak HTTP/2 to the instances.
     pub fn is_http2(self) -> bool {
         matches!(self, AppProtocol::Http2 | AppProtocol::Grpc)
+    }
+
+    /// Whether proxies carry connections, not HTTP requests.
+    pub fn is_tcp(self) -> bool {
+        self == AppProtocol::Tcp
     }
 }
 

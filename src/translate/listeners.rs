@@ -27,6 +27,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::RouteSpecifier, http_connection_manager::StripPortMode,
     http_connection_manager::UpgradeConfig, http_filter::ConfigType as HttpFilterConfig,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
+};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
@@ -352,6 +355,37 @@ pub fn route_configuration(name: &str, virtual_hosts: Vec<VirtualHost>) -> Route
     RouteConfiguration {
         name: name.to_string(),
         virtual_hosts,
+        ..Default::default()
+    }
+}
+
+/// A TCP proxy forwarding each connection to `cluster`, its stats under
+/// `tcp.<stat_prefix>.`.
+pub fn tcp_proxy(stat_prefix: &str, cluster: &str) -> TcpProxy {
+    TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(TcpClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    }
+}
+
+/// The network filter running `proxy`.
+pub fn tcp_proxy_filter(proxy: TcpProxy) -> Filter {
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".to_string(),
+        config_type: Some(FilterConfig::TypedConfig(pack_any(proxy))),
+    }
+}
+
+/// A listener on `host:port` forwarding every connection to `cluster`.
+pub fn tcp_listener(name: &str, host: &str, port: u16, cluster: &str) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address(host, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_proxy_filter(tcp_proxy(name, cluster))],
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }

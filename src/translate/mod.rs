@@ -214,8 +214,12 @@ fn resolve_spec(state: &MeshState, spec: &EgressSpec) -> ResolvedDependencies {
                 out.domains.insert(d.clone(), s.clone());
             }
             DependencyTarget::All if spec.wildcard_allowed => {
-                // Named dependencies (iterated first) keep their own settings.
+                // Named dependencies (iterated first) keep their own settings. A `tcp` service
+                // takes a port of the caller's: only a named dependency opens one.
                 for name in state.services_reached(target, true) {
+                    if state.services.get(name).is_some_and(|s| s.protocol.is_tcp()) {
+                        continue;
+                    }
                     out.services
                         .entry(name.to_string())
                         .or_insert_with(|| s.clone());
@@ -485,6 +489,8 @@ pub fn egress_resources(
     // Envoy compares vhost domains case-insensitively and rejects the whole route
     // configuration when one repeats, so names that differ only in case share one entry.
     let mut domains_taken = BTreeSet::new();
+    // `tcp` services: their name, the port the proxy listens on for them, the cluster.
+    let mut tcp: Vec<(&String, Option<u16>, String)> = Vec::new();
     // A DNS name of one service never hides another's own name or an external domain.
     let own_names: BTreeSet<String> = deps
         .services
@@ -518,6 +524,28 @@ pub fn egress_resources(
                     format!(
                         "meshbridge: {name} accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)\n"
                     ),
+                ));
+            }
+            Some(service) if service.protocol.is_tcp() => {
+                let cluster =
+                    out.use_mesh_cluster(names::service_cluster(name), service, s, spec, settings);
+                tcp.push((name, s.local_port.or(service.port), cluster));
+                if s.timeout.is_some() || s.retries.is_some() {
+                    out.warnings.push(format!(
+                        "dependency {name}: timeout and retries do not apply to a tcp service (connections are forwarded as they are)"
+                    ));
+                }
+                vhosts.push(listeners::local_reply_vhost(
+                    name,
+                    domains,
+                    400,
+                    "tcp-service",
+                    match s.local_port.or(service.port) {
+                        Some(port) => format!(
+                            "meshbridge: {name} is a tcp service: connect to 127.0.0.1:{port}\n"
+                        ),
+                        None => format!("meshbridge: {name} is a tcp service\n"),
+                    },
                 ));
             }
             Some(service) => {
@@ -601,6 +629,28 @@ pub fn egress_resources(
         names::EGRESS_ROUTE,
         spec.preserve_header_case,
     ));
+    let mut ports_taken = BTreeMap::from([(spec.port, "the egress listener".to_string())]);
+    for (name, port, cluster) in tcp {
+        let Some(port) = port else {
+            out.warnings.push(format!(
+                "dependency {name} not reachable: it is a tcp service and neither its MeshService (spec.ports) nor the dependency (port) names a port"
+            ));
+            continue;
+        };
+        if let Some(holder) = ports_taken.get(&port) {
+            out.warnings.push(format!(
+                "dependency {name} not reachable: port {port} is already used by {holder}; set the dependency's port"
+            ));
+            continue;
+        }
+        ports_taken.insert(port, name.to_string());
+        out.listeners.push(listeners::tcp_listener(
+            &names::tcp_egress_listener(name),
+            "127.0.0.1",
+            port,
+            &cluster,
+        ));
+    }
     out.routes
         .push(listeners::route_configuration(names::EGRESS_ROUTE, vhosts));
     out

@@ -9,6 +9,18 @@ use crate::model::{ClusterPolicy, ExternalDomain};
 pub const INGRESS_LISTENER: &str = "ingress";
 /// Listener on 127.0.0.1 through which the local application calls its dependencies.
 pub const EGRESS_LISTENER: &str = "egress";
+/// Listener on 127.0.0.1 through which the local application reaches the `tcp` service
+/// `service` (one port per such dependency).
+pub fn tcp_egress_listener(service: &str) -> String {
+    format!("{TCP_EGRESS_PREFIX}{service}")
+}
+
+const TCP_EGRESS_PREFIX: &str = "egress|tcp|";
+
+/// The service of a [`tcp_egress_listener`] name.
+pub fn tcp_egress_service(listener: &str) -> Option<&str> {
+    listener.strip_prefix(TCP_EGRESS_PREFIX)
+}
 /// Route configuration of the ingress listener.
 pub const INGRESS_ROUTE: &str = "ingress";
 /// Route configuration of the egress listener.

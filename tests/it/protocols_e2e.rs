@@ -1,5 +1,6 @@
 //! What legacy services speak besides HTTP/1, end to end through real Envoys: gRPC (retries
-//! on `UNAVAILABLE`, the caller's deadline).
+//! on `UNAVAILABLE`, the caller's deadline) and opaque TCP (a port per dependency, mutual
+//! TLS, access rules by certificate).
 
 use crate::support;
 
@@ -9,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use support::fixtures::{MeshService, manifests};
-use support::{ControlPlane, Envoy, EnvoyOptions, eventually};
+use support::fixtures::{AccessRule, MeshService, manifests};
+use support::{ControlPlane, Envoy, EnvoyOptions, eventually, issue_identity};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 
 /// The one message of the echo service: a text.
@@ -249,5 +250,138 @@ async fn a_grpc_call_is_retried_on_unavailable_and_keeps_the_callers_deadline() 
     .await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(refused.message(), "warming up");
+    server.abort();
+}
+
+/// A TCP application that echoes every byte back.
+async fn tcp_echo(listener: tokio::net::TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Connects to `port` on 127.0.0.1, writes `message` and reads as many bytes back: the echo,
+/// or why there was none.
+async fn echo_through(port: u16, message: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(message.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut echo = vec![0u8; message.len()];
+        stream
+            .read_exact(&mut echo)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(String::from_utf8_lossy(&echo).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .unwrap_or_else(|_| Err("no echo within 5 s".into()))
+}
+
+/// A `tcp` service behind its Envoy (strict mutual TLS, one AccessRule): the caller the rule
+/// names reaches the application's echo through its own Envoy's port for the service (the
+/// service's port, shown in `/api/proxies/NODE`); another caller with a valid certificate,
+/// on the port its dependency names, has its connections closed, counted by the callee's
+/// network RBAC. An HTTP request for the service says where to connect instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_service_is_reached_on_a_port_of_the_callers_over_mtls_with_access_rules() {
+    const TRUST_DOMAIN: &str = "mesh.local";
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let server = tokio::spawn(tcp_echo(app));
+    let pki = tempfile::tempdir().unwrap();
+    let identity = |service: &str| issue_identity(pki.path(), "mesh", service, TRUST_DOMAIN);
+    let (ingress_port, service_port, reports_port) = (
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    );
+    let cache = MeshService::build("cache")
+        .set("ports", json!([{"port": service_port, "protocol": "tcp"}]))
+        .set("mtls", "strict")
+        .endpoint("127.0.0.1", ingress_port);
+    let frontend = MeshService::build("frontend").dependency("cache");
+    let reports = MeshService::build("reports")
+        .dependency_with(json!({"service": "cache", "port": reports_port}));
+    let rule = AccessRule::build("cache-clients")
+        .target("cache")
+        .allow(&["frontend"]);
+    let cp = ControlPlane::start(&manifests(&[&cache, &frontend, &reports, &rule]), &[]).await;
+    let callee = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            service: "cache".into(),
+            ingress_port: Some(ingress_port),
+            app_port: Some(app_port),
+            tls: Some(identity("cache")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let caller = |service: &str| EnvoyOptions {
+        service: service.into(),
+        egress: true,
+        tls: Some(identity(service)),
+        ..Default::default()
+    };
+    let frontend_envoy = Envoy::start(&cp, caller("frontend")).await;
+    let reports_envoy = Envoy::start(&cp, caller("reports")).await;
+
+    let echo = eventually(
+        Duration::from_secs(20),
+        "frontend reaches cache",
+        || async { echo_through(service_port, "ping").await.ok() },
+    )
+    .await;
+    assert_eq!(echo, "ping");
+    let detail = cp
+        .admin_json(&format!("/api/proxies/{}", frontend_envoy.node_id))
+        .await;
+    assert_eq!(
+        detail["tcp_ports"],
+        json!({"cache": service_port}),
+        "{detail}"
+    );
+
+    // reports' Envoy listens on the port its dependency names; the callee closes it out.
+    eventually(
+        Duration::from_secs(20),
+        "reports' port for cache",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", reports_port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let refused = echo_through(reports_port, "ping").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let denied = eventually(Duration::from_secs(10), "the denial counted", || async {
+        callee.stat("ingress.rbac.denied").await.filter(|n| *n > 0)
+    })
+    .await;
+    assert!(denied >= 1);
+    assert!(callee.stat("ingress.rbac.allowed").await.unwrap_or(0) >= 1);
+
+    // Asked over HTTP, the egress listener says where to connect.
+    let r = frontend_envoy.call("cache", "/").await.unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("x-meshbridge-reason"), Some("tcp-service"));
+    assert!(
+        r.body
+            .contains(&format!("connect to 127.0.0.1:{service_port}")),
+        "{}",
+        r.body
+    );
+    drop(reports_envoy);
     server.abort();
 }

@@ -39,6 +39,10 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfig;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate,
@@ -550,7 +554,55 @@ fn render_assignment(a: &ClusterLoadAssignment) -> String {
     out
 }
 
+/// The TCP proxy and the network RBAC filter of a listener's first chain, if it forwards
+/// connections.
+fn tcp_filters(l: &Listener) -> Option<(TcpProxy, Option<NetworkRbac>)> {
+    use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+    let typed = |name: &str| {
+        l.filter_chains[0]
+            .filters
+            .iter()
+            .find(|f| f.name == name)
+            .and_then(|f| match &f.config_type {
+                Some(ConfigType::TypedConfig(any)) => Some(any.value.clone()),
+                _ => None,
+            })
+    };
+    let proxy = TcpProxy::decode(typed("envoy.filters.network.tcp_proxy")?.as_slice()).unwrap();
+    let rbac =
+        typed("envoy.filters.network.rbac").map(|v| NetworkRbac::decode(v.as_slice()).unwrap());
+    Some((proxy, rbac))
+}
+
+fn render_tcp_listener(l: &Listener, proxy: &TcpProxy, rbac: Option<NetworkRbac>) -> String {
+    let filters: Vec<&str> = l.filter_chains[0]
+        .filters
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    let mut out = format!(
+        "address: {}\nfilters {filters:?}, tcp_proxy stat_prefix {}, cluster {:?}\n",
+        addr(&l.address),
+        proxy.stat_prefix,
+        proxy.cluster_specifier,
+    );
+    out.push_str(&render_chains(l));
+    if let Some(r) = rbac {
+        out.push_str(&format!("network rbac stat prefix {:?}\n", r.stat_prefix));
+        out.push_str(&render_rbac(&HttpRbac {
+            rules: r.rules,
+            shadow_rules: r.shadow_rules,
+            shadow_rules_stat_prefix: r.shadow_rules_stat_prefix,
+            ..Default::default()
+        }));
+    }
+    out
+}
+
 fn render_listener(l: &Listener) -> String {
+    if let Some((proxy, rbac)) = tcp_filters(l) {
+        return render_tcp_listener(l, &proxy, rbac);
+    }
     let h = hcm(l);
     let filters: Vec<_> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
     let strip = matches!(
@@ -563,6 +615,20 @@ fn render_listener(l: &Listener) -> String {
         h.stat_prefix,
         rds_name(l),
     );
+    out.push_str(&render_chains(l));
+    if !h.access_log.is_empty() {
+        let names: Vec<&str> = h.access_log.iter().map(|a| a.name.as_str()).collect();
+        writeln!(out, "access logs {names:?}").unwrap();
+    }
+    if let Some(r) = rbac_of(l) {
+        out.push_str(&render_rbac(&r));
+    }
+    out
+}
+
+/// The listener filters, and each filter chain's match and transport.
+fn render_chains(l: &Listener) -> String {
+    let mut out = String::new();
     if !l.listener_filters.is_empty() {
         let names: Vec<&str> = l.listener_filters.iter().map(|f| f.name.as_str()).collect();
         writeln!(out, "listener filters {names:?}").unwrap();
@@ -587,13 +653,6 @@ fn render_listener(l: &Listener) -> String {
             },
         };
         writeln!(out, "chain (transport {matched}): {transport}").unwrap();
-    }
-    if !h.access_log.is_empty() {
-        let names: Vec<&str> = h.access_log.iter().map(|a| a.name.as_str()).collect();
-        writeln!(out, "access logs {names:?}").unwrap();
-    }
-    if let Some(r) = rbac_of(l) {
-        out.push_str(&render_rbac(&r));
     }
     out
 }
@@ -2025,6 +2084,10 @@ fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
     let mut listeners = Vec::new();
     for name in snap.resources(ResourceType::Listener).keys() {
         let mut l = listener(snap, name);
+        if tcp_filters(&l).is_some() {
+            listeners.push(l);
+            continue;
+        }
         let rc = route_config(snap, &rds_name(&l));
         let mut h = hcm(&l);
         h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
@@ -2083,6 +2146,8 @@ fn envoy_accepts_every_scenario() {
         ("caller_tls", scenario_caller_tls()),
         ("policy_variant", scenario_policy_variant()),
         ("policy_tls", scenario_policy_tls()),
+        ("tcp_callers", scenario_tcp_callers()),
+        ("tcp_ingress", scenario_tcp_ingress()),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();
@@ -2167,7 +2232,7 @@ fn e_services_answer_to_their_consul_and_kubernetes_names() {
 }
 
 #[test]
-fn i_http2_and_grpc_services_are_spoken_to_in_http2_and_tcp_is_refused() {
+fn i_http2_and_grpc_services_are_spoken_to_in_http2() {
     let frontend = MeshService::build("frontend")
         .dependency("grpc-api")
         .dependency("orders")
@@ -2216,16 +2281,190 @@ fn i_http2_and_grpc_services_are_spoken_to_in_http2_and_tcp_is_refused() {
         "connect-failure,refused-stream"
     );
     assert_eq!(http.max_stream_duration, None);
+}
 
-    let tcp = MeshService::build("cache")
+// ---------------------------------------------------------------------------------------
+// TCP services.
+// ---------------------------------------------------------------------------------------
+
+/// `cache` speaks TCP (strict mTLS, one rule admitting `frontend`, one naming paths);
+/// `sessions` speaks TCP on a port `frontend` moves; `orders` speaks HTTP.
+fn tcp_mesh() -> MeshState {
+    let cache = MeshService::build("cache")
         .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))
+        .set("mtls", "strict")
+        .endpoint("10.0.0.9", 15006)
         .yaml();
-    let errs = parse_manifests("cache.yaml", &tcp).unwrap_err();
-    assert_eq!(errs.len(), 1);
-    assert_eq!(errs[0].field.as_deref(), Some("spec.ports[0].protocol"));
+    let sessions = MeshService::build("sessions")
+        .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))
+        .endpoint("10.0.0.10", 15006)
+        .yaml();
+    let frontend = MeshService::build("frontend")
+        .dependency("cache")
+        .dependency_with(json!({"service": "sessions", "port": 16379}))
+        .dependency("orders")
+        .yaml();
+    let rule = AccessRule::build("cache-clients")
+        .target("cache")
+        .allow_with(json!({"from": ["frontend"]}))
+        .allow_with(json!({"from": ["reports"], "paths": [{"prefix": "/x"}]}))
+        .yaml();
+    mesh(&[
+        ("cache.yaml", &cache),
+        ("sessions.yaml", &sessions),
+        ("frontend.yaml", &frontend),
+        ("orders.yaml", &orders()),
+        ("cache-clients.yaml", &rule),
+    ])
+}
+
+fn scenario_tcp_callers() -> Snapshot {
+    let mut group = egress_group("frontend", &[]);
+    group.tls = true;
+    snapshot(&tcp_mesh(), &access_settings(), &group)
+}
+
+fn scenario_tcp_ingress() -> Snapshot {
+    snapshot(
+        &tcp_mesh(),
+        &access_settings(),
+        &ingress_group("cache", true),
+    )
+}
+
+#[test]
+fn j_a_tcp_dependency_gets_its_own_port_and_a_tcp_service_forwards_connections() {
+    let snap = scenario_tcp_callers();
+    insta::assert_snapshot!(render(&snap));
+    // One listener per tcp dependency, on the callee's port or the one the dependency names,
+    // forwarding to the service's cluster (its mutual-TLS form: cache is strict).
+    let cache = listener(&snap, "egress|tcp|cache");
+    assert_eq!(addr(&cache.address), "127.0.0.1:6379");
+    let (proxy, _) = tcp_filters(&cache).unwrap();
+    assert_eq!(
+        format!("{:?}", proxy.cluster_specifier),
+        format!("{:?}", Some(TcpClusterSpecifier::Cluster("cache".into())))
+    );
+    assert_eq!(cluster(&snap, "cache").transport_socket_matches.len(), 1);
+    let sessions = listener(&snap, "egress|tcp|sessions");
+    assert_eq!(addr(&sessions.address), "127.0.0.1:16379");
+    // An HTTP request for a tcp service says where to connect instead.
+    let routes = route_config(&snap, "egress");
+    let text = render_routes(&routes);
+    assert!(text.contains("connect to 127.0.0.1:6379"), "{text}");
+
+    // The callee: network RBAC on the certificate, then the application; the rule naming
+    // paths admits no connection, and says so.
+    let ingress = scenario_tcp_ingress();
+    insta::assert_snapshot!("j_tcp_ingress", render(&ingress));
+    let l = listener(&ingress, "ingress");
+    let (proxy, rbac) = tcp_filters(&l).unwrap();
+    assert_eq!(
+        format!("{:?}", proxy.cluster_specifier),
+        format!(
+            "{:?}",
+            Some(TcpClusterSpecifier::Cluster("local|app".into()))
+        )
+    );
+    let rbac = render_rbac(&{
+        let r = rbac.unwrap();
+        HttpRbac {
+            rules: r.rules,
+            ..Default::default()
+        }
+    });
     assert!(
-        errs[0].to_string().contains("tcp is not supported yet"),
-        "{}",
-        errs[0]
+        rbac.contains("spiffe://mesh.local/service/frontend"),
+        "{rbac}"
+    );
+    assert!(!rbac.contains("x-client-name"), "{rbac}");
+    assert!(
+        ingress
+            .warnings
+            .iter()
+            .any(|w| w.contains("names paths or methods")),
+        "{:?}",
+        ingress.warnings
+    );
+}
+
+#[test]
+fn j_tcp_ports_that_collide_are_reported_and_wildcards_leave_tcp_services_out() {
+    let frontend = MeshService::build("frontend")
+        .dependency("cache")
+        .dependency("sessions")
+        .dependency_with(json!({"service": "orders", "port": 7000}))
+        .yaml();
+    let state = mesh(&[
+        (
+            "cache.yaml",
+            &MeshService::build("cache")
+                .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))
+                .yaml(),
+        ),
+        (
+            "sessions.yaml",
+            &MeshService::build("sessions")
+                .set("ports", json!([{"port": 6379, "protocol": "tcp"}]))
+                .yaml(),
+        ),
+        ("frontend.yaml", &frontend),
+        ("orders.yaml", &orders()),
+    ]);
+    let snap = snapshot(
+        &state,
+        &MeshSettings::default(),
+        &egress_group("frontend", &[]),
+    );
+    let tcp: Vec<&String> = snap
+        .resources(ResourceType::Listener)
+        .keys()
+        .filter(|n| n.starts_with("egress|tcp|"))
+        .collect();
+    assert_eq!(tcp, ["egress|tcp|cache"]);
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.contains("sessions not reachable: port 6379 is already used by cache")),
+        "{:?}",
+        snap.warnings
+    );
+
+    // `"*"` reaches HTTP services only: a tcp service opens a port only when named.
+    let settings = MeshSettings {
+        allow_wildcard: vec!["*".into()],
+        ..Default::default()
+    };
+    let snap = snapshot(&state, &settings, &egress_group("tools", &["*"]));
+    assert!(
+        !snap
+            .resources(ResourceType::Listener)
+            .keys()
+            .any(|n| n.starts_with("egress|tcp|")),
+    );
+    let routes = vhost_names(&route_config(&snap, "egress"))
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert!(routes.contains(&"orders".to_string()), "{routes:?}");
+    assert!(!routes.contains(&"cache".to_string()), "{routes:?}");
+
+    // A port on an external domain, or on a tcp service's MeshService a later tcp port, is refused.
+    let bad = MeshService::build("x")
+        .dependency_with(json!({"domain": "https://api.example.com", "port": 7000}))
+        .set(
+            "ports",
+            json!([{"port": 80}, {"port": 81, "protocol": "tcp"}]),
+        )
+        .yaml();
+    let errs = parse_manifests("x.yaml", &bad).unwrap_err();
+    let text = errs[0].to_string();
+    assert!(
+        text.contains("spec.ports[1].protocol: tcp is supported on the first port only"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spec.dependencies[0].port: applies to `service` dependencies only"),
+        "{text}"
     );
 }

@@ -96,7 +96,12 @@ pub fn render_proxy(v: &ProxyDetail, now: u64) -> String {
         None => "- (no diagnostics: no admin/diagnostics port announced)".into(),
         admin => opt(admin),
     };
-    let mut out = fields(&[
+    let tcp: Vec<String> = v
+        .tcp_ports
+        .iter()
+        .map(|(service, port)| format!("{service} on 127.0.0.1:{port}"))
+        .collect();
+    let mut rows = vec![
         ("node", super::text(&v.node)),
         ("service", super::text(&v.service)),
         ("group", super::text(&v.group)),
@@ -106,7 +111,11 @@ pub fn render_proxy(v: &ProxyDetail, now: u64) -> String {
         ("envoy admin", admin),
         ("connected", ago(v.connected_at, now)),
         ("dependencies", list(&v.dependencies)),
-    ]);
+    ];
+    if !tcp.is_empty() {
+        rows.push(("tcp dependencies", list(&tcp)));
+    }
+    let mut out = fields(&rows);
 
     if !types.is_empty() {
         let mut t = Table::new(&["TYPE", "SENT", "ACKED", "NACK"]);

@@ -5,7 +5,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
     filter::ConfigType as FilterConfig, listener_filter::ConfigType as ListenerFilterConfig,
 };
+use envoy_types::pb::envoy::config::rbac::v3::Rbac;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -23,7 +25,7 @@ use crate::translate::{IngressSpec, listeners, names, tls};
 
 use super::identity::identity_filter;
 use super::log::access_log;
-use super::rbac::{CallerAddresses, encode_rbac, rbac_config_with};
+use super::rbac::{CallerAddresses, encode_network_rbac, encode_rbac, rbac_config_with};
 
 /// How the ingress listener treats the transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,52 +99,38 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
     };
     let policy = state.access.get(&group.service);
     let addresses = CallerAddresses::new(policy, state, settings);
-    let rbac = rbac_config_with(&group.service, policy, settings, &addresses);
+    let tcp = state
+        .services
+        .get(&group.service)
+        .is_some_and(|s| s.protocol.is_tcp());
+    let mut rbac = rbac_config_with(&group.service, policy, settings, &addresses, tcp);
     let mode_name = match &rbac {
         None => "off",
         Some(r) if r.rules.is_none() => "log",
         Some(_) => "deny",
     };
-    let mut http_filters = vec![identity_filter(settings, &addresses)];
-    if let Some(rbac) = rbac {
-        http_filters.push(HttpFilter {
-            name: "envoy.filters.http.rbac".to_string(),
-            config_type: Some(HttpFilterConfig::TypedConfig(encode_rbac(rbac))),
-            ..Default::default()
-        });
-    }
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.router".to_string(),
-        config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
-        ..Default::default()
-    });
-    let hcm = HttpConnectionManager {
-        stat_prefix: names::INGRESS_LISTENER.to_string(),
-        route_specifier: Some(RouteSpecifier::Rds(Rds {
-            config_source: Some(ads_config_source()),
-            route_config_name: names::INGRESS_ROUTE.to_string(),
-        })),
-        http_filters,
-        access_log: vec![access_log(&group.service, mode_name)],
-        // Paths are matched by RBAC as the application will read them: `/api/../admin` and
-        // `//admin` are normalized first, and an escaped slash (`/api%2F..%2Fadmin`) is
-        // unescaped and the caller redirected, as Envoy advises for path-based access rules.
-        normalize_path: Some(BoolValue { value: true }),
-        merge_slashes: true,
-        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
-        local_reply_config: Some(listeners::local_reply_config()),
-        upgrade_configs: listeners::upgrades(),
-        http_protocol_options: state
-            .services
-            .get(&group.service)
-            .is_some_and(|s| s.preserve_header_case)
-            .then(crate::translate::proto::preserve_case_http1),
-        ..Default::default()
+    let filters = if tcp {
+        if transport == IngressTransport::StrictWithoutCertificate {
+            // No reply to send on a connection: every one is closed.
+            rbac = Some(HttpRbac {
+                rules: Some(Rbac::default()),
+                ..Default::default()
+            });
+        }
+        for (i, rule) in policy.into_iter().flat_map(|p| &p.rules).enumerate() {
+            if !(rule.paths.is_empty() && rule.methods.is_empty()) {
+                warnings.push(format!(
+                    "access rule-{i} of {} names paths or methods, which connections to a tcp service do not have: it admits no connection",
+                    group.service
+                ));
+            }
+        }
+        tcp_filters(&group.service, rbac, mode_name)
+    } else {
+        vec![http_filter(
+            state, settings, group, &addresses, rbac, mode_name,
+        )]
     };
-    let filters = vec![Filter {
-        name: "envoy.filters.network.http_connection_manager".to_string(),
-        config_type: Some(FilterConfig::TypedConfig(pack_any(hcm))),
-    }];
     let chain = |transport_protocol: Option<&str>, tls: bool| FilterChain {
         filter_chain_match: transport_protocol.map(|p| FilterChainMatch {
             transport_protocol: p.to_string(),
@@ -179,5 +167,76 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
         },
         route,
         warnings,
+    }
+}
+
+/// The filters of a `tcp` service's ingress: network RBAC (on what the connection proves),
+/// then the connection forwarded to the application, one access log line per connection.
+fn tcp_filters(service: &str, rbac: Option<HttpRbac>, mode_name: &str) -> Vec<Filter> {
+    let mut filters = Vec::new();
+    if let Some(rbac) = rbac {
+        filters.push(Filter {
+            name: "envoy.filters.network.rbac".to_string(),
+            config_type: Some(FilterConfig::TypedConfig(encode_network_rbac(
+                rbac,
+                &format!("{}.", names::INGRESS_LISTENER),
+            ))),
+        });
+    }
+    let mut proxy = listeners::tcp_proxy(names::INGRESS_LISTENER, names::LOCAL_APP_CLUSTER);
+    proxy.access_log = vec![access_log(service, mode_name)];
+    filters.push(listeners::tcp_proxy_filter(proxy));
+    filters
+}
+
+/// The HTTP connection manager of an HTTP service's ingress: identity, RBAC (when `rbac`),
+/// then the route to the application.
+fn http_filter(
+    state: &MeshState,
+    settings: &MeshSettings,
+    group: &IngressSpec,
+    addresses: &CallerAddresses<'_>,
+    rbac: Option<HttpRbac>,
+    mode_name: &str,
+) -> Filter {
+    let mut http_filters = vec![identity_filter(settings, addresses)];
+    if let Some(rbac) = rbac {
+        http_filters.push(HttpFilter {
+            name: "envoy.filters.http.rbac".to_string(),
+            config_type: Some(HttpFilterConfig::TypedConfig(encode_rbac(rbac))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: names::INGRESS_LISTENER.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: names::INGRESS_ROUTE.to_string(),
+        })),
+        http_filters,
+        access_log: vec![access_log(&group.service, mode_name)],
+        // Paths are matched by RBAC as the application will read them: `/api/../admin` and
+        // `//admin` are normalized first, and an escaped slash (`/api%2F..%2Fadmin`) is
+        // unescaped and the caller redirected, as Envoy advises for path-based access rules.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
+        local_reply_config: Some(listeners::local_reply_config()),
+        upgrade_configs: listeners::upgrades(),
+        http_protocol_options: state
+            .services
+            .get(&group.service)
+            .is_some_and(|s| s.preserve_header_case)
+            .then(crate::translate::proto::preserve_case_http1),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(FilterConfig::TypedConfig(pack_any(hcm))),
     }
 }

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, header_matcher::HeaderMatchSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
@@ -41,14 +42,18 @@ pub fn rbac_config(
     settings: &MeshSettings,
 ) -> Option<HttpRbac> {
     let addresses = CallerAddresses::new(policy, state, settings);
-    rbac_config_with(target, policy, settings, &addresses)
+    rbac_config_with(target, policy, settings, &addresses, false)
 }
 
+/// [`rbac_config`] with the callers' addresses looked up; for the connections of a `tcp`
+/// service when `tcp`: a rule naming paths or methods (which a connection does not have)
+/// admits nothing, and only what the connection proves identifies the caller.
 pub(super) fn rbac_config_with(
     target: &str,
     policy: Option<&AccessPolicy>,
     settings: &MeshSettings,
     addresses: &CallerAddresses<'_>,
+    tcp: bool,
 ) -> Option<HttpRbac> {
     let (action, rules): (AccessAction, &[AccessRuleSet]) = match policy {
         // Under default-deny, `log` cannot open a service: calls no rule allows are refused.
@@ -60,7 +65,12 @@ pub(super) fn rbac_config_with(
     let policies: HashMap<String, Policy> = rules
         .iter()
         .enumerate()
-        .map(|(i, rule)| (format!("rule-{i}"), rule_policy(rule, settings, addresses)))
+        .map(|(i, rule)| {
+            (
+                format!("rule-{i}"),
+                rule_policy(rule, settings, addresses, tcp),
+            )
+        })
         .collect();
     let config = Rbac {
         action: RbacAction::Allow as i32,
@@ -86,9 +96,18 @@ fn rule_policy(
     rule: &AccessRuleSet,
     settings: &MeshSettings,
     addresses: &CallerAddresses<'_>,
+    tcp: bool,
 ) -> Policy {
     let mut checks = Vec::new();
-    if !rule.paths.is_empty() {
+    if tcp && !(rule.paths.is_empty() && rule.methods.is_empty()) {
+        // Fails closed: the rule allows requests of some kind, and a connection is none.
+        checks.push(Permission {
+            rule: Some(permission::Rule::NotRule(Box::new(Permission {
+                rule: Some(permission::Rule::Any(true)),
+            }))),
+        });
+    }
+    if !tcp && !rule.paths.is_empty() {
         checks.push(any_permission(
             rule.paths
                 .iter()
@@ -100,7 +119,7 @@ fn rule_policy(
                 .collect(),
         ));
     }
-    if !rule.methods.is_empty() {
+    if !tcp && !rule.methods.is_empty() {
         checks.push(any_permission(
             rule.methods
                 .iter()
@@ -124,7 +143,7 @@ fn rule_policy(
     let callers = rule
         .from
         .iter()
-        .map(|c| caller_principal(c, settings, addresses))
+        .map(|c| caller_principal(c, settings, addresses, tcp))
         .collect();
     Policy {
         permissions: vec![permission],
@@ -201,6 +220,7 @@ fn caller_principal(
     caller: &CallerMatch,
     settings: &MeshSettings,
     addresses: &CallerAddresses<'_>,
+    tcp: bool,
 ) -> Principal {
     let glob = match caller {
         CallerMatch::Any => {
@@ -245,7 +265,7 @@ fn caller_principal(
             });
         }
     }
-    if !settings.identity_header_from.is_empty() {
+    if !tcp && !settings.identity_header_from.is_empty() {
         // A peer may assert identities only when its own is proven by a certificate.
         let trusted = any_principal(
             settings
@@ -354,43 +374,74 @@ impl<'a> CallerAddresses<'a> {
 /// a resource's version is the hash of its bytes, so each policy is written as a separate
 /// message and the messages concatenated, which protobuf parsers merge (maps accumulate).
 pub fn encode_rbac(mut config: HttpRbac) -> Any {
-    let rules = config
-        .rules
-        .as_mut()
-        .map(|r| (r.action, std::mem::take(&mut r.policies)));
-    let shadow_rules = config
-        .shadow_rules
-        .as_mut()
-        .map(|r| (r.action, std::mem::take(&mut r.policies)));
-    // The configuration without policies (an enforced empty set stays: it denies everything).
-    let mut value = config.encode_to_vec();
+    let (rules, shadow_rules) = (config.rules.take(), config.shadow_rules.take());
+    encode_sorted(config, rules, shadow_rules, |rules, shadow_rules| {
+        HttpRbac {
+            rules,
+            shadow_rules,
+            ..Default::default()
+        }
+    })
+}
+
+/// The network RBAC filter (connections of a `tcp` service) with the same rules as `config`,
+/// encoded as [`encode_rbac`] does. Its stats are `<stat_prefix>rbac.{allowed,denied,…}`.
+pub fn encode_network_rbac(config: HttpRbac, stat_prefix: &str) -> Any {
+    let head = NetworkRbac {
+        stat_prefix: stat_prefix.to_string(),
+        shadow_rules_stat_prefix: config.shadow_rules_stat_prefix.clone(),
+        ..Default::default()
+    };
+    encode_sorted(
+        head,
+        config.rules,
+        config.shadow_rules,
+        |rules, shadow_rules| NetworkRbac {
+            rules,
+            shadow_rules,
+            ..Default::default()
+        },
+    )
+}
+
+/// `head` (a filter configuration without rules), then its enforced and shadow rules one
+/// policy at a time in name order, each wrapped by `wrap(rules, shadow_rules)`.
+fn encode_sorted<M: Message + Name>(
+    head: M,
+    rules: Option<Rbac>,
+    shadow_rules: Option<Rbac>,
+    wrap: impl Fn(Option<Rbac>, Option<Rbac>) -> M,
+) -> Any {
+    let mut value = head.encode_to_vec();
     for (shadow, rules) in [(false, rules), (true, shadow_rules)] {
-        let Some((action, policies)) = rules else {
+        let Some(rules) = rules else {
             continue;
         };
-        let sorted: BTreeMap<String, Policy> = policies.into_iter().collect();
+        // The rules without policies first: an enforced empty set stays, and denies everything.
+        let empty = Rbac {
+            action: rules.action,
+            ..Default::default()
+        };
+        let part = |one: Rbac| {
+            if shadow {
+                wrap(None, Some(one))
+            } else {
+                wrap(Some(one), None)
+            }
+        };
+        value.extend(part(empty).encode_to_vec());
+        let sorted: BTreeMap<String, Policy> = rules.policies.into_iter().collect();
         for (name, policy) in sorted {
             let one = Rbac {
-                action,
+                action: rules.action,
                 policies: HashMap::from([(name, policy)]),
                 ..Default::default()
             };
-            let part = if shadow {
-                HttpRbac {
-                    shadow_rules: Some(one),
-                    ..Default::default()
-                }
-            } else {
-                HttpRbac {
-                    rules: Some(one),
-                    ..Default::default()
-                }
-            };
-            value.extend(part.encode_to_vec());
+            value.extend(part(one).encode_to_vec());
         }
     }
     Any {
-        type_url: HttpRbac::type_url(),
+        type_url: M::type_url(),
         value,
     }
 }
