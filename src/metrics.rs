@@ -515,7 +515,14 @@ impl Metrics {
         for result in ["verified", "absent", "mismatch"] {
             let _ = self.xds_identity.get_or_create(&Outcome { result });
         }
-        for action in ["config_dump", "stats", "clusters", "logging", "diff"] {
+        for action in [
+            "config_dump",
+            "stats",
+            "clusters",
+            "logging",
+            "diff",
+            "ejections",
+        ] {
             for result in ["ok", "refused", "unreachable", "busy"] {
                 let _ = self
                     .diagnostics_requests

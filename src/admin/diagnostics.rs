@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::AdminState;
 use super::changes::{AuditEntry, requester};
 use super::config_diff::config_diff;
-use super::views::{ErrorView, LogLevelView};
+use super::views::{EjectedInstance, EjectionsView, ErrorView, LogLevelView};
 use crate::metrics::label;
 use crate::xds::registry::ProxyStatus;
 
@@ -253,6 +253,140 @@ async fn read_only_view(
         path == "/config_dump" || format == Some("json"),
         body,
     ))
+}
+
+/// Callers' proxies one ejections request asks, at most (the first by node id), and how many
+/// at once.
+pub const EJECTION_PROXIES: usize = 16;
+const EJECTION_CONCURRENCY: usize = 4;
+
+/// Whether `cluster` is one of `service`'s (its own, canary, policy variants): every other
+/// name contains `|` after a different prefix, and a service name cannot contain `|`.
+fn is_cluster_of(cluster: &str, service: &str) -> bool {
+    cluster
+        .strip_prefix(service)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('|'))
+}
+
+/// The instances of `service`'s clusters that one Envoy's `/clusters?format=json` shows
+/// ejected by outlier detection, with the cluster.
+fn ejected_in(clusters: &Value, service: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let statuses = clusters["cluster_statuses"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    for cluster in statuses {
+        let Some(name) = cluster["name"].as_str() else {
+            continue;
+        };
+        if !is_cluster_of(name, service) {
+            continue;
+        }
+        let hosts = cluster["host_statuses"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        for host in hosts {
+            if host["health_status"]["failed_outlier_check"].as_bool() != Some(true) {
+                continue;
+            }
+            let a = &host["address"]["socket_address"];
+            if let (Some(ip), Some(port)) = (a["address"].as_str(), a["port_value"].as_u64()) {
+                out.push((format!("{ip}:{port}"), name.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// `GET /api/services/{name}/ejections`: the instances of a service that its callers'
+/// proxies have ejected (outlier detection), asked of up to [`EJECTION_PROXIES`] connected
+/// proxies holding a cluster of it, through the same bounded admin requests as the other
+/// diagnostics.
+pub async fn ejections(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<EjectionsView>, ApiError> {
+    use futures::StreamExt as _;
+    if !s.cache.state().services.contains_key(&name) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no service named {name:?}"),
+        ));
+    }
+    let callers: Vec<String> = s
+        .registry
+        .list()
+        .into_iter()
+        .filter(|p| {
+            s.cache.snapshot(&p.group_key).is_some_and(|snap| {
+                snap.resources(crate::snapshot::ResourceType::Cluster)
+                    .keys()
+                    .any(|c| is_cluster_of(c, &name))
+            })
+        })
+        .map(|p| p.node)
+        .collect();
+    let asked: Vec<String> = callers.iter().take(EJECTION_PROXIES).cloned().collect();
+    let answers: Vec<(String, Result<Value, String>)> = futures::stream::iter(asked.clone())
+        .map(|node| {
+            let s = s.clone();
+            async move {
+                let answer = async {
+                    let (_, admin) = target(&s, &node)?;
+                    let query = [("format".to_string(), "json".to_string())];
+                    let body = envoy_request(
+                        &s,
+                        "ejections",
+                        &admin,
+                        reqwest::Method::GET,
+                        "/clusters",
+                        &query,
+                    )
+                    .await?;
+                    serde_json::from_str::<Value>(&body).map_err(|e| {
+                        ApiError(
+                            StatusCode::BAD_GATEWAY,
+                            format!("Envoy admin at {admin} (/clusters): not JSON: {e}"),
+                        )
+                    })
+                }
+                .await;
+                (node, answer.map_err(|e| e.1))
+            }
+        })
+        .buffer_unordered(EJECTION_CONCURRENCY)
+        .collect()
+        .await;
+    let mut by_instance: BTreeMap<String, EjectedInstance> = BTreeMap::new();
+    let mut errors = BTreeMap::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(clusters) => {
+                for (instance, cluster) in ejected_in(&clusters, &name) {
+                    let e =
+                        by_instance
+                            .entry(instance.clone())
+                            .or_insert_with(|| EjectedInstance {
+                                instance,
+                                by: BTreeSet::new(),
+                                clusters: BTreeSet::new(),
+                            });
+                    e.by.insert(node.clone());
+                    e.clusters.insert(cluster);
+                }
+            }
+            Err(why) => {
+                errors.insert(node, why);
+            }
+        }
+    }
+    Ok(Json(EjectionsView {
+        service: name,
+        callers: callers.len(),
+        asked,
+        errors,
+        ejected: by_instance.into_values().collect(),
+    }))
 }
 
 /// `GET /api/proxies/{node}/config_dump`: Envoy's own config dump, verbatim.
@@ -508,6 +642,34 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move { axum::serve(listener, router).await });
         addr
+    }
+
+    #[test]
+    fn ejected_instances_are_read_from_the_services_clusters_only() {
+        let clusters = serde_json::json!({"cluster_statuses": [
+            {"name": "orders", "host_statuses": [
+                {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}},
+                 "health_status": {"failed_outlier_check": true}},
+                {"address": {"socket_address": {"address": "10.0.0.2", "port_value": 80}},
+                 "health_status": {"eds_health_status": "HEALTHY"}},
+            ]},
+            {"name": "orders|o-1234abcd", "host_statuses": [
+                {"address": {"socket_address": {"address": "10.0.0.2", "port_value": 80}},
+                 "health_status": {"failed_outlier_check": true}},
+            ]},
+            {"name": "orders-v2", "host_statuses": [
+                {"address": {"socket_address": {"address": "10.0.0.3", "port_value": 80}},
+                 "health_status": {"failed_outlier_check": true}},
+            ]},
+        ]});
+        assert_eq!(
+            ejected_in(&clusters, "orders"),
+            [
+                ("10.0.0.1:80".to_string(), "orders".to_string()),
+                ("10.0.0.2:80".to_string(), "orders|o-1234abcd".to_string()),
+            ]
+        );
+        assert!(ejected_in(&serde_json::json!({"unexpected": 1}), "orders").is_empty());
     }
 
     #[tokio::test]

@@ -151,6 +151,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/services", get(services))
         .route("/api/services/{name}", get(service))
+        .route(
+            "/api/services/{name}/ejections",
+            get(diagnostics::ejections),
+        )
         .route("/api/proxies", get(proxies))
         .route("/api/proxies/{node}", get(proxy))
         .route(

@@ -7,7 +7,7 @@
 //! the order the API has always written its keys in. Model types stay free of admin
 //! concerns: the views are built from them here, never serialized in their place.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -709,4 +709,31 @@ mod tests {
             "Secret"
         );
     }
+}
+
+/// `GET /api/services/{name}/ejections`: instances of a service its callers' proxies have
+/// ejected (outlier detection).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EjectionsView {
+    /// The service.
+    pub service: String,
+    /// Connected proxies holding a cluster of it.
+    pub callers: usize,
+    /// The proxies asked (the first by node id, at most a bound).
+    pub asked: Vec<String>,
+    /// Proxies asked that did not answer, with why.
+    pub errors: BTreeMap<String, String>,
+    /// Instances some proxy has ejected, by address.
+    pub ejected: Vec<EjectedInstance>,
+}
+
+/// An instance ejected by some callers' proxies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EjectedInstance {
+    /// `address:port`.
+    pub instance: String,
+    /// The proxies (node ids) that have it ejected.
+    pub by: BTreeSet<String>,
+    /// In which of the service's clusters (its own, canary, policy variants).
+    pub clusters: BTreeSet<String>,
 }

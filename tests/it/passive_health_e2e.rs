@@ -164,6 +164,25 @@ async fn ejects_the_failing_instance(delta: bool) {
         .stat("cluster.orders.outlier_detection.ejections_enforced_total")
         .await;
     assert!(shared >= Some(1), "{shared:?}");
+    // The control plane shows which instance the callers' proxies have ejected, and where.
+    let ejections = cp.admin_json("/api/services/orders/ejections").await;
+    assert_eq!(ejections["callers"], 1, "{ejections}");
+    assert_eq!(
+        ejections["asked"],
+        serde_json::json!([envoy.node_id]),
+        "{ejections}"
+    );
+    assert_eq!(
+        ejections["ejected"],
+        serde_json::json!([{
+            "instance": format!("127.0.0.1:{}", bad.port),
+            "by": [envoy.node_id],
+            "clusters": ["orders"],
+        }]),
+        "{ejections}"
+    );
+    let none = cp.admin_json("/api/services/frontend/ejections").await;
+    assert_eq!(none["ejected"], serde_json::json!([]), "{none}");
 
     // The caller overrides its outlier detection: it gets its own variant of the cluster,
     // whose instances start uneaten by ejections, and ejects after three failures.

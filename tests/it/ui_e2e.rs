@@ -188,6 +188,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
             "unknown_callers": ["legacy-batch"],
             "text": [format!("127.0.0.1:{}", orders.port), "permissive", "dc1", "canary", "prefix /hello"],
             "escaped": HTML_TAG,
+            "ejections": "Asked 1 of 1 proxies holding it (1 answered): no instance ejected.",
         },
         "proxy": node,
         "stats": {"filter": "^cluster\\.orders\\.membership_", "expect": "cluster.orders.membership_healthy: 1"},

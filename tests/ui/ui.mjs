@@ -244,6 +244,14 @@ async function run() {
       const injected = await page.$$eval('#main img, #main script, #main b, #main i', (els) => els.length);
       check(injected === 0, `service ${s.name}: API text was inserted as HTML (${injected} injected elements)`);
     }
+    if (s.ejections) {
+      await page.click('#btn-ejections');
+      await page.waitForSelector('#ejections-result[data-state="done"], #ejections-result[data-state="error"]', { timeout: STEP_TIMEOUT_MS });
+      const status = await text('#ejections-status');
+      check((await page.getAttribute('#ejections-result', 'data-state')) === 'done', `service ${s.name}: ejections: ${status}`);
+      check(status.includes(s.ejections), `service ${s.name}: ejections say "${status}", not "${s.ejections}"`);
+      log(`service page of ${s.name}: ${status}`);
+    }
     log(`service page of ${s.name}: ${rows} instances`);
     await screenshot('service');
   }

@@ -366,7 +366,49 @@
         dl([['Services', h('span', { id: 'dependents-services', testid: 'dependents-services' }, list((dep.services || []).map(serviceLink), 'none'))]]),
         h('h3', null, 'Proxies that depend on it'),
         table({ id: 'dependents-proxies', testid: 'dependents-proxies', class: 'grid' }, ['Node', 'Service', 'Group', 'Mode'], proxies, 'No connected proxy depends on it.')),
-      section('Access', { id: 'access', testid: 'access' }, accessView(s.access)));
+      section('Access', { id: 'access', testid: 'access' }, accessView(s.access)),
+      section('Ejections', { id: 'ejections', testid: 'ejections' }, ejectionsView(s.name)));
+  }
+
+  /** Asks the callers' proxies (through the control plane) which instances they have ejected. */
+  function ejectionsView(name) {
+    const status = h('div', { id: 'ejections-status', testid: 'ejections-status', class: 'diag-status muted' },
+      'Outlier detection in the callers\' proxies: ask them which instances they have ejected.');
+    const output = h('div', { id: 'ejections-output' });
+    const wrap = h('div', { id: 'ejections-result', testid: 'ejections-result', data: { state: 'idle' } }, status, output);
+    const button = h('button', { id: 'btn-ejections', testid: 'btn-ejections', type: 'button' }, 'Ask callers\' proxies');
+    button.onclick = async () => {
+      button.disabled = true;
+      wrap.dataset.state = 'loading';
+      status.className = 'diag-status muted';
+      status.textContent = 'Asking…';
+      output.replaceChildren();
+      try {
+        const e = await api('/api/services/' + encodeURIComponent(name) + '/ejections');
+        const ejected = e.ejected || [];
+        const errors = Object.entries(e.errors || {});
+        const answered = (e.asked || []).length - errors.length;
+        status.className = 'diag-status ' + (ejected.length ? 'bad' : 'ok');
+        status.textContent = `Asked ${(e.asked || []).length} of ${e.callers} proxies holding it (${answered} answered): `
+          + (ejected.length ? `${ejected.length} instance(s) ejected.` : 'no instance ejected.');
+        const rows = ejected.map((x) => h('tr', { testid: 'ejection-row' },
+          h('td', null, mono(x.instance)),
+          h('td', null, list((x.by || []).map((n) => link(proxyHref(n), n)), 'none')),
+          h('td', null, chips(x.clusters || []))));
+        const kids = [table({ id: 'ejections-table', class: 'grid' }, ['Instance', 'Ejected by', 'Clusters'], rows, 'No instance ejected.')];
+        if (errors.length) kids.push(h('h3', null, 'Not answered'), table({ class: 'grid' }, ['Proxy', 'Why'], errors.map(([n, why]) => [link(proxyHref(n), n), why]), ''));
+        output.replaceChildren(...kids);
+        wrap.dataset.state = 'done';
+      } catch (err) {
+        status.className = 'diag-status bad';
+        status.textContent = 'Asking failed: ' + (err instanceof Error ? err.message : String(err));
+        wrap.dataset.state = 'error';
+        showError(err);
+      } finally {
+        button.disabled = false;
+      }
+    };
+    return h('div', null, button, wrap);
   }
 
   function callerText(c) {
