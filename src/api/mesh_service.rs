@@ -183,6 +183,10 @@ pub struct DependencySpec {
     /// only). Fields left out keep their defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// Let WebSocket upgrades through to the service (`service` dependencies). Default: on
+    /// towards an HTTP/1 service, off towards `http2` and `grpc` ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<bool>,
     /// For a service whose first port is `tcp`: the port on 127.0.0.1 where this service's
     /// proxy accepts connections for it. Default: the called service's own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]

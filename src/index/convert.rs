@@ -295,6 +295,7 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
             (d.outlier_detection.is_some(), "outlierDetection"),
             (d.circuit_breakers.is_some(), "circuitBreakers"),
             (d.port.is_some(), "port"),
+            (d.websocket.is_some(), "websocket"),
         ] {
             if set {
                 errors.push(err(
@@ -312,6 +313,7 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
                 retries,
                 cluster,
                 local_port,
+                websocket: d.websocket,
             },
         }),
         _ => Err(errors),

@@ -268,6 +268,8 @@ pub struct DependencySettings {
     /// For a `tcp` service: the port the caller's proxy listens on for it (on 127.0.0.1;
     /// default the service's own port).
     pub local_port: Option<u16>,
+    /// Whether WebSocket upgrades pass (default: towards HTTP/1 services only).
+    pub websocket: Option<bool>,
 }
 
 /// A dependency with its settings.

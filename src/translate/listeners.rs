@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost, header_matcher::HeaderMatchSpecifier,
     route::Action, route_action::ClusterSpecifier, route_action::MaxStreamDuration,
-    route_match::PathSpecifier,
+    route_action::UpgradeConfig as RouteUpgradeConfig, route_match::PathSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -31,7 +31,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use crate::model::{AppProtocol, DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
@@ -233,6 +233,9 @@ pub fn cluster_route(
         None => RetryPolicy::default_for(protocol),
     };
     let timeout = proto_duration(settings.timeout.unwrap_or(DEFAULT_TIMEOUT));
+    // The listener lets WebSocket through; a route turns it off where the dependency or the
+    // service's protocol says so.
+    let websocket = settings.websocket.unwrap_or(protocol == AppProtocol::Http);
     Route {
         name: name.to_string(),
         r#match: Some(matcher),
@@ -244,6 +247,15 @@ pub fn cluster_route(
             }),
             timeout: Some(timeout),
             retry_policy: (retries.attempts > 0).then(|| retry_policy(&retries)),
+            upgrade_configs: if websocket {
+                Vec::new()
+            } else {
+                vec![RouteUpgradeConfig {
+                    upgrade_type: "websocket".to_string(),
+                    enabled: Some(BoolValue { value: false }),
+                    ..Default::default()
+                }]
+            },
             ..Default::default()
         })),
         ..Default::default()

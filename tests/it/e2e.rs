@@ -500,6 +500,26 @@ async fn a_websocket_session_passes_and_outlives_the_request_timeout() {
             .unwrap_or_else(|e| panic!("{message}: {e}"));
         assert_eq!(String::from_utf8_lossy(&echo), message);
     }
+
+    // Turned off for the dependency: the upgrade is refused at the caller's Envoy.
+    let caller = MeshService::build("frontend")
+        .dependency_with(json!({"service": "chat", "timeout": "1s", "websocket": false}));
+    cp.write_manifests(&manifests(&[&caller, &chat]));
+    let refused = support::eventually(Duration::from_secs(20), "websocket off", || async {
+        let mut ws = tokio::net::TcpStream::connect(envoy.egress_addr())
+            .await
+            .ok()?;
+        ws.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .ok()?;
+        let head = read_head(&mut ws).await;
+        (!head.starts_with("HTTP/1.1 101")).then_some(head)
+    })
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     server.abort();
 }
 

@@ -2275,7 +2275,16 @@ fn i_http2_and_grpc_services_are_spoken_to_in_http2() {
             .map(|d| d.seconds),
         Some(15)
     );
+    // WebSocket passes towards HTTP/1 services only, unless the dependency says otherwise.
+    assert_eq!(
+        grpc.upgrade_configs
+            .iter()
+            .map(|u| (u.upgrade_type.as_str(), u.enabled.map(|b| b.value)))
+            .collect::<Vec<_>>(),
+        [("websocket", Some(false))]
+    );
     let http = action("orders");
+    assert!(http.upgrade_configs.is_empty());
     assert_eq!(
         http.retry_policy.unwrap().retry_on,
         "connect-failure,refused-stream"
