@@ -37,6 +37,8 @@ pub struct ServiceDeclaration {
     pub protocol: crate::model::AppProtocol,
     /// `spec.http1.preserveHeaderCase`.
     pub preserve_header_case: bool,
+    /// `spec.rateLimit`.
+    pub rate_limit: crate::model::RateLimit,
 }
 
 /// An AccessRule, validated.
@@ -277,6 +279,7 @@ impl Index {
                     namespace: winner.namespace.clone(),
                     protocol: winner.protocol,
                     preserve_header_case: winner.preserve_header_case,
+                    rate_limit: winner.rate_limit.clone(),
                 },
             );
         }
