@@ -33,6 +33,7 @@ mod layering;
 mod manifests_cli;
 mod passive_health_e2e;
 mod properties;
+mod rate_limit_e2e;
 mod reliability;
 mod translate_snapshots;
 mod ui_e2e;
