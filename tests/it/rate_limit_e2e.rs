@@ -1,10 +1,11 @@
 //! Local rate limits end to end: a real callee Envoy, configured by the real `meshbridge`
 //! binary from a MeshService's `spec.rateLimit`, refuses the requests beyond a path's limit
-//! with `429` and `x-meshbridge-reason: rate-limited` while other paths keep answering, and
-//! stops refusing once the manifest no longer sets the limit.
+//! with `429` and `x-meshbridge-reason: rate-limited` while other paths keep answering, stops
+//! refusing once the manifest no longer sets the limit, and refuses every path under a
+//! service-wide limit.
 //!
-//! The limit refills one request every twelve minutes: no request of the test can find a
-//! token refilled, however slow the machine.
+//! The limits refill one request every twelve minutes or slower: no request of the test can
+//! find a token refilled, however slow the machine.
 
 use crate::support;
 
@@ -21,17 +22,18 @@ const RATE_LIMITED_STAT: &str = "rate_limit.http_local_rate_limit.rate_limited";
 /// Requests admitted on `/limited` before the first refusal.
 const BURST: usize = 5;
 
-/// `orders`, whose instance is the Envoy on `ingress`, limited on `/limited` or not at all.
-fn orders(ingress: u16, limited: bool) -> MeshService {
+/// `orders`, whose instance is the Envoy on `ingress`, with `spec.rateLimit` when given.
+fn orders(ingress: u16, rate_limit: Option<serde_json::Value>) -> MeshService {
     let service = MeshService::build("orders").endpoint("127.0.0.1", ingress);
-    if limited {
-        service.set(
-            "rateLimit",
-            json!({"paths": [{"prefix": "/limited", "requests": BURST, "per": "1h", "burst": BURST}]}),
-        )
-    } else {
-        service
+    match rate_limit {
+        Some(limit) => service.set("rateLimit", limit),
+        None => service,
     }
+}
+
+/// `BURST` requests an hour on `/limited`, bursts of `BURST`.
+fn limited_path() -> Option<serde_json::Value> {
+    Some(json!({"paths": [{"prefix": "/limited", "requests": BURST, "per": "1h", "burst": BURST}]}))
 }
 
 /// A GET to `orders` through the caller's Envoy; the test fails on a transport error.
@@ -51,7 +53,11 @@ async fn requests_beyond_a_path_limit_get_429_with_the_reason_until_the_limit_is
     let app = Backend::start("orders", "a").await;
     let ingress = free_port();
     let frontend = MeshService::build("frontend").dependency("orders");
-    let cp = ControlPlane::start(&manifests(&[&frontend, &orders(ingress, true)]), &[]).await;
+    let cp = ControlPlane::start(
+        &manifests(&[&frontend, &orders(ingress, limited_path())]),
+        &[],
+    )
+    .await;
     let callee = Envoy::start(
         &cp,
         EnvoyOptions {
@@ -115,7 +121,7 @@ async fn requests_beyond_a_path_limit_get_429_with_the_reason_until_the_limit_is
     }
 
     // The limit removed from the manifest, the path answers again.
-    cp.write_manifests(&manifests(&[&frontend, &orders(ingress, false)]));
+    cp.write_manifests(&manifests(&[&frontend, &orders(ingress, None)]));
     eventually(LIMIT, "the limit lifted", || async {
         caller
             .call("orders", "/limited")
@@ -127,5 +133,29 @@ async fn requests_beyond_a_path_limit_get_429_with_the_reason_until_the_limit_is
     for _ in 0..BURST + 2 {
         let r = get(&caller, "/limited").await;
         assert!(is_hello(&r), "{r:?}");
+    }
+
+    // A service-wide limit takes every path: once it is in force, its bucket runs dry.
+    let service_wide = json!({"requests": 1, "per": "1h", "burst": 1});
+    cp.write_manifests(&manifests(&[
+        &frontend,
+        &orders(ingress, Some(service_wide)),
+    ]));
+    eventually(LIMIT, "the service-wide limit refusing", || async {
+        caller
+            .call("orders", "/anything")
+            .await
+            .ok()
+            .filter(|r| r.status == 429)
+    })
+    .await;
+    for path in ["/", "/limited", "/other"] {
+        let r = get(&caller, path).await;
+        assert_eq!(r.status, 429, "{path}: {r:?}");
+        assert_eq!(
+            r.header("x-meshbridge-reason"),
+            Some("rate-limited"),
+            "{r:?}"
+        );
     }
 }
