@@ -62,6 +62,63 @@ pub struct MeshServiceSpec {
     /// HTTP/1 behaviour of this service's proxies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http1: Option<Http1Spec>,
+
+    /// Local rate limits enforced by the ingress proxy of each instance: requests beyond them
+    /// are answered `429` with `x-meshbridge-reason: rate-limited` and never reach the
+    /// application. Each proxy keeps its own token buckets, so the service as a whole admits
+    /// up to the limit times the number of its instances with a proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// Local rate limits of a service: one for every request (`requests`), and one per path
+/// prefix (`paths`). A request counts against one bucket only: the longest `paths` prefix
+/// matching its path, else the service-wide limit.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests admitted per `per` by each instance's proxy, for requests no `paths` entry
+    /// matches, 1–1000000. Omit for no service-wide limit (only `paths`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests: Option<u32>,
+    /// The period `requests` are counted over, e.g. `1s`, `1m`; 50ms–24h. Default `1s`.
+    /// Tokens are refilled continuously (`requests: 60, per: 1m` is one a second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// Requests admitted at once after a quiet period (the bucket's size), 1–1000000.
+    /// Default `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub burst: Option<u32>,
+    /// Limits of their own for the requests whose path starts with a prefix, at most 64, each
+    /// prefix once (a list keyed by `prefix`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["prefix"])
+    )]
+    pub paths: Vec<PathRateLimitSpec>,
+}
+
+/// A rate limit of its own for the requests whose path starts with `prefix`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathRateLimitSpec {
+    /// Path prefix, e.g. `/api/`: a string prefix of the normalized path, as in AccessRule
+    /// paths (`/api` also matches `/apis`). Each prefix may appear once.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[^\s]*$"))]
+    pub prefix: String,
+    /// Requests admitted per `per` by each instance's proxy, 1–1000000.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests: u32,
+    /// The period `requests` are counted over; 50ms–24h. Default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// Requests admitted at once after a quiet period, 1–1000000. Default `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub burst: Option<u32>,
 }
 
 /// HTTP/1 behaviour of a service's proxies.

@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use crate::api::access_rule::{AccessAction as ApiAction, AccessRule};
 use crate::api::mesh_service::{
-    DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol, RetrySpec,
+    DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol, RateLimitSpec, RetrySpec,
 };
 use crate::model::{
     AccessAction, AccessRuleSet, AppProtocol, CallerMatch, CircuitBreakers, ClusterPolicy,
-    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain, MAX_WEIGHT,
-    MtlsMode, Origin, OutlierDetection, PathMatch, RetryPolicy, valid_service_name,
+    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain,
+    MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS, MAX_WEIGHT, MIN_RATE_LIMIT_PERIOD, MtlsMode,
+    Origin, OutlierDetection, PathMatch, PathRateLimit, RateLimit, RetryPolicy, TokenBucket,
+    valid_service_name,
 };
 
 use super::{AccessDeclaration, ServiceDeclaration};
@@ -157,6 +159,7 @@ pub fn mesh_service(
             Err(mut e) => errors.append(&mut e),
         }
     }
+    let rate_limit = rate_limit(obj.spec.rate_limit.as_ref(), &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -173,16 +176,144 @@ pub fn mesh_service(
         endpoints,
         namespace: None,
         protocol,
-        port: obj
-            .spec
-            .ports
-            .first()
-            .and_then(|p| u16::try_from(p.port).ok()),
+        port: first_port(obj),
         preserve_header_case: obj
             .spec
             .http1
             .as_ref()
             .is_some_and(|h| h.preserve_header_case),
+        rate_limit,
+    })
+}
+
+/// The rate limits of `spec.rateLimit` (none when it is absent): every count within bounds,
+/// every period between [`MIN_RATE_LIMIT_PERIOD`] and [`MAX_DURATION`], each path prefix once.
+/// `spec.ports[0].port`, when it is a port.
+fn first_port(obj: &MeshService) -> Option<u16> {
+    obj.spec
+        .ports
+        .first()
+        .and_then(|p| u16::try_from(p.port).ok())
+}
+
+fn rate_limit(spec: Option<&RateLimitSpec>, errors: &mut Vec<FieldError>) -> RateLimit {
+    const FIELD: &str = "spec.rateLimit";
+    let Some(spec) = spec else {
+        return RateLimit::default();
+    };
+    let service = match spec.requests {
+        Some(requests) => token_bucket(requests, spec.per.as_ref(), spec.burst, FIELD, errors),
+        None => {
+            for (set, name) in [(spec.per.is_some(), "per"), (spec.burst.is_some(), "burst")] {
+                if set {
+                    errors.push(err(
+                        format!("{FIELD}.{name}"),
+                        "applies to the service-wide limit: set `requests` too",
+                    ));
+                }
+            }
+            if spec.paths.is_empty() {
+                errors.push(err(
+                    FIELD,
+                    "set `requests` (a limit for every request) or `paths`, or leave rateLimit out",
+                ));
+            }
+            None
+        }
+    };
+    if spec.paths.len() > MAX_PATH_RATE_LIMITS {
+        errors.push(err(
+            format!("{FIELD}.paths"),
+            format!(
+                "{} entries; at most {MAX_PATH_RATE_LIMITS}",
+                spec.paths.len()
+            ),
+        ));
+        return RateLimit::default();
+    }
+    let mut paths: Vec<PathRateLimit> = Vec::new();
+    let mut seen: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (i, p) in spec.paths.iter().enumerate() {
+        let field = format!("{FIELD}.paths[{i}]");
+        let prefix_ok = if !p.prefix.starts_with('/') {
+            errors.push(err(
+                format!("{field}.prefix"),
+                format!("{:?} must start with '/'", p.prefix),
+            ));
+            false
+        } else if p.prefix.chars().count() > 1024 {
+            errors.push(err(
+                format!("{field}.prefix"),
+                format!("{} characters; at most 1024", p.prefix.chars().count()),
+            ));
+            false
+        } else if p
+            .prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            errors.push(err(
+                format!("{field}.prefix"),
+                format!(
+                    "{:?} contains a space or control character, which no path has",
+                    p.prefix
+                ),
+            ));
+            false
+        } else if let Some(first) = seen.insert(&p.prefix, i) {
+            errors.push(err(
+                format!("{field}.prefix"),
+                format!("{:?} is listed twice (also paths[{first}])", p.prefix),
+            ));
+            false
+        } else {
+            true
+        };
+        let bucket = token_bucket(p.requests, p.per.as_ref(), p.burst, &field, errors);
+        if let (true, Some(bucket)) = (prefix_ok, bucket) {
+            paths.push(PathRateLimit {
+                prefix: p.prefix.clone(),
+                bucket,
+            });
+        }
+    }
+    RateLimit::sort_paths(&mut paths);
+    RateLimit { service, paths }
+}
+
+/// A token bucket of `requests` per `per` (default one second) holding `burst` (default
+/// `requests`), or none with errors naming the fields under `field`.
+fn token_bucket(
+    requests: u32,
+    per: Option<&String>,
+    burst: Option<u32>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<TokenBucket> {
+    let before = errors.len();
+    let range = 1..=MAX_RATE_LIMIT_REQUESTS;
+    let requests = bounded(
+        Some(requests),
+        range.clone(),
+        1,
+        format!("{field}.requests"),
+        errors,
+    );
+    let burst = bounded(burst, range, requests, format!("{field}.burst"), errors);
+    let per = duration_or(per, Duration::from_secs(1), format!("{field}.per"), errors);
+    if per < MIN_RATE_LIMIT_PERIOD {
+        errors.push(err(
+            format!("{field}.per"),
+            format!(
+                "{per:?} is shorter than {}ms (Envoy refills a bucket no faster)",
+                MIN_RATE_LIMIT_PERIOD.as_millis()
+            ),
+        ));
+    }
+    (errors.len() == before).then_some(TokenBucket {
+        requests,
+        per,
+        burst,
     })
 }
 
@@ -689,6 +820,119 @@ mod tests {
                 ..defaults.circuit_breakers
             }
         );
+    }
+
+    /// The rate limits of a MeshService whose `spec.rateLimit` is `rate_limit` (flow YAML),
+    /// or its errors joined by newlines.
+    fn rate_limit_of(rate_limit: &str) -> Result<RateLimit, String> {
+        let text = format!(
+            "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: orders}}\nspec:\n  rateLimit: {rate_limit}\n"
+        );
+        match crate::sources::files::parse_manifests("orders.yaml", &text) {
+            Ok(objects) => match &objects[0] {
+                crate::index::IndexObject::Service(declaration) => {
+                    Ok(declaration.rate_limit.clone())
+                }
+                _ => panic!("not a service declaration"),
+            },
+            Err(errors) => Err(errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")),
+        }
+    }
+
+    #[test]
+    fn rate_limits_default_their_period_and_burst_and_match_longer_prefixes_first() {
+        let limits = rate_limit_of(
+            "{requests: 100, paths: [{prefix: /api, requests: 10, per: 1m}, {prefix: /api/orders, requests: 5, per: 10s, burst: 20}]}",
+        )
+        .unwrap();
+        let bucket = |requests, per, burst| TokenBucket {
+            requests,
+            per,
+            burst,
+        };
+        assert_eq!(
+            limits,
+            RateLimit {
+                service: Some(bucket(100, Duration::from_secs(1), 100)),
+                paths: vec![
+                    PathRateLimit {
+                        prefix: "/api/orders".into(),
+                        bucket: bucket(5, Duration::from_secs(10), 20),
+                    },
+                    PathRateLimit {
+                        prefix: "/api".into(),
+                        bucket: bucket(10, Duration::from_secs(60), 10),
+                    },
+                ],
+            }
+        );
+        // Paths alone: only their requests are limited.
+        let paths_only = rate_limit_of("{paths: [{prefix: /login, requests: 1}]}").unwrap();
+        assert_eq!(paths_only.service, None);
+        assert_eq!(paths_only.paths.len(), 1);
+        // No rateLimit: nothing is limited.
+        let text = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec: {}\n";
+        let objects = crate::sources::files::parse_manifests("orders.yaml", text).unwrap();
+        let crate::index::IndexObject::Service(declaration) = &objects[0] else {
+            panic!("not a service declaration")
+        };
+        assert!(declaration.rate_limit.is_unlimited());
+    }
+
+    #[test]
+    fn rate_limits_out_of_bounds_are_refused_naming_the_field() {
+        let errors = rate_limit_of(
+            "{requests: 0, per: 10ms, burst: 1000001, paths: [{prefix: /a, requests: 1000001}, {prefix: api, requests: 1}, {prefix: /a, requests: 1, per: 25h}, {prefix: \"/a b\", requests: 1, burst: 0}]}",
+        )
+        .unwrap_err();
+        for expected in [
+            "spec.rateLimit.requests: 0 is outside 1..=1000000",
+            "spec.rateLimit.per: 10ms is shorter than 50ms",
+            "spec.rateLimit.burst: 1000001 is outside 1..=1000000",
+            "spec.rateLimit.paths[0].requests: 1000001 is outside 1..=1000000",
+            "spec.rateLimit.paths[1].prefix: \"api\" must start with '/'",
+            "spec.rateLimit.paths[2].prefix: \"/a\" is listed twice (also paths[0])",
+            "spec.rateLimit.paths[2].per: \"25h\": must be at most 24h",
+            "spec.rateLimit.paths[3].prefix: \"/a b\" contains a space",
+            "spec.rateLimit.paths[3].burst: 0 is outside 1..=1000000",
+        ] {
+            assert!(errors.contains(expected), "{expected} not in {errors}");
+        }
+        // Nothing to limit, or a period and burst without the limit they belong to.
+        let empty = rate_limit_of("{}").unwrap_err();
+        assert!(
+            empty.contains("spec.rateLimit: set `requests` (a limit for every request) or `paths`"),
+            "{empty}"
+        );
+        let orphans =
+            rate_limit_of("{per: 1s, burst: 5, paths: [{prefix: /a, requests: 1}]}").unwrap_err();
+        for field in ["per", "burst"] {
+            assert!(
+                orphans.contains(&format!(
+                    "spec.rateLimit.{field}: applies to the service-wide limit"
+                )),
+                "{orphans}"
+            );
+        }
+        // A bounded number of path limits.
+        let many: Vec<String> = (0..=MAX_PATH_RATE_LIMITS)
+            .map(|i| format!("{{prefix: /p{i}, requests: 1}}"))
+            .collect();
+        let too_many = rate_limit_of(&format!("{{paths: [{}]}}", many.join(", "))).unwrap_err();
+        assert!(
+            too_many.contains("spec.rateLimit.paths: 65 entries; at most 64"),
+            "{too_many}"
+        );
+        assert!(rate_limit_of(&format!("{{paths: [{}]}}", many[1..].join(", "))).is_ok());
+        // Negative counts and unknown fields are refused by the schema, naming the field.
+        let negative = rate_limit_of("{requests: -1}").unwrap_err();
+        assert!(negative.contains("requests"), "{negative}");
+        let unknown = rate_limit_of("{requestsPerSecond: 5}").unwrap_err();
+        assert!(unknown.contains("requestsPerSecond"), "{unknown}");
     }
 
     #[test]

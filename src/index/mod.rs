@@ -39,6 +39,8 @@ pub struct ServiceDeclaration {
     pub port: Option<u16>,
     /// `spec.http1.preserveHeaderCase`.
     pub preserve_header_case: bool,
+    /// `spec.rateLimit`.
+    pub rate_limit: crate::model::RateLimit,
 }
 
 /// An AccessRule, validated.
@@ -280,6 +282,7 @@ impl Index {
                     protocol: winner.protocol,
                     port: winner.port,
                     preserve_header_case: winner.preserve_header_case,
+                    rate_limit: winner.rate_limit.clone(),
                 },
             );
         }

@@ -13,12 +13,17 @@ use serde::Serialize;
 mod access;
 mod change;
 mod dependency;
+mod rate_limit;
 
 pub use access::{AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, PathMatch};
 pub use change::{StateDiff, diff_states};
 pub use dependency::{
     CircuitBreakers, ClusterPolicy, Dependency, DependencySettings, DependencyTarget,
     ExternalDomain, OutlierDetection, ParseDependencyError, RetryPolicy, valid_service_name,
+};
+pub use rate_limit::{
+    MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS, MIN_RATE_LIMIT_PERIOD, PathRateLimit, RateLimit,
+    TokenBucket,
 };
 
 /// Where an endpoint came from.
@@ -122,6 +127,8 @@ pub struct Service {
     /// instances' answers, and its own proxies read its application's requests, remembering
     /// the case (`spec.http1.preserveHeaderCase`).
     pub preserve_header_case: bool,
+    /// Local rate limits its ingress proxies enforce (`spec.rateLimit`; none by default).
+    pub rate_limit: RateLimit,
 }
 
 /// The application protocol of a service's instances, as callers' proxies speak it to them.

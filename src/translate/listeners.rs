@@ -34,10 +34,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher:
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
-use crate::model::{AppProtocol, DEFAULT_TIMEOUT, DependencySettings, RetryPolicy};
+use crate::model::{
+    AppProtocol, DEFAULT_TIMEOUT, DependencySettings, RateLimit, RetryPolicy, TokenBucket,
+};
 
-use super::names;
 use super::proto::{ads_config_source, proto_duration, socket_address};
+use super::{names, rate_limit};
 
 /// An HTTP listener whose routes come from RDS, ignoring the port in `Host`, keeping HTTP/1
 /// header names' case when `preserve_case`.
@@ -198,7 +200,7 @@ fn reply_mapper(filter: FilterSpecifier, reason: &str, what: &str) -> ResponseMa
 }
 
 /// The `x-meshbridge-reason` header of a reply meshbridge or Envoy makes.
-fn reason_header(reason: &str) -> HeaderValueOption {
+pub(crate) fn reason_header(reason: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: names::REASON_HEADER.to_string(),
@@ -338,24 +340,51 @@ pub fn local_reply_vhost(
     }
 }
 
-/// The ingress route configuration: everything to the local application.
-pub fn ingress_route() -> RouteConfiguration {
+/// The ingress route configuration: everything to the local application, under the
+/// service's rate limits (see [`super::rate_limit`]): a route of its own per path limit,
+/// most specific first, and the service-wide limit on the virtual host.
+pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
+    // One entry per map at most: a protobuf map is encoded in no fixed order.
+    let limited = |bucket: &TokenBucket| {
+        [(
+            rate_limit::FILTER.to_string(),
+            rate_limit::bucket_config(bucket),
+        )]
+        .into()
+    };
+    let app_route = |name: String, matcher: RouteMatch| Route {
+        name,
+        r#match: Some(matcher),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(
+                names::LOCAL_APP_CLUSTER.to_string(),
+            )),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut routes: Vec<Route> = rate_limit
+        .paths
+        .iter()
+        .map(|p| Route {
+            typed_per_filter_config: limited(&p.bucket),
+            ..app_route(
+                names::rate_limited_route(&p.prefix),
+                RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix(p.prefix.clone())),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    routes.push(app_route("app".to_string(), prefix_match()));
     RouteConfiguration {
         name: names::INGRESS_ROUTE.to_string(),
         virtual_hosts: vec![VirtualHost {
             name: "local".to_string(),
             domains: vec!["*".to_string()],
-            routes: vec![Route {
-                name: "app".to_string(),
-                r#match: Some(prefix_match()),
-                action: Some(Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster(
-                        names::LOCAL_APP_CLUSTER.to_string(),
-                    )),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes,
+            typed_per_filter_config: rate_limit.service.as_ref().map(limited).unwrap_or_default(),
             ..Default::default()
         }],
         ..Default::default()

@@ -14,6 +14,7 @@ pub mod clusters;
 pub mod listeners;
 pub mod names;
 pub mod proto;
+pub mod rate_limit;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -280,8 +281,8 @@ impl Reads {
     }
 }
 
-/// What the ingress of `spec` reads: its service (mTLS mode), the access policy targeting
-/// it, and with source-IP identity the services its rules name as callers.
+/// What the ingress of `spec` reads: its service (mTLS mode, protocol, rate limits), the
+/// access policy targeting it, and with source-IP identity the services its rules name as callers.
 pub fn ingress_reads(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Reads {
     let mut reads = Reads {
         services: [spec.service.clone()].into(),

@@ -42,6 +42,11 @@ pub const IDENTITY_METADATA: &str = "meshbridge";
 /// called over mutual TLS.
 pub const MTLS_MATCH: &str = "mtls";
 
+/// Ingress route of the requests under the rate limit of path prefix `prefix`.
+pub fn rate_limited_route(prefix: &str) -> String {
+    format!("rate-limit|{prefix}")
+}
+
 /// The SPIFFE id of a service: `spiffe://<trust-domain>/service/<name>`.
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
     format!("spiffe://{trust_domain}/service/{service}")

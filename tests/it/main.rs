@@ -34,6 +34,7 @@ mod manifests_cli;
 mod passive_health_e2e;
 mod properties;
 mod protocols_e2e;
+mod rate_limit_e2e;
 mod reliability;
 mod translate_snapshots;
 mod ui_e2e;

@@ -100,20 +100,47 @@ struct GenDependency {
     consecutive_5xx: Option<u32>,
 }
 
+/// A path rate limit: `requests` a second on `prefix`.
+#[derive(Clone, Debug)]
+struct GenPathLimit {
+    prefix: &'static str,
+    requests: u32,
+}
+
 #[derive(Clone, Debug)]
 struct GenService {
     name: &'static str,
     mtls: Option<&'static str>,
     endpoints: Vec<GenEndpoint>,
     dependencies: Vec<GenDependency>,
+    /// `spec.rateLimit.requests`.
+    rate_limit: Option<u32>,
+    /// `spec.rateLimit.paths`, each prefix once.
+    path_limits: Vec<GenPathLimit>,
 }
 
 impl GenService {
-    /// The manifest, endpoints and dependencies in the given order.
-    fn yaml_with(&self, endpoints: &[GenEndpoint], deps: &[GenDependency]) -> String {
+    /// The manifest, endpoints, dependencies and path rate limits in the given order.
+    fn yaml_with(
+        &self,
+        endpoints: &[GenEndpoint],
+        deps: &[GenDependency],
+        path_limits: &[GenPathLimit],
+    ) -> String {
         let mut service = MeshService::build(self.name);
         if let Some(mode) = self.mtls {
             service = service.set("mtls", mode);
+        }
+        if self.rate_limit.is_some() || !path_limits.is_empty() {
+            let paths: Vec<_> = path_limits
+                .iter()
+                .map(|p| json!({"prefix": p.prefix, "requests": p.requests}))
+                .collect();
+            let mut limit = json!({"paths": paths});
+            if let Some(requests) = self.rate_limit {
+                limit["requests"] = json!(requests);
+            }
+            service = service.set("rateLimit", limit);
         }
         for e in endpoints {
             service = service.endpoint_with(e.json());
@@ -139,7 +166,7 @@ impl GenService {
     }
 
     fn yaml(&self) -> String {
-        self.yaml_with(&self.endpoints, &self.dependencies)
+        self.yaml_with(&self.endpoints, &self.dependencies, &self.path_limits)
     }
 }
 
@@ -362,13 +389,23 @@ fn service() -> impl Strategy<Value = GenService> {
         ])),
         prop::collection::vec(endpoint(), 0..5),
         dependencies(),
+        prop::option::of(1..1000u32),
+        prop::sample::subsequence(vec!["/", "/api", "/api/", "/api/orders", "/login"], 0..=3),
+        1..100u32,
     )
-        .prop_map(|(name, mtls, endpoints, dependencies)| GenService {
-            name,
-            mtls,
-            endpoints,
-            dependencies,
-        })
+        .prop_map(
+            |(name, mtls, endpoints, dependencies, rate_limit, prefixes, requests)| GenService {
+                name,
+                mtls,
+                endpoints,
+                dependencies,
+                rate_limit,
+                path_limits: prefixes
+                    .into_iter()
+                    .map(|prefix| GenPathLimit { prefix, requests })
+                    .collect(),
+            },
+        )
 }
 
 fn discovered() -> impl Strategy<Value = GenDiscovered> {
@@ -491,6 +528,7 @@ fn applications(mesh: &GenMesh, seed: Option<u64>) -> Vec<Application> {
             Some(seed) => s.yaml_with(
                 &shuffle(&s.endpoints, seed),
                 &shuffle(&s.dependencies, seed),
+                &shuffle(&s.path_limits, seed),
             ),
             None => s.yaml(),
         };
@@ -778,7 +816,11 @@ proptest! {
         }
         let mut seed = seed | 1;
         for (i, s) in mesh.services.iter().enumerate() {
-            let text = s.yaml_with(&shuffle(&s.endpoints, &mut seed), &shuffle(&s.dependencies, &mut seed));
+            let text = s.yaml_with(
+                &shuffle(&s.endpoints, &mut seed),
+                &shuffle(&s.dependencies, &mut seed),
+                &shuffle(&s.path_limits, &mut seed),
+            );
             let file = file_name(i);
             prop_assert!(!index.apply("config", &file, parse(&file, &text)), "{} reordered", file);
             prop_assert_eq!(index.generation(), generation);

@@ -38,6 +38,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::StripPortMode,
 };
 use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal};
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
@@ -696,6 +698,9 @@ fn render_routes(rc: &RouteConfiguration) -> String {
     let mut out = String::new();
     for vh in &rc.virtual_hosts {
         writeln!(out, "vhost {:?} domains {:?}", vh.name, vh.domains).unwrap();
+        if let Some(limit) = rate_limit_of(&vh.typed_per_filter_config) {
+            writeln!(out, "  {}", render_rate_limit(&limit)).unwrap();
+        }
         for r in &vh.routes {
             let m = r.r#match.clone().unwrap_or_default();
             let path = match &m.path_specifier {
@@ -745,9 +750,61 @@ fn render_routes(rc: &RouteConfiguration) -> String {
                 }
                 other => writeln!(out, "    -> {other:?}").unwrap(),
             }
+            if let Some(limit) = rate_limit_of(&r.typed_per_filter_config) {
+                writeln!(out, "    {}", render_rate_limit(&limit)).unwrap();
+            }
         }
     }
     out
+}
+
+/// The local rate limit of a virtual host's or route's per-filter configuration.
+fn rate_limit_of(
+    per_filter: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+) -> Option<LocalRateLimit> {
+    assert!(
+        per_filter
+            .keys()
+            .all(|k| k == "envoy.filters.http.local_ratelimit"),
+        "{per_filter:?}"
+    );
+    per_filter
+        .get("envoy.filters.http.local_ratelimit")
+        .map(|any| LocalRateLimit::decode(any.value.as_slice()).unwrap())
+}
+
+/// A rate limit's bucket, share enabled and enforced, status and response headers.
+fn render_rate_limit(l: &LocalRateLimit) -> String {
+    let percent =
+        |p: &Option<RuntimeFractionalPercent>| match p.as_ref().and_then(|p| p.default_value) {
+            Some(f) if f.denominator == 0 => format!("{}%", f.numerator),
+            Some(f) => format!("{}/{:?}", f.numerator, f.denominator),
+            None => "0% (unset)".to_string(),
+        };
+    let bucket = match l.token_bucket.as_ref() {
+        Some(b) => format!(
+            "{} per {:?}, burst {}",
+            b.tokens_per_fill.as_ref().map_or(1, |t| t.value),
+            std_duration(b.fill_interval.as_ref().unwrap()),
+            b.max_tokens
+        ),
+        None => "no bucket".to_string(),
+    };
+    let headers: Vec<String> = l
+        .response_headers_to_add
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| format!("{}: {}", h.key, h.value))
+        .collect();
+    format!(
+        "rate limit {:?}: {bucket}, enabled {}, enforced {}, status {}, per connection {}, response headers {headers:?}",
+        l.stat_prefix,
+        percent(&l.filter_enabled),
+        percent(&l.filter_enforced),
+        l.status
+            .map_or("default".to_string(), |s| s.code.to_string()),
+        l.local_rate_limit_per_downstream_connection
+    )
 }
 
 /// Facts every consistent egress snapshot shares: one egress listener on 127.0.0.1 loading
@@ -1512,7 +1569,7 @@ fn h_access_rules_merge_into_enforced_rbac_over_strict_mtls() {
         rendered.contains("peer Uri^spiffe://mesh.local/service/"),
         "{rendered}"
     );
-    // Identity first, then RBAC, then the router; every call logged.
+    // Identity first, then RBAC, then the rate limits, then the router; every call logged.
     let h = hcm(&l);
     let filters: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
@@ -1520,6 +1577,7 @@ fn h_access_rules_merge_into_enforced_rbac_over_strict_mtls() {
         [
             "envoy.filters.http.lua",
             "envoy.filters.http.rbac",
+            "envoy.filters.http.local_ratelimit",
             "envoy.filters.http.router"
         ]
     );
@@ -2030,6 +2088,164 @@ fn i_a_variant_originates_mtls_like_the_shared_cluster_it_replaces() {
     assert_eq!(mtls_marked(&cla(&snap, "payments")), ["10.0.0.6:80"]);
 }
 
+// ---------------------------------------------------------------------------------------
+// Local rate limits on the ingress.
+// ---------------------------------------------------------------------------------------
+
+/// `orders` limited to 100 requests a second (bursts of 200), with limits of their own for
+/// `/api/` and, more specific, `/api/orders/export`; only `frontend` may call it.
+fn scenario_rate_limit() -> Snapshot {
+    let orders = MeshService::build("orders")
+        .endpoint("10.0.0.1", 15006)
+        .set(
+            "rateLimit",
+            json!({
+                "requests": 100,
+                "burst": 200,
+                "paths": [
+                    {"prefix": "/api/", "requests": 10, "per": "1m"},
+                    {"prefix": "/api/orders/export", "requests": 1, "per": "1h", "burst": 2},
+                ],
+            }),
+        )
+        .yaml();
+    let rule = AccessRule::build("orders-callers")
+        .target("orders")
+        .allow(&["frontend"])
+        .yaml();
+    snapshot(
+        &mesh(&[("orders.yaml", &orders), ("rules.yaml", &rule)]),
+        &MeshSettings::default(),
+        &ingress_group("orders", false),
+    )
+}
+
+#[test]
+fn j_rate_limits_are_buckets_on_the_ingress_routes_refusing_with_429_and_the_reason() {
+    let snap = scenario_rate_limit();
+    insta::assert_snapshot!(render(&snap));
+    // The filter runs after access control and before the router, limiting nothing itself.
+    let h = hcm(&listener(&snap, "ingress"));
+    let filters: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        filters[filters.len() - 3..],
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.router"
+        ]
+    );
+    let Some(HttpFilterConfig::TypedConfig(any)) = &h.http_filters[filters.len() - 2].config_type
+    else {
+        panic!("no typed config")
+    };
+    let listener_level = LocalRateLimit::decode(any.value.as_slice()).unwrap();
+    assert_eq!(listener_level.token_bucket, None);
+    assert_eq!(
+        listener_level.filter_enabled, None,
+        "enabled for no request"
+    );
+
+    // The service-wide bucket on the virtual host; each path's on a route of its own, the
+    // longer prefix first, all to the application.
+    let rc = route_config(&snap, "ingress");
+    let vh = &rc.virtual_hosts[0];
+    let bucket = |l: &LocalRateLimit| {
+        let b = l.token_bucket.unwrap();
+        (
+            b.tokens_per_fill.unwrap().value,
+            std_duration(&b.fill_interval.unwrap()),
+            b.max_tokens,
+        )
+    };
+    let service = rate_limit_of(&vh.typed_per_filter_config).unwrap();
+    assert_eq!(bucket(&service), (100, Duration::from_secs(1), 200));
+    let routes: Vec<(&str, String, &str)> = vh
+        .routes
+        .iter()
+        .map(|r| {
+            let path = match &r.r#match.as_ref().unwrap().path_specifier {
+                Some(PathSpecifier::Prefix(p)) => p.clone(),
+                other => format!("{other:?}"),
+            };
+            (r.name.as_str(), path, route_target(r).0)
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (
+                "rate-limit|/api/orders/export",
+                "/api/orders/export".to_string(),
+                "local|app"
+            ),
+            ("rate-limit|/api/", "/api/".to_string(), "local|app"),
+            ("app", "/".to_string(), "local|app"),
+        ]
+    );
+    let export = rate_limit_of(&vh.routes[0].typed_per_filter_config).unwrap();
+    assert_eq!(bucket(&export), (1, Duration::from_secs(3600), 2));
+    let api = rate_limit_of(&vh.routes[1].typed_per_filter_config).unwrap();
+    assert_eq!(bucket(&api), (10, Duration::from_secs(60), 10));
+    assert_eq!(rate_limit_of(&vh.routes[2].typed_per_filter_config), None);
+    for limit in [&service, &export, &api] {
+        // Every request checked and refused when over, with 429 and the reason.
+        for share in [&limit.filter_enabled, &limit.filter_enforced] {
+            let f = share.as_ref().unwrap().default_value.unwrap();
+            assert_eq!((f.numerator, f.denominator), (100, 0), "100 of HUNDRED");
+        }
+        assert_eq!(limit.status.unwrap().code, 429);
+        let header = limit.response_headers_to_add[0].header.as_ref().unwrap();
+        assert_eq!(
+            (header.key.as_str(), header.value.as_str()),
+            ("x-meshbridge-reason", "rate-limited")
+        );
+        assert!(!limit.local_rate_limit_per_downstream_connection);
+    }
+
+    // Envoy's 429 keeps the reason and says which service refused, in words.
+    let mapper = h
+        .local_reply_config
+        .unwrap()
+        .mappers
+        .into_iter()
+        .find(|m| {
+            use envoy_types::pb::envoy::config::accesslog::v3::access_log_filter::FilterSpecifier;
+            matches!(
+                m.filter.as_ref().and_then(|f| f.filter_specifier.as_ref()),
+                Some(FilterSpecifier::StatusCodeFilter(f))
+                    if f.comparison.as_ref().and_then(|c| c.value.as_ref()).map(|v| v.default_value) == Some(429)
+            )
+        })
+        .expect("a local reply for the limiter's 429");
+    assert_eq!(mapper.status_code, None, "Envoy's 429 is kept");
+    let body = format!("{:?}", mapper.body_format_override);
+    assert!(body.contains("too many requests to orders"), "{body}");
+    assert!(
+        mapper
+            .headers_to_add
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .any(|h| h.key == "x-meshbridge-reason" && h.value == "rate-limited")
+    );
+
+    // Without limits: the same filter chain, and one route without a bucket.
+    let unlimited = snapshot(
+        &mesh(&[("orders.yaml", &orders())]),
+        &MeshSettings::default(),
+        &ingress_group("orders", false),
+    );
+    let rc = route_config(&unlimited, "ingress");
+    assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
+    assert!(rc.virtual_hosts[0].typed_per_filter_config.is_empty());
+    assert!(
+        hcm(&listener(&unlimited, "ingress"))
+            .http_filters
+            .iter()
+            .any(|f| f.name == "envoy.filters.http.local_ratelimit")
+    );
+}
+
 /// The static secrets a bootstrap made with `meshbridge bootstrap --tls-*` declares, over
 /// certificate files in `dir`.
 fn static_secrets(dir: &std::path::Path) -> Vec<Secret> {
@@ -2148,6 +2364,7 @@ fn envoy_accepts_every_scenario() {
         ("policy_tls", scenario_policy_tls()),
         ("tcp_callers", scenario_tcp_callers()),
         ("tcp_ingress", scenario_tcp_ingress()),
+        ("rate_limit", scenario_rate_limit()),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
-//! The ingress listener: transport by `mtls` mode, the identity, RBAC and access log
-//! filters in order, and the route to the application.
+//! The ingress listener: transport by `mtls` mode, the identity, RBAC, rate limit and access
+//! log filters in order, and the route to the application.
 
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
@@ -18,10 +18,10 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 
-use crate::model::{MeshSettings, MeshState, MtlsMode};
+use crate::model::{MeshSettings, MeshState, MtlsMode, RateLimit};
 
 use crate::translate::proto::{ads_config_source, socket_address};
-use crate::translate::{IngressSpec, listeners, names, tls};
+use crate::translate::{IngressSpec, listeners, names, rate_limit, tls};
 
 use super::identity::identity_filter;
 use super::log::access_log;
@@ -95,7 +95,13 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
             )],
         )
     } else {
-        listeners::ingress_route()
+        let unlimited = RateLimit::default();
+        listeners::ingress_route(
+            state
+                .services
+                .get(&group.service)
+                .map_or(&unlimited, |s| &s.rate_limit),
+        )
     };
     let policy = state.access.get(&group.service);
     let addresses = CallerAddresses::new(policy, state, settings);
@@ -207,6 +213,8 @@ fn http_filter(
             ..Default::default()
         });
     }
+    // After access control, so that a refused caller takes no token from the allowed ones.
+    http_filters.push(rate_limit::filter());
     http_filters.push(HttpFilter {
         name: "envoy.filters.http.router".to_string(),
         config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
@@ -226,7 +234,13 @@ fn http_filter(
         normalize_path: Some(BoolValue { value: true }),
         merge_slashes: true,
         path_with_escaped_slashes_action: PathWithEscapedSlashesAction::UnescapeAndRedirect as i32,
-        local_reply_config: Some(listeners::local_reply_config()),
+        local_reply_config: Some({
+            let mut replies = listeners::local_reply_config();
+            replies
+                .mappers
+                .push(rate_limit::local_reply_mapper(&group.service));
+            replies
+        }),
         upgrade_configs: listeners::upgrades(),
         http_protocol_options: state
             .services

@@ -1,6 +1,7 @@
 //! The ingress listener: who is calling, whether they may, and a record of it.
 //!
-//! Three pieces, in the order a request meets them:
+//! Three pieces, in the order a request meets them (the rate limits of
+//! [`crate::translate::rate_limit`] come after them, before the router):
 //!
 //! 1. **Transport**: by the service's `mtls` mode and whether the proxy holds a certificate,
 //!    plaintext, mutual TLS, or both (a TLS inspector picks the filter chain).

@@ -1,0 +1,126 @@
+//! Local rate limiting on the ingress: Envoy's `local_ratelimit` HTTP filter, one token
+//! bucket per limit of the service, per proxy.
+//!
+//! The filter sits in every ingress chain after access control (a refused caller takes no
+//! token from the allowed ones) and before the router, configured to do nothing by itself.
+//! The limits are per-route configuration in the ingress route configuration: the
+//! service-wide bucket on its virtual host, each path bucket on a route of its own (matched
+//! before the catch-all route, longest prefix first). Envoy gives each of those its own
+//! bucket, so a request counts against exactly one. A change of limits therefore changes the
+//! route configuration only, never the listener: connections are not drained for it.
+
+use envoy_types::pb::envoy::config::accesslog::v3::{
+    AccessLogFilter, ComparisonFilter, StatusCodeFilter, access_log_filter::FilterSpecifier,
+    comparison_filter::Op,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, RuntimeFractionalPercent, RuntimeUInt32, SubstitutionFormatString,
+    data_source::Specifier, substitution_format_string::Format,
+};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpFilter, ResponseMapper, http_filter::ConfigType as HttpFilterConfig,
+};
+use envoy_types::pb::envoy::r#type::v3::{
+    FractionalPercent, HttpStatus, StatusCode, TokenBucket as EnvoyTokenBucket,
+    fractional_percent::DenominatorType,
+};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::util::pack_any;
+
+use crate::model::TokenBucket;
+
+use super::listeners::reason_header;
+use super::proto::proto_duration;
+
+/// Name of the HTTP filter, also the key of its per-route configuration.
+pub const FILTER: &str = "envoy.filters.http.local_ratelimit";
+/// Stat prefix of every bucket: Envoy counts in
+/// `http_local_rate_limit.{enabled,enforced,rate_limited,ok}` under it.
+pub const STAT_PREFIX: &str = "rate_limit";
+/// The `x-meshbridge-reason` of a request refused by a rate limit.
+pub const REASON: &str = "rate-limited";
+/// The status of a refused request.
+const STATUS: StatusCode = StatusCode::TooManyRequests;
+/// Runtime key Envoy requires beside the status the local reply of a refusal is matched by.
+const STATUS_RUNTIME_KEY: &str = "meshbridge.rate_limited_status";
+
+/// The ingress filter: without a bucket and enabled for no request, it limits only where a
+/// virtual host or route carries [`bucket_config`].
+pub fn filter() -> HttpFilter {
+    HttpFilter {
+        name: FILTER.to_string(),
+        config_type: Some(HttpFilterConfig::TypedConfig(pack_any(LocalRateLimit {
+            stat_prefix: STAT_PREFIX.to_string(),
+            ..Default::default()
+        }))),
+        ..Default::default()
+    }
+}
+
+/// The per-route configuration of one bucket: enabled and enforced for every request,
+/// refusing with `429` and `x-meshbridge-reason: rate-limited`; the bucket is shared by the
+/// proxy's worker threads (one bucket per proxy, not per connection).
+pub fn bucket_config(bucket: &TokenBucket) -> Any {
+    let all = || {
+        Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: 100,
+                denominator: DenominatorType::Hundred as i32,
+            }),
+            ..Default::default()
+        })
+    };
+    pack_any(LocalRateLimit {
+        stat_prefix: STAT_PREFIX.to_string(),
+        status: Some(HttpStatus {
+            code: STATUS as i32,
+        }),
+        token_bucket: Some(EnvoyTokenBucket {
+            max_tokens: bucket.burst,
+            tokens_per_fill: Some(UInt32Value {
+                value: bucket.requests,
+            }),
+            fill_interval: Some(proto_duration(bucket.per)),
+        }),
+        filter_enabled: all(),
+        filter_enforced: all(),
+        response_headers_to_add: vec![reason_header(REASON)],
+        local_rate_limit_per_downstream_connection: false,
+        ..Default::default()
+    })
+}
+
+/// The local reply of a request a rate limit refused: Envoy's `429`, the reason header, and a
+/// body naming the service.
+///
+/// Matched by its status: Envoy marks the request rate-limited (response flag `RL`) only after
+/// the reply is made, too late for a flag filter, and no other local reply of the ingress is a
+/// `429` (a `429` from the application is no local reply and keeps its own body).
+pub fn local_reply_mapper(service: &str) -> ResponseMapper {
+    ResponseMapper {
+        filter: Some(AccessLogFilter {
+            filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
+                comparison: Some(ComparisonFilter {
+                    op: Op::Eq as i32,
+                    value: Some(RuntimeUInt32 {
+                        default_value: STATUS as u32,
+                        runtime_key: STATUS_RUNTIME_KEY.to_string(),
+                    }),
+                }),
+            })),
+        }),
+        body_format_override: Some(SubstitutionFormatString {
+            format: Some(Format::TextFormatSource(DataSource {
+                // A service name has no `%`: nothing in it is read as a format command.
+                specifier: Some(Specifier::InlineString(format!(
+                    "meshbridge: too many requests to {service}: this instance's rate limit (spec.rateLimit) is exceeded ({REASON}: %RESPONSE_CODE_DETAILS%)\n"
+                ))),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        headers_to_add: vec![reason_header(REASON)],
+        ..Default::default()
+    }
+}
