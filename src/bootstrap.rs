@@ -2,9 +2,12 @@
 //!
 //! The bootstrap only tells Envoy who it is (node metadata) and where the control plane is
 //! (ADS over gRPC); everything else arrives over xDS. With TLS files, it also declares the
-//! static secrets `server_cert` and `validation_context` the host's certificates live in, and
-//! says so in the node metadata (`tls: true`), so the control plane only configures mutual TLS
-//! on proxies that can do it.
+//! static secrets `server_cert` and `validation_context` the host's certificates live in (used
+//! by the connection to the control plane with `--xds-tls`), and names the files in the node
+//! metadata (`tls: true`, `tls_cert`, `tls_key`, `tls_ca`): the control plane configures mutual
+//! TLS only on proxies that can do it, and sends the proxy its secrets over SDS as those paths,
+//! which Envoy re-reads whenever the files are replaced (renamed into place), so a deployment
+//! system rotates a certificate without restarting Envoy.
 
 use std::path::PathBuf;
 
@@ -195,8 +198,13 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         }
     }
     metadata.insert("dependencies".into(), json!(o.dependencies));
-    if o.tls_cert.is_some() {
+    if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
+        // The control plane hands these paths back to this proxy as its SDS secrets, which
+        // Envoy re-reads when the files are replaced: rotation without a restart.
         metadata.insert("tls".into(), json!(true));
+        for (key, path) in [("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)] {
+            metadata.insert(key.into(), json!(path.display().to_string()));
+        }
     }
     let is_ip = xds
         .iter()

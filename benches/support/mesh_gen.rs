@@ -108,6 +108,12 @@ pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
                 egress_port: Some(15001),
                 dependencies,
                 tls: g % 2 == 0,
+                // Proxies of a fleet keep their certificates at the same paths.
+                certificate_files: (g % 2 == 0).then(|| meshbridge::model::CertificateFiles {
+                    cert: "/etc/meshbridge/tls/tls.crt".into(),
+                    key: "/etc/meshbridge/tls/tls.key".into(),
+                    ca: "/etc/meshbridge/tls/ca.crt".into(),
+                }),
             }
         })
         .collect()
@@ -154,6 +160,7 @@ pub fn harness_population(
                     .collect()
             },
             tls: false,
+            certificate_files: None,
         })
         .collect();
     (index, groups)

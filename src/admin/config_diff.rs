@@ -95,6 +95,15 @@ pub fn envoy_holds(dump: &Value, t: ResourceType) -> EnvoyHolds {
                 holds.active.insert(name);
             }
         }
+        ResourceType::Secret => {
+            let section = dump_section(dump, "SecretsConfigDump");
+            for (name, _) in strings(section, "dynamic_active_secrets", &["name"]) {
+                holds.active.insert(name);
+            }
+            for (name, _) in strings(section, "dynamic_warming_secrets", &["name"]) {
+                holds.warming.insert(name);
+            }
+        }
         ResourceType::Endpoint => {
             let section = dump_section(dump, "EndpointsConfigDump");
             for (name, _) in strings(

@@ -512,6 +512,10 @@ fn decoded(t: ResourceType, r: &Resource) -> String {
         ResourceType::Endpoint => ClusterLoadAssignment::decode(bytes).map(|m| format!("{m:#?}")),
         ResourceType::Listener => Listener::decode(bytes).map(|m| format!("{m:#?}")),
         ResourceType::Route => RouteConfiguration::decode(bytes).map(|m| format!("{m:#?}")),
+        ResourceType::Secret => {
+            envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(bytes)
+                .map(|m| format!("{m:#?}"))
+        }
     };
     text.unwrap_or_else(|e| format!("<undecodable: {e}>"))
 }

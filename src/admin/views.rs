@@ -21,7 +21,7 @@ pub type ByTypeUrl<T> = BTreeMap<String, T>;
 
 /// The short names of the resource types (`cds`, `eds`, `lds`, `rds`), in push order: the
 /// one list the API's `type` fields and `ctl`'s columns use.
-pub fn type_short_names() -> [&'static str; 4] {
+pub fn type_short_names() -> [&'static str; crate::snapshot::TYPES] {
     ResourceType::ALL.map(ResourceType::short_name)
 }
 
@@ -700,13 +700,13 @@ mod tests {
 
     #[test]
     fn short_names_follow_the_resource_types() {
-        assert_eq!(type_short_names(), ["cds", "eds", "lds", "rds"]);
+        assert_eq!(type_short_names(), ["cds", "eds", "lds", "rds", "sds"]);
         for t in ResourceType::ALL {
             assert_eq!(type_short_name(t.type_url()), t.short_name());
         }
         assert_eq!(
-            type_short_name("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"),
-            "Secret"
+            type_short_name("type.googleapis.com/envoy.service.runtime.v3.Runtime"),
+            "Runtime"
         );
     }
 }

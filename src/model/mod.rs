@@ -355,10 +355,25 @@ pub struct ProxyGroup {
     pub egress_port: Option<u16>,
     /// Dependencies named in the node metadata.
     pub dependencies: BTreeSet<DependencyTarget>,
-    /// Whether the proxy holds a certificate (node metadata `tls`: the static secrets
-    /// `server_cert` and `validation_context` exist in its bootstrap), so it can accept and
-    /// originate mutual TLS.
+    /// Whether the proxy holds a certificate (node metadata `tls` with the files named in
+    /// [`ProxyGroup::certificate_files`]), so it can accept and originate mutual TLS.
     pub tls: bool,
+    /// Where its certificate, key and CA bundle are on its host, when it holds them.
+    pub certificate_files: Option<CertificateFiles>,
+}
+
+/// The files of a proxy's certificate as the proxy names them (node metadata `tls_cert`,
+/// `tls_key`, `tls_ca`). meshbridge never reads them: it hands the paths back to that proxy
+/// only, as the SDS secrets `server_cert` and `validation_context`, so that Envoy reads the
+/// files itself and reads them again whenever they are replaced.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct CertificateFiles {
+    /// Certificate chain (PEM).
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
+    /// CA bundle that verifies peers (PEM).
+    pub ca: String,
 }
 
 impl ProxyGroup {
@@ -373,6 +388,9 @@ impl ProxyGroup {
             self.egress_port,
             if self.tls { "|tls" } else { "" }
         );
+        if let Some(f) = &self.certificate_files {
+            text.push_str(&format!("|{}|{}|{}", f.cert, f.key, f.ca));
+        }
         for d in &self.dependencies {
             text.push('|');
             text.push_str(&d.to_string());

@@ -34,15 +34,22 @@ pub enum ResourceType {
     Listener,
     /// `envoy.config.route.v3.RouteConfiguration`
     Route,
+    /// `envoy.extensions.transport_sockets.tls.v3.Secret`: a proxy's own certificate files,
+    /// by path (never their contents).
+    Secret,
 }
+
+/// How many resource types meshbridge serves.
+pub const TYPES: usize = 5;
 
 impl ResourceType {
     /// Every type, in push order.
-    pub const ALL: [ResourceType; 4] = [
+    pub const ALL: [ResourceType; TYPES] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
         ResourceType::Route,
+        ResourceType::Secret,
     ];
 
     /// The xDS type URL.
@@ -54,6 +61,9 @@ impl ResourceType {
             }
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            ResourceType::Secret => {
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+            }
         }
     }
 
@@ -64,6 +74,7 @@ impl ResourceType {
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
             ResourceType::Route => "rds",
+            ResourceType::Secret => "sds",
         }
     }
 
@@ -89,6 +100,7 @@ impl fmt::Display for ResourceType {
             ResourceType::Endpoint => "EDS",
             ResourceType::Listener => "LDS",
             ResourceType::Route => "RDS",
+            ResourceType::Secret => "SDS",
         })
     }
 }
@@ -222,8 +234,8 @@ pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 /// one map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    resources: [Arc<ResourceMap>; 4],
-    versions: [String; 4],
+    resources: [Arc<ResourceMap>; TYPES],
+    versions: [String; TYPES],
     /// Dependencies ignored while translating, with the reason.
     pub warnings: Vec<String>,
 }
@@ -283,7 +295,7 @@ pub struct InconsistentSnapshot {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ResolvedPart {
     /// Resources by type (push order), each sorted by name.
-    resources: [Vec<Arc<Resource>>; 4],
+    resources: [Vec<Arc<Resource>>; TYPES],
     /// Dangling references found within the part.
     problems: Vec<String>,
     /// References to clusters the part does not define (another part may).
@@ -382,11 +394,17 @@ pub fn resolve_part(part: &GroupResources, mesh: &EncodedMesh) -> ResolvedPart {
         .iter()
         .map(|r| (r.name.as_str(), encode(&r.name, r)))
         .collect();
+    let secrets: BTreeMap<&str, Arc<Resource>> = part
+        .secrets
+        .iter()
+        .map(|s| (s.name.as_str(), encode(&s.name, s)))
+        .collect();
     out.resources = [
         clusters.into_values().collect(),
         assignments.into_values().collect(),
         listeners.into_values().collect(),
         routes.into_values().collect(),
+        secrets.into_values().collect(),
     ];
     out
 }
@@ -467,7 +485,7 @@ pub fn assemble(
     maps: &SharedMaps,
 ) -> Result<Snapshot, InconsistentSnapshot> {
     let mut problems: Vec<String> = parts.iter().flat_map(|p| p.problems.clone()).collect();
-    let lists: [Vec<&Arc<Resource>>; 4] =
+    let lists: [Vec<&Arc<Resource>>; TYPES] =
         std::array::from_fn(|i| merged(parts, ResourceType::ALL[i]));
     for (t, list) in ResourceType::ALL.iter().zip(&lists) {
         for pair in list.windows(2) {
@@ -504,7 +522,7 @@ pub fn assemble(
     if !problems.is_empty() {
         return Err(InconsistentSnapshot { problems });
     }
-    let versions: [String; 4] =
+    let versions: [String; TYPES] =
         std::array::from_fn(|i| resources_version(lists[i].iter().map(|r| &***r)));
     let resources = std::array::from_fn(|i| {
         let list = &lists[i];

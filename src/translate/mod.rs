@@ -88,6 +88,8 @@ pub struct GroupResources {
     pub routes: Vec<RouteConfiguration>,
     /// Clusters built for this group only (local application, external domains).
     pub clusters: Vec<Cluster>,
+    /// The proxy's certificate secrets (file paths; the group's own).
+    pub secrets: Vec<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
     /// Names of the [`MeshResources`] clusters (and assignments) the group uses.
     pub mesh_clusters: BTreeSet<String>,
     /// Names of [`MeshResources`] assignments the group's own clusters read (policy variants
@@ -362,7 +364,20 @@ pub fn group_resources(
     if let Some(spec) = group.egress_spec(state, settings) {
         out.merge(egress_resources(state, settings, &spec));
     }
+    out.merge(secret_resources(group));
     out
+}
+
+/// The group's own certificate secrets, when it holds a certificate.
+pub fn secret_resources(group: &ProxyGroup) -> GroupResources {
+    GroupResources {
+        secrets: group
+            .certificate_files
+            .as_ref()
+            .map(tls::secrets)
+            .unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 impl GroupResources {
@@ -370,6 +385,7 @@ impl GroupResources {
         self.listeners.extend(other.listeners);
         self.routes.extend(other.routes);
         self.clusters.extend(other.clusters);
+        self.secrets.extend(other.secrets);
         self.mesh_clusters.extend(other.mesh_clusters);
         self.mesh_assignments.extend(other.mesh_assignments);
         self.originate_tls |= other.originate_tls;

@@ -285,7 +285,16 @@ impl SnapshotCache {
         }
         let parts: Vec<&BuiltPart> = cells.iter().filter_map(|c| c.get()).collect();
         let mut reads = Reads::of_group(&group.service, parts.iter().map(|(_, r)| r));
-        let resolved: Vec<&ResolvedPart> = parts.iter().map(|(p, _)| &**p).collect();
+        // The group's own: its certificate files (read from nothing in the state).
+        let secrets = group
+            .certificate_files
+            .is_some()
+            .then(|| snapshot::resolve_part(&translate::secret_resources(group), &world.mesh));
+        let resolved: Vec<&ResolvedPart> = parts
+            .iter()
+            .map(|(p, _)| &**p)
+            .chain(secrets.as_ref())
+            .collect();
         let snapshot = snapshot::assemble(&resolved, &world.maps);
         if snapshot.is_err() {
             // Rebuilt on every change until it is consistent again.

@@ -471,6 +471,9 @@ async fn drive<P: Protocol>(
         .snapshot_groups
         .set(ctx.cache.group_count() as i64);
     info!(group = %identity.group.id(), "proxy connected");
+    if let Some(w) = &identity.warning {
+        warn!(group = %identity.group.id(), "{w}");
+    }
     let mut snap = snapshots.borrow_and_update().clone();
     let mut pending = Some(first);
     loop {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
-use crate::model::{DependencyTarget, ProxyGroup, valid_service_name};
+use crate::model::{CertificateFiles, DependencyTarget, ProxyGroup, valid_service_name};
 
 /// Node metadata key naming the proxy's service (required).
 pub const SERVICE_NAME: &str = "service_name";
@@ -38,6 +38,9 @@ pub const MAX_NODE_ID: usize = 512;
 /// The most dependencies a node may announce.
 pub const MAX_DEPENDENCIES: usize = 4096;
 
+/// The longest certificate file path accepted.
+pub const MAX_PATH: usize = 4096;
+
 /// Identity of a connected proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyIdentity {
@@ -45,6 +48,8 @@ pub struct ProxyIdentity {
     pub node_id: String,
     /// The group whose snapshot it gets.
     pub group: ProxyGroup,
+    /// What the operator should know about its metadata (served anyway).
+    pub warning: Option<String>,
 }
 
 /// Parses a node into the proxy's identity and group.
@@ -107,8 +112,26 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
             dependencies.insert(target);
         }
     }
+    let tls = flag(meta, "tls")?;
+    let files = [
+        path(meta, "tls_cert")?,
+        path(meta, "tls_key")?,
+        path(meta, "tls_ca")?,
+    ];
+    let (certificate_files, warning) = match files {
+        [Some(cert), Some(key), Some(ca)] if tls => (Some(CertificateFiles { cert, key, ca }), None),
+        _ if tls => (
+            None,
+            Some(
+                "node metadata tls is true but tls_cert, tls_key and tls_ca do not all name a file (a bootstrap from an older meshbridge?): served without a certificate; regenerate the bootstrap with meshbridge bootstrap --tls-*"
+                    .to_string(),
+            ),
+        ),
+        _ => (None, None),
+    };
     Ok(ProxyIdentity {
         node_id: node.id.clone(),
+        warning,
         group: ProxyGroup {
             service,
             ingress_port: port(meta, "ingress_port")?,
@@ -116,9 +139,24 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
             app_port: port(meta, "app_port")?,
             egress_port: port(meta, "egress_port")?,
             dependencies,
-            tls: flag(meta, "tls")?,
+            tls: certificate_files.is_some(),
+            certificate_files,
         },
     })
+}
+
+/// A file path the proxy names: at most [`MAX_PATH`] bytes, no control characters.
+fn path(meta: &Struct, key: &'static str) -> Result<Option<String>, NodeError> {
+    let Some(p) = string(meta, key)?.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    if p.len() > MAX_PATH || p.chars().any(char::is_control) {
+        return Err(NodeError::BadMetadata {
+            key,
+            reason: format!("not a file path (at most {MAX_PATH} bytes, no control characters)"),
+        });
+    }
+    Ok(Some(p))
 }
 
 /// The admin port a proxy announced, if any.
@@ -233,6 +271,40 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_certificate_is_its_three_files_and_tls_without_them_is_served_without_one() {
+        let service = (SERVICE_NAME, Kind::StringValue("web".into()));
+        let tls = ("tls", Kind::BoolValue(true));
+        let file = |k: &'static str, v: &str| (k, Kind::StringValue(v.into()));
+        let id = parse_node(Some(&node(&[
+            service.clone(),
+            tls.clone(),
+            file("tls_cert", "/tls/tls.crt"),
+            file("tls_key", "/tls/tls.key"),
+            file("tls_ca", "/tls/ca.crt"),
+        ])))
+        .unwrap();
+        assert!(id.group.tls);
+        assert_eq!(
+            id.group.certificate_files.unwrap().key,
+            "/tls/tls.key".to_string()
+        );
+        assert_eq!(id.warning, None);
+
+        // An older bootstrap: `tls` alone.
+        let id = parse_node(Some(&node(&[service.clone(), tls.clone()]))).unwrap();
+        assert!(!id.group.tls);
+        assert!(id.warning.unwrap().contains("regenerate the bootstrap"));
+
+        let e = parse_node(Some(&node(&[
+            service,
+            tls,
+            file("tls_cert", "/tls/tls.crt\n/etc/shadow"),
+        ])))
+        .unwrap_err();
+        assert!(e.to_string().contains("'tls_cert': not a file path"), "{e}");
     }
 
     #[test]

@@ -1388,7 +1388,8 @@ async fn a_running_mesh_exports_what_the_dashboards_query() {
                 .filter_map(|s| s.get("type").map(String::as_str))
                 .collect();
             let rejected = text.lines().any(|l| l == "meshbridge_config_errors 1");
-            (acked.len() == 4 && rejected).then_some(text)
+            (acked.len() == meshbridge::snapshot::ResourceType::ALL.len() && rejected)
+                .then_some(text)
         },
     )
     .await;

@@ -17,6 +17,7 @@ mod support;
 mod access_e2e;
 mod admin_e2e;
 mod ads_protocol;
+mod cert_rotation_e2e;
 mod chart;
 mod consul_e2e;
 mod consul_fake;

@@ -435,6 +435,11 @@ fn group() -> impl Strategy<Value = ProxyGroup> {
                 egress_port,
                 dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
                 tls,
+                certificate_files: tls.then(|| meshbridge::model::CertificateFiles {
+                    cert: "/tls/tls.crt".into(),
+                    key: "/tls/tls.key".into(),
+                    ca: "/tls/ca.crt".into(),
+                }),
             },
         )
 }
@@ -1302,6 +1307,10 @@ proptest! {
                         .chain(["ghost".to_string()])
                         .collect(),
                     ResourceType::Route => vec!["egress".into(), "ingress".into()],
+                    // Envoy subscribes to the secrets its TLS contexts name.
+                    ResourceType::Secret => {
+                        vec!["server_cert".into(), "validation_context".into()]
+                    }
                 };
                 let req = DeltaDiscoveryRequest {
                     type_url: t.type_url().to_string(),

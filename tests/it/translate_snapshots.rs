@@ -21,8 +21,9 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, LbPolicy},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, RoutingPriority, address, config_source::ConfigSourceSpecifier, data_source::Specifier,
-    socket_address::PortSpecifier, transport_socket::ConfigType as TransportConfig,
+    Address, RoutingPriority, WatchedDirectory, address, config_source::ConfigSourceSpecifier,
+    data_source::Specifier, socket_address::PortSpecifier,
+    transport_socket::ConfigType as TransportConfig,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, lb_endpoint::HostIdentifier,
@@ -390,6 +391,7 @@ fn render(snap: &Snapshot) -> String {
                 ResourceType::Endpoint => render_assignment(&cla(snap, name)),
                 ResourceType::Listener => render_listener(&listener(snap, name)),
                 ResourceType::Route => render_routes(&route_config(snap, name)),
+                ResourceType::Secret => render_secret(&decode(snap, ResourceType::Secret, name)),
             };
             for line in body.lines() {
                 writeln!(out, "    {line}").unwrap();
@@ -397,6 +399,31 @@ fn render(snap: &Snapshot) -> String {
         }
     }
     out
+}
+
+/// The files a secret names and the directory watched for their replacement.
+fn render_secret(s: &Secret) -> String {
+    let path = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+        .as_ref()
+        .and_then(|d| d.specifier.as_ref())
+    {
+        Some(Specifier::Filename(f)) => format!("file {f}"),
+        other => format!("{other:?}"),
+    };
+    match &s.r#type {
+        Some(secret::Type::TlsCertificate(c)) => format!(
+            "certificate {}, key {}, watched {:?}\n",
+            path(&c.certificate_chain),
+            path(&c.private_key),
+            c.watched_directory.as_ref().map(|w| w.path.as_str())
+        ),
+        Some(secret::Type::ValidationContext(v)) => format!(
+            "trusted ca {}, watched {:?}\n",
+            path(&v.trusted_ca),
+            v.watched_directory.as_ref().map(|w| w.path.as_str())
+        ),
+        other => format!("{other:?}\n"),
+    }
 }
 
 fn render_cluster(c: &Cluster) -> String {
@@ -661,17 +688,28 @@ fn render_chains(l: &Listener) -> String {
 
 /// Secrets named and the peer SAN required by a TLS context.
 fn render_tls(c: &CommonTlsContext) -> String {
-    let certs: Vec<&str> = c
+    // A secret named over ADS (`name@ads`), or one of the bootstrap's static ones.
+    let secret =
+        |s: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig| {
+            match s
+                .sds_config
+                .as_ref()
+                .and_then(|c| c.config_source_specifier.as_ref())
+            {
+                Some(ConfigSourceSpecifier::Ads(_)) => format!("{}@ads", s.name),
+                None => s.name.clone(),
+                Some(other) => format!("{}@{other:?}", s.name),
+            }
+        };
+    let certs: Vec<String> = c
         .tls_certificate_sds_secret_configs
         .iter()
-        .map(|s| s.name.as_str())
+        .map(secret)
         .collect();
     let validation = match &c.validation_context_type {
         Some(ValidationContextType::CombinedValidationContext(v)) => format!(
             "ca secret {:?}, peer {}",
-            v.validation_context_sds_secret_config
-                .as_ref()
-                .map(|s| s.name.as_str()),
+            v.validation_context_sds_secret_config.as_ref().map(secret),
             v.default_validation_context
                 .as_ref()
                 .map(|d| {
@@ -1783,6 +1821,11 @@ fn h_default_deny_refuses_a_service_without_rules() {
 fn scenario_caller_tls() -> Snapshot {
     let mut group = egress_group("checkout", &["orders", "payments", "billing"]);
     group.tls = true;
+    group.certificate_files = Some(meshbridge::model::CertificateFiles {
+        cert: "/etc/meshbridge/tls/tls.crt".into(),
+        key: "/etc/meshbridge/tls/tls.key".into(),
+        ca: "/etc/ssl/mesh/ca.crt".into(),
+    });
     snapshot(&access_mesh(), &access_settings(), &group)
 }
 
@@ -2280,6 +2323,35 @@ fn static_secrets(dir: &std::path::Path) -> Vec<Secret> {
 // Envoy itself accepts every scenario.
 // ---------------------------------------------------------------------------------------
 
+/// A TLS context naming its secrets as the bootstrap's static secrets instead of over ADS
+/// (`envoy --mode validate` cannot run an SDS subscription; the secrets sent are checked as
+/// static secrets of their own, and the real subscription in the end-to-end tests).
+fn with_static_secrets(t: &mut envoy_types::pb::envoy::config::core::v3::TransportSocket) {
+    let Some(TransportConfig::TypedConfig(any)) = t.config_type.as_mut() else {
+        return;
+    };
+    let strip = |c: &mut CommonTlsContext| {
+        for s in &mut c.tls_certificate_sds_secret_configs {
+            s.sds_config = None;
+        }
+        if let Some(ValidationContextType::CombinedValidationContext(v)) =
+            c.validation_context_type.as_mut()
+            && let Some(s) = v.validation_context_sds_secret_config.as_mut()
+        {
+            s.sds_config = None;
+        }
+    };
+    if any.type_url == UpstreamTlsContext::type_url() {
+        let mut u = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        strip(u.common_tls_context.as_mut().unwrap());
+        *any = pack_any(u);
+    } else {
+        let mut d = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        strip(d.common_tls_context.as_mut().unwrap());
+        *any = pack_any(d);
+    }
+}
+
 /// The snapshot as a static bootstrap: EDS clusters carry their assignment inline and
 /// listeners their route configuration, so `envoy --mode validate` checks everything.
 fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
@@ -2295,11 +2367,24 @@ fn static_bootstrap(snap: &Snapshot) -> Bootstrap {
             cla.cluster_name = name.clone();
             c.load_assignment = Some(cla);
         }
+        for m in &mut c.transport_socket_matches {
+            if let Some(t) = m.transport_socket.as_mut() {
+                with_static_secrets(t);
+            }
+        }
+        if let Some(t) = c.transport_socket.as_mut() {
+            with_static_secrets(t);
+        }
         clusters.push(c);
     }
     let mut listeners = Vec::new();
     for name in snap.resources(ResourceType::Listener).keys() {
         let mut l = listener(snap, name);
+        for chain in &mut l.filter_chains {
+            if let Some(t) = chain.transport_socket.as_mut() {
+                with_static_secrets(t);
+            }
+        }
         if tcp_filters(&l).is_some() {
             listeners.push(l);
             continue;
@@ -2374,6 +2459,37 @@ fn envoy_accepts_every_scenario() {
         let mut bootstrap = static_bootstrap(&snap);
         if let Some(r) = bootstrap.static_resources.as_mut() {
             r.secrets = secrets.clone();
+            // The secrets sent to the proxy, over files that exist, under other names.
+            for name in snap.resources(ResourceType::Secret).keys() {
+                let mut s: Secret = decode(&snap, ResourceType::Secret, name);
+                let real = secrets.iter().find(|r| r.name == s.name).unwrap();
+                match (&mut s.r#type, &real.r#type) {
+                    (
+                        Some(secret::Type::TlsCertificate(c)),
+                        Some(secret::Type::TlsCertificate(r)),
+                    ) => {
+                        c.certificate_chain = r.certificate_chain.clone();
+                        c.private_key = r.private_key.clone();
+                        c.watched_directory = Some(WatchedDirectory {
+                            path: dir.path().display().to_string(),
+                            ..Default::default()
+                        });
+                    }
+                    (
+                        Some(secret::Type::ValidationContext(v)),
+                        Some(secret::Type::ValidationContext(r)),
+                    ) => {
+                        v.trusted_ca = r.trusted_ca.clone();
+                        v.watched_directory = Some(WatchedDirectory {
+                            path: dir.path().display().to_string(),
+                            ..Default::default()
+                        });
+                    }
+                    other => panic!("unexpected secret {other:?}"),
+                }
+                s.name = format!("sent|{}", s.name);
+                r.secrets.push(s);
+            }
         }
         std::fs::write(&path, bootstrap.encode_to_vec()).unwrap();
         let out = Command::new(&envoy)

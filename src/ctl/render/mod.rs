@@ -350,7 +350,11 @@ pub(crate) mod tests {
         assert_eq!(type_name(RDS), "rds");
         assert_eq!(
             type_name("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"),
-            "Secret"
+            "sds"
+        );
+        assert_eq!(
+            type_name("type.googleapis.com/envoy.service.runtime.v3.Runtime"),
+            "Runtime"
         );
     }
 }

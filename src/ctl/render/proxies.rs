@@ -35,6 +35,7 @@ pub fn render_proxies(proxies: &[ProxyView], now: u64) -> String {
         "EDS",
         "LDS",
         "RDS",
+        "SDS",
     ]);
     let mut pending = false;
     for p in proxies {
@@ -206,8 +207,8 @@ mod tests {
     fn proxies_list() {
         let out = render_proxies(&view::<Vec<_>>(json!([proxy()])), 1000 + 125);
         let expected = "\
-NODE        SERVICE   GROUP         MODE  CONNECTED  CDS       EDS                LDS                     RDS
-frontend-1  frontend  frontend/abc  sotw  2m05s      01234567  aaaaaaaa/11111111  55555555/33333333 NACK  -
+NODE        SERVICE   GROUP         MODE  CONNECTED  CDS       EDS                LDS                     RDS  SDS
+frontend-1  frontend  frontend/abc  sotw  2m05s      01234567  aaaaaaaa/11111111  55555555/33333333 NACK  -    -
 
 versions: ACKed; acked/sent while a response awaits its ACK; NACK: the last response was rejected (see `ctl proxy NODE`)
 ";

@@ -28,9 +28,11 @@
 //! Certificates (SAN URI `spiffe://<trust-domain>/service/<name>`) come from the deployment
 //! system, e.g. cert-manager, never from meshbridge. When a Secret applies to a pod (the
 //! annotation `meshbridge.io/tls-secret`, else [`InjectSettings::tls_secret`]), it is mounted
-//! read-only into the sidecar at [`TLS_DIR`] (volume [`TLS_VOLUME`]) and the bootstrap declares
-//! the static secrets `server_cert` (`tls.crt`, `tls.key`) and `validation_context`
-//! (`ca.crt`). The Secret's files are mode `0444` ([`TLS_FILE_MODE`]): the sidecar runs as
+//! read-only into the sidecar at [`TLS_DIR`] (volume [`TLS_VOLUME`], a whole volume rather than
+//! `subPath` mounts, which the kubelet would never update) and the bootstrap names the files
+//! (`tls.crt`, `tls.key`, `ca.crt`) in the node metadata: meshbridge hands them back to the
+//! sidecar as its SDS secrets `server_cert` and `validation_context`, so a renewed Secret
+//! rotates the certificate without a restart. The Secret's files are mode `0444` ([`TLS_FILE_MODE`]): the sidecar runs as
 //! user [`PROXY_UID`] and the pod gets no `fsGroup`, so group-only modes would leave Envoy
 //! unable to read its key; the pod is the trust boundary (every container of the pod could
 //! mount the Secret anyway). The injected pod carries the annotation with the Secret actually
