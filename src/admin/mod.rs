@@ -345,6 +345,16 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         mtls: view.mtls,
         name: view.name,
         origins,
+        protocol: match service.protocol {
+            crate::model::AppProtocol::Http => "http",
+            crate::model::AppProtocol::Http2 => "http2",
+            crate::model::AppProtocol::Grpc => "grpc",
+            crate::model::AppProtocol::Tcp => "tcp",
+        }
+        .to_string(),
+        port: service.port,
+        preserve_header_case: service.preserve_header_case,
+        rate_limit: views::RateLimitView::of(&service.rate_limit),
     })
 }
 

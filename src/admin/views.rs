@@ -151,6 +151,69 @@ pub struct ServiceDetail {
     pub name: String,
     /// Instance counts by origin.
     pub origins: BTreeMap<String, OriginCount>,
+    /// What its instances speak: `http`, `http2`, `grpc` or `tcp` (its first port's).
+    #[serde(default)]
+    pub protocol: String,
+    /// Its first port, as its MeshService declares it.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `spec.http1.preserveHeaderCase`.
+    #[serde(default)]
+    pub preserve_header_case: bool,
+    /// Its local rate limits (each of its proxies' own buckets); null when unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitView>,
+}
+
+/// `spec.rateLimit` as in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitView {
+    /// The bucket of requests no path limit takes (null: not limited).
+    pub service: Option<BucketView>,
+    /// Path limits, in the order they are matched.
+    pub paths: Vec<PathBucketView>,
+}
+
+/// A token bucket: `requests` per `per` (e.g. `1s`), at most `burst` at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketView {
+    /// Tokens added per `per`.
+    pub requests: u32,
+    /// The period, e.g. `1s`.
+    pub per: String,
+    /// The bucket's size.
+    pub burst: u32,
+}
+
+/// A path prefix's bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathBucketView {
+    /// The prefix.
+    pub prefix: String,
+    /// Its bucket.
+    pub bucket: BucketView,
+}
+
+impl RateLimitView {
+    /// The view of `limit`, or none when it limits nothing.
+    pub fn of(limit: &crate::model::RateLimit) -> Option<RateLimitView> {
+        let bucket = |b: &crate::model::TokenBucket| BucketView {
+            requests: b.requests,
+            per: humantime::format_duration(b.per).to_string(),
+            burst: b.burst,
+        };
+        (!limit.is_unlimited()).then(|| RateLimitView {
+            service: limit.service.as_ref().map(bucket),
+            paths: limit
+                .paths
+                .iter()
+                .map(|p| PathBucketView {
+                    prefix: p.prefix.clone(),
+                    bucket: bucket(&p.bucket),
+                })
+                .collect(),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------

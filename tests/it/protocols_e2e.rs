@@ -221,6 +221,13 @@ async fn a_grpc_call_is_retried_on_unavailable_and_keeps_the_callers_deadline() 
     })
     .await;
 
+    let detail = cp.admin_json("/api/services/echo").await;
+    assert_eq!(
+        (&detail["protocol"], &detail["port"]),
+        (&json!("grpc"), &json!(9090)),
+        "{detail}"
+    );
+
     // Retried by default: the application saw the attempt it refused and the retry.
     assert_eq!(say(&mut client, "flaky 1").await.unwrap(), "flaky 1");
     assert_eq!(app.attempts("flaky 1"), 2);

@@ -120,6 +120,18 @@ async fn requests_beyond_a_path_limit_get_429_with_the_reason_until_the_limit_is
         assert!(is_hello(&r), "{r:?}");
     }
 
+    // The admin API shows the limit in force.
+    let detail = cp.admin_json("/api/services/orders").await;
+    assert_eq!(
+        detail["rate_limit"]["paths"][0]["prefix"],
+        serde_json::json!("/limited"),
+        "{detail}"
+    );
+    assert_eq!(
+        detail["rate_limit"]["paths"][0]["bucket"]["per"], "1h",
+        "{detail}"
+    );
+
     // The limit removed from the manifest, the path answers again.
     cp.write_manifests(&manifests(&[&frontend, &orders(ingress, None)]));
     eventually(LIMIT, "the limit lifted", || async {

@@ -358,6 +358,8 @@
         ['Instances', healthCount(healthy, inst.length)],
         ['Origins', originChips(s.origins || originCounts(inst))],
         ['mTLS', String(s.mtls)],
+        ['Protocol', h('span', { id: 'service-protocol' }, [s.protocol || 'http', s.port ? `port ${s.port}` : '', s.preserve_header_case ? 'header case kept' : ''].filter(Boolean).join(', '))],
+        ['Rate limit', h('span', { id: 'service-rate-limit' }, rateLimitText(s.rate_limit))],
         ['Dependencies', dependencyLinks(s.dependencies)],
       ])),
       section('Instances', null, table({ id: 'instances-table', testid: 'instances-table', class: 'grid' },
@@ -368,6 +370,15 @@
         table({ id: 'dependents-proxies', testid: 'dependents-proxies', class: 'grid' }, ['Node', 'Service', 'Group', 'Mode'], proxies, 'No connected proxy depends on it.')),
       section('Access', { id: 'access', testid: 'access' }, accessView(s.access)),
       section('Ejections', { id: 'ejections', testid: 'ejections' }, ejectionsView(s.name)));
+  }
+
+  /** A service's local rate limits in words. */
+  function rateLimitText(r) {
+    if (!r) return 'none';
+    const b = (x) => `${x.requests} per ${x.per} (burst ${x.burst})`;
+    const parts = (r.paths || []).map((p) => `${p.prefix}: ${b(p.bucket)}`);
+    if (r.service) parts.push(`otherwise ${b(r.service)}`);
+    return parts.join('; ') + ' per proxy';
   }
 
   /** Asks the callers' proxies (through the control plane) which instances they have ejected. */
