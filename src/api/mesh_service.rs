@@ -240,6 +240,11 @@ pub struct DependencySpec {
     /// only). Fields left out keep their defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// HTTP/1 behaviour towards this dependency (`service` dependencies): overrides the called
+    /// service's `spec.http1` for this caller; `preserveHeaderCase: true` also keeps the case
+    /// of what this service's application sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1: Option<Http1Spec>,
     /// Let WebSocket upgrades through to the service (`service` dependencies). Default: on
     /// towards an HTTP/1 service, off towards `http2` and `grpc` ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]

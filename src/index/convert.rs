@@ -427,6 +427,7 @@ fn dependency(d: &DependencySpec, field: &str) -> Result<Dependency, Vec<FieldEr
             (d.circuit_breakers.is_some(), "circuitBreakers"),
             (d.port.is_some(), "port"),
             (d.websocket.is_some(), "websocket"),
+            (d.http1.is_some(), "http1"),
         ] {
             if set {
                 errors.push(err(
@@ -604,6 +605,7 @@ fn cluster_policy(d: &DependencySpec, field: &str, errors: &mut Vec<FieldError>)
             max_retries: limit(c.max_retries, 0, cb.max_retries, "maxRetries"),
         };
     }
+    policy.preserve_header_case = d.http1.as_ref().map(|h| h.preserve_header_case);
     policy
 }
 

@@ -247,6 +247,9 @@ pub struct ClusterPolicy {
     pub outlier_detection: OutlierDetection,
     /// Connection and request limits.
     pub circuit_breakers: CircuitBreakers,
+    /// Whether HTTP/1 header names keep their case towards this dependency, overriding the
+    /// called service's `spec.http1` (none: as the service says).
+    pub preserve_header_case: Option<bool>,
 }
 
 impl ClusterPolicy {

@@ -177,15 +177,21 @@ impl ProxyGroup {
         }
         let wildcard_allowed = dependencies.contains_key(&DependencyTarget::All)
             && settings.wildcard_allowed(&self.service);
+        // Its own service's setting, or a dependency asking for it: the listener reads the
+        // application's requests (and writes answers) keeping the case.
+        let preserve_header_case = state
+            .services
+            .get(&self.service)
+            .is_some_and(|s| s.preserve_header_case)
+            || dependencies
+                .values()
+                .any(|d| d.cluster.preserve_header_case == Some(true));
         EgressSpec {
             port,
             tls: self.tls,
             dependencies,
             wildcard_allowed,
-            preserve_header_case: state
-                .services
-                .get(&self.service)
-                .is_some_and(|s| s.preserve_header_case),
+            preserve_header_case,
         }
     }
 }
@@ -409,11 +415,14 @@ impl GroupResources {
             return shared;
         }
         let name = names::policy_cluster(&shared, &s.cluster);
-        // The variant speaks to the instances as the shared cluster does.
+        // The variant speaks to the instances as the shared cluster does, unless the
+        // dependency sets the header case.
         let mut cluster = clusters::speaking(
             clusters::policy_cluster(&name, &shared, &s.cluster),
             service.protocol,
-            service.preserve_header_case,
+            s.cluster
+                .preserve_header_case
+                .unwrap_or(service.preserve_header_case),
         );
         if spec.tls && clusters::service_uses_tls(service) {
             cluster = clusters::with_upstream_tls(cluster, &settings.trust_domain, &service.name);

@@ -68,11 +68,11 @@ pub fn canary_cluster(service: &str) -> String {
 }
 
 /// Variant of the mesh cluster `cluster` for callers whose dependency sets another
-/// outlier detection or circuit breakers: `orders|o-<hash of the policy>`. Callers with the
+/// outlier detection, circuit breakers or header case: `orders|o-<hash of the policy>`. Callers with the
 /// same policy get the same name, and the name stays the same from one run to the next.
 pub fn policy_cluster(cluster: &str, policy: &ClusterPolicy) -> String {
     let (o, c) = (&policy.outlier_detection, &policy.circuit_breakers);
-    let canonical = format!(
+    let mut canonical = format!(
         "{}/{}/{}/{}/{}/{}/{}/{}/{}",
         o.consecutive_5xx,
         o.consecutive_gateway_failure,
@@ -84,6 +84,10 @@ pub fn policy_cluster(cluster: &str, policy: &ClusterPolicy) -> String {
         c.max_requests,
         c.max_retries,
     );
+    // Appended only when set, so that the names of the other variants stay as they were.
+    if let Some(keep) = policy.preserve_header_case {
+        canonical.push_str(&format!("/case={keep}"));
+    }
     let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_bytes());
     format!("{cluster}|o-{:08x}", hash >> 32)
 }
@@ -129,6 +133,15 @@ mod tests {
             assert_eq!(cluster_assignment(&variant), shared);
             assert_eq!(cluster_assignment(shared), shared);
         }
+        // A header-case override is another variant, and the names of the others stay.
+        let keep = ClusterPolicy {
+            preserve_header_case: Some(true),
+            ..policy
+        };
+        assert_ne!(
+            policy_cluster("orders", &keep),
+            policy_cluster("orders", &policy)
+        );
         // Same policy, same name; another policy, another name.
         assert_eq!(
             policy_cluster("orders", &policy),

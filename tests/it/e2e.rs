@@ -668,5 +668,27 @@ async fn header_case_is_kept_for_services_that_ask_for_it() {
         from_old.contains("\r\nx-caller-header: 1\r\n"),
         "{from_old}"
     );
+
+    // A dependency overrides the callee's setting for its caller: new-client keeps the case
+    // towards new-api (both ways), and no longer towards old-api.
+    let new_client = MeshService::build("new-client")
+        .dependency_with(json!({"service": "old-api", "http1": {"preserveHeaderCase": false}}))
+        .dependency_with(json!({"service": "new-api", "http1": {"preserveHeaderCase": true}}));
+    let docs: [&dyn Fixture; 4] = [&old_client, &new_client, &old_api, &new_api];
+    cp.write_manifests(&manifests(&docs));
+    let kept = support::eventually(Duration::from_secs(20), "the override", || async {
+        let r = raw_call(&new, "new-api").await;
+        r.contains("\r\nX-Custom-Header: Kept\r\n").then_some(r)
+    })
+    .await;
+    assert!(kept.contains("\r\nX-Caller-Header: 1\r\n"), "{kept}");
+    let lowered = raw_call(&new, "old-api").await;
+    assert!(
+        lowered.contains("\r\nx-custom-header: Kept\r\n"),
+        "{lowered}"
+    );
+    // Other callers of old-api still get its case.
+    let still = raw_call(&old, "old-api").await;
+    assert!(still.contains("\r\nX-Custom-Header: Kept\r\n"), "{still}");
     server.abort();
 }
