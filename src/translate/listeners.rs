@@ -129,9 +129,13 @@ pub fn local_reply_config() -> LocalReplyConfig {
         .iter()
         .map(|(flag, reason, what)| {
             reply_mapper(
-                FilterSpecifier::ResponseFlagFilter(ResponseFlagFilter {
-                    flags: vec![flag.to_string()],
-                }),
+                AccessLogFilter {
+                    filter_specifier: Some(FilterSpecifier::ResponseFlagFilter(
+                        ResponseFlagFilter {
+                            flags: vec![flag.to_string()],
+                        },
+                    )),
+                },
                 reason,
                 what,
             )
@@ -140,36 +144,32 @@ pub fn local_reply_config() -> LocalReplyConfig {
     // A gRPC caller's own deadline (`grpc-timeout`, honoured as the stream's duration) ends
     // the call with 408 or 504 and no response flag: told apart from the router's timeout
     // (UT, matched first) by the request's header.
-    let status = |code: u32| AccessLogFilter {
-        filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
-            comparison: Some(ComparisonFilter {
-                op: comparison_filter::Op::Eq as i32,
-                value: Some(RuntimeUInt32 {
-                    default_value: code,
-                    runtime_key: format!("meshbridge.deadline_status_{code}"),
-                }),
-            }),
-        })),
-    };
+    let status = |code: u32| status_filter(code, &format!("meshbridge.deadline_status_{code}"));
     mappers.push(reply_mapper(
-        FilterSpecifier::AndFilter(AndFilter {
-            filters: vec![
-                AccessLogFilter {
-                    filter_specifier: Some(FilterSpecifier::HeaderFilter(AccessLogHeaderFilter {
-                        header: Some(HeaderMatcher {
-                            name: "grpc-timeout".to_string(),
-                            header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
-                            ..Default::default()
-                        }),
-                    })),
-                },
-                AccessLogFilter {
-                    filter_specifier: Some(FilterSpecifier::OrFilter(OrFilter {
-                        filters: vec![status(408), status(504)],
-                    })),
-                },
-            ],
-        }),
+        AccessLogFilter {
+            filter_specifier: Some(FilterSpecifier::AndFilter(AndFilter {
+                filters: vec![
+                    AccessLogFilter {
+                        filter_specifier: Some(FilterSpecifier::HeaderFilter(
+                            AccessLogHeaderFilter {
+                                header: Some(HeaderMatcher {
+                                    name: "grpc-timeout".to_string(),
+                                    header_match_specifier: Some(
+                                        HeaderMatchSpecifier::PresentMatch(true),
+                                    ),
+                                    ..Default::default()
+                                }),
+                            },
+                        )),
+                    },
+                    AccessLogFilter {
+                        filter_specifier: Some(FilterSpecifier::OrFilter(OrFilter {
+                            filters: vec![status(408), status(504)],
+                        })),
+                    },
+                ],
+            })),
+        },
         "deadline-exceeded",
         "the caller's deadline (grpc-timeout) passed before %UPSTREAM_CLUSTER% answered",
     ));
@@ -179,12 +179,27 @@ pub fn local_reply_config() -> LocalReplyConfig {
     }
 }
 
-/// A local-reply mapper: replies matching `filter` get `reason` and a body saying `what`.
-fn reply_mapper(filter: FilterSpecifier, reason: &str, what: &str) -> ResponseMapper {
+/// Matches replies of status `code` (`runtime_key` names the value in Envoy's runtime, which
+/// meshbridge never sets).
+pub(crate) fn status_filter(code: u32, runtime_key: &str) -> AccessLogFilter {
+    AccessLogFilter {
+        filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
+            comparison: Some(ComparisonFilter {
+                op: comparison_filter::Op::Eq as i32,
+                value: Some(RuntimeUInt32 {
+                    default_value: code,
+                    runtime_key: runtime_key.to_string(),
+                }),
+            }),
+        })),
+    }
+}
+
+/// A local-reply mapper: replies matching `filter` get `reason` in `x-meshbridge-reason` and
+/// a body saying `what` (Envoy format commands in it are expanded).
+pub(crate) fn reply_mapper(filter: AccessLogFilter, reason: &str, what: &str) -> ResponseMapper {
     ResponseMapper {
-        filter: Some(AccessLogFilter {
-            filter_specifier: Some(filter),
-        }),
+        filter: Some(filter),
         body_format_override: Some(SubstitutionFormatString {
             format: Some(Format::TextFormatSource(DataSource {
                 specifier: Some(Specifier::InlineString(format!(

@@ -9,14 +9,7 @@
 //! bucket, so a request counts against exactly one. A change of limits therefore changes the
 //! route configuration only, never the listener: connections are not drained for it.
 
-use envoy_types::pb::envoy::config::accesslog::v3::{
-    AccessLogFilter, ComparisonFilter, StatusCodeFilter, access_log_filter::FilterSpecifier,
-    comparison_filter::Op,
-};
-use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, RuntimeFractionalPercent, RuntimeUInt32, SubstitutionFormatString,
-    data_source::Specifier, substitution_format_string::Format,
-};
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpFilter, ResponseMapper, http_filter::ConfigType as HttpFilterConfig,
@@ -30,7 +23,7 @@ use envoy_types::util::pack_any;
 
 use crate::model::TokenBucket;
 
-use super::listeners::reason_header;
+use super::listeners::{reason_header, reply_mapper, status_filter};
 use super::proto::proto_duration;
 
 /// Name of the HTTP filter, also the key of its per-route configuration.
@@ -98,29 +91,12 @@ pub fn bucket_config(bucket: &TokenBucket) -> Any {
 /// the reply is made, too late for a flag filter, and no other local reply of the ingress is a
 /// `429` (a `429` from the application is no local reply and keeps its own body).
 pub fn local_reply_mapper(service: &str) -> ResponseMapper {
-    ResponseMapper {
-        filter: Some(AccessLogFilter {
-            filter_specifier: Some(FilterSpecifier::StatusCodeFilter(StatusCodeFilter {
-                comparison: Some(ComparisonFilter {
-                    op: Op::Eq as i32,
-                    value: Some(RuntimeUInt32 {
-                        default_value: STATUS as u32,
-                        runtime_key: STATUS_RUNTIME_KEY.to_string(),
-                    }),
-                }),
-            })),
-        }),
-        body_format_override: Some(SubstitutionFormatString {
-            format: Some(Format::TextFormatSource(DataSource {
-                // A service name has no `%`: nothing in it is read as a format command.
-                specifier: Some(Specifier::InlineString(format!(
-                    "meshbridge: too many requests to {service}: this instance's rate limit (spec.rateLimit) is exceeded ({REASON}: %RESPONSE_CODE_DETAILS%)\n"
-                ))),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-        headers_to_add: vec![reason_header(REASON)],
-        ..Default::default()
-    }
+    // A service name has no `%`: nothing in it is read as a format command.
+    reply_mapper(
+        status_filter(STATUS as u32, STATUS_RUNTIME_KEY),
+        REASON,
+        &format!(
+            "too many requests to {service}: this instance's rate limit (spec.rateLimit) is exceeded"
+        ),
+    )
 }

@@ -180,12 +180,9 @@ async fn rotate_under_traffic(layout: Layout, delta: bool) {
     let callee = Envoy::start(
         &cp,
         EnvoyOptions {
-            service: "callee".into(),
-            ingress_port: Some(ingress),
-            app_port: Some(app.port),
             tls: Some(callee_files),
             delta,
-            ..Default::default()
+            ..EnvoyOptions::callee("callee", ingress, app.port)
         },
     )
     .await;
@@ -193,11 +190,9 @@ async fn rotate_under_traffic(layout: Layout, delta: bool) {
         Envoy::start(
             &cp,
             EnvoyOptions {
-                service: "caller".into(),
-                egress: true,
                 tls: Some(caller_identity.clone()),
                 delta,
-                ..Default::default()
+                ..EnvoyOptions::caller("caller")
             },
         )
         .await,

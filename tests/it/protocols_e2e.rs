@@ -192,25 +192,8 @@ async fn a_grpc_call_is_retried_on_unavailable_and_keeps_the_callers_deadline() 
         .endpoint("127.0.0.1", ingress_port);
     let caller = MeshService::build("frontend").dependency("echo");
     let cp = ControlPlane::start(&manifests(&[&caller, &echo]), &[]).await;
-    let _callee = Envoy::start(
-        &cp,
-        EnvoyOptions {
-            service: "echo".into(),
-            ingress_port: Some(ingress_port),
-            app_port: Some(app_port),
-            ..Default::default()
-        },
-    )
-    .await;
-    let envoy = Envoy::start(
-        &cp,
-        EnvoyOptions {
-            service: "frontend".into(),
-            egress: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _callee = Envoy::start(&cp, EnvoyOptions::callee("echo", ingress_port, app_port)).await;
+    let envoy = Envoy::start(&cp, EnvoyOptions::caller("frontend")).await;
     let mut client = grpc_client(&envoy, "echo").await;
     let mut n = 0;
     eventually(Duration::from_secs(20), "echo answers over gRPC", || {
@@ -326,19 +309,14 @@ async fn a_tcp_service_is_reached_on_a_port_of_the_callers_over_mtls_with_access
     let callee = Envoy::start(
         &cp,
         EnvoyOptions {
-            service: "cache".into(),
-            ingress_port: Some(ingress_port),
-            app_port: Some(app_port),
             tls: Some(identity("cache")),
-            ..Default::default()
+            ..EnvoyOptions::callee("cache", ingress_port, app_port)
         },
     )
     .await;
     let caller = |service: &str| EnvoyOptions {
-        service: service.into(),
-        egress: true,
         tls: Some(identity(service)),
-        ..Default::default()
+        ..EnvoyOptions::caller(service)
     };
     let frontend_envoy = Envoy::start(&cp, caller("frontend")).await;
     let reports_envoy = Envoy::start(&cp, caller("reports")).await;

@@ -58,25 +58,8 @@ async fn requests_beyond_a_path_limit_get_429_with_the_reason_until_the_limit_is
         &[],
     )
     .await;
-    let callee = Envoy::start(
-        &cp,
-        EnvoyOptions {
-            service: "orders".into(),
-            ingress_port: Some(ingress),
-            app_port: Some(app.port),
-            ..Default::default()
-        },
-    )
-    .await;
-    let caller = Envoy::start(
-        &cp,
-        EnvoyOptions {
-            service: "frontend".into(),
-            egress: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let callee = Envoy::start(&cp, EnvoyOptions::callee("orders", ingress, app.port)).await;
+    let caller = Envoy::start(&cp, EnvoyOptions::caller("frontend")).await;
     // The callee's ingress serves: its routes, limits included, are in place (Envoy
     // activates a listener only once its route configuration arrived).
     caller

@@ -560,6 +560,28 @@ pub struct EnvoyOptions {
     pub xds_addrs: Vec<String>,
 }
 
+impl EnvoyOptions {
+    /// The proxy of an instance of `service`: an ingress on `ingress_port` in front of the
+    /// application on `app_port`.
+    pub fn callee(service: &str, ingress_port: u16, app_port: u16) -> EnvoyOptions {
+        EnvoyOptions {
+            service: service.into(),
+            ingress_port: Some(ingress_port),
+            app_port: Some(app_port),
+            ..Default::default()
+        }
+    }
+
+    /// The proxy of a caller: an egress only.
+    pub fn caller(service: &str) -> EnvoyOptions {
+        EnvoyOptions {
+            service: service.into(),
+            egress: true,
+            ..Default::default()
+        }
+    }
+}
+
 /// A real Envoy configured by `meshbridge bootstrap`.
 pub struct Envoy {
     pub admin_port: u16,
