@@ -18,6 +18,7 @@ mod access_e2e;
 mod admin_e2e;
 mod ads_protocol;
 mod chart;
+mod connect_e2e;
 mod consul_e2e;
 mod consul_fake;
 mod crds_and_bootstrap;
