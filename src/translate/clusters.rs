@@ -335,12 +335,27 @@ pub fn domain_cluster(domain: &ExternalDomain, ca_file: &str) -> Cluster {
         }
     });
     Cluster {
-        name: name.clone(),
+        transport_socket,
+        ..dns_cluster(&name, domain)
+    }
+}
+
+/// The cluster of the tunnels to an `https://` external domain: plain TCP to its host and
+/// port, resolved as [`domain_cluster`] is. No transport socket: the client runs its own
+/// TLS through the tunnel, end to end with the domain.
+pub fn domain_tunnel_cluster(domain: &ExternalDomain) -> Cluster {
+    dns_cluster(&names::domain_tunnel_cluster(domain), domain)
+}
+
+/// A cluster named `name` whose one host is the domain's, resolved by DNS when a connection
+/// is made (the first IPv4 address, else IPv6).
+fn dns_cluster(name: &str, domain: &ExternalDomain) -> Cluster {
+    Cluster {
+        name: name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32)),
         dns_lookup_family: DnsLookupFamily::V4Preferred as i32,
         connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
-        load_assignment: Some(static_assignment(&name, &domain.host, domain.port)),
-        transport_socket,
+        load_assignment: Some(static_assignment(name, &domain.host, domain.port)),
         ..Default::default()
     }
 }

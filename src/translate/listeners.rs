@@ -4,11 +4,11 @@ use envoy_types::pb::envoy::config::accesslog::v3::{
     AccessLogFilter, AndFilter, ComparisonFilter, HeaderFilter as AccessLogHeaderFilter, OrFilter,
     ResponseFlagFilter, StatusCodeFilter, access_log_filter::FilterSpecifier, comparison_filter,
 };
-use envoy_types::pb::envoy::config::core::v3::RuntimeUInt32;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
+use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, RuntimeUInt32};
 use envoy_types::pb::envoy::config::core::v3::{
     SubstitutionFormatString, substitution_format_string::Format,
 };
@@ -19,13 +19,14 @@ use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost, header_matcher::HeaderMatchSpecifier,
     route::Action, route_action::ClusterSpecifier, route_action::MaxStreamDuration,
-    route_action::UpgradeConfig as RouteUpgradeConfig, route_match::PathSpecifier,
+    route_action::UpgradeConfig as RouteUpgradeConfig, route_action::upgrade_config::ConnectConfig,
+    route_match::ConnectMatcher, route_match::PathSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, LocalReplyConfig, Rds, ResponseMapper,
-    http_connection_manager::RouteSpecifier, http_connection_manager::StripPortMode,
-    http_connection_manager::UpgradeConfig, http_filter::ConfigType as HttpFilterConfig,
+    http_connection_manager::RouteSpecifier, http_connection_manager::UpgradeConfig,
+    http_filter::ConfigType as HttpFilterConfig,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
@@ -41,8 +42,11 @@ use crate::model::{
 use super::proto::{ads_config_source, proto_duration, socket_address};
 use super::{names, rate_limit};
 
-/// An HTTP listener whose routes come from RDS, ignoring the port in `Host`, keeping HTTP/1
-/// header names' case when `preserve_case`.
+/// The egress listener: HTTP whose routes come from RDS (a route configuration from
+/// [`egress_route_configuration`], which ignores the port in `Host` when picking a virtual
+/// host), keeping HTTP/1 header names' case when `preserve_case`. It lets WebSocket and
+/// `CONNECT` through (over HTTP/1, and over HTTP/2 where a client asks for it); a `CONNECT`
+/// that no tunnel route takes is refused (see [`egress_local_reply_config`]).
 pub fn http_listener(
     name: &str,
     host: &str,
@@ -61,10 +65,16 @@ pub fn http_listener(
             config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
             ..Default::default()
         }],
-        strip_port_mode: Some(StripPortMode::StripAnyHostPort(true)),
+        // The port stays in the authority (the route configuration ignores it when picking a
+        // virtual host): a tunnel route checks the port a `CONNECT` names, which Envoy's
+        // `strip_any_host_port` would remove before routing.
         http_protocol_options: preserve_case.then(super::proto::preserve_case_http1),
-        local_reply_config: Some(local_reply_config()),
-        upgrade_configs: upgrades(),
+        http2_protocol_options: Some(Http2ProtocolOptions {
+            allow_connect: true,
+            ..Default::default()
+        }),
+        local_reply_config: Some(egress_local_reply_config()),
+        upgrade_configs: egress_upgrades(),
         ..Default::default()
     };
     Listener {
@@ -119,6 +129,69 @@ pub fn upgrades() -> Vec<UpgradeConfig> {
         upgrade_type: "websocket".to_string(),
         ..Default::default()
     }]
+}
+
+/// Upgrade type of an HTTP `CONNECT` in Envoy's upgrade configurations.
+const CONNECT: &str = "CONNECT";
+
+/// The upgrades the egress listener lets through: those of [`upgrades`], and `CONNECT`,
+/// which only a tunnel route (see [`tunnel_route`]) takes.
+pub fn egress_upgrades() -> Vec<UpgradeConfig> {
+    let mut all = upgrades();
+    all.push(UpgradeConfig {
+        upgrade_type: CONNECT.to_string(),
+        ..Default::default()
+    });
+    all
+}
+
+/// Reason of the refusal of a `CONNECT` that no tunnel route takes.
+pub const UNDECLARED_TUNNEL: &str = "undeclared-tunnel";
+
+/// [`local_reply_config`], and: a `CONNECT` that no route takes (a mesh service, an
+/// `http://` domain, an `https://` domain at a port other than its own: Envoy finds no
+/// route, 404) is refused with 403 and the reason [`UNDECLARED_TUNNEL`].
+pub fn egress_local_reply_config() -> LocalReplyConfig {
+    let mut config = local_reply_config();
+    let mut refused = reply_mapper(
+        AccessLogFilter {
+            filter_specifier: Some(FilterSpecifier::AndFilter(AndFilter {
+                filters: vec![
+                    AccessLogFilter {
+                        filter_specifier: Some(FilterSpecifier::ResponseFlagFilter(
+                            ResponseFlagFilter {
+                                flags: vec!["NR".to_string()],
+                            },
+                        )),
+                    },
+                    AccessLogFilter {
+                        filter_specifier: Some(FilterSpecifier::HeaderFilter(
+                            AccessLogHeaderFilter {
+                                header: Some(exact_header(":method", CONNECT)),
+                            },
+                        )),
+                    },
+                ],
+            })),
+        },
+        UNDECLARED_TUNNEL,
+        "CONNECT opens a tunnel only to a declared https:// domain, at the port it is declared with",
+    );
+    refused.status_code = Some(UInt32Value { value: 403 });
+    config.mappers.push(refused);
+    config
+}
+
+/// Matches a request whose header `name` is `value`.
+fn exact_header(name: &str, value: &str) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(value.to_string())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }
 
 /// Gives Envoy's own error replies (no healthy instance, timeout, overflow, connection
@@ -235,6 +308,50 @@ pub fn prefix_match() -> RouteMatch {
     }
 }
 
+/// Matches a `CONNECT` request; with `authority`, only one naming that `host:port` (host in
+/// any case). Envoy matches no other request with it, nor a `CONNECT` with a path matcher.
+pub fn connect_match(authority: Option<&str>) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(PathSpecifier::ConnectMatcher(ConnectMatcher {})),
+        headers: authority
+            .map(|a| {
+                let mut header = exact_header(":authority", a);
+                if let Some(HeaderMatchSpecifier::StringMatch(m)) =
+                    &mut header.header_match_specifier
+                {
+                    m.ignore_case = true;
+                }
+                header
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The route of the tunnels to `authority` (`host:port`): a `CONNECT` naming it is
+/// answered 200 once Envoy has connected to `cluster`, then bytes flow both ways, untouched
+/// (the client runs its own TLS inside). No timeout (the tunnel lives as long as the client
+/// keeps it, bounded by the listener's idle timeout) and no retries.
+pub fn tunnel_route(authority: &str, cluster: &str) -> Route {
+    Route {
+        name: "connect".to_string(),
+        r#match: Some(connect_match(Some(authority))),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
+            timeout: Some(proto_duration(std::time::Duration::ZERO)),
+            upgrade_configs: vec![RouteUpgradeConfig {
+                upgrade_type: CONNECT.to_string(),
+                // Envoy ends the CONNECT itself and forwards the payload as TCP.
+                connect_config: Some(ConnectConfig::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 /// A route to `cluster`, whose instances speak `protocol`, with the dependency's timeout and
 /// retries. Towards gRPC, retries default to covering `UNAVAILABLE` too, and a caller's
 /// shorter `grpc-timeout` deadline is honoured (capped by the dependency's timeout).
@@ -326,7 +443,8 @@ pub fn service_routes(
     routes
 }
 
-/// A virtual host answering every request with a local reply naming the reason.
+/// A virtual host answering every request (but a `CONNECT`) with a local reply naming the
+/// reason.
 pub fn local_reply_vhost(
     name: &str,
     domains: Vec<String>,
@@ -337,20 +455,38 @@ pub fn local_reply_vhost(
     VirtualHost {
         name: name.to_string(),
         domains,
-        routes: vec![Route {
-            name: reason.to_string(),
-            r#match: Some(prefix_match()),
-            action: Some(Action::DirectResponse(DirectResponseAction {
-                status,
-                body: Some(DataSource {
-                    specifier: Some(Specifier::InlineString(body)),
-                    ..Default::default()
-                }),
+        routes: vec![local_reply_route(
+            reason,
+            prefix_match(),
+            status,
+            reason,
+            body,
+        )],
+        ..Default::default()
+    }
+}
+
+/// A route named `name` answering the requests `matcher` takes with a local reply naming
+/// the reason.
+pub fn local_reply_route(
+    name: &str,
+    matcher: RouteMatch,
+    status: u32,
+    reason: &str,
+    body: String,
+) -> Route {
+    Route {
+        name: name.to_string(),
+        r#match: Some(matcher),
+        action: Some(Action::DirectResponse(DirectResponseAction {
+            status,
+            body: Some(DataSource {
+                specifier: Some(Specifier::InlineString(body)),
                 ..Default::default()
-            })),
-            response_headers_to_add: vec![reason_header(reason)],
+            }),
             ..Default::default()
-        }],
+        })),
+        response_headers_to_add: vec![reason_header(reason)],
         ..Default::default()
     }
 }
@@ -412,6 +548,16 @@ pub fn route_configuration(name: &str, virtual_hosts: Vec<VirtualHost>) -> Route
         name: name.to_string(),
         virtual_hosts,
         ..Default::default()
+    }
+}
+
+/// The egress route configuration from its virtual hosts: the port in `Host` is ignored when
+/// picking one (`orders:8080` is `orders`), and stays in the authority for the routes to
+/// check (a tunnel route takes only its own port).
+pub fn egress_route_configuration(virtual_hosts: Vec<VirtualHost>) -> RouteConfiguration {
+    RouteConfiguration {
+        ignore_port_in_host_matching: true,
+        ..route_configuration(names::EGRESS_ROUTE, virtual_hosts)
     }
 }
 

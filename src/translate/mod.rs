@@ -604,6 +604,8 @@ pub fn egress_resources(
             )),
         }
     }
+    // Authorities (`host:port`) a `CONNECT` may name.
+    let mut tunnels: Vec<String> = Vec::new();
     for (domain, s) in &deps.domains {
         if !domains_taken.insert(domain.host.clone()) {
             out.warnings.push(format!(
@@ -613,20 +615,30 @@ pub fn egress_resources(
             continue;
         }
         let cluster = clusters::domain_cluster(domain, settings.external_ca_file());
-        let vhost = VirtualHost {
+        let mut routes = Vec::new();
+        if domain.tls {
+            // `CONNECT host:port` (HTTPS_PROXY): a tunnel to the declared port, TLS end to
+            // end between the client and the domain.
+            let tunnel = clusters::domain_tunnel_cluster(domain);
+            let authority = names::domain_authority(domain);
+            routes.push(listeners::tunnel_route(&authority, &tunnel.name));
+            tunnels.push(authority);
+            out.clusters.push(tunnel);
+        }
+        routes.push(listeners::cluster_route(
+            "default",
+            listeners::prefix_match(),
+            &cluster.name,
+            s,
+            crate::model::AppProtocol::Http,
+        ));
+        out.clusters.push(cluster);
+        vhosts.push(VirtualHost {
             name: names::domain_vhost(domain),
             domains: vec![domain.host.clone()],
-            routes: vec![listeners::cluster_route(
-                "default",
-                listeners::prefix_match(),
-                &cluster.name,
-                s,
-                crate::model::AppProtocol::Http,
-            )],
+            routes,
             ..Default::default()
-        };
-        out.clusters.push(cluster);
-        vhosts.push(vhost);
+        });
     }
     // What the proxy can call, as routed (a wildcard group's list is cut short).
     const LISTED: usize = 20;
@@ -638,7 +650,7 @@ pub fn egress_resources(
     if vhosts.len() > LISTED {
         declared.push(format!("and {} more", vhosts.len() - LISTED));
     }
-    vhosts.push(listeners::local_reply_vhost(
+    let mut undeclared = listeners::local_reply_vhost(
         names::UNDECLARED_VHOST,
         vec!["*".to_string()],
         403,
@@ -647,7 +659,19 @@ pub fn egress_resources(
             "meshbridge: this host is not a declared dependency of the calling service; declared: [{}]\n",
             declared.join(", ")
         ),
+    );
+    // A `CONNECT` matches no path matcher: refused by a route of its own.
+    undeclared.routes.push(listeners::local_reply_route(
+        "undeclared-dependency-connect",
+        listeners::connect_match(None),
+        403,
+        "undeclared-dependency",
+        format!(
+            "meshbridge: this host is not a declared dependency of the calling service; CONNECT tunnels only to declared https:// domains: [{}]\n",
+            tunnels.join(", ")
+        ),
     ));
+    vhosts.push(undeclared);
     out.listeners.push(listeners::http_listener(
         names::EGRESS_LISTENER,
         "127.0.0.1",
@@ -678,6 +702,6 @@ pub fn egress_resources(
         ));
     }
     out.routes
-        .push(listeners::route_configuration(names::EGRESS_ROUTE, vhosts));
+        .push(listeners::egress_route_configuration(vhosts));
     out
 }

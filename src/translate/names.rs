@@ -109,6 +109,17 @@ pub fn domain_cluster(domain: &ExternalDomain) -> String {
     format!("ext|{scheme}|{}|{}", domain.host, domain.port)
 }
 
+/// Cluster of the tunnels to an `https://` external domain: plain TCP to its host and port,
+/// for the client's own TLS inside a `CONNECT` through the egress listener.
+pub fn domain_tunnel_cluster(domain: &ExternalDomain) -> String {
+    format!("ext|tunnel|{}|{}", domain.host, domain.port)
+}
+
+/// The authority a `CONNECT` to an external domain names: `host:port`.
+pub fn domain_authority(domain: &ExternalDomain) -> String {
+    format!("{}:{}", domain.host, domain.port)
+}
+
 /// Virtual host of an external domain in the egress route configuration.
 pub fn domain_vhost(domain: &ExternalDomain) -> String {
     format!("ext|{}", domain.host)

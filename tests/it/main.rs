@@ -19,6 +19,7 @@ mod admin_e2e;
 mod ads_protocol;
 mod cert_rotation_e2e;
 mod chart;
+mod connect_e2e;
 mod consul_e2e;
 mod consul_fake;
 mod crds_and_bootstrap;

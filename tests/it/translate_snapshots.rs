@@ -644,6 +644,20 @@ fn render_listener(l: &Listener) -> String {
         h.stat_prefix,
         rds_name(l),
     );
+    // Upgrades beyond the default (WebSocket): CONNECT on the egress listener.
+    let upgrades: Vec<&str> = h
+        .upgrade_configs
+        .iter()
+        .map(|u| u.upgrade_type.as_str())
+        .collect();
+    if upgrades != ["websocket"] {
+        writeln!(
+            out,
+            "upgrades {upgrades:?}, h2 allow_connect {:?}",
+            h.http2_protocol_options.as_ref().map(|o| o.allow_connect)
+        )
+        .unwrap();
+    }
     out.push_str(&render_chains(l));
     if !h.access_log.is_empty() {
         let names: Vec<&str> = h.access_log.iter().map(|a| a.name.as_str()).collect();
@@ -734,6 +748,9 @@ fn render_tls(c: &CommonTlsContext) -> String {
 
 fn render_routes(rc: &RouteConfiguration) -> String {
     let mut out = String::new();
+    if rc.ignore_port_in_host_matching {
+        out.push_str("port in Host ignored when picking a vhost\n");
+    }
     for vh in &rc.virtual_hosts {
         writeln!(out, "vhost {:?} domains {:?}", vh.name, vh.domains).unwrap();
         if let Some(limit) = rate_limit_of(&vh.typed_per_filter_config) {
@@ -743,6 +760,7 @@ fn render_routes(rc: &RouteConfiguration) -> String {
             let m = r.r#match.clone().unwrap_or_default();
             let path = match &m.path_specifier {
                 Some(PathSpecifier::Prefix(p)) => format!("prefix {p:?}"),
+                Some(PathSpecifier::ConnectMatcher(_)) => "CONNECT".to_string(),
                 other => format!("{other:?}"),
             };
             let headers: Vec<String> = m
@@ -750,6 +768,9 @@ fn render_routes(rc: &RouteConfiguration) -> String {
                 .iter()
                 .map(|h| match &h.header_match_specifier {
                     Some(HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
+                        Some(MatchPattern::Exact(v)) if s.ignore_case => {
+                            format!("{}={v:?} (any case)", h.name)
+                        }
                         Some(MatchPattern::Exact(v)) => format!("{}={v:?}", h.name),
                         other => format!("{} {other:?}", h.name),
                     },
@@ -776,6 +797,22 @@ fn render_routes(rc: &RouteConfiguration) -> String {
                         )
                         .unwrap(),
                         None => out.push_str("    no retries\n"),
+                    }
+                    for u in a
+                        .upgrade_configs
+                        .iter()
+                        .filter(|u| u.upgrade_type == "CONNECT")
+                    {
+                        writeln!(
+                            out,
+                            "    upgrade CONNECT, {}",
+                            if u.connect_config.is_some() {
+                                "terminated: payload forwarded as TCP"
+                            } else {
+                                "forwarded"
+                            }
+                        )
+                        .unwrap();
                     }
                 }
                 Some(Action::DirectResponse(_)) => {
@@ -1302,7 +1339,9 @@ fn f_external_domain_dependency() {
         names(&snap, ResourceType::Cluster),
         [
             "ext|https|api.example.com|443",
-            "ext|http|legacy.example.com|8080"
+            "ext|http|legacy.example.com|8080",
+            // CONNECT tunnels to the https domain (see the `connect` scenario).
+            "ext|tunnel|api.example.com|443"
         ]
     );
     // DNS clusters carry their own endpoints: nothing is served over EDS.
@@ -1358,18 +1397,162 @@ fn f_external_domain_dependency() {
         vhost(&rc, "ext|api.example.com").domains,
         ["api.example.com"]
     );
+    // After the CONNECT tunnel route, plain requests: TLS originated by Envoy.
     assert_eq!(
-        route_target(&vhost(&rc, "ext|api.example.com").routes[0]),
+        route_target(&vhost(&rc, "ext|api.example.com").routes[1]),
         (
             "ext|https|api.example.com|443",
             Some(Duration::from_secs(5))
         )
     );
-    // Callers send `Host: legacy.example.com:8080`; the listener strips the port to match.
+    // Callers send `Host: legacy.example.com:8080`; the port is ignored to pick the vhost.
+    assert!(rc.ignore_port_in_host_matching);
+}
+
+/// frontend calls `orders`, two https domains (one on a port of its own) and an http one.
+fn scenario_connect() -> Snapshot {
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .domain("https://api.example.com")
+        .dependency_with(json!({"domain": "https://files.example.com:8443", "timeout": "5s"}))
+        .domain("http://legacy.example.com:8080")
+        .yaml();
+    frontend_snapshot(&[("frontend.yaml", &frontend), ("orders.yaml", &orders())])
+}
+
+#[test]
+fn f_https_domains_tunnel_connect_to_their_declared_port_only() {
+    let snap = scenario_connect();
+    insta::assert_snapshot!(render(&snap));
+    assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+
+    // A tunnel cluster per https domain: the declared host and port, plain TCP (the client
+    // runs its own TLS inside); none for the http domain.
+    let clusters = names(&snap, ResourceType::Cluster);
+    for (name, endpoint) in [
+        ("ext|tunnel|api.example.com|443", "api.example.com:443"),
+        (
+            "ext|tunnel|files.example.com|8443",
+            "files.example.com:8443",
+        ),
+    ] {
+        assert!(clusters.contains(&name.to_string()), "{clusters:?}");
+        let c = cluster(&snap, name);
+        assert_eq!(discovery_type(&c), DiscoveryType::LogicalDns);
+        assert_eq!(
+            lb_endpoints(c.load_assignment.as_ref().unwrap()),
+            [(0, String::new(), endpoint.into(), 0)]
+        );
+        assert!(upstream_tls(&c).is_none(), "{name} must not originate TLS");
+        assert!(c.transport_socket_matches.is_empty());
+    }
+    assert!(!clusters.iter().any(|c| c.contains("|tunnel|legacy")));
+    // The plain-HTTP path to an https domain still originates TLS.
+    assert!(upstream_tls(&cluster(&snap, "ext|https|files.example.com|8443")).is_some());
+
+    let rc = check_egress_basics(&snap);
+    // The port stays in the authority for the tunnel routes to check; vhosts ignore it.
+    assert!(rc.ignore_port_in_host_matching);
+    let files = vhost(&rc, "ext|files.example.com");
+    assert_eq!(files.domains, ["files.example.com"]);
+    let connect = &files.routes[0];
+    let m = connect.r#match.clone().unwrap();
     assert!(matches!(
-        hcm(&listener(&snap, "egress")).strip_port_mode,
-        Some(StripPortMode::StripAnyHostPort(true))
+        m.path_specifier,
+        Some(PathSpecifier::ConnectMatcher(_))
     ));
+    assert_eq!(m.headers.len(), 1);
+    assert_eq!(m.headers[0].name, ":authority");
+    let Some(HeaderMatchSpecifier::StringMatch(authority)) = &m.headers[0].header_match_specifier
+    else {
+        panic!("{:?}", m.headers[0]);
+    };
+    assert_eq!(
+        authority.match_pattern,
+        Some(MatchPattern::Exact("files.example.com:8443".into()))
+    );
+    assert!(authority.ignore_case);
+    // Timeout off (the tunnel lasts as long as the client keeps it), no retries, Envoy ends
+    // the CONNECT and forwards bytes.
+    assert_eq!(
+        route_target(connect),
+        ("ext|tunnel|files.example.com|8443", Some(Duration::ZERO))
+    );
+    let Some(Action::Route(action)) = &connect.action else {
+        panic!("{connect:?}");
+    };
+    assert!(action.retry_policy.is_none());
+    assert_eq!(action.upgrade_configs.len(), 1);
+    assert_eq!(action.upgrade_configs[0].upgrade_type, "CONNECT");
+    assert!(action.upgrade_configs[0].connect_config.is_some());
+    // Plain requests keep going to the TLS-originating cluster with the dependency's timeout.
+    assert_eq!(
+        route_target(&files.routes[1]),
+        (
+            "ext|https|files.example.com|8443",
+            Some(Duration::from_secs(5))
+        )
+    );
+    // No tunnel towards a mesh service or an http domain.
+    for name in ["orders", "ext|legacy.example.com"] {
+        let vh = vhost(&rc, name);
+        assert!(
+            vh.routes.iter().all(|r| !matches!(
+                r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()),
+                Some(PathSpecifier::ConnectMatcher(_))
+            )),
+            "{name}: {:?}",
+            vh.routes
+        );
+    }
+    // Undeclared hosts: the catch-all refuses a CONNECT too, naming what may be tunnelled.
+    let undeclared = rc.virtual_hosts.last().unwrap();
+    let refuse = &undeclared.routes[1];
+    assert!(matches!(
+        refuse
+            .r#match
+            .as_ref()
+            .and_then(|m| m.path_specifier.as_ref()),
+        Some(PathSpecifier::ConnectMatcher(_))
+    ));
+    let (status, body, reason) = direct_response(refuse);
+    assert_eq!((status, reason.as_str()), (403, "undeclared-dependency"));
+    assert!(
+        body.contains("[api.example.com:443, files.example.com:8443]"),
+        "{body}"
+    );
+
+    // The listener: CONNECT allowed (also over HTTP/2), no port stripping (which would
+    // hide the port a CONNECT names from the routes), and a CONNECT no route takes (a
+    // declared host at another port, a mesh service, an http domain) refused with 403.
+    let h = hcm(&listener(&snap, "egress"));
+    assert!(h.strip_port_mode.is_none());
+    let upgrades: Vec<&str> = h
+        .upgrade_configs
+        .iter()
+        .map(|u| u.upgrade_type.as_str())
+        .collect();
+    assert_eq!(upgrades, ["websocket", "CONNECT"]);
+    assert!(h.http2_protocol_options.unwrap().allow_connect);
+    let mapper = h
+        .local_reply_config
+        .unwrap()
+        .mappers
+        .into_iter()
+        .find(|m| m.status_code.as_ref().map(|c| c.value) == Some(403))
+        .expect("no mapper refusing CONNECT");
+    let rendered = format!("{:?}", mapper.filter);
+    assert!(
+        rendered.contains("\"NR\"") && rendered.contains(":method") && rendered.contains("CONNECT"),
+        "{rendered}"
+    );
+    assert!(
+        mapper
+            .headers_to_add
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .any(|h| h.key == "x-meshbridge-reason" && h.value == "undeclared-tunnel")
+    );
 }
 
 #[test]
@@ -2433,6 +2616,7 @@ fn envoy_accepts_every_scenario() {
         ("e_allowed", scenario_e_allowed()),
         ("e_denied", scenario_e_denied()),
         ("f", scenario_f()),
+        ("connect", scenario_connect()),
         ("collide", scenario_collide()),
         ("ingress_and_egress", both),
         ("access_strict", scenario_access_strict()),
