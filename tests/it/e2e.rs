@@ -692,3 +692,123 @@ async fn header_case_is_kept_for_services_that_ask_for_it() {
     assert!(still.contains("\r\nX-Custom-Header: Kept\r\n"), "{still}");
     server.abort();
 }
+
+/// An application for retries: per path, it counts the attempts it sees; `/flaky*` answers
+/// `503` to the first two and `200` to the third, `/hang*` holds the first attempt without
+/// answering (noting when the caller gives up on it: the connection closed) and answers the
+/// next one. Every answer closes its connection.
+#[derive(Clone, Default)]
+struct RetryApp {
+    attempts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    abandoned: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RetryApp {
+    async fn serve(self, listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let app = self.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let attempt = {
+                    let mut attempts = app.attempts.lock().unwrap();
+                    let n = attempts.entry(path.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                if path.starts_with("/hang") && attempt == 1 {
+                    // Held until the caller closes it (bounded: 30 s).
+                    let mut buf = [0u8; 64];
+                    let closed =
+                        tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+                            .await
+                            .is_ok_and(|r| matches!(r, Ok(0) | Err(_)));
+                    if closed {
+                        app.abandoned.lock().unwrap().push(path);
+                    }
+                    return;
+                }
+                let status = if path.starts_with("/flaky") && attempt <= 2 {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
+                let body = format!("attempt {attempt}\n");
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    }
+
+    fn attempts(&self, path: &str) -> usize {
+        self.attempts
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// A dependency's retries and per-try timeout, seen from the application's side: with
+/// `retries: {attempts: 2, on: [5xx], perTryTimeout: 300ms}`, a path answered `503` twice is
+/// retried twice and the caller gets the third answer; an attempt that hangs is given up
+/// after the per-try timeout (the application sees its connection closed) and retried. With
+/// the default policy (retry on connection failure only) the caller gets the first `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_per_try_timeouts_are_seen_by_the_application() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = RetryApp::default();
+    let server = tokio::spawn(app.clone().serve(listener));
+    let retrying = json!({"service": "orders", "timeout": "10s",
+        "retries": {"attempts": 2, "on": ["5xx"], "perTryTimeout": "300ms"}});
+    let caller = MeshService::build("frontend").dependency_with(retrying);
+    let orders = MeshService::build("orders").endpoint("127.0.0.1", port);
+    let cp = ControlPlane::start(&manifests(&[&caller, &orders]), &[]).await;
+    let envoy = Envoy::start(&cp, frontend(false)).await;
+    envoy
+        .wait_call("orders", "orders routed", |r| r.status == 200)
+        .await;
+
+    let r = envoy.call("orders", "/flaky-1").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "attempt 3\n"), "{r:?}");
+    assert_eq!(app.attempts("/flaky-1"), 3);
+
+    let r = envoy.call("orders", "/hang-1").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "attempt 2\n"), "{r:?}");
+    assert_eq!(app.attempts("/hang-1"), 2);
+    eventually(
+        Duration::from_secs(10),
+        "the hung attempt given up",
+        || async {
+            app.abandoned
+                .lock()
+                .unwrap()
+                .contains(&"/hang-1".to_string())
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The default policy does not retry a 503 (the request reached the application).
+    let caller = MeshService::build("frontend").dependency("orders");
+    cp.write_manifests(&manifests(&[&caller, &orders]));
+    let mut n = 0;
+    let r = eventually(Duration::from_secs(20), "the default policy", || {
+        n += 1;
+        let path = format!("/flaky-default-{n}");
+        let envoy = &envoy;
+        async move {
+            let r = envoy.call("orders", &path).await.ok()?;
+            (r.status == 503).then_some((r, path))
+        }
+    })
+    .await;
+    assert_eq!(app.attempts(&r.1), 1, "{:?}", r.0);
+    server.abort();
+}
