@@ -8,6 +8,10 @@
 //! TLS only on proxies that can do it, and sends the proxy its secrets over SDS as those paths,
 //! which Envoy re-reads whenever the files are replaced (renamed into place), so a deployment
 //! system rotates a certificate without restarting Envoy.
+//!
+//! It also owns the drain sequence a proxy runs before it is stopped ([`drain_script`]): the
+//! preStop hook of injected sidecars, and what `meshbridge bootstrap --help` tells a legacy
+//! host's operator to run before stopping Envoy.
 
 use std::path::PathBuf;
 
@@ -445,6 +449,57 @@ fn admin_cluster(admin_port: u16) -> Value {
         }
     })
 }
+
+/// Seconds a proxy drains for before it is stopped, unless told otherwise.
+pub const DEFAULT_DRAIN_SECONDS: u32 = 5;
+/// The longest drain accepted (a pod's `terminationGracePeriodSeconds` must cover it).
+pub const MAX_DRAIN_SECONDS: u32 = 300;
+
+/// The drain sequence, as a `bash` script, for the Envoy whose admin interface is on
+/// `127.0.0.1:admin_port`; run it before stopping Envoy. It uses bash's `/dev/tcp` (no curl
+/// or wget needed, which Envoy's images lack; `sh` is dash there, without `/dev/tcp`):
+///
+/// 1. `POST /healthcheck/fail`: `/ready` (and the readiness listener) answers 503, and every
+///    inbound HTTP connection is closed after its current response (HTTP/1 `Connection:
+///    close`, HTTP/2 `GOAWAY`), so callers reconnect, to other instances once they have
+///    dropped this one. New connections are still accepted meanwhile: a caller that has not
+///    heard yet is still served. Egress listeners are `drain_type: MODIFY_ONLY`, so the
+///    application's own calls are not disturbed.
+/// 2. `sleep drain_seconds`: in-flight requests finish and the endpoint's removal reaches the
+///    callers (the control plane drops a terminating pod at once; a legacy host drops out
+///    when its Consul check fails or it is deregistered).
+/// 3. `POST /drain_listeners?inboundonly`: the inbound listeners (`traffic_direction:
+///    INBOUND`, the ingress) stop accepting connections; the egress stays up for the
+///    application until Envoy itself is stopped.
+///
+/// Envoy's own graceful drain (`/drain_listeners?graceful` with `--drain-time-s`) is not
+/// used: `--drain-time-s` is also how long a listener replaced over LDS keeps its
+/// connections, and shortening it to a few seconds would cut long requests (WebSockets,
+/// streams) on every AccessRule change.
+///
+/// Each request waits at most 5 s for Envoy's answer; the script prints each answer's status
+/// line.
+pub fn drain_script(admin_port: u16, drain_seconds: u32) -> String {
+    format!(
+        "admin() {{ {{ printf 'POST %s HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n' \"$1\" >&3 && IFS= read -r -t 5 status <&3 && echo \"$1: $status\"; }} 3<>/dev/tcp/127.0.0.1/{admin_port}; }}\n\
+         admin /healthcheck/fail\n\
+         sleep {drain_seconds}\n\
+         admin '/drain_listeners?inboundonly'\n"
+    )
+}
+
+/// What `meshbridge bootstrap --help` says about stopping a legacy host's Envoy.
+pub const DRAIN_HELP: &str = "\
+Stopping Envoy without losing requests (ADMIN is --admin-port, N the drain seconds, e.g. 5):
+  curl -s -X POST http://127.0.0.1:ADMIN/healthcheck/fail
+  sleep N
+  curl -s -X POST 'http://127.0.0.1:ADMIN/drain_listeners?inboundonly'
+  kill -TERM <envoy>
+The first request makes /ready answer 503 and closes inbound connections after their current
+request; during the sleep in-flight requests finish and callers drop this host, which they do
+once its Consul check fails (point the check at --ready-port's /ready) or it is deregistered,
+so N must cover the check's interval; the second stops inbound listeners. Injected sidecars run
+the same sequence as their preStop hook.";
 
 /// The bootstrap as YAML.
 pub fn bootstrap_yaml(o: &BootstrapOptions) -> Result<String, BootstrapError> {

@@ -249,6 +249,7 @@ fn control_plane_args(config_dir: &Path) -> RunArgs {
         sidecar_egress_port: 15001,
         sidecar_admin_port: 15000,
         sidecar_ready_port: 15021,
+        sidecar_drain_seconds: crate::bootstrap::DEFAULT_DRAIN_SECONDS,
         sidecar_diagnostics_port: 0,
         sidecar_diagnostics_allow: vec![],
         trust_domain: "mesh.local".into(),

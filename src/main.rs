@@ -20,6 +20,7 @@ enum Command {
     /// Run the control plane: sources → index → snapshots → xDS, and the admin API.
     Run(Box<config::RunArgs>),
     /// Print an Envoy bootstrap (YAML) for a legacy host (VM / Mesos task).
+    #[command(after_help = bootstrap::DRAIN_HELP)]
     Bootstrap(bootstrap::BootstrapOptions),
     /// Print manifests (Pods, Deployments, StatefulSets, DaemonSets, Jobs, …) with the
     /// sidecar injected, as the admission webhook would.

@@ -44,6 +44,9 @@ pub const PROXY_MEMORY_LIMIT: &str = "meshbridge.io/proxy-memory-limit";
 pub const HTTP_PROXY: &str = "meshbridge.io/http-proxy";
 /// Pod annotation: `"true"` redirects the pod's traffic through the sidecar with iptables.
 pub const TRANSPARENT: &str = "meshbridge.io/transparent";
+/// Pod annotation: seconds the sidecar drains for when the pod stops (its preStop hook);
+/// `0`: no drain.
+pub const DRAIN_SECONDS: &str = "meshbridge.io/drain-seconds";
 /// Annotation on the webhook's certificate Secret: when the certificate expires (RFC 3339).
 pub const NOT_AFTER: &str = "meshbridge.io/not-after";
 /// Annotation on the webhook's certificate Secret: the DNS names it is for.

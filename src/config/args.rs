@@ -246,6 +246,16 @@ pub struct RunArgs {
     /// (the xDS port then needs `--xds-tls-cert`; `--xds-client-auth` checks them).
     #[arg(long, env = "MESHBRIDGE_SIDECAR_XDS_TLS")]
     pub sidecar_xds_tls: bool,
+    /// Seconds injected sidecars drain for when their pod stops (a preStop hook failing
+    /// readiness, letting in-flight requests finish, then closing the inbound listeners),
+    /// 0–300; 0: no drain. A pod may override it by annotation `meshbridge.io/drain-seconds`.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_SIDECAR_DRAIN_SECONDS",
+        default_value_t = crate::bootstrap::DEFAULT_DRAIN_SECONDS,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::bootstrap::MAX_DRAIN_SECONDS))
+    )]
+    pub sidecar_drain_seconds: u32,
     /// Consul's DNS domain: every service also answers to `NAME.service.DOMAIN` and
     /// `NAME.service.DC.DOMAIN` (the names Consul DNS users have in their configs); empty:
     /// off.

@@ -183,6 +183,7 @@ impl RunArgs {
             diagnostics_allow: self.sidecar_diagnostics_allow.clone(),
             tls_secret: self.sidecar_tls_secret.clone(),
             xds_tls: self.sidecar_xds_tls,
+            drain_seconds: self.sidecar_drain_seconds,
         };
         WebhookConfig {
             certificate,

@@ -8,12 +8,14 @@ use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifie
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
-use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, RuntimeUInt32};
+use envoy_types::pb::envoy::config::core::v3::{
+    Http2ProtocolOptions, RuntimeUInt32, TrafficDirection,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     SubstitutionFormatString, substitution_format_string::Format,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, Listener, filter::ConfigType as FilterConfig,
+    Filter, FilterChain, Listener, filter::ConfigType as FilterConfig, listener::DrainType,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
@@ -577,6 +579,16 @@ pub fn tcp_proxy_filter(proxy: TcpProxy) -> Filter {
         name: "envoy.filters.network.tcp_proxy".to_string(),
         config_type: Some(FilterConfig::TypedConfig(pack_any(proxy))),
     }
+}
+
+/// `listener` marked as an egress listener: `traffic_direction: OUTBOUND`, so a proxy's
+/// drain (`/drain_listeners?inboundonly`) leaves it to the application, and `drain_type:
+/// MODIFY_ONLY`, so a proxy failing its health check while it drains does not close the
+/// application's connections after each response.
+pub fn outbound(mut listener: Listener) -> Listener {
+    listener.traffic_direction = TrafficDirection::Outbound.into();
+    listener.drain_type = DrainType::ModifyOnly.into();
+    listener
 }
 
 /// A listener on `host:port` forwarding every connection to `cluster`.

@@ -672,13 +672,14 @@ pub fn egress_resources(
         ),
     ));
     vhosts.push(undeclared);
-    out.listeners.push(listeners::http_listener(
-        names::EGRESS_LISTENER,
-        "127.0.0.1",
-        spec.port,
-        names::EGRESS_ROUTE,
-        spec.preserve_header_case,
-    ));
+    out.listeners
+        .push(listeners::outbound(listeners::http_listener(
+            names::EGRESS_LISTENER,
+            "127.0.0.1",
+            spec.port,
+            names::EGRESS_ROUTE,
+            spec.preserve_header_case,
+        )));
     let mut ports_taken = BTreeMap::from([(spec.port, "the egress listener".to_string())]);
     for (name, port, cluster) in tcp {
         let Some(port) = port else {
@@ -694,12 +695,13 @@ pub fn egress_resources(
             continue;
         }
         ports_taken.insert(port, name.to_string());
-        out.listeners.push(listeners::tcp_listener(
-            &names::tcp_egress_listener(name),
-            "127.0.0.1",
-            port,
-            &cluster,
-        ));
+        out.listeners
+            .push(listeners::outbound(listeners::tcp_listener(
+                &names::tcp_egress_listener(name),
+                "127.0.0.1",
+                port,
+                &cluster,
+            )));
     }
     out.routes
         .push(listeners::egress_route_configuration(vhosts));

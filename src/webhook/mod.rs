@@ -163,6 +163,14 @@ pub struct InjectArgs {
     /// service name. A pod's annotation `meshbridge.io/tls-secret` overrides it (`""`: no TLS).
     #[arg(long, value_name = "NAME")]
     pub tls_secret: Option<String>,
+    /// Seconds the sidecar drains for when its pod stops (its preStop hook), 0–300; 0: no
+    /// drain. A pod's annotation `meshbridge.io/drain-seconds` overrides it.
+    #[arg(
+        long,
+        default_value_t = crate::bootstrap::DEFAULT_DRAIN_SECONDS,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::bootstrap::MAX_DRAIN_SECONDS))
+    )]
+    pub drain_seconds: u32,
 }
 
 impl InjectArgs {
@@ -175,6 +183,7 @@ impl InjectArgs {
             log_level: self.log_level.clone(),
             native_sidecar: !self.no_native_sidecar,
             tls_secret: self.tls_secret.clone(),
+            drain_seconds: self.drain_seconds,
             ..InjectSettings::default()
         }
     }

@@ -511,6 +511,29 @@ fn the_sidecar_tls_secret_reaches_the_injector_only_when_set() {
     );
 }
 
+#[test]
+fn the_drain_time_reaches_the_injector_and_is_bounded() {
+    assert_eq!(
+        flag_value(&render("").args(), "--sidecar-drain-seconds"),
+        Some("5")
+    );
+    assert_eq!(
+        flag_value(
+            &render("sidecar: {drainSeconds: 0}\n").args(),
+            "--sidecar-drain-seconds"
+        ),
+        Some("0"),
+        "0 turns the drain off; it is still passed"
+    );
+    assert_run_has("--sidecar-drain-seconds");
+    for values in [
+        "sidecar: {drainSeconds: 301}\n",
+        "sidecar: {drainSeconds: -1}\n",
+    ] {
+        render_fails_naming(values, &["drainSeconds"]);
+    }
+}
+
 /// The mount whose directory holds `file`, and the volume behind it.
 fn volume_for<'a>(rendered: &'a Rendered, file: &str) -> (&'a Value, &'a Value) {
     let mount = rendered.container()["volumeMounts"]

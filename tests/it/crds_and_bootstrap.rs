@@ -309,3 +309,31 @@ fn run_with_an_unreadable_kubeconfig_exits_2_naming_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bootstrap_help_tells_a_legacy_host_the_drain_the_sidecars_run() {
+    let out = bootstrap(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        help.contains("Stopping Envoy without losing requests"),
+        "{help}"
+    );
+    // Every admin request of the injected sidecars' drain, in the same order, then the stop.
+    let script = meshbridge::bootstrap::drain_script(9901, 5);
+    let paths: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.strip_prefix("admin "))
+        .map(|p| p.trim_matches('\''))
+        .collect();
+    assert_eq!(paths, ["/healthcheck/fail", "/drain_listeners?inboundonly"]);
+    let mut at = 0;
+    for path in paths {
+        let found = help[at..]
+            .find(&format!("curl -s -X POST 'http://127.0.0.1:ADMIN{path}'"))
+            .or_else(|| help[at..].find(&format!("curl -s -X POST http://127.0.0.1:ADMIN{path}")))
+            .unwrap_or_else(|| panic!("{path} not documented after the previous step:\n{help}"));
+        at += found;
+    }
+    assert!(help[at..].contains("kill -TERM"), "{help}");
+}

@@ -144,6 +144,18 @@ fn bad_annotations_are_refused_naming_them() {
             json!({"meshbridge.io/ingress-port": "8080"}),
             "port 8080 is used twice",
         ),
+        (
+            json!({"meshbridge.io/drain-seconds": "301"}),
+            "meshbridge.io/drain-seconds",
+        ),
+        (
+            json!({"meshbridge.io/drain-seconds": "-1"}),
+            "not a number of seconds from 0 to 300",
+        ),
+        (
+            json!({"meshbridge.io/drain-seconds": "5s"}),
+            "meshbridge.io/drain-seconds",
+        ),
     ] {
         let err = inject_manifest(pod(annotations), &settings).unwrap_err();
         assert!(err.to_string().contains(field), "{err}");
@@ -171,9 +183,10 @@ fn arb_annotations() -> impl Strategy<Value = Value> {
             "{service}-mtls",
             "",
         ])),
+        prop::option::of(prop::sample::select(vec!["0", "5", "120"])),
     )
         .prop_map(
-            |(service, deps, ingress, transparent, level, http_proxy, tls)| {
+            |(service, deps, ingress, transparent, level, http_proxy, tls, drain)| {
                 let mut a = serde_json::Map::new();
                 if let Some(s) = service {
                     a.insert("meshbridge.io/service".into(), json!(s));
@@ -195,6 +208,9 @@ fn arb_annotations() -> impl Strategy<Value = Value> {
                 }
                 if let Some(t) = tls {
                     a.insert("meshbridge.io/tls-secret".into(), json!(t));
+                }
+                if let Some(d) = drain {
+                    a.insert("meshbridge.io/drain-seconds".into(), json!(d));
                 }
                 Value::Object(a)
             },
@@ -232,6 +248,7 @@ proptest! {
 fn injected_manifests_pass_the_kubernetes_schema() {
     let mut docs = vec![
         pod(json!({"meshbridge.io/transparent": "true"})),
+        pod(json!({"meshbridge.io/drain-seconds": "60"})),
         pod(json!({"meshbridge.io/tls-secret": "orders-mesh-tls"})),
         workload("Deployment", "apps/v1"),
         workload("StatefulSet", "apps/v1"),
@@ -290,6 +307,101 @@ fn the_inject_command_reads_a_file_or_stdin_and_names_a_bad_document() {
     let sidecar = &injected["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(sidecar["name"], "meshbridge-proxy");
     assert!(sidecar["args"][1].as_str().unwrap().contains("mb.example"));
+}
+
+/// The sidecar's `preStop` command, if any.
+fn pre_stop(pod: &Value) -> Option<Vec<String>> {
+    let sidecar = sidecar(pod);
+    sidecar.get("lifecycle").map(|l| {
+        serde_json::from_value(l["preStop"]["exec"]["command"].clone())
+            .unwrap_or_else(|e| panic!("{e}: {l}"))
+    })
+}
+
+#[test]
+fn the_sidecar_drains_before_it_stops_and_the_grace_period_covers_the_drain() {
+    use meshbridge::bootstrap::drain_script;
+    let hook = |seconds| {
+        Some(vec![
+            "bash".to_string(),
+            "-c".to_string(),
+            drain_script(15000, seconds),
+        ])
+    };
+    for native in [true, false] {
+        let settings = InjectSettings {
+            native_sidecar: native,
+            ..InjectSettings::default()
+        };
+        // The default drain (5 s) fits Kubernetes' default grace period (30 s): left alone.
+        let out = injected(pod(json!({})), &settings);
+        assert_eq!(pre_stop(&out), hook(5), "native: {native}");
+        assert_eq!(out["spec"].get("terminationGracePeriodSeconds"), None);
+        // A longer drain raises the grace period to the drain + 5 s ...
+        let out = injected(pod(json!({"meshbridge.io/drain-seconds": "60"})), &settings);
+        assert_eq!(pre_stop(&out), hook(60));
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 65);
+        // ... one the pod set shorter too, but a longer one is kept.
+        for (set, kept) in [(10, 65), (0, 65), (120, 120)] {
+            let mut p = pod(json!({"meshbridge.io/drain-seconds": "60"}));
+            p["spec"]["terminationGracePeriodSeconds"] = json!(set);
+            let out = injected(p, &settings);
+            assert_eq!(out["spec"]["terminationGracePeriodSeconds"], kept, "{set}");
+        }
+        // 0: no hook, and nothing to cover.
+        let mut p = pod(json!({"meshbridge.io/drain-seconds": "0"}));
+        p["spec"]["terminationGracePeriodSeconds"] = json!(1);
+        let out = injected(p, &settings);
+        assert_eq!(pre_stop(&out), None);
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 1);
+    }
+    // The setting, which the annotation overrides.
+    let settings = InjectSettings {
+        drain_seconds: 0,
+        ..InjectSettings::default()
+    };
+    assert_eq!(pre_stop(&injected(pod(json!({})), &settings)), None);
+    let out = injected(pod(json!({"meshbridge.io/drain-seconds": "7"})), &settings);
+    assert_eq!(pre_stop(&out), hook(7));
+    // The hook talks to the sidecar's own admin port.
+    let settings = InjectSettings {
+        admin_port: 15999,
+        ..InjectSettings::default()
+    };
+    let out = injected(pod(json!({})), &settings);
+    assert_eq!(
+        pre_stop(&out).unwrap()[2],
+        drain_script(15999, 5),
+        "admin port"
+    );
+}
+
+#[test]
+fn the_inject_command_takes_the_drain_time_bounded() {
+    let injected = inject_deployment_file(&["--drain-seconds", "45"]);
+    let template = &injected["spec"]["template"];
+    assert_eq!(template["spec"]["terminationGracePeriodSeconds"], 50);
+    assert!(
+        template["spec"]["initContainers"][0]["lifecycle"]["preStop"]["exec"]["command"][2]
+            .as_str()
+            .unwrap()
+            .contains("sleep 45"),
+        "{template}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.yaml");
+    std::fs::write(&file, yaml(&workload("Deployment", "apps/v1"))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshbridge"))
+        .args(["inject", "--drain-seconds", "301", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--drain-seconds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `meshbridge inject <flags> -f app.yaml` on a file holding a Deployment: it succeeds, and

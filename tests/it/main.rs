@@ -25,6 +25,7 @@ mod consul_fake;
 mod crds_and_bootstrap;
 mod ctl;
 mod dashboards;
+mod drain_e2e;
 mod e2e;
 mod fuzz_corpora;
 mod inject;

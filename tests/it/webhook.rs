@@ -298,6 +298,45 @@ async fn bad_requests_get_answers_naming_the_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_time_of_the_flag_or_the_annotation_reaches_the_patch() {
+    let w = start(None, &["--sidecar-drain-seconds", "40"]).await;
+    let script = |pod: &Value| {
+        pod["spec"]["initContainers"][0]["lifecycle"]["preStop"]["exec"]["command"][2]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let review = pod_review("shop", json!({"meshbridge.io/inject": "true"}));
+    let pod = patched(&review, &w.review("/inject", &review).await);
+    assert_eq!(script(&pod), meshbridge::bootstrap::drain_script(15000, 40));
+    // Kubernetes' default grace period (30 s) would cut the drain: raised in the patch.
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 45);
+
+    let review = pod_review(
+        "shop",
+        json!({"meshbridge.io/inject": "true", "meshbridge.io/drain-seconds": "0"}),
+    );
+    let pod = patched(&review, &w.review("/inject", &review).await);
+    assert!(pod["spec"]["initContainers"][0].get("lifecycle").is_none());
+    assert!(pod["spec"].get("terminationGracePeriodSeconds").is_none());
+
+    // Out of bounds: admitted without a sidecar, the warning naming the annotation.
+    let response = w
+        .inject_pod(
+            "shop",
+            json!({"meshbridge.io/inject": "true", "meshbridge.io/drain-seconds": "3600"}),
+        )
+        .await;
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none());
+    let warning = response["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("meshbridge.io/drain-seconds") && warning.contains("0 to 300"),
+        "{response}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fail_closed_an_unhandled_pod_is_admitted_with_a_warning() {
     let w = start(None, &[]).await;
     let response = w

@@ -1,6 +1,7 @@
 //! The ingress listener: transport by `mtls` mode, the identity, RBAC, rate limit and access
 //! log filters in order, and the route to the application.
 
+use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
     filter::ConfigType as FilterConfig, listener_filter::ConfigType as ListenerFilterConfig,
@@ -169,6 +170,8 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
             address: Some(socket_address(host, port)),
             filter_chains,
             listener_filters,
+            // What a proxy's drain (`/drain_listeners?inboundonly`) stops.
+            traffic_direction: TrafficDirection::Inbound.into(),
             ..Default::default()
         },
         route,

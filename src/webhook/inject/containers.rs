@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, Probe, ResourceRequirements, SecurityContext, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, Probe, ResourceRequirements,
+    SecurityContext, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -60,7 +61,8 @@ pub(super) fn proxy_resources(
 }
 
 /// The Envoy container: `bootstrap` as its configuration, probes on the ready port, the
-/// proxy's user, and the TLS volume mounted when the pod has a certificate.
+/// proxy's user, the TLS volume mounted when the pod has a certificate, and `drain` (the
+/// drain script) as its `preStop` hook.
 pub(super) fn sidecar_container(
     settings: &InjectSettings,
     service: &str,
@@ -68,6 +70,7 @@ pub(super) fn sidecar_container(
     bootstrap: String,
     (ingress, resources): (u16, ResourceRequirements),
     tls: bool,
+    drain: Option<String>,
 ) -> Container {
     let field_env = |name: &str, path: &str| EnvVar {
         name: name.to_string(),
@@ -144,6 +147,18 @@ pub(super) fn sidecar_container(
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        // Native or classic, Kubernetes runs this when the pod starts terminating and sends
+        // Envoy SIGTERM only once it has returned (a native sidecar's, moreover, only once
+        // every application container has exited).
+        lifecycle: drain.map(|script| Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["bash".into(), "-c".into(), script]),
+                }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -22,6 +22,28 @@
 //! | `meshbridge.io/http-proxy: "false"` | no `HTTP_PROXY` env for the application |
 //! | `meshbridge.io/transparent: "true"` | iptables redirection (init container with `NET_ADMIN`) |
 //! | `meshbridge.io/tls-secret` | Secret with the pod's mesh certificate (overrides [`InjectSettings::tls_secret`]; `""`: no TLS) |
+//! | `meshbridge.io/drain-seconds` | how long the sidecar drains when the pod stops, 0–300 (overrides [`InjectSettings::drain_seconds`]; `0`: no drain) |
+//!
+//! ## Graceful drain
+//!
+//! The sidecar gets a `preStop` hook running [`drain_script`]: Envoy fails its readiness and
+//! closes inbound connections after their current request, waits the drain time (in-flight
+//! requests finish; the control plane has already dropped the terminating pod from its
+//! callers' endpoints, since a pod with a `deletionTimestamp` is no endpoint), then stops
+//! its inbound listeners. The hook runs `bash` (Envoy's Ubuntu-based images have it; a
+//! distroless image has no shell: use drain `0` with one).
+//!
+//! Kubernetes runs every container's `preStop` hook when the pod starts terminating, then
+//! sends that container SIGTERM, all within `terminationGracePeriodSeconds`; a pod whose grace
+//! period is shorter than the drain plus [`DRAIN_EXIT_MARGIN_SECONDS`] (Kubernetes' default is
+//! 30 s) gets it raised to that, so the drain is never cut short by SIGKILL.
+//!
+//! - Native sidecar: Kubernetes already orders the shutdown: the sidecar's hook starts with
+//!   the application's termination, but the sidecar gets SIGTERM only after every application
+//!   container has exited, so the application keeps its egress while it shuts down.
+//! - Classic sidecar: the application gets SIGTERM as the drain starts, and the sidecar when
+//!   its hook ends; the application should keep serving for the drain time after SIGTERM
+//!   (or sleep in its own `preStop`), and cannot call out once the sidecar is gone.
 //!
 //! ## Mesh identity (TLS)
 //!
@@ -45,7 +67,7 @@ use crate::api::annotations::{
     self as ann, INGRESS_PORT, INJECT, INJECTED, SIDECAR_LABEL, TLS_SECRET,
 };
 use crate::api::{DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
-use crate::bootstrap::{BootstrapOptions, bootstrap_yaml};
+use crate::bootstrap::{BootstrapOptions, MAX_DRAIN_SECONDS, bootstrap_yaml, drain_script};
 
 mod containers;
 use containers::{
@@ -65,6 +87,11 @@ pub const TLS_DIR: &str = "/etc/meshbridge/tls";
 pub const TLS_FILE_MODE: i32 = 0o444;
 /// The placeholder in [`InjectSettings::tls_secret`] replaced by the pod's service name.
 pub const SERVICE_PLACEHOLDER: &str = "{service}";
+/// Seconds a pod's `terminationGracePeriodSeconds` must exceed the drain by: the
+/// application's and Envoy's own exit after SIGTERM.
+pub const DRAIN_EXIT_MARGIN_SECONDS: i64 = 5;
+/// Kubernetes' `terminationGracePeriodSeconds` when a pod sets none.
+const DEFAULT_GRACE_SECONDS: i64 = 30;
 /// What names the cluster-wide TLS Secret setting in errors.
 const TLS_SECRET_SETTING: &str = "--sidecar-tls-secret (meshbridge inject: --tls-secret)";
 const LOG_LEVELS: &[&str] = &[
@@ -114,6 +141,10 @@ pub struct InjectSettings {
     /// A sidecar with a certificate reaches the control plane over mutual TLS with it
     /// (`run --sidecar-xds-tls`; the control plane's `--xds-client-auth` checks it).
     pub xds_tls: bool,
+    /// Seconds the sidecar drains for when its pod stops (its `preStop` hook, see the
+    /// module's "Graceful drain"), at most [`MAX_DRAIN_SECONDS`]; `0`: no hook. A pod's
+    /// annotation `meshbridge.io/drain-seconds` overrides it.
+    pub drain_seconds: u32,
 }
 
 /// Port the chart gives the sidecar's diagnostics listener when it is turned on.
@@ -138,6 +169,7 @@ impl Default for InjectSettings {
             native_sidecar: true,
             tls_secret: None,
             xds_tls: false,
+            drain_seconds: crate::bootstrap::DEFAULT_DRAIN_SECONDS,
         }
     }
 }
@@ -193,6 +225,39 @@ fn port_annotation(meta: &ObjectMeta, key: &str) -> Result<Option<u16>, InjectEr
     annotation(meta, key)
         .map(|v| ann::port(v).map_err(|e| bad(&format!("metadata.annotations[{key}]"), e)))
         .transpose()
+}
+
+/// The drain time of a pod's sidecar: its annotation, else the setting.
+fn drain_seconds(meta: &ObjectMeta, settings: &InjectSettings) -> Result<u32, InjectError> {
+    let Some(value) = annotation(meta, ann::DRAIN_SECONDS) else {
+        return Ok(settings.drain_seconds);
+    };
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|s| *s <= MAX_DRAIN_SECONDS)
+        .ok_or_else(|| {
+            bad(
+                &format!("metadata.annotations[{}]", ann::DRAIN_SECONDS),
+                format!("{value:?} is not a number of seconds from 0 to {MAX_DRAIN_SECONDS}"),
+            )
+        })
+}
+
+/// Raises the pod's `terminationGracePeriodSeconds` (Kubernetes' default when unset) to
+/// cover a drain of `drain` seconds plus [`DRAIN_EXIT_MARGIN_SECONDS`]; a longer one is kept.
+fn cover_drain(spec: &mut PodSpec, drain: u32) {
+    if drain == 0 {
+        return;
+    }
+    let needed = i64::from(drain) + DRAIN_EXIT_MARGIN_SECONDS;
+    if spec
+        .termination_grace_period_seconds
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        < needed
+    {
+        spec.termination_grace_period_seconds = Some(needed);
+    }
 }
 
 /// Why `name` is not a DNS-1123 subdomain (what Kubernetes requires of a Secret's name).
@@ -310,6 +375,7 @@ pub fn inject(
             format!("{log_level:?} is not one of {}", LOG_LEVELS.join(", ")),
         ));
     }
+    let drain = drain_seconds(meta, settings)?;
     let tls_secret = tls_secret(meta, settings, &service)?;
     if tls_secret.is_some() && spec.volumes.iter().flatten().any(|v| v.name == TLS_VOLUME) {
         return Err(bad(
@@ -358,7 +424,9 @@ pub fn inject(
         bootstrap,
         (ingress, resources),
         tls_secret.is_some(),
+        (drain > 0).then(|| drain_script(settings.admin_port, drain)),
     );
+    cover_drain(spec, drain);
 
     add_egress_env(
         spec,
