@@ -498,10 +498,10 @@ pub fn local_reply_route(
 /// most specific first, and the service-wide limit on the virtual host.
 pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
     // One entry per map at most: a protobuf map is encoded in no fixed order.
-    let limited = |bucket: &TokenBucket| {
+    let limited = |bucket: &TokenBucket, path: Option<&str>| {
         [(
             rate_limit::FILTER.to_string(),
-            rate_limit::bucket_config(bucket),
+            rate_limit::bucket_config(bucket, &rate_limit::bucket_stat_prefix(path)),
         )]
         .into()
     };
@@ -520,7 +520,7 @@ pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
         .paths
         .iter()
         .map(|p| Route {
-            typed_per_filter_config: limited(&p.bucket),
+            typed_per_filter_config: limited(&p.bucket, Some(&p.prefix)),
             ..app_route(
                 names::rate_limited_route(&p.prefix),
                 RouteMatch {
@@ -537,7 +537,11 @@ pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
             name: "local".to_string(),
             domains: vec!["*".to_string()],
             routes,
-            typed_per_filter_config: rate_limit.service.as_ref().map(limited).unwrap_or_default(),
+            typed_per_filter_config: rate_limit
+                .service
+                .as_ref()
+                .map(|b| limited(b, None))
+                .unwrap_or_default(),
             ..Default::default()
         }],
         ..Default::default()

@@ -54,7 +54,24 @@ pub fn filter() -> HttpFilter {
 /// The per-route configuration of one bucket: enabled and enforced for every request,
 /// refusing with `429` and `x-meshbridge-reason: rate-limited`; the bucket is shared by the
 /// proxy's worker threads (one bucket per proxy, not per connection).
-pub fn bucket_config(bucket: &TokenBucket) -> Any {
+/// The stat prefix of a bucket: [`STAT_PREFIX`] for the service's, and for a path's the
+/// prefix with every character other than a letter or digit as `_` (`/api/export` →
+/// `rate_limit_api_export`), so Envoy's counters say which path refused.
+pub fn bucket_stat_prefix(path: Option<&str>) -> String {
+    match path {
+        None => STAT_PREFIX.to_string(),
+        Some(prefix) => {
+            let name: String = prefix
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            format!("{STAT_PREFIX}{name}")
+        }
+    }
+}
+
+/// One bucket's configuration, counted under `stat_prefix` (see [`bucket_stat_prefix`]).
+pub fn bucket_config(bucket: &TokenBucket, stat_prefix: &str) -> Any {
     let all = || {
         Some(RuntimeFractionalPercent {
             default_value: Some(FractionalPercent {
@@ -65,7 +82,7 @@ pub fn bucket_config(bucket: &TokenBucket) -> Any {
         })
     };
     pack_any(LocalRateLimit {
-        stat_prefix: STAT_PREFIX.to_string(),
+        stat_prefix: stat_prefix.to_string(),
         status: Some(HttpStatus {
             code: STATUS as i32,
         }),

@@ -18,7 +18,7 @@ use support::{Backend, ControlPlane, Envoy, EnvoyOptions, HttpResponse, eventual
 /// How long a configuration change may take to reach the Envoys.
 const LIMIT: Duration = Duration::from_secs(20);
 /// The callee Envoy's count of refused requests.
-const RATE_LIMITED_STAT: &str = "rate_limit.http_local_rate_limit.rate_limited";
+const RATE_LIMITED_STAT: &str = "rate_limit_limited.http_local_rate_limit.rate_limited";
 /// Requests admitted on `/limited` before the first refusal.
 const BURST: usize = 5;
 
