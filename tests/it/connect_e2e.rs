@@ -155,7 +155,10 @@ async fn body_of(mut refused: Connected) -> String {
 
 /// A GET for `path` over TLS inside `tunnel`, verifying the server's certificate for
 /// `localhost` against `ca` only; the whole answer.
-async fn get_over_tls(tunnel: TcpStream, ca: &Path, path: &str) -> String {
+async fn get_over_tls<S>(tunnel: S, ca: &Path, path: &str) -> String
+where
+    S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -305,6 +308,97 @@ async fn connect_tunnels_to_a_declared_https_domain_and_refuses_the_rest() {
             "hello over tls: GET /curl\n"
         );
     }
+}
+
+/// `CONNECT authority` over HTTP/2 (prior knowledge, as an HTTP/2 client of the egress
+/// listener sends it): the status, and on `200` the tunnel as a byte stream (an in-memory
+/// pipe pumped to and from the HTTP/2 stream).
+async fn connect_h2(envoy: &Envoy, authority: &str) -> (u16, Option<tokio::io::DuplexStream>) {
+    // Status 0: the listener is not there (yet), or does not speak HTTP/2.
+    let Ok(tcp) = TcpStream::connect(envoy.egress_addr()).await else {
+        return (0, None);
+    };
+    let Ok((client, connection)) = h2::client::handshake(tcp).await else {
+        return (0, None);
+    };
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let Ok(mut client) = client.ready().await else {
+        return (0, None);
+    };
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("no answer to CONNECT over HTTP/2")
+        .unwrap();
+    let status = response.status().as_u16();
+    if status != 200 {
+        return (status, None);
+    }
+    let mut recv = response.into_body();
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut from_client, mut to_client) = tokio::io::split(theirs);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = send.send_data(bytes::Bytes::new(), true);
+                    return;
+                }
+                Ok(n) => {
+                    if send
+                        .send_data(bytes::Bytes::copy_from_slice(&buf[..n]), false)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = recv.data().await {
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if to_client.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_client.shutdown().await;
+    });
+    (status, Some(ours))
+}
+
+/// The same tunnel over HTTP/2: a client speaking HTTP/2 to the egress listener sends
+/// `CONNECT` on a stream; the declared domain is tunnelled, an undeclared one refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_over_http2_tunnels_to_a_declared_https_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    support::issue_cert(dir.path(), "ext", "DNS:localhost");
+    let ca = dir.path().join("ext-ca.pem");
+    let server = TlsServer::start(dir.path(), "ext").await;
+    let frontend =
+        MeshService::build("frontend").domain(&format!("https://localhost:{}", server.port));
+    let cp = ControlPlane::start(&manifests(&[&frontend]), &[]).await;
+    let envoy = Envoy::start(&cp, EnvoyOptions::caller("frontend")).await;
+    let authority = authority_of(server.port);
+    let tunnel = eventually(Duration::from_secs(20), "CONNECT over HTTP/2", || async {
+        match connect_h2(&envoy, &authority).await {
+            (200, tunnel) => tunnel,
+            _ => None,
+        }
+    })
+    .await;
+    let answer = get_over_tls(tunnel, &ca, "/over-h2").await;
+    assert!(answer.contains("hello over tls: GET /over-h2"), "{answer}");
+    let (status, _) = connect_h2(&envoy, "undeclared.example.com:443").await;
+    assert_eq!(status, 403);
 }
 
 fn authority_of(port: u16) -> String {
