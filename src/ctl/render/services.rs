@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::access::render_access;
 use super::{Table, fields, indent, list, opt, yes_no};
-use crate::admin::views::{InstanceView, ServiceDetail, ServiceView};
+use crate::admin::views::{BucketView, InstanceView, RateLimitView, ServiceDetail, ServiceView};
 
 /// `ctl services`: one line per service.
 pub fn render_services(services: &[ServiceView]) -> String {
@@ -43,16 +43,49 @@ fn host_port(i: &InstanceView) -> String {
 }
 
 /// `ctl services NAME`.
+/// A service's rate limits in words: each path's bucket, then the service's, per proxy.
+fn rate_limit(r: Option<&RateLimitView>) -> String {
+    let Some(r) = r else {
+        return "none".into();
+    };
+    let bucket = |b: &BucketView| format!("{} per {} (burst {})", b.requests, b.per, b.burst);
+    let mut parts: Vec<String> = r
+        .paths
+        .iter()
+        .map(|p| format!("{}: {}", super::text(&p.prefix), bucket(&p.bucket)))
+        .collect();
+    if let Some(s) = &r.service {
+        parts.push(format!("otherwise {}", bucket(s)));
+    }
+    format!("{} per proxy", parts.join("; "))
+}
+
 pub fn render_service(v: &ServiceDetail) -> String {
     let origins: Vec<String> = v
         .origins
         .iter()
         .map(|(o, c)| format!("{o} {}/{} healthy", c.healthy, c.total))
         .collect();
+    let protocol = [
+        Some(super::text(if v.protocol.is_empty() {
+            "http"
+        } else {
+            &v.protocol
+        })),
+        v.port.map(|p| format!("port {p}")),
+        v.preserve_header_case
+            .then(|| "header case kept".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ");
     let mut out = fields(&[
         ("service", super::text(&v.name)),
         ("declared", yes_no(v.declared)),
         ("mtls", super::text(&v.mtls)),
+        ("protocol", protocol),
+        ("rate limit", rate_limit(v.rate_limit.as_ref())),
         ("dependencies", list(&v.dependencies)),
         ("origins", list(&origins)),
     ]);
@@ -159,11 +192,17 @@ mod tests {
             "rules": [{"from": [{"service": "frontend"}, "any"], "paths": [{"prefix": "/hello"}],
                        "methods": ["GET"]}],
             "resolved_callers": ["frontend"], "unknown_callers": ["ghost"], "target_known": true});
+        s["protocol"] = json!("grpc");
+        s["port"] = json!(9090);
+        s["rate_limit"] = json!({"service": {"requests": 100, "per": "1s", "burst": 200},
+            "paths": [{"prefix": "/export", "bucket": {"requests": 1, "per": "1m", "burst": 1}}]});
         let out = render_service(&view(s.clone()));
         let expected = "\
 service:       orders
 declared:      yes
 mtls:          strict
+protocol:      grpc, port 9090
+rate limit:    /export: 1 per 1m (burst 1); otherwise 100 per 1s (burst 200) per proxy
 dependencies:  -
 origins:       consul 1/1 healthy, kubernetes 0/1 healthy
 
