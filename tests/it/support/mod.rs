@@ -329,8 +329,16 @@ impl ControlPlane {
     /// and waits until `/readyz` answers 200.
     pub async fn start(manifests: &str, extra: &[&str]) -> ControlPlane {
         let mut cp = Self::start_unready(manifests, extra);
-        cp.wait_ready().await;
+        cp.wait_ready_on_free_ports().await;
         cp
+    }
+
+    /// [`ControlPlane::wait_ready`] for a fresh start: when a port it was given turned out
+    /// taken by the time it bound it (another process of the machine got it in between, e.g.
+    /// as the local port of an outgoing connection), it starts again on other ports, at most
+    /// twice.
+    async fn wait_ready_on_free_ports(&mut self) {
+        self.wait_ready_moving(2).await;
     }
 
     /// Starts meshbridge without waiting for readiness.
@@ -344,7 +352,7 @@ impl ControlPlane {
         let mut cp = Self::unspawned(manifests, extra, None);
         cp.log_path = Some(log.to_path_buf());
         cp.spawn();
-        cp.wait_ready().await;
+        cp.wait_ready_on_free_ports().await;
         cp
     }
 
@@ -449,7 +457,12 @@ impl ControlPlane {
     /// Waits until `/readyz` answers 200.
     /// Fails at once, with the log, if the process exited (bad flags, port taken).
     pub async fn wait_ready(&mut self) {
-        let admin = self.admin_addr();
+        self.wait_ready_moving(0).await;
+    }
+
+    /// [`ControlPlane::wait_ready`], moving to other ports up to `moves` times when one it
+    /// was given is taken.
+    async fn wait_ready_moving(&mut self, mut moves: u32) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
@@ -457,12 +470,19 @@ impl ControlPlane {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "meshbridge exited with {status} before it was ready:\n{}",
-                    self.log()
-                );
+                let log = self.log();
+                if moves > 0 && log.contains("cannot listen: Address already in use") {
+                    moves -= 1;
+                    // The next attempt's log starts empty, so its own exit is read.
+                    let _ = std::fs::write(self.dir.path().join("meshbridge.log"), "");
+                    self.xds_port = free_port();
+                    self.admin_port = free_port();
+                    self.spawn();
+                    continue;
+                }
+                panic!("meshbridge exited with {status} before it was ready:\n{log}");
             }
-            let ready = http_get(admin, "localhost", "/readyz", &[]).await;
+            let ready = http_get(self.admin_addr(), "localhost", "/readyz", &[]).await;
             if ready.is_ok_and(|r| r.status == 200) {
                 return;
             }
