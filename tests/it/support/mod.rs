@@ -613,6 +613,22 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(cp: &ControlPlane, o: EnvoyOptions) -> Envoy {
+        // A port picked free can be taken before Envoy binds it (as the local port of an
+        // outgoing connection): then Envoy exits, and starts again on other ports.
+        for _ in 0..2 {
+            match Self::try_start(cp, &o).await {
+                Ok(envoy) => return envoy,
+                Err(log) if log.contains("Address already in use") => {}
+                Err(log) => panic!("Envoy exited at start:\n{log}"),
+            }
+        }
+        Self::try_start(cp, &o)
+            .await
+            .unwrap_or_else(|log| panic!("Envoy exited at start:\n{log}"))
+    }
+
+    /// [`Envoy::start`] once: `Err` with Envoy's log when it exited (its admin port taken).
+    async fn try_start(cp: &ControlPlane, o: &EnvoyOptions) -> Result<Envoy, String> {
         let dir = tempfile::tempdir().unwrap();
         let admin_port = free_port();
         let egress_port = free_port();
@@ -679,7 +695,9 @@ impl Envoy {
     /// `admin_port`; waits until the admin answers.
     pub async fn start_static(name: &str, bootstrap_yaml: &str, admin_port: u16) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
-        Self::spawn(dir, bootstrap_yaml, admin_port, 0, name.to_string()).await
+        Self::spawn(dir, bootstrap_yaml, admin_port, 0, name.to_string())
+            .await
+            .unwrap_or_else(|log| panic!("Envoy exited at start:\n{log}"))
     }
 
     async fn spawn(
@@ -688,7 +706,7 @@ impl Envoy {
         admin_port: u16,
         egress_port: u16,
         node_id: String,
-    ) -> Envoy {
+    ) -> Result<Envoy, String> {
         let file = dir.path().join("bootstrap.yaml");
         std::fs::write(&file, yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
@@ -711,7 +729,7 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .unwrap();
-        let envoy = Envoy {
+        let mut envoy = Envoy {
             admin_port,
             egress_port,
             node_id,
@@ -719,11 +737,21 @@ impl Envoy {
             child,
         };
         let admin = envoy.admin_addr();
-        eventually(Duration::from_secs(20), "Envoy admin", || async move {
-            http_get(admin, "localhost", "/ready", &[]).await.ok()
-        })
-        .await;
-        envoy
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if envoy.child.try_wait().ok().flatten().is_some() {
+                return Err(envoy.log());
+            }
+            if http_get(admin, "localhost", "/ready", &[]).await.is_ok() {
+                return Ok(envoy);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 20s waiting for Envoy admin:\n{}",
+                envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
