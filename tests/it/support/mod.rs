@@ -30,26 +30,46 @@ pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
-/// A port free at the time of asking.
+/// A port free at the time of asking, below the kernel's ephemeral range.
 ///
-/// The kernel may hand the same free port to two binds in a row once the first socket is
-/// closed, so a port is never handed out twice in one test process: an Envoy whose admin
-/// and egress ports collide refuses its listener and the test waits in vain.
+/// Ports the kernel picks for a bind to port 0 come from the ephemeral range, the same range
+/// it takes the local ports of outgoing connections from: with many Envoys connecting, a port
+/// handed out that way can be taken before the test's server binds it. So ports come from
+/// below that range (`ip_local_port_range`), where the kernel never picks by itself. A port
+/// is never handed out twice in one test process.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // From 10000 (or 1024 below a low range) up to the ephemeral range, starting at a place
+    // that differs between runs so that a port left in TIME_WAIT is not tried first.
+    let floor = if low > 12000 { 10000 } else { 1024 };
+    let span = low.saturating_sub(floor).max(1);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    for _ in 0..1000 {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
+    if NEXT.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        NEXT.store(seed % span + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+    for _ in 0..span.min(20000) {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(port) = u16::try_from(floor + n % span) else {
+            continue;
+        };
+        if given.contains(&port) {
+            continue;
+        }
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
-    panic!("no port that was not handed out already in 1000 tries");
+    panic!("no free port below the ephemeral range");
 }
 
 /// A program of the test virtualenv (`.venv/bin/NAME`, installed by `make test`).
