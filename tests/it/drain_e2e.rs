@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::kube_e2e::{answering, legacy, orders_service, pod};
 use crate::support::fixtures::Fixture;
@@ -63,15 +63,9 @@ impl Drop for App {
 
 /// Reads one request from `stream` and answers it (connection closed after).
 async fn answer(mut stream: tokio::net::TcpStream, name: String, delay: Duration) {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
+    let Some(text) = crate::support::read_request_head(&mut stream).await else {
+        return;
+    };
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
     let delay = path
         .strip_prefix("/slow/")

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::fixtures::{MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually, http_get};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// An instance that is up (it accepts connections and answers) but broken: every request
 /// gets `500`. Counts the requests it answered.
@@ -31,13 +31,8 @@ impl FailingBackend {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let counted = counted.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if support::read_request_head(&mut stream).await.is_none() {
+                        return;
                     }
                     counted.fetch_add(1, Ordering::SeqCst);
                     let body = "broken instance\n";
@@ -289,13 +284,8 @@ impl HeldBackend {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let (counted, mut released) = (counted.clone(), released.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if support::read_request_head(&mut stream).await.is_none() {
+                        return;
                     }
                     counted.fetch_add(1, Ordering::SeqCst);
                     if released.wait_for(|r| *r).await.is_err() {

@@ -118,6 +118,20 @@ where
     }
 }
 
+/// Reads the head of one HTTP request from `stream` (a test application's side); `None` when
+/// the peer closed first.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A response as a test sees it.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
