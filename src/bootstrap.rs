@@ -59,6 +59,13 @@ pub struct BootstrapOptions {
     /// A dependency: service name, "*" (where allowed) or `https://host[:port]`; repeatable.
     #[arg(long = "dependency")]
     pub dependencies: Vec<String>,
+    /// A further named port of the service this host serves, `NAME=INGRESS:APP`
+    /// (`admin=15100:8081`): Envoy listens on INGRESS for callers of `SERVICE:NAME` and
+    /// forwards to the application on 127.0.0.1:APP, under the service's AccessRules;
+    /// repeatable, at most 16. Register the host's INGRESS port in Consul as the instance
+    /// meta `meshbridge-port-NAME`.
+    #[arg(long = "port", value_name = "NAME=INGRESS:APP")]
+    pub ports: Vec<String>,
     /// Use incremental (delta) xDS instead of state-of-the-world.
     #[arg(long)]
     pub delta: bool,
@@ -113,6 +120,9 @@ pub enum BootstrapError {
     /// A service name that is not valid.
     #[error("--service {0:?} is not a valid service name")]
     BadService(String),
+    /// A further port that does not parse.
+    #[error("--port: {0}")]
+    BadPort(String),
     /// An empty node id.
     #[error("--node-id must not be empty")]
     EmptyNodeId,
@@ -202,6 +212,15 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         }
     }
     metadata.insert("dependencies".into(), json!(o.dependencies));
+    if !o.ports.is_empty() {
+        let ports = crate::model::PortBinding::parse_all(o.ports.iter().map(String::as_str))
+            .map_err(BootstrapError::BadPort)?;
+        let ports: Vec<String> = ports
+            .iter()
+            .map(|(name, b)| crate::model::PortBinding::format(name, b))
+            .collect();
+        metadata.insert("ports".into(), json!(ports));
+    }
     if let (Some(cert), Some(key), Some(ca)) = (&o.tls_cert, &o.tls_key, &o.tls_ca) {
         // The control plane hands these paths back to this proxy as its SDS secrets, which
         // Envoy re-reads when the files are replaced: rotation without a restart.

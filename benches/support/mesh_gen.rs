@@ -107,6 +107,7 @@ pub fn groups(services: usize, groups: usize) -> Vec<ProxyGroup> {
                 app_port: Some(8080 + (g / services) as u16),
                 egress_port: Some(15001),
                 dependencies,
+                ports: Default::default(),
                 tls: g % 2 == 0,
                 // Proxies of a fleet keep their certificates at the same paths.
                 certificate_files: (g % 2 == 0).then(|| meshbridge::model::CertificateFiles {
@@ -159,6 +160,7 @@ pub fn harness_population(
                     .map(|_| DependencyTarget::Service(format!("svc-{}", rng.next(services))))
                     .collect()
             },
+            ports: Default::default(),
             tls: false,
             certificate_files: None,
         })

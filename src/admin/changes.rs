@@ -98,6 +98,7 @@ mod tests {
                     tags: Default::default(),
                     healthy: true,
                     weight: 1,
+                    ports: Default::default(),
                 })
                 .collect(),
             ..Default::default()

@@ -334,7 +334,10 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         o.healthy += usize::from(e.healthy);
     }
     Some(ServiceDetail {
-        access: state.access.get(name).map(|p| access_view_of(state, p)),
+        access: state
+            .access
+            .get(crate::model::access_target(name))
+            .map(|p| access_view_of(state, p)),
         declared: view.declared,
         dependencies: view.dependencies,
         dependents: Dependents {
@@ -345,16 +348,20 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         mtls: view.mtls,
         name: view.name,
         origins,
-        protocol: match service.protocol {
-            crate::model::AppProtocol::Http => "http",
-            crate::model::AppProtocol::Http2 => "http2",
-            crate::model::AppProtocol::Grpc => "grpc",
-            crate::model::AppProtocol::Tcp => "tcp",
-        }
-        .to_string(),
+        protocol: service.protocol.to_string(),
         port: service.port,
         preserve_header_case: service.preserve_header_case,
         rate_limit: views::RateLimitView::of(&service.rate_limit),
+        ports: service
+            .named_ports
+            .iter()
+            .map(|p| views::PortView {
+                name: p.name.clone(),
+                port: p.port,
+                target_port: p.target_port,
+                protocol: p.protocol.to_string(),
+            })
+            .collect(),
     })
 }
 

@@ -163,6 +163,22 @@ pub struct ServiceDetail {
     /// Its local rate limits (each of its proxies' own buckets); null when unlimited.
     #[serde(default)]
     pub rate_limit: Option<RateLimitView>,
+    /// Its further ports (`spec.ports[1..]`), each reached as `NAME:PORT`.
+    #[serde(default)]
+    pub ports: Vec<PortView>,
+}
+
+/// A further port of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortView {
+    /// Its name: callers depend on `SERVICE:NAME`.
+    pub name: String,
+    /// The port callers use.
+    pub port: u16,
+    /// The application's port.
+    pub target_port: u16,
+    /// `http`, `http2`, `grpc` or `tcp`.
+    pub protocol: String,
 }
 
 /// `spec.rateLimit` as in force.

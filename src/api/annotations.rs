@@ -26,6 +26,11 @@ pub const TLS_SECRET: &str = "meshbridge.io/tls-secret";
 pub const SERVICE: &str = "meshbridge.io/service";
 /// Pod annotation: the sidecar's egress port.
 pub const EGRESS_PORT: &str = "meshbridge.io/egress-port";
+/// Pod annotation: the sidecar's listeners for the pod's further named ports,
+/// `NAME=INGRESS:APP` comma-separated (`admin=15100:8081`). Set by the injector from the
+/// containers' named ports unless the pod sets it; a MeshService port of the same name is
+/// reached on the pod's `INGRESS` port.
+pub const PORTS: &str = "meshbridge.io/ports";
 /// Pod annotation: the application's port behind the ingress.
 pub const APP_PORT: &str = "meshbridge.io/app-port";
 /// Pod annotation: the sidecar's log level.

@@ -38,8 +38,11 @@ pub struct MeshServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
 
-    /// Ports the service listens on.
+    /// Ports the service listens on, at most 17. The first is the service itself; each
+    /// further port needs a `name` and is reached by callers that depend on `SERVICE:NAME`
+    /// (`orders:admin`), with its own protocol, behind the same AccessRules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 17))]
     pub ports: Vec<ServicePort>,
 
     /// Whether callers must use mutual TLS towards this service. `permissive` accepts plaintext
@@ -137,8 +140,13 @@ pub struct Http1Spec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
-    /// Port name, e.g. `http`.
+    /// Port name, e.g. `http`; required on every port but the first. A pod's sidecar serves
+    /// a further port for the pod's container port of the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// The port callers use.
     #[schemars(range(min = 1, max = 65535))]
@@ -147,9 +155,9 @@ pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub target_port: Option<u32>,
-    /// Application protocol; the first port's is what callers' proxies speak to the
-    /// instances (`http2` and `grpc`: HTTP/2; `tcp`: connections, each caller reaching the
-    /// service on a port of its own, see `dependencies[].port`). Default `http`.
+    /// Application protocol: what callers' proxies speak to the instances on this port
+    /// (`http2` and `grpc`: HTTP/2; `tcp`: connections, each caller reaching the port on a
+    /// port of its own, see `dependencies[].port`). Default `http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<PortProtocol>,
 }
@@ -164,7 +172,7 @@ pub enum PortProtocol {
     Http2,
     /// gRPC over HTTP/2.
     Grpc,
-    /// Opaque TCP, on the first port only.
+    /// Opaque TCP.
     Tcp,
 }
 
@@ -213,13 +221,20 @@ pub struct StaticEndpoint {
     /// Datacenter of the host; instances outside the local datacenter get a lower priority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacenter: Option<String>,
+    /// Where the host serves the service's further ports, by port name (`admin: 15007`):
+    /// its Envoy's listener for that port, if it has one. A port left out is not served by
+    /// this host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub ports: BTreeMap<String, u32>,
 }
 
 /// Something the service calls: exactly one of `service` or `domain`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DependencySpec {
-    /// A mesh service name, or `"*"` for every service (only where the operator allows it).
+    /// A mesh service name, `SERVICE:PORT` for a further named port of one, or `"*"` for
+    /// every service (only where the operator allows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// An external domain, `https://host[:port]` or `http://host[:port]`.
@@ -249,8 +264,8 @@ pub struct DependencySpec {
     /// towards an HTTP/1 service, off towards `http2` and `grpc` ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub websocket: Option<bool>,
-    /// For a service whose first port is `tcp`: the port on 127.0.0.1 where this service's
-    /// proxy accepts connections for it. Default: the called service's own port.
+    /// For a `tcp` service (or port, `SERVICE:NAME`): the port on 127.0.0.1 where this
+    /// service's proxy accepts connections for it. Default: the called port's own number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u32>,

@@ -27,7 +27,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::sources::consul::{ConsulClient, ConsulError, backoff};
+use crate::sources::consul::{ConsulClient, ConsulError, PORT_META_PREFIX, backoff};
 use crate::sources::kube::store::{KubeStore, ObjectKey, PodInstance};
 
 /// Meta key and value marking registrations meshbridge owns.
@@ -81,12 +81,17 @@ pub fn desired(instances: &[PodInstance]) -> BTreeMap<String, Registration> {
             let id = format!("{}:{}:{}", i.service, i.namespace, i.pod);
             let mut tags: BTreeSet<String> = i.tags.clone();
             tags.insert(K8S_TAG.to_string());
-            let meta = BTreeMap::from([
+            let mut meta = BTreeMap::from([
                 (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
                 ("external-source".to_string(), "kubernetes".to_string()),
                 ("k8s-namespace".to_string(), i.namespace.clone()),
                 ("k8s-pod".to_string(), i.pod.clone()),
             ]);
+            // Consul has one port per registration: the further ports go in meta, as
+            // meshbridge reads them from legacy hosts' registrations.
+            for (name, port) in &i.ports {
+                meta.insert(format!("{PORT_META_PREFIX}{name}"), port.to_string());
+            }
             let r = Registration {
                 id: id.clone(),
                 service: i.service.clone(),
@@ -383,6 +388,7 @@ mod tests {
             address: ip.into(),
             port: 15006,
             tags: BTreeSet::from(["blue".to_string()]),
+            ports: BTreeMap::from([("admin".to_string(), 15100)]),
             owner: ObjectKey {
                 namespace: "shop".into(),
                 name: "orders".into(),
@@ -398,6 +404,8 @@ mod tests {
         assert_eq!(r.meta["k8s-pod"], "orders-1");
         assert_eq!(r.meta["k8s-namespace"], "shop");
         assert_eq!(r.meta[MANAGED_BY.0], MANAGED_BY.1);
+        // Its further port, where meshbridge reads a legacy host's.
+        assert_eq!(r.meta["meshbridge-port-admin"], "15100");
     }
 
     #[test]

@@ -13,10 +13,10 @@ use crate::api::mesh_service::{
 };
 use crate::model::{
     AccessAction, AccessRuleSet, AppProtocol, CallerMatch, CircuitBreakers, ClusterPolicy,
-    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain,
+    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain, MAX_NAMED_PORTS,
     MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS, MAX_WEIGHT, MIN_RATE_LIMIT_PERIOD, MtlsMode,
-    Origin, OutlierDetection, PathMatch, PathRateLimit, RateLimit, RetryPolicy, TokenBucket,
-    valid_service_name,
+    NamedPort, Origin, OutlierDetection, PathMatch, PathRateLimit, RateLimit, RetryPolicy,
+    TokenBucket, valid_port_name, valid_service_name,
 };
 
 use super::{AccessDeclaration, ServiceDeclaration};
@@ -106,42 +106,21 @@ pub fn mesh_service(
             ),
         ));
     }
-    let protocol = ports(obj, &mut errors);
-    let mut endpoints = Vec::new();
-    for (i, e) in obj.spec.endpoints.iter().enumerate() {
-        let field = format!("spec.endpoints[{i}]");
-        if e.address.trim().parse::<std::net::IpAddr>().is_err() {
-            errors.push(err(
-                format!("{field}.address"),
-                format!(
-                    "{:?} is not an IP address (proxies take IP addresses only; list each address of a host name)",
-                    e.address
-                ),
-            ));
-        }
-        check_port(&mut errors, &format!("{field}.port"), e.port);
-        if let Some(w) = e.weight
-            && !(1..=MAX_WEIGHT).contains(&w)
-        {
-            errors.push(err(
-                format!("{field}.weight"),
-                format!("{w} is outside 1..={MAX_WEIGHT}"),
-            ));
-        }
-        let weight = e
-            .weight
-            .or_else(|| Endpoint::weight_from_tags(&e.tags))
-            .unwrap_or(1);
-        endpoints.push(Endpoint {
-            address: e.address.trim().to_string(),
-            port: u16::try_from(e.port).unwrap_or(0),
-            origin: Origin::Config,
-            datacenter: e.datacenter.clone().filter(|d| !d.is_empty()),
-            tags: e.tags.iter().cloned().collect(),
-            weight: weight.clamp(1, MAX_WEIGHT),
-            healthy: true,
-        });
-    }
+    let (protocol, named_ports) = ports(obj, &mut errors);
+    let mut endpoints: Vec<Endpoint> = obj
+        .spec
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            static_endpoint(
+                e,
+                &format!("spec.endpoints[{i}]"),
+                &named_ports,
+                &mut errors,
+            )
+        })
+        .collect();
     endpoints.sort();
     endpoints.dedup();
     let mut dependencies = Vec::new();
@@ -177,6 +156,7 @@ pub fn mesh_service(
         namespace: None,
         protocol,
         port: first_port(obj),
+        named_ports,
         preserve_header_case: obj
             .spec
             .http1
@@ -184,6 +164,75 @@ pub fn mesh_service(
             .is_some_and(|h| h.preserve_header_case),
         rate_limit,
     })
+}
+
+/// A static endpoint (`spec.endpoints[i]`, at `field`), its further ports among `named_ports`.
+fn static_endpoint(
+    e: &crate::api::mesh_service::StaticEndpoint,
+    field: &str,
+    named_ports: &[NamedPort],
+    errors: &mut Vec<FieldError>,
+) -> Endpoint {
+    if e.address.trim().parse::<std::net::IpAddr>().is_err() {
+        errors.push(err(
+            format!("{field}.address"),
+            format!(
+                "{:?} is not an IP address (proxies take IP addresses only; list each address of a host name)",
+                e.address
+            ),
+        ));
+    }
+    check_port(errors, &format!("{field}.port"), e.port);
+    if let Some(w) = e.weight
+        && !(1..=MAX_WEIGHT).contains(&w)
+    {
+        errors.push(err(
+            format!("{field}.weight"),
+            format!("{w} is outside 1..={MAX_WEIGHT}"),
+        ));
+    }
+    let weight = e
+        .weight
+        .or_else(|| Endpoint::weight_from_tags(&e.tags))
+        .unwrap_or(1);
+    if e.ports.len() > MAX_NAMED_PORTS {
+        errors.push(err(
+            format!("{field}.ports"),
+            format!("{} ports; at most {MAX_NAMED_PORTS}", e.ports.len()),
+        ));
+    }
+    for (port_name, &port) in &e.ports {
+        let port_field = format!("{field}.ports.{port_name}");
+        if named_ports.iter().any(|p| &p.name == port_name) {
+            check_port(errors, &port_field, port);
+        } else {
+            errors.push(err(
+                port_field,
+                format!(
+                    "{port_name:?} is not a further port of this service (spec.ports[1..] names: [{}])",
+                    named_ports
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    Endpoint {
+        address: e.address.trim().to_string(),
+        port: u16::try_from(e.port).unwrap_or(0),
+        origin: Origin::Config,
+        datacenter: e.datacenter.clone().filter(|d| !d.is_empty()),
+        tags: e.tags.iter().cloned().collect(),
+        weight: weight.clamp(1, MAX_WEIGHT),
+        healthy: true,
+        ports: e
+            .ports
+            .iter()
+            .map(|(name, port)| (name.clone(), u16::try_from(*port).unwrap_or(0)))
+            .collect(),
+    }
 }
 
 /// The rate limits of `spec.rateLimit` (none when it is absent): every count within bounds,
@@ -318,8 +367,22 @@ fn token_bucket(
 }
 
 /// Checks `spec.ports`; returns what the service speaks (its first port's protocol).
-fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> AppProtocol {
+/// Validates `spec.ports`: the first port's protocol (the service's), and the further ports,
+/// each named, each name and number once.
+fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> (AppProtocol, Vec<NamedPort>) {
     let mut seen_ports = BTreeSet::new();
+    let mut seen_names = BTreeSet::new();
+    let mut named = Vec::new();
+    if obj.spec.ports.len() > MAX_NAMED_PORTS + 1 {
+        errors.push(err(
+            "spec.ports",
+            format!(
+                "{} ports; at most {}",
+                obj.spec.ports.len(),
+                MAX_NAMED_PORTS + 1
+            ),
+        ));
+    }
     for (i, p) in obj.spec.ports.iter().enumerate() {
         check_port(errors, &format!("spec.ports[{i}].port"), p.port);
         if let Some(t) = p.target_port {
@@ -331,20 +394,31 @@ fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> AppProtocol {
                 format!("port {} is listed twice", p.port),
             ));
         }
-        if i > 0 && p.protocol == Some(PortProtocol::Tcp) {
-            // Refused rather than accepted and ignored: only the first port is proxied.
-            errors.push(err(
-                format!("spec.ports[{i}].protocol"),
-                "tcp is supported on the first port only: proxies carry a service's first port",
-            ));
+        match p.name.as_deref() {
+            Some(name) if !valid_port_name(name) => errors.push(err(
+                format!("spec.ports[{i}].name"),
+                format!(
+                    "{name:?} is not a valid port name (1-15 lower-case letters, digits and '-', with a letter, as Kubernetes container ports)"
+                ),
+            )),
+            Some(name) if !seen_names.insert(name) => errors.push(err(
+                format!("spec.ports[{i}].name"),
+                format!("{name:?} is listed twice"),
+            )),
+            None if i > 0 => errors.push(err(
+                format!("spec.ports[{i}].name"),
+                "required on every port but the first: callers reach it as SERVICE:NAME",
+            )),
+            Some(name) if i > 0 => named.push(NamedPort {
+                name: name.to_string(),
+                port: u16::try_from(p.port).unwrap_or(0),
+                target_port: u16::try_from(p.target_port.unwrap_or(p.port)).unwrap_or(0),
+                protocol: app_protocol(p.protocol),
+            }),
+            _ => {}
         }
     }
-    let protocol = match obj.spec.ports.first().and_then(|p| p.protocol) {
-        None | Some(PortProtocol::Http) => AppProtocol::Http,
-        Some(PortProtocol::Http2) => AppProtocol::Http2,
-        Some(PortProtocol::Grpc) => AppProtocol::Grpc,
-        Some(PortProtocol::Tcp) => AppProtocol::Tcp,
-    };
+    let protocol = app_protocol(obj.spec.ports.first().and_then(|p| p.protocol));
     if protocol.is_tcp()
         && obj
             .spec
@@ -357,7 +431,16 @@ fn ports(obj: &MeshService, errors: &mut Vec<FieldError>) -> AppProtocol {
             "applies to HTTP services; spec.ports[0].protocol is tcp",
         ));
     }
-    protocol
+    (protocol, named)
+}
+
+fn app_protocol(protocol: Option<PortProtocol>) -> AppProtocol {
+    match protocol {
+        None | Some(PortProtocol::Http) => AppProtocol::Http,
+        Some(PortProtocol::Http2) => AppProtocol::Http2,
+        Some(PortProtocol::Grpc) => AppProtocol::Grpc,
+        Some(PortProtocol::Tcp) => AppProtocol::Tcp,
+    }
 }
 
 fn check_port(errors: &mut Vec<FieldError>, field: &str, port: u32) {

@@ -37,6 +37,8 @@ pub struct ServiceDeclaration {
     pub protocol: crate::model::AppProtocol,
     /// Its first port (`spec.ports[0].port`).
     pub port: Option<u16>,
+    /// Its further ports (`spec.ports[1..]`).
+    pub named_ports: Vec<crate::model::NamedPort>,
     /// `spec.http1.preserveHeaderCase`.
     pub preserve_header_case: bool,
     /// `spec.rateLimit`.
@@ -270,6 +272,24 @@ impl Index {
             if let Some(found) = discovered.remove(name) {
                 endpoints.extend(found.into_iter().cloned());
             }
+            // Each further port is a service of its own, with the declaration's settings.
+            for port in &winner.named_ports {
+                let port_name = crate::model::port_service(name, &port.name);
+                services.insert(
+                    port_name.clone(),
+                    Service {
+                        name: port_name,
+                        declared: true,
+                        mtls: winner.mtls,
+                        namespace: winner.namespace.clone(),
+                        protocol: port.protocol,
+                        port: Some(port.port),
+                        preserve_header_case: winner.preserve_header_case
+                            && !port.protocol.is_tcp(),
+                        ..Service::default()
+                    },
+                );
+            }
             services.insert(
                 name.to_string(),
                 Service {
@@ -283,6 +303,7 @@ impl Index {
                     port: winner.port,
                     preserve_header_case: winner.preserve_header_case,
                     rate_limit: winner.rate_limit.clone(),
+                    named_ports: winner.named_ports.clone(),
                 },
             );
         }
@@ -297,6 +318,7 @@ impl Index {
                 },
             );
         }
+        add_port_services(&mut services);
         let mut foreign = Vec::new();
         let access = access
             .into_iter()
@@ -401,6 +423,42 @@ pub fn consul_claim_text(service: &str, consul_owners: &[String]) -> String {
     )
 }
 
+/// Gives each port service (`NAME:PORT`) the instances of `NAME` that serve that port, on
+/// that port. A port no MeshService declares (a Consul instance's `meshbridge-port-PORT`)
+/// becomes a plain HTTP service of its own, with its service's mTLS mode; one declared and
+/// served by nobody stays without instances.
+fn add_port_services(services: &mut BTreeMap<String, Service>) {
+    let mut found: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+    for service in services.values() {
+        for e in &service.endpoints {
+            for (port_name, &port) in &e.ports {
+                found
+                    .entry(crate::model::port_service(&service.name, port_name))
+                    .or_default()
+                    .push(Endpoint {
+                        port,
+                        ports: BTreeMap::new(),
+                        ..e.clone()
+                    });
+            }
+        }
+    }
+    for (name, endpoints) in found {
+        // Guarded as its service is: the same mTLS mode, the same names.
+        let (mtls, namespace) = services
+            .get(crate::model::access_target(&name))
+            .map(|p| (p.mtls, p.namespace.clone()))
+            .unwrap_or_default();
+        let service = services.entry(name.clone()).or_insert_with(|| Service {
+            name,
+            mtls,
+            namespace,
+            ..Service::default()
+        });
+        service.endpoints = sorted(endpoints);
+    }
+}
+
 fn sorted(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
     endpoints.sort();
     endpoints.dedup();
@@ -468,8 +526,38 @@ mod tests {
                 tags: Default::default(),
                 weight: 1,
                 healthy: true,
+                ports: Default::default(),
             }],
         })]
+    }
+
+    #[test]
+    fn further_ports_are_services_of_their_own_served_by_the_instances_that_name_them() {
+        let orders = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  mtls: strict\n  ports: [{port: 80}, {name: admin, port: 9090, protocol: grpc}]\n  endpoints: [{address: 10.0.0.1, port: 15006, ports: {admin: 15100}}, {address: 10.0.0.2, port: 15006}]\n";
+        let mut index = Index::new();
+        index.apply("config", "orders.yaml", objects(orders, None));
+        let mut consul = consul_instance("orders");
+        if let IndexObject::Endpoints(set) = &mut consul[0] {
+            set.endpoints[0].ports =
+                BTreeMap::from([("admin".into(), 15200), ("metrics".into(), 9102)]);
+        }
+        index.apply("consul", "orders", consul);
+        let (state, _) = index.build();
+        let admin = &state.services["orders:admin"];
+        assert_eq!(admin.protocol, crate::model::AppProtocol::Grpc);
+        assert_eq!(admin.port, Some(9090));
+        let served: Vec<(&str, u16)> = admin
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.port))
+            .collect();
+        assert_eq!(served, [("10.0.0.1", 15100), ("10.9.9.9", 15200)]);
+        // A port only Consul names: plain HTTP, guarded by its service's mTLS mode.
+        let metrics = &state.services["orders:metrics"];
+        assert_eq!(metrics.protocol, crate::model::AppProtocol::Http);
+        assert_eq!(metrics.mtls, MtlsMode::Strict);
+        assert_eq!(metrics.endpoints[0].port, 9102);
+        assert_eq!(state.services["orders"].endpoints.len(), 3);
     }
 
     #[test]

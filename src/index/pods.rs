@@ -13,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::api::annotations::{self as ann, INGRESS_PORT, TAGS, TLS_SECRET};
+use crate::api::annotations::{self as ann, INGRESS_PORT, PORTS, TAGS, TLS_SECRET};
 use crate::api::mesh_service::MeshServiceSpec;
 use crate::api::{DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
-use crate::model::{Endpoint, MTLS_TAG, Origin};
+use crate::model::{Endpoint, MTLS_TAG, Origin, PortBinding, valid_port_name};
 
 /// What meshbridge keeps of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub struct PodInfo {
     pub ready: bool,
     /// The sidecar's ingress port when the pod carries the injected sidecar.
     pub sidecar_port: Option<u16>,
+    /// The sidecar's listeners for the pod's further named ports (annotation
+    /// `meshbridge.io/ports`), by port name.
+    pub sidecar_ports: BTreeMap<String, u16>,
     /// Tags from the `meshbridge.io/tags` annotation.
     pub tags: BTreeSet<String>,
     /// The pod carries the injected sidecar and it holds certificates (non-empty annotation
@@ -63,6 +66,17 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             .and_then(|p| ann::port(p).ok())
             .unwrap_or(DEFAULT_INGRESS_PORT)
     });
+    // Written by the injector; unreadable (edited by hand) means no further port is served.
+    let sidecar_ports = ann::value(annotations, PORTS)
+        .filter(|_| has_sidecar)
+        .and_then(|v| PortBinding::parse_all(ann::list(v)).ok())
+        .map(|ports| {
+            ports
+                .into_iter()
+                .map(|(name, b)| (name, b.ingress_port))
+                .collect()
+        })
+        .unwrap_or_default();
     let tls = has_sidecar && ann::value(annotations, TLS_SECRET).is_some();
     let tags = ann::value(annotations, TAGS)
         .map(|t| ann::list(t).map(str::to_string).collect())
@@ -74,6 +88,7 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
         ready: running && ready_condition && ip.is_some() && meta.deletion_timestamp.is_none(),
         ip,
         sidecar_port,
+        sidecar_ports,
         tags,
         tls,
     }
@@ -129,6 +144,25 @@ pub fn pod_endpoint(spec: &MeshServiceSpec, pod: &PodInfo) -> Result<Endpoint, N
     if pod.tls {
         tags.insert(MTLS_TAG.to_string());
     }
+    // The further ports the MeshService declares: through the sidecar's listener for the
+    // pod's container port of that name, or straight to the target port without a sidecar
+    // (a port the sidecar has no listener for is not served: going around the sidecar would
+    // skip its access rules).
+    let ports = spec
+        .ports
+        .iter()
+        .skip(1)
+        .filter_map(|p| {
+            let name = p.name.as_deref().filter(|n| valid_port_name(n))?;
+            let port = match pod.sidecar_port {
+                Some(_) => *pod.sidecar_ports.get(name)?,
+                None => u16::try_from(p.target_port.unwrap_or(p.port))
+                    .ok()
+                    .filter(|p| *p != 0)?,
+            };
+            Some((name.to_string(), port))
+        })
+        .collect();
     Ok(Endpoint {
         address: ip.clone(),
         port,
@@ -137,6 +171,7 @@ pub fn pod_endpoint(spec: &MeshServiceSpec, pod: &PodInfo) -> Result<Endpoint, N
         weight: Endpoint::weight_from_tags(&pod.tags).unwrap_or(1),
         tags,
         healthy: true,
+        ports,
     })
 }
 
@@ -181,6 +216,42 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn further_ports_go_through_the_sidecars_listener_or_straight_to_the_target_port() {
+        let mut spec = spec(80, None);
+        spec.ports.push(ServicePort {
+            name: Some("admin".into()),
+            port: 9090,
+            target_port: Some(8081),
+            ..Default::default()
+        });
+        spec.ports.push(ServicePort {
+            name: Some("db".into()),
+            port: 5432,
+            ..Default::default()
+        });
+        let bare = pod_endpoint(&spec, &pod(ready_pod(json!({})))).unwrap();
+        assert_eq!(
+            bare.ports,
+            BTreeMap::from([("admin".into(), 8081), ("db".into(), 5432)])
+        );
+        // With the sidecar: only the ports it has a listener for (the injector's annotation);
+        // going around it would skip its access rules.
+        let injected = pod(ready_pod(json!({
+            "metadata": {"annotations": {"meshbridge.io/ports": "admin=15100:8081,metrics=15101:9102"}},
+            "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_CONTAINER}]},
+        })));
+        let e = pod_endpoint(&spec, &injected).unwrap();
+        assert_eq!(e.port, DEFAULT_INGRESS_PORT);
+        assert_eq!(e.ports, BTreeMap::from([("admin".into(), 15100)]));
+        // An annotation edited into nonsense serves no further port.
+        let edited = pod(ready_pod(json!({
+            "metadata": {"annotations": {"meshbridge.io/ports": "admin=x"}},
+            "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_CONTAINER}]},
+        })));
+        assert!(pod_endpoint(&spec, &edited).unwrap().ports.is_empty());
     }
 
     #[test]

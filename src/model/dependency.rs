@@ -53,7 +53,7 @@ pub enum ParseDependencyError {
     BadPort(String),
     /// A service name with characters Consul and DNS do not allow.
     #[error(
-        "service name {0:?} is invalid: use letters, digits, '-', '.', '_', starting and ending with a letter or digit, at most 253 characters"
+        "service name {0:?} is invalid: use letters, digits, '-', '.', '_', starting and ending with a letter or digit, at most 253 characters, optionally followed by ':' and a port name (lower-case letters, digits, '-', at most 15)"
     )]
     BadServiceName(String),
 }
@@ -68,6 +68,15 @@ pub fn valid_service_name(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// Whether `name` names a service or one of its named ports (`orders:admin`, see
+/// [`super::ports`]).
+pub fn valid_service_ref(name: &str) -> bool {
+    match super::ports::split_port_service(name) {
+        (service, None) => valid_service_name(service),
+        (service, Some(port)) => valid_service_name(service) && super::ports::valid_port_name(port),
+    }
 }
 
 impl ExternalDomain {
@@ -117,7 +126,7 @@ impl FromStr for DependencyTarget {
             Ok(DependencyTarget::All)
         } else if text.contains("://") {
             ExternalDomain::parse(text).map(DependencyTarget::Domain)
-        } else if valid_service_name(text) {
+        } else if valid_service_ref(text) {
             Ok(DependencyTarget::Service(text.to_string()))
         } else {
             Err(ParseDependencyError::BadServiceName(text.to_string()))

@@ -13,6 +13,7 @@ use serde::Serialize;
 mod access;
 mod change;
 mod dependency;
+mod ports;
 mod rate_limit;
 
 pub use access::{AccessAction, AccessPolicy, AccessRuleSet, CallerMatch, PathMatch};
@@ -20,6 +21,11 @@ pub use change::{StateDiff, diff_states};
 pub use dependency::{
     CircuitBreakers, ClusterPolicy, Dependency, DependencySettings, DependencyTarget,
     ExternalDomain, OutlierDetection, ParseDependencyError, RetryPolicy, valid_service_name,
+    valid_service_ref,
+};
+pub use ports::{
+    MAX_NAMED_PORTS, NamedPort, PORT_SEPARATOR, PortBinding, access_target, port_service,
+    split_port_service, valid_port_name,
 };
 pub use rate_limit::{
     MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS, MIN_RATE_LIMIT_PERIOD, PathRateLimit, RateLimit,
@@ -78,6 +84,10 @@ pub struct Endpoint {
     pub weight: u32,
     /// Whether the instance may receive traffic.
     pub healthy: bool,
+    /// Where it serves its service's further ports, by port name (see [`port_service`]):
+    /// static endpoints' `ports`, Consul's `meshbridge-port-NAME` meta, a pod's sidecar.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// Tag marking a canary instance.
@@ -129,6 +139,9 @@ pub struct Service {
     pub preserve_header_case: bool,
     /// Local rate limits its ingress proxies enforce (`spec.rateLimit`; none by default).
     pub rate_limit: RateLimit,
+    /// The further ports its MeshService declares (`spec.ports[1..]`), each also a service
+    /// of its own named `NAME:PORT` (see [`port_service`]).
+    pub named_ports: Vec<NamedPort>,
 }
 
 /// The application protocol of a service's instances, as callers' proxies speak it to them.
@@ -145,6 +158,17 @@ pub enum AppProtocol {
     /// Opaque TCP: callers reach it on a port of their own (no Host to route by), and its
     /// ingress forwards connections, authorized by the caller's certificate.
     Tcp,
+}
+
+impl fmt::Display for AppProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+        })
+    }
 }
 
 impl AppProtocol {
@@ -355,6 +379,8 @@ pub struct ProxyGroup {
     pub egress_port: Option<u16>,
     /// Dependencies named in the node metadata.
     pub dependencies: BTreeSet<DependencyTarget>,
+    /// Listeners for the service's further named ports (node metadata `ports`), by name.
+    pub ports: BTreeMap<String, PortBinding>,
     /// Whether the proxy holds a certificate (node metadata `tls` with the files named in
     /// [`ProxyGroup::certificate_files`]), so it can accept and originate mutual TLS.
     pub tls: bool,
@@ -394,6 +420,10 @@ impl ProxyGroup {
         for d in &self.dependencies {
             text.push('|');
             text.push_str(&d.to_string());
+        }
+        for (name, binding) in &self.ports {
+            text.push_str("|port:");
+            text.push_str(&PortBinding::format(name, binding));
         }
         format!(
             "{}-{:08x}",

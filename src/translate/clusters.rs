@@ -265,17 +265,15 @@ pub fn service_clusters(
     out
 }
 
-/// The cluster of the local application.
-pub fn local_app_cluster(app_port: u16) -> Cluster {
+/// The cluster of the local application serving `service` (a service or one of its
+/// ports) on `app_port`.
+pub fn local_app_cluster(service: &str, app_port: u16) -> Cluster {
+    let name = names::local_app_cluster(service);
     Cluster {
-        name: names::LOCAL_APP_CLUSTER.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
         connect_timeout: Some(proto_duration(CONNECT_TIMEOUT)),
-        load_assignment: Some(static_assignment(
-            names::LOCAL_APP_CLUSTER,
-            "127.0.0.1",
-            app_port,
-        )),
+        load_assignment: Some(static_assignment(&name, "127.0.0.1", app_port)),
+        name,
         ..Default::default()
     }
 }

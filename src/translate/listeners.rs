@@ -33,7 +33,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier as TcpClusterSpecifier,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
@@ -445,6 +447,27 @@ pub fn service_routes(
     routes
 }
 
+/// `route` taken only by requests whose `Host` ends in `:PORT` for one of `ports` (a port
+/// name or number), renamed `NAME|route`: a route of the further port `NAME` of a service,
+/// in the service's virtual host.
+pub fn on_port(mut route: Route, name: &str, ports: &[String]) -> Route {
+    route.name = format!("{name}|{}", route.name);
+    let matcher = route.r#match.get_or_insert_with(prefix_match);
+    matcher.headers.push(HeaderMatcher {
+        name: ":authority".to_string(),
+        header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
+                // Port names and numbers carry no regex metacharacters (validated).
+                regex: format!("[^:]+:({})", ports.join("|")),
+                ..Default::default()
+            })),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    });
+    route
+}
+
 /// A virtual host answering every request (but a `CONNECT`) with a local reply naming the
 /// reason.
 pub fn local_reply_vhost(
@@ -496,7 +519,8 @@ pub fn local_reply_route(
 /// The ingress route configuration: everything to the local application, under the
 /// service's rate limits (see [`super::rate_limit`]): a route of its own per path limit,
 /// most specific first, and the service-wide limit on the virtual host.
-pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
+pub fn ingress_route(service: &str, rate_limit: &RateLimit) -> RouteConfiguration {
+    let app_cluster = names::local_app_cluster(service);
     // One entry per map at most: a protobuf map is encoded in no fixed order.
     let limited = |bucket: &TokenBucket, path: Option<&str>| {
         [(
@@ -509,9 +533,7 @@ pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
         name,
         r#match: Some(matcher),
         action: Some(Action::Route(RouteAction {
-            cluster_specifier: Some(ClusterSpecifier::Cluster(
-                names::LOCAL_APP_CLUSTER.to_string(),
-            )),
+            cluster_specifier: Some(ClusterSpecifier::Cluster(app_cluster.clone())),
             ..Default::default()
         })),
         ..Default::default()
@@ -532,7 +554,7 @@ pub fn ingress_route(rate_limit: &RateLimit) -> RouteConfiguration {
         .collect();
     routes.push(app_route("app".to_string(), prefix_match()));
     RouteConfiguration {
-        name: names::INGRESS_ROUTE.to_string(),
+        name: names::ingress_route(service),
         virtual_hosts: vec![VirtualHost {
             name: "local".to_string(),
             domains: vec!["*".to_string()],

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::config::route::v3::{Route, RouteConfiguration, VirtualHost};
 
 use crate::model::{
     DependencySettings, DependencyTarget, ExternalDomain, MeshSettings, MeshState, MtlsMode,
@@ -113,10 +113,11 @@ pub struct ResolvedDependencies {
 }
 
 /// Everything a group's ingress is made from besides the mesh state: groups with the same
-/// spec share one ingress (built and encoded once per mesh state).
+/// spec share one ingress (built and encoded once per mesh state). A proxy has one for its
+/// service's first port and one for each further port it serves.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IngressSpec {
-    /// The service the proxy runs beside.
+    /// The service the proxy runs beside, or one of its further ports (`NAME:PORT`).
     pub service: String,
     /// Port of the ingress listener.
     pub port: u16,
@@ -147,15 +148,31 @@ pub struct EgressSpec {
 }
 
 impl ProxyGroup {
-    /// The spec of this group's ingress, when it has one (an ingress port and an app port).
-    pub fn ingress_spec(&self) -> Option<IngressSpec> {
-        Some(IngressSpec {
-            service: self.service.clone(),
-            port: self.ingress_port?,
+    /// The specs of this group's ingresses: its service's, when it has one (an ingress port
+    /// and an app port), then one per further port of its service it serves (node metadata
+    /// `ports`), by port name.
+    pub fn ingress_specs(&self) -> Vec<IngressSpec> {
+        let spec = |service: String, port, app_port| IngressSpec {
+            service,
+            port,
             host: self.ingress_host.clone(),
-            app_port: self.app_port?,
+            app_port,
             tls: self.tls,
-        })
+        };
+        let first = self
+            .ingress_port
+            .zip(self.app_port)
+            .map(|(port, app)| spec(self.service.clone(), port, app));
+        first
+            .into_iter()
+            .chain(self.ports.iter().map(|(name, b)| {
+                spec(
+                    crate::model::port_service(&self.service, name),
+                    b.ingress_port,
+                    b.app_port,
+                )
+            }))
+            .collect()
     }
 
     /// The spec of this group's egress in `state`, when it has one: node-metadata
@@ -292,13 +309,14 @@ impl Reads {
 /// What the ingress of `spec` reads: its service (mTLS mode, protocol, rate limits), the
 /// access policy targeting it, and with source-IP identity the services its rules name as callers.
 pub fn ingress_reads(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Reads {
+    let target = crate::model::access_target(&spec.service);
     let mut reads = Reads {
-        services: [spec.service.clone()].into(),
-        access: [spec.service.clone()].into(),
+        services: [spec.service.clone(), target.to_string()].into(),
+        access: [target.to_string()].into(),
         ..Default::default()
     };
     if settings.source_ip_identity
-        && let Some(policy) = state.access.get(&spec.service)
+        && let Some(policy) = state.access.get(target)
     {
         for caller in policy.rules.iter().flat_map(|r| &r.from) {
             if let crate::model::CallerMatch::Service(glob) = caller {
@@ -313,7 +331,8 @@ pub fn ingress_reads(state: &MeshState, settings: &MeshSettings, spec: &IngressS
     reads
 }
 
-/// What the egress of `spec` reads: every service it calls (or every service at all).
+/// What the egress of `spec` reads: every service it calls, and the service of every
+/// further port it calls (or every service at all).
 pub fn egress_reads(spec: &EgressSpec) -> Reads {
     let mut reads = Reads {
         every_service: spec.wildcard_allowed,
@@ -321,6 +340,10 @@ pub fn egress_reads(spec: &EgressSpec) -> Reads {
     };
     for target in spec.dependencies.keys() {
         if let DependencyTarget::Service(name) = target {
+            // A further port is routed in its service's virtual host (names, ports).
+            reads
+                .services
+                .insert(crate::model::access_target(name).to_string());
             reads.services.insert(name.clone());
         }
     }
@@ -331,12 +354,14 @@ pub fn egress_reads(spec: &EgressSpec) -> Reads {
 /// MeshService dependencies shape the egress spec.
 pub fn group_reads(state: &MeshState, settings: &MeshSettings, group: &ProxyGroup) -> Reads {
     let ingress = group
-        .ingress_spec()
+        .ingress_specs()
+        .into_iter()
         .map(|spec| ingress_reads(state, settings, &spec));
     let egress = group
         .egress_spec(state, settings)
         .map(|spec| egress_reads(&spec));
-    Reads::of_group(&group.service, ingress.iter().chain(&egress))
+    let parts: Vec<Reads> = ingress.chain(egress).collect();
+    Reads::of_group(&group.service, &parts)
 }
 
 impl Reads {
@@ -364,7 +389,7 @@ pub fn group_resources(
         originate_tls: group.tls,
         ..Default::default()
     };
-    if let Some(spec) = group.ingress_spec() {
+    for spec in group.ingress_specs() {
         out.merge(ingress_resources(state, settings, &spec));
     }
     if let Some(spec) = group.egress_spec(state, settings) {
@@ -447,7 +472,7 @@ pub fn ingress_resources(
         clusters: vec![{
             let service = state.services.get(&spec.service);
             clusters::speaking(
-                clusters::local_app_cluster(spec.app_port),
+                clusters::local_app_cluster(&spec.service, spec.app_port),
                 service.map(|s| s.protocol).unwrap_or_default(),
                 service.is_some_and(|s| s.preserve_header_case),
             )
@@ -524,33 +549,32 @@ pub fn egress_resources(
         .map(|n| n.to_ascii_lowercase())
         .chain(deps.domains.keys().map(|d| d.host.clone()))
         .collect();
+    // Routes of further ports (`NAME:PORT`), by service: they go first in its virtual host,
+    // taking the requests whose `Host` names the port.
+    let mut port_routes: BTreeMap<&str, Vec<Route>> = BTreeMap::new();
     for (name, s) in &deps.services {
-        if !domains_taken.insert(name.to_ascii_lowercase()) {
+        let (parent, port_name) = crate::model::split_port_service(name);
+        if port_name.is_none() && !domains_taken.insert(name.to_ascii_lowercase()) {
             out.warnings.push(format!(
                 "dependency {name} ignored: {} is already routed by another dependency",
                 name.to_ascii_lowercase()
             ));
             continue;
         }
-        let domains = service_domains(state, settings, name, &own_names, &mut domains_taken)
-            .unwrap_or_else(|(domains, warning)| {
-                out.warnings.push(warning);
-                domains
-            });
-        match state.services.get(name) {
+        let routes = match state.services.get(name) {
             Some(service) if service.mtls == MtlsMode::Strict && !spec.tls => {
                 out.warnings.push(format!(
                     "dependency {name} refused locally: it accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)"
                 ));
-                vhosts.push(listeners::local_reply_vhost(
-                    name,
-                    domains,
+                vec![listeners::local_reply_route(
+                    "mtls-required",
+                    listeners::prefix_match(),
                     503,
                     "mtls-required",
                     format!(
                         "meshbridge: {name} accepts only mutual TLS and this proxy has no certificate (meshbridge bootstrap --tls-*)\n"
                     ),
-                ));
+                )]
             }
             Some(service) if service.protocol.is_tcp() => {
                 let cluster =
@@ -561,9 +585,9 @@ pub fn egress_resources(
                         "dependency {name}: timeout and retries do not apply to a tcp service (connections are forwarded as they are)"
                     ));
                 }
-                vhosts.push(listeners::local_reply_vhost(
-                    name,
-                    domains,
+                vec![listeners::local_reply_route(
+                    "tcp-service",
+                    listeners::prefix_match(),
                     400,
                     "tcp-service",
                     match s.local_port.or(service.port) {
@@ -572,7 +596,7 @@ pub fn egress_resources(
                         ),
                         None => format!("meshbridge: {name} is a tcp service\n"),
                     },
-                ));
+                )]
             }
             Some(service) => {
                 let mut cluster =
@@ -581,28 +605,117 @@ pub fn egress_resources(
                 let canary = service
                     .has_canary()
                     .then(|| cluster(names::canary_cluster(name)));
-                vhosts.push(VirtualHost {
-                    name: name.clone(),
-                    domains,
-                    routes: listeners::service_routes(
-                        &default,
-                        canary.as_deref(),
-                        s,
-                        service.protocol,
-                    ),
-                    ..Default::default()
-                });
+                listeners::service_routes(&default, canary.as_deref(), s, service.protocol)
             }
-            None => vhosts.push(listeners::local_reply_vhost(
-                name,
-                domains,
+            None => vec![listeners::local_reply_route(
+                "unknown-service",
+                listeners::prefix_match(),
                 503,
                 "unknown-service",
                 format!(
                     "meshbridge: {name} is a declared dependency but no such service is known (no MeshService, no instances)\n"
                 ),
-            )),
+            )],
+        };
+        if let Some(port_name) = port_name {
+            // `Host: orders:admin`, or the port's number (`orders:9090`, as a Kubernetes
+            // client names a Service port), under any of the service's names.
+            let mut ports = vec![port_name.to_string()];
+            if let Some(number) = state.services.get(name).and_then(|s| s.port) {
+                ports.push(number.to_string());
+            }
+            port_routes.entry(parent).or_default().extend(
+                routes
+                    .into_iter()
+                    .map(|r| listeners::on_port(r, port_name, &ports)),
+            );
+            continue;
         }
+        let domains = service_domains(state, settings, name, &own_names, &mut domains_taken)
+            .unwrap_or_else(|(domains, warning)| {
+                out.warnings.push(warning);
+                domains
+            });
+        // A further port that is no dependency is refused, not taken for the first port.
+        let mut refused_ports: Vec<Route> = state
+            .services
+            .get(name)
+            .into_iter()
+            .flat_map(|service| &service.named_ports)
+            .filter(|p| {
+                !deps
+                    .services
+                    .contains_key(&crate::model::port_service(name, &p.name))
+            })
+            .map(|p| {
+                listeners::on_port(
+                    listeners::local_reply_route(
+                        "undeclared-port",
+                        listeners::prefix_match(),
+                        403,
+                        "undeclared-dependency",
+                        format!(
+                            "meshbridge: {name}:{} is not a declared dependency of the calling service\n",
+                            p.name
+                        ),
+                    ),
+                    &p.name,
+                    &[p.name.clone(), p.port.to_string()],
+                )
+            })
+            .collect();
+        refused_ports.extend(routes);
+        vhosts.push(VirtualHost {
+            name: name.clone(),
+            domains,
+            routes: refused_ports,
+            ..Default::default()
+        });
+    }
+    let by_name: BTreeMap<String, usize> = if port_routes.is_empty() {
+        BTreeMap::new()
+    } else {
+        vhosts
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect()
+    };
+    for (parent, mut routes) in port_routes {
+        if let Some(&i) = by_name.get(parent) {
+            let vhost = &mut vhosts[i];
+            routes.append(&mut vhost.routes);
+            vhost.routes = routes;
+            continue;
+        }
+        if !domains_taken.insert(parent.to_ascii_lowercase()) {
+            out.warnings.push(format!(
+                "dependencies on ports of {parent} ignored: {} is already routed by another dependency",
+                parent.to_ascii_lowercase()
+            ));
+            continue;
+        }
+        let domains = service_domains(state, settings, parent, &own_names, &mut domains_taken)
+            .unwrap_or_else(|(domains, warning)| {
+                out.warnings.push(warning);
+                domains
+            });
+        // Only some ports of it are dependencies: the rest is refused as undeclared.
+        routes.push(listeners::local_reply_route(
+            "undeclared-port",
+            listeners::prefix_match(),
+            403,
+            "undeclared-dependency",
+            format!(
+                "meshbridge: only some ports of {parent} are declared dependencies of the calling service: name the port in Host ({parent}:PORT)\n"
+            ),
+        ));
+        vhosts.push(VirtualHost {
+            name: parent.to_string(),
+            domains,
+            routes,
+            ..Default::default()
+        });
     }
     // Authorities (`host:port`) a `CONNECT` may name.
     let mut tunnels: Vec<String> = Vec::new();

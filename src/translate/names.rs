@@ -23,6 +23,30 @@ pub fn tcp_egress_service(listener: &str) -> Option<&str> {
 }
 /// Route configuration of the ingress listener.
 pub const INGRESS_ROUTE: &str = "ingress";
+
+/// `base` for the ingress of `service`'s first port, `base|PORT` for the ingress of its
+/// further port `service:PORT`.
+fn per_port(base: &str, service: &str) -> String {
+    match crate::model::split_port_service(service) {
+        (_, Some(port)) => format!("{base}|{port}"),
+        (_, None) => base.to_string(),
+    }
+}
+
+/// The ingress listener serving `service` (a service or one of its ports, `NAME:PORT`).
+pub fn ingress_listener(service: &str) -> String {
+    per_port(INGRESS_LISTENER, service)
+}
+
+/// The route configuration of [`ingress_listener`].
+pub fn ingress_route(service: &str) -> String {
+    per_port(INGRESS_ROUTE, service)
+}
+
+/// The cluster of the local application behind [`ingress_listener`].
+pub fn local_app_cluster(service: &str) -> String {
+    per_port(LOCAL_APP_CLUSTER, service)
+}
 /// Route configuration of the egress listener.
 pub const EGRESS_ROUTE: &str = "egress";
 /// Cluster of the local application (`127.0.0.1:app_port`).

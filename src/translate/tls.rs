@@ -121,14 +121,19 @@ pub fn downstream_tls(trust_domain: &str) -> TransportSocket {
 }
 
 /// The TLS a caller originates towards `service`: its own certificate as client certificate,
-/// and the callee's certificate must name exactly that service.
+/// and the callee's certificate must name exactly that service (for a further port,
+/// `NAME:PORT`, the service `NAME`: one identity serves all its ports).
 pub fn upstream_tls(trust_domain: &str, service: &str) -> TransportSocket {
+    let identity = crate::model::access_target(service);
     let context = UpstreamTlsContext {
         common_tls_context: Some(common_context(StringMatcher {
-            match_pattern: Some(MatchPattern::Exact(names::spiffe_id(trust_domain, service))),
+            match_pattern: Some(MatchPattern::Exact(names::spiffe_id(
+                trust_domain,
+                identity,
+            ))),
             ..Default::default()
         })),
-        sni: service.to_string(),
+        sni: identity.to_string(),
         ..Default::default()
     };
     TransportSocket {

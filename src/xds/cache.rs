@@ -264,8 +264,8 @@ impl SnapshotCache {
     fn build(&self, world: &World, group: &ProxyGroup) -> Built {
         let started = std::time::Instant::now();
         let (state, settings) = (&*world.state, &self.settings);
-        let mut cells = Vec::with_capacity(2);
-        if let Some(spec) = group.ingress_spec() {
+        let mut cells = Vec::with_capacity(2 + group.ports.len());
+        for spec in group.ingress_specs() {
             cells.push(memo_get(&world.parts.ingress, &spec, || {
                 let resources = translate::ingress_resources(state, settings, &spec);
                 (

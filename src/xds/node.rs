@@ -3,9 +3,12 @@
 use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
-use crate::model::{CertificateFiles, DependencyTarget, ProxyGroup, valid_service_name};
+use crate::model::{
+    CertificateFiles, DependencyTarget, MAX_NAMED_PORTS, PortBinding, ProxyGroup,
+    valid_service_name,
+};
 
 /// Node metadata key naming the proxy's service (required).
 pub const SERVICE_NAME: &str = "service_name";
@@ -70,48 +73,24 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
         });
     }
     let mut dependencies = BTreeSet::new();
-    if let Some(v) = meta.fields.get("dependencies") {
-        let items = match &v.kind {
-            Some(Kind::ListValue(list)) => list.values.clone(),
-            Some(Kind::StringValue(s)) => s
-                .split(',')
-                .map(|p| Value {
-                    kind: Some(Kind::StringValue(p.to_string())),
-                })
-                .collect(),
-            Some(Kind::NullValue(_)) | None => Vec::new(),
-            _ => {
-                return Err(NodeError::BadMetadata {
-                    key: "dependencies",
-                    reason: "expected a list of strings".into(),
-                });
-            }
-        };
-        if items.len() > MAX_DEPENDENCIES {
-            return Err(NodeError::BadMetadata {
+    for text in string_list(meta, "dependencies", MAX_DEPENDENCIES)? {
+        let target = text
+            .parse::<DependencyTarget>()
+            .map_err(|e| NodeError::BadMetadata {
                 key: "dependencies",
-                reason: format!("{} entries; at most {MAX_DEPENDENCIES}", items.len()),
-            });
-        }
-        for item in items {
-            let Some(Kind::StringValue(text)) = &item.kind else {
-                return Err(NodeError::BadMetadata {
-                    key: "dependencies",
-                    reason: "expected a list of strings".into(),
-                });
-            };
-            if text.trim().is_empty() {
-                continue;
-            }
-            let target = text
-                .parse::<DependencyTarget>()
-                .map_err(|e| NodeError::BadMetadata {
-                    key: "dependencies",
-                    reason: e.to_string(),
-                })?;
-            dependencies.insert(target);
-        }
+                reason: e.to_string(),
+            })?;
+        dependencies.insert(target);
     }
+    let ports = PortBinding::parse_all(
+        string_list(meta, "ports", MAX_NAMED_PORTS)?
+            .iter()
+            .map(String::as_str),
+    )
+    .map_err(|reason| NodeError::BadMetadata {
+        key: "ports",
+        reason,
+    })?;
     let tls = flag(meta, "tls")?;
     let files = [
         path(meta, "tls_cert")?,
@@ -139,10 +118,37 @@ pub fn parse_node(node: Option<&Node>) -> Result<ProxyIdentity, NodeError> {
             app_port: port(meta, "app_port")?,
             egress_port: port(meta, "egress_port")?,
             dependencies,
+            ports,
             tls: certificate_files.is_some(),
             certificate_files,
         },
     })
+}
+
+/// A list of strings (or one comma-separated string) of at most `max` non-blank items.
+fn string_list(meta: &Struct, key: &'static str, max: usize) -> Result<Vec<String>, NodeError> {
+    let bad = |reason: String| NodeError::BadMetadata { key, reason };
+    let items: Vec<String> = match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => Vec::new(),
+        Some(Kind::StringValue(s)) => s.split(',').map(str::to_string).collect(),
+        Some(Kind::ListValue(list)) => list
+            .values
+            .iter()
+            .map(|v| match &v.kind {
+                Some(Kind::StringValue(text)) => Ok(text.clone()),
+                _ => Err(bad("expected a list of strings".into())),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("expected a list of strings".into())),
+    };
+    if items.len() > max {
+        return Err(bad(format!("{} entries; at most {max}", items.len())));
+    }
+    Ok(items
+        .into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect())
 }
 
 /// A file path the proxy names: at most [`MAX_PATH`] bytes, no control characters.
@@ -229,7 +235,7 @@ fn port(meta: &Struct, key: &'static str) -> Result<Option<u16>, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::google::protobuf::ListValue;
+    use envoy_types::pb::google::protobuf::{ListValue, Value};
 
     #[test]
     fn long_node_ids_and_huge_dependency_lists_are_refused() {
@@ -338,6 +344,52 @@ mod tests {
         assert_eq!(id.group.egress_port, Some(15001));
         assert_eq!(id.group.app_port, Some(8080));
         assert_eq!(id.group.dependencies.len(), 2);
+    }
+
+    #[test]
+    fn further_ports_are_bindings_and_bad_ones_are_named() {
+        let list = |items: &[&str]| {
+            Kind::ListValue(ListValue {
+                values: items
+                    .iter()
+                    .map(|i| Value {
+                        kind: Some(Kind::StringValue(i.to_string())),
+                    })
+                    .collect(),
+            })
+        };
+        let id = parse_node(Some(&node(&[
+            ("service_name", Kind::StringValue("orders".into())),
+            ("ports", list(&["admin=15100:8081", "db=15101:5432"])),
+        ])))
+        .unwrap();
+        assert_eq!(
+            id.group.ports["admin"],
+            PortBinding {
+                ingress_port: 15100,
+                app_port: 8081
+            }
+        );
+        assert_eq!(id.group.ports.len(), 2);
+        let err = parse_node(Some(&node(&[
+            ("service_name", Kind::StringValue("orders".into())),
+            ("ports", list(&["admin=15100"])),
+        ])))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ports") && err.contains("admin=15100"),
+            "{err}"
+        );
+        let many: Vec<String> = (0..17).map(|i| format!("p{i}=1{i:04}:80")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(
+            parse_node(Some(&node(&[
+                ("service_name", Kind::StringValue("orders".into())),
+                ("ports", list(&many)),
+            ])))
+            .is_err()
+        );
     }
 
     #[test]

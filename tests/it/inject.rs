@@ -156,6 +156,14 @@ fn bad_annotations_are_refused_naming_them() {
             json!({"meshbridge.io/drain-seconds": "5s"}),
             "meshbridge.io/drain-seconds",
         ),
+        (
+            json!({"meshbridge.io/ports": "admin"}),
+            "meshbridge.io/ports",
+        ),
+        (
+            json!({"meshbridge.io/ports": "admin=15006:8081"}),
+            "port 15006 of admin is used twice",
+        ),
     ] {
         let err = inject_manifest(pod(annotations), &settings).unwrap_err();
         assert!(err.to_string().contains(field), "{err}");
@@ -805,4 +813,39 @@ fn a_bad_tls_secret_name_is_refused_naming_where_it_came_from() {
     clash["spec"]["volumes"] = json!([{"name": "meshbridge-tls", "emptyDir": {}}]);
     let err = inject_manifest(clash, &settings).unwrap_err();
     assert_eq!(err.field, "spec.volumes");
+}
+
+/// The application's further named container ports each get a listener of the sidecar's
+/// (from 15100), written into the bootstrap's node metadata and the pod's annotation (what
+/// the Kubernetes source reads back); with iptables redirection, a caller reaching such a
+/// port directly goes through its listener. A port the pod names itself is kept.
+#[test]
+fn named_container_ports_get_sidecar_listeners_of_their_own() {
+    let mut doc = pod(json!({"meshbridge.io/transparent": "true"}));
+    doc["spec"]["containers"][0]["ports"] = json!([
+        {"name": "http", "containerPort": 8080},
+        {"name": "admin", "containerPort": 8081},
+        {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+        {"containerPort": 9000},
+    ]);
+    let out = injected(doc.clone(), &InjectSettings::default());
+    assert_eq!(
+        out["metadata"]["annotations"]["meshbridge.io/ports"],
+        "admin=15100:8081"
+    );
+    let sidecar = named(&out["spec"]["initContainers"], "meshbridge-proxy").to_string();
+    assert!(sidecar.contains("admin=15100:8081"), "{sidecar}");
+    let init = named(&out["spec"]["initContainers"], "meshbridge-init")["command"].to_string();
+    assert!(
+        init.contains("--dport 8081 -j REDIRECT --to-ports 15100"),
+        "{init}"
+    );
+    assert!(init.contains("--dport 15100 -j RETURN"), "{init}");
+
+    doc["metadata"]["annotations"]["meshbridge.io/ports"] = json!("admin=15200:8081");
+    let out = injected(doc, &InjectSettings::default());
+    assert_eq!(
+        out["metadata"]["annotations"]["meshbridge.io/ports"],
+        "admin=15200:8081"
+    );
 }

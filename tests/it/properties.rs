@@ -37,6 +37,9 @@ const NAMES: &[&str] = &[
 ];
 /// Named as dependencies but never declared.
 const UNKNOWN: &[&str] = &["ghost", "legacy-db"];
+/// Further ports named as dependencies: of services that may declare or serve `admin`, and of
+/// one that never exists.
+const PORTS: &[&str] = &["orders:admin", "billing:admin", "ghost:admin"];
 const DOMAINS: &[&str] = &[
     "https://api.example.com",
     "http://api.example.com",
@@ -54,6 +57,8 @@ struct GenEndpoint {
     weight_tag: Option<u32>,
     weight: Option<u32>,
     mtls: bool,
+    /// Where it serves the further port `admin`, when its service has one.
+    admin: Option<u16>,
 }
 
 impl GenEndpoint {
@@ -80,6 +85,14 @@ impl GenEndpoint {
             e["weight"] = json!(w);
         }
         e
+    }
+
+    /// The further ports it serves, as a source reports them.
+    fn ports(&self) -> BTreeMap<String, u16> {
+        self.admin
+            .map(|p| ("admin".to_string(), p))
+            .into_iter()
+            .collect()
     }
 
     /// The weight meshbridge should give it.
@@ -117,6 +130,8 @@ struct GenService {
     rate_limit: Option<u32>,
     /// `spec.rateLimit.paths`, each prefix once.
     path_limits: Vec<GenPathLimit>,
+    /// The protocol of a further port `admin` it declares, if any.
+    admin_protocol: Option<&'static str>,
 }
 
 impl GenService {
@@ -142,8 +157,19 @@ impl GenService {
             }
             service = service.set("rateLimit", limit);
         }
+        if let Some(protocol) = self.admin_protocol {
+            service = service.set(
+                "ports",
+                json!([{"port": 80}, {"name": "admin", "port": 9090, "protocol": protocol}]),
+            );
+        }
         for e in endpoints {
-            service = service.endpoint_with(e.json());
+            let mut json = e.json();
+            // A host may name only ports its service declares.
+            if let (Some(port), Some(_)) = (e.admin, self.admin_protocol) {
+                json["ports"] = json!({"admin": port});
+            }
+            service = service.endpoint_with(json);
         }
         for d in deps {
             let mut dependency = if d.target.contains("://") {
@@ -202,6 +228,7 @@ impl GenDiscovered {
                         weight: Endpoint::weight_from_tags(&tags).unwrap_or(1),
                         tags,
                         healthy: *healthy,
+                        ports: e.ports(),
                     }
                 })
                 .collect(),
@@ -327,9 +354,10 @@ fn endpoint() -> impl Strategy<Value = GenEndpoint> {
         prop::option::weighted(0.3, 0u32..300),
         prop::option::weighted(0.3, 1u32..=128),
         prop::bool::weighted(0.2),
+        prop::option::weighted(0.3, prop::sample::select(vec![15100u16, 15101])),
     )
         .prop_map(
-            |(host, port, datacenter, canary, weight_tag, weight, mtls)| GenEndpoint {
+            |(host, port, datacenter, canary, weight_tag, weight, mtls, admin)| GenEndpoint {
                 host,
                 port,
                 datacenter,
@@ -337,6 +365,7 @@ fn endpoint() -> impl Strategy<Value = GenEndpoint> {
                 weight_tag,
                 weight,
                 mtls,
+                admin,
             },
         )
 }
@@ -345,6 +374,7 @@ fn all_targets() -> Vec<&'static str> {
     NAMES
         .iter()
         .chain(UNKNOWN)
+        .chain(PORTS)
         .chain(DOMAINS)
         .chain(&["*"])
         .copied()
@@ -392,18 +422,22 @@ fn service() -> impl Strategy<Value = GenService> {
         prop::option::of(1..1000u32),
         prop::sample::subsequence(vec!["/", "/api", "/api/", "/api/orders", "/login"], 0..=3),
         1..100u32,
+        prop::option::weighted(0.4, prop::sample::select(vec!["http", "grpc", "tcp"])),
     )
         .prop_map(
-            |(name, mtls, endpoints, dependencies, rate_limit, prefixes, requests)| GenService {
-                name,
-                mtls,
-                endpoints,
-                dependencies,
-                rate_limit,
-                path_limits: prefixes
-                    .into_iter()
-                    .map(|prefix| GenPathLimit { prefix, requests })
-                    .collect(),
+            |(name, mtls, endpoints, dependencies, rate_limit, prefixes, requests, admin)| {
+                GenService {
+                    admin_protocol: admin,
+                    name,
+                    mtls,
+                    endpoints,
+                    dependencies,
+                    rate_limit,
+                    path_limits: prefixes
+                        .into_iter()
+                        .map(|prefix| GenPathLimit { prefix, requests })
+                        .collect(),
+                }
             },
         )
 }
@@ -425,21 +459,34 @@ fn group() -> impl Strategy<Value = ProxyGroup> {
         prop::option::weighted(0.8, Just(15001u16)),
         prop::sample::subsequence(all_targets(), 0..4),
         any::<bool>(),
+        prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(service, ingress_port, ingress_host, app_port, egress_port, deps, tls)| ProxyGroup {
-                service: service.to_string(),
-                ingress_port,
-                ingress_host: ingress_host.map(str::to_string),
-                app_port,
-                egress_port,
-                dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
-                tls,
-                certificate_files: tls.then(|| meshbridge::model::CertificateFiles {
-                    cert: "/tls/tls.crt".into(),
-                    key: "/tls/tls.key".into(),
-                    ca: "/tls/ca.crt".into(),
-                }),
+            |(service, ingress_port, ingress_host, app_port, egress_port, deps, tls, admin)| {
+                ProxyGroup {
+                    service: service.to_string(),
+                    ingress_port,
+                    ingress_host: ingress_host.map(str::to_string),
+                    app_port,
+                    egress_port,
+                    dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
+                    ports: admin
+                        .then(|| {
+                            let binding = meshbridge::model::PortBinding {
+                                ingress_port: 15100,
+                                app_port: 3100,
+                            };
+                            ("admin".to_string(), binding)
+                        })
+                        .into_iter()
+                        .collect(),
+                    tls,
+                    certificate_files: tls.then(|| meshbridge::model::CertificateFiles {
+                        cert: "/tls/tls.crt".into(),
+                        key: "/tls/tls.key".into(),
+                        ca: "/tls/ca.crt".into(),
+                    }),
+                }
             },
         )
 }
@@ -747,11 +794,13 @@ proptest! {
             check_envoy_acceptance(s)?;
             check_assignments(&built.state, &mesh.settings, s)?;
             // Listeners exactly as the group asks for.
-            let listeners: Vec<&str> = s
+            // (A `tcp` port a dependency names gets a listener of its own, unless its port
+            // is taken: checked in the translation's tests.)
+            let (tcp, listeners): (Vec<&str>, Vec<&str>) = s
                 .resources(ResourceType::Listener)
                 .keys()
                 .map(String::as_str)
-                .collect();
+                .partition(|l| l.starts_with("egress|tcp|"));
             let mut expected = Vec::new();
             if g.egress_port.is_some() {
                 expected.push("egress");
@@ -759,7 +808,19 @@ proptest! {
             if g.ingress_port.is_some() && g.app_port.is_some() {
                 expected.push("ingress");
             }
+            // One more ingress per further port the proxy serves.
+            let further: Vec<String> = g.ports.keys().map(|p| format!("ingress|{p}")).collect();
+            expected.extend(further.iter().map(String::as_str));
             prop_assert_eq!(listeners, expected);
+            let deps = meshbridge::translate::resolve_dependencies(&built.state, &mesh.settings, g);
+            for l in tcp {
+                let service = l.trim_start_matches("egress|tcp|");
+                prop_assert!(
+                    deps.services.contains_key(service)
+                        && built.state.services[service].protocol.is_tcp(),
+                    "{} without a tcp dependency", l
+                );
+            }
             // A service the group depends on and the mesh knows is routed (unless its name
             // is taken by another dependency, which is warned about).
             if g.egress_port.is_some() {
@@ -865,14 +926,22 @@ proptest! {
         prop_assert_ne!(old, new);
         e.weight = Some(new);
         let canary = e.canary;
+        // The instance also serves its service's further port: that port's too.
+        let serves_admin = e.admin.is_some() && changed.services[i].admin_protocol.is_some();
         let name = changed.services[i].name;
 
         let before = build_all(&mesh, index_of(&applications(&mesh, None)).state());
         let after = build_all(&changed, index_of(&applications(&changed, None)).state());
 
         let mut expected: BTreeSet<String> = [name.to_string()].into();
+        if serves_admin {
+            expected.insert(format!("{name}:admin"));
+        }
         if canary {
             expected.insert(format!("{name}|canary"));
+            if serves_admin {
+                expected.insert(format!("{name}:admin|canary"));
+            }
         }
         // Shared mesh resources: only the service's assignments moved.
         prop_assert_eq!(
@@ -897,7 +966,9 @@ proptest! {
                 let bytes_differ = x.resources(*t)[n].body.value != y.resources(*t)[n].body.value;
                 prop_assert_eq!(moved, bytes_differ, "{} {}", t, n);
             }
-            let uses = x.resources(ResourceType::Endpoint).contains_key(name);
+            let uses = expected
+                .iter()
+                .any(|n| x.resources(ResourceType::Endpoint).contains_key(n));
             prop_assert_eq!(
                 x.version(ResourceType::Endpoint) != y.version(ResourceType::Endpoint),
                 uses
@@ -918,6 +989,9 @@ fn generated_names_are_valid() {
     }
     for d in DOMAINS {
         assert!(matches!(d.parse(), Ok(DependencyTarget::Domain(_))), "{d}");
+    }
+    for p in PORTS {
+        assert!(matches!(p.parse(), Ok(DependencyTarget::Service(_))), "{p}");
     }
 }
 

@@ -370,3 +370,137 @@ async fn a_tcp_service_is_reached_on_a_port_of_the_callers_over_mtls_with_access
     drop(reports_envoy);
     server.abort();
 }
+
+/// A service serving three ports behind one Envoy (strict mutual TLS): its API, an admin
+/// port and a `tcp` port. The host's Envoy serves each further port on a listener of its own
+/// (`bootstrap --port`), the manifest registers those listeners (`endpoints[].ports`), and a
+/// caller reaches each port by naming it: `Host: orders:admin` or the port's number
+/// (`orders:9090`), and its own local port for the `tcp` one. The service's AccessRules guard
+/// every port: a caller depending on `orders:admin` that no rule names is refused by the
+/// admin port's listener. A port the caller did not declare is refused by its own Envoy, not
+/// taken for the first port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_port_of_a_multi_port_service_is_reached_by_name_behind_the_same_access_rules() {
+    const TRUST_DOMAIN: &str = "mesh.local";
+    let api = support::Backend::start("orders", "api").await;
+    let admin = support::Backend::start("orders", "admin").await;
+    let db = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let db_app_port = db.local_addr().unwrap().port();
+    let db_server = tokio::spawn(tcp_echo(db));
+    let pki = tempfile::tempdir().unwrap();
+    let identity = |service: &str| issue_identity(pki.path(), "mesh", service, TRUST_DOMAIN);
+    let [ingress, admin_ingress, db_ingress, db_port] = [(); 4].map(|()| support::free_port());
+    let orders = MeshService::build("orders")
+        .set(
+            "ports",
+            json!([
+                {"name": "http", "port": 8080},
+                {"name": "admin", "port": 9090},
+                {"name": "db", "port": db_port, "protocol": "tcp"},
+            ]),
+        )
+        .set("mtls", "strict")
+        .endpoint_with(json!({
+            "address": "127.0.0.1",
+            "port": ingress,
+            "ports": {"admin": admin_ingress, "db": db_ingress},
+        }));
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("orders:admin")
+        .dependency("orders:db");
+    let reports = MeshService::build("reports").dependency("orders:admin");
+    let rule = AccessRule::build("orders-clients")
+        .target("orders")
+        .allow(&["frontend"]);
+    let cp = ControlPlane::start(&manifests(&[&orders, &frontend, &reports, &rule]), &[]).await;
+    let callee = Envoy::start(
+        &cp,
+        EnvoyOptions {
+            tls: Some(identity("orders")),
+            ports: vec![
+                format!("admin={admin_ingress}:{}", admin.port),
+                format!("db={db_ingress}:{db_app_port}"),
+            ],
+            ..EnvoyOptions::callee("orders", ingress, api.port)
+        },
+    )
+    .await;
+    let caller = |service: &str| EnvoyOptions {
+        tls: Some(identity(service)),
+        ..EnvoyOptions::caller(service)
+    };
+    let frontend_envoy = Envoy::start(&cp, caller("frontend")).await;
+    let reports_envoy = Envoy::start(&cp, caller("reports")).await;
+
+    let answer = |host: &'static str| {
+        let envoy = &frontend_envoy;
+        move || async move {
+            envoy
+                .call(host, "/x")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        }
+    };
+    let r = eventually(Duration::from_secs(20), "orders' API", answer("orders")).await;
+    assert!(r.body.starts_with("hello from orders api"), "{}", r.body);
+    for host in ["orders:admin", "orders:9090", "ORDERS:admin"] {
+        let r = eventually(Duration::from_secs(20), "orders' admin port", answer(host)).await;
+        assert!(
+            r.body.starts_with("hello from orders admin"),
+            "{host}: {}",
+            r.body
+        );
+    }
+    // Another port number is the first port, as without named ports.
+    let r = frontend_envoy.call("orders:8080", "/").await.unwrap();
+    assert!(r.body.starts_with("hello from orders api"), "{}", r.body);
+    let echo = eventually(Duration::from_secs(20), "orders' db port", || async {
+        echo_through(db_port, "ping").await.ok()
+    })
+    .await;
+    assert_eq!(echo, "ping");
+
+    // reports may name the admin port but no rule lets it in: the admin port's listener
+    // refuses it (mutual TLS, then RBAC), and reports' Envoy refuses the API itself.
+    let refused = eventually(Duration::from_secs(20), "reports refused", || async {
+        reports_envoy
+            .call("orders:admin", "/")
+            .await
+            .ok()
+            .filter(|r| r.status == 403)
+    })
+    .await;
+    assert!(!refused.body.contains("hello"), "{}", refused.body);
+    let denied = eventually(Duration::from_secs(10), "the denial counted", || async {
+        callee
+            .stat("http.ingress|admin.rbac.orders.denied")
+            .await
+            .filter(|n| *n > 0)
+    })
+    .await;
+    assert!(denied >= 1);
+    let r = reports_envoy.call("orders", "/").await.unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(
+        r.header("x-meshbridge-reason"),
+        Some("undeclared-dependency")
+    );
+    assert!(r.body.contains("name the port"), "{}", r.body);
+
+    // The admin API shows the ports, and each port's instances.
+    let detail = cp.admin_json("/api/services/orders").await;
+    assert_eq!(
+        detail["ports"],
+        json!([
+            {"name": "admin", "port": 9090, "target_port": 9090, "protocol": "http"},
+            {"name": "db", "port": db_port, "target_port": db_port, "protocol": "tcp"},
+        ]),
+        "{detail}"
+    );
+    let port = cp.admin_json("/api/services/orders:admin").await;
+    assert_eq!(port["instances"][0]["port"], json!(admin_ingress), "{port}");
+    assert_eq!(port["access"]["target"], json!("orders"), "{port}");
+    db_server.abort();
+}

@@ -772,6 +772,7 @@ fn render_routes(rc: &RouteConfiguration) -> String {
                             format!("{}={v:?} (any case)", h.name)
                         }
                         Some(MatchPattern::Exact(v)) => format!("{}={v:?}", h.name),
+                        Some(MatchPattern::SafeRegex(r)) => format!("{}~{:?}", h.name, r.regex),
                         other => format!("{} {other:?}", h.name),
                     },
                     other => format!("{} {other:?}", h.name),
@@ -2634,6 +2635,9 @@ fn envoy_accepts_every_scenario() {
         ("tcp_callers", scenario_tcp_callers()),
         ("tcp_ingress", scenario_tcp_ingress()),
         ("rate_limit", scenario_rate_limit()),
+        ("multi_port_callers", scenario_multi_port_callers()),
+        ("multi_port_monitor", scenario_multi_port_monitor()),
+        ("multi_port_ingress", scenario_multi_port_ingress()),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();
@@ -2975,7 +2979,7 @@ fn j_tcp_ports_that_collide_are_reported_and_wildcards_leave_tcp_services_out() 
     assert!(routes.contains(&"orders".to_string()), "{routes:?}");
     assert!(!routes.contains(&"cache".to_string()), "{routes:?}");
 
-    // A port on an external domain, or on a tcp service's MeshService a later tcp port, is refused.
+    // A port on an external domain, or a further port without a name, is refused.
     let bad = MeshService::build("x")
         .dependency_with(json!({"domain": "https://api.example.com", "port": 7000}))
         .set(
@@ -2986,11 +2990,184 @@ fn j_tcp_ports_that_collide_are_reported_and_wildcards_leave_tcp_services_out() 
     let errs = parse_manifests("x.yaml", &bad).unwrap_err();
     let text = errs[0].to_string();
     assert!(
-        text.contains("spec.ports[1].protocol: tcp is supported on the first port only"),
+        !text.contains("spec.ports[1].protocol"),
+        "a further port may be tcp: {text}"
+    );
+    assert!(
+        text.contains("spec.ports[1].name: required on every port but the first"),
         "{text}"
     );
     assert!(
         text.contains("spec.dependencies[0].port: applies to `service` dependencies only"),
         "{text}"
     );
+}
+
+/// `orders` serves its API, an admin port and a `tcp` port from one host; `frontend` calls
+/// all three, `monitor` only the admin port.
+fn multi_port_mesh() -> MeshState {
+    let orders = MeshService::build("orders")
+        .set(
+            "ports",
+            json!([
+                {"name": "http", "port": 8080},
+                {"name": "admin", "port": 9090, "targetPort": 8081},
+                {"name": "db", "port": 5432, "protocol": "tcp"},
+            ]),
+        )
+        .set("mtls", "strict")
+        .endpoint_with(json!({
+            "address": "10.0.0.7",
+            "port": 15006,
+            "ports": {"admin": 15100, "db": 15101},
+        }))
+        .endpoint("10.0.0.8", 15006)
+        .yaml();
+    let frontend = MeshService::build("frontend")
+        .dependency("orders")
+        .dependency("orders:admin")
+        .dependency("orders:db")
+        .yaml();
+    let monitor = MeshService::build("monitor")
+        .dependency("orders:admin")
+        .yaml();
+    let rule = AccessRule::build("orders-clients")
+        .target("orders")
+        .allow_with(json!({"from": ["frontend"]}))
+        .allow_with(json!({"from": ["monitor"], "paths": [{"prefix": "/metrics"}]}))
+        .yaml();
+    mesh(&[
+        ("orders.yaml", &orders),
+        ("frontend.yaml", &frontend),
+        ("monitor.yaml", &monitor),
+        ("rule.yaml", &rule),
+    ])
+}
+
+fn tls_egress_group(service: &str) -> ProxyGroup {
+    let mut group = egress_group(service, &[]);
+    group.tls = true;
+    group
+}
+
+fn scenario_multi_port_callers() -> Snapshot {
+    snapshot(
+        &multi_port_mesh(),
+        &access_settings(),
+        &tls_egress_group("frontend"),
+    )
+}
+
+fn scenario_multi_port_monitor() -> Snapshot {
+    snapshot(
+        &multi_port_mesh(),
+        &access_settings(),
+        &tls_egress_group("monitor"),
+    )
+}
+
+fn scenario_multi_port_ingress() -> Snapshot {
+    let mut group = ingress_group("orders", true);
+    group.ports = [("admin", 15100, 8081), ("db", 15101, 5432)]
+        .into_iter()
+        .map(|(name, ingress_port, app_port)| {
+            (
+                name.to_string(),
+                meshbridge::model::PortBinding {
+                    ingress_port,
+                    app_port,
+                },
+            )
+        })
+        .collect();
+    snapshot(&multi_port_mesh(), &access_settings(), &group)
+}
+
+#[test]
+fn k_each_further_port_is_a_service_of_its_own_named_by_host_and_served_by_its_own_listener() {
+    let state = multi_port_mesh();
+    // The instances that serve a port, on that port; the host without it serves only the API.
+    let admin = &state.services["orders:admin"];
+    assert_eq!(
+        admin
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.address, e.port))
+            .collect::<Vec<_>>(),
+        ["10.0.0.7:15100"]
+    );
+    assert_eq!(admin.mtls, meshbridge::model::MtlsMode::Strict);
+    assert!(state.services["orders:db"].protocol.is_tcp());
+
+    let callers = scenario_multi_port_callers();
+    insta::assert_snapshot!("k_multi_port_callers", render(&callers));
+    let routes = route_config(&callers, "egress");
+    let orders = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "orders")
+        .unwrap();
+    // The further ports' routes first, taken by the port named in Host, then the API's.
+    let names: Vec<&str> = orders.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["admin|default", "db|tcp-service", "default"]);
+    let db = listener(&callers, "egress|tcp|orders:db");
+    assert_eq!(addr(&db.address), "127.0.0.1:5432");
+    // Callers verify the service's one identity on every port.
+    let text = render(&callers);
+    assert!(!text.contains("service/orders:admin"), "{text}");
+
+    // A caller of the admin port alone: the API is refused as undeclared.
+    let monitor = scenario_multi_port_monitor();
+    let routes = route_config(&monitor, "egress");
+    let orders = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "orders")
+        .unwrap();
+    let names: Vec<&str> = orders.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["admin|default", "undeclared-port"]);
+
+    // The callee: one listener per port it serves, each under the service's AccessRules.
+    let ingress = scenario_multi_port_ingress();
+    insta::assert_snapshot!("k_multi_port_ingress", render(&ingress));
+    let admin = listener(&ingress, "ingress|admin");
+    assert_eq!(addr(&admin.address), "0.0.0.0:15100");
+    let app = cluster(&ingress, "local|app|admin");
+    assert!(
+        format!("{:?}", app.load_assignment).contains("8081"),
+        "{app:?}"
+    );
+    let db = listener(&ingress, "ingress|db");
+    let (proxy, rbac) = tcp_filters(&db).unwrap();
+    assert_eq!(
+        format!("{:?}", proxy.cluster_specifier),
+        format!(
+            "{:?}",
+            Some(TcpClusterSpecifier::Cluster("local|app|db".into()))
+        )
+    );
+    assert!(rbac.is_some());
+
+    // A host's port the service does not declare, a bad or repeated port name: refused,
+    // each named.
+    let bad = MeshService::build("x")
+        .set(
+            "ports",
+            json!([
+                {"port": 80},
+                {"name": "Admin", "port": 81},
+                {"name": "db", "port": 82},
+                {"name": "db", "port": 83},
+            ]),
+        )
+        .endpoint_with(json!({"address": "10.0.0.1", "port": 80, "ports": {"metrics": 9102}}))
+        .yaml();
+    let text = parse_manifests("x.yaml", &bad).unwrap_err()[0].to_string();
+    for expected in [
+        "spec.ports[1].name: \"Admin\" is not a valid port name",
+        "spec.ports[3].name: \"db\" is listed twice",
+        "spec.endpoints[0].ports.metrics: \"metrics\" is not a further port of this service (spec.ports[1..] names: [db])",
+    ] {
+        assert!(text.contains(expected), "{expected}\n{text}");
+    }
 }

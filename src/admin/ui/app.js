@@ -360,6 +360,7 @@
         ['mTLS', String(s.mtls)],
         ['Protocol', h('span', { id: 'service-protocol' }, [s.protocol || 'http', s.port ? `port ${s.port}` : '', s.preserve_header_case ? 'header case kept' : ''].filter(Boolean).join(', '))],
         ['Rate limit', h('span', { id: 'service-rate-limit' }, rateLimitText(s.rate_limit))],
+        ['Further ports', h('span', { id: 'service-ports' }, (s.ports || []).map((p) => `${s.name}:${p.name} (${p.protocol}, port ${p.port})`).join(', ') || 'none')],
         ['Dependencies', dependencyLinks(s.dependencies)],
       ])),
       section('Instances', null, table({ id: 'instances-table', testid: 'instances-table', class: 'grid' },

@@ -86,6 +86,15 @@ pub fn render_service(v: &ServiceDetail) -> String {
         ("mtls", super::text(&v.mtls)),
         ("protocol", protocol),
         ("rate limit", rate_limit(v.rate_limit.as_ref())),
+        (
+            "ports",
+            list(
+                &v.ports
+                    .iter()
+                    .map(|p| format!("{}:{} {} port {}", v.name, p.name, p.protocol, p.port))
+                    .collect::<Vec<_>>(),
+            ),
+        ),
         ("dependencies", list(&v.dependencies)),
         ("origins", list(&origins)),
     ]);
@@ -196,6 +205,8 @@ mod tests {
         s["port"] = json!(9090);
         s["rate_limit"] = json!({"service": {"requests": 100, "per": "1s", "burst": 200},
             "paths": [{"prefix": "/export", "bucket": {"requests": 1, "per": "1m", "burst": 1}}]});
+        s["ports"] = json!([{"name": "admin", "port": 9091, "target_port": 8081, "protocol": "http"},
+                            {"name": "db", "port": 5432, "target_port": 5432, "protocol": "tcp"}]);
         let out = render_service(&view(s.clone()));
         let expected = "\
 service:       orders
@@ -203,6 +214,7 @@ declared:      yes
 mtls:          strict
 protocol:      grpc, port 9090
 rate limit:    /export: 1 per 1m (burst 1); otherwise 100 per 1s (burst 200) per proxy
+ports:         orders:admin http port 9091, orders:db tcp port 5432
 dependencies:  -
 origins:       consul 1/1 healthy, kubernetes 0/1 healthy
 

@@ -42,7 +42,9 @@ pub use client::{
 pub use damper::FlapDamper;
 pub use removal::{Verdict, removal_verdict};
 pub use watch::{DatacenterWatch, SWEEP_GAP, WatchCommand, WatchEvent, WatchSettings};
-pub use wire::{CheckFingerprints, HealthPolicy, changed_services, parse_checks, parse_health};
+pub use wire::{
+    CheckFingerprints, HealthPolicy, PORT_META_PREFIX, changed_services, parse_checks, parse_health,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -615,6 +617,7 @@ mod tests {
             tags: BTreeSet::new(),
             weight: 1,
             healthy,
+            ports: Default::default(),
         };
         let mut d = FlapDamper::default();
         let ms = Duration::from_millis;
@@ -707,5 +710,26 @@ mod tests {
         let e = parse_health(body, "dc1", HealthPolicy::PassingOnly, None).unwrap();
         let kept: Vec<(&str, u16)> = e.iter().map(|x| (x.address.as_str(), x.port)).collect();
         assert_eq!(kept, vec![("fd00::3", 8082)]);
+    }
+
+    #[test]
+    fn further_ports_come_from_meshbridge_port_meta_and_other_meta_is_ignored() {
+        let body = br#"[
+          {"Node": {"Node": "n1", "Address": "10.0.0.1", "Datacenter": "dc1"},
+           "Service": {"ID": "a", "Service": "orders", "Port": 15006,
+                       "Meta": {"meshbridge-port-admin": "15100", "meshbridge-port-Bad": "1",
+                                "meshbridge-port-zero": "0", "meshbridge-port-text": "x",
+                                "version": "1.2"}},
+           "Checks": [{"Status": "passing"}]},
+          {"Node": {"Node": "n2", "Address": "10.0.0.2", "Datacenter": "dc1"},
+           "Service": {"ID": "b", "Service": "orders", "Port": 15006, "Meta": null},
+           "Checks": [{"Status": "passing"}]}
+        ]"#;
+        let e = parse_health(body, "dc1", HealthPolicy::PassingOnly, None).unwrap();
+        assert_eq!(
+            e[0].ports,
+            std::collections::BTreeMap::from([("admin".to_string(), 15100)])
+        );
+        assert!(e[1].ports.is_empty());
     }
 }

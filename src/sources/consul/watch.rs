@@ -446,6 +446,7 @@ mod tests {
             tags: BTreeSet::new(),
             weight: 1,
             healthy,
+            ports: Default::default(),
         }
     }
 

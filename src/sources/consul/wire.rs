@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use crate::model::{Endpoint, MAX_WEIGHT, Origin};
+use crate::model::{Endpoint, MAX_NAMED_PORTS, MAX_WEIGHT, Origin, valid_port_name};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -37,6 +37,26 @@ struct HealthService {
     tags: Option<Vec<String>>,
     #[serde(default)]
     weights: Option<Weights>,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+/// Meta key prefix naming where a Consul instance serves a further port of its service:
+/// `meshbridge-port-admin: "15007"` (Consul has one port per registration).
+pub const PORT_META_PREFIX: &str = "meshbridge-port-";
+
+/// The further ports an instance's meta names: valid port names with a port number, at most
+/// [`MAX_NAMED_PORTS`]; anything else is ignored (other tools' meta).
+fn named_ports(meta: Option<&BTreeMap<String, String>>) -> BTreeMap<String, u16> {
+    meta.into_iter()
+        .flatten()
+        .filter_map(|(key, value)| {
+            let name = key.strip_prefix(PORT_META_PREFIX)?;
+            let port = value.trim().parse::<u16>().ok().filter(|p| *p > 0)?;
+            valid_port_name(name).then(|| (name.to_string(), port))
+        })
+        .take(MAX_NAMED_PORTS)
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -122,6 +142,7 @@ pub fn parse_health(
                 tags,
                 weight,
                 healthy,
+                ports: named_ports(e.service.meta.as_ref()),
             }
         })
         .filter(|e| {

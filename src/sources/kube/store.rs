@@ -86,6 +86,8 @@ pub struct PodInstance {
     pub port: u16,
     /// Tags: the MeshService's `spec.consul.tags` and the pod's own.
     pub tags: BTreeSet<String>,
+    /// Where it serves its service's further ports, by port name.
+    pub ports: BTreeMap<String, u16>,
     /// The MeshService that asked.
     pub owner: ObjectKey,
 }
@@ -462,6 +464,7 @@ impl KubeStore {
                     address: endpoint.address,
                     port: endpoint.port,
                     tags,
+                    ports: endpoint.ports,
                     owner: key.clone(),
                 });
             }

@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 
-use crate::model::{MeshSettings, MeshState, MtlsMode, RateLimit};
+use crate::model::{MeshSettings, MeshState, MtlsMode, RateLimit, access_target};
 
 use crate::translate::proto::{ads_config_source, socket_address};
 use crate::translate::{IngressSpec, listeners, names, rate_limit, tls};
@@ -70,9 +70,13 @@ pub struct Ingress {
 #[allow(clippy::too_many_lines)] // one listener, its filter chains built in the order Envoy applies them.
 pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -> Ingress {
     let group = spec;
+    // A further port (`NAME:PORT`) is guarded as its service is: its AccessRules, and its
+    // mTLS mode when the port itself is unknown.
+    let target = access_target(&group.service);
     let mode = state
         .services
         .get(&group.service)
+        .or_else(|| state.services.get(target))
         .map(|s| s.mtls)
         .unwrap_or_default();
     let transport = ingress_transport(mode, group.tls);
@@ -83,7 +87,7 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
             group.service
         ));
         listeners::route_configuration(
-            names::INGRESS_ROUTE,
+            &names::ingress_route(&group.service),
             vec![listeners::local_reply_vhost(
                 "local",
                 vec!["*".to_string()],
@@ -98,19 +102,20 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
     } else {
         let unlimited = RateLimit::default();
         listeners::ingress_route(
+            &group.service,
             state
                 .services
                 .get(&group.service)
                 .map_or(&unlimited, |s| &s.rate_limit),
         )
     };
-    let policy = state.access.get(&group.service);
+    let policy = state.access.get(target);
     let addresses = CallerAddresses::new(policy, state, settings);
     let tcp = state
         .services
         .get(&group.service)
         .is_some_and(|s| s.protocol.is_tcp());
-    let mut rbac = rbac_config_with(&group.service, policy, settings, &addresses, tcp);
+    let mut rbac = rbac_config_with(target, policy, settings, &addresses, tcp);
     let mode_name = match &rbac {
         None => "off",
         Some(r) if r.rules.is_none() => "log",
@@ -127,7 +132,7 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
         for (i, rule) in policy.into_iter().flat_map(|p| &p.rules).enumerate() {
             if !(rule.paths.is_empty() && rule.methods.is_empty()) {
                 warnings.push(format!(
-                    "access rule-{i} of {} names paths or methods, which connections to a tcp service do not have: it admits no connection",
+                    "access rule-{i} of {target} names paths or methods, which connections to the tcp service {} do not have: it admits no connection",
                     group.service
                 ));
             }
@@ -166,7 +171,7 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
     let (host, port) = (spec.host.as_deref().unwrap_or("0.0.0.0"), spec.port);
     Ingress {
         listener: Listener {
-            name: names::INGRESS_LISTENER.to_string(),
+            name: names::ingress_listener(&group.service),
             address: Some(socket_address(host, port)),
             filter_chains,
             listener_filters,
@@ -182,18 +187,19 @@ pub fn ingress(state: &MeshState, settings: &MeshSettings, spec: &IngressSpec) -
 /// The filters of a `tcp` service's ingress: network RBAC (on what the connection proves),
 /// then the connection forwarded to the application, one access log line per connection.
 fn tcp_filters(service: &str, rbac: Option<HttpRbac>, mode_name: &str) -> Vec<Filter> {
+    let listener = names::ingress_listener(service);
     let mut filters = Vec::new();
     if let Some(rbac) = rbac {
         filters.push(Filter {
             name: "envoy.filters.network.rbac".to_string(),
             config_type: Some(FilterConfig::TypedConfig(encode_network_rbac(
                 rbac,
-                &format!("{}.", names::INGRESS_LISTENER),
+                &format!("{listener}."),
             ))),
         });
     }
-    let mut proxy = listeners::tcp_proxy(names::INGRESS_LISTENER, names::LOCAL_APP_CLUSTER);
-    proxy.access_log = vec![access_log(service, mode_name)];
+    let mut proxy = listeners::tcp_proxy(&listener, &names::local_app_cluster(service));
+    proxy.access_log = vec![access_log(access_target(service), mode_name)];
     filters.push(listeners::tcp_proxy_filter(proxy));
     filters
 }
@@ -224,13 +230,13 @@ fn http_filter(
         ..Default::default()
     });
     let hcm = HttpConnectionManager {
-        stat_prefix: names::INGRESS_LISTENER.to_string(),
+        stat_prefix: names::ingress_listener(&group.service),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads_config_source()),
-            route_config_name: names::INGRESS_ROUTE.to_string(),
+            route_config_name: names::ingress_route(&group.service),
         })),
         http_filters,
-        access_log: vec![access_log(&group.service, mode_name)],
+        access_log: vec![access_log(access_target(&group.service), mode_name)],
         // Paths are matched by RBAC as the application will read them: `/api/../admin` and
         // `//admin` are normalized first, and an escaped slash (`/api%2F..%2Fadmin`) is
         // unescaped and the caller redirected, as Envoy advises for path-based access rules.

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::api::SIDECAR_CONTAINER;
 use crate::api::annotations as ann;
+use crate::model::PortBinding;
 
 /// The sidecar's resource requests and limits: the annotations', else the settings'.
 pub(super) fn proxy_resources(
@@ -233,13 +234,23 @@ pub(super) fn redirect_container(
     settings: &InjectSettings,
     ingress: u16,
     egress: u16,
+    named: &BTreeMap<String, PortBinding>,
 ) -> Container {
     let admin = settings.admin_port;
     let ready = settings.ready_port;
-    let diagnostics = settings
+    let mut diagnostics = settings
         .diagnostics_port
         .map(|p| format!("iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {p} -j RETURN\n"))
         .unwrap_or_default();
+    // A further named port: its listener is reached as it is, and its application port
+    // through that listener (not the first port's).
+    for b in named.values() {
+        diagnostics.push_str(&format!(
+            "iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {} -j RETURN\n\
+             iptables -t nat -A MESHBRIDGE_IN -p tcp --dport {} -j REDIRECT --to-ports {}\n",
+            b.ingress_port, b.app_port, b.ingress_port
+        ));
+    }
     // Idempotent: a restarted init container (same network namespace) finds its chains.
     let script = format!(
         "set -e\n\

@@ -16,6 +16,7 @@
 //! | `meshbridge.io/service` | service name (else the MeshService selecting the pod, else label `app.kubernetes.io/name`, else `app`) |
 //! | `meshbridge.io/dependencies` | comma-separated dependencies (service names, `https://host`) |
 //! | `meshbridge.io/app-port` | the application's port (else its first container port) |
+//! | `meshbridge.io/ports` | the sidecar's listeners for further ports, `NAME=INGRESS:APP,…` (else one per other named container port, from 15100) |
 //! | `meshbridge.io/ingress-port`, `meshbridge.io/egress-port` | the sidecar's listeners |
 //! | `meshbridge.io/proxy-cpu`, `…-memory`, `…-cpu-limit`, `…-memory-limit` | sidecar resources |
 //! | `meshbridge.io/log-level` | Envoy's log level |
@@ -60,14 +61,17 @@
 //! mount the Secret anyway). The injected pod carries the annotation with the Secret actually
 //! mounted, which is how the index knows its proxy accepts mutual TLS.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{PodSpec, SecretVolumeSource, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::api::annotations::{
-    self as ann, INGRESS_PORT, INJECT, INJECTED, SIDECAR_LABEL, TLS_SECRET,
+    self as ann, INGRESS_PORT, INJECT, INJECTED, PORTS, SIDECAR_LABEL, TLS_SECRET,
 };
 use crate::api::{DEFAULT_INGRESS_PORT, SIDECAR_CONTAINER};
 use crate::bootstrap::{BootstrapOptions, MAX_DRAIN_SECONDS, bootstrap_yaml, drain_script};
+use crate::model::{MAX_NAMED_PORTS, PortBinding, valid_port_name};
 
 mod containers;
 use containers::{
@@ -367,6 +371,7 @@ pub fn inject(
         ingress,
         egress,
         app: app_port,
+        named,
     } = ports(meta, spec, settings)?;
     let log_level = annotation(meta, ann::LOG_LEVEL).unwrap_or(&settings.log_level);
     if !LOG_LEVELS.contains(&log_level) {
@@ -406,6 +411,10 @@ pub fn inject(
         diagnostics_port: settings.diagnostics_port,
         diagnostics_allow: settings.diagnostics_allow.clone(),
         dependencies,
+        ports: named
+            .iter()
+            .map(|(name, b)| PortBinding::format(name, b))
+            .collect(),
         tls_cert: tls_file("tls.crt"),
         tls_key: tls_file("tls.key"),
         tls_ca: tls_file("ca.crt"),
@@ -435,7 +444,7 @@ pub fn inject(
     );
 
     let redirect = (annotation(meta, ann::TRANSPARENT) == Some("true"))
-        .then(|| redirect_container(settings, ingress, egress));
+        .then(|| redirect_container(settings, ingress, egress, &named));
     place_containers(spec, settings.native_sidecar, sidecar, redirect);
 
     if let Some(secret) = &tls_secret {
@@ -450,7 +459,7 @@ pub fn inject(
         });
     }
 
-    mark_injected(meta, settings, ingress, tls_secret);
+    mark_injected(meta, settings, ingress, &named, tls_secret);
     Ok(Outcome::Injected)
 }
 
@@ -460,6 +469,58 @@ struct Ports {
     egress: u16,
     /// The application's, from the annotation or the first TCP container port.
     app: Option<u16>,
+    /// The sidecar's listeners for the application's further named ports.
+    named: BTreeMap<String, PortBinding>,
+}
+
+/// First port of the sidecar's listeners for further named ports (one each, upwards).
+pub const NAMED_PORT_BASE: u16 = 15100;
+
+/// The sidecar's listeners for the pod's further named ports: the annotation
+/// `meshbridge.io/ports` when the pod sets it, else one per named TCP container port other
+/// than the application's, on [`NAMED_PORT_BASE`] upwards (skipping `taken`), at most
+/// [`MAX_NAMED_PORTS`].
+fn named_ports(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    app_port: Option<u16>,
+    taken: &[u16],
+) -> Result<BTreeMap<String, PortBinding>, InjectError> {
+    if let Some(value) = annotation(meta, PORTS) {
+        return PortBinding::parse_all(ann::list(value))
+            .map_err(|e| bad(&format!("metadata.annotations[{PORTS}]"), e));
+    }
+    let mut out = BTreeMap::new();
+    let mut next = NAMED_PORT_BASE;
+    for p in spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+    {
+        let (Some(name), Ok(app)) = (p.name.as_deref(), u16::try_from(p.container_port)) else {
+            continue;
+        };
+        if p.protocol.as_deref().unwrap_or("TCP") != "TCP"
+            || Some(app) == app_port
+            || !valid_port_name(name)
+            || out.contains_key(name)
+            || out.len() == MAX_NAMED_PORTS
+        {
+            continue;
+        }
+        while taken.contains(&next) || out.values().any(|b: &PortBinding| b.app_port == next) {
+            next += 1;
+        }
+        out.insert(
+            name.to_string(),
+            PortBinding {
+                ingress_port: next,
+                app_port: app,
+            },
+        );
+        next += 1;
+    }
+    Ok(out)
 }
 
 /// The pod's ports, each used once among the sidecar's and the application's.
@@ -498,10 +559,31 @@ fn ports(
             ));
         }
     }
+    let named = named_ports(
+        meta,
+        spec,
+        app_port,
+        &reserved.iter().flatten().copied().collect::<Vec<_>>(),
+    )?;
+    for (name, b) in &named {
+        let p = b.ingress_port;
+        if reserved.contains(&Some(p))
+            || app_port == Some(p)
+            || named
+                .iter()
+                .any(|(other, o)| other != name && (o.ingress_port == p || o.app_port == p))
+        {
+            return Err(bad(
+                &format!("metadata.annotations[{PORTS}]"),
+                format!("port {p} of {name} is used twice (the sidecar's or the application's)"),
+            ));
+        }
+    }
     Ok(Ports {
         ingress,
         egress,
         app: app_port,
+        named,
     })
 }
 
@@ -511,6 +593,7 @@ fn mark_injected(
     meta: &mut ObjectMeta,
     settings: &InjectSettings,
     ingress: u16,
+    named: &BTreeMap<String, PortBinding>,
     tls_secret: Option<String>,
 ) {
     // Selects injected pods, e.g. for a PodMonitor scraping the sidecars' metrics.
@@ -520,6 +603,13 @@ fn mark_injected(
     let annotations = meta.annotations.get_or_insert_default();
     annotations.insert(INJECTED.to_string(), settings.image.clone());
     annotations.insert(INGRESS_PORT.to_string(), ingress.to_string());
+    if !named.is_empty() {
+        let list: Vec<String> = named
+            .iter()
+            .map(|(name, b)| PortBinding::format(name, b))
+            .collect();
+        annotations.insert(PORTS.to_string(), list.join(","));
+    }
     if let Some(secret) = tls_secret {
         annotations.insert(TLS_SECRET.to_string(), secret);
     }

@@ -612,6 +612,8 @@ pub struct EnvoyOptions {
     /// Control plane addresses (`HOST:PORT`) passed as one comma-separated `--xds-addr`,
     /// instead of the given control plane's: several replicas, or a proxy in between.
     pub xds_addrs: Vec<String>,
+    /// Further named ports served, `NAME=INGRESS:APP` (`--port`).
+    pub ports: Vec<String>,
 }
 
 impl EnvoyOptions {
@@ -688,6 +690,9 @@ impl Envoy {
         }
         for d in &o.dependencies {
             cmd.args(["--dependency", d]);
+        }
+        for p in &o.ports {
+            cmd.args(["--port", p]);
         }
         if let Some(p) = o.diagnostics_port {
             // The control plane of the tests runs on 127.0.0.1.
