@@ -253,6 +253,13 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"}
         },
+        // What this proxy sees of the services it calls (requests, errors by locality:
+        // datacenter and origin), reported to the control plane at the interval it asks.
+        "cluster_manager": {"load_stats_config": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]
+        }},
         "static_resources": {
             "clusters": [{
                 "name": XDS_CLUSTER,

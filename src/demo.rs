@@ -272,6 +272,7 @@ fn control_plane_args(config_dir: &Path) -> RunArgs {
         xds_max_names: 20_000,
         xds_max_request_bytes: 4 << 20,
         xds_first_request_timeout: 10_000,
+        load_report_interval: 10_000,
         external_ca_file: crate::model::DEFAULT_EXTERNAL_CA_FILE.into(),
     }
 }

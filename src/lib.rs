@@ -34,6 +34,7 @@ pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod index;
+pub mod load;
 pub mod metrics;
 pub mod model;
 pub mod serve;

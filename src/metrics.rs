@@ -45,6 +45,15 @@ pub mod label {
         pub result: &'static str,
     }
 
+    /// What load reports are about: a `service`, its instances' `origin`, and whether the
+    /// requests were callers' own or mirrored copies (`traffic`: `live`, `mirror`).
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ServiceOrigin {
+        pub service: String,
+        pub origin: String,
+        pub traffic: &'static str,
+    }
+
     /// A Consul datacenter and the request's `result`.
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct DcResult {
@@ -187,6 +196,13 @@ pub struct Metrics {
     pub build_info: Family<Version, Gauge>,
     /// Supervised tasks that ended before shutdown (the process then exits 1), by task.
     pub tasks_ended: Family<Task, Counter>,
+    /// Load reports received, by result (`accepted`, `dropped`: faster than asked,
+    /// `refused`: a stream refused).
+    pub load_reports: Family<Outcome, Counter>,
+    /// Requests callers' proxies reported sending, by service, origin and traffic.
+    pub load_requests: Family<ServiceOrigin, Counter>,
+    /// Of those, answered with an error (5xx or reset).
+    pub load_errors: Family<ServiceOrigin, Counter>,
 }
 
 fn sync_histogram() -> Histogram {
@@ -262,6 +278,9 @@ impl Metrics {
             peer_agree: Family::default(),
             build_info: Family::default(),
             tasks_ended: Family::default(),
+            load_reports: Family::default(),
+            load_requests: Family::default(),
+            load_errors: Family::default(),
         };
         m.register_xds();
         m.register_snapshots();
@@ -323,6 +342,21 @@ impl Metrics {
             "xds_ack_seconds",
             "Time from sending an xDS response to its ACK or NACK",
             self.xds_ack_seconds.clone(),
+        );
+        self.registry.register(
+            "load_reports",
+            "Load reports (LRS) received from proxies, by result",
+            self.load_reports.clone(),
+        );
+        self.registry.register(
+            "load_requests",
+            "Requests proxies reported sending to a service's instances, by origin and traffic (live or mirror)",
+            self.load_requests.clone(),
+        );
+        self.registry.register(
+            "load_errors",
+            "Requests proxies reported answered with an error (5xx or reset), by service, origin and traffic",
+            self.load_errors.clone(),
         );
     }
 
@@ -514,6 +548,9 @@ impl Metrics {
         }
         for result in ["verified", "absent", "mismatch"] {
             let _ = self.xds_identity.get_or_create(&Outcome { result });
+        }
+        for result in ["accepted", "dropped", "refused"] {
+            let _ = self.load_reports.get_or_create(&Outcome { result });
         }
         for action in [
             "config_dump",

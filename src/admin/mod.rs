@@ -82,6 +82,8 @@ pub struct AdminState {
     /// Peers with a `meshbridge_peer_agree` series, so that those of peers that are gone
     /// can be removed.
     pub peer_series: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Load reports from the proxies.
+    pub load: Arc<crate::xds::lrs::LoadState>,
 }
 
 impl AdminState {
@@ -113,6 +115,7 @@ impl AdminState {
             diagnostics_timeout: Duration::from_secs(5),
             peers: Arc::default(),
             peer_series: Arc::default(),
+            load: Arc::new(crate::xds::lrs::LoadState::new(Duration::from_secs(10))),
         }
     }
 }
@@ -352,6 +355,7 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         port: service.port,
         preserve_header_case: service.preserve_header_case,
         rate_limit: views::RateLimitView::of(&service.rate_limit),
+        load: load_view(&s.load, name),
         ports: service
             .named_ports
             .iter()
@@ -363,6 +367,37 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
             })
             .collect(),
     })
+}
+
+/// What callers' proxies reported of `service` over the last minute and the last five, by
+/// origin and datacenter, live and mirrored.
+fn load_view(load: &crate::xds::lrs::LoadState, service: &str) -> views::LoadView {
+    let window = |seconds: u64| {
+        let sums = load.window(seconds, |k| k.service == service);
+        let live: u64 = sums
+            .iter()
+            .filter(|(k, _)| !k.mirror)
+            .map(|(_, c)| c.requests)
+            .sum();
+        sums.into_iter()
+            .map(|(k, c)| views::OriginLoad {
+                origin: k.origin.to_string(),
+                datacenter: k.datacenter,
+                traffic: if k.mirror { "mirror" } else { "live" }.to_string(),
+                requests: c.requests,
+                successes: c.successes,
+                errors: c.errors,
+                failed_connections: c.failed_connections,
+                error_rate: c.error_rate(),
+                share: (!k.mirror && live > 0).then(|| c.requests as f64 / live as f64),
+            })
+            .collect()
+    };
+    views::LoadView {
+        interval_seconds: load.interval.as_secs_f64(),
+        last_minute: window(60),
+        last_5_minutes: window(300),
+    }
 }
 
 /// Connected proxies whose dependencies name `name` (their own, their MeshService's, or

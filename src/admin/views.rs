@@ -133,7 +133,7 @@ pub struct Dependents {
 
 /// `GET /api/services/{name}`: one service with its instances by origin, its dependents
 /// and its access policy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceDetail {
     /// The access policy targeting it; null when no AccessRule does.
     pub access: Option<AccessView>,
@@ -166,6 +166,43 @@ pub struct ServiceDetail {
     /// Its further ports (`spec.ports[1..]`), each reached as `NAME:PORT`.
     #[serde(default)]
     pub ports: Vec<PortView>,
+    /// What callers' proxies reported of it (load reports).
+    #[serde(default)]
+    pub load: LoadView,
+}
+
+/// Load reports about a service: what its callers' proxies sent to its instances.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadView {
+    /// How often proxies report.
+    pub interval_seconds: f64,
+    /// Over the last minute, by origin, datacenter and traffic.
+    pub last_minute: Vec<OriginLoad>,
+    /// Over the last five minutes.
+    pub last_5_minutes: Vec<OriginLoad>,
+}
+
+/// Requests to a service's instances of one origin in one datacenter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OriginLoad {
+    /// `consul`, `kubernetes` or `config`.
+    pub origin: String,
+    /// Empty: the local datacenter.
+    pub datacenter: String,
+    /// `live` (callers' requests) or `mirror` (copies of them, answers discarded).
+    pub traffic: String,
+    /// Requests sent (each retry counts).
+    pub requests: u64,
+    /// Answered without error.
+    pub successes: u64,
+    /// Answered with a 5xx or lost to a reset.
+    pub errors: u64,
+    /// Connections that failed.
+    pub failed_connections: u64,
+    /// Errors per answered request; null before any answer.
+    pub error_rate: Option<f64>,
+    /// Its part of the service's live requests; null for mirrored traffic.
+    pub share: Option<f64>,
 }
 
 /// A further port of a service.

@@ -72,6 +72,57 @@ pub struct MeshServiceSpec {
     /// up to the limit times the number of its instances with a proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+
+    /// Moving the service from one origin's instances to another's (Consul hosts to pods):
+    /// a share of callers' requests by origin whatever the instance counts, a mirrored copy
+    /// before that, and an automatic, checked and reversible plan of steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSpec>,
+}
+
+/// A migration towards the instances of one origin.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrationSpec {
+    /// The origin traffic moves to; the instances of every other origin are the old ones.
+    pub to: MigrationOrigin,
+    /// Percent of callers' requests sent to the new origin's instances, whatever the
+    /// instance counts; the rest go to the old ones. An origin without a healthy instance
+    /// gets none. With `steps`, where the plan starts (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: Option<u32>,
+    /// Percent of requests also copied to the new origin's instances, their answers
+    /// discarded (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub mirror: Option<u32>,
+    /// An automatic plan: the weights to go through, increasing, e.g. `[1, 5, 25, 50, 100]`;
+    /// at most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub steps: Vec<u32>,
+    /// Time between two steps, e.g. `5m` (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How much higher than the old origin's the new origin's error rate may be over an
+    /// interval, e.g. `1%` (default `1%`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,3}(\.[0-9]{1,2})?%$"))]
+    pub max_error_rate_increase: Option<String>,
+}
+
+/// Where instances come from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationOrigin {
+    /// Pods selected by the MeshService.
+    #[default]
+    Kubernetes,
+    /// Instances in the Consul catalog.
+    Consul,
+    /// The MeshService's static `endpoints`.
+    Config,
 }
 
 /// Local rate limits of a service: one for every request (`requests`), and one per path

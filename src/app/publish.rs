@@ -39,6 +39,8 @@ pub struct ControlPlane {
     pub changes: Arc<crate::admin::changes::BoundedLog<crate::admin::changes::Change>>,
     /// The long-lived tasks.
     pub tasks: Arc<super::supervise::Supervisor>,
+    /// Load reports from the proxies.
+    pub load: Arc<crate::xds::lrs::LoadState>,
 }
 
 impl ControlPlane {
@@ -68,6 +70,9 @@ impl ControlPlane {
             published_view: watch::channel(Arc::new(Published::default())).0,
             changes: Arc::default(),
             tasks: Arc::default(),
+            load: Arc::new(crate::xds::lrs::LoadState::new(
+                config.xds.load_report_interval,
+            )),
         }
     }
 

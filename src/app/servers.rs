@@ -154,11 +154,13 @@ pub(super) fn spawn_xds(
         control_plane: format!("meshbridge/{}", config.hostname),
         limits: config.xds.limits.clone(),
         client_auth: config.xds.client_auth,
+        load: cp.load.clone(),
     });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .max_concurrent_streams(Some(config.xds.max_streams_per_connection))
-        .add_service(AdsService::new(ctx).into_server())
+        .add_service(AdsService::new(ctx.clone()).into_server())
+        .add_service(crate::xds::lrs::LrsService::new(ctx).into_server())
         .serve_with_incoming_shutdown(incoming(listener, tls), async move {
             let _ = stop.wait_for(|s| *s).await;
         });
@@ -190,6 +192,7 @@ pub(super) fn spawn_admin(
         changes: cp.changes.clone(),
         diagnostics_timeout: config.diagnostics_timeout,
         peers: Arc::new(config.peers.clone()),
+        load: cp.load.clone(),
         ..AdminState::new(
             cp.cache.clone(),
             cp.registry.clone(),

@@ -376,4 +376,12 @@ pub struct RunArgs {
         default_value_t = 10_000
     )]
     pub xds_first_request_timeout: u64,
+    /// How often proxies report the load they see (LRS), in ms: the resolution of
+    /// `/api/services/NAME` `load` and of a migration's checks.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_LOAD_REPORT_INTERVAL",
+        default_value_t = 10_000
+    )]
+    pub load_report_interval: u64,
 }

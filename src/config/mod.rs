@@ -151,6 +151,8 @@ pub struct XdsConfig {
     pub limits: XdsLimits,
     /// HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// How often proxies report their load.
+    pub load_report_interval: std::time::Duration,
 }
 
 /// The xDS port's certificate files.

@@ -129,6 +129,7 @@ impl RunArgs {
                 max_request_bytes: self.xds_max_request_bytes,
                 first_request_timeout: Duration::from_millis(self.xds_first_request_timeout),
             },
+            load_report_interval: Duration::from_millis(self.load_report_interval),
             max_streams_per_connection: self.xds_max_streams_per_connection,
         }
     }
@@ -440,6 +441,12 @@ impl RunArgs {
                     "{} ms is outside 100..=600000",
                     self.xds_first_request_timeout
                 ),
+            });
+        }
+        if !(500..=600_000).contains(&self.load_report_interval) {
+            return Err(ConfigError {
+                flag: "load-report-interval",
+                message: format!("{} ms is outside 500..=600000", self.load_report_interval),
             });
         }
         if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {

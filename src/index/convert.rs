@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use crate::api::access_rule::{AccessAction as ApiAction, AccessRule};
 use crate::api::mesh_service::{
-    DependencySpec, MeshService, MtlsMode as ApiMtls, PortProtocol, RateLimitSpec, RetrySpec,
+    DependencySpec, MeshService, MigrationOrigin, MigrationSpec, MtlsMode as ApiMtls, PortProtocol,
+    RateLimitSpec, RetrySpec,
 };
 use crate::model::{
     AccessAction, AccessRuleSet, AppProtocol, CallerMatch, CircuitBreakers, ClusterPolicy,
-    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain, MAX_NAMED_PORTS,
-    MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS, MAX_WEIGHT, MIN_RATE_LIMIT_PERIOD, MtlsMode,
-    NamedPort, Origin, OutlierDetection, PathMatch, PathRateLimit, RateLimit, RetryPolicy,
-    TokenBucket, valid_port_name, valid_service_name,
+    Dependency, DependencySettings, DependencyTarget, Endpoint, ExternalDomain,
+    MAX_MIGRATION_STEPS, MAX_NAMED_PORTS, MAX_PATH_RATE_LIMITS, MAX_RATE_LIMIT_REQUESTS,
+    MAX_WEIGHT, MIN_MIGRATION_INTERVAL, MIN_RATE_LIMIT_PERIOD, Migration, MtlsMode, NamedPort,
+    Origin, OutlierDetection, PathMatch, PathRateLimit, RateLimit, RetryPolicy, TokenBucket,
+    valid_port_name, valid_service_name,
 };
 
 use super::{AccessDeclaration, ServiceDeclaration};
@@ -139,6 +141,11 @@ pub fn mesh_service(
         }
     }
     let rate_limit = rate_limit(obj.spec.rate_limit.as_ref(), &mut errors);
+    let migration = obj
+        .spec
+        .migration
+        .as_ref()
+        .map(|m| migration(m, &mut errors));
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -157,6 +164,7 @@ pub fn mesh_service(
         protocol,
         port: first_port(obj),
         named_ports,
+        migration,
         preserve_header_case: obj
             .spec
             .http1
@@ -164,6 +172,100 @@ pub fn mesh_service(
             .is_some_and(|h| h.preserve_header_case),
         rate_limit,
     })
+}
+
+/// `spec.migration`: percentages within 0–100, steps increasing, the interval and the
+/// error-rate bound within their ranges.
+fn migration(m: &MigrationSpec, errors: &mut Vec<FieldError>) -> Migration {
+    const FIELD: &str = "spec.migration";
+    let percent = |errors: &mut Vec<FieldError>, field: &str, value: Option<u32>| {
+        let v = value.unwrap_or(0);
+        if v > 100 {
+            errors.push(err(
+                format!("{FIELD}.{field}"),
+                format!("{v} is outside 0..=100 (percent)"),
+            ));
+        }
+        v.min(100)
+    };
+    let weight = percent(errors, "weight", m.weight);
+    let mirror = percent(errors, "mirror", m.mirror);
+    if m.steps.len() > MAX_MIGRATION_STEPS {
+        errors.push(err(
+            format!("{FIELD}.steps"),
+            format!("{} steps; at most {MAX_MIGRATION_STEPS}", m.steps.len()),
+        ));
+    }
+    for (i, pair) in m.steps.windows(2).enumerate() {
+        if pair[1] <= pair[0] {
+            errors.push(err(
+                format!("{FIELD}.steps[{}]", i + 1),
+                format!("{} does not increase on {}: steps go up", pair[1], pair[0]),
+            ));
+        }
+    }
+    for (i, &step) in m.steps.iter().enumerate() {
+        if step > 100 {
+            errors.push(err(
+                format!("{FIELD}.steps[{i}]"),
+                format!("{step} is outside 0..=100 (percent)"),
+            ));
+        }
+    }
+    let interval = match m.interval.as_deref().map(parse_duration) {
+        None => std::time::Duration::from_secs(300),
+        Some(Ok(d)) if d >= MIN_MIGRATION_INTERVAL => d,
+        Some(Ok(_)) => {
+            errors.push(err(format!("{FIELD}.interval"), "must be at least 1s"));
+            MIN_MIGRATION_INTERVAL
+        }
+        Some(Err(e)) => {
+            errors.push(err(format!("{FIELD}.interval"), e));
+            MIN_MIGRATION_INTERVAL
+        }
+    };
+    let max_error_rate_increase_bp = match m.max_error_rate_increase.as_deref() {
+        None => 100,
+        Some(text) => parse_percent_bp(text).unwrap_or_else(|| {
+            errors.push(err(
+                format!("{FIELD}.maxErrorRateIncrease"),
+                format!("{text:?} is not a percentage such as 1% or 0.5% (0-100%)"),
+            ));
+            100
+        }),
+    };
+    Migration {
+        to: match m.to {
+            MigrationOrigin::Kubernetes => Origin::Kubernetes,
+            MigrationOrigin::Consul => Origin::Consul,
+            MigrationOrigin::Config => Origin::Config,
+        },
+        weight,
+        mirror,
+        steps: m.steps.iter().map(|s| (*s).min(100)).collect(),
+        interval,
+        max_error_rate_increase_bp,
+    }
+}
+
+/// `1%`, `0.5%`, `12.25%` in hundredths of a percent (basis points), at most 100%.
+fn parse_percent_bp(text: &str) -> Option<u32> {
+    let number = text.trim().strip_suffix('%')?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty()
+        || whole.len() > 3
+        || fraction.len() > 2
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let whole: u32 = whole.parse().ok()?;
+    let fraction: u32 = format!("{fraction:0<2}").parse().ok()?;
+    let bp = whole * 100 + fraction;
+    (bp <= 10_000).then_some(bp)
 }
 
 /// A static endpoint (`spec.endpoints[i]`, at `field`), its further ports among `named_ports`.

@@ -39,6 +39,8 @@ pub struct ServiceDeclaration {
     pub port: Option<u16>,
     /// Its further ports (`spec.ports[1..]`).
     pub named_ports: Vec<crate::model::NamedPort>,
+    /// `spec.migration`.
+    pub migration: Option<crate::model::Migration>,
     /// `spec.http1.preserveHeaderCase`.
     pub preserve_header_case: bool,
     /// `spec.rateLimit`.
@@ -286,6 +288,7 @@ impl Index {
                         port: Some(port.port),
                         preserve_header_case: winner.preserve_header_case
                             && !port.protocol.is_tcp(),
+                        migration: winner.migration.clone(),
                         ..Service::default()
                     },
                 );
@@ -304,6 +307,7 @@ impl Index {
                     preserve_header_case: winner.preserve_header_case,
                     rate_limit: winner.rate_limit.clone(),
                     named_ports: winner.named_ports.clone(),
+                    migration: winner.migration.clone(),
                 },
             );
         }
@@ -444,15 +448,16 @@ fn add_port_services(services: &mut BTreeMap<String, Service>) {
         }
     }
     for (name, endpoints) in found {
-        // Guarded as its service is: the same mTLS mode, the same names.
-        let (mtls, namespace) = services
+        // Guarded and moved as its service is: the same mTLS mode, names and migration.
+        let (mtls, namespace, migration) = services
             .get(crate::model::access_target(&name))
-            .map(|p| (p.mtls, p.namespace.clone()))
+            .map(|p| (p.mtls, p.namespace.clone(), p.migration.clone()))
             .unwrap_or_default();
         let service = services.entry(name.clone()).or_insert_with(|| Service {
             name,
             mtls,
             namespace,
+            migration,
             ..Service::default()
         });
         service.endpoints = sorted(endpoints);

@@ -13,6 +13,7 @@ use serde::Serialize;
 mod access;
 mod change;
 mod dependency;
+mod migration;
 mod ports;
 mod rate_limit;
 
@@ -23,6 +24,7 @@ pub use dependency::{
     ExternalDomain, OutlierDetection, ParseDependencyError, RetryPolicy, valid_service_name,
     valid_service_ref,
 };
+pub use migration::{MAX_MIGRATION_STEPS, MIN_MIGRATION_INTERVAL, Migration};
 pub use ports::{
     MAX_NAMED_PORTS, NamedPort, PORT_SEPARATOR, PortBinding, access_target, port_service,
     split_port_service, valid_port_name,
@@ -142,6 +144,8 @@ pub struct Service {
     /// The further ports its MeshService declares (`spec.ports[1..]`), each also a service
     /// of its own named `NAME:PORT` (see [`port_service`]).
     pub named_ports: Vec<NamedPort>,
+    /// Its migration from one origin to another (`spec.migration`), if one is declared.
+    pub migration: Option<Migration>,
 }
 
 /// The application protocol of a service's instances, as callers' proxies speak it to them.

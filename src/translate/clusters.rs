@@ -27,7 +27,8 @@ use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind}
 use envoy_types::util::pack_any;
 
 use crate::model::{
-    AppProtocol, ClusterPolicy, Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, MtlsMode, Service,
+    AppProtocol, ClusterPolicy, Endpoint, ExternalDomain, MTLS_TAG, MeshSettings, Migration,
+    MtlsMode, Origin, Service,
 };
 
 use super::names;
@@ -153,20 +154,36 @@ fn mtls_marker() -> Struct {
     }
 }
 
-/// The endpoint assignment of a cluster: healthy instances grouped by datacenter, the local
-/// datacenter at priority 0 and the others after it, densely numbered as Envoy requires.
-/// Instances for which `tls` holds are marked for the cluster's mutual-TLS transport socket.
+/// The endpoint assignment of a cluster: healthy instances grouped by datacenter and origin
+/// (locality zone and sub-zone, which load reports name), the local datacenter at priority 0
+/// and the others after it, densely numbered as Envoy requires. Instances for which `tls`
+/// holds are marked for the cluster's mutual-TLS transport socket.
+///
+/// Under a `migration`, the localities of a datacenter get weights: the new origin's share
+/// the migration's weight, the old origins' the rest, whatever the instance counts. At
+/// weight 0 (100) the new (old) origin is not weighted but moved one priority down: it takes
+/// traffic only when the others have no healthy instance left.
 pub fn assignment<'a>(
     cluster: &str,
     endpoints: impl Iterator<Item = &'a Endpoint>,
     settings: &MeshSettings,
     tls: impl Fn(&Endpoint) -> bool,
+    migration: Option<&Migration>,
 ) -> ClusterLoadAssignment {
-    let mut by_locality: BTreeMap<(u32, String), Vec<LbEndpoint>> = BTreeMap::new();
+    // (datacenter priority, demoted, datacenter, origin)
+    let mut by_locality: BTreeMap<(u32, bool, String, Origin), Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints.filter(|e| e.healthy) {
         let priority = settings.datacenter_priority(e.datacenter.as_deref());
+        let demoted = migration.is_some_and(|m| {
+            (m.weight == 0 && m.is_new(e.origin)) || (m.weight >= 100 && !m.is_new(e.origin))
+        });
         by_locality
-            .entry((priority, e.datacenter.clone().unwrap_or_default()))
+            .entry((
+                priority,
+                demoted,
+                e.datacenter.clone().unwrap_or_default(),
+                e.origin,
+            ))
             .or_default()
             .push(LbEndpoint {
                 host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
@@ -184,23 +201,49 @@ pub fn assignment<'a>(
             });
     }
     let mut dense = BTreeMap::new();
-    for (priority, _) in by_locality.keys() {
+    for (priority, demoted, _, _) in by_locality.keys() {
         let next = dense.len() as u32;
-        dense.entry(*priority).or_insert(next);
+        dense.entry((*priority, *demoted)).or_insert(next);
     }
+    // Localities of each side in each priority, to split that side's share between them.
+    let mut sides: BTreeMap<(u32, bool, bool), u32> = BTreeMap::new();
+    for (priority, demoted, _, origin) in by_locality.keys() {
+        let new = migration.is_some_and(|m| m.is_new(*origin));
+        *sides.entry((*priority, *demoted, new)).or_default() += 1;
+    }
+    let weight = |priority: u32, demoted: bool, origin: Origin| -> Option<UInt32Value> {
+        let m = migration?;
+        let new = m.is_new(origin);
+        let share = if demoted {
+            100
+        } else if new {
+            m.new_share()
+        } else {
+            100 - m.new_share()
+        };
+        let count = sides.get(&(priority, demoted, new)).copied().unwrap_or(1);
+        // Envoy takes locality weights of at least 1; in hundredths, split evenly.
+        Some(UInt32Value {
+            value: (share * 100 / count.max(1)).max(1),
+        })
+    };
     ClusterLoadAssignment {
         cluster_name: cluster.to_string(),
         endpoints: by_locality
             .into_iter()
-            .map(|((priority, dc), lb_endpoints)| LocalityLbEndpoints {
-                locality: (!dc.is_empty()).then(|| Locality {
-                    zone: dc,
+            .map(
+                |((priority, demoted, dc, origin), lb_endpoints)| LocalityLbEndpoints {
+                    locality: Some(Locality {
+                        zone: dc,
+                        sub_zone: origin.to_string(),
+                        ..Default::default()
+                    }),
+                    load_balancing_weight: weight(priority, demoted, origin),
+                    lb_endpoints,
+                    priority: dense[&(priority, demoted)],
                     ..Default::default()
-                }),
-                lb_endpoints,
-                priority: dense[&priority],
-                ..Default::default()
-            })
+                },
+            )
             .collect(),
         ..Default::default()
     }
@@ -238,31 +281,72 @@ pub fn service_clusters(
 ) -> Vec<(Cluster, ClusterLoadAssignment)> {
     let name = names::service_cluster(&service.name);
     let tls = |e: &Endpoint| calls_need_tls(service, e);
-    let mut out = vec![(
+    let migration = service.migration.as_ref();
+    let shaped = |name: &str| {
         speaking(
-            eds_cluster(&name),
+            eds_cluster(name),
             service.protocol,
             service.preserve_header_case,
-        ),
-        assignment(&name, service.endpoints.iter(), settings, tls),
+        )
+    };
+    let mut out = vec![(
+        weighted_by_origin(shaped(&name), service),
+        assignment(&name, service.endpoints.iter(), settings, tls, migration),
     )];
     if service.has_canary() {
         let canary = names::canary_cluster(&service.name);
         out.push((
-            speaking(
-                eds_cluster(&canary),
-                service.protocol,
-                service.preserve_header_case,
-            ),
+            weighted_by_origin(shaped(&canary), service),
             assignment(
                 &canary,
                 service.endpoints.iter().filter(|e| e.is_canary()),
                 settings,
                 tls,
+                migration,
+            ),
+        ));
+    }
+    if let Some(m) = migration.filter(|m| m.mirror > 0 && has_mirror(service)) {
+        let mirror = names::mirror_cluster(&service.name);
+        out.push((
+            shaped(&mirror),
+            assignment(
+                &mirror,
+                service.endpoints.iter().filter(|e| m.is_new(e.origin)),
+                settings,
+                tls,
+                None,
             ),
         ));
     }
     out
+}
+
+/// Whether a migrating service has a mirror cluster: it has healthy instances of the new
+/// origin (requests are copied to them).
+pub fn has_mirror(service: &Service) -> bool {
+    service
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.mirror > 0 && service.healthy_endpoints().any(|e| m.is_new(e.origin)))
+}
+
+/// A cluster of a migrating service picks a locality (an origin in a datacenter) by the
+/// weights its assignment gives, whatever the instance counts (see [`assignment`]).
+pub fn weighted_by_origin(mut cluster: Cluster, service: &Service) -> Cluster {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        CommonLbConfig, common_lb_config::LocalityConfigSpecifier,
+        common_lb_config::LocalityWeightedLbConfig,
+    };
+    if service.migration.is_some() {
+        cluster.common_lb_config = Some(CommonLbConfig {
+            locality_config_specifier: Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                LocalityWeightedLbConfig {},
+            )),
+            ..Default::default()
+        });
+    }
+    cluster
 }
 
 /// The cluster of the local application serving `service` (a service or one of its

@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Http2ProtocolOptions, RuntimeUInt32, TrafficDirection,
+    Http2ProtocolOptions, RuntimeFractionalPercent, RuntimeUInt32, TrafficDirection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     SubstitutionFormatString, substitution_format_string::Format,
@@ -21,8 +21,9 @@ use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost, header_matcher::HeaderMatchSpecifier,
     route::Action, route_action::ClusterSpecifier, route_action::MaxStreamDuration,
-    route_action::UpgradeConfig as RouteUpgradeConfig, route_action::upgrade_config::ConnectConfig,
-    route_match::ConnectMatcher, route_match::PathSpecifier,
+    route_action::RequestMirrorPolicy, route_action::UpgradeConfig as RouteUpgradeConfig,
+    route_action::upgrade_config::ConnectConfig, route_match::ConnectMatcher,
+    route_match::PathSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -36,6 +37,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatcher, StringMatcher, string_matcher::MatchPattern,
 };
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
@@ -415,9 +417,28 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
 pub fn service_routes(
     cluster: &str,
     canary_cluster: Option<&str>,
+    mirror: Option<(&str, u32)>,
     settings: &DependencySettings,
     protocol: AppProtocol,
 ) -> Vec<Route> {
+    let mirrored = |mut route: Route| {
+        if let (Some((mirror_cluster, percent)), Some(Action::Route(action))) =
+            (mirror, route.action.as_mut())
+        {
+            action.request_mirror_policies = vec![RequestMirrorPolicy {
+                cluster: mirror_cluster.to_string(),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent {
+                        numerator: percent,
+                        denominator: DenominatorType::Hundred as i32,
+                    }),
+                    runtime_key: String::new(),
+                }),
+                ..Default::default()
+            }];
+        }
+        route
+    };
     let mut routes = Vec::new();
     if let Some(canary_cluster) = canary_cluster {
         let mut matcher = prefix_match();
@@ -429,21 +450,21 @@ pub fn service_routes(
             })),
             ..Default::default()
         });
-        routes.push(cluster_route(
+        routes.push(mirrored(cluster_route(
             "canary",
             matcher,
             canary_cluster,
             settings,
             protocol,
-        ));
+        )));
     }
-    routes.push(cluster_route(
+    routes.push(mirrored(cluster_route(
         "default",
         prefix_match(),
         cluster,
         settings,
         protocol,
-    ));
+    )));
     routes
 }
 

@@ -72,10 +72,11 @@ impl MeshResources {
 }
 
 /// Names of every mesh cluster a service can have (whether or not it has them now).
-pub fn service_cluster_names(service: &str) -> [String; 2] {
+pub fn service_cluster_names(service: &str) -> [String; 3] {
     [
         names::service_cluster(service),
         names::canary_cluster(service),
+        names::mirror_cluster(service),
     ]
 }
 
@@ -449,6 +450,11 @@ impl GroupResources {
                 .preserve_header_case
                 .unwrap_or(service.preserve_header_case),
         );
+        // The variant reads the shared assignment, locality weights included (the mirror
+        // cluster's has none).
+        if !names::cluster_service(&shared).1 {
+            cluster = clusters::weighted_by_origin(cluster, service);
+        }
         if spec.tls && clusters::service_uses_tls(service) {
             cluster = clusters::with_upstream_tls(cluster, &settings.trust_domain, &service.name);
         }
@@ -605,7 +611,19 @@ pub fn egress_resources(
                 let canary = service
                     .has_canary()
                     .then(|| cluster(names::canary_cluster(name)));
-                listeners::service_routes(&default, canary.as_deref(), s, service.protocol)
+                // A share copied to the new origin of a migration, answers discarded.
+                let mirror = service
+                    .migration
+                    .as_ref()
+                    .filter(|m| m.mirror > 0 && clusters::has_mirror(service))
+                    .map(|m| (cluster(names::mirror_cluster(name)), m.mirror));
+                listeners::service_routes(
+                    &default,
+                    canary.as_deref(),
+                    mirror.as_ref().map(|(c, p)| (c.as_str(), *p)),
+                    s,
+                    service.protocol,
+                )
             }
             None => vec![listeners::local_reply_route(
                 "unknown-service",

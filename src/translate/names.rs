@@ -91,6 +91,22 @@ pub fn canary_cluster(service: &str) -> String {
     format!("{service}|canary")
 }
 
+/// Cluster of the instances of a migrating service's new origin, which a share of requests
+/// is copied to (`spec.migration.mirror`).
+pub fn mirror_cluster(service: &str) -> String {
+    format!("{service}{MIRROR_SUFFIX}")
+}
+
+const MIRROR_SUFFIX: &str = "|mirror";
+
+/// The service a mesh cluster (or a variant of one) belongs to, and whether it is the
+/// mirror cluster: what a load report about the cluster is about.
+pub fn cluster_service(cluster: &str) -> (&str, bool) {
+    let service = cluster.split('|').next().unwrap_or(cluster);
+    let mirror = cluster[service.len()..].starts_with(MIRROR_SUFFIX);
+    (service, mirror)
+}
+
 /// Variant of the mesh cluster `cluster` for callers whose dependency sets another
 /// outlier detection, circuit breakers or header case: `orders|o-<hash of the policy>`. Callers with the
 /// same policy get the same name, and the name stays the same from one run to the next.

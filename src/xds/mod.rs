@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod conn;
 pub mod delta;
+pub mod lrs;
 pub mod node;
 pub mod registry;
 pub mod sotw;
@@ -48,6 +49,8 @@ pub struct XdsContext {
     pub limits: XdsLimits,
     /// What a stream's client certificate must prove.
     pub client_auth: ClientAuth,
+    /// Where load reports go.
+    pub load: Arc<lrs::LoadState>,
 }
 
 /// Bounds on what clients can make the server hold (each a `run` flag). xDS clients name

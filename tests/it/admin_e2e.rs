@@ -609,6 +609,8 @@ async fn every_metric_the_readme_names_is_exported_and_metrics_parse() {
         "http://127.0.0.1:1",
         "--peer-check-interval",
         "1",
+        "--load-report-interval",
+        "1000",
     ];
     let (_a, _b, cp, envoy) = running_mesh(&flags, frontend()).await;
     // A change, a diagnostics request and a bad manifest, so most families have samples.
@@ -619,12 +621,19 @@ async fn every_metric_the_readme_names_is_exported_and_metrics_parse() {
     )
     .await;
     assert_eq!(r.status, 200);
-    eventually(LIMIT, "the source error is counted", || async {
-        let m = cp.metrics().await;
-        (m.contains("meshbridge_source_errors_total{source=\"config:")
-            && m.contains("meshbridge_peer_agree{"))
-        .then_some(())
-    })
+    eventually(
+        LIMIT,
+        "the source error and the proxy's load are counted",
+        || async {
+            // Calls the proxy keeps reporting (a cluster's first report counts nothing).
+            let _ = envoy.call("orders", "/").await;
+            let m = cp.metrics().await;
+            (m.contains("meshbridge_source_errors_total{source=\"config:")
+                && m.contains("meshbridge_peer_agree{")
+                && m.contains("meshbridge_load_requests_total{"))
+            .then_some(())
+        },
+    )
     .await;
     let text = cp.metrics().await;
 
@@ -706,6 +715,8 @@ print(json.dumps(out))
         "meshbridge_build_info",
         "meshbridge_consul_requests",
         "meshbridge_peer_agree",
+        "meshbridge_load_requests",
+        "meshbridge_load_errors",
     ] {
         let samples = families[name]["samples"].as_array().map_or(0, Vec::len);
         assert!(samples > 0, "{name} has no samples:\n{text}");

@@ -46,6 +46,9 @@ const MESHBRIDGE_LABELS: &[(&str, &[&str])] = &[
     ("meshbridge_xds_refused_streams_total", &[]),
     ("meshbridge_xds_limited_total", &["limit"]),
     ("meshbridge_xds_identity_total", &["result"]),
+    ("meshbridge_load_reports_total", &["result"]),
+    ("meshbridge_load_requests_total", &["service", "origin", "traffic"]),
+    ("meshbridge_load_errors_total", &["service", "origin", "traffic"]),
     ("meshbridge_xds_responses_total", &["type", "mode"]),
     ("meshbridge_xds_sent_bytes_total", &["type"]),
     ("meshbridge_xds_acks_total", &["type"]),
@@ -663,6 +666,13 @@ fn registered_metrics() -> String {
     let _ = m.index_objects.get_or_create(&source);
     let _ = m.peer_agree.get_or_create(&Peer { peer });
     let _ = m.tasks_ended.get_or_create(&Task { task: "publisher" });
+    let load = ServiceOrigin {
+        service: "orders".to_string(),
+        origin: "consul".to_string(),
+        traffic: "live",
+    };
+    let _ = m.load_requests.get_or_create(&load);
+    let _ = m.load_errors.get_or_create(&load);
     // The other families' series are created by `Metrics::new()` itself.
     m.render()
 }

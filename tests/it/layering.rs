@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 const PURE_CORE: &[&str] = &[
     "model",
     "index",
+    "load",
     "translate",
     "snapshot",
     "webhook/inject",
@@ -64,6 +65,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "index",
         &["translate", "snapshot", "xds", "admin", "app", "status"],
+    ),
+    (
+        "load",
+        &[
+            "index", "snapshot", "xds", "sources", "admin", "app", "status",
+        ],
     ),
 ];
 

@@ -34,6 +34,7 @@ mod kube_e2e;
 mod kube_fake;
 mod layering;
 mod manifests_cli;
+mod migration_e2e;
 mod passive_health_e2e;
 mod properties;
 mod protocols_e2e;

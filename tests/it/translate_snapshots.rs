@@ -568,17 +568,31 @@ fn render_assignment(a: &ClusterLoadAssignment) -> String {
         out.push_str("(no endpoints)\n");
     }
     let marked = mtls_marked(a);
-    for (priority, zone, address, weight) in lb_endpoints(a) {
-        let tls = if marked.contains(&address) {
-            " mtls"
-        } else {
-            ""
-        };
-        writeln!(
-            out,
-            "priority {priority} zone {zone:?}: {address} weight {weight}{tls}"
-        )
-        .unwrap();
+    for l in &a.endpoints {
+        let place = l.locality.clone().unwrap_or_default();
+        let locality_weight = l
+            .load_balancing_weight
+            .as_ref()
+            .map(|w| format!(" locality weight {}", w.value))
+            .unwrap_or_default();
+        for e in &l.lb_endpoints {
+            let address = match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => addr(&ep.address),
+                other => format!("{other:?}"),
+            };
+            let weight = e.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+            let tls = if marked.contains(&address) {
+                " mtls"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "priority {} zone {:?} origin {}{locality_weight}: {address} weight {weight}{tls}",
+                l.priority, place.zone, place.sub_zone
+            )
+            .unwrap();
+        }
     }
     out
 }
@@ -788,6 +802,14 @@ fn render_routes(rc: &RouteConfiguration) -> String {
                 Some(Action::Route(a)) => {
                     let (cluster, timeout) = route_target(r);
                     writeln!(out, "    -> cluster {cluster:?} timeout {timeout:?}").unwrap();
+                    for m in &a.request_mirror_policies {
+                        let percent = m
+                            .runtime_fraction
+                            .as_ref()
+                            .and_then(|f| f.default_value.as_ref())
+                            .map(|v| v.numerator);
+                        writeln!(out, "    mirror {percent:?}% to {:?}", m.cluster).unwrap();
+                    }
                     match &a.retry_policy {
                         Some(p) => writeln!(
                             out,
@@ -2638,6 +2660,8 @@ fn envoy_accepts_every_scenario() {
         ("multi_port_callers", scenario_multi_port_callers()),
         ("multi_port_monitor", scenario_multi_port_monitor()),
         ("multi_port_ingress", scenario_multi_port_ingress()),
+        ("migration", scenario_migration(25, 10)),
+        ("migration_start", scenario_migration(0, 0)),
     ];
     let envoy = support::envoy_bin();
     let dir = tempfile::tempdir().unwrap();
@@ -3170,4 +3194,132 @@ fn k_each_further_port_is_a_service_of_its_own_named_by_host_and_served_by_its_o
     ] {
         assert!(text.contains(expected), "{expected}\n{text}");
     }
+}
+
+/// `orders` moving from its hosts (two static endpoints, one a canary, and a Consul host in
+/// another datacenter) to its pods (two), at `weight` percent, `mirror` percent copied.
+fn migration_state(weight: u32, mirror: u32) -> MeshState {
+    let orders = MeshService::build("orders")
+        .set(
+            "migration",
+            json!({"to": "kubernetes", "weight": weight, "mirror": mirror}),
+        )
+        .endpoint("10.0.0.1", 8080)
+        .endpoint_with(json!({"address": "10.0.0.2", "port": 8080, "tags": ["canary"]}))
+        .yaml();
+    let frontend = MeshService::build("frontend").dependency("orders").yaml();
+    let mut index = Index::new();
+    for (file, text) in [("orders.yaml", &orders), ("frontend.yaml", &frontend)] {
+        index.apply("config", file, parse_manifests(file, text).unwrap());
+    }
+    let endpoint = |address: &str, origin, datacenter: Option<&str>| meshbridge::model::Endpoint {
+        address: address.into(),
+        port: 15006,
+        origin,
+        datacenter: datacenter.map(str::to_string),
+        tags: Default::default(),
+        weight: 1,
+        healthy: true,
+        ports: Default::default(),
+    };
+    use meshbridge::index::{EndpointSet, IndexObject};
+    use meshbridge::model::Origin;
+    index.apply(
+        "kubernetes",
+        "orders",
+        vec![IndexObject::Endpoints(EndpointSet {
+            service: "orders".into(),
+            endpoints: vec![
+                endpoint("10.1.0.1", Origin::Kubernetes, None),
+                endpoint("10.1.0.2", Origin::Kubernetes, None),
+            ],
+        })],
+    );
+    index.apply(
+        "consul",
+        "orders",
+        vec![IndexObject::Endpoints(EndpointSet {
+            service: "orders".into(),
+            endpoints: vec![endpoint("10.2.0.1", Origin::Consul, Some("dc2"))],
+        })],
+    );
+    index.state()
+}
+
+fn migration_settings() -> MeshSettings {
+    MeshSettings {
+        datacenters: vec!["dc1".into(), "dc2".into()],
+        ..Default::default()
+    }
+}
+
+fn scenario_migration(weight: u32, mirror: u32) -> Snapshot {
+    snapshot(
+        &migration_state(weight, mirror),
+        &migration_settings(),
+        &egress_group("frontend", &[]),
+    )
+}
+
+#[test]
+fn l_a_migration_weighs_localities_by_origin_and_mirrors_to_the_new_one() {
+    let snap = scenario_migration(25, 10);
+    insta::assert_snapshot!("l_migration", render(&snap));
+    let a = cla(&snap, "orders");
+    // The local datacenter: the pods' locality takes 25, the hosts' 75 (in hundredths),
+    // whatever the instance counts; the other datacenter after them.
+    let weights: Vec<(u32, String, String, Option<u32>)> = a
+        .endpoints
+        .iter()
+        .map(|l| {
+            let place = l.locality.clone().unwrap_or_default();
+            (
+                l.priority,
+                place.zone,
+                place.sub_zone,
+                l.load_balancing_weight.as_ref().map(|w| w.value),
+            )
+        })
+        .collect();
+    let expected: Vec<(u32, String, String, Option<u32>)> = vec![
+        (0, String::new(), "kubernetes".into(), Some(2500)),
+        (0, String::new(), "config".into(), Some(7500)),
+        (1, "dc2".into(), "consul".into(), Some(7500)),
+    ];
+    assert_eq!(weights, expected);
+    let cluster = cluster(&snap, "orders");
+    assert!(cluster.common_lb_config.is_some());
+    // A tenth of the requests copied to the pods' cluster.
+    let mirror = cla(&snap, "orders|mirror");
+    assert_eq!(
+        lb_endpoints(&mirror)
+            .into_iter()
+            .map(|(_, _, a, _)| a)
+            .collect::<Vec<_>>(),
+        ["10.1.0.1:15006", "10.1.0.2:15006"]
+    );
+    let text = render_routes(&route_config(&snap, "egress"));
+    assert!(text.contains("mirror"), "{text}");
+
+    // At 0 the pods wait one priority down (taken only when the hosts are gone), and no
+    // copies without `mirror`.
+    let start = scenario_migration(0, 0);
+    let a = cla(&start, "orders");
+    let pods: Vec<u32> = a
+        .endpoints
+        .iter()
+        .filter(|l| {
+            l.locality
+                .as_ref()
+                .is_some_and(|p| p.sub_zone == "kubernetes")
+        })
+        .map(|l| l.priority)
+        .collect();
+    assert_eq!(pods, [1]);
+    assert!(
+        start
+            .resources(ResourceType::Cluster)
+            .get("orders|mirror")
+            .is_none()
+    );
 }

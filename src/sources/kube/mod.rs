@@ -47,8 +47,9 @@ pub struct KubeContext {
 }
 
 enum Watched {
-    Service(Event<MeshService>),
-    Rule(Event<AccessRule>),
+    /// Boxed: the resources are much larger than a pod's few fields.
+    Service(Event<Box<MeshService>>),
+    Rule(Event<Box<AccessRule>>),
     Pod(Event<PodInfo>),
     Namespace(Event<(String, BTreeMap<String, String>)>),
 }
@@ -145,13 +146,19 @@ pub async fn run(
         streams.push(
             watcher::watcher(services, config())
                 .default_backoff()
-                .map(move |e| (id(Resource::MeshServices), e.map(Watched::Service)))
+                .map(move |e| {
+                    let e = e.map(|ev| Watched::Service(map_event(ev, Box::new)));
+                    (id(Resource::MeshServices), e)
+                })
                 .boxed(),
         );
         streams.push(
             watcher::watcher(rules, config())
                 .default_backoff()
-                .map(move |e| (id(Resource::AccessRules), e.map(Watched::Rule)))
+                .map(move |e| {
+                    let e = e.map(|ev| Watched::Rule(map_event(ev, Box::new)));
+                    (id(Resource::AccessRules), e)
+                })
                 .boxed(),
         );
         streams.push(
@@ -245,22 +252,22 @@ fn handle(
         let mut store = ctx.store.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             Watched::Service(Event::Init) => p.services = Some(Vec::new()),
-            Watched::Service(Event::InitApply(o)) => p.services.get_or_insert_default().push(o),
+            Watched::Service(Event::InitApply(o)) => p.services.get_or_insert_default().push(*o),
             Watched::Service(Event::InitDone) => {
                 store.replace_services(scope, p.services.take().unwrap_or_default());
                 relisted = true;
             }
-            Watched::Service(Event::Apply(o)) => keys = store.apply_service(o),
+            Watched::Service(Event::Apply(o)) => keys = store.apply_service(*o),
             Watched::Service(Event::Delete(o)) => {
                 keys = store.delete_service(&ObjectKey::of(&o.metadata))
             }
             Watched::Rule(Event::Init) => p.rules = Some(Vec::new()),
-            Watched::Rule(Event::InitApply(o)) => p.rules.get_or_insert_default().push(o),
+            Watched::Rule(Event::InitApply(o)) => p.rules.get_or_insert_default().push(*o),
             Watched::Rule(Event::InitDone) => {
                 store.replace_rules(scope, p.rules.take().unwrap_or_default());
                 relisted = true;
             }
-            Watched::Rule(Event::Apply(o)) => keys = store.apply_rule(o),
+            Watched::Rule(Event::Apply(o)) => keys = store.apply_rule(*o),
             Watched::Rule(Event::Delete(o)) => {
                 keys = store.delete_rule(&ObjectKey::of(&o.metadata))
             }

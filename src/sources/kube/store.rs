@@ -71,6 +71,9 @@ pub struct PodCounts {
     pub no_port: u32,
 }
 
+/// Consul tag of the pods of a MeshService that declares a migration.
+pub const MIGRATION_TAG: &str = "meshbridge-migration";
+
 /// A ready pod of a MeshService that asks for Consul registration.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodInstance {
@@ -457,6 +460,10 @@ impl KubeStore {
                 // Consul's other consumers know to call it over mutual TLS.
                 let mut tags: BTreeSet<String> = consul.tags.iter().cloned().collect();
                 tags.extend(endpoint.tags.iter().cloned());
+                // Legacy tooling sees that the service is on the move.
+                if object.spec.migration.is_some() {
+                    tags.insert(MIGRATION_TAG.to_string());
+                }
                 out.push(PodInstance {
                     service: service.clone(),
                     namespace: pod.namespace.clone(),
@@ -661,5 +668,14 @@ mod tests {
         store.apply_pod(with_certs);
         let instances = store.consul_instances();
         assert!(instances[0].tags.contains("mtls"), "{:?}", instances[0]);
+        assert!(!instances[0].tags.contains(MIGRATION_TAG));
+        // Migrating: legacy tooling sees the move in the tags.
+        store.apply_service(service("orders", json!({"selector": {"app": "orders"}, "ports": [{"port": 80}], "consul": {"register": true}, "migration": {"to": "kubernetes", "weight": 5}}), 2));
+        let instances = store.consul_instances();
+        assert!(
+            instances[0].tags.contains(MIGRATION_TAG),
+            "{:?}",
+            instances[0]
+        );
     }
 }

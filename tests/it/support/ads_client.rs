@@ -122,6 +122,9 @@ impl TestServer {
             control_plane: "meshbridge-test".to_string(),
             limits,
             client_auth: Default::default(),
+            load: Arc::new(meshbridge::xds::lrs::LoadState::new(
+                std::time::Duration::from_secs(10),
+            )),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

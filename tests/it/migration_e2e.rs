@@ -1,0 +1,293 @@
+//! Migration from Consul hosts to pods, end to end: the Kubernetes API fake and the Consul
+//! fake feed the real `meshbridge`, a real Envoy calls the service, and the Envoy's load
+//! reports (LRS) come back to meshbridge. What is checked is what a platform team sees: the
+//! share of requests each origin answers, whatever the instance counts; mirrored copies that
+//! leave the callers' answers alone; and per-origin counts in `/api/services/NAME` equal to
+//! what the instances answered.
+
+use crate::kube_e2e::{legacy, pod};
+use crate::support;
+use crate::support::consul_fake::{FakeConsul, Instance};
+use crate::support::kube_fake::FakeKube;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::fixtures::{Fixture, MeshService};
+use support::{Backend, ControlPlane, Envoy, eventually};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// `orders` in namespace `shop`, its pods labelled `app: orders`, migrating to them.
+fn orders(migration: Value) -> Value {
+    MeshService::build("orders")
+        .namespace("shop")
+        .selector("orders")
+        .set("ports", json!([{"port": 80}]))
+        .set("migration", migration)
+        .json()
+}
+
+/// Who answered `calls` requests for `orders` through `envoy`: counts by the instance the
+/// answer names (`pod-a`, `vm-1`, …); failed calls under `failed`.
+async fn answers(envoy: &Envoy, calls: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..calls {
+        let who = match envoy.call("orders", "/").await {
+            Ok(r) if r.status == 200 => r
+                .body
+                .strip_prefix("hello from orders ")
+                .and_then(|b| b.split(':').next())
+                .unwrap_or("?")
+                .to_string(),
+            _ => "failed".to_string(),
+        };
+        *out.entry(who).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Answers from pods (instances named `pod-*`).
+fn from_pods(counts: &BTreeMap<String, usize>) -> usize {
+    counts
+        .iter()
+        .filter(|(k, _)| k.starts_with("pod-"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// `load.last_5_minutes` of `orders` summed per `origin/traffic`.
+async fn reported(cp: &ControlPlane) -> BTreeMap<String, u64> {
+    let detail = cp.admin_json("/api/services/orders").await;
+    let mut out = BTreeMap::new();
+    for o in detail["load"]["last_5_minutes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = format!(
+            "{}/{}",
+            o["origin"].as_str().unwrap_or_default(),
+            o["traffic"].as_str().unwrap_or_default()
+        );
+        *out.entry(key).or_insert(0) += o["requests"].as_u64().unwrap_or(0);
+    }
+    out
+}
+
+/// [`reported`] once the reports stop moving (two reads a report interval and a half apart
+/// agree): every request made before is in it.
+async fn settled(cp: &ControlPlane) -> BTreeMap<String, u64> {
+    let mut last = reported(cp).await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = reported(cp).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("load reports still moving after 30 s: {last:?}");
+}
+
+/// The statistical bound of a share test: with `n` requests and an expected share `p`, the
+/// count is allowed 5 standard deviations (a false failure about once in 3.5 million runs).
+/// Envoy's locality choice is a weighted deterministic schedule, so the real spread is
+/// much smaller.
+fn within_bound(count: usize, n: usize, p: f64) -> bool {
+    let expected = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (count as f64 - expected).abs() <= 5.0 * sd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_weight_splits_requests_by_origin_whatever_the_instance_counts() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let [pod_a, pod_b] = [
+        Backend::start("orders", "pod-a").await,
+        Backend::start("orders", "pod-b").await,
+    ];
+    let mut vms = Vec::new();
+    for i in 1..=5 {
+        vms.push(Backend::start("orders", &format!("vm-{i}")).await);
+    }
+    for (i, vm) in vms.iter().take(2).enumerate() {
+        consul.register(
+            "dc1",
+            Instance::new(
+                "orders",
+                &format!("orders-vm-{}", i + 1),
+                "127.0.0.1",
+                vm.port,
+            ),
+        );
+    }
+    kube.apply(orders(json!({"to": "kubernetes", "weight": 25})));
+    kube.apply(pod("orders-a", "orders", pod_a.port, true));
+    kube.apply(pod("orders-b", "orders", pod_b.port, true));
+    let dir = tempfile::tempdir().unwrap().keep();
+    let kubeconfig = kube.write_kubeconfig(&dir);
+    let mut cp = ControlPlane::start_kube(
+        &kubeconfig,
+        "",
+        &[
+            "--consul-addr",
+            &consul.url(),
+            "--consul-datacenter",
+            "dc1",
+            "--consul-services-owned-by",
+            "shop",
+            "--load-report-interval",
+            "1000",
+        ],
+    );
+    cp.wait_ready().await;
+    let caller = Envoy::start(&cp, legacy(&["orders"])).await;
+    // Both origins routed and reported. (A proxy's reports about a cluster start with the
+    // first report after it has the cluster: what it sent before is not counted.)
+    eventually(LIMIT, "both origins answer and are reported", || async {
+        let seen = answers(&caller, 8).await;
+        let r = reported(&cp).await;
+        (from_pods(&seen) > 0
+            && seen.keys().any(|k| k.starts_with("vm-"))
+            && r.contains_key("kubernetes/live")
+            && r.contains_key("consul/live"))
+        .then_some(())
+    })
+    .await;
+    let before = settled(&cp).await;
+
+    // 2 pods and 2 hosts: a quarter of the requests reach the pods.
+    const N: usize = 400;
+    let seen = answers(&caller, N).await;
+    assert_eq!(seen.get("failed"), None, "{seen:?}");
+    let pods = from_pods(&seen);
+    assert!(within_bound(pods, N, 0.25), "{seen:?}");
+
+    // The load reports come back equal to what the instances answered, per origin.
+    let after = settled(&cp).await;
+    let delta =
+        |key: &str| after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0);
+    assert_eq!(
+        delta("kubernetes/live"),
+        pods as u64,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(
+        delta("consul/live"),
+        (N - pods) as u64,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.get("kubernetes/mirror"), None, "{after:?}");
+    let detail = cp.admin_json("/api/services/orders").await;
+    let share: f64 = detail["load"]["last_5_minutes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["origin"] == "kubernetes")
+        .map(|o| o["share"].as_f64().unwrap())
+        .sum();
+    let (k, c) = (after["kubernetes/live"], after["consul/live"]);
+    assert!((share - k as f64 / (k + c) as f64).abs() < 1e-9, "{detail}");
+    let metrics = cp.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "meshbridge_load_requests_total{{service=\"orders\",origin=\"kubernetes\",traffic=\"live\"}} {k}"
+        )),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("load_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // 1 pod and 5 hosts: still a quarter.
+    kube.delete("v1", "Pod", Some("shop"), "orders-b");
+    for (i, vm) in vms.iter().enumerate().skip(2) {
+        consul.register(
+            "dc1",
+            Instance::new(
+                "orders",
+                &format!("orders-vm-{}", i + 1),
+                "127.0.0.1",
+                vm.port,
+            ),
+        );
+    }
+    eventually(LIMIT, "1 pod and 5 hosts routed", || async {
+        let seen = answers(&caller, 30).await;
+        (seen.keys().filter(|k| k.starts_with("vm-")).count() == 5 && !seen.contains_key("pod-b"))
+            .then_some(())
+    })
+    .await;
+    let seen = answers(&caller, N).await;
+    assert!(within_bound(from_pods(&seen), N, 0.25), "{seen:?}");
+    assert_eq!(seen.get("pod-a").copied(), Some(from_pods(&seen)));
+
+    // Every pod unready: the hosts take everything.
+    kube.apply(pod("orders-a", "orders", pod_a.port, false));
+    eventually(LIMIT, "the pods left out", || async {
+        (from_pods(&answers(&caller, 20).await) == 0).then_some(())
+    })
+    .await;
+    let seen = answers(&caller, 100).await;
+    assert_eq!(from_pods(&seen), 0, "{seen:?}");
+    assert_eq!(seen.get("failed"), None, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answers() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let pod_a = Backend::start("orders", "pod-a").await;
+    let vm = Backend::start("orders", "vm-1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-vm-1", "127.0.0.1", vm.port),
+    );
+    // Nothing to the pods yet, half the requests copied to them.
+    kube.apply(orders(
+        json!({"to": "kubernetes", "weight": 0, "mirror": 50}),
+    ));
+    kube.apply(pod("orders-a", "orders", pod_a.port, true));
+    let dir = tempfile::tempdir().unwrap().keep();
+    let kubeconfig = kube.write_kubeconfig(&dir);
+    let mut cp = ControlPlane::start_kube(
+        &kubeconfig,
+        "",
+        &[
+            "--consul-addr",
+            &consul.url(),
+            "--consul-datacenter",
+            "dc1",
+            "--consul-services-owned-by",
+            "shop",
+            "--load-report-interval",
+            "1000",
+        ],
+    );
+    cp.wait_ready().await;
+    let caller = Envoy::start(&cp, legacy(&["orders"])).await;
+    eventually(LIMIT, "orders answers", || async {
+        let r = reported(&cp).await;
+        let seen = answers(&caller, 10).await;
+        (seen.get("vm-1") == Some(&10) && r.get("kubernetes/mirror").is_some_and(|n| *n > 0))
+            .then_some(())
+    })
+    .await;
+    const N: usize = 200;
+    let before = settled(&cp).await;
+    let seen = answers(&caller, N).await;
+    // Every answer from the host: the pods' answers to the copies are discarded.
+    assert_eq!(seen.get("vm-1"), Some(&N), "{seen:?}");
+    let after = settled(&cp).await;
+    let delta =
+        |key: &str| after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0);
+    assert_eq!(delta("consul/live"), N as u64, "{before:?} {after:?}");
+    let copies = delta("kubernetes/mirror") as usize;
+    assert!(within_bound(copies, N, 0.5), "{copies} copies of {N}");
+    assert_eq!(after.get("kubernetes/live"), None, "{after:?}");
+}
