@@ -47,8 +47,14 @@ const MESHBRIDGE_LABELS: &[(&str, &[&str])] = &[
     ("meshbridge_xds_limited_total", &["limit"]),
     ("meshbridge_xds_identity_total", &["result"]),
     ("meshbridge_load_reports_total", &["result"]),
-    ("meshbridge_load_requests_total", &["service", "origin", "traffic"]),
-    ("meshbridge_load_errors_total", &["service", "origin", "traffic"]),
+    (
+        "meshbridge_load_requests_total",
+        &["service", "origin", "traffic"],
+    ),
+    (
+        "meshbridge_load_errors_total",
+        &["service", "origin", "traffic"],
+    ),
     ("meshbridge_xds_responses_total", &["type", "mode"]),
     ("meshbridge_xds_sent_bytes_total", &["type"]),
     ("meshbridge_xds_acks_total", &["type"]),
