@@ -196,6 +196,8 @@ pub struct Metrics {
     pub build_info: Family<Version, Gauge>,
     /// Supervised tasks that ended before shutdown (the process then exits 1), by task.
     pub tasks_ended: Family<Task, Counter>,
+    /// Migration plans rolled back (the new origin did worse than the old).
+    pub migration_rollbacks: Counter,
     /// Load reports received, by result (`accepted`, `dropped`: faster than asked,
     /// `refused`: a stream refused).
     pub load_reports: Family<Outcome, Counter>,
@@ -278,6 +280,7 @@ impl Metrics {
             peer_agree: Family::default(),
             build_info: Family::default(),
             tasks_ended: Family::default(),
+            migration_rollbacks: Counter::default(),
             load_reports: Family::default(),
             load_requests: Family::default(),
             load_errors: Family::default(),
@@ -342,6 +345,11 @@ impl Metrics {
             "xds_ack_seconds",
             "Time from sending an xDS response to its ACK or NACK",
             self.xds_ack_seconds.clone(),
+        );
+        self.registry.register(
+            "migration_rollbacks",
+            "Migration plans rolled back because the new origin answered with more errors than allowed",
+            self.migration_rollbacks.clone(),
         );
         self.registry.register(
             "load_reports",

@@ -356,6 +356,12 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         preserve_header_case: service.preserve_header_case,
         rate_limit: views::RateLimitView::of(&service.rate_limit),
         load: load_view(&s.load, name),
+        migration: service.migration.as_ref().map(|m| views::MigrationView {
+            to: m.to.to_string(),
+            weight: m.weight,
+            mirror: m.mirror,
+            steps: m.steps.clone(),
+        }),
         ports: service
             .named_ports
             .iter()

@@ -169,6 +169,22 @@ pub struct ServiceDetail {
     /// What callers' proxies reported of it (load reports).
     #[serde(default)]
     pub load: LoadView,
+    /// Its migration, if it declares one: where traffic moves and how much moves now.
+    #[serde(default)]
+    pub migration: Option<MigrationView>,
+}
+
+/// A service's migration as in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// The new origin.
+    pub to: String,
+    /// Percent of requests it gets now (a plan's current step).
+    pub weight: u32,
+    /// Percent copied to it.
+    pub mirror: u32,
+    /// The plan's steps (empty: the weight is set by hand).
+    pub steps: Vec<u32>,
 }
 
 /// Load reports about a service: what its callers' proxies sent to its instances.

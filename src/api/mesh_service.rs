@@ -88,7 +88,7 @@ pub struct MigrationSpec {
     pub to: MigrationOrigin,
     /// Percent of callers' requests sent to the new origin's instances, whatever the
     /// instance counts; the rest go to the old ones. An origin without a healthy instance
-    /// gets none. With `steps`, where the plan starts (default 0).
+    /// gets none. Ignored with `steps`: the plan's status holds the weight in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub weight: Option<u32>,
@@ -407,6 +407,43 @@ pub struct MeshServiceStatus {
     /// Instance counts by origin (`kubernetes`, `consul`, `config`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub instances: BTreeMap<String, u32>,
+    /// Where `spec.migration` stands. With `steps`, the record of the plan: the weight in
+    /// force is this one, and another leader or a restart carries on from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// Where a migration stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// `Manual` (no `steps`: the weight is the spec's), `Progressing`, `RolledBack` or
+    /// `Complete`.
+    pub phase: String,
+    /// The new origin.
+    pub to: String,
+    /// The plan this progress belongs to (its steps, e.g. `5,50,100`): a changed plan starts
+    /// again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan: String,
+    /// The step in force (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Percent of requests sent to the new origin now.
+    pub weight: u32,
+    /// When the step in force started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<String>,
+    /// When the next step is due, if the new origin does not do worse (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step_at: Option<String>,
+    /// Error rates the last decision was made on, over one interval, from the load reports:
+    /// `old` and `new` origins, e.g. `0.50%` (`-`: no request answered).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_rates: BTreeMap<String, String>,
+    /// Why it stands there (the numbers of a roll-back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// A status condition, following the Kubernetes API conventions.

@@ -91,6 +91,7 @@ impl Kubernetes {
             cp.published_view.subscribe(),
             registration_errors_rx,
             cp.metrics.clone(),
+            cp.load.clone(),
             &config.identity,
         ));
         cp.tasks.spawn(

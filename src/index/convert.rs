@@ -141,11 +141,15 @@ pub fn mesh_service(
         }
     }
     let rate_limit = rate_limit(obj.spec.rate_limit.as_ref(), &mut errors);
-    let migration = obj
-        .spec
-        .migration
-        .as_ref()
-        .map(|m| migration(m, &mut errors));
+    let migration = obj.spec.migration.as_ref().map(|m| {
+        let mut migration = migration(m, &mut errors);
+        if !migration.steps.is_empty() {
+            // A plan's weight is where the plan stands: its status, written by the leader
+            // (nothing moves before the plan's first step).
+            migration.weight = plan_weight(obj, &migration).unwrap_or(0);
+        }
+        migration
+    });
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -246,6 +250,18 @@ fn migration(m: &MigrationSpec, errors: &mut Vec<FieldError>) -> Migration {
         interval,
         max_error_rate_increase_bp,
     }
+}
+
+/// The weight the status of `obj` records for the plan of `m`, if it records this plan.
+fn plan_weight(obj: &MeshService, m: &Migration) -> Option<u32> {
+    let status = obj.status.as_ref()?.migration.as_ref()?;
+    let plan = m
+        .steps
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    (status.plan == plan && status.to == m.to.to_string()).then_some(status.weight.min(100))
 }
 
 /// `1%`, `0.5%`, `12.25%` in hundredths of a percent (basis points), at most 100%.

@@ -45,3 +45,170 @@ impl Migration {
         origin == self.to
     }
 }
+
+/// Where an automatic plan stands (kept in `MeshService.status.migration`, so that a restart
+/// or another leader carries on from it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PlanPhase {
+    /// Going through the steps.
+    Progressing,
+    /// The new origin did worse than the old one: back at weight 0 until the plan changes.
+    RolledBack,
+    /// The last step is reached.
+    Complete,
+}
+
+/// A plan's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanProgress {
+    /// Phase.
+    pub phase: PlanPhase,
+    /// The step in force (index into the steps).
+    pub step: usize,
+    /// The weight in force.
+    pub weight: u32,
+    /// When the step started (seconds since the Unix epoch).
+    pub step_started: i64,
+}
+
+/// Error rates over the last interval, from the load reports: the old origins' and the new
+/// one's (none: no request answered there).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PlanCheck {
+    /// The old origins' error rate (0–1).
+    pub old: Option<f64>,
+    /// The new origin's.
+    pub new: Option<f64>,
+}
+
+/// What a plan does next at `now`: its first step when it has no progress yet; nothing
+/// before the interval of the step in force is over, nor once rolled back or complete;
+/// then, the new origin's error rate compared with the old one's over the interval — more
+/// than `max_error_rate_increase_bp` higher rolls back to weight 0 (with the reason, numbers
+/// included), otherwise the next step (complete after the last). A step whose interval saw
+/// no answered request at the new origin waits (nothing to judge by).
+pub fn advance_plan(
+    m: &Migration,
+    previous: Option<&PlanProgress>,
+    check: PlanCheck,
+    now: i64,
+) -> (PlanProgress, Option<String>) {
+    let first = PlanProgress {
+        phase: PlanPhase::Progressing,
+        step: 0,
+        weight: m.steps.first().copied().unwrap_or(m.weight),
+        step_started: now,
+    };
+    let Some(p) = previous.filter(|p| p.step < m.steps.len()) else {
+        return (first, None);
+    };
+    let due = now.saturating_sub(p.step_started) >= m.interval.as_secs() as i64;
+    if p.phase != PlanPhase::Progressing || !due {
+        return (p.clone(), None);
+    }
+    let Some(new) = check.new else {
+        return (p.clone(), None);
+    };
+    let old = check.old.unwrap_or(0.0);
+    let allowed = f64::from(m.max_error_rate_increase_bp) / 10_000.0;
+    if new - old > allowed {
+        let reason = format!(
+            "the new origin ({}) answered {:.2}% of requests with errors over the last {}s, the old {:.2}% (allowed increase {:.2} points): rolled back from weight {} to 0",
+            m.to,
+            new * 100.0,
+            m.interval.as_secs(),
+            old * 100.0,
+            allowed * 100.0,
+            p.weight
+        );
+        let back = PlanProgress {
+            phase: PlanPhase::RolledBack,
+            weight: 0,
+            step_started: now,
+            ..p.clone()
+        };
+        return (back, Some(reason));
+    }
+    let next = p.step + 1;
+    let progress = match m.steps.get(next) {
+        Some(&weight) => PlanProgress {
+            phase: PlanPhase::Progressing,
+            step: next,
+            weight,
+            step_started: now,
+        },
+        None => PlanProgress {
+            phase: PlanPhase::Complete,
+            ..p.clone()
+        },
+    };
+    (progress, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Migration {
+        Migration {
+            to: Origin::Kubernetes,
+            weight: 0,
+            mirror: 0,
+            steps: vec![5, 50, 100],
+            interval: Duration::from_secs(60),
+            max_error_rate_increase_bp: 100,
+        }
+    }
+
+    fn check(old: f64, new: f64) -> PlanCheck {
+        PlanCheck {
+            old: Some(old),
+            new: Some(new),
+        }
+    }
+
+    #[test]
+    fn a_healthy_plan_goes_step_by_step_once_per_interval_to_the_end() {
+        let m = plan();
+        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 1000);
+        assert_eq!((p.phase, p.step, p.weight), (PlanPhase::Progressing, 0, 5));
+        // Not yet due.
+        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.0), 1059).0, p);
+        // Due, but nothing answered at the new origin: waits.
+        assert_eq!(advance_plan(&m, Some(&p), PlanCheck::default(), 1060).0, p);
+        // Within the allowed increase (0.5 points over 1 allowed).
+        let (p, rolled) = advance_plan(&m, Some(&p), check(0.01, 0.015), 1060);
+        assert_eq!(
+            (p.step, p.weight, p.step_started, rolled),
+            (1, 50, 1060, None)
+        );
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1120);
+        assert_eq!((p.phase, p.weight), (PlanPhase::Progressing, 100));
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1180);
+        assert_eq!((p.phase, p.weight), (PlanPhase::Complete, 100));
+        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.9), 9999).0, p);
+    }
+
+    #[test]
+    fn a_worse_new_origin_rolls_back_to_zero_with_the_numbers_and_stays() {
+        let m = plan();
+        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 0);
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 60);
+        let (back, reason) = advance_plan(&m, Some(&p), check(0.005, 0.25), 120);
+        assert_eq!((back.phase, back.weight), (PlanPhase::RolledBack, 0));
+        let reason = reason.unwrap();
+        assert!(
+            reason.contains("25.00%") && reason.contains("0.50%"),
+            "{reason}"
+        );
+        assert!(reason.contains("from weight 50 to 0"), "{reason}");
+        assert_eq!(advance_plan(&m, Some(&back), check(0.0, 0.0), 999).0, back);
+        // A plan whose steps changed under it (fewer now) starts again.
+        let shorter = Migration {
+            steps: vec![10],
+            ..plan()
+        };
+        let (p, _) = advance_plan(&shorter, Some(&p), PlanCheck::default(), 500);
+        assert_eq!((p.step, p.weight), (0, 10));
+    }
+}

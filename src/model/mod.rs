@@ -24,7 +24,10 @@ pub use dependency::{
     ExternalDomain, OutlierDetection, ParseDependencyError, RetryPolicy, valid_service_name,
     valid_service_ref,
 };
-pub use migration::{MAX_MIGRATION_STEPS, MIN_MIGRATION_INTERVAL, Migration};
+pub use migration::{
+    MAX_MIGRATION_STEPS, MIN_MIGRATION_INTERVAL, Migration, PlanCheck, PlanPhase, PlanProgress,
+    advance_plan,
+};
 pub use ports::{
     MAX_NAMED_PORTS, NamedPort, PORT_SEPARATOR, PortBinding, access_target, port_service,
     split_port_service, valid_port_name,

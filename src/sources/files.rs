@@ -151,9 +151,29 @@ fn parse_document(
         Some("MeshService") => {
             let obj: MeshService = typed(doc, first_line)
                 .map_err(|(line, field, msg)| error(line, object.clone(), field, msg))?;
+            // A plan's progress lives in the MeshService's status, which only a Kubernetes
+            // object has: here it would never start.
+            let plan = obj
+                .spec
+                .migration
+                .as_ref()
+                .is_some_and(|m| !m.steps.is_empty())
+                .then(|| convert::FieldError {
+                    field: "spec.migration.steps".into(),
+                    message: "a plan needs its MeshService in Kubernetes (the status records its progress); in a manifest directory set spec.migration.weight by hand".into(),
+                });
             convert::mesh_service(&obj, precedence)
+                .and_then(|d| match plan.clone() {
+                    Some(e) => Err(vec![e]),
+                    None => Ok(d),
+                })
                 .map(IndexObject::Service)
-                .map_err(|errs| field_errors(&error, object.clone(), errs, doc, first_line))
+                .map_err(|mut errs| {
+                    if let Some(e) = plan.filter(|e| !errs.contains(e)) {
+                        errs.push(e);
+                    }
+                    field_errors(&error, object.clone(), errs, doc, first_line)
+                })
         }
         Some("AccessRule") => {
             let obj: AccessRule = typed(doc, first_line)
@@ -764,6 +784,25 @@ mod tests {
         assert_eq!(index.read(|i| i.state()).services.len(), 1);
         assert!(source.scan(&index, &statuses).changed);
         assert!(index.read(|i| i.state()).services.is_empty());
+    }
+
+    #[test]
+    fn a_plan_in_a_manifest_is_refused_and_a_weight_by_hand_is_taken() {
+        let plan = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  migration: {to: kubernetes, steps: [5, 50]}\n";
+        let errs = parse_manifests("m.yaml", plan).unwrap_err();
+        let text = errs[0].to_string();
+        assert!(
+            text.contains("spec.migration.steps: a plan needs its MeshService in Kubernetes"),
+            "{text}"
+        );
+        let by_hand = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  migration: {to: kubernetes, weight: 30}\n";
+        assert!(parse_manifests("m.yaml", by_hand).is_ok());
+        let both = "apiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {name: orders}\nspec:\n  migration: {to: kubernetes, weight: 300, steps: [5]}\n";
+        let text = parse_manifests("m.yaml", both).unwrap_err()[0].to_string();
+        assert!(
+            text.contains("spec.migration.weight") && text.contains("spec.migration.steps"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod reconcile;
 use std::collections::BTreeMap;
 
 use crate::api::access_rule::AccessRuleStatus;
-use crate::api::mesh_service::{Condition, MeshServiceStatus};
+use crate::api::mesh_service::{Condition, MeshServiceStatus, MigrationStatus};
 use crate::index::{ConflictKind, ForeignRule, NameConflict};
 use crate::model::MeshState;
 use crate::sources::kube::store::{ObjectKey, PodCounts, RuleEntry, ServiceEntry, precedence};
@@ -61,7 +61,105 @@ fn errors_text(errors: &[crate::index::convert::FieldError]) -> String {
         .join("; ")
 }
 
-/// The status a MeshService should have.
+/// Seconds since the Unix epoch of an RFC 3339 time (0 when it does not parse).
+pub(crate) fn unix_seconds(rfc3339: &str) -> i64 {
+    rfc3339
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .map(|t| t.as_second())
+        .unwrap_or(0)
+}
+
+fn rfc3339(seconds: i64) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::from_second(seconds)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+fn percent(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "-".to_string(), |r| format!("{:.2}%", r * 100.0))
+}
+
+/// Where a MeshService's migration stands at `now`, given where it stood (`previous`) and the
+/// error rates of the last interval (`check`): a plan takes its next step or rolls back (see
+/// [`crate::model::advance_plan`]). Returns the status and, when rolled back, why.
+pub fn migration_status(
+    m: &crate::model::Migration,
+    previous: Option<&MigrationStatus>,
+    check: crate::model::PlanCheck,
+    now: &str,
+) -> (MigrationStatus, Option<String>) {
+    use crate::model::{PlanPhase, PlanProgress, advance_plan};
+    let to = m.to.to_string();
+    if m.steps.is_empty() {
+        let status = MigrationStatus {
+            phase: "Manual".to_string(),
+            to,
+            weight: m.weight,
+            ..Default::default()
+        };
+        return (status, None);
+    }
+    let plan = m
+        .steps
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let progress = previous
+        .filter(|p| p.plan == plan && p.to == to)
+        .and_then(|p| {
+            Some(PlanProgress {
+                phase: match p.phase.as_str() {
+                    "Progressing" => PlanPhase::Progressing,
+                    "RolledBack" => PlanPhase::RolledBack,
+                    "Complete" => PlanPhase::Complete,
+                    _ => return None,
+                },
+                step: p.step? as usize,
+                weight: p.weight,
+                step_started: unix_seconds(p.step_started_at.as_deref()?),
+            })
+        });
+    let now_seconds = unix_seconds(now);
+    let (next, rolled_back) = advance_plan(m, progress.as_ref(), check, now_seconds);
+    let decided = progress.as_ref() != Some(&next);
+    let error_rates = if decided {
+        BTreeMap::from([
+            ("new".to_string(), percent(check.new)),
+            ("old".to_string(), percent(check.old)),
+        ])
+    } else {
+        previous.map(|p| p.error_rates.clone()).unwrap_or_default()
+    };
+    let message = match (&rolled_back, next.phase) {
+        (Some(reason), _) => reason.clone(),
+        (None, PlanPhase::RolledBack) => previous.map(|p| p.message.clone()).unwrap_or_default(),
+        (None, PlanPhase::Complete) => format!("every step taken: {}% to {to}", next.weight),
+        (None, PlanPhase::Progressing) => format!(
+            "step {} of {}: {}% to {to}",
+            next.step + 1,
+            m.steps.len(),
+            next.weight
+        ),
+    };
+    let status = MigrationStatus {
+        phase: format!("{:?}", next.phase),
+        to,
+        plan,
+        step: u32::try_from(next.step).ok(),
+        weight: next.weight,
+        step_started_at: rfc3339(next.step_started),
+        next_step_at: (next.phase == PlanPhase::Progressing)
+            .then(|| rfc3339(next.step_started + m.interval.as_secs() as i64))
+            .flatten(),
+        error_rates,
+        message,
+    };
+    (status, rolled_back)
+}
+
+/// The status a MeshService should have. `check` holds the error rates of its migration's
+/// last interval (from the load reports).
 #[allow(clippy::too_many_lines)] // one block per condition, in the order they appear in the status.
 pub fn mesh_service_status(
     entry: &ServiceEntry,
@@ -69,6 +167,7 @@ pub fn mesh_service_status(
     registration_error: Option<&str>,
     view: View<'_>,
     previous: Option<&MeshServiceStatus>,
+    check: crate::model::PlanCheck,
 ) -> MeshServiceStatus {
     let object = &entry.object;
     let generation = object.metadata.generation;
@@ -184,6 +283,20 @@ pub fn mesh_service_status(
     {
         degraded = Some(("RegistrationFailed", format!("Consul registration: {e}")));
     }
+    let migration = service.and_then(|s| s.migration.as_ref()).map(|m| {
+        migration_status(
+            m,
+            previous.and_then(|p| p.migration.as_ref()),
+            check,
+            view.now,
+        )
+        .0
+    });
+    if let Some(m) = migration.as_ref().filter(|m| m.phase == "RolledBack")
+        && degraded.is_none()
+    {
+        degraded = Some(("MigrationRolledBack", m.message.clone()));
+    }
     if let Some((reason, message)) = degraded {
         conditions.push(condition("Degraded", true, reason, message));
     }
@@ -192,6 +305,7 @@ pub fn mesh_service_status(
         observed_generation: generation,
         conditions: stamp(conditions, previous_conditions, view.now),
         instances,
+        migration,
     }
 }
 
@@ -349,6 +463,7 @@ mod tests {
             None,
             view,
             previous,
+            Default::default(),
         )
     }
 

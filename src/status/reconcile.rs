@@ -57,6 +57,8 @@ pub struct StatusContext {
     pub recorder: Recorder,
     /// Status writes.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Load reports, that migration plans are checked against.
+    pub load: Arc<crate::xds::lrs::LoadState>,
     /// What was last written, and the `resourceVersion` of the object it was computed from:
     /// until the write comes back through the watch, the object still carries the old status
     /// and must not cause a second, identical write.
@@ -72,6 +74,7 @@ impl StatusContext {
         published: watch::Receiver<Arc<Published>>,
         registration_errors: watch::Receiver<BTreeMap<ObjectKey, String>>,
         metrics: Arc<crate::metrics::Metrics>,
+        load: Arc<crate::xds::lrs::LoadState>,
         identity: &str,
     ) -> Self {
         let reporter = kube::runtime::events::Reporter {
@@ -85,6 +88,7 @@ impl StatusContext {
             published,
             registration_errors,
             metrics,
+            load,
             written_services: Mutex::default(),
             written_rules: Mutex::default(),
         }
@@ -269,21 +273,59 @@ async fn reconcile_service(
         &key,
         &object.metadata.resource_version,
     );
+    let name = entry
+        .in_force
+        .as_ref()
+        .and_then(crate::index::convert::service_name)
+        .unwrap_or_default();
+    let migration = published
+        .state
+        .services
+        .get(&name)
+        .and_then(|s| s.migration.clone());
+    let check = migration
+        .as_ref()
+        .map(|m| crate::xds::lrs::plan_check(&ctx.load, &name, m))
+        .unwrap_or_default();
+    let before = unseen.as_ref().or(current);
+    let was_rolled_back = before
+        .and_then(|s| s.migration.as_ref())
+        .is_some_and(|m| m.phase == "RolledBack");
     let desired = mesh_service_status(
         &entry,
         &counts,
         registration_error.as_deref(),
         view,
-        unseen.as_ref().or(current),
+        before,
+        check,
     );
-    write_status(
+    // A plan in progress is looked at again when its step is due.
+    let due = desired
+        .migration
+        .as_ref()
+        .filter(|m| m.phase == "Progressing")
+        .and_then(|m| m.next_step_at.as_deref())
+        .map(|at| {
+            let wait = super::unix_seconds(at) - super::unix_seconds(&now);
+            Duration::from_secs(u64::try_from(wait.clamp(1, 300)).unwrap_or(1))
+        });
+    let rolled_back = !was_rolled_back
+        && desired
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.phase == "RolledBack");
+    let action = write_status(
         &ctx,
         object.as_ref(),
         current,
         desired,
         &ctx.written_services,
     )
-    .await
+    .await?;
+    if rolled_back {
+        ctx.metrics.migration_rollbacks.inc();
+    }
+    Ok(due.map_or(action, Action::requeue))
 }
 
 #[tracing::instrument(skip_all, fields(kind = "AccessRule", namespace = ?object.metadata.namespace, name = ?object.metadata.name))]
@@ -399,6 +441,7 @@ mod tests {
             published,
             watch::channel(BTreeMap::new()).1,
             Arc::new(crate::metrics::Metrics::new()),
+            Arc::new(crate::xds::lrs::LoadState::new(Duration::from_secs(10))),
             "replica-1",
         );
         (Arc::new(ctx), handle, object)
@@ -487,7 +530,14 @@ mod tests {
             foreign: &published.foreign,
             now: "2026-11-23T00:00:00Z",
         };
-        object.status = Some(mesh_service_status(&entry, &counts, None, view, None));
+        object.status = Some(mesh_service_status(
+            &entry,
+            &counts,
+            None,
+            view,
+            None,
+            Default::default(),
+        ));
         reconcile_service(Arc::new(object), ctx.clone())
             .await
             .unwrap();

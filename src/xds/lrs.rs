@@ -221,3 +221,30 @@ fn record(ctx: &XdsContext, request: &LoadStatsRequest) {
     let now = ctx.load.now();
     ctx.load.lock().record(now, &report);
 }
+
+/// The error rates of a migration's old and new origins over its last interval, from the
+/// live (not mirrored) load reports about `service`.
+pub fn plan_check(
+    load: &LoadState,
+    service: &str,
+    m: &crate::model::Migration,
+) -> crate::model::PlanCheck {
+    let sums = load.window(m.interval.as_secs().max(1), |k| {
+        k.service == service && !k.mirror
+    });
+    let (mut old, mut new) = (LoadCounts::default(), LoadCounts::default());
+    for (key, counts) in &sums {
+        let side = if m.is_new(key.origin) {
+            &mut new
+        } else {
+            &mut old
+        };
+        side.requests += counts.requests;
+        side.successes += counts.successes;
+        side.errors += counts.errors;
+    }
+    crate::model::PlanCheck {
+        old: old.error_rate(),
+        new: new.error_rate(),
+    }
+}

@@ -47,6 +47,7 @@ const MESHBRIDGE_LABELS: &[(&str, &[&str])] = &[
     ("meshbridge_xds_limited_total", &["limit"]),
     ("meshbridge_xds_identity_total", &["result"]),
     ("meshbridge_load_reports_total", &["result"]),
+    ("meshbridge_migration_rollbacks_total", &[]),
     (
         "meshbridge_load_requests_total",
         &["service", "origin", "traffic"],

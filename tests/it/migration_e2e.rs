@@ -291,3 +291,166 @@ async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answer
     assert!(within_bound(copies, N, 0.5), "{copies} copies of {N}");
     assert_eq!(after.get("kubernetes/live"), None, "{after:?}");
 }
+
+/// `spec.migration` of `service` as the status reports it, and its conditions.
+fn migration_of(kube: &FakeKube, service: &str) -> (Value, Value) {
+    let object = kube
+        .get(crate::kube_e2e::MS, "MeshService", Some("shop"), service)
+        .unwrap_or_default();
+    (
+        object["status"]["migration"].clone(),
+        object["status"]["conditions"].clone(),
+    )
+}
+
+/// A plan of steps under traffic: with healthy pods it goes 25% then 100% (complete), one
+/// step per interval, and every request ends at the pods; with pods answering 500 it rolls
+/// back to 0 after its first interval, says why (numbers in the `Degraded` condition and an
+/// Event), counts it, and the hosts take everything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let pod_ok = Backend::start("orders", "pod-a").await;
+    let vm = Backend::start("orders", "vm-1").await;
+    let billing_pod = crate::passive_health_e2e::FailingBackend::start().await;
+    let billing_vm = Backend::start("billing", "vm-1").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-vm-1", "127.0.0.1", vm.port),
+    );
+    consul.register(
+        "dc1",
+        Instance::new("billing", "billing-vm-1", "127.0.0.1", billing_vm.port),
+    );
+    let plan = json!({"to": "kubernetes", "steps": [25, 100], "interval": "3s", "maxErrorRateIncrease": "1%"});
+    kube.apply(orders(plan.clone()));
+    kube.apply(
+        MeshService::build("billing")
+            .namespace("shop")
+            .selector("billing")
+            .set("ports", json!([{"port": 80}]))
+            .set("migration", plan)
+            .json(),
+    );
+    kube.apply(pod("orders-a", "orders", pod_ok.port, true));
+    kube.apply(pod("billing-a", "billing", billing_pod.port, true));
+    let dir = tempfile::tempdir().unwrap().keep();
+    let kubeconfig = kube.write_kubeconfig(&dir);
+    let mut cp = ControlPlane::start_kube(
+        &kubeconfig,
+        "",
+        &[
+            "--consul-addr",
+            &consul.url(),
+            "--consul-datacenter",
+            "dc1",
+            "--consul-services-owned-by",
+            "shop",
+            "--load-report-interval",
+            "500",
+        ],
+    );
+    cp.wait_ready().await;
+    let caller = Envoy::start(&cp, legacy(&["orders", "billing"])).await;
+    let calls = |service: &'static str| {
+        let caller = &caller;
+        async move {
+            for _ in 0..20 {
+                let _ = caller.call(service, "/").await;
+            }
+        }
+    };
+
+    // Healthy pods: 25%, then 100% and complete, each step after its 3 s interval.
+    let (first, _) = eventually(LIMIT, "the plan's first step", || async {
+        calls("orders").await;
+        let (m, c) = migration_of(&kube, "orders");
+        (m["weight"] == 25).then_some((m, c))
+    })
+    .await;
+    assert_eq!(first["phase"], "Progressing", "{first}");
+    assert_eq!(first["step"], 0, "{first}");
+    assert!(first["nextStepAt"].is_string(), "{first}");
+    let (done, conditions) = eventually(Duration::from_secs(30), "the plan complete", || async {
+        calls("orders").await;
+        let (m, c) = migration_of(&kube, "orders");
+        (m["phase"] == "Complete").then_some((m, c))
+    })
+    .await;
+    assert_eq!(done["weight"], 100, "{done}");
+    assert_eq!(done["errorRates"]["new"], "0.00%", "{done}");
+    assert!(
+        !conditions.to_string().contains("MigrationRolledBack"),
+        "{conditions}"
+    );
+    let detail = cp.admin_json("/api/services/orders").await;
+    assert_eq!(
+        detail["migration"],
+        json!({"to": "kubernetes", "weight": 100, "mirror": 0, "steps": [25, 100]}),
+        "{detail}"
+    );
+    eventually(LIMIT, "every request at the pod", || async {
+        let seen = answers(&caller, 20).await;
+        (seen.get("pod-a") == Some(&20)).then_some(())
+    })
+    .await;
+
+    // Pods answering 500: back to 0 after the first interval, with the numbers.
+    let (back, conditions) = eventually(Duration::from_secs(30), "billing rolled back", || async {
+        calls("billing").await;
+        let (m, c) = migration_of(&kube, "billing");
+        (m["phase"] == "RolledBack").then_some((m, c))
+    })
+    .await;
+    assert_eq!(back["weight"], 0, "{back}");
+    assert_eq!(back["errorRates"]["new"], "100.00%", "{back}");
+    let degraded = conditions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(degraded["reason"], "MigrationRolledBack", "{conditions}");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("100.00% of requests with errors"),
+        "{degraded}"
+    );
+    let event = eventually(LIMIT, "the Event", || async {
+        kube.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .find(|e| e["reason"] == "MigrationRolledBack")
+    })
+    .await;
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["regarding"]["name"], "billing", "{event}");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rolled back from weight 25 to 0"),
+        "{event}"
+    );
+    assert!(
+        cp.metrics()
+            .await
+            .contains("meshbridge_migration_rollbacks_total 1"),
+    );
+    eventually(LIMIT, "billing back on its host", || async {
+        let mut ok = 0;
+        for _ in 0..20 {
+            if let Ok(r) = caller.call("billing", "/").await
+                && r.status == 200
+            {
+                ok += 1;
+            }
+        }
+        (ok == 20).then_some(())
+    })
+    .await;
+    assert!(billing_pod.requests() > 0);
+}

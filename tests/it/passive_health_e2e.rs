@@ -15,14 +15,14 @@ use tokio::io::AsyncWriteExt;
 
 /// An instance that is up (it accepts connections and answers) but broken: every request
 /// gets `500`. Counts the requests it answered.
-struct FailingBackend {
-    port: u16,
+pub(crate) struct FailingBackend {
+    pub(crate) port: u16,
     requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FailingBackend {
-    async fn start() -> FailingBackend {
+    pub(crate) async fn start() -> FailingBackend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -52,7 +52,7 @@ impl FailingBackend {
         }
     }
 
-    fn requests(&self) -> usize {
+    pub(crate) fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
 }
@@ -267,7 +267,7 @@ async fn delta_an_instance_failing_every_request_is_ejected_by_default_and_by_an
 /// An instance that holds every request until released, then answers `200 held`. Counts the
 /// requests it received.
 struct HeldBackend {
-    port: u16,
+    pub(crate) port: u16,
     requests: Arc<AtomicUsize>,
     release: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,

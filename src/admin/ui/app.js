@@ -361,6 +361,8 @@
         ['Protocol', h('span', { id: 'service-protocol' }, [s.protocol || 'http', s.port ? `port ${s.port}` : '', s.preserve_header_case ? 'header case kept' : ''].filter(Boolean).join(', '))],
         ['Rate limit', h('span', { id: 'service-rate-limit' }, rateLimitText(s.rate_limit))],
         ['Further ports', h('span', { id: 'service-ports' }, (s.ports || []).map((p) => `${s.name}:${p.name} (${p.protocol}, port ${p.port})`).join(', ') || 'none')],
+        ['Migration', h('span', { id: 'service-migration' }, migrationText(s.migration))],
+        ['Load (last minute)', h('span', { id: 'service-load' }, loadText(s.load))],
         ['Dependencies', dependencyLinks(s.dependencies)],
       ])),
       section('Instances', null, table({ id: 'instances-table', testid: 'instances-table', class: 'grid' },
@@ -374,6 +376,24 @@
   }
 
   /** A service's local rate limits in words. */
+  function migrationText(m) {
+    if (!m) return 'none';
+    const plan = m.steps && m.steps.length ? `, plan ${m.steps.join(' → ')}` : '';
+    const mirror = m.mirror ? `, ${m.mirror}% mirrored` : '';
+    return `${m.weight}% to ${m.to}${mirror}${plan}`;
+  }
+
+  function loadText(load) {
+    const rows = (load && load.last_minute) || [];
+    if (!rows.length) return 'no load reports';
+    return rows.map((o) => {
+      const where = o.datacenter ? `${o.origin} in ${o.datacenter}` : o.origin;
+      const rate = o.error_rate == null ? '-' : `${(o.error_rate * 100).toFixed(2)}% errors`;
+      const share = o.share == null ? '' : `, ${(o.share * 100).toFixed(1)}% of requests`;
+      return `${where} (${o.traffic}): ${o.requests} requests, ${rate}${share}`;
+    }).join('; ');
+  }
+
   function rateLimitText(r) {
     if (!r) return 'none';
     const b = (x) => `${x.requests} per ${x.per} (burst ${x.burst})`;

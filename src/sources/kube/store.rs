@@ -126,7 +126,16 @@ impl KubeStore {
 
     /// A MeshService was added or modified.
     pub fn apply_service(&mut self, mut object: MeshService) -> Vec<String> {
-        object.status = None;
+        // Only the migration plan's record counts (its weight is in force); the rest of the
+        // status is meshbridge's own output.
+        object.status = object
+            .status
+            .take()
+            .and_then(|s| s.migration)
+            .map(|migration| crate::api::mesh_service::MeshServiceStatus {
+                migration: Some(migration),
+                ..Default::default()
+            });
         let key = ObjectKey::of(&object.metadata);
         let precedence = precedence(&object);
         let errors = convert::mesh_service(&object, precedence)
