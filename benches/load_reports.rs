@@ -114,7 +114,7 @@ fn main() {
         );
         wait_ready(&admin, started, Duration::from_secs(60)).await;
         let pid = cp.0.id();
-        let rss_idle = status_kb(pid, "VmRSS");
+        let rss_idle = status_kb(pid, "VmRSS:");
 
         // 2,000 streams over 20 connections, as a fleet behind a few gateways would not:
         // each Envoy has its own, but the server's cost is per stream either way.
@@ -150,7 +150,7 @@ fn main() {
             senders.push(tx);
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss_open = status_kb(pid, "VmRSS");
+        let rss_open = status_kb(pid, "VmRSS:");
         let ticks_before = cpu_ticks(pid);
         let window = Instant::now();
         let mut sent = 0u64;
@@ -174,8 +174,8 @@ fn main() {
         let cpu = (cpu_ticks(pid) - ticks_before) as f64
             / 100.0
             / window.elapsed().as_secs_f64();
-        let rss_end = status_kb(pid, "VmRSS");
-        let hwm = status_kb(pid, "VmHWM");
+        let rss_end = status_kb(pid, "VmRSS:");
+        let hwm = status_kb(pid, "VmHWM:");
         let metrics = reqwest::get(format!("{admin}/metrics"))
             .await
             .unwrap_or_else(|e| panic!("{e}"))

@@ -255,13 +255,7 @@ fn migration(m: &MigrationSpec, errors: &mut Vec<FieldError>) -> Migration {
 /// The weight the status of `obj` records for the plan of `m`, if it records this plan.
 fn plan_weight(obj: &MeshService, m: &Migration) -> Option<u32> {
     let status = obj.status.as_ref()?.migration.as_ref()?;
-    let plan = m
-        .steps
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    (status.plan == plan && status.to == m.to.to_string()).then_some(status.weight.min(100))
+    (status.plan == m.plan_key() && status.to == m.to.to_string()).then_some(status.weight.min(100))
 }
 
 /// `1%`, `0.5%`, `12.25%` in hundredths of a percent (basis points), at most 100%.

@@ -44,6 +44,16 @@ impl Migration {
     pub fn is_new(&self, origin: Origin) -> bool {
         origin == self.to
     }
+
+    /// What names the plan in its status record (its steps, `5,50,100`): a record of
+    /// another plan is not this one's progress.
+    pub fn plan_key(&self) -> String {
+        self.steps
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// Where an automatic plan stands (kept in `MeshService.status.migration`, so that a restart

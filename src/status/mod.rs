@@ -99,12 +99,7 @@ pub fn migration_status(
         };
         return (status, None);
     }
-    let plan = m
-        .steps
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let plan = m.plan_key();
     let progress = previous
         .filter(|p| p.plan == plan && p.to == to)
         .and_then(|p| {

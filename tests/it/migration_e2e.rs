@@ -29,6 +29,30 @@ fn orders(migration: Value) -> Value {
         .json()
 }
 
+/// meshbridge on the Kubernetes API fake and the Consul fake (namespace `shop` owns the
+/// Consul services), proxies reporting their load every `report_ms`; ready.
+async fn start(kube: &FakeKube, consul: &FakeConsul, report_ms: u32) -> ControlPlane {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let kubeconfig = kube.write_kubeconfig(&dir);
+    let interval = report_ms.to_string();
+    let mut cp = ControlPlane::start_kube(
+        &kubeconfig,
+        "",
+        &[
+            "--consul-addr",
+            &consul.url(),
+            "--consul-datacenter",
+            "dc1",
+            "--consul-services-owned-by",
+            "shop",
+            "--load-report-interval",
+            &interval,
+        ],
+    );
+    cp.wait_ready().await;
+    cp
+}
+
 /// Who answered `calls` requests for `orders` through `envoy`: counts by the instance the
 /// answer names (`pod-a`, `vm-1`, …); failed calls under `failed`.
 async fn answers(envoy: &Envoy, calls: usize) -> BTreeMap<String, usize> {
@@ -127,23 +151,7 @@ async fn a_migration_weight_splits_requests_by_origin_whatever_the_instance_coun
     kube.apply(orders(json!({"to": "kubernetes", "weight": 25})));
     kube.apply(pod("orders-a", "orders", pod_a.port, true));
     kube.apply(pod("orders-b", "orders", pod_b.port, true));
-    let dir = tempfile::tempdir().unwrap().keep();
-    let kubeconfig = kube.write_kubeconfig(&dir);
-    let mut cp = ControlPlane::start_kube(
-        &kubeconfig,
-        "",
-        &[
-            "--consul-addr",
-            &consul.url(),
-            "--consul-datacenter",
-            "dc1",
-            "--consul-services-owned-by",
-            "shop",
-            "--load-report-interval",
-            "1000",
-        ],
-    );
-    cp.wait_ready().await;
+    let cp = start(&kube, &consul, 1000).await;
     let caller = Envoy::start(&cp, legacy(&["orders"])).await;
     // Both origins routed and reported. (A proxy's reports about a cluster start with the
     // first report after it has the cluster: what it sent before is not counted.)
@@ -253,23 +261,7 @@ async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answer
         json!({"to": "kubernetes", "weight": 0, "mirror": 50}),
     ));
     kube.apply(pod("orders-a", "orders", pod_a.port, true));
-    let dir = tempfile::tempdir().unwrap().keep();
-    let kubeconfig = kube.write_kubeconfig(&dir);
-    let mut cp = ControlPlane::start_kube(
-        &kubeconfig,
-        "",
-        &[
-            "--consul-addr",
-            &consul.url(),
-            "--consul-datacenter",
-            "dc1",
-            "--consul-services-owned-by",
-            "shop",
-            "--load-report-interval",
-            "1000",
-        ],
-    );
-    cp.wait_ready().await;
+    let cp = start(&kube, &consul, 1000).await;
     let caller = Envoy::start(&cp, legacy(&["orders"])).await;
     eventually(LIMIT, "orders answers", || async {
         let r = reported(&cp).await;
@@ -335,23 +327,7 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     );
     kube.apply(pod("orders-a", "orders", pod_ok.port, true));
     kube.apply(pod("billing-a", "billing", billing_pod.port, true));
-    let dir = tempfile::tempdir().unwrap().keep();
-    let kubeconfig = kube.write_kubeconfig(&dir);
-    let mut cp = ControlPlane::start_kube(
-        &kubeconfig,
-        "",
-        &[
-            "--consul-addr",
-            &consul.url(),
-            "--consul-datacenter",
-            "dc1",
-            "--consul-services-owned-by",
-            "shop",
-            "--load-report-interval",
-            "500",
-        ],
-    );
-    cp.wait_ready().await;
+    let cp = start(&kube, &consul, 500).await;
     let caller = Envoy::start(&cp, legacy(&["orders", "billing"])).await;
     let calls = |service: &'static str| {
         let caller = &caller;
