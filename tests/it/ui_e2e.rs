@@ -51,6 +51,10 @@ impl Mesh {
                 .dependency("billing"),
             orders: MeshService::build("orders")
                 .set("mtls", "permissive")
+                .set(
+                    "migration",
+                    json!({"to": "config", "weight": 100, "mirror": 10}),
+                )
                 .endpoint_with(json!({
                     "address": "127.0.0.1",
                     "port": orders_port,
@@ -186,7 +190,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
             "dependent_services": ["frontend"],
             "access_action": "deny",
             "unknown_callers": ["legacy-batch"],
-            "text": [format!("127.0.0.1:{}", orders.port), "permissive", "dc1", "canary", "prefix /hello"],
+            "text": [format!("127.0.0.1:{}", orders.port), "permissive", "dc1", "canary", "prefix /hello", "100% to config, 10% mirrored", "Load (last minute)"],
             "escaped": HTML_TAG,
             "ejections": "Asked 1 of 1 proxies holding it (1 answered): no instance ejected.",
         },
