@@ -52,6 +52,9 @@ pub const TRANSPARENT: &str = "meshbridge.io/transparent";
 /// Pod annotation: seconds the sidecar drains for when the pod stops (its preStop hook);
 /// `0`: no drain.
 pub const DRAIN_SECONDS: &str = "meshbridge.io/drain-seconds";
+/// MeshService annotation: an operator's standing order to its migration plan — `pause`,
+/// `rollback`, `promote` or `resume@<time>` (see [`crate::model::Operator`]).
+pub const MIGRATION: &str = "meshbridge.io/migration";
 /// Annotation on the webhook's certificate Secret: when the certificate expires (RFC 3339).
 pub const NOT_AFTER: &str = "meshbridge.io/not-after";
 /// Annotation on the webhook's certificate Secret: the DNS names it is for.

@@ -417,8 +417,8 @@ pub struct MeshServiceStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
-    /// `Manual` (no `steps`: the weight is the spec's), `Progressing`, `RolledBack` or
-    /// `Complete`.
+    /// `Manual` (no `steps`: the weight is the spec's), `Progressing`, `Paused`,
+    /// `RolledBack` or `Complete`.
     pub phase: String,
     /// The new origin.
     pub to: String,
@@ -444,6 +444,9 @@ pub struct MigrationStatus {
     /// Why it stands there (the numbers of a roll-back).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The token of the last `resume@TOKEN` order carried out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resumed: String,
 }
 
 /// A status condition, following the Kubernetes API conventions.

@@ -66,6 +66,43 @@ pub enum PlanPhase {
     RolledBack,
     /// The last step is reached.
     Complete,
+    /// Held at its step by an operator.
+    Paused,
+}
+
+/// What an operator asks of a plan (the MeshService annotation `meshbridge.io/migration`):
+/// a standing order, so that every replica, and a leader that takes over, sees the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Operator {
+    /// Hold at the step in force (no step is taken, nothing is judged).
+    Pause,
+    /// Back to weight 0 at once.
+    Rollback,
+    /// The last step at once.
+    Promote,
+    /// Go on: a paused plan continues at its step, a rolled-back one starts again at its
+    /// first step. The token (`resume@TOKEN`, a time stamp) tells a new order from one
+    /// already carried out.
+    Resume(String),
+}
+
+impl Operator {
+    /// Parses `pause`, `rollback`, `promote` or `resume@TOKEN` (TOKEN at most 64 characters).
+    pub fn parse(text: &str) -> Result<Operator, String> {
+        match text.trim() {
+            "pause" => Ok(Operator::Pause),
+            "rollback" => Ok(Operator::Rollback),
+            "promote" => Ok(Operator::Promote),
+            t => match t.strip_prefix("resume@") {
+                Some(token) if !token.is_empty() && token.len() <= 64 => {
+                    Ok(Operator::Resume(token.to_string()))
+                }
+                _ => Err(format!(
+                    "{t:?} is not pause, rollback, promote or resume@<time>"
+                )),
+            },
+        }
+    }
 }
 
 /// A plan's progress.
@@ -79,6 +116,8 @@ pub struct PlanProgress {
     pub weight: u32,
     /// When the step started (seconds since the Unix epoch).
     pub step_started: i64,
+    /// The token of the last `resume@TOKEN` carried out.
+    pub resumed: Option<String>,
 }
 
 /// Error rates over the last interval, from the load reports: the old origins' and the new
@@ -97,21 +136,42 @@ pub struct PlanCheck {
 /// than `max_error_rate_increase_bp` higher rolls back to weight 0 (with the reason, numbers
 /// included), otherwise the next step (complete after the last). A step whose interval saw
 /// no answered request at the new origin waits (nothing to judge by).
+///
+/// An operator's order comes first: `Pause` holds, `Rollback` goes to 0 (with the reason),
+/// `Promote` takes the last step, and a new `Resume` restarts the clock of a paused step or
+/// a rolled-back plan's first step. Once the pause order is gone, the paused step goes on
+/// with a fresh interval.
 pub fn advance_plan(
     m: &Migration,
     previous: Option<&PlanProgress>,
     check: PlanCheck,
     now: i64,
+    operator: Option<&Operator>,
 ) -> (PlanProgress, Option<String>) {
     let first = PlanProgress {
         phase: PlanPhase::Progressing,
         step: 0,
         weight: m.steps.first().copied().unwrap_or(m.weight),
         step_started: now,
+        resumed: previous.and_then(|p| p.resumed.clone()),
     };
-    let Some(p) = previous.filter(|p| p.step < m.steps.len()) else {
-        return (first, None);
-    };
+    let p = previous
+        .filter(|p| p.step < m.steps.len())
+        .cloned()
+        .unwrap_or_else(|| first.clone());
+    if let Some(order) = operator
+        && let Some(out) = obey(m, &p, &first, now, order)
+    {
+        return out;
+    }
+    if previous.is_none() || p.phase == PlanPhase::Paused {
+        let going = PlanProgress {
+            phase: PlanPhase::Progressing,
+            step_started: now,
+            ..p
+        };
+        return (going, None);
+    }
     let due = now.saturating_sub(p.step_started) >= m.interval.as_secs() as i64;
     if p.phase != PlanPhase::Progressing || !due {
         return (p.clone(), None);
@@ -146,6 +206,7 @@ pub fn advance_plan(
             step: next,
             weight,
             step_started: now,
+            resumed: p.resumed.clone(),
         },
         None => PlanProgress {
             phase: PlanPhase::Complete,
@@ -155,9 +216,113 @@ pub fn advance_plan(
     (progress, None)
 }
 
+/// What an operator's order makes of progress `p` (`first`: the plan's first step), if it
+/// changes anything: see [`advance_plan`].
+fn obey(
+    m: &Migration,
+    p: &PlanProgress,
+    first: &PlanProgress,
+    now: i64,
+    order: &Operator,
+) -> Option<(PlanProgress, Option<String>)> {
+    match order {
+        Operator::Pause => {
+            let paused = PlanProgress {
+                phase: PlanPhase::Paused,
+                ..p.clone()
+            };
+            Some((paused, None))
+        }
+        Operator::Rollback if p.phase == PlanPhase::RolledBack => Some((p.clone(), None)),
+        Operator::Rollback => {
+            let reason = format!(
+                "rolled back by an operator (meshbridge.io/migration: rollback) from weight {} to 0",
+                p.weight
+            );
+            let back = PlanProgress {
+                phase: PlanPhase::RolledBack,
+                weight: 0,
+                step_started: now,
+                ..p.clone()
+            };
+            Some((back, Some(reason)))
+        }
+        Operator::Promote => {
+            let last = m.steps.len().saturating_sub(1);
+            let done = PlanProgress {
+                phase: PlanPhase::Complete,
+                step: last,
+                weight: m.steps.get(last).copied().unwrap_or(100),
+                ..p.clone()
+            };
+            Some((done, None))
+        }
+        Operator::Resume(token) if p.resumed.as_ref() != Some(token) => {
+            let resumed = match p.phase {
+                PlanPhase::RolledBack => PlanProgress {
+                    resumed: Some(token.clone()),
+                    ..first.clone()
+                },
+                PlanPhase::Paused | PlanPhase::Progressing => PlanProgress {
+                    phase: PlanPhase::Progressing,
+                    step_started: now,
+                    resumed: Some(token.clone()),
+                    ..p.clone()
+                },
+                PlanPhase::Complete => PlanProgress {
+                    resumed: Some(token.clone()),
+                    ..p.clone()
+                },
+            };
+            Some((resumed, None))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operators_pause_roll_back_promote_and_resume() {
+        let m = plan();
+        let none = PlanCheck::default();
+        let (p, _) = advance_plan(&m, None, none, 0, None);
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 60, None);
+        assert_eq!(p.weight, 50);
+        // Paused: held, whatever is due and whatever the rates.
+        let pause = Operator::parse("pause").unwrap();
+        let (held, _) = advance_plan(&m, Some(&p), check(0.0, 0.9), 500, Some(&pause));
+        assert_eq!((held.phase, held.weight), (PlanPhase::Paused, 50));
+        // The order gone: the step goes on with a fresh interval.
+        let (going, _) = advance_plan(&m, Some(&held), check(0.0, 0.0), 600, None);
+        assert_eq!(
+            (going.phase, going.weight, going.step_started),
+            (PlanPhase::Progressing, 50, 600)
+        );
+        // Rolled back by hand, then resumed: from the first step again, once per token.
+        let rollback = Operator::parse("rollback").unwrap();
+        let (back, why) = advance_plan(&m, Some(&going), none, 610, Some(&rollback));
+        assert_eq!((back.phase, back.weight), (PlanPhase::RolledBack, 0));
+        assert!(why.unwrap().contains("by an operator"));
+        let resume = Operator::parse("resume@2026-12-07T12:00:00Z").unwrap();
+        let (again, _) = advance_plan(&m, Some(&back), none, 620, Some(&resume));
+        assert_eq!(
+            (again.phase, again.step, again.weight),
+            (PlanPhase::Progressing, 0, 5)
+        );
+        let (later, _) = advance_plan(&m, Some(&again), check(0.0, 0.0), 700, Some(&resume));
+        assert_eq!(
+            later.weight, 50,
+            "the same resume order is not carried out twice"
+        );
+        let promote = Operator::parse("promote").unwrap();
+        let (done, _) = advance_plan(&m, Some(&later), none, 701, Some(&promote));
+        assert_eq!((done.phase, done.weight), (PlanPhase::Complete, 100));
+        assert!(Operator::parse("faster").unwrap_err().contains("faster"));
+        assert!(Operator::parse("resume@").is_err());
+    }
 
     fn plan() -> Migration {
         Migration {
@@ -180,31 +345,34 @@ mod tests {
     #[test]
     fn a_healthy_plan_goes_step_by_step_once_per_interval_to_the_end() {
         let m = plan();
-        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 1000);
+        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 1000, None);
         assert_eq!((p.phase, p.step, p.weight), (PlanPhase::Progressing, 0, 5));
         // Not yet due.
-        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.0), 1059).0, p);
+        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.0), 1059, None).0, p);
         // Due, but nothing answered at the new origin: waits.
-        assert_eq!(advance_plan(&m, Some(&p), PlanCheck::default(), 1060).0, p);
+        assert_eq!(
+            advance_plan(&m, Some(&p), PlanCheck::default(), 1060, None).0,
+            p
+        );
         // Within the allowed increase (0.5 points over 1 allowed).
-        let (p, rolled) = advance_plan(&m, Some(&p), check(0.01, 0.015), 1060);
+        let (p, rolled) = advance_plan(&m, Some(&p), check(0.01, 0.015), 1060, None);
         assert_eq!(
             (p.step, p.weight, p.step_started, rolled),
             (1, 50, 1060, None)
         );
-        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1120);
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1120, None);
         assert_eq!((p.phase, p.weight), (PlanPhase::Progressing, 100));
-        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1180);
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 1180, None);
         assert_eq!((p.phase, p.weight), (PlanPhase::Complete, 100));
-        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.9), 9999).0, p);
+        assert_eq!(advance_plan(&m, Some(&p), check(0.0, 0.9), 9999, None).0, p);
     }
 
     #[test]
     fn a_worse_new_origin_rolls_back_to_zero_with_the_numbers_and_stays() {
         let m = plan();
-        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 0);
-        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 60);
-        let (back, reason) = advance_plan(&m, Some(&p), check(0.005, 0.25), 120);
+        let (p, _) = advance_plan(&m, None, PlanCheck::default(), 0, None);
+        let (p, _) = advance_plan(&m, Some(&p), check(0.0, 0.0), 60, None);
+        let (back, reason) = advance_plan(&m, Some(&p), check(0.005, 0.25), 120, None);
         assert_eq!((back.phase, back.weight), (PlanPhase::RolledBack, 0));
         let reason = reason.unwrap();
         assert!(
@@ -212,13 +380,16 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("from weight 50 to 0"), "{reason}");
-        assert_eq!(advance_plan(&m, Some(&back), check(0.0, 0.0), 999).0, back);
+        assert_eq!(
+            advance_plan(&m, Some(&back), check(0.0, 0.0), 999, None).0,
+            back
+        );
         // A plan whose steps changed under it (fewer now) starts again.
         let shorter = Migration {
             steps: vec![10],
             ..plan()
         };
-        let (p, _) = advance_plan(&shorter, Some(&p), PlanCheck::default(), 500);
+        let (p, _) = advance_plan(&shorter, Some(&p), PlanCheck::default(), 500, None);
         assert_eq!((p.step, p.weight), (0, 10));
     }
 }

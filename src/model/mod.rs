@@ -25,8 +25,8 @@ pub use dependency::{
     valid_service_ref,
 };
 pub use migration::{
-    MAX_MIGRATION_STEPS, MIN_MIGRATION_INTERVAL, Migration, PlanCheck, PlanPhase, PlanProgress,
-    advance_plan,
+    MAX_MIGRATION_STEPS, MIN_MIGRATION_INTERVAL, Migration, Operator, PlanCheck, PlanPhase,
+    PlanProgress, advance_plan,
 };
 pub use ports::{
     MAX_NAMED_PORTS, NamedPort, PORT_SEPARATOR, PortBinding, access_target, port_service,

@@ -87,8 +87,9 @@ pub fn migration_status(
     previous: Option<&MigrationStatus>,
     check: crate::model::PlanCheck,
     now: &str,
+    order: Option<&str>,
 ) -> (MigrationStatus, Option<String>) {
-    use crate::model::{PlanPhase, PlanProgress, advance_plan};
+    use crate::model::{Operator, PlanPhase, PlanProgress, advance_plan};
     let to = m.to.to_string();
     if m.steps.is_empty() {
         let status = MigrationStatus {
@@ -108,15 +109,24 @@ pub fn migration_status(
                     "Progressing" => PlanPhase::Progressing,
                     "RolledBack" => PlanPhase::RolledBack,
                     "Complete" => PlanPhase::Complete,
+                    "Paused" => PlanPhase::Paused,
                     _ => return None,
                 },
                 step: p.step? as usize,
                 weight: p.weight,
                 step_started: unix_seconds(p.step_started_at.as_deref()?),
+                resumed: (!p.resumed.is_empty()).then(|| p.resumed.clone()),
             })
         });
     let now_seconds = unix_seconds(now);
-    let (next, rolled_back) = advance_plan(m, progress.as_ref(), check, now_seconds);
+    let operator = order.map(Operator::parse);
+    let (next, rolled_back) = advance_plan(
+        m,
+        progress.as_ref(),
+        check,
+        now_seconds,
+        operator.as_ref().and_then(|o| o.as_ref().ok()),
+    );
     let decided = progress.as_ref() != Some(&next);
     let error_rates = if decided {
         BTreeMap::from([
@@ -126,10 +136,16 @@ pub fn migration_status(
     } else {
         previous.map(|p| p.error_rates.clone()).unwrap_or_default()
     };
-    let message = match (&rolled_back, next.phase) {
+    let mut message = match (&rolled_back, next.phase) {
         (Some(reason), _) => reason.clone(),
         (None, PlanPhase::RolledBack) => previous.map(|p| p.message.clone()).unwrap_or_default(),
         (None, PlanPhase::Complete) => format!("every step taken: {}% to {to}", next.weight),
+        (None, PlanPhase::Paused) => format!(
+            "paused by an operator (meshbridge.io/migration: pause) at step {} of {}: {}% to {to}",
+            next.step + 1,
+            m.steps.len(),
+            next.weight
+        ),
         (None, PlanPhase::Progressing) => format!(
             "step {} of {}: {}% to {to}",
             next.step + 1,
@@ -137,6 +153,11 @@ pub fn migration_status(
             next.weight
         ),
     };
+    if let Some(Err(e)) = &operator {
+        message.push_str(&format!(
+            "; annotation meshbridge.io/migration ignored: {e}"
+        ));
+    }
     let status = MigrationStatus {
         phase: format!("{:?}", next.phase),
         to,
@@ -149,6 +170,7 @@ pub fn migration_status(
             .flatten(),
         error_rates,
         message,
+        resumed: next.resumed.clone().unwrap_or_default(),
     };
     (status, rolled_back)
 }
@@ -284,6 +306,10 @@ pub fn mesh_service_status(
             previous.and_then(|p| p.migration.as_ref()),
             check,
             view.now,
+            crate::api::annotations::value(
+                entry.object.metadata.annotations.as_ref(),
+                crate::api::annotations::MIGRATION,
+            ),
         )
         .0
     });

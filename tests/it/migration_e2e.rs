@@ -317,14 +317,13 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     );
     let plan = json!({"to": "kubernetes", "steps": [25, 100], "interval": "3s", "maxErrorRateIncrease": "1%"});
     kube.apply(orders(plan.clone()));
-    kube.apply(
-        MeshService::build("billing")
-            .namespace("shop")
-            .selector("billing")
-            .set("ports", json!([{"port": 80}]))
-            .set("migration", plan)
-            .json(),
-    );
+    let billing = MeshService::build("billing")
+        .namespace("shop")
+        .selector("billing")
+        .set("ports", json!([{"port": 80}]))
+        .set("migration", plan.clone())
+        .json();
+    kube.apply(billing.clone());
     kube.apply(pod("orders-a", "orders", pod_ok.port, true));
     kube.apply(pod("billing-a", "billing", billing_pod.port, true));
     let cp = start(&kube, &consul, 500).await;
@@ -348,6 +347,34 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     assert_eq!(first["phase"], "Progressing", "{first}");
     assert_eq!(first["step"], 0, "{first}");
     assert!(first["nextStepAt"].is_string(), "{first}");
+
+    // An operator's pause holds the step past its interval; lifted, the plan goes on.
+    let mut paused = orders(plan.clone());
+    paused["metadata"]["annotations"] = json!({"meshbridge.io/migration": "pause"});
+    kube.apply(paused);
+    eventually(LIMIT, "the plan paused", || async {
+        calls("orders").await;
+        (migration_of(&kube, "orders").0["phase"] == "Paused").then_some(())
+    })
+    .await;
+    for _ in 0..4 {
+        calls("orders").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (held, _) = migration_of(&kube, "orders");
+    assert_eq!(
+        (&held["phase"], &held["weight"]),
+        (&json!("Paused"), &json!(25)),
+        "{held}"
+    );
+    assert!(
+        held["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("paused by an operator"),
+        "{held}"
+    );
+    kube.apply(orders(plan.clone()));
     let (done, conditions) = eventually(Duration::from_secs(30), "the plan complete", || async {
         calls("orders").await;
         let (m, c) = migration_of(&kube, "orders");
@@ -429,4 +456,20 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     })
     .await;
     assert!(billing_pod.requests() > 0);
+
+    // An operator's resume starts the rolled-back plan again at its first step, once.
+    let mut resumed = billing;
+    resumed["metadata"]["annotations"] =
+        json!({"meshbridge.io/migration": "resume@2026-12-07T12:00:00Z"});
+    kube.apply(resumed);
+    let again = eventually(LIMIT, "billing resumed", || async {
+        let (m, _) = migration_of(&kube, "billing");
+        (m["resumed"] == "2026-12-07T12:00:00Z").then_some(m)
+    })
+    .await;
+    assert_eq!(
+        (&again["step"], &again["weight"]),
+        (&json!(0), &json!(25)),
+        "{again}"
+    );
 }
