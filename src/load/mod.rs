@@ -55,7 +55,8 @@ pub struct LoadCounts {
 }
 
 impl LoadCounts {
-    fn add(&mut self, other: &LoadCounts) {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &LoadCounts) {
         self.requests = self.requests.saturating_add(other.requests);
         self.successes = self.successes.saturating_add(other.successes);
         self.errors = self.errors.saturating_add(other.errors);

@@ -120,6 +120,18 @@ pub struct PlanProgress {
     pub resumed: Option<String>,
 }
 
+impl PlanProgress {
+    /// This progress rolled back at `now`: weight 0, at its step.
+    fn rolled_back(&self, now: i64) -> PlanProgress {
+        PlanProgress {
+            phase: PlanPhase::RolledBack,
+            weight: 0,
+            step_started: now,
+            ..self.clone()
+        }
+    }
+}
+
 /// Error rates over the last interval, from the load reports: the old origins' and the new
 /// one's (none: no request answered there).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -191,13 +203,7 @@ pub fn advance_plan(
             allowed * 100.0,
             p.weight
         );
-        let back = PlanProgress {
-            phase: PlanPhase::RolledBack,
-            weight: 0,
-            step_started: now,
-            ..p.clone()
-        };
-        return (back, Some(reason));
+        return (p.rolled_back(now), Some(reason));
     }
     let next = p.step + 1;
     let progress = match m.steps.get(next) {
@@ -239,13 +245,7 @@ fn obey(
                 "rolled back by an operator (meshbridge.io/migration: rollback) from weight {} to 0",
                 p.weight
             );
-            let back = PlanProgress {
-                phase: PlanPhase::RolledBack,
-                weight: 0,
-                step_started: now,
-                ..p.clone()
-            };
-            Some((back, Some(reason)))
+            Some((p.rolled_back(now), Some(reason)))
         }
         Operator::Promote => {
             let last = m.steps.len().saturating_sub(1);

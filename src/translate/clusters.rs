@@ -205,11 +205,15 @@ pub fn assignment<'a>(
         let next = dense.len() as u32;
         dense.entry((*priority, *demoted)).or_insert(next);
     }
-    // Localities of each side in each priority, to split that side's share between them.
+    // Localities of each side in each priority, to split that side's share between them
+    // (only a migrating service's localities are weighted).
     let mut sides: BTreeMap<(u32, bool, bool), u32> = BTreeMap::new();
-    for (priority, demoted, _, origin) in by_locality.keys() {
-        let new = migration.is_some_and(|m| m.is_new(*origin));
-        *sides.entry((*priority, *demoted, new)).or_default() += 1;
+    if let Some(m) = migration {
+        for (priority, demoted, _, origin) in by_locality.keys() {
+            *sides
+                .entry((*priority, *demoted, m.is_new(*origin)))
+                .or_default() += 1;
+        }
     }
     let weight = |priority: u32, demoted: bool, origin: Origin| -> Option<UInt32Value> {
         let m = migration?;
@@ -306,7 +310,7 @@ pub fn service_clusters(
             ),
         ));
     }
-    if let Some(m) = migration.filter(|m| m.mirror > 0 && has_mirror(service)) {
+    if let Some(m) = migration.filter(|_| has_mirror(service)) {
         let mirror = names::mirror_cluster(&service.name);
         out.push((
             shaped(&mirror),

@@ -615,7 +615,7 @@ pub fn egress_resources(
                 let mirror = service
                     .migration
                     .as_ref()
-                    .filter(|m| m.mirror > 0 && clusters::has_mirror(service))
+                    .filter(|_| clusters::has_mirror(service))
                     .map(|m| (cluster(names::mirror_cluster(name)), m.mirror));
                 listeners::service_routes(
                     &default,
@@ -655,7 +655,7 @@ pub fn egress_resources(
                 domains
             });
         // A further port that is no dependency is refused, not taken for the first port.
-        let mut refused_ports: Vec<Route> = state
+        let mut vhost_routes: Vec<Route> = state
             .services
             .get(name)
             .into_iter()
@@ -682,11 +682,11 @@ pub fn egress_resources(
                 )
             })
             .collect();
-        refused_ports.extend(routes);
+        vhost_routes.extend(routes);
         vhosts.push(VirtualHost {
             name: name.clone(),
             domains,
-            routes: refused_ports,
+            routes: vhost_routes,
             ..Default::default()
         });
     }

@@ -239,9 +239,7 @@ pub fn plan_check(
         } else {
             &mut old
         };
-        side.requests += counts.requests;
-        side.successes += counts.successes;
-        side.errors += counts.errors;
+        side.add(counts);
     }
     crate::model::PlanCheck {
         old: old.error_rate(),

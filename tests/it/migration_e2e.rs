@@ -295,6 +295,30 @@ fn migration_of(kube: &FakeKube, service: &str) -> (Value, Value) {
     )
 }
 
+/// Calls `service` 20 times through `caller`, whatever the answers.
+async fn call(caller: &Envoy, service: &str) {
+    for _ in 0..20 {
+        let _ = caller.call(service, "/").await;
+    }
+}
+
+/// Calls `service` (a plan is judged on traffic) until its `status.migration` satisfies
+/// `reached`; that migration and the conditions.
+async fn calling_until(
+    caller: &Envoy,
+    kube: &FakeKube,
+    service: &str,
+    what: &str,
+    reached: impl Fn(&Value) -> bool,
+) -> (Value, Value) {
+    eventually(Duration::from_secs(30), what, || async {
+        call(caller, service).await;
+        let (m, c) = migration_of(kube, service);
+        reached(&m).then_some((m, c))
+    })
+    .await
+}
+
 /// A plan of steps under traffic: with healthy pods it goes 25% then 100% (complete), one
 /// step per interval, and every request ends at the pods; with pods answering 500 it rolls
 /// back to 0 after its first interval, says why (numbers in the `Degraded` condition and an
@@ -328,20 +352,10 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     kube.apply(pod("billing-a", "billing", billing_pod.port, true));
     let cp = start(&kube, &consul, 500).await;
     let caller = Envoy::start(&cp, legacy(&["orders", "billing"])).await;
-    let calls = |service: &'static str| {
-        let caller = &caller;
-        async move {
-            for _ in 0..20 {
-                let _ = caller.call(service, "/").await;
-            }
-        }
-    };
 
     // Healthy pods: 25%, then 100% and complete, each step after its 3 s interval.
-    let (first, _) = eventually(LIMIT, "the plan's first step", || async {
-        calls("orders").await;
-        let (m, c) = migration_of(&kube, "orders");
-        (m["weight"] == 25).then_some((m, c))
+    let (first, _) = calling_until(&caller, &kube, "orders", "the plan's first step", |m| {
+        m["weight"] == 25
     })
     .await;
     assert_eq!(first["phase"], "Progressing", "{first}");
@@ -352,13 +366,12 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     let mut paused = orders(plan.clone());
     paused["metadata"]["annotations"] = json!({"meshbridge.io/migration": "pause"});
     kube.apply(paused);
-    eventually(LIMIT, "the plan paused", || async {
-        calls("orders").await;
-        (migration_of(&kube, "orders").0["phase"] == "Paused").then_some(())
+    calling_until(&caller, &kube, "orders", "the plan paused", |m| {
+        m["phase"] == "Paused"
     })
     .await;
     for _ in 0..4 {
-        calls("orders").await;
+        call(&caller, "orders").await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let (held, _) = migration_of(&kube, "orders");
@@ -375,10 +388,8 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
         "{held}"
     );
     kube.apply(orders(plan.clone()));
-    let (done, conditions) = eventually(Duration::from_secs(30), "the plan complete", || async {
-        calls("orders").await;
-        let (m, c) = migration_of(&kube, "orders");
-        (m["phase"] == "Complete").then_some((m, c))
+    let (done, conditions) = calling_until(&caller, &kube, "orders", "the plan complete", |m| {
+        m["phase"] == "Complete"
     })
     .await;
     assert_eq!(done["weight"], 100, "{done}");
@@ -400,10 +411,8 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
     .await;
 
     // Pods answering 500: back to 0 after the first interval, with the numbers.
-    let (back, conditions) = eventually(Duration::from_secs(30), "billing rolled back", || async {
-        calls("billing").await;
-        let (m, c) = migration_of(&kube, "billing");
-        (m["phase"] == "RolledBack").then_some((m, c))
+    let (back, conditions) = calling_until(&caller, &kube, "billing", "billing rolled back", |m| {
+        m["phase"] == "RolledBack"
     })
     .await;
     assert_eq!(back["weight"], 0, "{back}");
