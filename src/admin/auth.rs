@@ -333,6 +333,7 @@ pub async fn require(State(s): State<AdminState>, mut req: Request, next: Next) 
         node: String::new(),
         detail: crate::xds::loggable(&format!("{} {}", req.method(), req.uri().path()), 512),
         result: crate::xds::loggable(&format!("{}: {}", status.as_u16(), refusal.message), 1024),
+        service: None,
     };
     tracing::info!(target: "meshbridge::audit", who = ?entry.who, from = ?entry.from, detail = %entry.detail, result = %entry.result, "admin call refused");
     s.audit.push(entry);

@@ -52,6 +52,60 @@ impl<T: Clone> Default for BoundedLog<T> {
 pub use super::views::{AuditEntry, Change};
 pub use crate::model::{StateDiff, diff_states};
 
+/// Who asked for an action: the authenticated caller when the API checks tokens, else what
+/// the request says ([`requester`]).
+pub fn who(
+    principal: Option<axum::Extension<super::auth::Principal>>,
+    headers: &axum::http::HeaderMap,
+) -> Option<String> {
+    principal.map(|p| p.0.user).or_else(|| requester(headers))
+}
+
+/// An action taken through the admin API, before its outcome is known.
+pub struct AuditRecord {
+    /// What is done, e.g. `log-level`.
+    pub action: &'static str,
+    /// Who asked.
+    pub who: Option<String>,
+    /// Where the request came from.
+    pub from: Option<String>,
+    /// The proxy acted on (empty when a service is).
+    pub node: String,
+    /// The service acted on, if not a proxy.
+    pub service: Option<String>,
+    /// The arguments.
+    pub detail: String,
+}
+
+impl AuditRecord {
+    /// Logs the action and its outcome (target `meshbridge::audit`) and keeps it in `log`;
+    /// `via` is where it was carried out (a proxy's admin address, a MeshService).
+    pub fn audit(&self, log: &BoundedLog<AuditEntry>, via: &str, result: &str) {
+        tracing::info!(
+            target: "meshbridge::audit",
+            who = %self.who.as_deref().unwrap_or("(not said)"),
+            from = %self.from.as_deref().unwrap_or("(unknown)"),
+            action = self.action,
+            node = %self.node,
+            service = %self.service.as_deref().unwrap_or(""),
+            via = %via,
+            detail = %self.detail,
+            result = %result,
+            "admin action"
+        );
+        log.push(AuditEntry {
+            at: crate::sources::now_secs(),
+            who: self.who.clone(),
+            from: self.from.clone(),
+            action: self.action.into(),
+            node: self.node.clone(),
+            detail: self.detail.clone(),
+            result: result.to_string(),
+            service: self.service.clone(),
+        });
+    }
+}
+
 /// Who an admin request says made it: the user an authenticating proxy in front of the
 /// admin API names (`X-Auth-Request-User`, `X-Forwarded-User`, `X-Remote-User`), else the
 /// user of a Basic authorization header, else nothing. meshbridge authenticates none of

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::AdminState;
-use super::changes::{AuditEntry, requester};
+
 use super::config_diff::config_diff;
 use super::views::{EjectedInstance, EjectionsView, ErrorView, LogLevelView};
 use crate::metrics::label;
@@ -436,7 +436,7 @@ pub struct LevelQuery {
 /// Whether a browser sent this request from another site (a page the operator happened to
 /// open must not change log levels): a foreign `Origin`, or `Sec-Fetch-Site` other than
 /// `same-origin`/`none`. Clients that are not browsers send neither.
-fn cross_site(headers: &HeaderMap) -> Option<String> {
+pub(super) fn cross_site(headers: &HeaderMap) -> Option<String> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(site) = get("sec-fetch-site")
         && !matches!(site, "same-origin" | "none")
@@ -466,18 +466,19 @@ pub async fn logging(
         Some(l) => format!("{l}={level}"),
         None => format!("level={level}"),
     };
-    let record = Record {
-        // The authenticated user when tokens are on; else what the request says.
-        who: principal.map(|p| p.0.user).or_else(|| requester(&headers)),
+    let record = super::changes::AuditRecord {
+        action: "log-level",
+        who: super::changes::who(principal, &headers),
         from: from.map(|f| f.0.0.to_string()),
         node: node.clone(),
+        service: None,
         detail,
     };
     let checked = check_level_request(&s, &node, &q, &headers);
     let (admin, query) = match checked {
         Ok(x) => x,
         Err(e) => {
-            record.audit(&s, "-", &e.1);
+            record.audit(&s.audit, "-", &e.1);
             return Err(e);
         }
     };
@@ -498,7 +499,7 @@ pub async fn logging(
                 Ok(_) => "ok".to_string(),
                 Err(e) => e.1.clone(),
             };
-            record.audit(&s, &admin, &result);
+            record.audit(&s.audit, &admin, &result);
             outcome
         })
     };
@@ -555,39 +556,6 @@ fn check_level_request(
         None => vec![("level".to_string(), level)],
     };
     Ok((admin, query))
-}
-
-/// What an audited action was.
-struct Record {
-    who: Option<String>,
-    from: Option<String>,
-    node: String,
-    detail: String,
-}
-
-impl Record {
-    fn audit(&self, s: &AdminState, admin: &str, result: &str) {
-        tracing::info!(
-            target: "meshbridge::audit",
-            who = %self.who.as_deref().unwrap_or("(not said)"),
-            from = %self.from.as_deref().unwrap_or("(unknown)"),
-            action = "log-level",
-            node = %self.node,
-            admin = %admin,
-            detail = %self.detail,
-            result = %result,
-            "admin action"
-        );
-        s.audit.push(AuditEntry {
-            at: crate::sources::now_secs(),
-            who: self.who.clone(),
-            from: self.from.clone(),
-            action: "log-level".into(),
-            node: self.node.clone(),
-            detail: self.detail.clone(),
-            result: result.to_string(),
-        });
-    }
 }
 
 /// `GET /api/proxies/{node}/diff`: what meshbridge sent against what the proxy runs.

@@ -8,6 +8,7 @@ pub mod compare;
 pub mod config_diff;
 pub mod diagnostics;
 pub mod kube_auth;
+pub mod migrate;
 pub mod state;
 pub mod views;
 
@@ -84,6 +85,8 @@ pub struct AdminState {
     pub peer_series: Arc<std::sync::Mutex<BTreeSet<String>>>,
     /// Load reports from the proxies.
     pub load: Arc<crate::xds::lrs::LoadState>,
+    /// Where operators' orders on migration plans are written (with the Kubernetes source).
+    pub orders: Option<Arc<migrate::OrderWriter>>,
 }
 
 impl AdminState {
@@ -116,6 +119,7 @@ impl AdminState {
             peers: Arc::default(),
             peer_series: Arc::default(),
             load: Arc::new(crate::xds::lrs::LoadState::new(Duration::from_secs(10))),
+            orders: None,
         }
     }
 }
@@ -154,6 +158,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/services", get(services))
         .route("/api/services/{name}", get(service))
+        .route("/api/services/{name}/migration", post(migrate::order))
         .route(
             "/api/services/{name}/ejections",
             get(diagnostics::ejections),
@@ -356,11 +361,20 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         preserve_header_case: service.preserve_header_case,
         rate_limit: views::RateLimitView::of(&service.rate_limit),
         load: load_view(&s.load, name),
-        migration: service.migration.as_ref().map(|m| views::MigrationView {
-            to: m.to.to_string(),
-            weight: m.weight,
-            mirror: m.mirror,
-            steps: m.steps.clone(),
+        migration: service.migration.as_ref().map(|m| {
+            let (plan, order) = s
+                .orders
+                .as_ref()
+                .map(|o| o.plan_of(name))
+                .unwrap_or_default();
+            views::MigrationView {
+                to: m.to.to_string(),
+                weight: m.weight,
+                mirror: m.mirror,
+                steps: m.steps.clone(),
+                plan,
+                order,
+            }
         }),
         ports: service
             .named_ports

@@ -185,6 +185,61 @@ pub struct MigrationView {
     pub mirror: u32,
     /// The plan's steps (empty: the weight is set by hand).
     pub steps: Vec<u32>,
+    /// Where the plan stands, as its MeshService's `status.migration` says (null: no plan,
+    /// or no status written yet).
+    #[serde(default)]
+    pub plan: Option<PlanView>,
+    /// The operator's standing order (the annotation `meshbridge.io/migration`), if any.
+    #[serde(default)]
+    pub order: Option<String>,
+}
+
+/// Where a migration plan stands (`status.migration`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    /// Error rates the last decision was made on (`old`, `new`).
+    pub error_rates: BTreeMap<String, String>,
+    /// Why it stands there.
+    pub message: String,
+    /// When the next step is due (RFC 3339).
+    pub next_step_at: Option<String>,
+    /// `Progressing`, `Paused`, `RolledBack` or `Complete`.
+    pub phase: String,
+    /// The step in force (0-based).
+    pub step: Option<u32>,
+    /// Percent of requests sent to the new origin now.
+    pub weight: u32,
+}
+
+impl From<&crate::api::mesh_service::MigrationStatus> for PlanView {
+    fn from(m: &crate::api::mesh_service::MigrationStatus) -> Self {
+        PlanView {
+            error_rates: m.error_rates.clone(),
+            message: m.message.clone(),
+            next_step_at: m.next_step_at.clone(),
+            phase: m.phase.clone(),
+            step: m.step,
+            weight: m.weight,
+        }
+    }
+}
+
+/// `POST /api/services/{name}/migration`: an order written on a service's plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationOrderView {
+    /// The annotation value written (`resume@TIME` for `resume`).
+    pub annotation: String,
+    /// The MeshService it was written on, `NAMESPACE/NAME`.
+    pub object: String,
+    /// The order: `pause`, `resume`, `rollback` or `promote`.
+    pub order: String,
+    /// Where the plan stood when the order was written; the leader carries the order out
+    /// at its next reconcile.
+    pub plan: Option<PlanView>,
+    /// The standing order it replaced, if any.
+    pub previous: Option<String>,
+    /// The service.
+    pub service: String,
 }
 
 /// Load reports about a service: what its callers' proxies sent to its instances.
@@ -718,10 +773,13 @@ pub struct AuditEntry {
     pub detail: String,
     /// The address the request came from.
     pub from: Option<String>,
-    /// The proxy acted on.
+    /// The proxy acted on (empty when a service was).
     pub node: String,
     /// `ok`, or the error.
     pub result: String,
+    /// The service acted on (a migration order), if not a proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Who the request says asked (see [`super::changes::requester`]): as trustworthy as
     /// whatever sets the header in front of the admin API.
     pub who: Option<String>,

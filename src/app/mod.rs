@@ -104,12 +104,20 @@ pub async fn run(
     info!(xds = %addrs.xds, admin = %addrs.admin, webhook = ?addrs.webhook, "meshbridge listening");
     let xds = servers::spawn_xds(&cp, &config, xds, xds_tls, stop.clone());
     let draining = Arc::new(AtomicBool::new(false));
+    let orders = match (kube_client.as_ref(), kube.as_ref()) {
+        (Some(client), Some(k)) => Some(Arc::new(crate::admin::migrate::OrderWriter::new(
+            client.clone(),
+            k.store.clone(),
+            &config.identity,
+        ))),
+        _ => None,
+    };
     let admin = servers::spawn_admin(
         &cp,
         &config.admin,
         config.xds.client_auth,
         (admin, admin_local),
-        admin_auth,
+        (admin_auth, orders),
         draining.clone(),
         late_stop.clone(),
     );

@@ -173,13 +173,17 @@ pub(super) fn spawn_xds(
 }
 
 /// Serves the admin API and UI on `listener` (and `local`, `--admin-local-addr`) until `stop`
-/// turns true, and checks the peer instances every `--peer-check-interval`.
+/// turns true (with `orders`, where operators' migration orders are written), and checks the
+/// peer instances every `--peer-check-interval`.
 pub(super) fn spawn_admin(
     cp: &ControlPlane,
     config: &AdminConfig,
     client_auth: crate::xds::ClientAuth,
     (listener, local): (TcpListener, Option<TcpListener>),
-    auth: admin::auth::AdminAuth,
+    (auth, orders): (
+        admin::auth::AdminAuth,
+        Option<Arc<admin::migrate::OrderWriter>>,
+    ),
     draining: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -193,6 +197,7 @@ pub(super) fn spawn_admin(
         diagnostics_timeout: config.diagnostics_timeout,
         peers: Arc::new(config.peers.clone()),
         load: cp.load.clone(),
+        orders,
         ..AdminState::new(
             cp.cache.clone(),
             cp.registry.clone(),

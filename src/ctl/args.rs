@@ -105,8 +105,19 @@ pub enum CtlCommand {
         /// Node id of the proxy.
         node: String,
     },
-    /// Actions taken through the admin API (log level changes), newest first.
+    /// Actions taken through the admin API (log levels, migration orders), newest first.
     Audit,
+    /// Give an order on a service's migration plan (spec.migration.steps): `pause` holds
+    /// the step, `resume` goes on (a rolled-back plan from its first step), `rollback`
+    /// sends nothing to the new origin, `promote` completes the plan. Written as the
+    /// MeshService's annotation meshbridge.io/migration, carried out by the leader; audited.
+    Migrate {
+        /// The service.
+        name: String,
+        /// The order.
+        #[arg(value_parser = crate::admin::migrate::ORDERS)]
+        order: String,
+    },
 }
 
 /// Parses `--admin`: an http(s) URL, or `host:port` meaning `http://host:port`.
@@ -177,5 +188,7 @@ pub(crate) mod tests {
         assert!(P::try_parse_from(["ctl", "diff"]).is_err());
         assert!(P::try_parse_from(["ctl", "clusters"]).is_err());
         assert!(P::try_parse_from(["ctl", "audit", "n"]).is_err());
+        assert!(P::try_parse_from(["ctl", "migrate", "billing", "faster"]).is_err());
+        assert!(P::try_parse_from(["ctl", "migrate", "billing"]).is_err());
     }
 }

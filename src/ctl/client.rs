@@ -150,6 +150,12 @@ pub fn call_for(command: &CtlCommand, output: Output) -> Call {
         CtlCommand::Changes => get(seg(&["api", "changes"])),
         CtlCommand::Diff { node } => get(proxy(node, "diff")),
         CtlCommand::Audit => get(seg(&["api", "audit"])),
+        CtlCommand::Migrate { name, order } => {
+            let mut c = get(seg(&["api", "services", name, "migration"]));
+            c.method = Method::Post;
+            c.query.push(("order".into(), Some(order.clone())));
+            c
+        }
     }
 }
 

@@ -1156,7 +1156,7 @@ fn admin_roles_grant_reading_or_operating_and_the_replicas_read() {
     let operate = role("admin-operate");
     assert_eq!(
         operate["rules"][1],
-        json!({"nonResourceURLs": ["/api/proxies/*"], "verbs": ["create"]})
+        json!({"nonResourceURLs": ["/api/proxies/*", "/api/services/*"], "verbs": ["create"]})
     );
     let binding = rendered
         .of_kind("ClusterRoleBinding")

@@ -43,19 +43,19 @@ fn default_mesh() -> String {
 
 /// What one `meshbridge ctl` run printed and how it exited.
 #[derive(Debug)]
-struct Out {
+pub(crate) struct Out {
     code: i32,
     stdout: String,
     stderr: String,
 }
 
 impl Out {
-    fn ok(&self) -> &str {
+    pub(crate) fn ok(&self) -> &str {
         assert_eq!(self.code, 0, "ctl failed: {self:?}");
         &self.stdout
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(self.ok())
             .unwrap_or_else(|e| panic!("ctl output is not JSON ({e}): {}", self.stdout))
     }
@@ -69,7 +69,7 @@ impl Out {
     }
 
     /// [`Out::failed`], with a message saying each of `needles`.
-    fn failed_saying(&self, needles: &[&str]) {
+    pub(crate) fn failed_saying(&self, needles: &[&str]) {
         let msg = self.failed();
         for needle in needles {
             assert!(msg.contains(needle), "no {needle:?} in {msg}");
@@ -79,7 +79,7 @@ impl Out {
 
 /// Runs `meshbridge ctl ARGS` with `MESHBRIDGE_ADMIN=admin` (unless `admin` is empty), no
 /// proxy settings from the environment, bounded to 60 s.
-async fn ctl_env(admin: &str, args: &[&str]) -> Out {
+pub(crate) async fn ctl_env(admin: &str, args: &[&str]) -> Out {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"));
     cmd.arg("ctl").args(args).kill_on_drop(true);
     for var in [

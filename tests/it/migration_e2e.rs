@@ -32,23 +32,32 @@ fn orders(migration: Value) -> Value {
 /// meshbridge on the Kubernetes API fake and the Consul fake (namespace `shop` owns the
 /// Consul services), proxies reporting their load every `report_ms`; ready.
 async fn start(kube: &FakeKube, consul: &FakeConsul, report_ms: u32) -> ControlPlane {
+    start_with(kube, consul, report_ms, &[]).await
+}
+
+/// [`start`] with `extra` flags.
+async fn start_with(
+    kube: &FakeKube,
+    consul: &FakeConsul,
+    report_ms: u32,
+    extra: &[&str],
+) -> ControlPlane {
     let dir = tempfile::tempdir().unwrap().keep();
     let kubeconfig = kube.write_kubeconfig(&dir);
     let interval = report_ms.to_string();
-    let mut cp = ControlPlane::start_kube(
-        &kubeconfig,
-        "",
-        &[
-            "--consul-addr",
-            &consul.url(),
-            "--consul-datacenter",
-            "dc1",
-            "--consul-services-owned-by",
-            "shop",
-            "--load-report-interval",
-            &interval,
-        ],
-    );
+    let consul_url = consul.url();
+    let mut flags = vec![
+        "--consul-addr",
+        &consul_url,
+        "--consul-datacenter",
+        "dc1",
+        "--consul-services-owned-by",
+        "shop",
+        "--load-report-interval",
+        &interval,
+    ];
+    flags.extend_from_slice(extra);
+    let mut cp = ControlPlane::start_kube(&kubeconfig, "", &flags);
     cp.wait_ready().await;
     cp
 }
@@ -399,9 +408,15 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
         "{conditions}"
     );
     let detail = cp.admin_json("/api/services/orders").await;
+    let m = &detail["migration"];
     assert_eq!(
-        detail["migration"],
-        json!({"to": "kubernetes", "weight": 100, "mirror": 0, "steps": [25, 100]}),
+        (&m["to"], &m["weight"], &m["steps"], &m["plan"]["phase"]),
+        (
+            &json!("kubernetes"),
+            &json!(100),
+            &json!([25, 100]),
+            &json!("Complete")
+        ),
         "{detail}"
     );
     eventually(LIMIT, "every request at the pod", || async {
@@ -481,4 +496,206 @@ async fn a_plan_advances_on_a_healthy_new_origin_and_rolls_back_when_it_fails() 
         (&json!(0), &json!(25)),
         "{again}"
     );
+}
+
+/// `meshbridge ctl migrate NAME ORDER` as an operator uses it: each order lands on the
+/// MeshService as its standing order, the leader carries it out (paused, rolled back,
+/// resumed at the first step, promoted), and who gave it is in the audit and in an Event; a
+/// read-only token, a service without a plan and an unknown service are refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_migrate_orders_are_carried_out_by_the_leader_and_audited() {
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    consul.register(
+        "dc1",
+        Instance::new("billing", "billing-vm-1", "127.0.0.1", 41010),
+    );
+    let plan = json!({"to": "kubernetes", "steps": [25, 100], "interval": "10m"});
+    kube.apply(
+        MeshService::build("billing")
+            .namespace("shop")
+            .selector("billing")
+            .set("ports", json!([{"port": 80}]))
+            .set("migration", plan)
+            .json(),
+    );
+    kube.apply(orders(json!({"to": "kubernetes", "weight": 25})));
+    kube.apply(pod("billing-a", "billing", 41011, true));
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "alice-0123456789abcdef alice\ngrafana-0123456789abcdef grafana read\n",
+    )
+    .unwrap();
+    let (alice, grafana) = (dir.path().join("alice"), dir.path().join("grafana"));
+    std::fs::write(&alice, "alice-0123456789abcdef\n").unwrap();
+    std::fs::write(&grafana, "grafana-0123456789abcdef\n").unwrap();
+    let cp = start_with(
+        &kube,
+        &consul,
+        500,
+        &["--admin-token-file", tokens.to_str().unwrap()],
+    )
+    .await;
+    let admin = format!("http://{}", cp.admin_addr());
+    let ctl = |token: &std::path::Path, args: &[&str]| {
+        let mut all = vec![
+            "--admin",
+            admin.as_str(),
+            "--token-file",
+            token.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(str::to_string).collect();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            crate::ctl::ctl_env("", &args).await
+        }
+    };
+    let status = |what: &'static str, reached: fn(&Value) -> bool| {
+        let kube = &kube;
+        eventually(LIMIT, what, move || async move {
+            let (m, c) = migration_of(kube, "billing");
+            reached(&m).then_some((m, c))
+        })
+    };
+    status("the plan's first step", |m| m["weight"] == 25).await;
+
+    // Pause: written, carried out, attributed.
+    let out = ctl(&alice, &["migrate", "billing", "pause"]).await;
+    assert!(
+        out.ok()
+            .contains("billing: order pause written on MeshService shop/billing (meshbridge.io/migration=pause)"),
+        "{out:?}"
+    );
+    let annotation = |kube: &FakeKube| {
+        kube.get(crate::kube_e2e::MS, "MeshService", Some("shop"), "billing")
+            .unwrap_or_default()["metadata"]["annotations"]["meshbridge.io/migration"]
+            .clone()
+    };
+    assert_eq!(annotation(&kube), "pause");
+    let (paused, _) = status("paused", |m| m["phase"] == "Paused").await;
+    assert_eq!(paused["weight"], 25, "{paused}");
+    let event = eventually(LIMIT, "the order's Event", || async {
+        kube.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .find(|e| e["reason"] == "MigrationOrder")
+    })
+    .await;
+    assert_eq!(event["regarding"]["name"], "billing", "{event}");
+    assert_eq!(
+        event["note"], "meshbridge.io/migration=pause set by alice through the admin API",
+        "{event}"
+    );
+
+    // A read-only token may not give orders; nothing changes.
+    ctl(&grafana, &["migrate", "billing", "rollback"])
+        .await
+        .failed_saying(&["403", "grafana may only read"]);
+    assert_eq!(annotation(&kube), "pause");
+
+    // Roll back, resume (from the first step), promote.
+    ctl(&alice, &["migrate", "billing", "rollback"]).await.ok();
+    let (back, conditions) = status("rolled back", |m| m["phase"] == "RolledBack").await;
+    assert_eq!(back["weight"], 0, "{back}");
+    assert!(
+        conditions
+            .to_string()
+            .contains("rolled back by an operator"),
+        "{conditions}"
+    );
+    let out = ctl(&alice, &["-o", "json", "migrate", "billing", "resume"]).await;
+    let written = out.json();
+    assert_eq!(written["previous"], "rollback", "{written}");
+    assert_eq!(written["plan"]["phase"], "RolledBack", "{written}");
+    let token = written["annotation"]
+        .as_str()
+        .and_then(|a| a.strip_prefix("resume@"))
+        .unwrap_or_else(|| panic!("{written}"))
+        .to_string();
+    let (again, _) = status("resumed", |m| {
+        m["phase"] == "Progressing" && !m["resumed"].as_str().unwrap_or_default().is_empty()
+    })
+    .await;
+    assert_eq!(again["resumed"], token.as_str(), "{again}");
+    assert_eq!(
+        (&again["step"], &again["weight"]),
+        (&json!(0), &json!(25)),
+        "{again}"
+    );
+    ctl(&alice, &["migrate", "billing", "promote"]).await.ok();
+    status("complete", |m| {
+        m["phase"] == "Complete" && m["weight"] == 100
+    })
+    .await;
+    let shown = eventually(LIMIT, "ctl services showing the plan", || async {
+        let out = ctl(&alice, &["services", "billing"]).await;
+        let text = out.ok().to_string();
+        text.contains("to kubernetes: 100%").then_some(text)
+    })
+    .await;
+    assert!(
+        shown.contains("migration:     to kubernetes: 100%; plan 25% → 100%: Complete at step 2 of 2 (weight 100%): every step taken: 100% to kubernetes; order promote\n"),
+        "{shown}"
+    );
+
+    // Refused, saying why.
+    ctl(&alice, &["migrate", "orders", "pause"])
+        .await
+        .failed_saying(&["409", "no migration plan", "set by hand"]);
+    ctl(&alice, &["migrate", "ghost", "pause"])
+        .await
+        .failed_saying(&["404", "no service named \"ghost\""]);
+
+    // The audit: every order, who gave it and what became of it, refusals included.
+    let audit = ctl(&alice, &["audit"]).await;
+    let table = audit.ok();
+    for order in ["pause", "rollback", "resume", "promote"] {
+        assert!(
+            table.lines().any(|r| r.contains("alice")
+                && r.contains("migration ")
+                && r.contains("service billing")
+                && r.contains(&format!("order={order}"))
+                && r.ends_with(" ok")),
+            "{order}: {table}"
+        );
+    }
+    let entries = ctl(&alice, &["-o", "json", "audit"]).await.json();
+    let orders: Vec<&Value> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "migration")
+        .collect();
+    assert_eq!(orders.len(), 6, "{entries:#}");
+    assert!(
+        orders.iter().any(|e| e["service"] == "ghost"
+            && e["result"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("no service named")),
+        "{entries:#}"
+    );
+    assert!(
+        entries.as_array().unwrap().iter().any(|e| e["who"] == "grafana"
+            && e["detail"] == "POST /api/services/billing/migration"),
+        "the refused call is audited too: {entries:#}"
+    );
+    // One merge patch per order given (none for the refused ones), granted by the chart's
+    // ClusterRole.
+    let writes: Vec<_> = kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "patch" && r.resource == "meshservices" && r.subresource.is_none())
+        .collect();
+    assert_eq!(writes.len(), 4, "{writes:#?}");
+    assert!(
+        writes.iter().all(
+            |w| w.content_type.as_deref() == Some("application/merge-patch+json")
+                && w.field_manager.as_deref() == Some("meshbridge-admin")
+        ),
+        "{writes:#?}"
+    );
+    support::kube_fake::assert_rbac_covers(&kube);
 }

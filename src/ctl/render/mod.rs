@@ -6,6 +6,7 @@ mod access;
 mod compare;
 mod diff;
 mod log_level;
+mod migrate;
 mod proxies;
 mod records;
 mod services;
@@ -20,6 +21,7 @@ use crate::admin::views::{type_short_name, type_short_names};
 pub use compare::render_compare;
 pub use diff::render_diff;
 pub use log_level::render_log_level;
+pub use migrate::{migration_summary, render_migration_order};
 pub use proxies::{render_proxies, render_proxy};
 pub use records::{render_audit, render_changes, render_sources};
 pub use services::{render_service, render_services};
@@ -47,6 +49,7 @@ pub fn render(command: &CtlCommand, body: &str, now: u64) -> Result<String, serd
         CtlCommand::Changes => render_changes(&view::<Vec<_>>(body)?, now),
         CtlCommand::Diff { .. } => render_diff(&view(body)?),
         CtlCommand::Audit => render_audit(&view::<Vec<_>>(body)?, now),
+        CtlCommand::Migrate { .. } => render_migration_order(&view(body)?),
     })
 }
 

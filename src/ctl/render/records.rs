@@ -72,13 +72,17 @@ pub fn render_audit(entries: &[AuditEntry], now: u64) -> String {
     if entries.is_empty() {
         return "no admin actions recorded\n".into();
     }
-    let mut t = Table::new(&["AT", "WHO", "ACTION", "NODE", "DETAIL", "RESULT"]);
+    let mut t = Table::new(&["AT", "WHO", "ACTION", "TARGET", "DETAIL", "RESULT"]);
     for e in entries {
+        let target = match &e.service {
+            Some(s) if e.node.is_empty() => format!("service {s}"),
+            _ => e.node.clone(),
+        };
         t.row(vec![
             ago(e.at, now),
             opt(&e.who),
             super::text(&e.action),
-            super::text(&e.node),
+            super::text(&target),
             super::text(&e.detail),
             super::text(&e.result),
         ]);
@@ -135,11 +139,14 @@ AGE  GENERATION  ADDED             REMOVED  CHANGED  ACCESS  REBUILT  PUSHED  BU
              "result": "Envoy admin at 127.0.0.1:15000 is unreachable: connection refused"},
             {"at": 700, "who": null, "from": null, "action": "log-level", "node": "frontend-1",
              "detail": "level=debug", "result": "ok"},
+            {"at": 600, "who": "bob", "from": null, "action": "migration", "node": "",
+             "service": "billing", "detail": "order=pause", "result": "ok"},
         ]);
         let expected = "\
-AT         WHO    ACTION     NODE        DETAIL        RESULT
-10s ago    alice  log-level  frontend-1  http=warning  Envoy admin at 127.0.0.1:15000 is unreachable: connection refused
-5m00s ago  -      log-level  frontend-1  level=debug   ok
+AT         WHO    ACTION     TARGET           DETAIL        RESULT
+10s ago    alice  log-level  frontend-1       http=warning  Envoy admin at 127.0.0.1:15000 is unreachable: connection refused
+5m00s ago  -      log-level  frontend-1       level=debug   ok
+6m40s ago  bob    migration  service billing  order=pause   ok
 ";
         assert_eq!(render_audit(&view::<Vec<_>>(v), 1000), expected);
         assert_eq!(render_audit(&[], 0), "no admin actions recorded\n");

@@ -80,7 +80,7 @@ pub fn render_service(v: &ServiceDetail) -> String {
     .flatten()
     .collect::<Vec<_>>()
     .join(", ");
-    let mut out = fields(&[
+    let mut pairs = vec![
         ("service", super::text(&v.name)),
         ("declared", yes_no(v.declared)),
         ("mtls", super::text(&v.mtls)),
@@ -97,7 +97,11 @@ pub fn render_service(v: &ServiceDetail) -> String {
         ),
         ("dependencies", list(&v.dependencies)),
         ("origins", list(&origins)),
-    ]);
+    ];
+    if let Some(m) = &v.migration {
+        pairs.push(("migration", super::migration_summary(m)));
+    }
+    let mut out = fields(&pairs);
     out.push_str(&instances(&v.instances));
 
     let proxies = &v.dependents.proxies;

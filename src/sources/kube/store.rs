@@ -390,6 +390,20 @@ impl KubeStore {
         out
     }
 
+    /// The MeshService whose spec in force declares `service` and wins its name (the oldest,
+    /// then namespace and name: [`precedence`]), as seen.
+    pub fn declaring(&self, service: &str) -> Option<(&ObjectKey, &ServiceEntry)> {
+        self.services
+            .iter()
+            .filter_map(|(k, e)| {
+                let in_force = e.in_force.as_ref()?;
+                (convert::service_name(in_force).as_deref() == Some(service))
+                    .then(|| (precedence(in_force), k, e))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, k, e)| (k, e))
+    }
+
     /// A MeshService as seen.
     pub fn service(&self, key: &ObjectKey) -> Option<&ServiceEntry> {
         self.services.get(key)

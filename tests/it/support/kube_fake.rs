@@ -47,8 +47,9 @@
 //! - strategic merge patch is treated as a JSON merge patch (lists are replaced, no
 //!   `$patch` directives) for built-in types; CRDs answer `415` as the real server does;
 //! - server-side apply deep-merges the applied configuration (maps merged, lists replaced)
-//!   and records the manager in `managedFields`, but does not track field ownership: no
-//!   conflicts, and a field dropped from a later apply is not removed;
+//!   and records the manager in `managedFields`; a field the manager applied before and
+//!   leaves out of a later apply is removed unless another manager owns it too (lists count
+//!   as one field), but there are no conflicts;
 //! - pods are deleted at once (as an unscheduled pod is); `propagationPolicy` and owner
 //!   references have no effect (no garbage collector);
 //! - core `v1` Events and `events.k8s.io/v1` Events are separate stores;
@@ -1661,6 +1662,59 @@ fn upsert_managed(
         list.insert(pos, e);
     } else {
         list.push(managed_entry(manager, ctx, def, fields));
+    }
+}
+
+/// Server-side apply: fields the manager applied before and leaves out now are removed,
+/// unless another manager owns them too
+/// (<https://kubernetes.io/docs/reference/using-api/server-side-apply/#field-management>).
+/// Lists are leaves here, as in [`field_set`].
+fn remove_dropped(doc: &mut Value, ctx: &Ctx, applied: &Value) {
+    fn dropped(old: &Value, new: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        let Some(old) = old.as_object() else { return };
+        for (k, v) in old {
+            let Some(name) = k.strip_prefix("f:") else {
+                continue;
+            };
+            at.push(name.to_string());
+            match new.get(k) {
+                None => out.push(at.clone()),
+                Some(n) => dropped(v, n, at, out),
+            }
+            at.pop();
+        }
+    }
+    fn owns(fields: &Value, path: &[String]) -> bool {
+        path.iter()
+            .try_fold(fields, |f, p| f.get(format!("f:{p}")))
+            .is_some()
+    }
+    let Some(manager) = &ctx.manager else { return };
+    let entries = doc["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mine = |e: &Value| {
+        e["manager"] == json!(manager)
+            && e["operation"] == "Apply"
+            && e.get("subresource").and_then(Value::as_str) == ctx.sub.as_deref()
+    };
+    let Some(before) = entries.iter().find(|e| mine(e)) else {
+        return;
+    };
+    let mut paths = Vec::new();
+    dropped(&before["fieldsV1"], applied, &mut Vec::new(), &mut paths);
+    for path in paths {
+        if entries
+            .iter()
+            .any(|e| !mine(e) && owns(&e["fieldsV1"], &path))
+        {
+            continue;
+        }
+        let (last, parents) = path.split_last().unwrap();
+        if let Some(Value::Object(m)) = parents.iter().try_fold(&mut *doc, |d, p| d.get_mut(p)) {
+            m.remove(last);
+        }
     }
 }
 
@@ -3549,7 +3603,12 @@ async fn patch(shared: &Arc<Shared>, req: &Req) -> Result<Resp, ApiError> {
         };
         let mut doc = old.value.clone();
         let precondition = match &kind {
-            Kind::Merge(p) | Kind::Apply(p) => {
+            Kind::Apply(p) => {
+                merge_patch(&mut doc, p);
+                remove_dropped(&mut doc, &ctx, &fields);
+                p.clone()
+            }
+            Kind::Merge(p) => {
                 merge_patch(&mut doc, p);
                 p.clone()
             }
