@@ -3,6 +3,7 @@
 //! control plane, comparison with peer instances, and the web UI.
 
 pub mod auth;
+pub mod board;
 pub mod changes;
 pub mod compare;
 pub mod config_diff;
@@ -159,6 +160,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/services", get(services))
         .route("/api/services/{name}", get(service))
         .route("/api/services/{name}/migration", post(migrate::order))
+        .route("/api/migration", get(board::board))
         .route(
             "/api/services/{name}/ejections",
             get(diagnostics::ejections),
@@ -362,19 +364,8 @@ pub fn service_detail(s: &AdminState, state: &MeshState, name: &str) -> Option<S
         rate_limit: views::RateLimitView::of(&service.rate_limit),
         load: load_view(&s.load, name),
         migration: service.migration.as_ref().map(|m| {
-            let (plan, order) = s
-                .orders
-                .as_ref()
-                .map(|o| o.plan_of(name))
-                .unwrap_or_default();
-            views::MigrationView {
-                to: m.to.to_string(),
-                weight: m.weight,
-                mirror: m.mirror,
-                steps: m.steps.clone(),
-                plan,
-                order,
-            }
+            let plan = s.orders.as_ref().map(|o| o.plan_of(name));
+            board::migration_view(m, plan.unwrap_or_default())
         }),
         ports: service
             .named_ports

@@ -224,6 +224,91 @@ impl From<&crate::api::mesh_service::MigrationStatus> for PlanView {
     }
 }
 
+/// `GET /api/migration`: the migration board.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BoardView {
+    /// Who calls whom (service to service), sorted.
+    pub edges: Vec<BoardEdge>,
+    /// Edges beyond the most listed.
+    pub edges_left_out: usize,
+    /// How often proxies report their load.
+    pub interval_seconds: f64,
+    /// Every service (not its further ports), sorted by name.
+    pub services: Vec<BoardService>,
+    /// Counts over the mesh.
+    pub summary: BoardSummary,
+    /// How long the traffic figures cover.
+    pub window_seconds: u64,
+}
+
+/// A dependency: `from` calls `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoardEdge {
+    /// The caller.
+    pub from: String,
+    /// The service called.
+    pub to: String,
+}
+
+/// One service on the board.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BoardService {
+    /// Its migration, if it declares one.
+    pub migration: Option<MigrationView>,
+    /// Mirrored copies sent to it over the window (`requests`, `errors`, `error_rate`).
+    pub mirror: Option<BoardOrigin>,
+    /// `disabled`, `permissive` or `strict`.
+    pub mtls: String,
+    /// Its name.
+    pub name: String,
+    /// By origin (`consul`, `kubernetes`, `config`): instances and live traffic.
+    pub origins: BTreeMap<String, BoardOrigin>,
+    /// `hosts` (Consul or static endpoints), `pods`, `both` or `none`.
+    pub runs_on: String,
+}
+
+/// A service's instances of one origin, and the live traffic they took over the window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BoardOrigin {
+    /// Requests answered with an error (5xx, reset).
+    pub errors: u64,
+    /// `errors` over answered requests; null when none was answered.
+    pub error_rate: Option<f64>,
+    /// Healthy instances.
+    pub healthy: usize,
+    /// Instances.
+    pub instances: usize,
+    /// Instances callers reach over mutual TLS.
+    pub mtls: usize,
+    /// Requests sent to them.
+    pub requests: u64,
+    /// Their part of the service's live requests; null when it had none.
+    pub share: Option<f64>,
+    /// Requests answered without error.
+    pub successes: u64,
+}
+
+/// Counts over the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoardSummary {
+    /// Services running on both hosts and pods.
+    pub both: usize,
+    /// Services running on hosts only.
+    pub hosts: usize,
+    /// Instances.
+    pub instances: usize,
+    /// Services declaring a migration.
+    pub migrating: usize,
+    /// Instances callers reach over mutual TLS.
+    pub mtls_instances: usize,
+    /// Services without instances.
+    pub none: usize,
+    /// Services running on pods only.
+    pub pods: usize,
+    /// Services.
+    pub services: usize,
+}
+
 /// `POST /api/services/{name}/migration`: an order written on a service's plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOrderView {

@@ -20,7 +20,7 @@ use support::{Backend, ControlPlane, Envoy, eventually};
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// `orders` in namespace `shop`, its pods labelled `app: orders`, migrating to them.
-fn orders(migration: Value) -> Value {
+pub(crate) fn orders(migration: Value) -> Value {
     MeshService::build("orders")
         .namespace("shop")
         .selector("orders")
@@ -36,7 +36,7 @@ async fn start(kube: &FakeKube, consul: &FakeConsul, report_ms: u32) -> ControlP
 }
 
 /// [`start`] with `extra` flags.
-async fn start_with(
+pub(crate) async fn start_with(
     kube: &FakeKube,
     consul: &FakeConsul,
     report_ms: u32,
@@ -128,7 +128,7 @@ async fn settled(cp: &ControlPlane) -> BTreeMap<String, u64> {
 /// count is allowed 5 standard deviations (a false failure about once in 3.5 million runs).
 /// Envoy's locality choice is a weighted deterministic schedule, so the real spread is
 /// much smaller.
-fn within_bound(count: usize, n: usize, p: f64) -> bool {
+pub(crate) fn within_bound(count: usize, n: usize, p: f64) -> bool {
     let expected = n as f64 * p;
     let sd = (n as f64 * p * (1.0 - p)).sqrt();
     (count as f64 - expected).abs() <= 5.0 * sd

@@ -11,8 +11,13 @@ use crate::support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::kube_e2e::{legacy, pod};
+use crate::migration_e2e::{start_with, within_bound};
+use crate::support::consul_fake::{FakeConsul, Instance};
+use crate::support::kube_fake::FakeKube;
+
 use serde_json::{Value, json};
-use support::fixtures::{AccessRule, MeshService, manifests};
+use support::fixtures::{AccessRule, Fixture, MeshService, manifests};
 use support::{Backend, ControlPlane, Envoy, EnvoyOptions, eventually};
 
 /// The most the browser script may take, start to end.
@@ -31,6 +36,7 @@ const SCREENSHOTS: &[&str] = &[
     "sources",
     "compare",
     "changes",
+    "board",
     "error",
 ];
 
@@ -170,14 +176,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
         "Envoy already logs at debug: {before:?}"
     );
 
-    let shots = target_dir().join("ui-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    for entry in std::fs::read_dir(&shots).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "png") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    let shots = screenshot_dir("ui-screenshots");
     let expectations = json!({
         "url": format!("http://{}/", cp.admin_addr()),
         "screenshots": shots,
@@ -201,8 +200,52 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
         "compare": {"overall": "peers disagree", "peers": 1, "text": [peer_url, "billing"]},
         "missing_service": "no-such-service",
         "changes_min": 1,
+        "board": {
+            "services": {
+                "orders": {"runs_on": "hosts", "text": ["100% to config, 10% mirrored", "1/1"]},
+                "billing": {"runs_on": "hosts"},
+                "frontend": {"runs_on": "none"},
+            },
+            "edges": [["frontend", "orders"], ["frontend", "billing"]],
+            "summary": ["Migrating"],
+        },
     });
 
+    run_browser(&ui_dir, &expectations, &shots, SCREENSHOTS).await;
+
+    // The "Apply" button changed the level in Envoy itself, as Envoy's own admin tells.
+    let after = envoy.log_levels().await;
+    assert!(after.len() > 10, "too few loggers listed: {after:?}");
+    let not_debug: Vec<_> = after.iter().filter(|(_, l)| l != "debug").collect();
+    assert!(not_debug.is_empty(), "loggers not at debug: {not_debug:?}");
+    // And the change was audited.
+    let audit = cp.admin_json("/api/audit").await;
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["node"] == node.as_str() && e.to_string().contains("debug")),
+        "no audit entry for the log level change: {audit}"
+    );
+}
+
+/// An empty directory for screenshots under the target directory.
+fn screenshot_dir(name: &str) -> PathBuf {
+    let shots = target_dir().join(name);
+    std::fs::create_dir_all(&shots).unwrap();
+    for entry in std::fs::read_dir(&shots).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "png") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    shots
+}
+
+/// Runs `tests/ui/ui.mjs` with `expectations`; fails with its output unless every one holds
+/// and every screenshot of `expected` is a real PNG in `shots`.
+async fn run_browser(ui_dir: &Path, expectations: &Value, shots: &Path, expected: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg(ui_dir.join("ui.mjs"))
@@ -227,8 +270,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
         started.elapsed().as_secs_f64(),
         shots.display()
     );
-
-    for name in SCREENSHOTS {
+    for name in expected {
         let file = shots.join(format!("{name}.png"));
         let bytes = std::fs::read(&file)
             .unwrap_or_else(|e| panic!("screenshot {} missing: {e}", file.display()));
@@ -239,19 +281,117 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
             bytes.len()
         );
     }
+}
 
-    // The "Apply" button changed the level in Envoy itself, as Envoy's own admin tells.
-    let after = envoy.log_levels().await;
-    assert!(after.len() > 10, "too few loggers listed: {after:?}");
-    let not_debug: Vec<_> = after.iter().filter(|(_, l)| l != "debug").collect();
-    assert!(not_debug.is_empty(), "loggers not at debug: {not_debug:?}");
-    // And the change was audited.
-    let audit = cp.admin_json("/api/audit").await;
-    let entries = audit.as_array().unwrap();
-    assert!(
-        entries
+/// The migration board in Chromium, on the Kubernetes and Consul fakes with real Envoy
+/// traffic: `orders` runs on a Consul host and a pod and is 25% into a plan, `billing` only
+/// on a Consul host, `frontend` only on a pod. The board colours each by where it runs,
+/// draws frontend's calls, shows the live share the load reports measured, and its Pause
+/// button writes the order the leader then carries out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_board_shows_where_services_run_and_gives_orders() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ui_dir = root.join("tests/ui");
+    require_browser_tools(&ui_dir);
+
+    let kube = FakeKube::start().await;
+    let consul = FakeConsul::start("dc1").await;
+    let vm = Backend::start("orders", "vm-1").await;
+    let pod_a = Backend::start("orders", "pod-a").await;
+    let billing = Backend::start("billing", "vm-1").await;
+    let front = Backend::start("frontend", "pod-a").await;
+    consul.register(
+        "dc1",
+        Instance::new("orders", "orders-vm-1", "127.0.0.1", vm.port),
+    );
+    consul.register(
+        "dc1",
+        Instance::new("billing", "billing-vm-1", "127.0.0.1", billing.port),
+    );
+    kube.apply(crate::migration_e2e::orders(json!({
+        "to": "kubernetes", "steps": [25, 100], "interval": "10m"
+    })));
+    kube.apply(
+        MeshService::build("frontend")
+            .namespace("shop")
+            .selector("frontend")
+            .set("ports", json!([{"port": 80}]))
+            .dependency("orders")
+            .dependency("billing")
+            .json(),
+    );
+    kube.apply(pod("orders-a", "orders", pod_a.port, true));
+    kube.apply(pod("frontend-a", "frontend", front.port, true));
+    let cp = start_with(&kube, &consul, 500, &[]).await;
+    let caller = Envoy::start(&cp, legacy(&["orders", "billing"])).await;
+
+    // Traffic until the load reports show both origins of orders.
+    const N: usize = 200;
+    let reported = eventually(LIMIT, "orders' traffic in the load reports", || async {
+        for _ in 0..20 {
+            let _ = caller.call("orders", "/").await;
+        }
+        let board = cp.admin_json("/api/migration").await;
+        let orders = board["services"]
+            .as_array()?
             .iter()
-            .any(|e| e["node"] == node.as_str() && e.to_string().contains("debug")),
-        "no audit entry for the log level change: {audit}"
+            .find(|s| s["name"] == "orders")?
+            .clone();
+        let total: u64 = ["consul", "kubernetes"]
+            .iter()
+            .map(|o| orders["origins"][o]["requests"].as_u64().unwrap_or(0))
+            .sum();
+        (total >= N as u64).then_some(orders)
+    })
+    .await;
+    let pods = reported["origins"]["kubernetes"]["requests"]
+        .as_u64()
+        .unwrap() as usize;
+    let hosts = reported["origins"]["consul"]["requests"].as_u64().unwrap() as usize;
+    assert!(
+        within_bound(pods, pods + hosts, 0.25),
+        "{pods} of {} at the pods",
+        pods + hosts
+    );
+    assert_eq!(reported["runs_on"], "both", "{reported}");
+
+    let shots = screenshot_dir("ui-screenshots/board");
+    let expectations = json!({
+        "url": format!("http://{}/", cp.admin_addr()),
+        "screenshots": shots,
+        "board_only": true,
+        "board": {
+            "services": {
+                "orders": {"runs_on": "both", "text": [
+                    "consul 1/1", "kubernetes 1/1", "25% to kubernetes",
+                    "Progressing at step 1 of 2", "hosts ", "· pods ",
+                ]},
+                "billing": {"runs_on": "hosts", "text": ["consul 1/1"]},
+                "frontend": {"runs_on": "pods", "text": ["kubernetes 1/1"]},
+            },
+            "edges": [["frontend", "orders"], ["frontend", "billing"]],
+            "summary": ["On both", "Migrating"],
+            "order": {"service": "orders", "order": "pause", "expect": "Paused"},
+        },
+    });
+    run_browser(&ui_dir, &expectations, &shots, &["board", "board-order"]).await;
+
+    // The button wrote the standing order, audited.
+    let object = kube
+        .get(crate::kube_e2e::MS, "MeshService", Some("shop"), "orders")
+        .unwrap();
+    assert_eq!(
+        object["metadata"]["annotations"]["meshbridge.io/migration"],
+        "pause"
+    );
+    assert_eq!(object["status"]["migration"]["phase"], "Paused");
+    let audit = cp.admin_json("/api/audit").await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "migration" && e["service"] == "orders" && e["result"] == "ok"),
+        "{audit}"
     );
 }

@@ -19,6 +19,10 @@
 //   compare        {overall: badge text, peers: N, text: [strings some peer's card shows]}
 //   changes_min    least number of rows on the changes page
 //   allow_nack     do not fail when the proxies page shows a NACK
+//   board          the migration board: {services: {NAME: {runs_on, text: [strings its row shows]}},
+//                   edges: [[caller, callee]], summary: [strings], order: {service, order,
+//                   expect: "what its row shows once the leader carried the order out"}}
+//   board_only     check the migration board only, not the other pages
 //
 // Exits 0 when every expectation holds; otherwise prints what failed (with the page's console
 // errors and failed requests) to stderr, saves failure.png, and exits 1. Every wait is bounded.
@@ -197,6 +201,11 @@ async function run() {
     if (u.protocol !== 'data:' && u.origin !== base.origin) problems.push(`request to another origin: ${r.url()}`);
   });
 
+  if (cfg.board_only) {
+    await boardPage();
+    return;
+  }
+
   // --- services -------------------------------------------------------------------------
   await page.goto(base.href, { waitUntil: 'domcontentloaded', timeout: STEP_TIMEOUT_MS });
   await waitPage('services');
@@ -346,6 +355,8 @@ async function run() {
   log(`changes page: ${changes} rows`);
   await screenshot('changes');
 
+  if (cfg.board) await boardPage();
+
   // --- an API error is shown, not swallowed ------------------------------------------------
   if (cfg.missing_service) {
     expectedFailures.push({ path: '/api/services/' + encodeURIComponent(cfg.missing_service), status: 404 });
@@ -356,6 +367,60 @@ async function run() {
     check(msg.includes('404') && msg.includes(cfg.missing_service), `a missing service: the error box says "${msg}"`);
     log(`missing service: error box says "${msg}"`);
     await screenshot('error');
+  }
+}
+
+/** The migration board: rows, the graph's nodes coloured by where they run, its edges, and an order. */
+async function boardPage() {
+  const b = cfg.board || {};
+  await goto('#/board', 'board');
+  const rowsOf = () => page.$$eval('tr[data-testid="board-row"]', (rs) => rs.map((r) => ({ name: r.dataset.name, runs: r.dataset.runsOn, text: r.textContent, step: r.querySelector('[data-testid="board-step"]')?.textContent || '' })));
+  const rows = await rowsOf();
+  const nodes = await page.$$eval('[data-testid="board-node"]', (ns) => ns.map((n) => ({ name: n.dataset.name, runs: n.dataset.runsOn, fill: getComputedStyle(n.querySelector('rect')).fill })));
+  for (const [name, want] of Object.entries(b.services || {})) {
+    const row = rows.find((r) => r.name === name);
+    check(row, `board: no row for ${name} (rows: ${rows.map((r) => r.name).join(', ')})`);
+    const node = nodes.find((n) => n.name === name);
+    check(node, `board: no graph node for ${name}`);
+    if (want.runs_on) {
+      check(row.runs === want.runs_on, `board: ${name} runs on "${row.runs}", expected "${want.runs_on}"`);
+      check(node.runs === want.runs_on, `board: ${name}'s node says "${node.runs}", expected "${want.runs_on}"`);
+    }
+    for (const t of want.text || []) check(row.text.includes(t), `board: ${name}'s row does not show "${t}": ${row.text}`);
+  }
+  // One colour per place a service runs, a different one for each place.
+  const fills = {};
+  for (const n of nodes) (fills[n.runs] = fills[n.runs] || new Set()).add(n.fill);
+  for (const [runs, set] of Object.entries(fills)) check(set.size === 1, `board: nodes running on ${runs} have ${set.size} colours: ${[...set].join(', ')}`);
+  const colours = Object.values(fills).map((set) => [...set][0]);
+  check(new Set(colours).size === colours.length, `board: two places share a colour: ${JSON.stringify(Object.fromEntries(Object.entries(fills).map(([k, v]) => [k, [...v]])))}`);
+  const edges = await page.$$eval('[data-testid="board-edge"]', (es) => es.map((e) => [e.dataset.from, e.dataset.to]));
+  for (const [from, to] of b.edges || []) check(edges.some(([f, t]) => f === from && t === to), `board: no edge ${from} → ${to} (edges: ${edges.map((e) => e.join('→')).join(', ')})`);
+  const summary = await text('#board-summary');
+  for (const t of b.summary || []) check(summary.includes(t), `board: the summary does not show "${t}": ${summary}`);
+  log(`board: ${rows.length} services, ${edges.length} edges, colours ${JSON.stringify(Object.fromEntries(Object.entries(fills).map(([k, v]) => [k, [...v][0]])))}`);
+  await screenshot('board');
+
+  if (b.order) {
+    const o = b.order;
+    page.once('dialog', (d) => d.accept());
+    await page.click(`button[data-testid="board-order"][data-service="${o.service}"][data-order="${o.order}"]`);
+    await page.waitForSelector('#board-order-status[data-state="done"], #board-order-status[data-state="error"]', { timeout: STEP_TIMEOUT_MS });
+    check((await page.getAttribute('#board-order-status', 'data-state')) === 'done', `board: the order failed: ${await text('#board-order-status')}`);
+    log(`board: ${await text('#board-order-status')}`);
+    // The leader carries the order out: refresh until the row shows it.
+    const deadline = Date.now() + 20000;
+    let step = '';
+    for (;;) {
+      await page.click('#refresh');
+      await waitPage('board');
+      step = ((await rowsOf()).find((r) => r.name === o.service) || {}).step || '';
+      if (step.includes(o.expect)) break;
+      check(Date.now() < deadline, `board: after ${o.order}, ${o.service}'s row still says "${step}", not "${o.expect}"`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    log(`board: after ${o.order}, ${o.service} shows "${step}"`);
+    await screenshot('board-order');
   }
 }
 

@@ -196,6 +196,7 @@
     [/^sources$/, 'sources', () => pageSources()],
     [/^compare$/, 'compare', () => pageCompare()],
     [/^changes$/, 'changes', () => pageChanges()],
+    [/^board$/, 'board', () => pageBoard()],
   ];
 
   async function route() {
@@ -730,6 +731,225 @@
       section('This instance', { id: 'compare-self' }, dl([['Digest', mono((c.self || {}).digest || '—')]], { id: 'self-digest', testid: 'self-digest' })),
       peers.length ? h('div', { id: 'peers', testid: 'peers' }, peers)
         : h('p', { class: 'muted', id: 'peers', testid: 'peers' }, 'No peers: start meshbridge with --peer URL or --peers-dns HOST:PORT to compare replicas.'));
+  }
+
+  // #/board: the migration board.
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  /** An SVG element; attributes are set as values (never markup), children appended. */
+  function svg(tag, attrs, ...kids) {
+    const el = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === 'testid') el.dataset.testid = v;
+      else if (k === 'data') Object.assign(el.dataset, v);
+      else el.setAttribute(k, String(v));
+    }
+    for (const k of kids.flat(Infinity)) {
+      if (k === null || k === undefined || k === false) continue;
+      el.append(k instanceof Node ? k : String(k));
+    }
+    return el;
+  }
+
+  const RUNS_ON = { hosts: 'Consul / VM hosts', pods: 'pods', both: 'hosts and pods', none: 'no instances' };
+  const ORIGIN_SIDE = { consul: 'hosts', config: 'hosts', kubernetes: 'pods' };
+  const pct = (x, digits) => (x === null || x === undefined ? '–' : (x * 100).toFixed(digits === undefined ? 1 : digits) + '%');
+  /** Most services the graph draws; beyond, it draws migrating services and their neighbours. */
+  const GRAPH_MAX = 150;
+
+  /** Live traffic and error rate by side (hosts, pods) of a service over the window. */
+  function sides(s) {
+    const out = { hosts: { requests: 0, errors: 0, answered: 0, instances: 0, healthy: 0 }, pods: { requests: 0, errors: 0, answered: 0, instances: 0, healthy: 0 } };
+    for (const [origin, o] of Object.entries(s.origins || {})) {
+      const side = out[ORIGIN_SIDE[origin] || 'hosts'];
+      side.requests += o.requests;
+      side.errors += o.errors;
+      side.answered += o.successes + o.errors;
+      side.instances += o.instances;
+      side.healthy += o.healthy;
+    }
+    const total = out.hosts.requests + out.pods.requests;
+    for (const side of Object.values(out)) {
+      side.share = total ? side.requests / total : null;
+      side.rate = side.answered ? side.errors / side.answered : null;
+    }
+    return out;
+  }
+
+  /** A bar of the live share: hosts, then pods. */
+  function shareBar(sd) {
+    const w = 120;
+    if (sd.hosts.share === null) return muted('no traffic');
+    const hostsW = Math.round(w * sd.hosts.share);
+    return h('span', { class: 'share', testid: 'board-share' },
+      svg('svg', { width: w, height: 10, class: 'share-bar', role: 'img', 'aria-label': `hosts ${pct(sd.hosts.share)}, pods ${pct(sd.pods.share)}` },
+        svg('rect', { x: 0, y: 0, width: hostsW, height: 10, class: 'fill-hosts' }),
+        svg('rect', { x: hostsW, y: 0, width: w - hostsW, height: 10, class: 'fill-pods' })),
+      ' ', `hosts ${pct(sd.hosts.share)} · pods ${pct(sd.pods.share)}`);
+  }
+
+  /** Where a plan stands, in words. */
+  function planText(m) {
+    if (!m) return '';
+    let out = `${m.weight}% to ${m.to}`;
+    if (m.mirror) out += `, ${m.mirror}% mirrored`;
+    const p = m.plan;
+    if (m.steps && m.steps.length) {
+      out += ` · plan ${m.steps.join('→')}`;
+      if (p) {
+        out += ` · ${p.phase}`;
+        if (p.step !== null && p.step !== undefined) out += ` at step ${p.step + 1} of ${m.steps.length}`;
+        if (p.next_step_at) out += `, next ${new Date(p.next_step_at).toLocaleTimeString()}`;
+      }
+    }
+    if (m.order) out += ` · order: ${m.order}`;
+    return out;
+  }
+
+  /** The buttons that give orders on a service's plan. */
+  function orderButtons(name, m, status) {
+    if (!m || !m.steps || !m.steps.length) return muted('—');
+    const give = async (order, button) => {
+      if (!window.confirm(`${order} the migration of ${name}?`)) return;
+      button.disabled = true;
+      status.className = 'diag-status muted';
+      status.textContent = `Giving the order ${order} to ${name}…`;
+      try {
+        const r = await api('/api/services/' + encodeURIComponent(name) + '/migration?order=' + encodeURIComponent(order), { method: 'POST' });
+        status.className = 'diag-status ok';
+        status.dataset.state = 'done';
+        status.textContent = `${r.service}: ${r.order} written on MeshService ${r.object} (${r.annotation}); the leader carries it out.`;
+      } catch (err) {
+        status.className = 'diag-status bad';
+        status.dataset.state = 'error';
+        status.textContent = 'The order failed: ' + (err instanceof Error ? err.message : String(err));
+        showError(err);
+      } finally {
+        button.disabled = false;
+      }
+    };
+    return h('span', { class: 'orders' }, [['pause', 'Pause'], ['resume', 'Resume'], ['rollback', 'Roll back'], ['promote', 'Promote']].map(([order, label]) => {
+      const b = h('button', { type: 'button', class: 'small', testid: 'board-order', data: { service: name, order } }, label);
+      b.onclick = () => give(order, b);
+      return b;
+    }));
+  }
+
+  /** The dependency graph: callers left of what they call, each service coloured by where it runs. */
+  function graph(board) {
+    let services = board.services;
+    let edges = board.edges;
+    let note = null;
+    if (services.length > GRAPH_MAX) {
+      const keep = new Set(services.filter((s) => s.migration).map((s) => s.name));
+      for (const e of edges) if (keep.has(e.from) || keep.has(e.to)) { keep.add(e.from); keep.add(e.to); }
+      services = services.filter((s) => keep.has(s.name)).slice(0, GRAPH_MAX);
+      const shown = new Set(services.map((s) => s.name));
+      edges = edges.filter((e) => shown.has(e.from) && shown.has(e.to));
+      note = `${board.services.length} services: the graph shows the ${services.length} migrating services and their callers and callees.`;
+    }
+    if (!services.length) return h('p', { class: 'muted' }, 'No service.');
+    const names = services.map((s) => s.name);
+    const level = Object.fromEntries(names.map((n) => [n, 0]));
+    // Longest path from the callers; a cycle stops growing after as many rounds as services.
+    for (let round = 0; round < names.length; round++) {
+      let moved = false;
+      for (const e of edges) {
+        if (level[e.to] < level[e.from] + 1 && level[e.from] + 1 < names.length) {
+          level[e.to] = level[e.from] + 1;
+          moved = true;
+        }
+      }
+      if (!moved) break;
+    }
+    const columns = [];
+    for (const s of services) (columns[level[s.name]] = columns[level[s.name]] || []).push(s);
+    const W = 170, H = 46, GAPX = 90, GAPY = 18, PAD = 16;
+    const pos = {};
+    let rows = 0;
+    columns.forEach((col, x) => {
+      (col || []).forEach((s, y) => { pos[s.name] = { x: PAD + x * (W + GAPX), y: PAD + y * (H + GAPY) }; });
+      rows = Math.max(rows, (col || []).length);
+    });
+    const width = PAD * 2 + columns.length * W + Math.max(0, columns.length - 1) * GAPX;
+    const height = PAD * 2 + rows * H + Math.max(0, rows - 1) * GAPY;
+    const defs = svg('defs', null, svg('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
+      svg('path', { d: 'M 0 0 L 10 5 L 0 10 z', class: 'arrow-head' })));
+    const byName = Object.fromEntries(services.map((s) => [s.name, s]));
+    const lines = edges.map((e) => {
+      const a = pos[e.from], b = pos[e.to];
+      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
+      const bend = Math.max(40, Math.abs(x2 - x1) / 2);
+      const moving = byName[e.to] && byName[e.to].migration;
+      return svg('path', { d: `M ${x1} ${y1} C ${x1 + bend} ${y1}, ${x2 - bend} ${y2}, ${x2} ${y2}`, class: 'edge' + (moving ? ' moving' : ''), 'marker-end': 'url(#arrow)', testid: 'board-edge', data: { from: e.from, to: e.to } },
+        svg('title', null, `${e.from} calls ${e.to}`));
+    });
+    const nodes = services.map((s) => {
+      const p = pos[s.name];
+      const m = s.migration;
+      const label = s.name.length > 22 ? s.name.slice(0, 21) + '…' : s.name;
+      const sd = sides(s);
+      const count = (n, what) => `${n} ${what}${n === 1 ? '' : 's'}`;
+      const sub = m ? `${m.weight}% → ${m.to === 'kubernetes' ? 'pods' : m.to}` : `${count(sd.hosts.instances, 'host')} · ${count(sd.pods.instances, 'pod')}`;
+      const kids = [
+        svg('title', null, `${s.name}: runs on ${RUNS_ON[s.runs_on] || s.runs_on}${m ? '; ' + planText(m) : ''}`),
+        svg('rect', { x: 0, y: 0, width: W, height: H, rx: 8, class: 'node-box runs-' + s.runs_on }),
+        svg('text', { x: 10, y: 19, class: 'node-name' }, label),
+        svg('text', { x: 10, y: 36, class: 'node-sub' }, sub),
+      ];
+      if (m) {
+        kids.push(svg('rect', { x: 0, y: H - 5, width: W, height: 5, rx: 2, class: 'node-track' }));
+        kids.push(svg('rect', { x: 0, y: H - 5, width: Math.round((W * m.weight) / 100), height: 5, rx: 2, class: 'node-progress' }));
+      }
+      const a = svg('a', { href: serviceHref(s.name) }, kids);
+      return svg('g', { transform: `translate(${p.x} ${p.y})`, class: 'node', testid: 'board-node', data: { name: s.name, runsOn: s.runs_on } }, a);
+    });
+    const legend = h('div', { class: 'legend' }, ['hosts', 'pods', 'both', 'none'].map((r) => h('span', { class: 'legend-item' },
+      svg('svg', { width: 14, height: 14 }, svg('rect', { x: 1, y: 1, width: 12, height: 12, rx: 3, class: 'node-box runs-' + r })), ' ', RUNS_ON[r])),
+    h('span', { class: 'legend-item' }, svg('svg', { width: 28, height: 14 }, svg('line', { x1: 1, y1: 7, x2: 27, y2: 7, class: 'edge moving' })), ' calls a migrating service'));
+    return h('div', null, legend, note ? h('p', { class: 'muted' }, note) : null,
+      h('div', { class: 'graph-wrap' }, svg('svg', { id: 'board-graph', testid: 'board-graph', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': 'dependency graph' }, defs, lines, nodes)),
+      board.edges_left_out ? h('p', { class: 'muted' }, `${board.edges_left_out} more dependencies are not drawn.`) : null);
+  }
+
+  async function pageBoard() {
+    const board = await api('/api/migration');
+    const sum = board.summary;
+    const status = h('div', { id: 'board-order-status', testid: 'board-order-status', class: 'diag-status muted', data: { state: 'idle' } },
+      'Orders on a plan (pause, resume, roll back, promote) are written on the MeshService and carried out by the leader; each is audited.');
+    const migrating = board.services.filter((s) => s.migration);
+    const order = (s) => (s.migration ? 0 : s.runs_on === 'both' ? 1 : 2);
+    const listed = [...board.services].sort((a, b) => order(a) - order(b) || a.name.localeCompare(b.name));
+    const rows = listed.map((s) => {
+      const sd = sides(s);
+      const m = s.migration;
+      const inst = Object.entries(s.origins).filter(([, o]) => o.instances > 0);
+      const mtlsCount = Object.values(s.origins).reduce((n, o) => n + o.mtls, 0);
+      const total = Object.values(s.origins).reduce((n, o) => n + o.instances, 0);
+      const rate = (side) => (side.rate === null ? muted('–') : badge(pct(side.rate, 2), side.rate > 0.01 ? 'bad' : side.rate > 0 ? 'warn' : 'ok'));
+      const mirror = s.mirror ? h('div', { class: 'muted' }, `mirror: ${s.mirror.requests} copies, ${pct(s.mirror.error_rate, 2)} errors`) : null;
+      return h('tr', { testid: 'board-row', data: { name: s.name, runsOn: s.runs_on } },
+        h('td', { class: 'nowrap' }, serviceLink(s.name)),
+        h('td', null, badge(RUNS_ON[s.runs_on] || s.runs_on, 'runs-' + s.runs_on)),
+        h('td', null, inst.length ? h('span', { class: 'chips' }, inst.map(([o, c]) => badge(`${o} ${c.healthy}/${c.instances}`, c.healthy < c.instances ? 'warn' : 'plain'))) : muted('—')),
+        h('td', { class: 'nowrap' }, shareBar(sd), mirror),
+        h('td', { class: 'nowrap' }, 'hosts ', rate(sd.hosts), ' · pods ', rate(sd.pods)),
+        h('td', { class: 'nowrap', title: `${mtlsCount} of ${total} instances reached over mutual TLS (${s.mtls})` }, total ? `${mtlsCount}/${total}` : muted('—'), ' ', mtlsBadge(s.mtls)),
+        h('td', { testid: 'board-step', class: 'board-step' }, m ? planText(m) : muted('—')),
+        h('td', { class: 'nowrap' }, orderButtons(s.name, m, status)));
+    });
+    const coverage = sum.instances ? `${pct(sum.mtls_instances / sum.instances, 0)} (${sum.mtls_instances}/${sum.instances})` : '—';
+    return h('div', { testid: 'board-page' },
+      h('div', { class: 'page-head' }, h('h1', null, 'Migration board'),
+        muted(`live traffic over the last ${board.window_seconds} s of load reports (proxies report every ${board.interval_seconds} s)`)),
+      h('div', { class: 'tiles', id: 'board-summary', testid: 'board-summary' },
+        [['Services', String(sum.services)], ['On hosts only', String(sum.hosts)], ['On pods only', String(sum.pods)], ['On both', String(sum.both)],
+          ['Migrating', String(sum.migrating)], ['instances reached over mTLS', coverage]].map(([k, v]) => h('div', { class: 'tile' }, h('div', { class: 'tile-value' }, v), h('div', { class: 'muted' }, k)))),
+      section('Services', null, status,
+        table({ id: 'board-table', testid: 'board-table', class: 'grid' },
+          ['Service', 'Runs on', 'Instances', 'Live share', 'Error rate', 'mTLS', 'Migration', 'Order'], rows, 'No service.'),
+        migrating.length ? null : h('p', { class: 'muted' }, 'No service declares a migration (spec.migration).')),
+      section('Dependencies', { id: 'board-deps' }, graph(board)));
   }
 
   // #/changes
