@@ -1,18 +1,21 @@
 //! What the admin API costs on a large mesh: 1,000 services × 5 instances, 500 proxy groups
 //! and 5,000 connected proxies. The views are what the UI and `meshbridge ctl` fetch:
 //! the services list, one service's page (which scans every connected proxy's snapshot for
-//! dependents), the per-service digests a peer comparison reads, and `/metrics`.
+//! dependents), the per-service digests a peer comparison reads, the migration board, and
+//! `/metrics`.
 // A bench reads its knobs from the environment and runs one scenario top to bottom.
 #![allow(clippy::too_many_lines, clippy::disallowed_methods)]
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use meshbridge::admin::{self, AdminState};
+use meshbridge::load::{LoadCounts, LoadKey};
 use meshbridge::metrics::Metrics;
-use meshbridge::model::MeshSettings;
+use meshbridge::model::{MeshSettings, Origin};
 use meshbridge::sources::SourceStatuses;
 use meshbridge::xds::cache::SnapshotCache;
 use meshbridge::xds::registry::{ProxyRegistry, ProxyStatus};
@@ -100,6 +103,30 @@ fn bench(c: &mut Criterion) {
             black_box(serde_json::to_vec(&list).map_or(0, |b| b.len()))
         })
     });
+    // The migration board: every service with a minute of load reports from two origins.
+    let load: BTreeMap<LoadKey, LoadCounts> = (0..SERVICES)
+        .flat_map(|i| {
+            [Origin::Consul, Origin::Kubernetes].map(|origin| {
+                let key = LoadKey {
+                    service: mesh_gen::service(i),
+                    origin,
+                    datacenter: String::new(),
+                    mirror: false,
+                };
+                let counts = LoadCounts {
+                    requests: 100,
+                    successes: 99,
+                    errors: 1,
+                    failed_connections: 0,
+                };
+                (key, counts)
+            })
+        })
+        .collect();
+    let board = || admin::board::board_view(&state, &settings, &load, 10.0, |_| (None, None));
+    g.bench_function("migration_board_json", |b| {
+        b.iter(|| black_box(serde_json::to_vec(&board()).map_or(0, |b| b.len())))
+    });
     g.bench_function("metrics_render", |b| {
         b.iter(|| black_box(metrics.render().len()))
     });
@@ -112,6 +139,10 @@ fn bench(c: &mut Criterion) {
         (
             "service page",
             serde_json::to_vec(&detail).map_or(0, |b| b.len()),
+        ),
+        (
+            "migration board",
+            serde_json::to_vec(&board()).map_or(0, |b| b.len()),
         ),
         (
             "state detail",

@@ -233,8 +233,8 @@ fn check(
             format!("cross-site request refused ({why})"),
         ));
     }
-    let annotation =
-        annotation_for(order, &now_rfc3339()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let annotation = annotation_for(order, &crate::status::reconcile::now_rfc3339())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let Some(writer) = s.orders.clone() else {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -244,13 +244,6 @@ fn check(
     };
     let target = order_target(&s.cache.state(), &writer.store(), name)?;
     Ok((writer, target, annotation))
-}
-
-fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .round(k8s_openapi::jiff::Unit::Second)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
 }
 
 /// Writes the annotation, then records an Event naming who gave the order.

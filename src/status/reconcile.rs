@@ -104,7 +104,8 @@ pub struct StatusError {
     source: kube::Error,
 }
 
-fn now_rfc3339() -> String {
+/// Now, as RFC 3339 to the second.
+pub(crate) fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .map(|t| t.to_string())

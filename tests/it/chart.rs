@@ -1216,6 +1216,15 @@ fn probes_resources_and_security_context_are_as_promised() {
     let pod = &rendered.one("Deployment")["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
 
+    assert_eq!(flag_value(&args, "--load-report-interval"), Some("10000"));
+    let out = helm("render", "", &["loadReportIntervalMs=100"]);
+    assert!(!out.status.success(), "an interval below 500 ms is refused");
+    assert!(
+        text(&out).contains("loadReportIntervalMs"),
+        "{}",
+        text(&out)
+    );
+
     // The kubelet must not kill meshbridge while it drains.
     let drain_ms: u64 = flag_value(&args, "--drain").unwrap().parse().unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
