@@ -19,7 +19,8 @@ use crate::load::{LoadCounts, LoadKey};
 use crate::model::{MeshSettings, MeshState, Origin, Service, access_target};
 
 /// Most dependency edges the board lists (a `"*"` dependency of a gateway alone gives one per
-/// service); beyond, `edges_left_out` counts them.
+/// service); beyond, `edges_left_out` counts the dependencies not listed (a pair reached
+/// twice, e.g. through a service and its port, counts twice there).
 pub const MAX_EDGES: usize = 10_000;
 
 /// How long the board's traffic figures cover.
@@ -165,23 +166,29 @@ impl BoardSummary {
 /// Who calls whom, between services of the mesh (a port's dependency counts as one on its
 /// service), as translation expands dependencies; at most [`MAX_EDGES`], and how many more.
 fn edges(state: &MeshState, settings: &MeshSettings) -> (Vec<BoardEdge>, usize) {
+    // Bounded while built: several `"*"` callers of a large mesh would otherwise hold
+    // callers × services pairs at once.
     let mut set: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut left_out = 0;
     for s in state.services.values() {
         let from = access_target(&s.name);
         let allowed = settings.wildcard_allowed(&s.name);
         for d in &s.dependencies {
             for t in state.services_reached(&d.target, allowed) {
                 let to = access_target(t);
-                if to != from && state.services.contains_key(to) {
+                if to == from || !state.services.contains_key(to) || set.contains(&(from, to)) {
+                    continue;
+                }
+                if set.len() < MAX_EDGES {
                     set.insert((from, to));
+                } else {
+                    left_out += 1;
                 }
             }
         }
     }
-    let left_out = set.len().saturating_sub(MAX_EDGES);
     let edges = set
         .into_iter()
-        .take(MAX_EDGES)
         .map(|(from, to)| BoardEdge {
             from: from.to_string(),
             to: to.to_string(),
@@ -322,5 +329,32 @@ spec:
         assert_eq!((v.summary.instances, v.summary.mtls_instances), (3, 2));
         assert_eq!(runs_on(&[Origin::Consul, Origin::Kubernetes]), "both");
         assert_eq!(runs_on(&[Origin::Kubernetes]), "pods");
+    }
+
+    #[test]
+    fn edges_stop_at_the_bound_and_say_how_many_more() {
+        // 101 services that each call every other: 10,100 edges.
+        let yaml: String = (0..101)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: meshbridge.io/v1alpha1\nkind: MeshService\nmetadata: {{name: s{i}}}\nspec: {{dependencies: [{{service: \"*\"}}]}}\n"
+                )
+            })
+            .collect();
+        let mut index = crate::index::Index::new();
+        index.apply(
+            "config",
+            "mesh.yaml",
+            crate::sources::files::parse_manifests("mesh.yaml", &yaml)
+                .unwrap_or_else(|e| panic!("{e:?}")),
+        );
+        let settings = MeshSettings {
+            allow_wildcard: vec!["*".into()],
+            ..Default::default()
+        };
+        let v = board_view(&index.state(), &settings, &BTreeMap::new(), 10.0, |_| {
+            (None, None)
+        });
+        assert_eq!((v.edges.len(), v.edges_left_out), (MAX_EDGES, 100));
     }
 }

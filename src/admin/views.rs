@@ -229,7 +229,7 @@ impl From<&crate::api::mesh_service::MigrationStatus> for PlanView {
 pub struct BoardView {
     /// Who calls whom (service to service), sorted.
     pub edges: Vec<BoardEdge>,
-    /// Edges beyond the most listed.
+    /// Dependencies beyond the most listed (see [`crate::admin::board::MAX_EDGES`]).
     pub edges_left_out: usize,
     /// How often proxies report their load.
     pub interval_seconds: f64,

@@ -417,6 +417,13 @@ mod tests {
             url_for(&base, &c).as_str(),
             "http://mb.example:9090/prefix/api/proxies/n1/logging?level=debug&logger=http"
         );
+        let a = parse(&["migrate", "orders:admin", "rollback"]);
+        let c = call_for(&a.command, a.output);
+        assert_eq!(c.method, Method::Post);
+        assert_eq!(
+            url_for(&base, &c).as_str(),
+            "http://mb.example:9090/prefix/api/services/orders:admin/migration?order=rollback"
+        );
         assert!(!call_for(&parse(&["stats", "n"]).command, Output::Table).json);
         assert_eq!(
             url(&["diff", "n1"]),

@@ -843,10 +843,13 @@
     if (services.length > GRAPH_MAX) {
       const keep = new Set(services.filter((s) => s.migration).map((s) => s.name));
       for (const e of edges) if (keep.has(e.from) || keep.has(e.to)) { keep.add(e.from); keep.add(e.to); }
-      services = services.filter((s) => keep.has(s.name)).slice(0, GRAPH_MAX);
+      const around = services.filter((s) => keep.has(s.name));
+      services = (around.length ? around : services).slice(0, GRAPH_MAX);
       const shown = new Set(services.map((s) => s.name));
       edges = edges.filter((e) => shown.has(e.from) && shown.has(e.to));
-      note = `${board.services.length} services: the graph shows the ${services.length} migrating services and their callers and callees.`;
+      note = around.length
+        ? `${board.services.length} services: the graph shows ${services.length} of the migrating services and their callers and callees.`
+        : `${board.services.length} services and none migrating: the graph shows the first ${services.length}.`;
     }
     if (!services.length) return h('p', { class: 'muted' }, 'No service.');
     const names = services.map((s) => s.name);
