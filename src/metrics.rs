@@ -567,6 +567,7 @@ impl Metrics {
             "logging",
             "diff",
             "ejections",
+            "latency",
         ] {
             for result in ["ok", "refused", "unreachable", "busy"] {
                 let _ = self

@@ -298,19 +298,22 @@ fn ejected_in(clusters: &Value, service: &str) -> Vec<(String, String)> {
     out
 }
 
-/// `GET /api/services/{name}/ejections`: the instances of a service that its callers'
-/// proxies have ejected (outlier detection), asked of up to [`EJECTION_PROXIES`] connected
-/// proxies holding a cluster of it, through the same bounded admin requests as the other
-/// diagnostics.
-pub async fn ejections(
-    State(s): State<AdminState>,
-    Path(name): Path<String>,
-) -> Result<Json<EjectionsView>, ApiError> {
+/// Asks up to [`EJECTION_PROXIES`] connected proxies holding a cluster of `service` for the
+/// Envoy admin `path` (JSON), [`EJECTION_CONCURRENCY`] at a time, through the same bounded
+/// admin requests as the other diagnostics: how many proxies hold one, those asked, and each
+/// answer or why there is none. 404 for an unknown service.
+pub(super) async fn ask_callers(
+    s: &AdminState,
+    service: &str,
+    kind: &'static str,
+    path: &'static str,
+    query: &[(String, String)],
+) -> Result<(usize, Vec<String>, Vec<(String, Result<Value, String>)>), ApiError> {
     use futures::StreamExt as _;
-    if !s.cache.state().services.contains_key(&name) {
+    if !s.cache.state().services.contains_key(service) {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("no service named {name:?}"),
+            format!("no service named {service:?}"),
         ));
     }
     let callers: Vec<String> = s
@@ -321,32 +324,24 @@ pub async fn ejections(
             s.cache.snapshot(&p.group_key).is_some_and(|snap| {
                 snap.resources(crate::snapshot::ResourceType::Cluster)
                     .keys()
-                    .any(|c| is_cluster_of(c, &name))
+                    .any(|c| is_cluster_of(c, service))
             })
         })
         .map(|p| p.node)
         .collect();
     let asked: Vec<String> = callers.iter().take(EJECTION_PROXIES).cloned().collect();
-    let answers: Vec<(String, Result<Value, String>)> = futures::stream::iter(asked.clone())
+    let answers = futures::stream::iter(asked.clone())
         .map(|node| {
             let s = s.clone();
             async move {
                 let answer = async {
                     let (_, admin) = target(&s, &node)?;
-                    let query = [("format".to_string(), "json".to_string())];
-                    let body = envoy_request(
-                        &s,
-                        "ejections",
-                        &admin,
-                        reqwest::Method::GET,
-                        "/clusters",
-                        &query,
-                    )
-                    .await?;
+                    let body =
+                        envoy_request(&s, kind, &admin, reqwest::Method::GET, path, query).await?;
                     serde_json::from_str::<Value>(&body).map_err(|e| {
                         ApiError(
                             StatusCode::BAD_GATEWAY,
-                            format!("Envoy admin at {admin} (/clusters): not JSON: {e}"),
+                            format!("Envoy admin at {admin} ({path}): not JSON: {e}"),
                         )
                     })
                 }
@@ -357,6 +352,20 @@ pub async fn ejections(
         .buffer_unordered(EJECTION_CONCURRENCY)
         .collect()
         .await;
+    Ok((callers.len(), asked, answers))
+}
+
+/// `GET /api/services/{name}/ejections`: the instances of a service that its callers'
+/// proxies have ejected (outlier detection), asked of up to [`EJECTION_PROXIES`] connected
+/// proxies holding a cluster of it, through the same bounded admin requests as the other
+/// diagnostics.
+pub async fn ejections(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<EjectionsView>, ApiError> {
+    let query = [("format".to_string(), "json".to_string())];
+    let (callers, asked, answers) =
+        ask_callers(&s, &name, "ejections", "/clusters", &query).await?;
     let mut by_instance: BTreeMap<String, EjectedInstance> = BTreeMap::new();
     let mut errors = BTreeMap::new();
     for (node, answer) in answers {
@@ -382,7 +391,7 @@ pub async fn ejections(
     }
     Ok(Json(EjectionsView {
         service: name,
-        callers: callers.len(),
+        callers,
         asked,
         errors,
         ejected: by_instance.into_values().collect(),

@@ -9,6 +9,7 @@ pub mod compare;
 pub mod config_diff;
 pub mod diagnostics;
 pub mod kube_auth;
+pub mod latency;
 pub mod migrate;
 pub mod state;
 pub mod views;
@@ -161,6 +162,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/services/{name}", get(service))
         .route("/api/services/{name}/migration", post(migrate::order))
         .route("/api/migration", get(board::board))
+        .route("/api/services/{name}/latency", get(latency::latency))
         .route(
             "/api/services/{name}/ejections",
             get(diagnostics::ejections),

@@ -224,6 +224,36 @@ impl From<&crate::api::mesh_service::MigrationStatus> for PlanView {
     }
 }
 
+/// `GET /api/services/{name}/latency`: request times its callers' proxies measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyView {
+    /// The proxies asked (the first by node id, at most a bound).
+    pub asked: Vec<String>,
+    /// Connected proxies holding a cluster of it.
+    pub callers: usize,
+    /// Proxies asked that did not answer, with why.
+    pub errors: BTreeMap<String, String>,
+    /// The service.
+    pub service: String,
+    /// By traffic: `live`, and `mirror` (a migration's copies, the new origin only).
+    pub traffic: Vec<LatencyTraffic>,
+}
+
+/// Request times of one kind of traffic, over every proxy asked, since each started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyTraffic {
+    /// Median, milliseconds (null without a request).
+    pub p50_ms: Option<f64>,
+    /// 90th percentile.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+    /// Requests measured.
+    pub requests: u64,
+    /// `live` or `mirror`.
+    pub traffic: String,
+}
+
 /// `GET /api/migration`: the migration board.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BoardView {

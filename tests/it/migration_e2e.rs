@@ -255,11 +255,25 @@ async fn a_migration_weight_splits_requests_by_origin_whatever_the_instance_coun
     assert_eq!(seen.get("failed"), None, "{seen:?}");
 }
 
+/// Mirroring at weight 0: every answer comes from the host, the pods get their share of
+/// copies (load reports), and the latency view shows the copies' time at the slow pod next
+/// to the live requests' time at the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answers() {
     let kube = FakeKube::start().await;
     let consul = FakeConsul::start("dc1").await;
-    let pod_a = Backend::start("orders", "pod-a").await;
+    let pod_app = Backend::start("orders", "pod-a").await;
+    // The pod answers 150 ms late.
+    let pod_a =
+        support::faults::FaultProxy::start(format!("127.0.0.1:{}", pod_app.port).parse().unwrap())
+            .await;
+    pod_a.set(
+        support::faults::Direction::Downstream,
+        support::faults::Fault::Latency {
+            latency: Duration::from_millis(150),
+            jitter: Duration::ZERO,
+        },
+    );
     let vm = Backend::start("orders", "vm-1").await;
     consul.register(
         "dc1",
@@ -269,7 +283,7 @@ async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answer
     kube.apply(orders(
         json!({"to": "kubernetes", "weight": 0, "mirror": 50}),
     ));
-    kube.apply(pod("orders-a", "orders", pod_a.port, true));
+    kube.apply(pod("orders-a", "orders", pod_a.addr().port(), true));
     let cp = start(&kube, &consul, 1000).await;
     let caller = Envoy::start(&cp, legacy(&["orders"])).await;
     eventually(LIMIT, "orders answers", || async {
@@ -291,6 +305,38 @@ async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answer
     let copies = delta("kubernetes/mirror") as usize;
     assert!(within_bound(copies, N, 0.5), "{copies} copies of {N}");
     assert_eq!(after.get("kubernetes/live"), None, "{after:?}");
+
+    // Latency, from the caller's Envoy (its histograms refresh every 5 s): the copies take
+    // the pod's 150 ms, the live requests the host's few.
+    let latency = eventually(LIMIT, "latency of live and mirrored requests", || async {
+        let v = cp.admin_json("/api/services/orders/latency").await;
+        let of = |traffic: &str| {
+            v["traffic"]
+                .as_array()?
+                .iter()
+                .find(|t| t["traffic"] == traffic)
+                .cloned()
+        };
+        let (live, mirror) = (of("live")?, of("mirror")?);
+        (live["requests"].as_u64()? >= N as u64 && mirror["requests"].as_u64()? > 0)
+            .then_some((live, mirror, v))
+    })
+    .await;
+    let (live, mirror, view) = latency;
+    assert_eq!(
+        (
+            view["callers"].as_u64(),
+            view["asked"].as_array().map(Vec::len)
+        ),
+        (Some(1), Some(1)),
+        "{view}"
+    );
+    let p50 = |t: &Value| t["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        p50(&mirror) >= 100.0,
+        "mirrored copies wait for the pod: {view}"
+    );
+    assert!(p50(&live) < 50.0, "live requests do not: {view}");
 }
 
 /// `spec.migration` of `service` as the status reports it, and its conditions.

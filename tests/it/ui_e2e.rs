@@ -192,6 +192,7 @@ async fn admin_ui_in_a_real_browser_shows_the_mesh_and_runs_diagnostics() {
             "text": [format!("127.0.0.1:{}", orders.port), "permissive", "dc1", "canary", "prefix /hello", "100% to config, 10% mirrored", "Load (last minute)"],
             "escaped": HTML_TAG,
             "ejections": "Asked 1 of 1 proxies holding it (1 answered): no instance ejected.",
+            "latency": "Asked 1 of 1 proxies holding it (1 answered):",
         },
         "proxy": node,
         "stats": {"filter": "^cluster\\.orders\\.membership_", "expect": "cluster.orders.membership_healthy: 1"},

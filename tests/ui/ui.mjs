@@ -10,7 +10,8 @@
 //   services       service names the services page must list
 //   search         {query, match: [names shown], hidden: [names filtered out]}
 //   service        {name, instances: N, dependent_proxy: NODE, access_action, unknown_callers: [..],
-//                   text: [strings the page must show], escaped: "text that must appear literally"}
+//                   text: [strings the page must show], escaped: "text that must appear literally",
+//                   ejections / latency: text the status line of that button's answer shows}
 //   proxy          node id of a connected proxy with an Envoy admin
 //   stats          {filter: REGEX, expect: "a stat name the output must contain"}
 //   clusters       a string the Clusters output must contain
@@ -259,6 +260,14 @@ async function run() {
       const status = await text('#ejections-status');
       check((await page.getAttribute('#ejections-result', 'data-state')) === 'done', `service ${s.name}: ejections: ${status}`);
       check(status.includes(s.ejections), `service ${s.name}: ejections say "${status}", not "${s.ejections}"`);
+      log(`service page of ${s.name}: ${status}`);
+    }
+    if (s.latency) {
+      await page.click('#btn-latency');
+      await page.waitForSelector('#latency-result[data-state="done"], #latency-result[data-state="error"]', { timeout: STEP_TIMEOUT_MS });
+      const status = await text('#latency-status');
+      check((await page.getAttribute('#latency-result', 'data-state')) === 'done', `service ${s.name}: latency: ${status}`);
+      check(status.includes(s.latency), `service ${s.name}: latency says "${status}", not "${s.latency}"`);
       log(`service page of ${s.name}: ${status}`);
     }
     log(`service page of ${s.name}: ${rows} instances`);

@@ -373,7 +373,8 @@
         h('h3', null, 'Proxies that depend on it'),
         table({ id: 'dependents-proxies', testid: 'dependents-proxies', class: 'grid' }, ['Node', 'Service', 'Group', 'Mode'], proxies, 'No connected proxy depends on it.')),
       section('Access', { id: 'access', testid: 'access' }, accessView(s.access)),
-      section('Ejections', { id: 'ejections', testid: 'ejections' }, ejectionsView(s.name)));
+      section('Ejections', { id: 'ejections', testid: 'ejections' }, ejectionsView(s.name)),
+      section('Latency', { id: 'latency', testid: 'latency' }, latencyView(s.name)));
   }
 
   /** A service's local rate limits in words. */
@@ -403,13 +404,16 @@
     return parts.join('; ') + ' per proxy';
   }
 
-  /** Asks the callers' proxies (through the control plane) which instances they have ejected. */
-  function ejectionsView(name) {
-    const status = h('div', { id: 'ejections-status', testid: 'ejections-status', class: 'diag-status muted' },
-      'Outlier detection in the callers\' proxies: ask them which instances they have ejected.');
-    const output = h('div', { id: 'ejections-output' });
-    const wrap = h('div', { id: 'ejections-result', testid: 'ejections-result', data: { state: 'idle' } }, status, output);
-    const button = h('button', { id: 'btn-ejections', testid: 'btn-ejections', type: 'button' }, 'Ask callers\' proxies');
+  /**
+   * A button that asks the service's callers' proxies something through the control plane:
+   * `prefix` names its elements (`btn-PREFIX`, `PREFIX-status`, `PREFIX-result`), `path` is
+   * the API call, and `show(answer)` gives the status line, its kind and the nodes below.
+   */
+  function askCallersView(prefix, intro, label, path, show) {
+    const status = h('div', { id: prefix + '-status', testid: prefix + '-status', class: 'diag-status muted' }, intro);
+    const output = h('div', { id: prefix + '-output' });
+    const wrap = h('div', { id: prefix + '-result', testid: prefix + '-result', data: { state: 'idle' } }, status, output);
+    const button = h('button', { id: 'btn-' + prefix, testid: 'btn-' + prefix, type: 'button' }, label);
     button.onclick = async () => {
       button.disabled = true;
       wrap.dataset.state = 'loading';
@@ -417,18 +421,12 @@
       status.textContent = 'Asking…';
       output.replaceChildren();
       try {
-        const e = await api('/api/services/' + encodeURIComponent(name) + '/ejections');
-        const ejected = e.ejected || [];
+        const e = await api(path);
         const errors = Object.entries(e.errors || {});
         const answered = (e.asked || []).length - errors.length;
-        status.className = 'diag-status ' + (ejected.length ? 'bad' : 'ok');
-        status.textContent = `Asked ${(e.asked || []).length} of ${e.callers} proxies holding it (${answered} answered): `
-          + (ejected.length ? `${ejected.length} instance(s) ejected.` : 'no instance ejected.');
-        const rows = ejected.map((x) => h('tr', { testid: 'ejection-row' },
-          h('td', null, mono(x.instance)),
-          h('td', null, list((x.by || []).map((n) => link(proxyHref(n), n)), 'none')),
-          h('td', null, chips(x.clusters || []))));
-        const kids = [table({ id: 'ejections-table', class: 'grid' }, ['Instance', 'Ejected by', 'Clusters'], rows, 'No instance ejected.')];
+        const [text, kind, kids] = show(e);
+        status.className = 'diag-status ' + kind;
+        status.textContent = `Asked ${(e.asked || []).length} of ${e.callers} proxies holding it (${answered} answered): ${text}`;
         if (errors.length) kids.push(h('h3', null, 'Not answered'), table({ class: 'grid' }, ['Proxy', 'Why'], errors.map(([n, why]) => [link(proxyHref(n), n), why]), ''));
         output.replaceChildren(...kids);
         wrap.dataset.state = 'done';
@@ -442,6 +440,35 @@
       }
     };
     return h('div', null, button, wrap);
+  }
+
+  /** Asks the callers' proxies which instances they have ejected. */
+  function ejectionsView(name) {
+    return askCallersView('ejections', 'Outlier detection in the callers\' proxies: ask them which instances they have ejected.',
+      'Ask callers\' proxies', '/api/services/' + encodeURIComponent(name) + '/ejections', (e) => {
+        const ejected = e.ejected || [];
+        const rows = ejected.map((x) => h('tr', { testid: 'ejection-row' },
+          h('td', null, mono(x.instance)),
+          h('td', null, list((x.by || []).map((n) => link(proxyHref(n), n)), 'none')),
+          h('td', null, chips(x.clusters || []))));
+        return [ejected.length ? `${ejected.length} instance(s) ejected.` : 'no instance ejected.', ejected.length ? 'bad' : 'ok',
+          [table({ id: 'ejections-table', class: 'grid' }, ['Instance', 'Ejected by', 'Clusters'], rows, 'No instance ejected.')]];
+      });
+  }
+
+  /** Asks the callers' proxies how long the service's instances take to answer. */
+  function latencyView(name) {
+    const ms = (x) => (x === null || x === undefined ? muted('–') : Number(x).toFixed(x < 10 ? 2 : 0) + ' ms');
+    return askCallersView('latency', 'Request times its callers\' Envoys measured (since each started), live and mirrored side by side.',
+      'Ask callers\' proxies for latency', '/api/services/' + encodeURIComponent(name) + '/latency', (v) => {
+        const rows = (v.traffic || []).map((t) => h('tr', { testid: 'latency-row', data: { traffic: t.traffic } },
+          h('td', null, t.traffic === 'mirror' ? 'mirrored (new origin)' : 'live'),
+          h('td', { class: 'num' }, String(t.requests)),
+          h('td', { class: 'num' }, ms(t.p50_ms)), h('td', { class: 'num' }, ms(t.p90_ms)), h('td', { class: 'num' }, ms(t.p99_ms))));
+        const measured = (v.traffic || []).reduce((n, t) => n + t.requests, 0);
+        return [`${measured} requests measured.`, 'ok',
+          [table({ id: 'latency-table', class: 'grid' }, ['Traffic', 'Requests#', 'p50#', 'p90#', 'p99#'], rows, 'No request measured yet.')]];
+      });
   }
 
   function callerText(c) {
