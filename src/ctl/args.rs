@@ -107,6 +107,12 @@ pub enum CtlCommand {
     },
     /// Actions taken through the admin API (log levels, migration orders), newest first.
     Audit,
+    /// How long a service's instances take to answer (p50, p90, p99), live and mirrored, as
+    /// its callers' Envoys measured it.
+    Latency {
+        /// The service.
+        name: String,
+    },
     /// Give an order on a service's migration plan (spec.migration.steps): `pause` holds
     /// the step, `resume` goes on (a rolled-back plan from its first step), `rollback`
     /// sends nothing to the new origin, `promote` completes the plan. Written as the

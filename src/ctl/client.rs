@@ -150,6 +150,7 @@ pub fn call_for(command: &CtlCommand, output: Output) -> Call {
         CtlCommand::Changes => get(seg(&["api", "changes"])),
         CtlCommand::Diff { node } => get(proxy(node, "diff")),
         CtlCommand::Audit => get(seg(&["api", "audit"])),
+        CtlCommand::Latency { name } => get(seg(&["api", "services", name, "latency"])),
         CtlCommand::Migrate { name, order } => {
             let mut c = get(seg(&["api", "services", name, "migration"]));
             c.method = Method::Post;

@@ -337,6 +337,15 @@ async fn mirroring_copies_requests_to_the_new_origin_without_changing_the_answer
         "mirrored copies wait for the pod: {view}"
     );
     assert!(p50(&live) < 50.0, "live requests do not: {view}");
+    let admin = format!("http://{}", cp.admin_addr());
+    let out = crate::ctl::ctl_env(&admin, &["latency", "orders"]).await;
+    let table = out.ok();
+    assert!(
+        table.starts_with("orders: asked 1 of 1 callers' proxies (1 answered)")
+            && table.lines().any(|l| l.starts_with("mirror "))
+            && table.lines().any(|l| l.starts_with("live ")),
+        "{table}"
+    );
 }
 
 /// `spec.migration` of `service` as the status reports it, and its conditions.

@@ -1,9 +1,10 @@
-//! `ctl migrate NAME ORDER`, and the one-line summary of a migration `ctl services NAME`
-//! shows.
+//! `ctl migrate NAME ORDER`, `ctl latency NAME`, and the one-line summary of a migration
+//! `ctl services NAME` shows.
 
 use std::fmt::Write as _;
 
-use crate::admin::views::{MigrationOrderView, MigrationView, PlanView};
+use super::Table;
+use crate::admin::views::{LatencyView, MigrationOrderView, MigrationView, PlanView};
 
 /// Where a plan stands: `Progressing at step 2 of 3 (weight 50%), next step at T`.
 fn plan_text(p: &PlanView, steps: Option<usize>) -> String {
@@ -66,6 +67,37 @@ pub fn render_migration_order(v: &MigrationOrderView) -> String {
     out
 }
 
+/// Request times by traffic, and whom the numbers come from.
+pub fn render_latency(v: &LatencyView) -> String {
+    let ms = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.1}"));
+    let mut out = format!(
+        "{}: asked {} of {} callers' proxies ({} answered); request times since each started\n",
+        super::text(&v.service),
+        v.asked.len(),
+        v.callers,
+        v.asked.len().saturating_sub(v.errors.len())
+    );
+    let mut t = Table::new(&["TRAFFIC", "REQUESTS", "P50 MS", "P90 MS", "P99 MS"]);
+    for x in &v.traffic {
+        t.row(vec![
+            super::text(&x.traffic),
+            x.requests.to_string(),
+            ms(x.p50_ms),
+            ms(x.p90_ms),
+            ms(x.p99_ms),
+        ]);
+    }
+    if v.traffic.is_empty() {
+        out.push_str("no request measured\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    for (node, why) in &v.errors {
+        let _ = writeln!(out, "not answered: {node}: {}", super::text(why));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -96,5 +128,18 @@ mod tests {
         );
         let manual = json!({"to": "consul", "weight": 25, "mirror": 0, "steps": []});
         assert_eq!(migration_summary(&view(manual)), "to consul: 25%");
+        let latency = json!({"service": "orders", "callers": 3, "asked": ["a", "b"],
+            "errors": {"b": "Envoy admin at 10.0.0.2:9901 is unreachable"},
+            "traffic": [
+                {"traffic": "live", "requests": 200, "p50_ms": 0.31, "p90_ms": 0.75, "p99_ms": 4.2},
+                {"traffic": "mirror", "requests": 98, "p50_ms": 175.0, "p90_ms": 235.0, "p99_ms": null}]});
+        assert_eq!(
+            render_latency(&view(latency)),
+            "orders: asked 2 of 3 callers' proxies (1 answered); request times since each started\n\
+             TRAFFIC  REQUESTS  P50 MS  P90 MS  P99 MS\n\
+             live     200       0.3     0.8     4.2\n\
+             mirror   98        175.0   235.0   -\n\
+             not answered: b: Envoy admin at 10.0.0.2:9901 is unreachable\n"
+        );
     }
 }

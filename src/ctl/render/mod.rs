@@ -21,7 +21,7 @@ use crate::admin::views::{type_short_name, type_short_names};
 pub use compare::render_compare;
 pub use diff::render_diff;
 pub use log_level::render_log_level;
-pub use migrate::{migration_summary, render_migration_order};
+pub use migrate::{migration_summary, render_latency, render_migration_order};
 pub use proxies::{render_proxies, render_proxy};
 pub use records::{render_audit, render_changes, render_sources};
 pub use services::{render_service, render_services};
@@ -50,6 +50,7 @@ pub fn render(command: &CtlCommand, body: &str, now: u64) -> Result<String, serd
         CtlCommand::Diff { .. } => render_diff(&view(body)?),
         CtlCommand::Audit => render_audit(&view::<Vec<_>>(body)?, now),
         CtlCommand::Migrate { .. } => render_migration_order(&view(body)?),
+        CtlCommand::Latency { .. } => render_latency(&view(body)?),
     })
 }
 
