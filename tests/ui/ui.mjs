@@ -254,20 +254,13 @@ async function run() {
       const injected = await page.$$eval('#main img, #main script, #main b, #main i', (els) => els.length);
       check(injected === 0, `service ${s.name}: API text was inserted as HTML (${injected} injected elements)`);
     }
-    if (s.ejections) {
-      await page.click('#btn-ejections');
-      await page.waitForSelector('#ejections-result[data-state="done"], #ejections-result[data-state="error"]', { timeout: STEP_TIMEOUT_MS });
-      const status = await text('#ejections-status');
-      check((await page.getAttribute('#ejections-result', 'data-state')) === 'done', `service ${s.name}: ejections: ${status}`);
-      check(status.includes(s.ejections), `service ${s.name}: ejections say "${status}", not "${s.ejections}"`);
-      log(`service page of ${s.name}: ${status}`);
-    }
-    if (s.latency) {
-      await page.click('#btn-latency');
-      await page.waitForSelector('#latency-result[data-state="done"], #latency-result[data-state="error"]', { timeout: STEP_TIMEOUT_MS });
-      const status = await text('#latency-status');
-      check((await page.getAttribute('#latency-result', 'data-state')) === 'done', `service ${s.name}: latency: ${status}`);
-      check(status.includes(s.latency), `service ${s.name}: latency says "${status}", not "${s.latency}"`);
+    for (const prefix of ['ejections', 'latency']) {
+      if (!s[prefix]) continue;
+      await page.click(`#btn-${prefix}`);
+      await page.waitForSelector(`#${prefix}-result[data-state="done"], #${prefix}-result[data-state="error"]`, { timeout: STEP_TIMEOUT_MS });
+      const status = await text(`#${prefix}-status`);
+      check((await page.getAttribute(`#${prefix}-result`, 'data-state')) === 'done', `service ${s.name}: ${prefix}: ${status}`);
+      check(status.includes(s[prefix]), `service ${s.name}: ${prefix} says "${status}", not "${s[prefix]}"`);
       log(`service page of ${s.name}: ${status}`);
     }
     log(`service page of ${s.name}: ${rows} instances`);
