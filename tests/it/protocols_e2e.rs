@@ -106,20 +106,24 @@ async fn serve_grpc(app: EchoApp) -> (u16, tokio::task::JoinHandle<()>) {
 }
 
 /// A gRPC client of `service` through `envoy`'s egress listener (the authority names the
-/// service, as a client configured with `http://SERVICE` sends it).
+/// service, as a client configured with `http://SERVICE` sends it), once the listener,
+/// which comes with the proxy's first configuration, accepts connections.
 async fn grpc_client(
     envoy: &Envoy,
     service: &str,
 ) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel =
+    let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{}", envoy.egress_addr()))
             .unwrap()
             .origin(format!("http://{service}").parse().unwrap())
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap();
+            .timeout(Duration::from_secs(10));
+    let channel = eventually(
+        Duration::from_secs(20),
+        "the egress listener accepting",
+        || async { endpoint.connect().await.ok() },
+    )
+    .await;
     tonic::client::Grpc::new(channel)
 }
 
