@@ -16,7 +16,7 @@ use super::views::{
     BoardEdge, BoardOrigin, BoardService, BoardSummary, BoardView, MigrationView, PlanView,
 };
 use crate::load::{LoadCounts, LoadKey};
-use crate::model::{MeshSettings, MeshState, Origin, Service, access_target};
+use crate::model::{MeshSettings, MeshState, Origin, access_target};
 
 /// Most dependency edges the board lists (a `"*"` dependency of a gateway alone gives one per
 /// service); beyond, `edges_left_out` counts the dependencies not listed (a pair reached
@@ -111,7 +111,7 @@ pub fn board_view(
                 .filter(|(_, o)| o.instances > 0)
                 .map(|(k, _)| k),
         );
-        summary.count(runs, s);
+        summary.count(runs, s.migration.is_some(), origins.values());
         services.push(BoardService {
             migration: s
                 .migration
@@ -145,7 +145,13 @@ pub fn board_view(
 }
 
 impl BoardSummary {
-    fn count(&mut self, runs: &str, s: &Service) {
+    /// Counts one service that runs on `runs`, with instances by origin `origins`.
+    fn count<'a>(
+        &mut self,
+        runs: &str,
+        migrating: bool,
+        origins: impl Iterator<Item = &'a BoardOrigin>,
+    ) {
         self.services += 1;
         match runs {
             "hosts" => self.hosts += 1,
@@ -153,13 +159,11 @@ impl BoardSummary {
             "both" => self.both += 1,
             _ => self.none += 1,
         }
-        self.migrating += usize::from(s.migration.is_some());
-        self.instances += s.endpoints.len();
-        self.mtls_instances += s
-            .endpoints
-            .iter()
-            .filter(|e| crate::translate::clusters::calls_need_tls(s, e))
-            .count();
+        self.migrating += usize::from(migrating);
+        for o in origins {
+            self.instances += o.instances;
+            self.mtls_instances += o.mtls;
+        }
     }
 }
 

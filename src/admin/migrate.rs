@@ -68,23 +68,25 @@ impl OrderWriter {
     /// MeshService.
     pub fn plan_of(&self, service: &str) -> (Option<PlanView>, Option<String>) {
         let store = self.store();
-        let Some((_, entry)) = store.declaring(crate::model::access_target(service)) else {
-            return (None, None);
-        };
-        let object = &entry.object;
-        let plan = object
-            .status
-            .as_ref()
-            .and_then(|s| s.migration.as_ref())
-            .filter(|m| m.phase != "Manual")
-            .map(PlanView::from);
-        (plan, standing_order(object))
+        store
+            .declaring(crate::model::access_target(service))
+            .map(|(_, entry)| plan_and_order(&entry.object))
+            .unwrap_or_default()
     }
 }
 
-fn standing_order(object: &MeshService) -> Option<String> {
-    crate::api::annotations::value(object.metadata.annotations.as_ref(), MIGRATION)
-        .map(str::to_string)
+/// Where a MeshService's plan stands (its `status.migration`; none without steps) and the
+/// standing order it carries.
+fn plan_and_order(object: &MeshService) -> (Option<PlanView>, Option<String>) {
+    let plan = object
+        .status
+        .as_ref()
+        .and_then(|s| s.migration.as_ref())
+        .filter(|m| m.phase != "Manual")
+        .map(PlanView::from);
+    let order = crate::api::annotations::value(object.metadata.annotations.as_ref(), MIGRATION)
+        .map(str::to_string);
+    (plan, order)
 }
 
 /// The annotation value of `order` given at `now` (RFC 3339).
@@ -147,15 +149,10 @@ pub fn order_target(
             "no MeshService of the Kubernetes source declares {base:?}"
         )));
     };
-    let plan = entry
-        .object
-        .status
-        .as_ref()
-        .and_then(|s| s.migration.as_ref())
-        .map(PlanView::from);
+    let (plan, previous) = plan_and_order(&entry.object);
     Ok(OrderTarget {
         key: key.clone(),
-        previous: standing_order(&entry.object),
+        previous,
         object: entry.object.clone(),
         plan,
     })
